@@ -1,0 +1,1 @@
+"""GGUF reading and quantized-weight conversion into MLX's affine quantized layout."""
