@@ -1,0 +1,398 @@
+"""Load a GGUF file's tensors as MLX arrays named and laid out for mlx-lm / Hugging Face models.
+
+Quantized tensors stay quantized: every supported GGUF block type is repacked into MLX's affine
+quantized layout (``weight`` uint32 codes, ``scales``, ``biases``; dequantized = code * scale +
+bias) with the *same* integer codes, so ``mx.dequantize`` reproduces llama.cpp's values exactly.
+
+Only ``gguf.GGUFReader`` (memory-mapped) and whole-array numpy are used; ``mx.load`` is never
+used on GGUF because it silently returns wrong values for some block types.
+
+Choices worth knowing:
+- Every float tensor (F32/F16/BF16, norms and biases included) is cast to ``dtype``, so a model
+  has one compute dtype; MLX's RMSNorm accumulates in float32 whatever the weight dtype.
+- ``dtype`` must be float16 or float32. GGUF block scales are float16 numbers, and the biases
+  derived from them (-8d, -128d, m) are float16 numbers too (a power-of-two multiple of a
+  float16), so both dtypes hold them exactly; bfloat16 would round them. A bias that overflows
+  float16 (|d| > 511 for Q8_0) is reported rather than stored as inf.
+- MLX only runs on little-endian hosts, so packed codes are built as bytes and viewed as
+  little-endian uint32 words, which is exactly MLX's bit order.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import ReaderTensor
+
+from .gguf_metadata import open_gguf, read_gguf_metadata
+
+GROUP_SIZE = 32  # every block type handled here has 32 elements per block = one MLX group
+
+
+class UnsupportedGGUF(ValueError):
+    """A GGUF file uses something (tensor type, architecture, RoPE variant) we cannot load."""
+
+
+@dataclass
+class GGUFWeights:
+    config: dict  # Hugging Face config.json-style dict for the model class
+    weights: dict[str, mx.array]  # Hugging Face / mlx-lm parameter names
+    quantization: dict[str, dict]  # module path -> {"group_size", "bits", "mode"}
+    metadata: dict  # read_gguf_metadata() result (for the tokenizer builder)
+    tensor_types: dict[str, str]  # HF weight name -> GGUF type name
+
+
+# --- block types -> (codes, scale, bias) ------------------------------------------------------
+# Each decoder takes the raw bytes of a 2-D tensor, [rows, bytes_per_row], and returns
+# (codes uint8 [rows, cols], scales float32 [rows, cols/32], biases float32 [rows, cols/32])
+# such that the GGUF value of element j of a row is codes[j] * scale + bias of its block.
+# K-quants slot in here as further entries of _QUANTIZED.
+
+_Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
+_Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
+_Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[rows, blocks, 16] bytes -> [rows, blocks * 32] codes; GGUF keeps element i of a block in
+    the low nibble of byte i and element i + 16 in the high nibble."""
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    return codes.reshape(qs.shape[0], -1)
+
+
+def _decode_q8_0(raw: np.ndarray):
+    b = raw.view(_Q8_0)
+    d = b["d"].astype(np.float32)
+    # value = d * q with q int8; MLX codes are unsigned, so store q + 128 and fold -128d into bias.
+    codes = (b["qs"].view(np.uint8) ^ 0x80).reshape(raw.shape[0], -1)  # xor 0x80 == q + 128
+    return codes, d, -128.0 * d
+
+
+def _decode_q4_0(raw: np.ndarray):
+    b = raw.view(_Q4_0)
+    d = b["d"].astype(np.float32)
+    return _nibbles(b["qs"]), d, -8.0 * d  # value = d * (q - 8)
+
+
+def _decode_q4_1(raw: np.ndarray):
+    b = raw.view(_Q4_1)
+    return _nibbles(b["qs"]), b["d"].astype(np.float32), b["m"].astype(np.float32)  # d * q + m
+
+
+_QUANTIZED: dict[T, tuple[int, Callable]] = {  # type -> (bits, decoder)
+    T.Q8_0: (8, _decode_q8_0),
+    T.Q4_0: (4, _decode_q4_0),
+    T.Q4_1: (4, _decode_q4_1),
+}
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [rows, cols] -> uint32 [rows, cols * bits / 32] in MLX's layout: element j of a
+    row lives in word j // (32 / bits) at bit offset bits * (j % (32 / bits))."""
+    per_byte = 8 // bits
+    grouped = codes.reshape(codes.shape[0], -1, per_byte)
+    packed = grouped[..., 0].copy()
+    for k in range(1, per_byte):  # over the codes sharing a byte (at most 3), not over blocks
+        packed |= grouped[..., k] << (bits * k)
+    return packed.view("<u4")
+
+
+def _to_dtype(values: np.ndarray, dtype: mx.Dtype, what: str) -> mx.array:
+    """float32 scales/biases -> mx ``dtype``; refuse instead of storing inf."""
+    cast = values.astype(np.float16 if dtype == mx.float16 else np.float32)
+    if not np.isfinite(cast).all():
+        raise ValueError(f"{what} overflows {dtype}; load with dtype=mx.float32")
+    return mx.array(cast)
+
+
+def _float_array(tensor: ReaderTensor) -> mx.array | None:
+    kind = tensor.tensor_type
+    if kind in (T.F32, T.F16):
+        return mx.array(tensor.data)
+    if kind == T.BF16:  # the reader hands BF16 over as raw bytes
+        return mx.array(tensor.data.view("<u2")).view(mx.bfloat16)
+    return None
+
+
+def convert_tensor(tensor: ReaderTensor, dtype: mx.Dtype = mx.float16) -> dict[str, mx.array]:
+    """Convert one GGUF tensor, rows in file order.
+
+    Returns ``{"weight": float array}`` for F32/F16/BF16, or ``{"weight": uint32 codes,
+    "scales": ..., "biases": ...}`` (MLX affine, group 32, ``bits`` = ``quantized_bits(type)``)
+    for quantized types. Raises UnsupportedGGUF naming the tensor and its type otherwise.
+    """
+    _check_dtype(dtype)
+    array = _float_array(tensor)
+    if array is not None:
+        return {"weight": array.astype(dtype)}
+    kind = tensor.tensor_type
+    if kind not in _QUANTIZED:
+        raise UnsupportedGGUF(
+            f"tensor {tensor.name!r} has GGUF type {kind.name}, which mlxserve cannot load yet "
+            f"(supported: F32, F16, BF16, {', '.join(t.name for t in _QUANTIZED)})")
+    if tensor.data.ndim != 2:
+        raise UnsupportedGGUF(f"tensor {tensor.name!r} ({kind.name}) has "
+                              f"{tensor.data.ndim} dimensions; only 2-D matrices are quantized")
+    bits, decode = _QUANTIZED[kind]
+    codes, scales, biases = decode(tensor.data)
+    what = f"tensor {tensor.name!r} ({kind.name})"
+    return {"weight": mx.array(_pack(codes, bits)),
+            "scales": _to_dtype(scales, dtype, f"a scale of {what}"),
+            "biases": _to_dtype(biases, dtype, f"a bias of {what}")}
+
+
+def quantized_bits(kind: T) -> int | None:
+    """Bits per code of a quantized GGUF type we can repack, None for float/unsupported types."""
+    entry = _QUANTIZED.get(kind)
+    return entry[0] if entry else None
+
+
+def _check_dtype(dtype: mx.Dtype) -> None:
+    if dtype not in (mx.float16, mx.float32):
+        raise ValueError(f"dtype must be mx.float16 or mx.float32, not {dtype} "
+                         "(GGUF block scales are float16 values that bfloat16 would round)")
+
+
+# --- names -----------------------------------------------------------------------------------
+
+_TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_PER_LAYER = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_NAME = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
+
+
+def _hf_name(gguf_name: str) -> tuple[str, str]:
+    """'blk.3.attn_q.weight' -> ('model.layers.3.self_attn.q_proj', 'weight')."""
+    match = _NAME.fullmatch(gguf_name)
+    if match:
+        layer, part, leaf = match.groups()
+        module = _TOP_LEVEL.get(part) if layer is None else _PER_LAYER.get(part)
+        if module is not None:
+            return (module if layer is None else f"model.layers.{layer}.{module}"), leaf
+    raise UnsupportedGGUF(f"tensor {gguf_name!r} has no counterpart in the supported models")
+
+
+def _permuted_heads(config: dict, module: str) -> int | None:
+    """Head count of a module whose rows llama.cpp permuted (llama q/k only; qwen is not)."""
+    if config["model_type"] == "llama":
+        if module.endswith(".self_attn.q_proj"):
+            return config["num_attention_heads"]
+        if module.endswith(".self_attn.k_proj"):
+            return config["num_key_value_heads"]
+    return None
+
+
+def _unpermute_rows(array: mx.array, n_head: int) -> mx.array:
+    """Undo llama.cpp's converter permutation of attn_q / attn_k rows.
+
+    The converter stores HF rows reshaped (n_head, 2, head_dim/2) with the last two axes swapped,
+    i.e. gguf[h, i, j] = hf[h, j, i] on a (n_head, head_dim/2, 2) view; so hf = gguf rows taken in
+    the order of that view swapped back. Works for packed codes, scales and biases alike because
+    quantization groups run along columns.
+    """
+    rows = array.shape[0]
+    order = np.arange(rows).reshape(n_head, rows // n_head // 2, 2).swapaxes(1, 2).reshape(-1)
+    return array[mx.array(order)]
+
+
+# --- config ----------------------------------------------------------------------------------
+
+_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+_REQUIRED = object()
+
+
+def _meta(metadata: dict, key: str, default: Any = _REQUIRED) -> Any:
+    if key in metadata:
+        return metadata[key]
+    if default is _REQUIRED:
+        raise UnsupportedGGUF(f"GGUF metadata key {key!r} is missing")
+    return default
+
+
+def _build_config(metadata: dict, tensors: dict[str, ReaderTensor]) -> dict:
+    arch = metadata.get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise UnsupportedGGUF(f"GGUF architecture {arch!r} is not supported "
+                              f"(supported: {', '.join(_ARCHITECTURES)})")
+    hidden = _meta(metadata, f"{arch}.embedding_length")
+    heads = _meta(metadata, f"{arch}.attention.head_count")
+    kv_heads = _meta(metadata, f"{arch}.attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):  # per-layer counts; fine only if they are all the same
+        if len(set(kv_heads)) != 1:
+            raise UnsupportedGGUF(f"per-layer KV head counts {kv_heads} are not supported")
+        kv_heads = kv_heads[0]
+    head_dim = _meta(metadata, f"{arch}.attention.key_length", hidden // heads)
+    if _meta(metadata, f"{arch}.attention.value_length", head_dim) != head_dim:
+        raise UnsupportedGGUF("attention key_length != value_length is not supported")
+    if _meta(metadata, f"{arch}.rope.dimension_count", head_dim) != head_dim:
+        raise UnsupportedGGUF("partial rotary embeddings (rope.dimension_count != head_dim) "
+                              "are not supported")
+    vocab = _meta(metadata, f"{arch}.vocab_size", None)
+    if vocab is None:
+        vocab = len(_meta(metadata, "tokenizer.ggml.tokens"))
+    embed_rows = int(tensors["token_embd.weight"].shape[1])  # GGUF shape is [cols, rows]
+    if vocab != embed_rows:
+        raise UnsupportedGGUF(f"vocab size {vocab} != token_embd rows {embed_rows}")
+    rope_theta = float(_meta(metadata, f"{arch}.rope.freq_base", 10000.0))
+
+    config = {
+        "model_type": arch,
+        "hidden_size": hidden,
+        "num_hidden_layers": _meta(metadata, f"{arch}.block_count"),
+        "intermediate_size": _meta(metadata, f"{arch}.feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": float(_meta(metadata, f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": rope_theta,
+        "vocab_size": vocab,
+        "max_position_embeddings": _meta(metadata, f"{arch}.context_length"),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+    }
+    if arch == "llama":
+        config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    rope_scaling = _rope_scaling(metadata, arch, tensors.get("rope_freqs.weight"),
+                                 head_dim, rope_theta)
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
+    return config
+
+
+# rope.scaling.* keys we map (or that do not change the computation: "finetuned"), and keys we
+# may ignore when they hold their neutral value.
+_ROPE_KEYS_MAPPED = {"type", "factor", "original_context_length", "finetuned",
+                     "yarn_beta_fast", "yarn_beta_slow"}
+_ROPE_KEYS_NEUTRAL = {"attn_factor": 1.0, "yarn_attn_factor": 1.0, "yarn_log_multiplier": 0.0}
+
+
+def _rope_scaling(metadata: dict, arch: str, rope_freqs: ReaderTensor | None,
+                  head_dim: int, rope_theta: float) -> dict | None:
+    """Map GGUF RoPE scaling to an HF ``rope_scaling`` dict (None when there is none)."""
+    prefix = f"{arch}.rope.scaling."
+    keys = {k[len(prefix):]: v for k, v in metadata.items() if k.startswith(prefix)}
+    kind = keys.get("type", "none")
+
+    if rope_freqs is not None:
+        if arch != "llama" or kind != "none":
+            raise UnsupportedGGUF(f"rope_freqs tensor with {arch} / rope scaling {kind!r} "
+                                  "is not supported")
+        return _llama3_rope_scaling(rope_freqs, metadata, arch, head_dim, rope_theta)
+    if kind == "none":
+        return None
+
+    unmapped = [f"{prefix}{k}" for k, v in keys.items()
+                if k not in _ROPE_KEYS_MAPPED and _ROPE_KEYS_NEUTRAL.get(k) != v]
+    if unmapped:
+        raise UnsupportedGGUF(f"RoPE scaling keys {unmapped} cannot be mapped")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(_meta(metadata, prefix + "factor"))}
+    if kind == "yarn":
+        scaling = {"rope_type": "yarn", "factor": float(_meta(metadata, prefix + "factor")),
+                   "original_max_position_embeddings":
+                       _meta(metadata, prefix + "original_context_length")}
+        if "yarn_beta_fast" in keys:
+            scaling["beta_fast"] = float(keys["yarn_beta_fast"])
+        if "yarn_beta_slow" in keys:
+            scaling["beta_slow"] = float(keys["yarn_beta_slow"])
+        return scaling
+    raise UnsupportedGGUF(f"RoPE scaling type {kind!r} is not supported")
+
+
+def _llama3_factors(wavelens: np.ndarray, factor: float, low: float, high: float,
+                    original: float) -> np.ndarray:
+    """Per-dimension wavelength multipliers of llama3 RoPE, as mlx-lm's Llama3RoPE builds them."""
+    smooth = (original / wavelens - low) / (high - low)
+    medium = 1.0 / ((1.0 - smooth) / factor + smooth)
+    return np.where(wavelens > original / low, factor,
+                    np.where(wavelens > original / high, medium, 1.0))
+
+
+def _llama3_rope_scaling(rope_freqs: ReaderTensor, metadata: dict, arch: str,
+                         head_dim: int, rope_theta: float) -> dict | None:
+    """Recover llama3 RoPE parameters from the ``rope_freqs`` tensor.
+
+    llama.cpp's converter does not store Llama 3.1's rope_scaling numbers; it bakes them into
+    per-dimension divisors of the rotation frequency (``rope_freqs``: 1 for fast dimensions,
+    ``factor`` for slow ones, 1/((1-s)/factor + s) in between, with s linear in 1/wavelength).
+    mlx-lm's Llama3RoPE multiplies the same wavelengths by the same numbers, so we fit
+    (factor, low_freq_factor, high_freq_factor, original context) to the tensor and check that
+    they reproduce it; anything else is refused rather than run with the wrong RoPE.
+    """
+    got = np.asarray(rope_freqs.data, dtype=np.float64)
+    wavelens = 2 * math.pi * rope_theta ** (np.arange(0, head_dim, 2) / head_dim)
+    if got.shape != wavelens.shape:
+        raise UnsupportedGGUF(f"rope_freqs has shape {got.shape}, expected {wavelens.shape}")
+    if np.allclose(got, 1.0):
+        return None
+    factor = float(got.max())
+    original = float(_meta(metadata, f"{arch}.rope.scaling.original_context_length", 8192))
+    medium = (got > 1 + 1e-6) & (got < factor * (1 - 1e-6))
+    if medium.sum() >= 2:
+        # s = original / ((high - low) * wavelen) - low / (high - low): a line in 1/wavelen.
+        s = (1 / got[medium] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(1 / wavelens[medium], s, 1)
+        low = -intercept * original / slope
+        high = low + original / slope
+    else:  # too few points to fit: try Llama 3.1's published values
+        low, high = 1.0, 4.0
+    if not np.allclose(_llama3_factors(wavelens, factor, low, high, original), got, rtol=1e-4):
+        raise UnsupportedGGUF("rope_freqs does not match llama3 RoPE scaling")
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
+            "high_freq_factor": float(high), "original_max_position_embeddings": int(original)}
+
+
+# --- loader ----------------------------------------------------------------------------------
+
+def load_gguf(path: str | Path, dtype: mx.Dtype = mx.float16) -> GGUFWeights:
+    """Read a llama / qwen2 / qwen3 GGUF file into mlx-lm-ready config, weights and quantization.
+
+    Use: ``nn.quantize(model, class_predicate=lambda p, m: w.quantization.get(p, False))`` then
+    ``model.load_weights(list(w.weights.items()))``.
+    """
+    _check_dtype(dtype)
+    reader = open_gguf(path)
+    if reader.byte_order != "I":
+        raise UnsupportedGGUF(f"{path}: big-endian GGUF files are not supported")
+    metadata = read_gguf_metadata(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    config = _build_config(metadata, tensors)
+
+    weights: dict[str, mx.array] = {}
+    quantization: dict[str, dict] = {}
+    tensor_types: dict[str, str] = {}
+    for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":
+            continue  # folded into config["rope_scaling"] by _build_config
+        module, leaf = _hf_name(tensor.name)
+        converted = convert_tensor(tensor, dtype)
+        n_head = _permuted_heads(config, module)
+        if n_head is not None:
+            converted = {k: _unpermute_rows(v, n_head) for k, v in converted.items()}
+        if "scales" in converted:
+            quantization[module] = {"group_size": GROUP_SIZE,
+                                    "bits": quantized_bits(tensor.tensor_type), "mode": "affine"}
+            weights.update({f"{module}.{k}": v for k, v in converted.items()})
+        else:
+            weights[f"{module}.{leaf}"] = converted["weight"]
+        tensor_types[f"{module}.{leaf}"] = tensor.tensor_type.name
+    mx.eval(weights)  # materialise now: the file's memory map is not needed afterwards
+    return GGUFWeights(config, weights, quantization, metadata, tensor_types)

@@ -1,0 +1,375 @@
+"""GGUF loader: exact per-type repacking, llama/qwen2/qwen3 end to end, a real file, refusals.
+
+Every tiny GGUF here is written by the test with gguf.GGUFWriter from random weights, and every
+expected value comes from the gguf package's own (de)quantizer, not from our loader.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import time
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from mlx_lm.models.rope_utils import initialize_rope
+
+from mlxserve.quant.gguf import UnsupportedGGUF, convert_tensor, load_gguf
+from mlxserve.quant.gguf_metadata import open_gguf
+from tiny_models import FLOAT_GGUF_TYPES as FLOAT_TYPES
+from tiny_models import llama_cpp_permute, to_gguf_name, write_gguf
+
+BITS = {T.Q8_0: 8, T.Q4_0: 4, T.Q4_1: 4}
+BLOCK_BYTES = {T.Q8_0: 34, T.Q4_0: 18, T.Q4_1: 20}
+
+
+# --- writing tiny GGUF files ------------------------------------------------------------------
+
+def gguf_codes(stored: np.ndarray, qtype: T) -> np.ndarray:
+    """The integer codes of GGUF blocks, read straight from the block bytes, as MLX codes
+    (Q8_0's int8 shifted by +128 to be unsigned)."""
+    rows = stored.shape[0]
+    blocks = stored.reshape(rows, -1, BLOCK_BYTES[qtype])
+    if qtype == T.Q8_0:
+        return blocks[..., 2:].view(np.int8).astype(np.int32).reshape(rows, -1) + 128
+    qs = blocks[..., 2:] if qtype == T.Q4_0 else blocks[..., 4:]
+    return np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.int32).reshape(rows, -1)
+
+
+def mlx_codes(converted: dict[str, mx.array], bits: int) -> np.ndarray:
+    """Let MLX unpack our words: dequantize with scale 1, bias 0."""
+    ones = mx.ones(converted["scales"].shape, dtype=mx.float32)
+    codes = mx.dequantize(converted["weight"], ones, mx.zeros_like(ones), group_size=32, bits=bits)
+    return np.array(codes).astype(np.int32)
+
+
+def random_matrix(rng, rows=64, cols=256) -> np.ndarray:
+    w = (rng.standard_normal((rows, cols)) * 0.1).astype(np.float32)
+    w[0, :32] = 0.0  # an all-zero block (d = 0)
+    w[1, 5] = 3.0  # an outlier
+    w[2, 40:72] = np.linspace(-1, 1, 32)  # a block that spans two groups' worth of range
+    return w
+
+
+# --- 1. each tensor type, exactly -------------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1],
+                         ids=lambda t: t.name)
+def test_tensor_type_is_exact(tmp_path, qtype):
+    stored = gguf.quants.quantize(random_matrix(np.random.default_rng(0)), qtype)
+    expected = gguf.quants.dequantize(stored, qtype)
+    path = write_gguf(tmp_path / "t.gguf", "llama", {}, {"blk.0.ffn_up.weight": (stored, qtype)})
+    tensor = open_gguf(path).tensors[0]
+
+    out = convert_tensor(tensor, mx.float32)
+    if qtype not in BITS:
+        assert set(out) == {"weight"}
+        assert out["weight"].shape == (64, 256) and out["weight"].dtype == mx.float32
+        assert np.array_equal(np.array(out["weight"]), expected)
+        return
+
+    bits = BITS[qtype]
+    assert out["weight"].dtype == mx.uint32 and out["weight"].shape == (64, 256 * bits // 32)
+    assert out["scales"].shape == out["biases"].shape == (64, 256 // 32)
+    values = mx.dequantize(out["weight"], out["scales"], out["biases"], group_size=32, bits=bits)
+    assert np.array_equal(np.array(values), expected)
+    assert np.array_equal(mlx_codes(out, bits), gguf_codes(stored, qtype))
+
+    # The float16 default holds the very same scales and biases (they are float16 numbers).
+    half = convert_tensor(tensor)
+    assert half["scales"].dtype == half["biases"].dtype == mx.float16
+    for key in ("scales", "biases"):
+        assert np.array_equal(np.array(half[key].astype(mx.float32)), np.array(out[key]))
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_1], ids=lambda t: t.name)
+def test_packing_matches_mx_quantize(tmp_path, qtype):
+    """Blocks with scale 1 whose codes span the full range: mx.quantize of (code - max code) finds
+    scale 1 and bias -max code (it picks a positive scale when the minimum has the larger
+    magnitude), so its codes and packed words must equal ours bit for bit."""
+    rng = np.random.default_rng(1)
+    bits = BITS[qtype]
+    codes = rng.integers(0, 2**bits, size=(8, 4, 32), dtype=np.uint8)
+    codes[..., 3], codes[..., 20] = 0, 2**bits - 1
+    one, zero = np.float16(1).tobytes(), np.float16(0).tobytes()
+    if qtype == T.Q8_0:  # d = 1, int8 q = code - 128
+        header = np.frombuffer(one, np.uint8)
+        body = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+    else:  # d = 1, m = 0, element i in the low nibble of byte i, element i + 16 in the high one
+        header = np.frombuffer(one + zero, np.uint8)
+        body = codes[..., :16] | (codes[..., 16:] << 4)
+    blocks = np.concatenate([np.broadcast_to(header, (8, 4, header.size)), body], axis=-1)
+    path = write_gguf(tmp_path / "p.gguf", "llama", {},
+                      {"blk.0.ffn_up.weight": (blocks.reshape(8, -1), qtype)})
+
+    ours = convert_tensor(open_gguf(path).tensors[0], mx.float32)
+    top = 2**bits - 1
+    weight, scales, biases = mx.quantize(mx.array(codes.reshape(8, 128).astype(np.float32) - top),
+                                         group_size=32, bits=bits)
+    assert np.all(np.array(scales) == 1) and np.all(np.array(biases) == -top)
+    assert np.array_equal(np.array(ours["weight"]), np.array(weight))
+
+
+# --- 2. tiny llama / qwen2 / qwen3 models, logits against an mlx-lm float reference --------
+
+H, LAYERS, HEADS, KV_HEADS, FFN, VOCAB = 64, 2, 4, 2, 128, 300
+# arch -> (head_dim, tied, embedding type, types cycled over the other matrices)
+MODELS = {
+    "llama": (16, True, T.Q8_0, [T.Q4_0, T.Q4_1, T.Q8_0]),
+    "qwen2": (16, False, T.Q4_1, [T.Q8_0, T.Q4_0, T.Q4_1, T.F16]),
+    "qwen3": (32, True, T.F16, [T.Q4_1, T.BF16, T.Q8_0, T.Q4_0, T.F32]),
+}
+
+
+def hf_model(arch: str, rng) -> dict[str, np.ndarray]:
+    head_dim, tied, _, _ = MODELS[arch]
+    shapes = {"model.embed_tokens.weight": (VOCAB, H), "model.norm.weight": (H,)}
+    if not tied:
+        shapes["lm_head.weight"] = (VOCAB, H)
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+            p + "self_attn.q_proj.weight": (HEADS * head_dim, H),
+            p + "self_attn.k_proj.weight": (KV_HEADS * head_dim, H),
+            p + "self_attn.v_proj.weight": (KV_HEADS * head_dim, H),
+            p + "self_attn.o_proj.weight": (H, HEADS * head_dim),
+            p + "mlp.gate_proj.weight": (FFN, H), p + "mlp.up_proj.weight": (FFN, H),
+            p + "mlp.down_proj.weight": (H, FFN)})
+        if arch == "qwen2":
+            for proj, rows in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS)):
+                shapes[p + f"self_attn.{proj}_proj.bias"] = (rows * head_dim,)
+        if arch == "qwen3":
+            shapes[p + "self_attn.q_norm.weight"] = shapes[p + "self_attn.k_norm.weight"] = (
+                head_dim,)
+
+    weights = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            weights[name] = 1 + 0.1 * rng.standard_normal(shape)
+        elif "q_proj.weight" in name or "k_proj.weight" in name:
+            weights[name] = 0.5 * rng.standard_normal(shape)  # peaked attention: RoPE matters
+        elif "embed_tokens" in name:
+            weights[name] = rng.standard_normal(shape)
+        else:
+            weights[name] = 0.15 * rng.standard_normal(shape)
+    return {k: v.astype(np.float32) for k, v in weights.items()}
+
+
+def tensor_type_plan(arch: str, names) -> dict[str, T]:
+    _, _, embed_type, cycle = MODELS[arch]
+    plan, i = {}, 0
+    for name in names:
+        if name == "model.embed_tokens.weight":
+            plan[name] = embed_type
+        elif name.endswith(".bias") or name.endswith("norm.weight"):
+            plan[name] = T.F32
+        else:
+            plan[name] = cycle[i % len(cycle)]
+            i += 1
+    return plan
+
+
+def model_metadata(arch: str, head_dim: int) -> dict:
+    kv = {f"{arch}.block_count": LAYERS, f"{arch}.context_length": 4096,
+          f"{arch}.embedding_length": H, f"{arch}.feed_forward_length": FFN,
+          f"{arch}.attention.head_count": HEADS, f"{arch}.attention.head_count_kv": KV_HEADS,
+          f"{arch}.attention.layer_norm_rms_epsilon": 1e-6, f"{arch}.rope.freq_base": 10000.0}
+    if head_dim != H // HEADS:
+        kv[f"{arch}.attention.key_length"] = kv[f"{arch}.attention.value_length"] = head_dim
+    if arch == "llama":  # vocab size from the token list
+        kv["tokenizer.ggml.tokens"] = [f"t{i}" for i in range(VOCAB)]
+    else:
+        kv[f"{arch}.vocab_size"] = VOCAB
+    return kv
+
+
+def write_model(path: Path, arch: str, weights: dict[str, np.ndarray], plan: dict[str, T],
+                extra_kv: dict | None = None) -> Path:
+    tensors = {}
+    for name, w in weights.items():
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            w = llama_cpp_permute(w, HEADS)
+        elif arch == "llama" and name.endswith("k_proj.weight"):
+            w = llama_cpp_permute(w, KV_HEADS)
+        tensors[to_gguf_name(name)] = (gguf.quants.quantize(w, plan[name]), plan[name])
+    kv = model_metadata(arch, MODELS[arch][0]) | (extra_kv or {})
+    return write_gguf(path, arch, kv, tensors)
+
+
+TOKENS = [1, 7, 42, 299, 3, 150, 8, 64, 2, 255]
+
+
+def logits(arch: str, config: dict, weights: list, quantization: dict | None = None,
+           tokens: list[int] = TOKENS) -> np.ndarray:
+    """[len(tokens), vocab] float32 logits of mlx-lm's model class for ``arch``."""
+    module = importlib.import_module(f"mlx_lm.models.{arch}")
+    model = module.Model(module.ModelArgs.from_dict(config))
+    if quantization:
+        nn.quantize(model, class_predicate=lambda p, _: quantization.get(p, False))
+    model.load_weights(weights)  # strict: every parameter present, no extras
+    return np.array(model(mx.array([tokens]))[0].astype(mx.float32))
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_tiny_model_logits_match_float_reference(tmp_path, arch):
+    head_dim, tied, _, _ = MODELS[arch]
+    hf = hf_model(arch, np.random.default_rng(2))
+    plan = tensor_type_plan(arch, hf)
+    path = write_model(tmp_path / f"{arch}.gguf", arch, hf, plan)
+
+    loaded = load_gguf(path, dtype=mx.float32)
+    expected_config = {
+        "model_type": arch, "hidden_size": H, "num_hidden_layers": LAYERS,
+        "intermediate_size": FFN, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+        "head_dim": head_dim, "rms_norm_eps": pytest.approx(1e-6), "rope_theta": 10000.0,
+        "vocab_size": VOCAB, "max_position_embeddings": 4096, "tie_word_embeddings": tied,
+        "attention_bias": arch == "qwen2"}
+    assert {k: loaded.config[k] for k in expected_config} == expected_config
+    assert "rope_scaling" not in loaded.config
+    assert loaded.tensor_types == {name: t.name for name, t in plan.items()}
+    quantized = {n.rsplit(".", 1)[0]: BITS[t] for n, t in plan.items() if t in BITS}
+    assert {m: q["bits"] for m, q in loaded.quantization.items()} == quantized
+    assert all(q["group_size"] == 32 and q["mode"] == "affine"
+               for q in loaded.quantization.values())
+
+    # Reference: the same mlx-lm class with float32 weights in HF layout, i.e. the original random
+    # weights through gguf's own quantize -> dequantize (rows are quantized independently, so
+    # this equals un-permuting the file's dequantized llama q/k).
+    ref_weights = {n: gguf.quants.dequantize(gguf.quants.quantize(w, plan[n]), plan[n])
+                   for n, w in hf.items()}
+    config = {k: loaded.config[k] for k in expected_config}
+    reference = logits(arch, config, [(n, mx.array(w)) for n, w in ref_weights.items()])
+    ours = logits(arch, loaded.config, list(loaded.weights.items()), loaded.quantization)
+    np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
+
+    if arch == "llama":  # the check above must be able to see a missing un-permutation
+        permuted = dict(ref_weights)
+        for name in permuted:
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = HEADS if "q_proj" in name else KV_HEADS
+                permuted[name] = llama_cpp_permute(permuted[name], heads)
+        wrong = logits(arch, config, [(n, mx.array(w)) for n, w in permuted.items()])
+        assert np.abs(wrong - reference).max() > 1e-2
+
+
+# --- 3. the real SmolLM2 file -------------------------------------------------------------------
+
+def real_model(name: str) -> Path:
+    folder = Path(os.environ.get("MLXSERVE_TEST_MODELS",
+                                 Path.home() / ".cache" / "mlxserve" / "test-models"))
+    path = folder / name
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: run ../shared/models/fetch.sh to download the test models")
+    return path
+
+
+def test_smollm2_says_paris():
+    path = real_model("SmolLM2-135M-Instruct.Q4_1.gguf")
+    start = time.perf_counter()
+    # float32: MLX's CPU back-end runs float16 quantized matmuls ~40x slower (40 s for this
+    # prompt); the float16 scales themselves are checked exactly in test_tensor_type_is_exact.
+    loaded = load_gguf(path, dtype=mx.float32)
+    print(f"load_gguf({path.name}): {time.perf_counter() - start:.2f} s")
+
+    assert loaded.config["num_hidden_layers"] == 30 and loaded.config["tie_word_embeddings"]
+    assert loaded.quantization["model.embed_tokens"]["bits"] == 8  # Q8_0
+    assert loaded.quantization["model.layers.0.self_attn.q_proj"]["bits"] == 4  # Q4_1
+    assert loaded.metadata["tokenizer.ggml.model"] == "gpt2"
+
+    the_capital_of_france_is = [504, 3575, 282, 4649, 314]
+    out = logits("llama", loaded.config, list(loaded.weights.items()), loaded.quantization,
+                 tokens=the_capital_of_france_is)[-1].astype(np.float64)
+    log_probs = out - np.logaddexp.reduce(out)
+    assert int(out.argmax()) == 7042  # " Paris"
+    assert log_probs[7042] == pytest.approx(-0.26, abs=0.05)
+
+
+# --- 4. what we refuse --------------------------------------------------------------------------
+
+def test_unsupported_tensor_type_names_the_tensor(tmp_path):
+    hf = hf_model("llama", np.random.default_rng(3))
+    plan = tensor_type_plan("llama", hf)
+    plan["model.layers.1.mlp.up_proj.weight"] = T.Q5_0
+    path = write_model(tmp_path / "q5.gguf", "llama", hf, plan)
+    with pytest.raises(UnsupportedGGUF, match=r"'blk\.1\.ffn_up\.weight'.*Q5_0"):
+        load_gguf(path)
+
+
+def test_real_k_quant_tensor_is_refused():
+    reader = open_gguf(real_model("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))
+    k_quant = next(t for t in reader.tensors if t.tensor_type.name.endswith("_K"))
+    with pytest.raises(UnsupportedGGUF) as info:
+        convert_tensor(k_quant)
+    message = str(info.value)
+    assert k_quant.name in message and k_quant.tensor_type.name in message
+    assert "\n" not in message
+
+
+def minimal_file(path: Path, arch: str, kv: dict, extra_tensors: dict | None = None) -> Path:
+    """Metadata plus a token embedding: enough for load_gguf to build a config."""
+    embed = np.zeros((VOCAB, H), dtype=np.float32)
+    tensors = {"token_embd.weight": (embed, T.F32)} | (extra_tensors or {})
+    return write_gguf(path, arch, model_metadata(arch, H // HEADS) | kv, tensors)
+
+
+def test_unsupported_architecture(tmp_path):
+    path = minimal_file(tmp_path / "g.gguf", "gemma", {})
+    with pytest.raises(UnsupportedGGUF, match="'gemma'"):
+        load_gguf(path)
+
+
+# --- RoPE scaling -------------------------------------------------------------------------------
+
+def llama_cpp_rope_freqs(head_dim, base, factor, low, high, original) -> np.ndarray:
+    """rope_freqs as llama.cpp's converter computes it for Llama 3.1-style rope_scaling."""
+    freqs = 1.0 / base ** (np.arange(0, head_dim, 2) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    smooth = (original / wavelen - low) / (high - low)
+    out = np.where(wavelen < original / high, 1.0,
+                   np.where(wavelen > original / low, factor,
+                            1 / ((1 - smooth) / factor + smooth)))
+    return out.astype(np.float32)
+
+
+@pytest.mark.parametrize("factor,low,high,original",
+                         [(8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192), (16.0, 0.5, 8.0, 32768)])
+def test_llama3_rope_freqs_become_rope_scaling(tmp_path, factor, low, high, original):
+    head_dim, base = H // HEADS, 500000.0
+    rope_freqs = llama_cpp_rope_freqs(head_dim, base, factor, low, high, original)
+    kv = {"llama.rope.freq_base": base}
+    if original != 8192:  # 8192 is llama.cpp's default when the original length is not given
+        kv["llama.rope.scaling.original_context_length"] = original
+    path = minimal_file(tmp_path / "l3.gguf", "llama", kv,
+                        {"rope_freqs.weight": (rope_freqs, T.F32)})
+    scaling = load_gguf(path).config["rope_scaling"]
+    assert scaling["rope_type"] == "llama3" and scaling["factor"] == factor
+
+    true = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+            "high_freq_factor": high, "original_max_position_embeddings": original}
+    ours = initialize_rope(head_dim, base, False, scaling, 4096)._freqs
+    reference = initialize_rope(head_dim, base, False, true, 4096)._freqs
+    np.testing.assert_allclose(np.array(ours), np.array(reference), rtol=1e-5)
+
+
+def test_yarn_and_linear_rope_scaling(tmp_path):
+    yarn = minimal_file(tmp_path / "y.gguf", "qwen2", {
+        "qwen2.rope.scaling.type": "yarn", "qwen2.rope.scaling.factor": 4.0,
+        "qwen2.rope.scaling.original_context_length": 32768})
+    assert load_gguf(yarn).config["rope_scaling"] == {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+
+    linear = minimal_file(tmp_path / "l.gguf", "llama", {
+        "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0})
+    assert load_gguf(linear).config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+
+    longrope = minimal_file(tmp_path / "lr.gguf", "llama", {
+        "llama.rope.scaling.type": "longrope", "llama.rope.scaling.factor": 2.0})
+    with pytest.raises(UnsupportedGGUF, match="longrope"):
+        load_gguf(longrope)
