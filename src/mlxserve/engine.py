@@ -1,0 +1,221 @@
+"""The engine: one thread that owns every MLX call, fed through a command queue.
+
+MLX is not thread-safe, so the model, the caches and the scheduler live on the engine
+thread alone. Front ends call `submit()` (any thread, or asyncio) and read a RequestStream
+of TokenEvents; `cancel()` frees a request's memory within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import traceback
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .cache import PagedKVCache
+from .loader import LoadedModel
+from .runner import Runner
+from .scheduler import Request, Scheduler, SchedulerConfig, ServerBusy, TokenEvent
+
+log = logging.getLogger("mlxserve.engine")
+
+
+@dataclass
+class EngineConfig:
+    max_batch_tokens: int = 512
+    max_running: int = 64
+    max_waiting: int = 256
+    block_size: int = 64
+    memory_budget_bytes: int | None = None  # KV budget; None: grow as needed
+    initial_blocks: int = 16
+
+
+class RequestStream:
+    """Events of one request, readable from a thread (iterate) or from asyncio (async for)."""
+
+    def __init__(self, request: Request, engine: "Engine", loop: asyncio.AbstractEventLoop | None):
+        self.request = request
+        self._engine = engine
+        self._loop = loop
+        self._queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
+        self.finished = False
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    def _push(self, event: TokenEvent) -> None:  # engine thread
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        else:
+            self._queue.put(event)
+
+    def __iter__(self):
+        while True:
+            event = self._queue.get()
+            yield event
+            if event.finish_reason is not None:
+                self.finished = True
+                return
+
+    async def __aiter__(self):
+        while True:
+            event = await self._queue.get()
+            yield event
+            if event.finish_reason is not None:
+                self.finished = True
+                return
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self._engine.cancel(self.id)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.config = config or EngineConfig()
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, RequestStream] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._stats: dict = {}
+        self.error: str | None = None
+        self._ready = threading.Event()
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._run, name="mlxserve-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self.error:
+            raise RuntimeError(self.error)
+        return self
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._commands.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- front-end API (any thread) ------------------------------------------------------
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+        request.params.validate()
+        if not request.prompt_ids:
+            raise ValueError("prompt: must contain at least one token")
+        if not self.alive:
+            raise RuntimeError("engine is not running")
+        stream = RequestStream(request, self, loop)
+        self._commands.put(("submit", stream))
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        self._commands.put(("cancel", request_id))
+
+    def stats(self) -> dict:
+        """Latest scheduler statistics (updated by the engine thread after every step)."""
+        return dict(self._stats)
+
+    def generate(self, prompt_ids: list[int], params) -> list[TokenEvent]:
+        """Blocking convenience: submit and collect every event."""
+        return list(self.submit(Request(list(prompt_ids), params)))
+
+    # ---- engine thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            scheduler = make_scheduler(self.loaded, self.config)
+        except Exception as exc:  # surfaced by start()
+            self.error = f"engine failed to start: {exc}"
+            self._ready.set()
+            return
+        self._ready.set()
+        with mx.stream(mx.default_stream(mx.default_device())):
+            while not self._stopping:
+                self._drain(scheduler, block=not scheduler.has_work())
+                if self._stopping or not scheduler.has_work():
+                    continue
+                try:
+                    events = scheduler.step()
+                except Exception as exc:
+                    log.error("step failed: %s", traceback.format_exc())
+                    events = self._fail_running(scheduler, f"internal error: {exc}")
+                self._deliver(scheduler, events)
+            for row in list(scheduler.running) + list(scheduler.waiting):
+                self._deliver(scheduler, [scheduler.cancel(row.id)])
+
+    def _drain(self, scheduler: Scheduler, block: bool) -> None:
+        while True:
+            try:
+                kind, payload = self._commands.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "submit":
+                self._streams[payload.id] = payload
+                try:
+                    scheduler.add(payload.request)
+                except ServerBusy as exc:
+                    self._deliver(scheduler, [TokenEvent(payload.id, [], "", finish_reason="error", error=str(exc))])
+            elif kind == "cancel":
+                self._deliver(scheduler, [scheduler.cancel(payload)])
+
+    def _deliver(self, scheduler: Scheduler, events: list) -> None:
+        # Publish stats first: a client that sees its final event also sees its memory freed.
+        self._stats = scheduler.snapshot_stats()
+        for event in events:
+            if event is None:
+                continue
+            stream = self._streams.get(event.request_id)
+            if stream is None:
+                continue
+            stream._push(event)
+            if event.finish_reason is not None:
+                del self._streams[event.request_id]
+
+    @staticmethod
+    def _fail_running(scheduler: Scheduler, message: str) -> list[TokenEvent]:
+        """A step raised: end the rows that were in it with an error, keep the engine alive."""
+        events = []
+        for row in list(scheduler.running):
+            event = scheduler.cancel(row.id)
+            event.finish_reason, event.error = "error", message
+            events.append(event)
+        return events
+
+
+def make_scheduler(loaded: LoadedModel, config: EngineConfig) -> Scheduler:
+    """Build the KV pools, runner and scheduler for a loaded model (on the engine thread)."""
+    model = loaded.model
+    layers, kv_heads, head_dim = model.kv_shape()
+    kv = PagedKVCache(layers, kv_heads, head_dim, _compute_dtype(model), block_size=config.block_size,
+                      initial_blocks=config.initial_blocks)
+    if config.memory_budget_bytes is not None:
+        kv.max_blocks = max(config.initial_blocks, config.memory_budget_bytes // kv.bytes_per_block)
+    sched_config = SchedulerConfig(
+        max_batch_tokens=config.max_batch_tokens,
+        max_running=config.max_running,
+        max_waiting=config.max_waiting,
+        block_size=config.block_size,
+        context_length=loaded.context_length,
+    )
+    return Scheduler(Runner(model, kv), loaded.tokenizer, sched_config)
+
+
+def _compute_dtype(model) -> mx.Dtype:
+    """The dtype activations run in: that of the norms (quantized layers follow their scales)."""
+    return model.model.norm.weight.dtype

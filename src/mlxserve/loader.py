@@ -1,0 +1,179 @@
+"""Turn a model spec (folder, .gguf file, alias or Hugging Face repo id) into a ready model.
+
+Folders in Hugging Face or MLX layout (config.json + *.safetensors, optionally MLX-quantized)
+and GGUF files (read by our own reader in `quant/`) end up as the same model classes with
+Hugging Face parameter names.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import registry
+from .models import get_family
+from .tokenizer import Tokenizer
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message is one readable line."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Tokenizer
+    config: dict
+    name: str
+    path: Path
+    format: str  # "gguf" | "safetensors"
+    quantization: str  # e.g. "Q4_1", "4-bit g64", "bf16"
+    context_length: int
+    load_seconds: float
+
+
+_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def parse_dtype(name: str | None) -> mx.Dtype | None:
+    if name is None:
+        return None
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype '{name}' (use one of {', '.join(_DTYPES)})") from None
+
+
+def load_model(spec: str, *, dtype: mx.Dtype | None = None, progress: bool = True) -> LoadedModel:
+    """Load `spec`; raises ModelNotFound / ModelLoadError with one readable line."""
+    path = registry.resolve(spec, progress=progress)
+    start = time.perf_counter()
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            loaded = _load_gguf(path, dtype)
+        elif path.is_dir():
+            loaded = _load_folder(path, dtype)
+        else:
+            raise ModelLoadError(f"{path}: not a model folder or .gguf file")
+    except (ModelLoadError, registry.ModelNotFound):
+        raise
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelLoadError(f"cannot load {path}: {exc}") from exc
+    loaded.name = spec
+    loaded.load_seconds = time.perf_counter() - start
+    return loaded
+
+
+def build_model(config: dict, weights: dict[str, mx.array], quantization: dict | None) -> nn.Module:
+    """Instantiate the architecture named by config["model_type"] and fill its weights.
+
+    `quantization` maps module paths to {"group_size", "bits", "mode"}; a top-level
+    "group_size"/"bits" (MLX checkpoint convention) applies to every module whose
+    `.scales` are present in the weights.
+    """
+    family = get_family(config.get("model_type", "?"))
+    args = family.ModelArgs.from_config(config)
+    model = family.Model(args)
+    weights = model.sanitize(weights)
+    if quantization:
+        defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+
+        def predicate(path: str, module: nn.Module):
+            if path in quantization and isinstance(quantization[path], dict):
+                return quantization[path]
+            if not hasattr(module, "to_quantized"):
+                return False
+            return f"{path}.scales" in weights and (defaults or False)
+
+        nn.quantize(model, class_predicate=predicate)
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def _load_folder(path: Path, dtype: mx.Dtype | None) -> LoadedModel:
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelLoadError(f"{path}: no config.json (not a Hugging Face / MLX model folder)")
+    config = json.loads(config_file.read_text())
+    files = sorted(glob.glob(str(path / "*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"{path}: no *.safetensors weight files")
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        weights.update(mx.load(f))
+    if dtype is not None:
+        # Quantization scales/biases are cast too: they set the compute dtype of their layer.
+        weights = {k: v.astype(dtype) if _is_float(v) else v for k, v in weights.items()}
+    quantization = config.get("quantization") or config.get("quantization_config")
+    if quantization and quantization.get("quant_method") not in (None, "mlx"):
+        raise ModelLoadError(
+            f"{path}: quantization method '{quantization.get('quant_method')}' is not supported "
+            "(use an MLX-quantized, bf16/fp16/fp32 or GGUF model)"
+        )
+    model = build_model(config, weights, quantization)
+    tokenizer = Tokenizer.from_folder(path)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        name=str(path),
+        path=path,
+        format="safetensors",
+        quantization=_describe_quantization(quantization, weights),
+        context_length=int(config.get("max_position_embeddings") or 4096),
+        load_seconds=0.0,
+    )
+
+
+def _load_gguf(path: Path, dtype: mx.Dtype | None) -> LoadedModel:
+    from .quant.gguf import load_gguf
+
+    gguf = load_gguf(path, dtype=dtype or default_gguf_dtype())
+    model = build_model(gguf.config, gguf.weights, gguf.quantization)
+    tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=gguf.config,
+        name=str(path),
+        path=path,
+        format="gguf",
+        quantization=_describe_gguf(path, gguf.tensor_types),
+        context_length=int(gguf.config.get("max_position_embeddings") or 4096),
+        load_seconds=0.0,
+    )
+
+
+def default_gguf_dtype() -> mx.Dtype:
+    """GGUF block scales are float16 numbers, so float16 holds them exactly and is the fast
+    type on GPUs; MLX's CPU back-end runs float16 matmuls ~40x slower than float32, so on
+    the CPU we use float32 (equally exact)."""
+    return mx.float32 if mx.default_device() == mx.cpu else mx.float16
+
+
+def _is_float(a: mx.array) -> bool:
+    return mx.issubdtype(a.dtype, mx.floating)
+
+
+def _describe_gguf(path: Path, tensor_types: dict[str, str]) -> str:
+    """llama.cpp's name for the file's mix (general.file_type) or, when the file does not
+    say, the quantized tensor types it holds."""
+    name = registry.gguf_quantization(path)
+    if name != "unknown":
+        return name
+    quantized = sorted({t for t in tensor_types.values() if t not in ("F32", "F16", "BF16")})
+    return "+".join(quantized) or "+".join(sorted(set(tensor_types.values())))
+
+
+def _describe_quantization(quantization: dict | None, weights: dict[str, mx.array]) -> str:
+    if quantization and "bits" in quantization:
+        return f"{quantization['bits']}-bit g{quantization.get('group_size', 64)}"
+    float_dtypes = {str(v.dtype).split(".")[-1] for v in weights.values() if _is_float(v)}
+    return "/".join(sorted(float_dtypes)) or "unknown"

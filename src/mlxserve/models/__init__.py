@@ -1,0 +1,22 @@
+"""Model architectures, one file per family. `get_model_class(model_type)` picks one."""
+
+from __future__ import annotations
+
+from . import llama
+
+_FAMILIES = {arch: llama for arch in llama.ARCHITECTURES}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def get_family(model_type: str):
+    """Return the module implementing `model_type` (it has ModelArgs and Model)."""
+    try:
+        return _FAMILIES[model_type]
+    except KeyError:
+        raise ValueError(
+            f"unsupported model architecture '{model_type}' "
+            f"(supported: {', '.join(supported_architectures())})"
+        ) from None

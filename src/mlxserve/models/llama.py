@@ -1,0 +1,178 @@
+"""The dense decoder family: Llama, Mistral, Qwen2 and Qwen3.
+
+They differ only in small switches: Q/K/V biases (Qwen2), per-head Q/K RMSNorm (Qwen3),
+an explicit head_dim, tied embeddings and RoPE scaling. Parameter names follow Hugging Face
+/ mlx-lm, so the same safetensors and our GGUF loader fill them.
+
+The forward pass takes a `StepBatch`: every row's new tokens flattened into one sequence, so
+each weight matrix is read once per step however many rows there are. Only attention looks
+at rows, through the paged KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.rope_utils import initialize_rope
+
+from ..batch import StepBatch
+from ..cache import PagedKVCache
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int | None = None
+    rope_theta: float = 10000.0
+    rope_traditional: bool = False
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        known = set(cls.__dataclass_fields__) - {"extra"}
+        args = cls(**{k: v for k, v in config.items() if k in known and v is not None})
+        if "tie_word_embeddings" not in config:
+            # Hugging Face's default differs per architecture: Llama ties unless told not to.
+            args.tie_word_embeddings = args.model_type == "llama"
+        if config.get("rope_parameters") and "rope_theta" not in config:
+            # transformers >= 5 nests RoPE settings under rope_parameters.
+            params = config["rope_parameters"]
+            args.rope_theta = params.get("rope_theta", args.rope_theta)
+            if params.get("rope_type", "default") != "default":
+                args.rope_scaling = params
+        if args.num_key_value_heads is None:
+            args.num_key_value_heads = args.num_attention_heads
+        if args.head_dim is None:
+            args.head_dim = args.hidden_size // args.num_attention_heads
+        return args
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias or self.model_type == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.model_type == "qwen3"
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = d = args.head_dim
+        self.scale = d**-0.5
+        dim = args.hidden_size
+        self.q_proj = nn.Linear(dim, self.n_heads * d, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * d, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * d, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, dim, bias=args.attention_bias)
+        if args.qk_norm:
+            self.q_norm = nn.RMSNorm(d, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(d, eps=args.rms_norm_eps)
+        self.rope = initialize_rope(
+            d, args.rope_theta, args.rope_traditional, args.rope_scaling, args.max_position_embeddings
+        )
+
+    def __call__(self, x: mx.array, batch: StepBatch, cache: PagedKVCache) -> mx.array:
+        T = x.shape[0]
+        q = self.q_proj(x).reshape(T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(T, self.n_kv_heads, self.head_dim)
+        if "q_norm" in self:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        # RoPE wants [batch, ..., seq, dim] with one offset per batch entry: treat every
+        # token as its own length-1 sequence so each gets its own position.
+        q = self.rope(q[:, :, None, :], offset=batch.positions)[:, :, 0, :]
+        k = self.rope(k[:, :, None, :], offset=batch.positions)[:, :, 0, :]
+        out = cache.attend(self.layer, q, k, v, batch, self.scale)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, hidden = args.hidden_size, args.intermediate_size
+        self.gate_proj = nn.Linear(dim, hidden, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=args.mlp_bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, batch: StepBatch, cache: PagedKVCache) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), batch, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class Model(nn.Module):
+    """Causal LM over a StepBatch. `model(batch, cache)` returns logits for
+    `batch.logit_rows` only (prefill chunks need just their last position)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def kv_shape(self) -> tuple[int, int, int]:
+        """(attention layers, kv heads, head dim) for sizing the KV pools."""
+        return self.args.num_hidden_layers, self.args.num_key_value_heads, self.args.head_dim
+
+    def __call__(self, batch: StepBatch, cache: PagedKVCache) -> mx.array:
+        h = self.model.embed_tokens(batch.tokens)
+        for layer in self.model.layers:
+            h = layer(h, batch, cache)
+        h = self.model.norm(h[batch.logit_rows])
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Drop checkpoint entries that have no parameter here."""
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+            weights.pop("lm_head.scales", None)
+            weights.pop("lm_head.biases", None)
+        return weights

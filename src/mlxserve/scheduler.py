@@ -1,0 +1,341 @@
+"""The step-driven scheduler: which rows run in the next forward pass, and what they feed.
+
+Every request is a row. A row's sequence is its prompt followed by the tokens generated so
+far; its cache holds the first `cache.length` of them. Whatever is not in the cache yet is
+"unfed": one token for a decoding row (the token sampled last step), the rest of the prompt
+for a prefilling row, everything for a row that was preempted and must recompute.
+
+Each step, under one token budget (`max_batch_tokens`):
+  1. every decoding row feeds its one token;
+  2. the rest of the budget goes, oldest row first, to prefill chunks;
+  3. rows whose feed reaches the end of their sequence get logits and sample a token.
+Rows join and leave between steps; nobody is re-prefilled because someone else arrived.
+When the KV pool is full, the youngest row is preempted (its blocks freed, its tokens kept)
+and recomputed later; nothing it produced is lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from .cache import OutOfBlocks, PagedKVCache, RowCache
+from .detokenizer import IncrementalDetokenizer, StopMatcher
+from .runner import Feed, Runner
+from .sampling import RowSamplingState, Sampler, SamplingParams
+
+_request_counter = itertools.count()
+
+
+class ServerBusy(RuntimeError):
+    """The waiting queue is full."""
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    id: str = field(default_factory=lambda: f"req-{next(_request_counter)}")
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class TokenEvent:
+    """What a request produced in one step. The last event has `finish_reason` set."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_s: float | None = None
+    decode_tok_s: float | None = None
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch_tokens: int = 512  # token budget of one step (decode tokens + prefill chunks)
+    max_running: int = 64
+    max_waiting: int = 256
+    block_size: int = 64
+    context_length: int = 4096
+
+
+class Row:
+    """A request inside the scheduler."""
+
+    def __init__(self, request: Request, cache: RowCache, eos_ids: frozenset[int], decode, arrival: float):
+        self.request = request
+        self.params = request.params
+        self.cache = cache
+        self.prompt_len = len(request.prompt_ids)
+        self.tokens: list[int] = list(request.prompt_ids)  # prompt + generated
+        self.sampling = RowSamplingState(request.params, request.prompt_ids)
+        self.detokenizer = IncrementalDetokenizer(decode, prompt_tail=request.prompt_ids[-4:])
+        self.stops = StopMatcher(request.params.stop)
+        stop_ids = set(request.params.stop_token_ids)
+        if not request.params.ignore_eos:
+            stop_ids |= eos_ids
+        self.stop_ids = frozenset(stop_ids)
+        self.arrival = arrival
+        self.first_token_time: float | None = None
+        self.cached_tokens = 0
+        self.finished = False
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def unfed(self) -> int:
+        return len(self.tokens) - self.cache.length
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.unfed == 1 and self.num_generated > 0
+
+
+class Scheduler:
+    def __init__(self, runner: Runner, tokenizer, config: SchedulerConfig):
+        self.runner = runner
+        self.kv: PagedKVCache = runner.kv
+        self.tokenizer = tokenizer
+        self.config = config
+        self.sampler = Sampler()
+        self.waiting: deque[Row] = deque()
+        self.running: list[Row] = []  # admission order: oldest first
+        self.eos_ids = frozenset(tokenizer.eos_token_ids)
+        self.stats = SchedulerStats()
+        self._events: list[TokenEvent] = []  # produced outside a row's own commit (errors)
+
+    # ---- requests in and out ---------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if len(self.waiting) >= self.config.max_waiting:
+            raise ServerBusy(f"server busy: {len(self.waiting)} requests already waiting")
+        row = Row(request, RowCache(self.kv), self.eos_ids, self.tokenizer.decode, time.perf_counter())
+        self.waiting.append(row)
+
+    def cancel(self, request_id: str) -> TokenEvent | None:
+        """Drop a request wherever it is; its blocks are free when this returns."""
+        for row in list(self.waiting) + self.running:
+            if row.id == request_id:
+                return self._finish(row, "cancelled")
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ---------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        """Plan and run one forward pass; return the events it produced."""
+        self._admit()
+        feeds, rows = self._plan()
+        events, self._events = self._events, []
+        if not feeds:
+            return events
+        started = time.perf_counter()
+        logits, batch = self.runner.forward(feeds)
+        # Logits come in the batch's flat order (rows grouped by token count).
+        by_id = {row.id: row for row in rows}
+        sampling_rows = [by_id[key] for key, _, count in batch.row_logits if count]
+        result = None
+        if sampling_rows:
+            result = self.sampler.sample(logits, [row.sampling for row in sampling_rows])
+            mx.eval([a for a in (result.tokens, result.logprobs, result.top_ids, result.top_logprobs) if a is not None])
+        else:
+            mx.eval(logits)
+        decode_tokens = 0
+        for row, feed in zip(rows, feeds):
+            decode_tokens += len(feed.tokens) if row.is_decoding else 0
+            row.cache.extend(len(feed.tokens))
+        now = time.perf_counter()
+        fed = sum(len(f.tokens) for f in feeds)
+        self.stats.record_step(prefill=fed - decode_tokens, decode=decode_tokens, seconds=now - started)
+        if result is not None:
+            tokens = result.tokens.tolist()
+            chosen_lp = result.logprobs.tolist() if result.logprobs is not None else None
+            top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+            top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+            for i, row in enumerate(sampling_rows):
+                lp = None
+                if row.params.logprobs and chosen_lp is not None:
+                    k = row.params.top_logprobs
+                    top = list(zip(top_ids[i][:k], top_lp[i][:k])) if top_ids is not None else []
+                    lp = TokenLogprob(tokens[i], chosen_lp[i], top)
+                events.append(self._commit(row, tokens[i], lp, now))
+        return events
+
+    # ---- admission and planning ----------------------------------------------------------
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.config.max_running:
+            row = self.waiting[0]
+            # Admit only if the first chunk fits in memory without preempting anyone.
+            first_chunk = min(row.unfed, self.config.max_batch_tokens)
+            if not self._fits(row.cache.blocks_needed(first_chunk)):
+                break
+            self.waiting.popleft()
+            self.running.append(row)
+
+    def _fits(self, blocks: int) -> bool:
+        if self.kv.max_blocks is None:
+            return True
+        free = self.kv.allocator.num_free + self.kv.max_blocks - self.kv.allocator.num_blocks
+        return blocks <= free
+
+    def _plan(self) -> tuple[list[Feed], list[Row]]:
+        budget = self.config.max_batch_tokens
+        plan: list[tuple[Row, int]] = []
+        for row in self.running:  # decoding rows first: one token each
+            if row.is_decoding and budget > 0:
+                plan.append((row, 1))
+                budget -= 1
+        for row in self.running:  # then prefill chunks, oldest first
+            if not row.is_decoding and budget > 0:
+                n = min(row.unfed, budget)
+                plan.append((row, n))
+                budget -= n
+        plan = self._reserve(plan)
+        feeds, rows = [], []
+        for row, n in plan:
+            start = row.cache.length
+            reaches_end = start + n == len(row.tokens)
+            feeds.append(
+                Feed(
+                    key=row.id,
+                    tokens=row.tokens[start : start + n],
+                    start=start,
+                    block_table=row.cache.block_table,
+                    logits="last" if reaches_end else "none",
+                )
+            )
+            rows.append(row)
+        return feeds, rows
+
+    def _reserve(self, plan: list[tuple[Row, int]]) -> list[tuple[Row, int]]:
+        """Allocate blocks for the plan, preempting the youngest rows when memory runs out.
+
+        `reserve` only allocates what a row still lacks, so retrying the whole plan after a
+        preemption does not allocate twice.
+        """
+        while True:
+            try:
+                for row, n in plan:
+                    row.cache.reserve(n)
+                return plan
+            except OutOfBlocks:
+                victim = self.running[-1]
+                if len(self.running) == 1:
+                    # Alone and still too big: the request cannot fit in the budget at all.
+                    self._events.append(self._finish(victim, "error", "request does not fit in the KV memory budget"))
+                else:
+                    self._preempt(victim)
+                plan = [(r, m) for r, m in plan if r is not victim]
+
+    def _preempt(self, row: Row) -> None:
+        """Free a row's memory and send it back to the front of the queue; its tokens are
+        kept and recomputed when it is admitted again."""
+        row.cache.release()
+        self.running.remove(row)
+        self.waiting.appendleft(row)
+        self.stats.preemptions += 1
+
+    # ---- tokens out ----------------------------------------------------------------------
+    def _commit(self, row: Row, token: int, logprob: TokenLogprob | None, now: float) -> TokenEvent:
+        if row.first_token_time is None:
+            row.first_token_time = now
+        row.tokens.append(token)
+        row.sampling.record(token)
+        lps = [logprob] if logprob is not None else None
+        if token in row.stop_ids:
+            # The stop token itself has no text; release whatever text was held back.
+            return self._finish(row, "stop", token_ids=[token], text=self._flush_text(row), logprobs=lps)
+        text, stopped = row.stops.feed(row.detokenizer.add(token))
+        if stopped:
+            return self._finish(row, "stop", token_ids=[token], text=text, logprobs=lps)
+        if row.num_generated >= row.params.max_tokens or len(row.tokens) >= self.config.context_length:
+            return self._finish(row, "length", token_ids=[token], text=text + self._flush_text(row), logprobs=lps)
+        return TokenEvent(row.id, [token], text, lps)
+
+    @staticmethod
+    def _flush_text(row: Row) -> str:
+        """Text held back for UTF-8 completion or a possible stop string, at end of stream."""
+        text, stopped = row.stops.feed(row.detokenizer.flush())
+        return text if stopped else text + row.stops.flush()
+
+    def _finish(self, row: Row, reason: str, error: str | None = None, *, token_ids=(), text: str = "", logprobs=None) -> TokenEvent:
+        row.finished = True
+        row.cache.release()
+        if row in self.running:
+            self.running.remove(row)
+        elif row in self.waiting:
+            self.waiting.remove(row)
+        now = time.perf_counter()
+        ttft = row.first_token_time - row.arrival if row.first_token_time else None
+        decode_rate = None
+        if row.first_token_time and row.num_generated > 1 and now > row.first_token_time:
+            decode_rate = (row.num_generated - 1) / (now - row.first_token_time)
+        return TokenEvent(
+            request_id=row.id,
+            token_ids=list(token_ids),
+            text=text,
+            logprobs=logprobs,
+            finish_reason=reason,
+            error=error,
+            prompt_tokens=row.prompt_len,
+            completion_tokens=row.num_generated,
+            cached_tokens=row.cached_tokens,
+            ttft_s=ttft,
+            decode_tok_s=decode_rate,
+        )
+
+    def snapshot_stats(self) -> dict:
+        return {
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "kv_bytes_in_use": self.kv.bytes_in_use,
+            "kv_bytes_allocated": self.kv.bytes_allocated,
+            "kv_bytes_budget": None if self.kv.max_blocks is None else self.kv.max_blocks * self.kv.bytes_per_block,
+            **self.stats.as_dict(),
+        }
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    busy_seconds: float = 0.0
+    preemptions: int = 0
+
+    def record_step(self, prefill: int, decode: int, seconds: float) -> None:
+        self.steps += 1
+        self.prefill_tokens += prefill
+        self.decode_tokens += decode
+        self.busy_seconds += seconds
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "prefill_tokens": self.prefill_tokens,
+            "decode_tokens": self.decode_tokens,
+            "busy_seconds": round(self.busy_seconds, 4),
+            "preemptions": self.preemptions,
+        }

@@ -1,0 +1,175 @@
+"""The engine and its step-driven scheduler on a tiny model: batching, chunking, memory,
+cancellation, stop rules and seeds."""
+
+import pytest
+
+from mlxserve.engine import Engine, EngineConfig, make_scheduler
+from mlxserve.loader import load_model
+from mlxserve.sampling import SamplingParams
+from mlxserve.scheduler import Request
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+
+
+def prompts(tokenizer):
+    texts = [
+        "Hello",
+        "The capital of France is",
+        "def add(a, b):\n    return a + b",
+        "Once upon a time there was a tiny model that generated text one token at a time.",
+        "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000.",
+    ]
+    return [tokenizer.encode(t) for t in texts]
+
+
+def run_alone(loaded, prompt_ids, params=GREEDY, **cfg):
+    with Engine(loaded, EngineConfig(**cfg)) as engine:
+        events = engine.generate(prompt_ids, params)
+    return [t for e in events for t in e.token_ids]
+
+
+def run_together(engine, prompt_list, params=GREEDY):
+    streams = [engine.submit(Request(p, params)) for p in prompt_list]
+    return [[t for e in s for t in e.token_ids] for s in streams]
+
+
+def test_concurrent_requests_match_each_alone(loaded):
+    plist = prompts(loaded.tokenizer)
+    alone = [run_alone(loaded, p) for p in plist]
+    for chunk in (1, 7, 64):
+        with Engine(loaded, EngineConfig(max_batch_tokens=chunk + len(plist), block_size=8)) as engine:
+            assert run_together(engine, plist) == alone, chunk
+
+
+def test_requests_joining_at_different_steps(loaded):
+    """Requests submitted while others decode join between steps and still match."""
+    plist = prompts(loaded.tokenizer)
+    alone = [run_alone(loaded, p, SamplingParams(max_tokens=10 + i, temperature=0.0, ignore_eos=True))
+             for i, p in enumerate(plist)]
+    with Engine(loaded, EngineConfig(max_batch_tokens=16, block_size=8)) as engine:
+        streams, outputs = [], [None] * len(plist)
+        first = engine.submit(Request(plist[0], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)))
+        collected = []
+        for i, event in enumerate(first):
+            collected.extend(event.token_ids)
+            if i + 1 < len(plist):  # submit the next request after each token of the first
+                params = SamplingParams(max_tokens=10 + i + 1, temperature=0.0, ignore_eos=True)
+                streams.append(engine.submit(Request(plist[i + 1], params)))
+        outputs[0] = collected
+        for i, s in enumerate(streams, start=1):
+            outputs[i] = [t for e in s for t in e.token_ids]
+    assert outputs == alone
+
+
+def test_long_prompt_is_chunked_while_others_decode(loaded):
+    """Driven step by step: a long prompt takes ceil(P / chunk) steps, and the row that was
+    already decoding emits a token in every one of them."""
+    tok = loaded.tokenizer
+    chunk = 8
+    sched = make_scheduler(loaded, EngineConfig(max_batch_tokens=chunk + 1, block_size=8))
+    short = Request(tok.encode("Hello"), SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True))
+    sched.add(short)
+    while not any(e.request_id == short.id for e in sched.step()):
+        pass
+    long_prompt = tok.encode(" ".join(["The sky is blue because of Rayleigh scattering."] * 6))
+    long = Request(long_prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    sched.add(long)
+    steps = 0
+    while True:
+        events = sched.step()
+        steps += 1
+        assert any(e.request_id == short.id for e in events), f"short row stalled at step {steps}"
+        if any(e.request_id == long.id and e.finish_reason for e in events):
+            break
+    assert steps == -(-len(long_prompt) // chunk)
+    assert sched.cancel(short.id).finish_reason == "cancelled"
+    assert sched.kv.bytes_in_use == 0
+
+
+def test_memory_budget_queues_and_preempts_without_changing_output(loaded):
+    plist = prompts(loaded.tokenizer)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    alone = [run_alone(loaded, p, params) for p in plist]
+    kv_block_bytes = _block_bytes(loaded, block_size=4)
+    # Room for only a few rows' worth of blocks: rows must wait or be preempted.
+    cfg = EngineConfig(max_batch_tokens=64, block_size=4, initial_blocks=4, memory_budget_bytes=14 * kv_block_bytes)
+    with Engine(loaded, cfg) as engine:
+        outputs = run_together(engine, plist, params)
+        stats = engine.stats()
+    assert outputs == alone
+    assert stats["preemptions"] > 0
+    assert stats["kv_bytes_in_use"] == 0
+
+
+def test_cancel_frees_memory(loaded):
+    with Engine(loaded, EngineConfig(block_size=4)) as engine:
+        params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+        stream = engine.submit(Request(loaded.tokenizer.encode("Hello"), params))
+        events = iter(stream)
+        next(events)
+        assert engine.stats()["kv_bytes_in_use"] > 0
+        stream.cancel()
+        assert list(events)[-1].finish_reason == "cancelled"
+        # Stats are published before the final event is delivered.
+        assert engine.stats()["kv_bytes_in_use"] == 0
+        assert engine.stats()["running"] == 0
+
+
+def test_stop_strings_and_stop_tokens(loaded):
+    prompt = loaded.tokenizer.encode("The capital of France is")
+    tokens = run_alone(loaded, prompt)
+    full_text = loaded.tokenizer.decode(tokens)
+    # pick a stop string from the middle of the greedy output
+    stop = full_text[len(full_text) // 2 : len(full_text) // 2 + 3]
+    with Engine(loaded) as engine:
+        events = engine.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, stop=(stop,)))
+        text = "".join(e.text for e in events)
+        assert events[-1].finish_reason == "stop"
+        assert text == full_text[: full_text.index(stop)]
+        events = engine.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=(tokens[3],)))
+        assert [t for e in events for t in e.token_ids] == tokens[: tokens.index(tokens[3]) + 1]
+        assert events[-1].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible_across_batches(loaded):
+    plist = prompts(loaded.tokenizer)
+    seeded = SamplingParams(max_tokens=20, temperature=1.0, seed=1234, ignore_eos=True)
+    alone = run_alone(loaded, plist[1], seeded)
+    with Engine(loaded) as engine:
+        others = [engine.submit(Request(p, SamplingParams(max_tokens=20, temperature=1.0, ignore_eos=True))) for p in plist]
+        together = [t for e in engine.submit(Request(plist[1], seeded)) for t in e.token_ids]
+        for s in others:
+            list(s)
+    assert together == alone
+    other_seed = run_alone(loaded, plist[1], SamplingParams(max_tokens=20, temperature=1.0, seed=99, ignore_eos=True))
+    assert other_seed != alone
+
+
+def test_bad_requests_are_rejected_clearly(loaded):
+    with Engine(loaded) as engine:
+        with pytest.raises(ValueError, match="max_tokens"):
+            engine.submit(Request([1, 2], SamplingParams(max_tokens=0)))
+        with pytest.raises(ValueError, match="prompt"):
+            engine.submit(Request([], SamplingParams()))
+        # the engine still serves afterwards
+        assert engine.generate([1, 2], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))[-1].completion_tokens == 2
+
+
+def test_queue_bound_returns_busy_error(loaded):
+    with Engine(loaded, EngineConfig(max_running=1, max_waiting=1)) as engine:
+        params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+        streams = [engine.submit(Request([1, 2, 3], params)) for _ in range(4)]
+        finals = [list(s)[-1] for s in streams]
+    errors = [f for f in finals if f.finish_reason == "error"]
+    assert errors and all("busy" in f.error for f in errors)
+    assert any(f.finish_reason == "length" for f in finals)
+
+
+def _block_bytes(loaded, block_size):
+    layers, heads, dim = loaded.model.kv_shape()
+    return 2 * layers * block_size * heads * dim * 4

@@ -1,0 +1,97 @@
+"""Loading: the same weights as GGUF and as safetensors generate the same greedy ids through
+our engine; errors are one clear line."""
+
+import json
+
+import gguf
+import mlx.core as mx
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from safetensors.numpy import load_file, save_file
+
+from mlxserve.engine import Engine
+from mlxserve.loader import ModelLoadError, load_model
+from mlxserve.registry import ModelNotFound
+from mlxserve.sampling import SamplingParams
+from tiny_models import gguf_tokenizer_metadata, llama_cpp_permute, make_tiny_model, to_gguf_name, write_gguf
+
+CYCLE = [T.Q8_0, T.Q4_0, T.Q4_1, T.F16]
+
+
+def gguf_pair(tmp_path, arch):
+    """(gguf file, folder with the exactly dequantized weights in float32 safetensors)."""
+    folder = make_tiny_model(tmp_path / "hf", arch, hidden_size=64)
+    config = json.loads((folder / "config.json").read_text())
+    weights = load_file(str(folder / "model.safetensors"))
+    tensors, dequantized = {}, {}
+    for i, (name, w) in enumerate(sorted(weights.items())):
+        qtype = T.F32 if w.ndim == 1 else CYCLE[i % len(CYCLE)]
+        stored = gguf.quants.quantize(w, qtype)
+        dequantized[name] = gguf.quants.dequantize(stored, qtype).reshape(w.shape).astype(np.float32)
+        heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+        proj = name.split(".")[-2]
+        if arch == "llama" and proj in heads:
+            stored = gguf.quants.quantize(llama_cpp_permute(w, heads[proj]), qtype)
+        tensors[to_gguf_name(name)] = (stored, qtype)
+    kv = {
+        f"{arch}.block_count": config["num_hidden_layers"],
+        f"{arch}.context_length": config["max_position_embeddings"],
+        f"{arch}.embedding_length": config["hidden_size"],
+        f"{arch}.feed_forward_length": config["intermediate_size"],
+        f"{arch}.attention.head_count": config["num_attention_heads"],
+        f"{arch}.attention.head_count_kv": config["num_key_value_heads"],
+        f"{arch}.attention.layer_norm_rms_epsilon": config["rms_norm_eps"],
+        f"{arch}.rope.freq_base": config["rope_theta"],
+        f"{arch}.vocab_size": config["vocab_size"],
+    }
+    if config.get("head_dim"):
+        kv[f"{arch}.attention.key_length"] = kv[f"{arch}.attention.value_length"] = config["head_dim"]
+    meta = gguf_tokenizer_metadata((folder / "tokenizer.json").read_text())
+    pad = config["vocab_size"] - len(meta["tokenizer.ggml.tokens"])
+    meta["tokenizer.ggml.tokens"] += [f"[PAD{i}]" for i in range(pad)]
+    meta["tokenizer.ggml.token_type"] += [5] * pad  # unused
+    gguf_file = write_gguf(tmp_path / f"tiny-{arch}.gguf", arch, kv | meta, tensors)
+    save_file(dequantized, str(folder / "model.safetensors"), metadata={"format": "mlx"})
+    return gguf_file, folder
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_gguf_and_safetensors_forms_generate_the_same_ids(tmp_path, arch):
+    gguf_file, folder = gguf_pair(tmp_path, arch)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    results = []
+    for spec in (gguf_file, folder):
+        loaded = load_model(str(spec), dtype=mx.float32, progress=False)
+        prompt = loaded.tokenizer.encode("The capital of France is")
+        with Engine(loaded) as engine:
+            results.append((prompt, [t for e in engine.generate(prompt, params) for t in e.token_ids]))
+    assert results[0] == results[1]
+    gguf_model = load_model(str(gguf_file), progress=False)
+    assert gguf_model.format == "gguf"
+    assert gguf_model.quantization != "unknown"
+
+
+def test_missing_and_broken_models_fail_in_one_line(tmp_path):
+    with pytest.raises(ModelNotFound) as err:
+        load_model(str(tmp_path / "nope"), progress=False)
+    assert "\n" not in str(err.value)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises((ModelLoadError, ModelNotFound)) as err:
+        load_model(str(tmp_path / "empty"), progress=False)
+    assert "\n" not in str(err.value)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises((ModelLoadError, ModelNotFound)) as err:
+        load_model(str(bad), progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    folder = make_tiny_model(tmp_path / "m", "qwen3")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "gpt_bigcode"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="gpt_bigcode"):
+        load_model(str(folder), progress=False)

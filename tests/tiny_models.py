@@ -1,0 +1,205 @@
+"""Tiny random checkpoints in Hugging Face layout, shared by every test module.
+
+`make_tiny_model(folder, arch=...)` writes config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json (with a ChatML template) and generation_config.json. Weights are
+random but seeded, with a spread large enough that greedy decoding has clear margins.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+import gguf
+from gguf import GGMLQuantizationType as T
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "The capital of France is Paris. The sky is blue because of Rayleigh scattering.",
+    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))",
+    "Once upon a time there was a tiny model that generated text one token at a time.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Unicode: café, naïve, 東京, 😀.",
+    "Hello world! How are you today? I am fine, thank you.",
+]
+
+ARCH_CONFIGS = {
+    "qwen3": dict(model_type="qwen3", head_dim=32, tie_word_embeddings=True, rope_theta=1000000.0),
+    "llama": dict(model_type="llama", tie_word_embeddings=False, rope_theta=10000.0),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=False, rope_theta=1000000.0),
+}
+
+
+@lru_cache(maxsize=1)
+def tiny_tokenizer_json() -> str:
+    """A byte-level BPE trained on CORPUS (deterministic), serialized as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return tok.to_str()
+
+
+def make_tiny_model(
+    folder: Path,
+    arch: str = "qwen3",
+    *,
+    dtype: str = "float32",
+    quantize_bits: int | None = None,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+    max_position_embeddings: int = 2048,
+) -> Path:
+    """Write a tiny random model of `arch` into `folder` and return the folder."""
+    from mlxserve.loader import build_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer_json = tiny_tokenizer_json()
+    vocab_size = len(json.loads(tokenizer_json)["model"]["vocab"]) + len(SPECIAL_TOKENS)
+    vocab_size = -(-vocab_size // 64) * 64  # room for every id, MLX-quantizable
+    config = dict(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        intermediate_size=hidden_size * 2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=max_position_embeddings,
+        eos_token_id=2,
+        bos_token_id=None,
+        torch_dtype=dtype,
+        **ARCH_CONFIGS[arch],
+    )
+    model = build_model(dict(config), _random_weights(config, seed), None)
+    if quantize_bits:
+        nn.quantize(model, group_size=32, bits=quantize_bits)
+        config["quantization"] = {"group_size": 32, "bits": quantize_bits}
+    weights = dict(tree_flatten(model.parameters()))
+    if not quantize_bits or dtype != "float32":
+        weights = {k: v.astype(getattr(mx, dtype)) if mx.issubdtype(v.dtype, mx.floating) else v
+                   for k, v in weights.items()}
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "tokenizer.json").write_text(tokenizer_json)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": CHATML_TEMPLATE,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "add_bos_token": False,
+        "model_max_length": max_position_embeddings,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
+    return folder
+
+
+def _random_weights(config: dict, seed: int) -> dict[str, mx.array]:
+    """Seeded random parameters with the names the model classes expect."""
+    from mlxserve.models import get_family
+
+    family = get_family(config["model_type"])
+    model = family.Model(family.ModelArgs.from_config(config))
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, param in tree_flatten(model.parameters()):
+        if "norm" in name:
+            values = 1.0 + 0.1 * rng.standard_normal(param.shape)
+        elif name.endswith("bias"):
+            values = 0.1 * rng.standard_normal(param.shape)
+        else:
+            fan_in = param.shape[-1]
+            values = rng.standard_normal(param.shape) * (1.5 / np.sqrt(fan_in))
+        weights[name] = mx.array(values.astype(np.float32))
+    return weights
+
+
+# ---- GGUF ------------------------------------------------------------------------------------
+
+FLOAT_GGUF_TYPES = (T.F32, T.F16)  # written as plain numpy arrays; every other type as raw bytes
+TO_GGUF = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+           "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+           "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+           "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+           "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def write_gguf(path: Path, arch: str, kv: dict, tensors: dict[str, tuple[np.ndarray, T]]) -> Path:
+    """tensors: GGUF name -> (data as gguf.quants.quantize returns it, its type)."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in kv.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, value)
+    for name, (data, qtype) in tensors.items():
+        writer.add_tensor(name, data, raw_dtype=None if qtype in FLOAT_GGUF_TYPES else qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def to_gguf_name(hf: str) -> str:
+    module, leaf = hf.rsplit(".", 1)
+    if module.startswith("model.layers."):
+        _, _, layer, rest = module.split(".", 3)
+        return f"blk.{layer}.{TO_GGUF[rest]}.{leaf}"
+    return f"{TO_GGUF[module]}.{leaf}"
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The row permutation llama.cpp's convert_hf_to_gguf.py applies to llama q/k weights."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+        w.shape)
+
+
+
+def gguf_tokenizer_metadata(tokenizer_json: str, chat_template: str = CHATML_TEMPLATE) -> dict:
+    """tokenizer.ggml.* metadata for a byte-level BPE tokenizer.json, as llama.cpp writes it."""
+    spec = json.loads(tokenizer_json)
+    vocab = dict(spec["model"]["vocab"])
+    for added in spec.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    tokens = [None] * len(vocab)
+    for piece, i in vocab.items():
+        tokens[i] = piece
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3 if t in SPECIAL_TOKENS else 1 for t in tokens],
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.padding_token_id": 0,
+        "tokenizer.chat_template": chat_template,
+    }
