@@ -1,0 +1,279 @@
+"""The `mlxserve` command line: parse arguments, call the library, print results.
+
+Errors the user can fix (unknown model, bad flag value, failed download) print one line
+`mlxserve: error: …` on stderr and exit with status 2; nothing prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import nullcontext
+
+from . import __version__
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A problem to report in one line (exit status 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .registry import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(
+        prog="mlxserve",
+        description="Fast local LLM inference on MLX: run, chat, serve an OpenAI-compatible API, benchmark.",
+    )
+    parser.add_argument("--version", action="version", version=f"mlxserve {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="generate text for one prompt and stream it to stdout")
+    run.add_argument("prompt_arg", nargs="?", metavar="PROMPT", help="the prompt (or use --prompt, or pipe it on stdin)")
+    run.add_argument("--prompt", "-p", help="the prompt text")
+    _add_model_args(run, DEFAULT_MODEL)
+    run.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate (default 512)")
+    run.add_argument("--temperature", "--temp", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
+    run.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    run.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = off")
+    run.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p × the top probability")
+    run.add_argument("--repetition-penalty", type=float, default=1.0, help="penalise tokens already in the context (1 = off)")
+    run.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty")
+    run.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty")
+    run.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
+    run.add_argument("--stop", action="append", default=[], metavar="STR", help="stop when this text appears (repeatable)")
+    run.add_argument("--chat", dest="chat", action="store_true", default=None, help="wrap the prompt in the model's chat template (default when it has one)")
+    run.add_argument("--no-chat", dest="chat", action="store_false", help="send the prompt as plain text")
+    run.add_argument("--system", help="system message (chat mode)")
+    run.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    pull = sub.add_parser("pull", help="download a model into the local cache")
+    pull.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"alias or Hugging Face repo id (default {DEFAULT_MODEL})")
+    pull.add_argument("--list", action="store_true", help="list the known aliases")
+
+    models = sub.add_parser("models", help="list models available locally")
+    models.add_argument("--json", action="store_true", help="print JSON")
+
+    doctor = sub.add_parser("doctor", help="check this machine and the installation")
+    doctor.add_argument("--json", action="store_true", help="print JSON")
+
+    for name, help_text, issue in (
+        ("serve", "serve an OpenAI-compatible HTTP API", "the server"),
+        ("chat", "chat with a model in the terminal", "the terminal chat"),
+        ("bench", "benchmark the engine", "the benchmark"),
+    ):
+        p = sub.add_parser(name, help=f"{help_text} (not available yet)")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(unavailable=issue)
+    return parser
+
+
+def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
+    p.add_argument("--model", "-m", default=default_model,
+                   help=f"model folder, .gguf file, alias or Hugging Face repo id (default {default_model})")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="compute dtype (default: the checkpoint's; GGUF: float16)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if getattr(args, "unavailable", None):
+        print(f"mlxserve {args.command}: {args.unavailable} is not available in this version yet", file=sys.stderr)
+        return 1
+    handler = {"run": cmd_run, "pull": cmd_pull, "models": cmd_models, "doctor": cmd_doctor}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except CLIError as exc:
+        return _fail(str(exc))
+    except Exception as exc:  # known user-facing errors from the library
+        from .loader import ModelLoadError
+        from .registry import ModelNotFound, PullError
+        from .tokenizer import TokenizerError
+
+        if isinstance(exc, (ModelNotFound, ModelLoadError, PullError, TokenizerError, ValueError)):
+            return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise
+
+
+def _fail(message: str) -> int:
+    print(f"mlxserve: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# ---- run ----------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from .sampling import SamplingParams
+
+    prompt = args.prompt if args.prompt is not None else args.prompt_arg
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if not prompt:
+        raise CLIError("no prompt: give one as an argument, with --prompt, or on stdin")
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+    params.validate()
+    loaded = _load(args.model, args.dtype)
+    prompt_ids = _prompt_ids(loaded.tokenizer, prompt, args.chat, args.system)
+    from .engine import Engine
+    from .scheduler import Request
+
+    text_parts, token_ids, final = [], [], None
+    with Engine(loaded) as engine:
+        stream = engine.submit(Request(prompt_ids, params))
+        try:
+            for event in stream:
+                token_ids.extend(event.token_ids)
+                text_parts.append(event.text)
+                if not args.json and event.text:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+                if event.finish_reason:
+                    final = event
+        except KeyboardInterrupt:
+            stream.cancel()
+            raise
+    if final.finish_reason == "error":
+        raise CLIError(final.error or "generation failed")
+    timings = {"ttft_s": _round(final.ttft_s), "decode_tok_s": _round(final.decode_tok_s)}
+    if args.json:
+        print(json.dumps({
+            "model": loaded.name,
+            "text": "".join(text_parts),
+            "token_ids": token_ids,
+            "prompt_tokens": final.prompt_tokens,
+            "completion_tokens": final.completion_tokens,
+            "finish_reason": final.finish_reason,
+            "timings": timings,
+        }))
+    else:
+        sys.stdout.write("\n")
+        _status(
+            f"{final.prompt_tokens} prompt tokens, {final.completion_tokens} generated, "
+            f"TTFT {_fmt(final.ttft_s, 's')}, {_fmt(final.decode_tok_s, ' tok/s')}, finish: {final.finish_reason}"
+        )
+    return 0
+
+
+def _prompt_ids(tokenizer, prompt: str, chat: bool | None, system: str | None) -> list[int]:
+    if chat is None:
+        chat = tokenizer.chat_template is not None
+    if not chat:
+        return tokenizer.encode(prompt, add_special_tokens=True)
+    if tokenizer.chat_template is None:
+        raise CLIError("this model has no chat template; use --no-chat")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _load(spec: str, dtype_name: str | None):
+    from .loader import load_model, parse_dtype
+
+    dtype = parse_dtype(dtype_name)
+    console = _stderr_console()
+    with console.status(f"Loading {spec} …", spinner="dots") if console.is_terminal else nullcontext():
+        loaded = load_model(spec, dtype=dtype, progress=True)
+    _status(f"Loaded {loaded.name} ({loaded.format}, {loaded.quantization}) in {loaded.load_seconds:.1f}s")
+    return loaded
+
+
+# ---- pull / models / doctor -----------------------------------------------------------------
+def cmd_pull(args: argparse.Namespace) -> int:
+    from . import registry
+
+    if args.list:
+        for alias in registry.ALIASES.values():
+            size = f"{alias.size_bytes / 1e6:.0f} MB" if alias.size_bytes else ""
+            print(f"{alias.name:<24} {alias.format:<5} {size:>8}  {alias.description}")
+        return 0
+    path = registry.pull(args.model, progress=True) if args.model in registry.ALIASES else registry.resolve(args.model, progress=True)
+    print(path)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from . import registry
+
+    models = registry.list_local_models()
+    if args.json:
+        print(json.dumps([
+            {"name": m.name, "path": str(m.path), "size_bytes": m.size_bytes, "format": m.format,
+             "quantization": m.quantization, "source": m.source}
+            for m in models
+        ], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not models:
+        console.print("No local models yet. Try: mlxserve pull")
+        return 0
+    table = Table("name", "format", "quantization", "size", "source", "path")
+    for m in models:
+        table.add_row(m.name, m.format, m.quantization, f"{m.size_bytes / 1e6:,.0f} MB", m.source, str(m.path))
+    console.print(table)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    report = doctor.collect()
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        from rich.console import Console
+
+        doctor.render(report, Console())
+    if not report["ok"]:
+        failed = [c for c in report["checks"] if not c["ok"]]
+        for check in failed:
+            print(f"mlxserve doctor: {check['name']}: {check['detail']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")))
+
+
+def _status(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _round(x):
+    return None if x is None else round(x, 4)
+
+
+def _fmt(x, unit: str) -> str:
+    return "n/a" if x is None else f"{x:.2f}{unit}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The `mlxserve` command, run as a real subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def mlxserve(*args, env=None, stdin=None, timeout=300):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "mlxserve", *args],
+        capture_output=True, text=True, env=full_env, input=stdin, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return str(tiny_model_dir("qwen3", "float32"))
+
+
+def test_run_json(tiny):
+    r = mlxserve("run", "--model", tiny, "--prompt", "Hello", "--json", "--temperature", "0", "--max-tokens", "6", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) >= {"text", "token_ids", "prompt_tokens", "completion_tokens", "finish_reason", "timings"}
+    assert out["finish_reason"] == "length"
+    assert out["completion_tokens"] == len(out["token_ids"]) == 6
+    assert out["prompt_tokens"] > 0
+    assert set(out["timings"]) == {"ttft_s", "decode_tok_s"}
+    assert out["timings"]["ttft_s"] > 0
+
+
+def test_run_streams_text_and_is_seeded(tiny):
+    args = ("run", "--model", tiny, "Once upon a time", "--max-tokens", "12", "--seed", "7", "--temperature", "1.0", "--no-chat")
+    first, second = mlxserve(*args), mlxserve(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.strip()
+    assert "generated" in first.stderr  # the stats line
+
+
+def test_run_reads_prompt_from_stdin(tiny):
+    r = mlxserve("run", "--model", tiny, "--json", "--temperature", "0", "--max-tokens", "3", stdin="Hello there")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["prompt_tokens"] > 0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("run", "--model", "/no/such/model", "--prompt", "hi"), "no such file"),
+    (("run", "--model", "not-a-known-alias", "--prompt", "hi"), "not-a-known-alias"),
+    (("run", "--temperature", "-1", "--prompt", "hi"), "temperature"),
+    (("run", "--max-tokens", "0", "--prompt", "hi"), "max_tokens"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, needle):
+    r = mlxserve(*args, stdin="")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlxserve: error:"), r.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_no_prompt_is_an_error(tiny):
+    r = mlxserve("run", "--model", tiny, stdin="")
+    assert r.returncode == 2 and "no prompt" in r.stderr
+
+
+def test_unavailable_commands_say_so(tmp_path):
+    for command in ("serve", "chat", "bench"):
+        r = mlxserve(command)
+        assert r.returncode != 0
+        assert len(r.stderr.strip().splitlines()) == 1 and "not available" in r.stderr
+
+
+def test_help_and_version():
+    r = mlxserve("--help")
+    assert r.returncode == 0
+    for command in ("run", "serve", "chat", "bench", "pull", "models", "doctor"):
+        assert command in r.stdout
+    r = mlxserve("--version")
+    assert r.returncode == 0 and r.stdout.startswith("mlxserve ")
+
+
+def test_models_lists_cache_and_hf_cache(tmp_path, tiny, smollm2_path):
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    (cache / "models" / smollm2_path.name).symlink_to(smollm2_path)
+    r = mlxserve("models", "--json", env={"MLXSERVE_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 0, r.stderr
+    models = json.loads(r.stdout)
+    gguf_entries = [m for m in models if m["format"] == "gguf"]
+    assert gguf_entries and gguf_entries[0]["quantization"] == "Q4_1"
+    assert gguf_entries[0]["size_bytes"] > 90_000_000
+
+
+def test_doctor_json():
+    r = mlxserve("doctor", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["ok"] is True
+    assert report["backend"] in ("cpu", "cuda", "metal")
+    for key in ("mlx", "mlx_lm", "mlxserve", "memory", "cache_dir", "default_model", "checks"):
+        assert key in report
+
+
+def test_pull_list():
+    r = mlxserve("pull", "--list")
+    assert r.returncode == 0
+    assert "smollm2-135m" in r.stdout
