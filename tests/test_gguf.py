@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 import time
 from pathlib import Path
 
@@ -261,17 +260,8 @@ def test_tiny_model_logits_match_float_reference(tmp_path, arch):
 
 # --- 3. the real SmolLM2 file -------------------------------------------------------------------
 
-def real_model(name: str) -> Path:
-    folder = Path(os.environ.get("MLXSERVE_TEST_MODELS",
-                                 Path.home() / ".cache" / "mlxserve" / "test-models"))
-    path = folder / name
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: run ../shared/models/fetch.sh to download the test models")
-    return path
-
-
-def test_smollm2_says_paris():
-    path = real_model("SmolLM2-135M-Instruct.Q4_1.gguf")
+def test_smollm2_says_paris(smollm2_path):
+    path = smollm2_path
     start = time.perf_counter()
     # float32: MLX's CPU back-end runs float16 quantized matmuls ~40x slower (40 s for this
     # prompt); the float16 scales themselves are checked exactly in test_tensor_type_is_exact.
@@ -302,8 +292,8 @@ def test_unsupported_tensor_type_names_the_tensor(tmp_path):
         load_gguf(path)
 
 
-def test_real_k_quant_tensor_is_refused():
-    reader = open_gguf(real_model("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))
+def test_real_k_quant_tensor_is_refused(qwen_coder_path):
+    reader = open_gguf(qwen_coder_path)
     k_quant = next(t for t in reader.tensors if t.tensor_type.name.endswith("_K"))
     with pytest.raises(UnsupportedGGUF) as info:
         convert_tensor(k_quant)
