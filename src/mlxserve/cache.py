@@ -18,6 +18,7 @@ immutable values.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -94,6 +95,9 @@ class PagedKVCache:
         self.block_size = block_size
         self.max_blocks = max_blocks
         self.allocator = BlockAllocator(initial_blocks)
+        # Set by the prefix cache: frees up to n blocks it alone holds, returns how many.
+        self.reclaim: Callable[[int], int] | None = None
+        self.evictable: Callable[[], int] | None = None
         shape = (initial_blocks * block_size, kv_heads, head_dim)
         self.keys = [mx.zeros(shape, dtype=dtype) for _ in range(num_layers)]
         self.values = [mx.zeros(shape, dtype=dtype) for _ in range(num_layers)]
@@ -110,7 +114,10 @@ class PagedKVCache:
 
     @property
     def bytes_in_use(self) -> int:
-        return self.bytes_per_block * (self.allocator.num_blocks - self.allocator.num_free)
+        """Bytes of blocks that some request holds (blocks kept only by the prefix cache
+        are reclaimable and not counted)."""
+        held_by_cache_only = self.evictable() if self.evictable is not None else 0
+        return self.bytes_per_block * (self.allocator.num_blocks - self.allocator.num_free - held_by_cache_only)
 
     def can_grow(self) -> bool:
         return self.max_blocks is None or self.allocator.num_blocks < self.max_blocks
@@ -128,10 +135,20 @@ class PagedKVCache:
         mx.eval(self.keys, self.values)
         self.allocator.add_blocks(new - old)
 
-    def allocate_block(self, prefer: int | None = None) -> int:
-        while self.allocator.num_free == 0:
-            self.grow()
-        return self.allocator.allocate(prefer)
+    def ensure_free(self, n: int) -> None:
+        """Make n blocks free: grow the pools while under budget, then evict cached prefixes
+        (exactly as many as missing, least recently used first)."""
+        while self.allocator.num_free < n:
+            if self.can_grow():
+                self.grow()
+            elif self.reclaim is None or self.reclaim(n - self.allocator.num_free) == 0:
+                raise OutOfBlocks("KV memory budget reached")
+
+    def blocks_available(self) -> int:
+        """Blocks that could be handed out without preempting anyone."""
+        growable = float("inf") if self.max_blocks is None else self.max_blocks - self.allocator.num_blocks
+        evictable = self.evictable() if self.evictable is not None else 0
+        return self.allocator.num_free + growable + evictable
 
     # ---- attention ----------------------------------------------------------------------
     def attend(
@@ -204,9 +221,11 @@ class RowCache:
 
     def reserve(self, n: int) -> None:
         """Allocate blocks so that positions [length, length + n) have slots."""
-        for _ in range(self.blocks_needed(n)):
+        needed = self.blocks_needed(n)
+        self.kv.ensure_free(needed)
+        for _ in range(needed):
             prefer = self.block_table[-1] + 1 if self.block_table else None
-            self.block_table.append(self.kv.allocate_block(prefer))
+            self.block_table.append(self.kv.allocator.allocate(prefer))
 
     def extend(self, n: int) -> None:
         """Count n tokens written by the last forward pass as part of the row."""

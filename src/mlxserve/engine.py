@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ class EngineConfig:
     block_size: int = 64
     memory_budget_bytes: int | None = None  # KV budget; None: grow as needed
     initial_blocks: int = 16
+    prefix_cache: bool = True
 
 
 class RequestStream:
@@ -170,7 +172,8 @@ class Engine:
                 try:
                     scheduler.add(payload.request)
                 except ServerBusy as exc:
-                    self._deliver(scheduler, [TokenEvent(payload.id, [], "", finish_reason="error", error=str(exc))])
+                    busy = TokenEvent(payload.id, [], "", finish_reason="error", error=str(exc), time=time.perf_counter())
+                    self._deliver(scheduler, [busy])
             elif kind == "cancel":
                 self._deliver(scheduler, [scheduler.cancel(payload)])
 
@@ -212,6 +215,7 @@ def make_scheduler(loaded: LoadedModel, config: EngineConfig) -> Scheduler:
         max_waiting=config.max_waiting,
         block_size=config.block_size,
         context_length=loaded.context_length,
+        prefix_cache=config.prefix_cache,
     )
     return Scheduler(Runner(model, kv), loaded.tokenizer, sched_config)
 

@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from .cache import OutOfBlocks, PagedKVCache, RowCache
 from .detokenizer import IncrementalDetokenizer, StopMatcher
+from .prefix_cache import PrefixCache
 from .runner import Feed, Runner
 from .sampling import RowSamplingState, Sampler, SamplingParams
 
@@ -64,6 +65,7 @@ class TokenEvent:
     cached_tokens: int = 0
     ttft_s: float | None = None
     decode_tok_s: float | None = None
+    time: float = 0.0  # time.perf_counter() when the engine produced the event
 
 
 @dataclass
@@ -73,6 +75,7 @@ class SchedulerConfig:
     max_waiting: int = 256
     block_size: int = 64
     context_length: int = 4096
+    prefix_cache: bool = True
 
 
 class Row:
@@ -123,6 +126,7 @@ class Scheduler:
         self.waiting: deque[Row] = deque()
         self.running: list[Row] = []  # admission order: oldest first
         self.eos_ids = frozenset(tokenizer.eos_token_ids)
+        self.prefix = PrefixCache(self.kv) if config.prefix_cache else None
         self.stats = SchedulerStats()
         self._events: list[TokenEvent] = []  # produced outside a row's own commit (errors)
 
@@ -164,8 +168,11 @@ class Scheduler:
             mx.eval(logits)
         decode_tokens = 0
         for row, feed in zip(rows, feeds):
-            decode_tokens += len(feed.tokens) if row.is_decoding else 0
+            decoding = row.is_decoding
+            decode_tokens += len(feed.tokens) if decoding else 0
             row.cache.extend(len(feed.tokens))
+            if not decoding:
+                self._remember(row)
         now = time.perf_counter()
         fed = sum(len(f.tokens) for f in feeds)
         self.stats.record_step(prefill=fed - decode_tokens, decode=decode_tokens, seconds=now - started)
@@ -188,17 +195,27 @@ class Scheduler:
         while self.waiting and len(self.running) < self.config.max_running:
             row = self.waiting[0]
             # Admit only if the first chunk fits in memory without preempting anyone.
-            first_chunk = min(row.unfed, self.config.max_batch_tokens)
-            if not self._fits(row.cache.blocks_needed(first_chunk)):
+            cached_blocks, cached_len, _ = self._lookup(row)
+            first_chunk = min(row.unfed - cached_len, self.config.max_batch_tokens)
+            needed = -(-(cached_len + first_chunk) // self.config.block_size) - len(cached_blocks)
+            if needed > self.kv.blocks_available():
                 break
             self.waiting.popleft()
+            if cached_len:
+                row.cache.adopt_prefix(cached_blocks, cached_len)
+                if row.first_token_time is None:  # first admission, not a recompute
+                    row.cached_tokens = cached_len
             self.running.append(row)
 
-    def _fits(self, blocks: int) -> bool:
-        if self.kv.max_blocks is None:
-            return True
-        free = self.kv.allocator.num_free + self.kv.max_blocks - self.kv.allocator.num_blocks
-        return blocks <= free
+    def _lookup(self, row: Row) -> tuple[list[int], int, object]:
+        if self.prefix is None:
+            return [], 0, None
+        return self.prefix.match(row.tokens)
+
+    def _remember(self, row: Row) -> None:
+        """Offer the row's computed full blocks to the prefix cache."""
+        if self.prefix is not None:
+            self.prefix.insert(row.tokens, row.cache.block_table, row.cache.length)
 
     def _plan(self) -> tuple[list[Feed], list[Row]]:
         budget = self.config.max_batch_tokens
@@ -252,6 +269,7 @@ class Scheduler:
     def _preempt(self, row: Row) -> None:
         """Free a row's memory and send it back to the front of the queue; its tokens are
         kept and recomputed when it is admitted again."""
+        self._remember(row)
         row.cache.release()
         self.running.remove(row)
         self.waiting.appendleft(row)
@@ -272,7 +290,7 @@ class Scheduler:
             return self._finish(row, "stop", token_ids=[token], text=text, logprobs=lps)
         if row.num_generated >= row.params.max_tokens or len(row.tokens) >= self.config.context_length:
             return self._finish(row, "length", token_ids=[token], text=text + self._flush_text(row), logprobs=lps)
-        return TokenEvent(row.id, [token], text, lps)
+        return TokenEvent(row.id, [token], text, lps, time=now)
 
     @staticmethod
     def _flush_text(row: Row) -> str:
@@ -282,6 +300,8 @@ class Scheduler:
 
     def _finish(self, row: Row, reason: str, error: str | None = None, *, token_ids=(), text: str = "", logprobs=None) -> TokenEvent:
         row.finished = True
+        if reason != "error":
+            self._remember(row)
         row.cache.release()
         if row in self.running:
             self.running.remove(row)
@@ -304,6 +324,7 @@ class Scheduler:
             cached_tokens=row.cached_tokens,
             ttft_s=ttft,
             decode_tok_s=decode_rate,
+            time=now,
         )
 
     def snapshot_stats(self) -> dict:
@@ -313,6 +334,8 @@ class Scheduler:
             "kv_bytes_in_use": self.kv.bytes_in_use,
             "kv_bytes_allocated": self.kv.bytes_allocated,
             "kv_bytes_budget": None if self.kv.max_blocks is None else self.kv.max_blocks * self.kv.bytes_per_block,
+            "prefix_cached_bytes": self.prefix.cached_bytes if self.prefix else 0,
+            **(self.prefix.stats.as_dict() if self.prefix else {}),
             **self.stats.as_dict(),
         }
 
