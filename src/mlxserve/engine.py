@@ -84,7 +84,8 @@ class Engine:
         self.config = config or EngineConfig()
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, RequestStream] = {}
-        self._thread: threading.Thread | None = None
+        self._worker: _MLXWorker | None = None
+        self._done = threading.Event()  # set when the engine loop has returned
         self._stopping = False
         self._stats: dict = {}
         self.error: str | None = None
@@ -92,8 +93,8 @@ class Engine:
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> "Engine":
-        self._thread = threading.Thread(target=self._run, name="mlxserve-engine", daemon=True)
-        self._thread.start()
+        self._worker = _acquire_worker()
+        self._worker.run(self._run_guarded)
         self._ready.wait()
         if self.error:
             raise RuntimeError(self.error)
@@ -102,12 +103,15 @@ class Engine:
     def stop(self) -> None:
         self._stopping = True
         self._commands.put(("wake", None))
-        if self._thread is not None:
-            self._thread.join()
+        if self._worker is not None:
+            self._done.wait()
+            _release_worker(self._worker)
+            self._worker = None
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """True while the engine loop runs (false before start, after stop or a crash)."""
+        return self._worker is not None and not self._done.is_set()
 
     def __enter__(self) -> "Engine":
         return self.start()
@@ -138,6 +142,20 @@ class Engine:
         return list(self.submit(Request(list(prompt_ids), params)))
 
     # ---- engine thread --------------------------------------------------------------------
+    def _run_guarded(self) -> None:
+        try:
+            self._run()
+        except BaseException:
+            log.error("engine loop died: %s", traceback.format_exc())
+        finally:
+            # Nobody waits forever: streams still open end with an error.
+            for stream in list(self._streams.values()):
+                stream._push(TokenEvent(stream.id, [], "", finish_reason="error", error="engine stopped",
+                                        time=time.perf_counter()))
+            self._streams.clear()
+            self._done.set()
+            self._ready.set()
+
     def _run(self) -> None:
         try:
             scheduler = make_scheduler(self.loaded, self.config)
@@ -146,19 +164,18 @@ class Engine:
             self._ready.set()
             return
         self._ready.set()
-        with mx.stream(mx.default_stream(mx.default_device())):
-            while not self._stopping:
-                self._drain(scheduler, block=not scheduler.has_work())
-                if self._stopping or not scheduler.has_work():
-                    continue
-                try:
-                    events = scheduler.step()
-                except Exception as exc:
-                    log.error("step failed: %s", traceback.format_exc())
-                    events = self._fail_running(scheduler, f"internal error: {exc}")
-                self._deliver(scheduler, events)
-            for row in list(scheduler.running) + list(scheduler.waiting):
-                self._deliver(scheduler, [scheduler.cancel(row.id)])
+        while not self._stopping:
+            self._drain(scheduler, block=not scheduler.has_work())
+            if self._stopping or not scheduler.has_work():
+                continue
+            try:
+                events = scheduler.step()
+            except Exception as exc:
+                log.error("step failed: %s", traceback.format_exc())
+                events = self._fail_running(scheduler, f"internal error: {exc}")
+            self._deliver(scheduler, events)
+        for row in list(scheduler.running) + list(scheduler.waiting):
+            self._deliver(scheduler, [scheduler.cancel(row.id)])
 
     def _drain(self, scheduler: Scheduler, block: bool) -> None:
         while True:
@@ -199,6 +216,43 @@ class Engine:
             event.finish_reason, event.error = "error", message
             events.append(event)
         return events
+
+
+class _MLXWorker:
+    """A long-lived thread that runs one engine loop at a time.
+
+    MLX keeps per-thread state (e.g. the compile cache) whose destructor needs the GIL. If
+    a thread that used MLX exits while Python is shutting down, that destructor aborts the
+    process ("terminate called without an active exception", ml-explore/mlx#3126). So MLX
+    threads never exit: a stopped engine hands its thread back for the next engine, and
+    idle workers simply wait until the process ends.
+    """
+
+    def __init__(self):
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="mlxserve-engine", daemon=True)
+        self._thread.start()
+
+    def run(self, job) -> None:
+        self._jobs.put(job)
+
+    def _loop(self) -> None:
+        while True:
+            self._jobs.get()()
+
+
+_idle_workers: list[_MLXWorker] = []
+_workers_lock = threading.Lock()
+
+
+def _acquire_worker() -> _MLXWorker:
+    with _workers_lock:
+        return _idle_workers.pop() if _idle_workers else _MLXWorker()
+
+
+def _release_worker(worker: _MLXWorker) -> None:
+    with _workers_lock:
+        _idle_workers.append(worker)
 
 
 def make_scheduler(loaded: LoadedModel, config: EngineConfig) -> Scheduler:
