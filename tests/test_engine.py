@@ -68,7 +68,8 @@ def test_requests_joining_at_different_steps(loaded):
 
 def test_long_prompt_is_chunked_while_others_decode(loaded):
     """Driven step by step: a long prompt takes ceil(P / chunk) steps, and the row that was
-    already decoding emits a token in every one of them."""
+    already decoding emits a token in every one of them. (Steps are pipelined: a step's
+    tokens are read back, and become events, during the next step.)"""
     tok = loaded.tokenizer
     chunk = 8
     sched = make_scheduler(loaded, EngineConfig(max_batch_tokens=chunk + 1, block_size=8))
@@ -86,7 +87,7 @@ def test_long_prompt_is_chunked_while_others_decode(loaded):
         assert any(e.request_id == short.id for e in events), f"short row stalled at step {steps}"
         if any(e.request_id == long.id and e.finish_reason for e in events):
             break
-    assert steps == -(-len(long_prompt) // chunk)
+    assert steps == -(-len(long_prompt) // chunk) + 1
     assert sched.cancel(short.id).finish_reason == "cancelled"
     assert sched.kv.bytes_in_use == 0
 
@@ -173,3 +174,22 @@ def test_queue_bound_returns_busy_error(loaded):
 def _block_bytes(loaded, block_size):
     layers, heads, dim = loaded.model.kv_shape()
     return 2 * layers * block_size * heads * dim * 4
+
+
+def test_penalty_rows_and_pipelined_rows_together_match_alone(loaded):
+    """A row with penalties makes steps synchronous; rows around it must not notice."""
+    plist = prompts(loaded.tokenizer)
+    params = [
+        SamplingParams(max_tokens=15, temperature=0.0, repetition_penalty=1.3, ignore_eos=True),
+        SamplingParams(max_tokens=15, temperature=0.8, seed=5, ignore_eos=True),
+        SamplingParams(max_tokens=15, temperature=0.0, presence_penalty=1.0, frequency_penalty=0.5, ignore_eos=True),
+        SamplingParams(max_tokens=25, temperature=0.0, ignore_eos=True),
+    ]
+    alone = [run_alone(loaded, p, sp) for p, sp in zip(plist, params)]
+    with Engine(loaded, EngineConfig(max_batch_tokens=16, block_size=8)) as engine:
+        streams = [engine.submit(Request(p, sp)) for p, sp in zip(plist, params)]
+        together = [[t for e in s for t in e.token_ids] for s in streams]
+    assert together == alone
+    # the penalties really act: without them the first row differs
+    plain = run_alone(loaded, plist[0], SamplingParams(max_tokens=15, temperature=0.0, ignore_eos=True))
+    assert plain != alone[0]

@@ -43,6 +43,7 @@ class StepBatch:
     row_logits: list  # per row in flat order: (row key, first logits row, number of logits rows)
     state_slots: mx.array | None = None  # per row: recurrent-state slot (hybrid models)
     capture_hidden: tuple[int, ...] = ()  # layers whose hidden states to return (DFlash)
+    row_offsets: dict | None = None  # row key -> index of its first token in the flat sequence
 
     @property
     def num_tokens(self) -> int:
@@ -67,12 +68,14 @@ def build_batch(rows: list, block_size: int) -> StepBatch:
     slots: list[int] = []
     logit_rows: list[int] = []
     row_logits: list = []
+    row_offsets: dict = {}
     groups: list[AttentionGroup] = []
     for t, members in sorted(by_count.items()):
         offset = len(tokens)
         pos = np.empty((len(members), t), dtype=np.int32)
         for i, row in enumerate(members):
             base = len(tokens)
+            row_offsets[row.key] = base
             tokens.extend(row.tokens)
             p = np.arange(row.start, row.start + t, dtype=np.int32)
             pos[i] = p
@@ -116,6 +119,7 @@ def build_batch(rows: list, block_size: int) -> StepBatch:
         groups=groups,
         logit_rows=mx.array(np.asarray(logit_rows, dtype=np.int32)),
         row_logits=row_logits,
+        row_offsets=row_offsets,
     )
 
 

@@ -21,6 +21,7 @@ class Feed:
     start: int
     block_table: list[int]
     logits: str
+    from_previous: int | None = None  # the (single) token is element i of the previous step's samples
 
 
 class Runner:
@@ -28,10 +29,16 @@ class Runner:
         self.model = model
         self.kv = kv
 
-    def forward(self, feeds: list[Feed]) -> tuple[mx.array, StepBatch]:
+    def forward(self, feeds: list[Feed], previous: mx.array | None = None) -> tuple[mx.array, StepBatch]:
         """Returns (logits [rows asked for, vocab] in the batch's flat order, the batch).
 
+        `previous` holds the last step's sampled tokens, still on the device: decode rows
+        read their input from it (Feed.from_previous) so the host need not wait for them.
         The result is lazy: the caller evaluates it together with whatever it samples.
         """
         batch = build_batch(feeds, self.kv.block_size)
+        patches = [(batch.row_offsets[f.key], f.from_previous) for f in feeds if f.from_previous is not None]
+        if patches:
+            dest, src = zip(*patches)
+            batch.tokens[mx.array(dest)] = previous[mx.array(src)]
         return self.model(batch, self.kv), batch

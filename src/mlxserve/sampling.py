@@ -158,6 +158,17 @@ class RowSamplingState:
         self._generated[self._num_generated] = token_id
         self._num_generated += 1
 
+    def record_pending(self) -> int:
+        """Advance past a token that was sampled on the device but not read back yet (the
+        engine pipelines steps); returns its index for `fill`. Only rows without penalties
+        are pipelined, so the placeholder never enters a penalty."""
+        self.record(-1)
+        return self._num_generated - 1
+
+    def fill(self, index: int, token_id: int) -> None:
+        """Replace the placeholder at `index` with the token once it is known."""
+        self._generated[index] = token_id
+
     def rollback(self, n: int) -> None:
         """Forget the last ``n`` recorded tokens; the next draws are the ones that followed them."""
         if not (0 <= n <= self._num_generated):

@@ -27,7 +27,7 @@ from .cache import OutOfBlocks, PagedKVCache, RowCache
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .prefix_cache import PrefixCache
 from .runner import Feed, Runner
-from .sampling import RowSamplingState, Sampler, SamplingParams
+from .sampling import RowSamplingState, SampleResult, Sampler, SamplingParams
 
 _request_counter = itertools.count()
 
@@ -98,6 +98,10 @@ class Row:
         self.first_token_time: float | None = None
         self.cached_tokens = 0
         self.finished = False
+        # Tokens sampled on the device whose values the host has not read yet (steps are
+        # pipelined): at most one per step in flight.
+        self.pending = 0
+        self.pending_index: int | None = None  # its index in the newest step's samples
 
     @property
     def id(self) -> str:
@@ -108,12 +112,31 @@ class Row:
         return len(self.tokens) - self.prompt_len
 
     @property
+    def total(self) -> int:
+        """Sequence length including pending tokens."""
+        return len(self.tokens) + self.pending
+
+    @property
     def unfed(self) -> int:
-        return len(self.tokens) - self.cache.length
+        return self.total - self.cache.length
 
     @property
     def is_decoding(self) -> bool:
-        return self.unfed == 1 and self.num_generated > 0
+        return self.unfed == 1 and self.num_generated + self.pending > 0
+
+    @property
+    def needs_more(self) -> bool:
+        """False once the tokens in flight already reach max_tokens (nothing left to feed)."""
+        return self.num_generated + self.pending < self.params.max_tokens
+
+
+@dataclass
+class InFlight:
+    """A step whose samples are still being computed on the device."""
+
+    result: SampleResult
+    rows: list[Row]
+    indices: list[int]  # per row: the placeholder index in its sampling state
 
 
 class Scheduler:
@@ -129,6 +152,7 @@ class Scheduler:
         self.prefix = PrefixCache(self.kv) if config.prefix_cache else None
         self.stats = SchedulerStats()
         self._events: list[TokenEvent] = []  # produced outside a row's own commit (errors)
+        self._inflight: InFlight | None = None
 
     # ---- requests in and out ---------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -145,49 +169,75 @@ class Scheduler:
         return None
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._inflight)
 
     # ---- one step ---------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
-        """Plan and run one forward pass; return the events it produced."""
+        """Plan and queue one forward pass, then read back the previous one.
+
+        Steps are pipelined: while the device computes step N, the host turns step N-1's
+        samples into text and events, and decode rows of step N take their input token
+        straight from step N-1's samples on the device. A step with a row whose sampling
+        depends on its history (penalties) is read back at once instead.
+        """
+        started = time.perf_counter()
         self._admit()
         feeds, rows = self._plan()
         events, self._events = self._events, []
-        if not feeds:
-            return events
-        started = time.perf_counter()
-        logits, batch = self.runner.forward(feeds)
+        decode = sum(1 for row in rows if row.is_decoding)
+        queued = self._launch(feeds, rows) if feeds else None
+        if self._inflight is not None:
+            events += self._read_back(self._inflight)
+        self._inflight = queued
+        if queued is not None and any(row.params.has_penalties for row in queued.rows):
+            events += self._read_back(queued)
+            self._inflight = None
+        self.stats.record_step(prefill=sum(len(f.tokens) for f in feeds) - decode, decode=decode,
+                               seconds=time.perf_counter() - started)
+        return events
+
+    def _launch(self, feeds: list[Feed], rows: list[Row]) -> InFlight | None:
+        previous = self._inflight.result.tokens if self._inflight is not None else None
+        logits, batch = self.runner.forward(feeds, previous)
+        for row, feed in zip(rows, feeds):
+            row.cache.extend(len(feed.tokens))
+            if len(feed.tokens) > 1 or feed.from_previous is None:
+                self._remember(row)
         # Logits come in the batch's flat order (rows grouped by token count).
         by_id = {row.id: row for row in rows}
         sampling_rows = [by_id[key] for key, _, count in batch.row_logits if count]
-        result = None
-        if sampling_rows:
-            result = self.sampler.sample(logits, [row.sampling for row in sampling_rows])
-            mx.eval([a for a in (result.tokens, result.logprobs, result.top_ids, result.top_logprobs) if a is not None])
-        else:
-            mx.eval(logits)
-        decode_tokens = 0
-        for row, feed in zip(rows, feeds):
-            decoding = row.is_decoding
-            decode_tokens += len(feed.tokens) if decoding else 0
-            row.cache.extend(len(feed.tokens))
-            if not decoding:
-                self._remember(row)
+        if not sampling_rows:
+            mx.async_eval(logits)
+            return None
+        result = self.sampler.sample(logits, [row.sampling for row in sampling_rows])
+        indices = []
+        for i, row in enumerate(sampling_rows):
+            row.pending += 1
+            row.pending_index = i
+            indices.append(row.sampling.record_pending())
+        mx.async_eval([a for a in (result.tokens, result.logprobs, result.top_ids, result.top_logprobs) if a is not None])
+        return InFlight(result, sampling_rows, indices)
+
+    def _read_back(self, step: InFlight) -> list[TokenEvent]:
+        """Wait for a step's samples and commit them to their rows."""
+        result = step.result
+        tokens = result.tokens.tolist()
+        chosen_lp = result.logprobs.tolist() if result.logprobs is not None else None
+        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+        top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
         now = time.perf_counter()
-        fed = sum(len(f.tokens) for f in feeds)
-        self.stats.record_step(prefill=fed - decode_tokens, decode=decode_tokens, seconds=now - started)
-        if result is not None:
-            tokens = result.tokens.tolist()
-            chosen_lp = result.logprobs.tolist() if result.logprobs is not None else None
-            top_ids = result.top_ids.tolist() if result.top_ids is not None else None
-            top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
-            for i, row in enumerate(sampling_rows):
-                lp = None
-                if row.params.logprobs and chosen_lp is not None:
-                    k = row.params.top_logprobs
-                    top = list(zip(top_ids[i][:k], top_lp[i][:k])) if top_ids is not None else []
-                    lp = TokenLogprob(tokens[i], chosen_lp[i], top)
-                events.append(self._commit(row, tokens[i], lp, now))
+        events = []
+        for i, row in enumerate(step.rows):
+            row.pending -= 1
+            if row.finished:  # cancelled or stopped while this step was in flight
+                continue
+            row.sampling.fill(step.indices[i], tokens[i])
+            lp = None
+            if row.params.logprobs and chosen_lp is not None:
+                k = row.params.top_logprobs
+                top = list(zip(top_ids[i][:k], top_lp[i][:k])) if top_ids is not None else []
+                lp = TokenLogprob(tokens[i], chosen_lp[i], top)
+            events.append(self._commit(row, tokens[i], lp, now))
         return events
 
     # ---- admission and planning ----------------------------------------------------------
@@ -213,18 +263,20 @@ class Scheduler:
         return self.prefix.match(row.tokens)
 
     def _remember(self, row: Row) -> None:
-        """Offer the row's computed full blocks to the prefix cache."""
+        """Offer the row's computed full blocks to the prefix cache (only tokens whose values
+        the host knows: a fed token may still be pending)."""
         if self.prefix is not None:
-            self.prefix.insert(row.tokens, row.cache.block_table, row.cache.length)
+            self.prefix.insert(row.tokens, row.cache.block_table, min(row.cache.length, len(row.tokens)))
 
     def _plan(self) -> tuple[list[Feed], list[Row]]:
         budget = self.config.max_batch_tokens
         plan: list[tuple[Row, int]] = []
-        for row in self.running:  # decoding rows first: one token each
+        active = [r for r in self.running if r.needs_more and r.total < self.config.context_length]
+        for row in active:  # decoding rows first: one token each
             if row.is_decoding and budget > 0:
                 plan.append((row, 1))
                 budget -= 1
-        for row in self.running:  # then prefill chunks, oldest first
+        for row in active:  # then prefill chunks, oldest first
             if not row.is_decoding and budget > 0:
                 n = min(row.unfed, budget)
                 plan.append((row, n))
@@ -233,16 +285,14 @@ class Scheduler:
         feeds, rows = [], []
         for row, n in plan:
             start = row.cache.length
-            reaches_end = start + n == len(row.tokens)
-            feeds.append(
-                Feed(
-                    key=row.id,
-                    tokens=row.tokens[start : start + n],
-                    start=start,
-                    block_table=row.cache.block_table,
-                    logits="last" if reaches_end else "none",
-                )
-            )
+            if row.pending:
+                # Its token is still on the device: read it from the last step's samples.
+                feed = Feed(row.id, [0], start, row.cache.block_table, "last", from_previous=row.pending_index)
+            else:
+                reaches_end = start + n == len(row.tokens)
+                feed = Feed(row.id, row.tokens[start : start + n], start, row.cache.block_table,
+                            "last" if reaches_end else "none")
+            feeds.append(feed)
             rows.append(row)
         return feeds, rows
 
@@ -280,7 +330,6 @@ class Scheduler:
         if row.first_token_time is None:
             row.first_token_time = now
         row.tokens.append(token)
-        row.sampling.record(token)
         lps = [logprob] if logprob is not None else None
         if token in row.stop_ids:
             # The stop token itself has no text; release whatever text was held back.
