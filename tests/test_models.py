@@ -46,8 +46,9 @@ def test_quantized_model_is_really_quantized(tiny_model_dir):
     import mlx.nn as nn
 
     loaded = load_model(str(tiny_model_dir("qwen3", "float32", 4)), progress=False)
-    q_proj = loaded.model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj, nn.QuantizedLinear) and q_proj.bits == 4
+    qkv = loaded.model.layers[0].self_attn.qkv_proj  # q, k and v fused into one matmul
+    assert isinstance(qkv, nn.QuantizedLinear) and qkv.bits == 4
+    assert isinstance(loaded.model.layers[0].mlp.gate_up_proj, nn.QuantizedLinear)
     assert loaded.quantization == "4-bit g32"
 
 

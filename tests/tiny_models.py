@@ -90,7 +90,7 @@ def make_tiny_model(
         torch_dtype=dtype,
         **ARCH_CONFIGS[arch],
     )
-    model = build_model(dict(config), _random_weights(config, seed), None)
+    model = build_model(dict(config), _random_weights(config, seed), None, fuse=False)
     if quantize_bits:
         nn.quantize(model, group_size=32, bits=quantize_bits)
         config["quantization"] = {"group_size": 32, "bits": quantize_bits}

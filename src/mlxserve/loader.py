@@ -70,12 +70,14 @@ def load_model(spec: str, *, dtype: mx.Dtype | None = None, progress: bool = Tru
     return loaded
 
 
-def build_model(config: dict, weights: dict[str, mx.array], quantization: dict | None) -> nn.Module:
+def build_model(config: dict, weights: dict[str, mx.array], quantization: dict | None,
+                fuse: bool = True) -> nn.Module:
     """Instantiate the architecture named by config["model_type"] and fill its weights.
 
     `quantization` maps module paths to {"group_size", "bits", "mode"}; a top-level
     "group_size"/"bits" (MLX checkpoint convention) applies to every module whose
-    `.scales` are present in the weights.
+    `.scales` are present in the weights. `fuse` merges projections for speed (the
+    parameter names then no longer match the checkpoint's).
     """
     family = get_family(config.get("model_type", "?"))
     args = family.ModelArgs.from_config(config)
@@ -93,6 +95,8 @@ def build_model(config: dict, weights: dict[str, mx.array], quantization: dict |
 
         nn.quantize(model, class_predicate=predicate)
     model.load_weights(list(weights.items()), strict=True)
+    if fuse and hasattr(model, "fuse"):
+        model.fuse()
     mx.eval(model.parameters())
     return model
 

@@ -12,6 +12,7 @@ at rows, through the paged KV cache.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -93,9 +94,13 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, batch: StepBatch, cache: PagedKVCache) -> mx.array:
         T = x.shape[0]
-        q = self.q_proj(x).reshape(T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(T, self.n_kv_heads, self.head_dim)
+        if "qkv_proj" in self:
+            q, k, v = mx.split(self.qkv_proj(x), self.qkv_splits, axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(T, self.n_heads, self.head_dim)
+        k = k.reshape(T, self.n_kv_heads, self.head_dim)
+        v = v.reshape(T, self.n_kv_heads, self.head_dim)
         if "q_norm" in self:
             q = self.q_norm(q)
             k = self.k_norm(k)
@@ -107,6 +112,21 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
 
+    def fuse(self) -> None:
+        """One matmul for Q, K and V (fewer kernel launches per step), when the three
+        projections share their type and quantization."""
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_splits = [self.n_heads * self.head_dim, (self.n_heads + self.n_kv_heads) * self.head_dim]
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
+
+
+@partial(mx.compile, shapeless=True)
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
+
+
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -116,7 +136,44 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=args.mlp_bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if "gate_up_proj" in self:
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(swiglu(gate, up))
+
+    def fuse(self) -> None:
+        fused = fuse_linears([self.gate_proj, self.up_proj])
+        if fused is not None:
+            self.gate_up_proj = fused
+            del self.gate_proj, self.up_proj
+
+
+def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
+    """Concatenate linear layers along their outputs, or None when they differ in kind,
+    dtype, bias or quantization (e.g. a GGUF file that mixes quant types per tensor)."""
+    first = layers[0]
+    kind = type(first)
+    if kind not in (nn.Linear, nn.QuantizedLinear) or any(type(layer) is not kind for layer in layers):
+        return None
+    keys = set(first)
+    if any(set(layer) != keys for layer in layers) or any(layer[k] is None for layer in layers for k in keys):
+        return None
+    if kind is nn.QuantizedLinear:
+        if any((l.bits, l.group_size, l.mode) != (first.bits, first.group_size, first.mode) for l in layers):
+            return None
+    if any(layer[k].dtype != first[k].dtype for layer in layers for k in keys):
+        return None
+    fused = kind.__new__(kind)
+    nn.Module.__init__(fused)
+    for attr in ("group_size", "bits", "mode"):
+        if hasattr(first, attr):
+            setattr(fused, attr, getattr(first, attr))
+    for k in keys:
+        setattr(fused, k, mx.concatenate([layer[k] for layer in layers], axis=0))
+    if kind is nn.QuantizedLinear:
+        fused.freeze()
+    return fused
 
 
 class TransformerBlock(nn.Module):
@@ -154,6 +211,12 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+    def fuse(self) -> None:
+        """Merge projections that read the same input, after the weights are loaded."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def kv_shape(self) -> tuple[int, int, int]:
         """(attention layers, kv heads, head dim) for sizing the KV pools."""
