@@ -66,7 +66,7 @@ def test_macos_checks(monkeypatch, version, machine, failing):
     monkeypatch.setattr(doctor.platform, "system", lambda: "Darwin")
     monkeypatch.setattr(doctor.platform, "mac_ver", lambda: (version, ("", "", ""), machine))
     monkeypatch.setattr(doctor.platform, "machine", lambda: machine)
-    monkeypatch.setattr(doctor, "_system_memory", lambda: {"total_bytes": 1, "available_bytes": 1})
+    monkeypatch.setattr(doctor, "system_memory", lambda: {"total_bytes": 1, "available_bytes": 1})
     report = doctor.collect()
     assert [c["name"] for c in report["checks"] if not c["ok"]] == failing
     assert report["ok"] is (not failing)

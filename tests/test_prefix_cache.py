@@ -172,3 +172,25 @@ def test_preempted_row_recomputes_identically_with_cache(loaded):
             outputs[e.request_id].extend(e.token_ids)
     assert [outputs[r.id] for r in requests] == alone
     assert sched.stats.preemptions > 0
+
+
+def test_cache_lives_in_the_pool_slack():
+    """Cached blocks are evicted before the pool grows: the pool stays the size of the
+    requests' working set (updates copy the whole pool on some back-ends)."""
+    kv = pool(max_blocks=None, initial=4)
+    cache = PrefixCache(kv)
+    tokens = list(range(16))
+    row = row_with(kv, tokens)
+    cache.insert(tokens, row.block_table, row.length)
+    row.release()
+    RowCache(kv).reserve(16)  # needs all 4 blocks: the 4 cached ones go, no growth
+    assert kv.allocator.num_blocks == 4 and cache.cached_blocks == 0
+
+
+def test_default_budget_comes_from_device_memory(loaded):
+    from mlxserve.memory import DEVICE_MEMORY_FRACTION, device_memory_bytes, weight_bytes
+
+    sched = make_scheduler(loaded, EngineConfig())
+    budget = sched.kv.max_blocks * sched.kv.bytes_per_block
+    expected = device_memory_bytes() * DEVICE_MEMORY_FRACTION - weight_bytes(loaded.model)
+    assert 0 < budget <= expected and budget > expected - sched.kv.bytes_per_block

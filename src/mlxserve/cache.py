@@ -136,13 +136,19 @@ class PagedKVCache:
         self.allocator.add_blocks(new - old)
 
     def ensure_free(self, n: int) -> None:
-        """Make n blocks free: grow the pools while under budget, then evict cached prefixes
-        (exactly as many as missing, least recently used first)."""
+        """Make n blocks free: first evict cached prefixes (exactly as many as missing, least
+        recently used first), then grow the pools while under budget.
+
+        Evicting first keeps the pools as large as the requests' working set, with the
+        prefix cache living in the slack: on back-ends that copy a buffer on every update
+        (MLX's CUDA back-end does not update in place) a step's cost grows with pool size.
+        """
         while self.allocator.num_free < n:
-            if self.can_grow():
-                self.grow()
-            elif self.reclaim is None or self.reclaim(n - self.allocator.num_free) == 0:
+            if self.reclaim is not None and self.reclaim(n - self.allocator.num_free) > 0:
+                continue
+            if not self.can_grow():
                 raise OutOfBlocks("KV memory budget reached")
+            self.grow()
 
     def blocks_available(self) -> int:
         """Blocks that could be handed out without preempting anyone."""
@@ -180,10 +186,13 @@ class PagedKVCache:
                 v = pool_v[s : s + g.key_length][None].transpose(0, 2, 1, 3)
                 mask = None if t == 1 else "causal"
             else:
-                blocks = g.block_table
                 length = g.key_length
-                k = pool_k.reshape(-1, bs, self.kv_heads, d)[blocks]
-                v = pool_v.reshape(-1, bs, self.kv_heads, d)[blocks]
+                # Gather whole blocks as rows of a 2-D view: measured 1.6x faster than
+                # fancy indexing on MLX's CUDA back-end (H100, 32 rows x 9 blocks).
+                blocks = g.block_table.reshape(-1)
+                block_elems = bs * self.kv_heads * d
+                k = mx.take(pool_k.reshape(-1, block_elems), blocks, axis=0)
+                v = mx.take(pool_v.reshape(-1, block_elems), blocks, axis=0)
                 k = k.reshape(n, length, self.kv_heads, d).transpose(0, 2, 1, 3)
                 v = v.reshape(n, length, self.kv_heads, d).transpose(0, 2, 1, 3)
                 # Key j is visible to the query at position p iff j <= p: this is both the

@@ -30,7 +30,7 @@ def collect() -> dict:
     mx = _import_mlx()
     info = _device_info(mx) if mx else {}
     backend = _backend(mx) if mx else None
-    memory = _system_memory()
+    memory = system_memory()
     if "max_recommended_working_set_size" in info:  # Metal: what the GPU may keep resident
         memory["recommended_working_set_bytes"] = int(info["max_recommended_working_set_size"])
 
@@ -202,7 +202,7 @@ def _device_name(mx: Any, info: dict[str, Any]) -> str:
     return f"{device} ({name})" if name else device
 
 
-def _system_memory() -> dict[str, int | None]:
+def system_memory() -> dict[str, int | None]:
     """Total and available RAM in bytes (None where the system doesn't say)."""
     total = available = None
     if platform.system() == "Darwin":

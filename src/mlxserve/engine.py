@@ -19,6 +19,7 @@ import mlx.core as mx
 
 from .cache import PagedKVCache
 from .loader import LoadedModel
+from .memory import default_kv_budget
 from .runner import Runner
 from .scheduler import Request, Scheduler, SchedulerConfig, ServerBusy, TokenEvent
 
@@ -31,7 +32,7 @@ class EngineConfig:
     max_running: int = 64
     max_waiting: int = 256
     block_size: int = 64
-    memory_budget_bytes: int | None = None  # KV budget; None: grow as needed
+    memory_budget_bytes: int | None = None  # KV budget; None: a share of device memory
     initial_blocks: int = 16
     prefix_cache: bool = True
 
@@ -261,8 +262,8 @@ def make_scheduler(loaded: LoadedModel, config: EngineConfig) -> Scheduler:
     layers, kv_heads, head_dim = model.kv_shape()
     kv = PagedKVCache(layers, kv_heads, head_dim, _compute_dtype(model), block_size=config.block_size,
                       initial_blocks=config.initial_blocks)
-    if config.memory_budget_bytes is not None:
-        kv.max_blocks = max(config.initial_blocks, config.memory_budget_bytes // kv.bytes_per_block)
+    budget = config.memory_budget_bytes if config.memory_budget_bytes is not None else default_kv_budget(model)
+    kv.max_blocks = max(config.initial_blocks, budget // kv.bytes_per_block)
     sched_config = SchedulerConfig(
         max_batch_tokens=config.max_batch_tokens,
         max_running=config.max_running,
