@@ -64,11 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, issue in (
         ("serve", "serve an OpenAI-compatible HTTP API", "the server"),
         ("chat", "chat with a model in the terminal", "the terminal chat"),
-        ("bench", "benchmark the engine", "the benchmark"),
     ):
         p = sub.add_parser(name, help=f"{help_text} (not available yet)")
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(unavailable=issue)
+    _add_bench_parser(sub, DEFAULT_MODEL)
     return parser
 
 
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "unavailable", None):
         print(f"mlxserve {args.command}: {args.unavailable} is not available in this version yet", file=sys.stderr)
         return 1
-    handler = {"run": cmd_run, "pull": cmd_pull, "models": cmd_models, "doctor": cmd_doctor}[args.command]
+    handler = {"run": cmd_run, "pull": cmd_pull, "models": cmd_models, "doctor": cmd_doctor,
+               "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -254,6 +255,40 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             print(f"mlxserve doctor: {check['name']}: {check['detail']}", file=sys.stderr)
         return 1
     return 0
+
+
+# ---- bench --------------------------------------------------------------------------------
+def _add_bench_parser(sub, default_model: str) -> None:
+    bench = sub.add_parser(
+        "bench", help="benchmark the engine (optionally against mlx-lm on the same weights)",
+        description="Closed-loop benchmark: at each concurrency C, C requests of random prompt ids are "
+                    "in flight until --requests are done (greedy, EOS ignored, exactly --gen-tokens each). "
+                    "Prints a table of medians over --runs and optionally writes every figure as JSON.")
+    _add_model_args(bench, default_model)
+    bench.add_argument("--random-weights", metavar="SHAPE",
+                       help="ignore --model: real shapes with random weights (qwen3-0.6b, qwen3-4b, tiny; bfloat16 unless --dtype)")
+    bench.add_argument("--quantize", type=int, metavar="BITS", help="with --random-weights: quantize to 4 or 8 bits (MLX affine, group 64)")
+    bench.add_argument("--prompt-tokens", type=int, default=512, help="prompt length in tokens (default 512)")
+    bench.add_argument("--gen-tokens", type=int, default=128, help="tokens generated per request (default 128)")
+    bench.add_argument("--concurrency", default="1,8,32,64", help="comma-separated requests in flight (default 1,8,32,64)")
+    bench.add_argument("--requests", type=int, help="requests per concurrency C (default 2×C, at least 4)")
+    bench.add_argument("--shared-prefix-tokens", type=int, default=0, help="leading prompt tokens identical across a run's requests (default 0)")
+    bench.add_argument("--long-prompt-tokens", type=int, metavar="L",
+                       help="also measure streams' inter-token latency while an L-token prompt is admitted")
+    bench.add_argument("--long-prompt-streams", type=int, default=8, help="streams decoding in that scenario (default 8)")
+    bench.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default 1)")
+    bench.add_argument("--runs", type=int, default=3, help="measured runs; figures are their medians (default 3)")
+    bench.add_argument("--compare", choices=["mlx-lm"], help="run the same workload through mlx-lm and print speedups")
+    bench.add_argument("--json", metavar="FILE", help="write every figure and the configuration to FILE")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the prompts and random weights (default 0)")
+    bench.add_argument("--max-batch-tokens", type=int, help="engine token budget per step (default: the engine's)")
+    bench.add_argument("--block-size", type=int, help="KV block size in tokens (default: the engine's)")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.main(args)
 
 
 # ---- helpers ------------------------------------------------------------------------------

@@ -1,0 +1,218 @@
+"""`mlxserve bench`: random-weight shapes, the statistics, both engines on the same workload,
+the long-prompt scenario and the command line."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+
+from mlxserve import bench, cli
+from mlxserve.bench import (CLOSED_LOOP_FIGURES, LONG_PROMPT_FIGURES, LongPromptTrace, MlxLmBackend, OurBackend,
+                            RequestTrace, inter_token_latencies, make_prompts, percentile, summarize_closed_loop,
+                            summarize_long_prompt)
+from mlxserve.engine import Engine, EngineConfig
+from mlxserve.random_weights import SHAPES, build_random_model, build_skeleton
+from mlxserve.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_random_model("tiny", dtype="float32")
+
+
+# ---- random weights ----------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,billions", [("qwen3-0.6b", 0.596), ("qwen3-4b", 4.02)])
+def test_shapes_have_the_published_parameter_counts(shape, billions):
+    # Counted on the lazy skeleton: nothing is allocated.
+    count = sum(p.size for _, p in tree_flatten(build_skeleton(SHAPES[shape]).parameters()))
+    assert count / 1e9 == pytest.approx(billions, rel=0.01)
+
+
+@pytest.mark.parametrize("quantize", [None, 4])
+def test_mlx_lm_runs_the_same_weights(quantize):
+    """Greedy ids of our engine and of mlx-lm's own qwen3 Model built on our arrays agree:
+    the comparison runs one set of weights."""
+    from mlx_lm.generate import generate_step
+
+    loaded = build_random_model("tiny", dtype="float32", quantize=quantize, seed=3)
+    before = mx.get_active_memory()
+    theirs_model = bench.mlx_lm_model(loaded)
+    mx.eval(theirs_model.parameters())
+    # Our fused projections are shared as views, not copied: no second set of weights.
+    weight_bytes = sum(v.nbytes for _, v in tree_flatten(theirs_model.parameters()))
+    assert mx.get_active_memory() - before < weight_bytes / 10
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    outputs = []
+    with Engine(loaded) as engine:
+        for prompt in make_prompts(3, 12, 0, loaded.config["vocab_size"], [3]):
+            ours = [t for e in engine.generate(prompt, params) for t in e.token_ids]
+            theirs = [t for t, _ in generate_step(mx.array(prompt), theirs_model, max_tokens=16)]
+            assert ours == theirs
+            outputs.append(ours)
+    # Not a degenerate model that repeats one token whatever it is given.
+    assert len({t for out in outputs for t in out}) >= 8
+
+
+def test_random_weights_are_finite_in_bfloat16():
+    loaded = build_random_model("tiny", quantize=8)
+    assert loaded.quantization == "8-bit g64"
+    with Engine(loaded) as engine:
+        events = engine.generate(list(range(1, 40)), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert sum(len(e.token_ids) for e in events) == 4
+    weights = dict(tree_flatten(loaded.model.parameters()))
+    assert weights["model.norm.weight"].dtype == mx.bfloat16
+
+
+# ---- statistics --------------------------------------------------------------------------------
+def test_percentile_interpolates_between_ranks():
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0], 99) == pytest.approx(3.97)
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0) == 1.0
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) is None
+
+
+def test_inter_token_latencies_from_timestamps():
+    deliveries = [(10.0, 1), (10.5, 1), (11.5, 2), (11.75, 1)]
+    assert inter_token_latencies(deliveries) == [0.5, 0.5, 0.5, 0.25]  # 2 tokens at once: 2 half gaps
+    # Only gaps that end inside (after, until].
+    assert inter_token_latencies(deliveries, after=10.5, until=11.5) == [0.5, 0.5]
+
+
+def test_request_trace_figures():
+    trace = RequestTrace(prompt_tokens=100, submit=9.5, deliveries=[(10.0, 1), (10.5, 1), (11.5, 2), (12.0, 1)])
+    assert trace.generated == 5
+    assert trace.ttft == 0.5
+    assert trace.decode_rate == 4 / 2.0  # tokens after the first / time after the first
+
+
+def test_summarize_closed_loop_on_known_timestamps():
+    a = RequestTrace(10, submit=0.0, deliveries=[(1.0, 1), (2.0, 1), (3.0, 1)])
+    b = RequestTrace(10, submit=1.0, deliveries=[(3.0, 1), (3.5, 1), (5.0, 1)])
+    figures = summarize_closed_loop([a, b], peak_memory=123)
+    assert figures["generated_tokens"] == 6
+    assert figures["wall_s"] == 5.0
+    assert figures["total_tok_s"] == 6 / 5.0
+    assert figures["ttft_p50_s"] == 1.5  # TTFTs 1 and 2
+    assert figures["itl_p50_s"] == 1.0  # gaps 1, 1, 0.5, 1.5
+    assert figures["itl_p99_s"] == pytest.approx(1.5 - 0.03 * 0.5)
+    assert figures["decode_tok_s"] == pytest.approx((1.0 + 1.0) / 2)  # 2 tokens / 2 s each
+    assert figures["prefill_tok_s"] == pytest.approx((10 / 1 + 10 / 2) / 2)
+    assert figures["peak_memory_bytes"] == 123
+
+
+def test_summarize_long_prompt_separates_steady_and_admission_gaps():
+    # Two streams tick every 10 ms; the long prompt arrives at t=1.0 and stalls them for 50 ms.
+    ticks = [0.9 + 0.01 * i for i in range(11)] + [1.05, 1.06]
+    streams = [RequestTrace(8, 0.0, [(t, 1) for t in ticks]) for _ in range(2)]
+    long = RequestTrace(1000, submit=1.0, deliveries=[(1.05, 1)])
+    figures = summarize_long_prompt(LongPromptTrace(streams, long, steady_start=0.9), peak_memory=0)
+    assert figures["steady_itl_p50_s"] == pytest.approx(0.01)
+    assert figures["admission_itl_max_s"] == pytest.approx(0.05)  # gap ending at 1.05 (the 1.06 one is after)
+    assert figures["stall_ratio"] == pytest.approx(figures["admission_itl_p99_s"] / 0.01)
+    assert figures["long_ttft_s"] == pytest.approx(0.05)
+
+
+def test_prompts_are_seeded_and_share_the_prefix():
+    first = make_prompts(3, 20, 8, 500, [0, 1, 2])
+    assert first == make_prompts(3, 20, 8, 500, [0, 1, 2])
+    assert all(len(p) == 20 for p in first)
+    assert first[0][:8] == first[1][:8] == first[2][:8]
+    assert first[0][8:] != first[1][8:]
+    assert make_prompts(3, 20, 8, 500, [0, 1, 3]) != first  # another run, another set
+
+
+# ---- scenarios -------------------------------------------------------------------------------
+def test_long_prompt_is_admitted_while_streams_keep_decoding(tiny):
+    """With a 16-token budget a 96-token prompt takes several steps, and our streams get a
+    token in every one of them; mlx-lm prefills it in one 2048-token step. Both report."""
+    streams = make_prompts(2, 8, 0, 512, [1])
+    long = make_prompts(1, 96, 0, 512, [2])[0]
+    our_trace = OurBackend(tiny, EngineConfig(max_batch_tokens=16)).long_prompt(streams, long, steady_tokens=4,
+                                                                               stream_tokens=1000)
+    their_trace = MlxLmBackend(tiny).long_prompt(streams, long, steady_tokens=4, stream_tokens=1000)
+    admitted = our_trace.long.deliveries[0][0]
+    for stream in our_trace.streams:
+        during = inter_token_latencies(stream.deliveries, our_trace.long.submit, admitted)
+        assert len(during) >= math.ceil(96 / (16 - 2))
+    for trace in (our_trace, their_trace):
+        figures = summarize_long_prompt(trace, peak_memory=0)
+        assert all(figures[f.key] is not None for f in LONG_PROMPT_FIGURES)
+        assert figures["steady_itl_p50_s"] > 0 and figures["admission_itl_p99_s"] > 0
+
+
+def mlxserve(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "mlxserve", *args], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=timeout)
+
+
+def test_bench_end_to_end_against_mlx_lm(tmp_path):
+    out = tmp_path / "out.json"
+    r = mlxserve("bench", "--random-weights", "tiny", "--dtype", "float32", "--concurrency", "1,2",
+                 "--prompt-tokens", "16", "--gen-tokens", "8", "--runs", "1", "--warmup", "0",
+                 "--compare", "mlx-lm", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    for needle in ("TTFT p50", "total tok/s", "mlxserve", "mlx-lm", "speedup"):
+        assert needle in r.stdout
+    result = json.loads(out.read_text())
+    assert result["partial"] is False
+    assert result["config"]["concurrency"] == [1, 2]
+    assert result["config"]["versions"]["mlx_lm"] and result["config"]["device"]["default"]
+    for engine in ("mlxserve", "mlx-lm"):
+        entries = result["results"][engine]["concurrency"]
+        assert [e["concurrency"] for e in entries] == [1, 2]
+        for entry in entries:
+            assert all(entry["median"][f.key] is not None for f in CLOSED_LOOP_FIGURES), (engine, entry)
+            [run] = entry["runs"]
+            assert run["requests"] == entry["requests"] == bench.default_requests(entry["concurrency"])
+            assert run["generated_tokens"] == run["requests"] * 8
+    speedups = result["speedups"]["concurrency"]
+    assert [s["concurrency"] for s in speedups] == [1, 2]
+    assert all(s[f.key] > 0 for s in speedups for f in CLOSED_LOOP_FIGURES)
+
+
+def test_long_prompt_flags_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "long.json"
+    status = cli.main(["bench", "--random-weights", "tiny", "--dtype", "float32", "--concurrency", "1",
+                       "--requests", "1", "--prompt-tokens", "8", "--gen-tokens", "4", "--runs", "1",
+                       "--warmup", "0", "--long-prompt-tokens", "64", "--long-prompt-streams", "2",
+                       "--max-batch-tokens", "16", "--compare", "mlx-lm", "--json", str(out)])
+    assert status == 0
+    assert "long prompt (64 tokens)" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    for engine in ("mlxserve", "mlx-lm"):
+        entry = result["results"][engine]["long_prompt"]
+        assert entry["streams"] == 2 and entry["long_prompt_tokens"] == 64
+        assert entry["median"]["steady_itl_p50_s"] > 0 and entry["median"]["admission_itl_p99_s"] > 0
+    assert result["speedups"]["long_prompt"]["stall_ratio"] > 0
+
+
+TINY = ["--random-weights", "tiny", "--dtype", "float32"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--concurrency", "0"], "--concurrency"),
+    (["--concurrency", "1,x"], "--concurrency"),
+    (["--random-weights", "nope"], "unknown random-weights shape 'nope'"),
+    ([*TINY, "--quantize", "3"], "--quantize"),
+    (["--quantize", "4"], "--quantize applies to --random-weights"),
+    (["--concurrency", "4", "--requests", "2"], "--requests"),
+    (["--runs", "0"], "--runs"),
+    ([*TINY, "--prompt-tokens", "4000", "--gen-tokens", "200"], "context length (4096)"),
+])
+def test_bad_flags_fail_with_one_line(args, needle, capsys):
+    assert cli.main(["bench", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mlxserve: error: ") and needle in err[0], err
+
+
+def test_bad_flag_exit_status_as_a_process():
+    r = mlxserve("bench", "--random-weights", "tiny", "--concurrency", "0")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "mlxserve: error: --concurrency: expected comma-separated integers >= 1, got '0'"]
