@@ -192,6 +192,20 @@ def test_long_prompt_flags_through_the_cli(tmp_path, capsys):
     assert result["speedups"]["long_prompt"]["stall_ratio"] > 0
 
 
+def test_chat_second_turn_reuses_the_history(tmp_path, capsys):
+    out = tmp_path / "reuse.json"
+    status = cli.main(["bench", "--random-weights", "tiny", "--dtype", "float32", "--concurrency", "1",
+                       "--requests", "1", "--prompt-tokens", "8", "--gen-tokens", "8", "--runs", "1",
+                       "--warmup", "0", "--chat-history-tokens", "200", "--block-size", "16", "--json", str(out)])
+    assert status == 0
+    assert "chat second turn after 200 tokens" in capsys.readouterr().out
+    median = json.loads(out.read_text())["results"]["mlxserve"]["prefix_reuse"]["median"]
+    # history (200) + answer (8) were computed in turn 1; all full 16-token blocks of them are reused
+    assert median["cached_tokens"] == ((200 + 8 - 1) // 16) * 16
+    assert median["ttft_with_cache_s"] > 0 and median["ttft_without_cache_s"] > 0
+    assert median["cache_speedup"] == pytest.approx(median["ttft_without_cache_s"] / median["ttft_with_cache_s"])
+
+
 TINY = ["--random-weights", "tiny", "--dtype", "float32"]
 
 
@@ -204,6 +218,7 @@ TINY = ["--random-weights", "tiny", "--dtype", "float32"]
     (["--concurrency", "4", "--requests", "2"], "--requests"),
     (["--runs", "0"], "--runs"),
     ([*TINY, "--prompt-tokens", "4000", "--gen-tokens", "200"], "context length (4096)"),
+    ([*TINY, "--chat-history-tokens", "0"], "--chat-history-tokens"),
 ])
 def test_bad_flags_fail_with_one_line(args, needle, capsys):
     assert cli.main(["bench", *args]) == 2

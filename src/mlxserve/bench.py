@@ -47,7 +47,7 @@ MLX_LM = "mlx-lm"
 COMPARE_CHOICES = (MLX_LM,)
 
 # Prompt sets are seeded by [--seed, scenario, ...]: every run of every scenario draws its own.
-_CLOSED_LOOP, _LONG_PROMPT = 0, 1
+_CLOSED_LOOP, _LONG_PROMPT, _PREFIX_REUSE = 0, 1, 2
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -60,6 +60,7 @@ class BenchConfig:
     shared_prefix_tokens: int = 0
     long_prompt_tokens: int | None = None
     long_prompt_streams: int = 8
+    chat_history_tokens: int | None = None
     warmup: int = 1
     runs: int = 3
     compare: str | None = None
@@ -77,6 +78,7 @@ class BenchConfig:
              f"--requests must be >= the largest concurrency ({max(self.concurrency)})"),
             (self.long_prompt_tokens is None or self.long_prompt_tokens >= 1, "--long-prompt-tokens must be >= 1"),
             (self.long_prompt_streams >= 1, "--long-prompt-streams must be >= 1"),
+            (self.chat_history_tokens is None or self.chat_history_tokens >= 1, "--chat-history-tokens must be >= 1"),
             (self.warmup >= 0, "--warmup must be >= 0"),
             (self.runs >= 1, "--runs must be >= 1"),
             (self.compare in (None, *COMPARE_CHOICES), f"--compare must be one of: {', '.join(COMPARE_CHOICES)}"),
@@ -93,6 +95,10 @@ class BenchConfig:
         if self.prompt_tokens + self.gen_tokens > limit:
             raise ValueError(f"--prompt-tokens + --gen-tokens ({self.prompt_tokens + self.gen_tokens}) "
                              f"exceed the model's context length ({limit})")
+        if self.chat_history_tokens is not None and (
+                self.chat_history_tokens + self.gen_tokens + CHAT_FOLLOW_UP_TOKENS >= limit):
+            raise ValueError(f"--chat-history-tokens + --gen-tokens + {CHAT_FOLLOW_UP_TOKENS} must be below the "
+                             f"model's context length ({limit})")
         if self.long_prompt_tokens is not None and self.long_prompt_tokens >= limit:
             raise ValueError(f"--long-prompt-tokens ({self.long_prompt_tokens}) must be below the "
                              f"model's context length ({limit})")
@@ -257,6 +263,8 @@ class Figure:
             return f"{value / 1e9:.2f} GB" if value >= 1e9 else f"{value / 1e6:.1f} MB"
         if self.unit == "x":
             return f"{value:.2f}×"
+        if self.unit == "tok":
+            return f"{value:,.0f}"
         return f"{value:,.1f}"
 
     def speedup(self, ours: float | None, theirs: float | None) -> float | None:
@@ -276,6 +284,13 @@ CLOSED_LOOP_FIGURES = (
     Figure("prefill_tok_s", "prefill tok/s", "tok/s", True),
     Figure("peak_memory_bytes", "peak mem", "bytes", False),
 )
+PREFIX_REUSE_FIGURES = (
+    Figure("ttft_with_cache_s", "2nd-turn TTFT, prefix cache", "s", False),
+    Figure("ttft_without_cache_s", "2nd-turn TTFT, no cache", "s", False),
+    Figure("cache_speedup", "speedup", "x", True),
+    Figure("cached_tokens", "cached tokens", "tok", True),
+)
+CHAT_FOLLOW_UP_TOKENS = 32  # the user's next message in the prefix-reuse scenario
 LONG_PROMPT_FIGURES = (
     Figure("steady_itl_p50_s", "steady ITL p50", "s", False),
     Figure("steady_itl_p99_s", "steady ITL p99", "s", False),
@@ -303,7 +318,7 @@ class BenchResults:
         if scenario == "concurrency":
             scenarios["concurrency"].append(entry)
         else:
-            scenarios["long_prompt"] = entry
+            scenarios[scenario] = entry
         return entry
 
     @staticmethod
@@ -317,7 +332,10 @@ class BenchResults:
         return {e["concurrency"]: e for e in scenarios["concurrency"] if e["runs"]}
 
     def long_prompt(self, engine: str) -> dict | None:
-        entry = self.engines.get(engine, {}).get("long_prompt")
+        return self.scenario(engine, "long_prompt")
+
+    def scenario(self, engine: str, name: str) -> dict | None:
+        entry = self.engines.get(engine, {}).get(name)
         return entry if entry and entry["runs"] else None
 
     def ratios(self) -> dict:
@@ -368,6 +386,7 @@ def describe_run(loaded: LoadedModel, cfg: BenchConfig, random_shape: str | None
         "shared_prefix_tokens": cfg.shared_prefix_tokens,
         "long_prompt_tokens": cfg.long_prompt_tokens,
         "long_prompt_streams": cfg.long_prompt_streams,
+        "chat_history_tokens": cfg.chat_history_tokens,
         "warmup": cfg.warmup,
         "runs": cfg.runs,
         "seed": cfg.seed,
@@ -417,6 +436,17 @@ class OurBackend:
     def long_prompt(self, streams: list[list[int]], long: list[int], steady_tokens: int, stream_tokens: int) -> LongPromptTrace:
         with self._engine(len(streams) + 1):
             return asyncio.run(self._until_done(self._long_prompt(streams, long, steady_tokens, stream_tokens)))
+
+    def chat_second_turn(self, history: list[int], follow_up: list[int], gen_tokens: int, prefix_cache: bool) -> dict:
+        """Turn 1 answers `history`; turn 2 sends history + answer + follow-up. Returns the
+        second turn's time to first token and how many of its tokens came from the cache."""
+        with Engine(self.loaded, replace(self.engine_config, prefix_cache=prefix_cache)) as engine:
+            answer = [t for e in engine.submit(Request(history, _greedy(gen_tokens))) for t in e.token_ids]
+            submit = time.perf_counter()
+            events = list(engine.submit(Request(history + answer + follow_up, _greedy(1))))
+        if events[-1].finish_reason == "error":
+            raise RuntimeError(f"mlxserve request failed: {events[-1].error}")
+        return {"ttft_s": events[0].time - submit, "cached_tokens": events[-1].cached_tokens}
 
     async def _until_done(self, work):
         try:
@@ -647,6 +677,8 @@ def run_bench(loaded: LoadedModel, cfg: BenchConfig, results: BenchResults, prog
                 if run >= cfg.warmup:
                     results.add_run(entry, summarize_closed_loop(traces, mx.get_peak_memory()))
                     entry["engine_stats"] = backend.last_stats
+    if cfg.chat_history_tokens is not None:
+        run_prefix_reuse(backends[0], cfg, vocab, results, progress)
     if cfg.long_prompt_tokens is None:
         return
     streams = cfg.long_prompt_streams
@@ -665,6 +697,25 @@ def run_bench(loaded: LoadedModel, cfg: BenchConfig, results: BenchResults, prog
             trace = backend.long_prompt(prompts, long, cfg.gen_tokens, stream_tokens)
             if run >= cfg.warmup:
                 results.add_run(entry, summarize_long_prompt(trace, mx.get_peak_memory()))
+
+
+def run_prefix_reuse(backend: OurBackend, cfg: BenchConfig, vocab: int, results: BenchResults, progress) -> None:
+    """A chat's second turn with `chat_history_tokens` of history: first-token time with the
+    prefix cache against the same engine with the cache off."""
+    entry = results.new_entry(OURS, "prefix_reuse", history_tokens=cfg.chat_history_tokens)
+    for run in range(cfg.warmup + cfg.runs):
+        history = make_prompts(1, cfg.chat_history_tokens, 0, vocab, [cfg.seed, _PREFIX_REUSE, run, 0])[0]
+        follow_up = make_prompts(1, CHAT_FOLLOW_UP_TOKENS, 0, vocab, [cfg.seed, _PREFIX_REUSE, run, 1])[0]
+        progress.phase(f"{OURS} chat second turn after {cfg.chat_history_tokens} tokens, {_run_label(run, cfg)}", None)
+        cached = backend.chat_second_turn(history, follow_up, cfg.gen_tokens, prefix_cache=True)
+        uncached = backend.chat_second_turn(history, follow_up, cfg.gen_tokens, prefix_cache=False)
+        if run >= cfg.warmup:
+            results.add_run(entry, {
+                "ttft_with_cache_s": cached["ttft_s"],
+                "ttft_without_cache_s": uncached["ttft_s"],
+                "cache_speedup": uncached["ttft_s"] / cached["ttft_s"],
+                "cached_tokens": cached["cached_tokens"],
+            })
 
 
 def _run_label(run: int, cfg: BenchConfig) -> str:
@@ -737,6 +788,14 @@ def render(results: BenchResults, console) -> None:
     console.print(table)
     if any(results.long_prompt(e) for e in engines):
         console.print(_long_prompt_table(results, engines))
+    reuse = results.scenario(OURS, "prefix_reuse")
+    if reuse:
+        reuse_table = Table(title=f"chat second turn after {reuse['history_tokens']} tokens of history "
+                                  f"(+{results.config['gen_tokens']} answer, +{CHAT_FOLLOW_UP_TOKENS} follow-up)")
+        for f in PREFIX_REUSE_FIGURES:
+            reuse_table.add_column(f.label, justify="right")
+        reuse_table.add_row(*(f.format(reuse["median"].get(f.key)) for f in PREFIX_REUSE_FIGURES))
+        console.print(reuse_table)
 
 
 def _long_prompt_table(results: BenchResults, engines: list[str]):
@@ -771,6 +830,7 @@ def config_from_args(args) -> BenchConfig:
         shared_prefix_tokens=args.shared_prefix_tokens,
         long_prompt_tokens=args.long_prompt_tokens,
         long_prompt_streams=args.long_prompt_streams,
+        chat_history_tokens=args.chat_history_tokens,
         warmup=args.warmup,
         runs=args.runs,
         compare=args.compare,

@@ -276,6 +276,9 @@ def _add_bench_parser(sub, default_model: str) -> None:
     bench.add_argument("--long-prompt-tokens", type=int, metavar="L",
                        help="also measure streams' inter-token latency while an L-token prompt is admitted")
     bench.add_argument("--long-prompt-streams", type=int, default=8, help="streams decoding in that scenario (default 8)")
+    bench.add_argument("--chat-history-tokens", type=int, metavar="H",
+                       help="also measure a chat's second-turn time to first token after H tokens of history, "
+                            "with the prefix cache and without")
     bench.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default 1)")
     bench.add_argument("--runs", type=int, default=3, help="measured runs; figures are their medians (default 3)")
     bench.add_argument("--compare", choices=["mlx-lm"], help="run the same workload through mlx-lm and print speedups")
