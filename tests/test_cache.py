@@ -23,7 +23,7 @@ def make_runner(model, block_size=4, initial_blocks=2, max_blocks=None):
 def feed(runner, row, tokens, logits="last"):
     row.reserve(len(tokens))
     out, _ = runner.forward([Feed("r", tokens, row.length, row.block_table, logits)])
-    mx.eval(out)
+    mx.eval(out if out is not None else runner.kv.keys + runner.kv.values)
     row.extend(len(tokens))
     return out
 
@@ -60,6 +60,15 @@ def test_snapshot_restore_round_trip(setup):
     assert mx.array_equal(feed(runner, row, [50]), first)
     with pytest.raises(ValueError):
         row.restore(type(snap)(length=row.length + 5))
+
+
+def test_prefill_only_step_returns_no_logits_and_writes_kv(setup):
+    runner = make_runner(setup)
+    chunked = RowCache(runner.kv)
+    assert feed(runner, chunked, PROMPT[:6], logits="none") is None
+    after_chunks = feed(runner, chunked, PROMPT[6:])
+    whole = feed(runner, RowCache(runner.kv), PROMPT)
+    assert mx.allclose(after_chunks, whole, atol=1e-5)
 
 
 def test_logits_all_positions_match_incremental(setup):

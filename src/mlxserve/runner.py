@@ -29,8 +29,9 @@ class Runner:
         self.model = model
         self.kv = kv
 
-    def forward(self, feeds: list[Feed], previous: mx.array | None = None) -> tuple[mx.array, StepBatch]:
-        """Returns (logits [rows asked for, vocab] in the batch's flat order, the batch).
+    def forward(self, feeds: list[Feed], previous: mx.array | None = None) -> tuple[mx.array | None, StepBatch]:
+        """Returns (logits [rows asked for, vocab] in the batch's flat order, or None when no
+        feed asks for logits; the batch).
 
         `previous` holds the last step's sampled tokens, still on the device: decode rows
         read their input from it (Feed.from_previous) so the host need not wait for them.

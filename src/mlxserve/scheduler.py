@@ -207,7 +207,7 @@ class Scheduler:
         by_id = {row.id: row for row in rows}
         sampling_rows = [by_id[key] for key, _, count in batch.row_logits if count]
         if not sampling_rows:
-            mx.async_eval(logits)
+            mx.async_eval(self.kv.keys + self.kv.values)  # a prefill-only step writes KV only
             return None
         result = self.sampler.sample(logits, [row.sampling for row in sampling_rows])
         indices = []

@@ -199,7 +199,8 @@ class Backbone(nn.Module):
 
 class Model(nn.Module):
     """Causal LM over a StepBatch. `model(batch, cache)` returns logits for
-    `batch.logit_rows` only (prefill chunks need just their last position)."""
+    `batch.logit_rows` only (prefill chunks need just their last position), or None when no
+    row wants any."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -222,10 +223,14 @@ class Model(nn.Module):
         """(attention layers, kv heads, head dim) for sizing the KV pools."""
         return self.args.num_hidden_layers, self.args.num_key_value_heads, self.args.head_dim
 
-    def __call__(self, batch: StepBatch, cache: PagedKVCache) -> mx.array:
+    def __call__(self, batch: StepBatch, cache: PagedKVCache) -> mx.array | None:
         h = self.model.embed_tokens(batch.tokens)
         for layer in self.model.layers:
             h = layer(h, batch, cache)
+        if batch.logit_rows.size == 0:
+            # A prefill-only step: its product is the KV it wrote. (No zero-row head either:
+            # MLX's CUDA back-end rejects zero-size kernels.)
+            return None
         h = self.model.norm(h[batch.logit_rows])
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
