@@ -193,3 +193,13 @@ def test_penalty_rows_and_pipelined_rows_together_match_alone(loaded):
     # the penalties really act: without them the first row differs
     plain = run_alone(loaded, plist[0], SamplingParams(max_tokens=15, temperature=0.0, ignore_eos=True))
     assert plain != alone[0]
+
+
+def test_prompt_larger_than_the_budget_fails_instead_of_waiting(loaded):
+    block_bytes = _block_bytes(loaded, block_size=4)
+    cfg = EngineConfig(block_size=4, initial_blocks=4, memory_budget_bytes=4 * block_bytes)
+    with Engine(loaded, cfg) as engine:
+        too_long = engine.generate(list(range(1, 40)), SamplingParams(max_tokens=4, temperature=0.0))
+        assert too_long[-1].finish_reason == "error" and "budget" in too_long[-1].error
+        fits = engine.generate([1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        assert fits[-1].finish_reason == "length"

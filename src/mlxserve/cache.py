@@ -122,12 +122,16 @@ class PagedKVCache:
     def can_grow(self) -> bool:
         return self.max_blocks is None or self.allocator.num_blocks < self.max_blocks
 
-    def grow(self) -> None:
-        """Double the pools (bounded by max_blocks). Copies every layer once; rare."""
+    def grow(self, at_least: int = 1) -> None:
+        """Enlarge the pools by at least `at_least` blocks, at least doubling them (bounded by
+        max_blocks). Copies every layer's pool, a pause for every running stream, so it
+        happens rarely and in one go."""
         if not self.can_grow():
             raise OutOfBlocks("KV memory budget reached")
         old = self.allocator.num_blocks
-        new = old * 2 if self.max_blocks is None else min(old * 2, self.max_blocks)
+        new = max(old * 2, old + at_least)
+        if self.max_blocks is not None:
+            new = min(new, self.max_blocks)
         extra = (new - old) * self.block_size
         pad = mx.zeros((extra, self.kv_heads, self.head_dim), dtype=self.dtype)
         self.keys = [mx.concatenate([k, pad]) for k in self.keys]
@@ -148,7 +152,7 @@ class PagedKVCache:
                 continue
             if not self.can_grow():
                 raise OutOfBlocks("KV memory budget reached")
-            self.grow()
+            self.grow(n - self.allocator.num_free)
 
     def blocks_available(self) -> int:
         """Blocks that could be handed out without preempting anyone."""

@@ -244,17 +244,24 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.config.max_running:
             row = self.waiting[0]
-            # Admit only if the first chunk fits in memory without preempting anyone.
+            # Admission by memory: the whole prompt's blocks must fit without preempting
+            # anyone. They are reserved now, so the pool grows (a pause for every stream)
+            # at most once per admission rather than chunk after chunk.
             cached_blocks, cached_len, _ = self._lookup(row)
-            first_chunk = min(row.unfed - cached_len, self.config.max_batch_tokens)
-            needed = -(-(cached_len + first_chunk) // self.config.block_size) - len(cached_blocks)
-            if needed > self.kv.blocks_available():
-                break
-            self.waiting.popleft()
             if cached_len:
                 row.cache.adopt_prefix(cached_blocks, cached_len)
-                if row.first_token_time is None:  # first admission, not a recompute
-                    row.cached_tokens = cached_len
+            try:
+                row.cache.reserve(row.unfed)
+            except OutOfBlocks:
+                row.cache.release()  # gives the adopted prefix back too
+                if not self.running and self._inflight is None:
+                    # Nothing will ever free memory for it: it can never fit.
+                    self._events.append(self._finish(row, "error", "prompt does not fit in the KV memory budget"))
+                    continue
+                break
+            self.waiting.popleft()
+            if cached_len and row.first_token_time is None:  # first admission, not a recompute
+                row.cached_tokens = cached_len
             self.running.append(row)
 
     def _lookup(self, row: Row) -> tuple[list[int], int, object]:
