@@ -21,7 +21,6 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from mlxserve.quant.gguf import UnsupportedGGUF, convert_tensor, load_gguf
 from mlxserve.quant.gguf_metadata import open_gguf
-from tiny_models import FLOAT_GGUF_TYPES as FLOAT_TYPES
 from tiny_models import llama_cpp_permute, to_gguf_name, write_gguf
 
 BITS = {T.Q8_0: 8, T.Q4_0: 4, T.Q4_1: 4}

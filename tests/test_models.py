@@ -8,7 +8,6 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlxserve.engine import Engine, EngineConfig
 from mlxserve.loader import load_model
 from mlxserve.sampling import SamplingParams
-from mlxserve.scheduler import Request
 
 PROMPT = "The capital of France is"
 

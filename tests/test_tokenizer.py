@@ -10,7 +10,6 @@ files when this was written.
 import json
 import logging
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 import tokenizers

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 
@@ -27,14 +27,11 @@ log = logging.getLogger("mlxserve.engine")
 
 
 @dataclass
-class EngineConfig:
-    max_batch_tokens: int = 512
-    max_running: int = 64
-    max_waiting: int = 256
-    block_size: int = 64
+class EngineConfig(SchedulerConfig):
+    """The scheduler's settings plus how the KV pools are sized."""
+
     memory_budget_bytes: int | None = None  # KV budget; None: a share of device memory
     initial_blocks: int = 16
-    prefix_cache: bool = True
 
 
 class RequestStream:
@@ -264,15 +261,7 @@ def make_scheduler(loaded: LoadedModel, config: EngineConfig) -> Scheduler:
                       initial_blocks=config.initial_blocks)
     budget = config.memory_budget_bytes if config.memory_budget_bytes is not None else default_kv_budget(model)
     kv.max_blocks = max(config.initial_blocks, budget // kv.bytes_per_block)
-    sched_config = SchedulerConfig(
-        max_batch_tokens=config.max_batch_tokens,
-        max_running=config.max_running,
-        max_waiting=config.max_waiting,
-        block_size=config.block_size,
-        context_length=loaded.context_length,
-        prefix_cache=config.prefix_cache,
-    )
-    return Scheduler(Runner(model, kv), loaded.tokenizer, sched_config)
+    return Scheduler(Runner(model, kv), loaded.tokenizer, replace(config, context_length=loaded.context_length))
 
 
 def _compute_dtype(model) -> mx.Dtype:
