@@ -203,3 +203,43 @@ def test_prompt_larger_than_the_budget_fails_instead_of_waiting(loaded):
         assert too_long[-1].finish_reason == "error" and "budget" in too_long[-1].error
         fits = engine.generate([1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
         assert fits[-1].finish_reason == "length"
+
+
+def test_with_room_for_k_rows_the_next_one_waits(loaded):
+    """Admission by memory: prompts reserve their blocks; one that does not fit waits for
+    memory instead of preempting anyone, and runs once a row finishes."""
+    tok = loaded.tokenizer
+    prompt = tok.encode("Once upon a time there was a tiny model that generated text.")
+    if len(prompt) % 4 == 0:
+        prompt.append(prompt[-1])  # the one extra fed token must fit in the last prompt block
+    blocks_per_row = -(-len(prompt) // 4)
+    k = 3
+    block_bytes = _block_bytes(loaded, block_size=4)
+    # Room for k rows (prompt + the one generated token they feed), one block short of a k+1-th.
+    budget_blocks = k * blocks_per_row + blocks_per_row - 1
+    cfg = EngineConfig(block_size=4, initial_blocks=4, memory_budget_bytes=budget_blocks * block_bytes,
+                       prefix_cache=False)
+    sched = make_scheduler(loaded, cfg)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    requests = [Request(list(prompt), params) for _ in range(k + 1)]
+    for r in requests:
+        sched.add(r)
+    sched.step()
+    assert len(sched.running) == k and len(sched.waiting) == 1
+    assert sched.waiting[0].request is requests[-1]
+    done = set()
+    while sched.has_work():
+        done |= {e.request_id for e in sched.step() if e.finish_reason == "length"}
+    assert done == {r.id for r in requests}
+    assert sched.stats.preemptions == 0
+
+
+def test_stats_report_rates_and_memory(loaded):
+    with Engine(loaded) as engine:
+        engine.generate(loaded.tokenizer.encode("Hello world"), SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+        stats = engine.stats()
+    for key in ("running", "waiting", "prefill_tok_s", "decode_tok_s", "kv_bytes_in_use", "kv_bytes_budget",
+                "prefix_hit_rate", "preemptions"):
+        assert key in stats
+    assert stats["decode_tok_s"] > 0 and stats["prefill_tok_s"] > 0
+    assert stats["kv_bytes_budget"] > 0

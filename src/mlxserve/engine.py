@@ -25,6 +25,8 @@ from .scheduler import Request, Scheduler, SchedulerConfig, ServerBusy, TokenEve
 
 log = logging.getLogger("mlxserve.engine")
 
+STATS_REFRESH_S = 0.5  # how stale the published stats may get while the engine is idle
+
 
 @dataclass
 class EngineConfig(SchedulerConfig):
@@ -178,8 +180,11 @@ class Engine:
     def _drain(self, scheduler: Scheduler, block: bool) -> None:
         while True:
             try:
-                kind, payload = self._commands.get(block=block)
+                # While idle, wake now and then so that the published rates decay to zero.
+                kind, payload = self._commands.get(block=block, timeout=STATS_REFRESH_S if block else None)
             except queue.Empty:
+                if block:
+                    self._stats = scheduler.snapshot_stats()
                 return
             block = False
             if kind == "submit":

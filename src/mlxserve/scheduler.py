@@ -405,18 +405,34 @@ class SchedulerStats:
     decode_tokens: int = 0
     busy_seconds: float = 0.0
     preemptions: int = 0
+    # (end time, prefill tokens, decode tokens) of recent steps, for the tokens/s rates
+    recent: deque = field(default_factory=deque)
+
+    RATE_WINDOW_S = 2.0
 
     def record_step(self, prefill: int, decode: int, seconds: float) -> None:
         self.steps += 1
         self.prefill_tokens += prefill
         self.decode_tokens += decode
         self.busy_seconds += seconds
+        self.recent.append((time.perf_counter(), prefill, decode))
+
+    def rates(self, now: float) -> tuple[float, float]:
+        """Prefill and decode tokens per second over the last RATE_WINDOW_S seconds."""
+        while self.recent and self.recent[0][0] < now - self.RATE_WINDOW_S:
+            self.recent.popleft()
+        prefill = sum(p for _, p, _ in self.recent)
+        decode = sum(d for _, _, d in self.recent)
+        return prefill / self.RATE_WINDOW_S, decode / self.RATE_WINDOW_S
 
     def as_dict(self) -> dict:
+        prefill_rate, decode_rate = self.rates(time.perf_counter())
         return {
             "steps": self.steps,
             "prefill_tokens": self.prefill_tokens,
             "decode_tokens": self.decode_tokens,
+            "prefill_tok_s": round(prefill_rate, 1),
+            "decode_tok_s": round(decode_rate, 1),
             "busy_seconds": round(self.busy_seconds, 4),
             "preemptions": self.preemptions,
         }
