@@ -109,3 +109,23 @@ def test_pull_list():
     r = mlxserve("pull", "--list")
     assert r.returncode == 0
     assert "smollm2-135m" in r.stdout
+
+
+def test_memory_budget_flag(tiny):
+    r = mlxserve("run", "--model", tiny, "--prompt", "Hello", "--json", "--temperature", "0", "--max-tokens", "4",
+                 "--memory-budget", "2MiB")
+    assert r.returncode == 0, r.stderr
+    r = mlxserve("run", "--model", tiny, "--prompt", "Hello", "--memory-budget", "lots")
+    assert r.returncode == 2 and "--memory-budget" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_parse_size():
+    from mlxserve.memory import parse_size
+
+    assert parse_size("8GB") == 8 * 10**9
+    assert parse_size("512 MiB") == 512 * 2**20
+    assert parse_size("1.5gib") == int(1.5 * 2**30)
+    assert parse_size("4096") == 4096
+    for bad in ("", "GB", "-1GB", "8XB", "0"):
+        with pytest.raises(ValueError):
+            parse_size(bad)

@@ -845,8 +845,10 @@ def config_from_args(args) -> BenchConfig:
 
 def _engine_config(args) -> EngineConfig:
     """The engine's own defaults, except where a flag was given."""
+    from .cli import engine_config
+
     given = {"max_batch_tokens": args.max_batch_tokens, "block_size": args.block_size}
-    return EngineConfig(**{k: v for k, v in given.items() if v is not None})
+    return engine_config(args, **{k: v for k, v in given.items() if v is not None})
 
 
 def load_for_bench(args) -> LoadedModel:

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--system", help="system message (chat mode)")
     run.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _add_memory_budget(run)
 
     pull = sub.add_parser("pull", help="download a model into the local cache")
     pull.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"alias or Hugging Face repo id (default {DEFAULT_MODEL})")
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(unavailable=issue)
     _add_bench_parser(sub, DEFAULT_MODEL)
     return parser
+
+
+def _add_memory_budget(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="most memory the KV cache may use, e.g. 8GB (default: 60%% of device memory minus the weights)")
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
@@ -135,13 +141,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     params.validate()
+    engine_config(args)  # reject a bad --memory-budget before loading the model
     loaded = _load(args.model, args.dtype)
     prompt_ids = _prompt_ids(loaded.tokenizer, prompt, args.chat, args.system)
     from .engine import Engine
     from .scheduler import Request
 
     text_parts, token_ids, final = [], [], None
-    with Engine(loaded) as engine:
+    with Engine(loaded, engine_config(args)) as engine:
         stream = engine.submit(Request(prompt_ids, params))
         try:
             for event in stream:
@@ -265,6 +272,7 @@ def _add_bench_parser(sub, default_model: str) -> None:
                     "in flight until --requests are done (greedy, EOS ignored, exactly --gen-tokens each). "
                     "Prints a table of medians over --runs and optionally writes every figure as JSON.")
     _add_model_args(bench, default_model)
+    _add_memory_budget(bench)
     bench.add_argument("--random-weights", metavar="SHAPE",
                        help="ignore --model: real shapes with random weights (qwen3-0.6b, qwen3-4b, tiny; bfloat16 unless --dtype)")
     bench.add_argument("--quantize", type=int, metavar="BITS", help="with --random-weights: quantize to 4 or 8 bits (MLX affine, group 64)")
@@ -295,6 +303,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ---- helpers ------------------------------------------------------------------------------
+def engine_config(args: argparse.Namespace, **overrides):
+    """EngineConfig from the flags a command has (--memory-budget), plus overrides."""
+    from .engine import EngineConfig
+    from .memory import parse_size
+
+    budget = getattr(args, "memory_budget", None)
+    if budget is not None:
+        overrides["memory_budget_bytes"] = parse_size(budget)
+    return EngineConfig(**overrides)
+
+
 def _stderr_console():
     from rich.console import Console
 

@@ -34,3 +34,21 @@ def default_kv_budget(model: nn.Module) -> int:
     if total is None:
         return 4 * 1024**3
     return max(MIN_KV_BUDGET_BYTES, int(total * DEVICE_MEMORY_FRACTION) - weight_bytes(model))
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'8GB', '512MiB', '1.5 GB' or a plain number of bytes -> bytes."""
+    value = text.strip().lower().replace(" ", "")
+    number = value.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = value[len(number):]
+    try:
+        size = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"--memory-budget: '{text}' is not a size (e.g. 8GB, 512MiB)") from None
+    if size <= 0:
+        raise ValueError(f"--memory-budget: must be positive, got '{text}'")
+    return int(size)
