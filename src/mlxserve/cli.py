@@ -62,8 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check this machine and the installation")
     doctor.add_argument("--json", action="store_true", help="print JSON")
 
+    serve = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)")
+    _add_model_args(serve, DEFAULT_MODEL)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN", help="allow browser requests from ORIGIN (repeatable; none by default)")
+    serve.add_argument("--max-running", type=int, default=64, help="requests decoding at once (default 64)")
+    serve.add_argument("--served-model-name", help="the model name clients use (default: --model)")
+    _add_memory_budget(serve)
+
     for name, help_text, issue in (
-        ("serve", "serve an OpenAI-compatible HTTP API", "the server"),
         ("chat", "chat with a model in the terminal", "the terminal chat"),
     ):
         p = sub.add_parser(name, help=f"{help_text} (not available yet)")
@@ -95,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlxserve {args.command}: {args.unavailable} is not available in this version yet", file=sys.stderr)
         return 1
     handler = {"run": cmd_run, "pull": cmd_pull, "models": cmd_models, "doctor": cmd_doctor,
-               "bench": cmd_bench}[args.command]
+               "bench": cmd_bench, "serve": cmd_serve}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -205,6 +214,23 @@ def _load(spec: str, dtype_name: str | None):
         loaded = load_model(spec, dtype=dtype, progress=True)
     _status(f"Loaded {loaded.name} ({loaded.format}, {loaded.quantization}) in {loaded.load_seconds:.1f}s")
     return loaded
+
+
+# ---- serve ----------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .server import serve
+
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_running < 1:
+        raise CLIError("--max-running must be >= 1")
+    config = engine_config(args, max_running=args.max_running)
+    loaded = _load(args.model, args.dtype)
+    with Engine(loaded, config) as engine:
+        serve(engine, args.served_model_name or args.model, args.host, args.port,
+              api_key=args.api_key, cors_origins=args.cors)
+    return 0
 
 
 # ---- pull / models / doctor -----------------------------------------------------------------

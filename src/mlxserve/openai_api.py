@@ -1,0 +1,242 @@
+"""OpenAI's wire format, in and out: request JSON -> (prompt ids, SamplingParams), engine
+events -> response JSON and stream chunks. The only place that knows the wire format."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from .sampling import SamplingParams
+
+DEFAULT_MAX_TOKENS = 512
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Completion:
+    """One parsed request: what to generate and how to answer."""
+
+    kind: str  # "chat" | "text"
+    prompts: list[list[int]]  # one per choice
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    model: str
+
+
+_FIELD_TYPES = {
+    "model": str, "max_tokens": int, "max_completion_tokens": int, "temperature": (int, float),
+    "top_p": (int, float), "top_k": int, "min_p": (int, float), "presence_penalty": (int, float),
+    "frequency_penalty": (int, float), "repetition_penalty": (int, float), "seed": int, "n": int,
+    "stream": bool, "logprobs": (bool, int), "top_logprobs": int, "user": str, "stream_options": dict,
+    "chat_template_kwargs": dict, "ignore_eos": bool,
+}
+
+
+def parse_request(body: object, kind: str, tokenizer, context_length: int, served_model: str) -> Completion:
+    """Validate an /v1/chat/completions (kind "chat") or /v1/completions ("text") body."""
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    for name, types in _FIELD_TYPES.items():
+        value = body.get(name)
+        if value is not None and (not isinstance(value, types) or (types is int and isinstance(value, bool))):
+            raise APIError(400, f"'{name}' has the wrong type", param=name)
+    model = body.get("model") or served_model
+    if model != served_model:
+        raise APIError(404, f"model '{model}' does not exist (this server serves '{served_model}')",
+                       type="invalid_request_error", param="model", code="model_not_found")
+    if body.get("n", 1) != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+
+    if kind == "chat":
+        prompts = [_chat_prompt(body, tokenizer)]
+        top_logprobs = body.get("top_logprobs") or 0
+        logprobs = bool(body.get("logprobs"))
+    else:
+        prompts = _text_prompts(body, tokenizer)
+        # /v1/completions: `logprobs` is the number of top alternatives (0..5 in OpenAI's API)
+        raw = body.get("logprobs")
+        logprobs = raw is not None and raw is not False
+        top_logprobs = int(raw) if logprobs and not isinstance(raw, bool) else 0
+
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    stop = body.get("stop")
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stop = tuple(stop)
+    else:
+        raise APIError(400, "'stop' must be a string or a list of strings", param="stop")
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(body.get("temperature", 1.0)),
+        top_p=float(body.get("top_p", 1.0)),
+        top_k=body.get("top_k", 0),
+        min_p=float(body.get("min_p", 0.0)),
+        presence_penalty=float(body.get("presence_penalty", 0.0)),
+        frequency_penalty=float(body.get("frequency_penalty", 0.0)),
+        repetition_penalty=float(body.get("repetition_penalty", 1.0)),
+        seed=body.get("seed"),
+        stop=stop,
+        ignore_eos=bool(body.get("ignore_eos", False)),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+    try:
+        params.validate()
+    except ValueError as exc:
+        field = str(exc).split(":", 1)[0]
+        raise APIError(400, str(exc), param="max_tokens" if field == "max_tokens" else field) from None
+    for prompt in prompts:
+        if len(prompt) + params.max_tokens > context_length:
+            raise APIError(400, f"this model's context length is {context_length} tokens; the prompt has "
+                                f"{len(prompt)} and max_tokens asks for {params.max_tokens}",
+                           param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
+    options = body.get("stream_options") or {}
+    return Completion(kind, prompts, params, bool(body.get("stream", False)),
+                      bool(options.get("include_usage")), model)
+
+
+def _chat_prompt(body: dict, tokenizer) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+            raise APIError(400, f"messages[{i}] needs a role of system, developer, user, assistant or tool",
+                           param="messages")
+        content = m.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise APIError(400, f"messages[{i}].content must be a string or a list of parts", param="messages")
+    if tokenizer.chat_template is None:
+        raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+    normalized = [_normalize_message(m) for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(normalized, add_generation_prompt=True,
+                                             **(body.get("chat_template_kwargs") or {}))
+    except ValueError as exc:  # the template rejected the conversation
+        raise APIError(400, f"chat template: {exc}", param="messages") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _normalize_message(message: dict) -> dict:
+    """Text parts joined into one string (templates expect strings); system == developer."""
+    m = dict(message)
+    if m["role"] == "developer":
+        m["role"] = "system"
+    content = m.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise APIError(400, "only text content parts are supported", param="messages")
+            texts.append(part["text"])
+        m["content"] = "".join(texts)
+    elif content is None:
+        m["content"] = ""
+    return m
+
+
+def _text_prompts(body: dict, tokenizer) -> list[list[int]]:
+    prompt = body.get("prompt")
+    vocab = tokenizer.vocab_size
+    if isinstance(prompt, str):
+        prompts = [tokenizer.encode(prompt)]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [tokenizer.encode(p) for p in prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompts = [list(prompt)]
+    elif (isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt)
+          and all(isinstance(t, int) and not isinstance(t, bool) for p in prompt for t in p)):
+        prompts = [list(p) for p in prompt]
+    else:
+        raise APIError(400, "'prompt' must be a string, a list of strings, or token ids", param="prompt")
+    if any(not p for p in prompts):
+        raise APIError(400, "'prompt' must not be empty", param="prompt")
+    if any(t < 0 or t >= vocab for p in prompts for t in p):
+        raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
+    return prompts
+
+
+# ---- responses -----------------------------------------------------------------------------------
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def logprobs_json(kind: str, entries: list, tokenizer) -> dict | None:
+    """Per-token logprobs in the chat format ({"content": [...]}) or the legacy completions one."""
+    if entries is None:
+        return None
+    if kind == "chat":
+        return {"content": [{
+            "token": tokenizer.decode([e.token_id]),
+            "logprob": e.logprob,
+            "bytes": list(tokenizer.decode([e.token_id]).encode()),
+            "top_logprobs": [{"token": tokenizer.decode([t]), "logprob": lp,
+                              "bytes": list(tokenizer.decode([t]).encode())} for t, lp in e.top],
+        } for e in entries]}
+    return {
+        "tokens": [tokenizer.decode([e.token_id]) for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in e.top} for e in entries],
+    }
+
+
+def response(c: Completion, rid: str, choices: list[dict], usage_json: dict) -> dict:
+    return {
+        "id": rid,
+        "object": "chat.completion" if c.kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": c.model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": choices,
+        "usage": usage_json,
+    }
+
+
+def chunk(c: Completion, rid: str, choices: list[dict], usage_json: dict | None = None) -> dict:
+    out = {
+        "id": rid,
+        "object": "chat.completion.chunk" if c.kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": c.model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": choices,
+    }
+    if usage_json is not None:
+        out["usage"] = usage_json
+    return out
+
+
+def _fingerprint() -> str:
+    from . import __version__
+
+    return f"mlxserve-{__version__}"
+
+
+SYSTEM_FINGERPRINT = _fingerprint()

@@ -1,0 +1,206 @@
+"""`mlxserve serve`: a thin Starlette app over the engine, speaking OpenAI's HTTP API.
+
+Routes only translate: `openai_api` turns the wire JSON into prompt ids + SamplingParams and
+events back into JSON; the engine does the rest. Every error is answered in OpenAI's shape and
+never stops the server; a client that goes away has its request cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import signal
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from . import openai_api as wire
+from .engine import Engine
+from .scheduler import Request
+
+MAX_BODY_BYTES = 4 * 1024 * 1024  # requests larger than this get 413
+
+
+def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
+               cors_origins: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+    loaded = engine.loaded
+    tokenizer = loaded.tokenizer
+
+    def error(exc: wire.APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def read_json(request: HTTPRequest) -> object:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            raise wire.APIError(413, f"request body larger than {max_body_bytes} bytes")
+        body = b""
+        async for part in request.stream():
+            body += part
+            if len(body) > max_body_bytes:
+                raise wire.APIError(413, f"request body larger than {max_body_bytes} bytes")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise wire.APIError(400, "request body is not valid JSON") from None
+
+    def check_key(request: HTTPRequest) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise wire.APIError(401, "invalid or missing API key", type="authentication_error",
+                                code="invalid_api_key")
+
+    async def completions(request: HTTPRequest, kind: str):
+        try:
+            check_key(request)
+            body = await read_json(request)
+            c = wire.parse_request(body, kind, tokenizer, loaded.context_length, served_model)
+            loop = asyncio.get_running_loop()
+            streams = [engine.submit(Request(p, c.params), loop) for p in c.prompts]
+        except wire.APIError as exc:
+            return error(exc)
+        except RuntimeError as exc:  # the engine is not running
+            return error(wire.APIError(503, str(exc), type="server_error"))
+        if c.stream:
+            return StreamingResponse(_stream(c, streams, tokenizer), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            return JSONResponse(await _collect(c, streams, tokenizer))
+        except wire.APIError as exc:
+            return error(exc)
+        finally:
+            for s in streams:
+                s.cancel()
+
+    async def chat(request: HTTPRequest):
+        return await completions(request, "chat")
+
+    async def text(request: HTTPRequest):
+        return await completions(request, "text")
+
+    async def models(request: HTTPRequest):
+        try:
+            check_key(request)
+        except wire.APIError as exc:
+            return error(exc)
+        return JSONResponse({"object": "list", "data": [{
+            "id": served_model, "object": "model", "created": 0, "owned_by": "mlxserve",
+            "context_length": loaded.context_length,
+        }]})
+
+    async def health(request: HTTPRequest):
+        if engine.alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "engine stopped"}, status_code=503)
+
+    async def stats(request: HTTPRequest):
+        try:
+            check_key(request)
+        except wire.APIError as exc:
+            return error(exc)
+        return JSONResponse(engine.stats())
+
+    async def http_error(request: HTTPRequest, exc: HTTPException):
+        kind = "not_found" if exc.status_code == 404 else None
+        return error(wire.APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=kind))
+
+    middleware = []
+    if cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"],
+                                     allow_headers=["*"]))
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/completions", text, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/stats", stats, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+        ],
+        middleware=middleware,
+        exception_handlers={HTTPException: http_error},
+    )
+
+
+async def _collect(c: wire.Completion, streams, tokenizer) -> dict:
+    choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
+    for index, stream in enumerate(streams):
+        text, logprobs, final = [], [], None
+        async for event in stream:
+            text.append(event.text)
+            if event.logprobs:
+                logprobs.extend(event.logprobs)
+            if event.finish_reason:
+                final = event
+        if final.finish_reason == "error":
+            status = 429 if "busy" in (final.error or "") else 500
+            raise wire.APIError(status, final.error or "generation failed",
+                                type="server_error" if status == 500 else "rate_limit_error")
+        prompt_tokens += final.prompt_tokens
+        completion_tokens += final.completion_tokens
+        cached += final.cached_tokens
+        lp = wire.logprobs_json(c.kind, logprobs if c.params.logprobs else None, tokenizer)
+        if c.kind == "chat":
+            choices.append({"index": index, "message": {"role": "assistant", "content": "".join(text)},
+                            "logprobs": lp, "finish_reason": final.finish_reason})
+        else:
+            choices.append({"index": index, "text": "".join(text), "logprobs": lp,
+                            "finish_reason": final.finish_reason})
+    return wire.response(c, wire.new_id(c.kind), choices, wire.usage(prompt_tokens, completion_tokens, cached))
+
+
+async def _stream(c: wire.Completion, streams, tokenizer):
+    """SSE chunks for each event; cancels the requests if the client goes away."""
+    rid = wire.new_id(c.kind)
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    prompt_tokens = completion_tokens = cached = 0
+    try:
+        for index, stream in enumerate(streams):
+            if c.kind == "chat":
+                yield sse(wire.chunk(c, rid, [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]))
+            async for event in stream:
+                if event.finish_reason == "error":
+                    yield sse(wire.APIError(500, event.error or "generation failed", type="server_error").body())
+                    return
+                lp = wire.logprobs_json(c.kind, event.logprobs if c.params.logprobs else None, tokenizer)
+                if event.text or event.finish_reason or lp:
+                    piece = {"delta": {"content": event.text}} if c.kind == "chat" else {"text": event.text}
+                    yield sse(wire.chunk(c, rid, [{"index": index, **piece, "logprobs": lp,
+                                                   "finish_reason": event.finish_reason}]))
+                if event.finish_reason:
+                    prompt_tokens += event.prompt_tokens
+                    completion_tokens += event.completion_tokens
+                    cached += event.cached_tokens
+        if c.include_usage:
+            yield sse(wire.chunk(c, rid, [], wire.usage(prompt_tokens, completion_tokens, cached)))
+        yield "data: [DONE]\n\n"
+    finally:
+        # Normal end, error, or the client went away (the generator is closed/cancelled).
+        for s in streams:
+            s.cancel()
+
+
+def serve(engine: Engine, served_model: str, host: str, port: int, **app_options) -> None:
+    """Run uvicorn until Ctrl-C/SIGTERM; in-flight requests are cancelled on the way out."""
+    import uvicorn
+
+    app = create_app(engine, served_model, **app_options)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal into the handler
+    # that was installed before it started. Stopping a server on purpose is a clean exit, so
+    # that handler does nothing.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    print(f"mlxserve: serving {served_model} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+    server.run()

@@ -1,0 +1,264 @@
+"""`mlxserve serve`: a real uvicorn server on a free loopback port, driven by the real openai SDK
+and by raw HTTP for the error cases."""
+
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import uvicorn
+
+from mlxserve.engine import Engine, EngineConfig
+from mlxserve.loader import load_model
+from mlxserve.server import create_app
+
+MODEL = "tiny"
+KEY = "secret-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    engine = Engine(loaded, EngineConfig(block_size=8)).start()
+    port = free_port()
+    app = create_app(engine, MODEL, api_key=KEY, max_body_bytes=64 * 1024)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:  # uvicorn sets this once it accepts connections
+        if not thread.is_alive():
+            raise RuntimeError("server failed to start")
+        threading.Event().wait(0.01)
+    yield f"http://127.0.0.1:{port}", engine
+    uv.should_exit = True
+    thread.join()
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+
+
+def raw(url, body=None, *, method="POST", key=KEY, data=None, headers=None):
+    """(status, parsed JSON body) for a raw request."""
+    if data is None and body is not None:
+        data = json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+GREEDY = dict(model=MODEL, temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(messages=[{"role": "user", "content": "Hello"}], **GREEDY)
+    assert r.object == "chat.completion" and r.model == MODEL
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens > 0
+    assert r.system_fingerprint
+
+
+def test_chat_streaming_equals_non_streaming_and_reports_usage(client):
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    full = client.chat.completions.create(messages=messages, **GREEDY).choices[0].message.content
+    chunks = list(client.chat.completions.create(messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}, **GREEDY))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_second_turn_reports_cached_tokens(client):
+    messages = [{"role": "system", "content": "You are a helpful assistant. " * 8},
+                {"role": "user", "content": "What is the capital of France?"}]
+    first = client.chat.completions.create(messages=messages, **GREEDY)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And of Italy?"}]
+    second = client.chat.completions.create(messages=messages, **GREEDY)
+    assert second.usage.prompt_tokens_details.cached_tokens >= 8
+
+
+def test_completions_prompt_forms_logprobs_and_stop(client):
+    r = client.completions.create(prompt="The capital of France is", logprobs=2, **GREEDY)
+    choice = r.choices[0]
+    assert choice.text and len(choice.logprobs.tokens) == 12
+    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
+    ids = client.completions.create(prompt=[1, 2, 3], **GREEDY)
+    assert ids.usage.prompt_tokens == 3
+    many = client.completions.create(prompt=["Hello", "Numbers:"], **GREEDY)
+    assert [c.index for c in many.choices] == [0, 1]
+    stop = choice.text[4:7]
+    stopped = client.completions.create(prompt="The capital of France is", stop=[stop], **GREEDY)
+    assert stopped.choices[0].finish_reason == "stop" and stop not in stopped.choices[0].text
+
+
+def test_seed_reproducibility(client):
+    kw = dict(model=MODEL, temperature=1.0, max_tokens=16, seed=7, extra_body={"ignore_eos": True})
+    a = client.completions.create(prompt="Once upon a time", **kw).choices[0].text
+    b = client.completions.create(prompt="Once upon a time", **kw).choices[0].text
+    assert a == b
+
+
+def test_concurrent_streams_match_alone(client):
+    prompts = ["Hello", "The capital of France is", "def add(a, b):", "Numbers: 1 2 3", "Once upon", "Why", "A", "The sky"]
+    alone = [client.completions.create(prompt=p, **GREEDY).choices[0].text for p in prompts]
+
+    def streamed(p):
+        return "".join(c.choices[0].text for c in client.completions.create(prompt=p, stream=True, **GREEDY) if c.choices)
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(streamed, prompts))
+    assert together == alone
+
+
+def test_models_health_stats(server, client):
+    url, _ = server
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert raw(url + "/health", method="GET", key=None) == (200, {"status": "ok"})
+    status, stats = raw(url + "/v1/stats", method="GET")
+    assert status == 200 and "running" in stats and "decode_tok_s" in stats
+
+
+BAD = [
+    ("not json", dict(data=b"{nope"), 400, None),
+    ("not an object", dict(body=[1, 2]), 400, None),
+    ("no messages", dict(body={"model": MODEL}), 400, "messages"),
+    ("empty messages", dict(body={"model": MODEL, "messages": []}), 400, "messages"),
+    ("unknown role", dict(body={"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}), 400, "messages"),
+    ("content wrong type", dict(body={"model": MODEL, "messages": [{"role": "user", "content": 5}]}), 400, "messages"),
+    ("max_tokens string", dict(body={"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}), 400, "max_tokens"),
+    ("max_tokens negative", dict(body={"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}), 400, "max_tokens"),
+    ("max_tokens zero", dict(body={"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), 400, "max_tokens"),
+    ("temperature negative", dict(body={"messages": [{"role": "user", "content": "x"}], "temperature": -1}), 400, "temperature"),
+    ("temperature string", dict(body={"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}), 400, "temperature"),
+    ("top_p zero", dict(body={"messages": [{"role": "user", "content": "x"}], "top_p": 0}), 400, "top_p"),
+    ("top_p big", dict(body={"messages": [{"role": "user", "content": "x"}], "top_p": 2}), 400, "top_p"),
+    ("top_k negative", dict(body={"messages": [{"role": "user", "content": "x"}], "top_k": -3}), 400, "top_k"),
+    ("min_p big", dict(body={"messages": [{"role": "user", "content": "x"}], "min_p": 1.5}), 400, "min_p"),
+    ("presence huge", dict(body={"messages": [{"role": "user", "content": "x"}], "presence_penalty": 9}), 400, "presence_penalty"),
+    ("frequency huge", dict(body={"messages": [{"role": "user", "content": "x"}], "frequency_penalty": -9}), 400, "frequency_penalty"),
+    ("repetition zero", dict(body={"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}), 400, "repetition_penalty"),
+    ("seed float", dict(body={"messages": [{"role": "user", "content": "x"}], "seed": 1.5}), 400, "seed"),
+    ("n two", dict(body={"messages": [{"role": "user", "content": "x"}], "n": 2}), 400, "n"),
+    ("stop number", dict(body={"messages": [{"role": "user", "content": "x"}], "stop": 5}), 400, "stop"),
+    ("stop list of numbers", dict(body={"messages": [{"role": "user", "content": "x"}], "stop": [1]}), 400, "stop"),
+    ("too many stops", dict(body={"messages": [{"role": "user", "content": "x"}], "stop": list("abcdefghijklmnopq")}), 400, "stop"),
+    ("top_logprobs huge", dict(body={"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 50}), 400, "top_logprobs"),
+    ("stream string", dict(body={"messages": [{"role": "user", "content": "x"}], "stream": "yes"}), 400, "stream"),
+    ("image part", dict(body={"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 400, "messages"),
+    ("over context", dict(body={"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}), 400, "messages"),
+    ("unknown model", dict(body={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), 404, "model"),
+    ("bad key", dict(body={"messages": [{"role": "user", "content": "x"}]}, key="wrong"), 401, None),
+    ("no key", dict(body={"messages": [{"role": "user", "content": "x"}]}, key=None), 401, None),
+    ("huge body", dict(data=b'{"messages": "' + b"x" * 70_000 + b'"}'), 413, None),
+]
+BAD_COMPLETIONS = [
+    ("no prompt", {"model": MODEL}, 400, "prompt"),
+    ("empty prompt list", {"prompt": []}, 400, "prompt"),
+    ("prompt wrong type", {"prompt": 5}, 400, "prompt"),
+    ("token id out of range", {"prompt": [1, 10**9]}, 400, "prompt"),
+    ("negative token id", {"prompt": [-1]}, 400, "prompt"),
+    ("mixed prompt list", {"prompt": ["a", 1]}, 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,status,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_chat_requests(server, name, kwargs, status, param):
+    url, _ = server
+    got, body = raw(url + "/v1/chat/completions", **kwargs)
+    assert got == status, body
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
+    if param:
+        assert body["error"]["param"] == param
+    if name == "over context":
+        assert body["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("name,body,status,param", BAD_COMPLETIONS, ids=[b[0] for b in BAD_COMPLETIONS])
+def test_bad_completion_requests(server, name, body, status, param):
+    url, _ = server
+    got, answer = raw(url + "/v1/completions", body)
+    assert got == status and answer["error"]["param"] == param
+
+
+def test_unknown_route_and_method_are_openai_errors(server):
+    url, _ = server
+    status, body = raw(url + "/v1/nothing", {})
+    assert status == 404 and body["error"]["code"] == "not_found"
+    status, body = raw(url + "/v1/chat/completions", method="GET")
+    assert status == 405 and "error" in body
+
+
+def test_server_still_serves_after_errors(server, client):
+    url, _ = server
+    for _ in range(3):
+        raw(url + "/v1/chat/completions", data=b"garbage")
+    assert client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], **GREEDY).choices[0].message.content
+
+
+def test_disconnect_mid_stream_cancels_the_request(server):
+    url, engine = server
+    body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1500, "stream": True,
+                       "temperature": 0, "ignore_eos": True}).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=body, method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    response = urllib.request.urlopen(req, timeout=60)
+    response.readline()  # the stream has started: the request is running
+    assert engine.stats()["running"] >= 1 or engine.stats()["decode_tokens"] > 0
+    response.close()  # the client goes away
+    # The row must be gone within a bounded time (the engine republishes stats at least every
+    # 0.5 s while idle); poll until then.
+    gone = threading.Event()
+    for _ in range(40):
+        if engine.stats()["running"] == 0:
+            gone.set()
+            break
+        gone.wait(0.05)
+    assert gone.is_set(), "the request still runs 2 s after its client went away"
+    assert engine.stats()["kv_bytes_in_use"] == 0
+
+
+def test_serve_command_runs_and_stops_cleanly(tiny_model_dir):
+    """The real `mlxserve serve` process: binds 127.0.0.1, answers, exits 0 on Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlxserve", "serve", "--model", str(tiny_model_dir("qwen3", "float32")),
+         "--port", str(port), "--served-model-name", "tiny-cli"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        for line in proc.stdout:  # wait for the one line that says where it serves
+            if "serving" in line:
+                assert f"http://127.0.0.1:{port}/v1" in line
+                break
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=2)
+        r = c.completions.create(model="tiny-cli", prompt="Hello", max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens >= 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
