@@ -262,3 +262,114 @@ def test_serve_command_runs_and_stops_cleanly(tiny_model_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ---- tool calls and reasoning: an engine stand-in scripts what the model "writes" ----------------
+class ScriptedEngine:
+    """Stands in for the engine in the server: each request streams the scripted text pieces
+    (the model's output as the detokenizer would deliver it)."""
+
+    def __init__(self, loaded, pieces):
+        self.loaded, self.pieces, self.alive = loaded, pieces, True
+
+    def stats(self):
+        return {}
+
+    def submit(self, request, loop):
+        return ScriptedStream(request, self.pieces)
+
+
+class ScriptedStream:
+    def __init__(self, request, pieces):
+        self.request, self.pieces = request, pieces
+
+    def cancel(self):
+        pass
+
+    async def __aiter__(self):
+        from mlxserve.scheduler import TokenEvent
+
+        for i, piece in enumerate(self.pieces):
+            last = i == len(self.pieces) - 1
+            yield TokenEvent("scripted", [i], piece, finish_reason="stop" if last else None,
+                             prompt_tokens=len(self.request.prompt_ids), completion_tokens=i + 1)
+
+
+def serve_app(app):
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        threading.Event().wait(0.01)
+    return uv, thread, f"http://127.0.0.1:{port}/v1"
+
+
+SCRIPT = ["<think>", "\nCheck the", " weather.\n", "</think>", "\n\nLet me look.", "<tool_call>", '\n{"name": "get_',
+          'weather", "arguments": {"city": ', '"Paris"}}\n', "</tool_call>"]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    servers = {}
+    for name, pieces in (("good", SCRIPT), ("bad", ["Hi ", "<tool_call>", "{oops}", "</tool_call>"])):
+        uv, thread, url = serve_app(create_app(ScriptedEngine(loaded, pieces), MODEL))
+        servers[name] = (uv, thread, openai.OpenAI(base_url=url, api_key="x", max_retries=0))
+    yield {k: v[2] for k, v in servers.items()}
+    for uv, thread, _ in servers.values():
+        uv.should_exit = True
+        thread.join()
+
+
+def test_tool_calls_and_reasoning_non_streaming(scripted):
+    r = scripted["good"].chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me look."
+    assert choice.message.model_extra["reasoning_content"] == "\nCheck the weather.\n"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_tool_calls_and_reasoning_streaming(scripted):
+    chunks = list(scripted["good"].chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == "Let me look."
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == "\nCheck the weather.\n"
+    calls = [t for d in deltas for t in (d.tool_calls or [])]
+    assert [c.index for c in calls] == [0]
+    assert json.loads("".join(c.function.arguments for c in calls)) == {"city": "Paris"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_without_tools_the_markup_is_content(scripted):
+    r = scripted["good"].chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather?"}])
+    assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
+    assert "<tool_call>" in r.choices[0].message.content
+
+
+def test_malformed_tool_call_is_plain_content(scripted):
+    r = scripted["bad"].chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], tools=TOOLS)
+    assert r.choices[0].message.content == "Hi <tool_call>{oops}</tool_call>"
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_tool_history_and_tool_choice_are_accepted(scripted):
+    history = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    client = scripted["good"]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert r.choices[0].finish_reason == "tool_calls"
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="none")
+    assert r.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})

@@ -3,6 +3,7 @@ events -> response JSON and stream chunks. The only place that knows the wire fo
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class Completion:
     stream: bool
     include_usage: bool
     model: str
+    tools_enabled: bool = False  # parse tool calls out of the answer
 
 
 _FIELD_TYPES = {
@@ -41,7 +43,7 @@ _FIELD_TYPES = {
     "top_p": (int, float), "top_k": int, "min_p": (int, float), "presence_penalty": (int, float),
     "frequency_penalty": (int, float), "repetition_penalty": (int, float), "seed": int, "n": int,
     "stream": bool, "logprobs": (bool, int), "top_logprobs": int, "user": str, "stream_options": dict,
-    "chat_template_kwargs": dict, "ignore_eos": bool,
+    "chat_template_kwargs": dict, "ignore_eos": bool, "tools": list,
 }
 
 
@@ -60,8 +62,11 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
     if body.get("n", 1) != 1:
         raise APIError(400, "only n=1 is supported", param="n")
 
+    tools_enabled = False
     if kind == "chat":
-        prompts = [_chat_prompt(body, tokenizer)]
+        tools = _tools(body)
+        tools_enabled = bool(tools)
+        prompts = [_chat_prompt(body, tokenizer, tools)]
         top_logprobs = body.get("top_logprobs") or 0
         logprobs = bool(body.get("logprobs"))
     else:
@@ -110,10 +115,34 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
                            param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
     options = body.get("stream_options") or {}
     return Completion(kind, prompts, params, bool(body.get("stream", False)),
-                      bool(options.get("include_usage")), model)
+                      bool(options.get("include_usage")), model, tools_enabled)
 
 
-def _chat_prompt(body: dict, tokenizer) -> list[int]:
+def _tools(body: dict) -> list | None:
+    """The tools to show the model, or None (none given, or tool_choice "none").
+
+    tool_choice "required" or a named function is passed to the template as the tools, but
+    not enforced on the output (no constrained decoding yet)."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice", "auto")
+    if tools is None:
+        return None
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(fn, dict)
+                and isinstance(fn.get("name"), str)):
+            raise APIError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': …}}}}", param="tools")
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if choice.get("type") != "function" or name not in {t["function"]["name"] for t in tools}:
+            raise APIError(400, "tool_choice names a function that is not in tools", param="tool_choice")
+        return [t for t in tools if t["function"]["name"] == name]
+    if choice not in ("auto", "none", "required"):
+        raise APIError(400, "tool_choice must be auto, none, required or a named function", param="tool_choice")
+    return None if choice == "none" else tools
+
+
+def _chat_prompt(body: dict, tokenizer, tools: list | None) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
@@ -128,7 +157,7 @@ def _chat_prompt(body: dict, tokenizer) -> list[int]:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
     normalized = [_normalize_message(m) for m in messages]
     try:
-        text = tokenizer.apply_chat_template(normalized, add_generation_prompt=True,
+        text = tokenizer.apply_chat_template(normalized, add_generation_prompt=True, tools=tools,
                                              **(body.get("chat_template_kwargs") or {}))
     except ValueError as exc:  # the template rejected the conversation
         raise APIError(400, f"chat template: {exc}", param="messages") from None
@@ -150,6 +179,21 @@ def _normalize_message(message: dict) -> dict:
         m["content"] = "".join(texts)
     elif content is None:
         m["content"] = ""
+    if m.get("tool_calls") is not None:
+        # OpenAI clients send arguments as a JSON string; templates expect the object.
+        calls = []
+        for call in m["tool_calls"] if isinstance(m["tool_calls"], list) else [None]:
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise APIError(400, "tool_calls entries need function.name", param="messages")
+            arguments = fn.get("arguments", "{}")
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments or "{}")
+                except json.JSONDecodeError:
+                    raise APIError(400, "tool_calls arguments must be JSON", param="messages") from None
+            calls.append({**call, "function": {**fn, "arguments": arguments}})
+        m["tool_calls"] = calls
     return m
 
 

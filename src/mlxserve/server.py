@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from . import openai_api as wire
+from .chat_output import Parsed, parser_for
 from .engine import Engine
 from .scheduler import Request
 
@@ -147,8 +148,15 @@ async def _collect(c: wire.Completion, streams, tokenizer) -> dict:
         cached += final.cached_tokens
         lp = wire.logprobs_json(c.kind, logprobs if c.params.logprobs else None, tokenizer)
         if c.kind == "chat":
-            choices.append({"index": index, "message": {"role": "assistant", "content": "".join(text)},
-                            "logprobs": lp, "finish_reason": final.finish_reason})
+            parser = parser_for(tokenizer, tools_enabled=c.tools_enabled)
+            parsed = _merge(parser.feed("".join(text)), parser.flush())
+            message = {"role": "assistant", "content": parsed.content or (None if parsed.tool_calls else "")}
+            if parsed.reasoning:
+                message["reasoning_content"] = parsed.reasoning
+            if parsed.tool_calls:
+                message["tool_calls"] = [_tool_call_json(call) for call in parsed.tool_calls]
+            reason = "tool_calls" if parsed.tool_calls else final.finish_reason
+            choices.append({"index": index, "message": message, "logprobs": lp, "finish_reason": reason})
         else:
             choices.append({"index": index, "text": "".join(text), "logprobs": lp,
                             "finish_reason": final.finish_reason})
@@ -168,15 +176,25 @@ async def _stream(c: wire.Completion, streams, tokenizer):
             if c.kind == "chat":
                 yield sse(wire.chunk(c, rid, [{"index": index, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]))
+            parser = parser_for(tokenizer, tools_enabled=c.tools_enabled) if c.kind == "chat" else None
+            calls = 0
             async for event in stream:
                 if event.finish_reason == "error":
                     yield sse(wire.APIError(500, event.error or "generation failed", type="server_error").body())
                     return
                 lp = wire.logprobs_json(c.kind, event.logprobs if c.params.logprobs else None, tokenizer)
-                if event.text or event.finish_reason or lp:
-                    piece = {"delta": {"content": event.text}} if c.kind == "chat" else {"text": event.text}
-                    yield sse(wire.chunk(c, rid, [{"index": index, **piece, "logprobs": lp,
-                                                   "finish_reason": event.finish_reason}]))
+                reason = event.finish_reason
+                if parser is None:
+                    piece = {"text": event.text}
+                else:
+                    parsed = parser.feed(event.text)
+                    if reason:
+                        parsed = _merge(parsed, parser.flush())
+                        reason = "tool_calls" if parser.saw_tool_call else reason
+                    piece = {"delta": _delta(parsed, calls)}
+                    calls += len(parsed.tool_calls)
+                if (piece.get("text") or piece.get("delta")) or reason or lp:
+                    yield sse(wire.chunk(c, rid, [{"index": index, **piece, "logprobs": lp, "finish_reason": reason}]))
                 if event.finish_reason:
                     prompt_tokens += event.prompt_tokens
                     completion_tokens += event.completion_tokens
@@ -188,6 +206,26 @@ async def _stream(c: wire.Completion, streams, tokenizer):
         # Normal end, error, or the client went away (the generator is closed/cancelled).
         for s in streams:
             s.cancel()
+
+
+def _merge(a: Parsed, b: Parsed) -> Parsed:
+    return Parsed(a.content + b.content, a.reasoning + b.reasoning, a.tool_calls + b.tool_calls)
+
+
+def _tool_call_json(call, index: int | None = None) -> dict:
+    out = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+    return out if index is None else {"index": index, **out}
+
+
+def _delta(parsed: Parsed, calls_so_far: int) -> dict:
+    delta = {}
+    if parsed.content:
+        delta["content"] = parsed.content
+    if parsed.reasoning:
+        delta["reasoning_content"] = parsed.reasoning
+    if parsed.tool_calls:
+        delta["tool_calls"] = [_tool_call_json(call, calls_so_far + i) for i, call in enumerate(parsed.tool_calls)]
+    return delta
 
 
 def serve(engine: Engine, served_model: str, host: str, port: int, **app_options) -> None:
