@@ -373,3 +373,38 @@ def test_tool_history_and_tool_choice_are_accepted(scripted):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS,
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_metrics_parse_as_prometheus_text(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.completions.create(prompt="Hello", **GREEDY)
+    url, _ = server
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("mlxserve_requests", "mlxserve_generation_tokens", "mlxserve_time_to_first_token_seconds",
+                 "mlxserve_inter_token_latency_seconds", "mlxserve_running", "mlxserve_kv_bytes_in_use"):
+        assert name in families, name
+    ttft_count = next(s.value for s in families["mlxserve_time_to_first_token_seconds"].samples if s.name.endswith("_count"))
+    assert ttft_count >= 1
+    generated = next(s.value for s in families["mlxserve_generation_tokens"].samples)
+    assert generated >= 12
+
+
+def test_health_is_503_when_the_engine_stopped(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    engine = Engine(loaded).start()
+    uv, thread, url = serve_app(create_app(engine, MODEL))
+    base = url.removesuffix("/v1")
+    try:
+        assert raw(base + "/health", method="GET", key=None)[0] == 200
+        engine.stop()  # the engine loop ends: the server must say so
+        status, body = raw(base + "/health", method="GET", key=None)
+        assert status == 503
+        status, body = raw(url + "/completions", {"prompt": "hi"}, key=None)
+        assert status == 503 and body["error"]["type"] == "server_error"
+    finally:
+        uv.should_exit = True
+        thread.join()

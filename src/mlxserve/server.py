@@ -17,12 +17,13 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from . import openai_api as wire
 from .chat_output import Parsed, parser_for
 from .engine import Engine
+from .metrics import Metrics
 from .scheduler import Request
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # requests larger than this get 413
@@ -32,6 +33,7 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
                cors_origins: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
     loaded = engine.loaded
     tokenizer = loaded.tokenizer
+    metrics = Metrics()
 
     def error(exc: wire.APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
@@ -70,10 +72,10 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         except RuntimeError as exc:  # the engine is not running
             return error(wire.APIError(503, str(exc), type="server_error"))
         if c.stream:
-            return StreamingResponse(_stream(c, streams, tokenizer), media_type="text/event-stream",
+            return StreamingResponse(_stream(c, streams, tokenizer, metrics), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            return JSONResponse(await _collect(c, streams, tokenizer))
+            return JSONResponse(await _collect(c, streams, tokenizer, metrics))
         except wire.APIError as exc:
             return error(exc)
         finally:
@@ -108,6 +110,9 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             return error(exc)
         return JSONResponse(engine.stats())
 
+    async def prometheus(request: HTTPRequest):
+        return PlainTextResponse(metrics.render(engine.stats()), media_type="text/plain; version=0.0.4")
+
     async def http_error(request: HTTPRequest, exc: HTTPException):
         kind = "not_found" if exc.status_code == 404 else None
         return error(wire.APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=kind))
@@ -123,22 +128,26 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/stats", stats, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            Route("/metrics", prometheus, methods=["GET"]),
         ],
         middleware=middleware,
         exception_handlers={HTTPException: http_error},
     )
 
 
-async def _collect(c: wire.Completion, streams, tokenizer) -> dict:
+async def _collect(c: wire.Completion, streams, tokenizer, metrics: Metrics) -> dict:
     choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
     for index, stream in enumerate(streams):
-        text, logprobs, final = [], [], None
+        text, logprobs, final, times = [], [], None, []
         async for event in stream:
             text.append(event.text)
+            if event.token_ids:
+                times.append(event.time)
             if event.logprobs:
                 logprobs.extend(event.logprobs)
             if event.finish_reason:
                 final = event
+        metrics.record(final, times)
         if final.finish_reason == "error":
             status = 429 if "busy" in (final.error or "") else 500
             raise wire.APIError(status, final.error or "generation failed",
@@ -163,7 +172,7 @@ async def _collect(c: wire.Completion, streams, tokenizer) -> dict:
     return wire.response(c, wire.new_id(c.kind), choices, wire.usage(prompt_tokens, completion_tokens, cached))
 
 
-async def _stream(c: wire.Completion, streams, tokenizer):
+async def _stream(c: wire.Completion, streams, tokenizer, metrics: Metrics):
     """SSE chunks for each event; cancels the requests if the client goes away."""
     rid = wire.new_id(c.kind)
 
@@ -177,8 +186,12 @@ async def _stream(c: wire.Completion, streams, tokenizer):
                 yield sse(wire.chunk(c, rid, [{"index": index, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]))
             parser = parser_for(tokenizer, tools_enabled=c.tools_enabled) if c.kind == "chat" else None
-            calls = 0
+            calls, times = 0, []
             async for event in stream:
+                if event.token_ids:
+                    times.append(event.time)
+                if event.finish_reason:
+                    metrics.record(event, times)
                 if event.finish_reason == "error":
                     yield sse(wire.APIError(500, event.error or "generation failed", type="server_error").body())
                     return
