@@ -2,7 +2,6 @@
 and by raw HTTP for the error cases."""
 
 import json
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -10,38 +9,23 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import uvicorn
 
 from mlxserve.engine import Engine, EngineConfig
 from mlxserve.loader import load_model
+from live_server import SCRIPT, LiveServer, ScriptedEngine, free_port
 from mlxserve.server import create_app
 
 MODEL = "tiny"
 KEY = "secret-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
     engine = Engine(loaded, EngineConfig(block_size=8)).start()
-    port = free_port()
-    app = create_app(engine, MODEL, api_key=KEY, max_body_bytes=64 * 1024)
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:  # uvicorn sets this once it accepts connections
-        if not thread.is_alive():
-            raise RuntimeError("server failed to start")
-        threading.Event().wait(0.01)
-    yield f"http://127.0.0.1:{port}", engine
-    uv.should_exit = True
-    thread.join()
+    live = LiveServer(create_app(engine, MODEL, api_key=KEY, max_body_bytes=64 * 1024))
+    yield live.base, engine
+    live.stop()
     engine.stop()
 
 
@@ -264,63 +248,18 @@ def test_serve_command_runs_and_stops_cleanly(tiny_model_dir):
             proc.kill()
 
 
-# ---- tool calls and reasoning: an engine stand-in scripts what the model "writes" ----------------
-class ScriptedEngine:
-    """Stands in for the engine in the server: each request streams the scripted text pieces
-    (the model's output as the detokenizer would deliver it)."""
-
-    def __init__(self, loaded, pieces):
-        self.loaded, self.pieces, self.alive = loaded, pieces, True
-
-    def stats(self):
-        return {}
-
-    def submit(self, request, loop):
-        return ScriptedStream(request, self.pieces)
-
-
-class ScriptedStream:
-    def __init__(self, request, pieces):
-        self.request, self.pieces = request, pieces
-
-    def cancel(self):
-        pass
-
-    async def __aiter__(self):
-        from mlxserve.scheduler import TokenEvent
-
-        for i, piece in enumerate(self.pieces):
-            last = i == len(self.pieces) - 1
-            yield TokenEvent("scripted", [i], piece, finish_reason="stop" if last else None,
-                             prompt_tokens=len(self.request.prompt_ids), completion_tokens=i + 1)
-
-
-def serve_app(app):
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        threading.Event().wait(0.01)
-    return uv, thread, f"http://127.0.0.1:{port}/v1"
-
-
-SCRIPT = ["<think>", "\nCheck the", " weather.\n", "</think>", "\n\nLet me look.", "<tool_call>", '\n{"name": "get_',
-          'weather", "arguments": {"city": ', '"Paris"}}\n', "</tool_call>"]
+# ---- tool calls and reasoning: a scripted engine stand-in writes the model's answer ----------
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 
 
 @pytest.fixture(scope="module")
 def scripted(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
-    servers = {}
-    for name, pieces in (("good", SCRIPT), ("bad", ["Hi ", "<tool_call>", "{oops}", "</tool_call>"])):
-        uv, thread, url = serve_app(create_app(ScriptedEngine(loaded, pieces), MODEL))
-        servers[name] = (uv, thread, openai.OpenAI(base_url=url, api_key="x", max_retries=0))
-    yield {k: v[2] for k, v in servers.items()}
-    for uv, thread, _ in servers.values():
-        uv.should_exit = True
-        thread.join()
+    servers = {name: LiveServer(create_app(ScriptedEngine(loaded, pieces), MODEL))
+               for name, pieces in (("good", SCRIPT), ("bad", ["Hi ", "<tool_call>", "{oops}", "</tool_call>"]))}
+    yield {name: openai.OpenAI(base_url=live.url, api_key="x", max_retries=0) for name, live in servers.items()}
+    for live in servers.values():
+        live.stop()
 
 
 def test_tool_calls_and_reasoning_non_streaming(scripted):
@@ -396,15 +335,13 @@ def test_metrics_parse_as_prometheus_text(server, client):
 def test_health_is_503_when_the_engine_stopped(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
     engine = Engine(loaded).start()
-    uv, thread, url = serve_app(create_app(engine, MODEL))
-    base = url.removesuffix("/v1")
+    live = LiveServer(create_app(engine, MODEL))
     try:
-        assert raw(base + "/health", method="GET", key=None)[0] == 200
+        assert raw(live.base + "/health", method="GET", key=None)[0] == 200
         engine.stop()  # the engine loop ends: the server must say so
-        status, body = raw(base + "/health", method="GET", key=None)
+        status, body = raw(live.base + "/health", method="GET", key=None)
         assert status == 503
-        status, body = raw(url + "/completions", {"prompt": "hi"}, key=None)
+        status, body = raw(live.url + "/completions", {"prompt": "hi"}, key=None)
         assert status == 503 and body["error"]["type"] == "server_error"
     finally:
-        uv.should_exit = True
-        thread.join()
+        live.stop()

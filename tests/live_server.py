@@ -1,0 +1,65 @@
+"""A real uvicorn server on a free loopback port, in a background thread, for tests."""
+
+import socket
+import threading
+
+import uvicorn
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, app):
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.url = self.base + "/v1"
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        while not self._server.started:  # uvicorn sets this once it accepts connections
+            if not self._thread.is_alive():
+                raise RuntimeError("server failed to start")
+            threading.Event().wait(0.01)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join()
+
+
+class ScriptedEngine:
+    """Stands in for the engine in the server: each request streams the scripted text pieces
+    (the model's output as the detokenizer would deliver it)."""
+
+    def __init__(self, loaded, pieces):
+        self.loaded, self.pieces, self.alive = loaded, pieces, True
+
+    def stats(self):
+        return {}
+
+    def submit(self, request, loop):
+        return ScriptedStream(request, self.pieces)
+
+
+class ScriptedStream:
+    def __init__(self, request, pieces):
+        self.request, self.pieces = request, pieces
+
+    def cancel(self):
+        pass
+
+    async def __aiter__(self):
+        from mlxserve.scheduler import TokenEvent
+
+        for i, piece in enumerate(self.pieces):
+            last = i == len(self.pieces) - 1
+            yield TokenEvent("scripted", [i], piece, finish_reason="stop" if last else None,
+                             prompt_tokens=len(self.request.prompt_ids), completion_tokens=i + 1)
+
+
+# A Qwen-style answer: reasoning, some content, one tool call, cut into uneven pieces.
+SCRIPT = ["<think>", "\nCheck the", " weather.\n", "</think>", "\n\nLet me look.", "<tool_call>", '\n{"name": "get_',
+          'weather", "arguments": {"city": ', '"Paris"}}\n', "</tool_call>"]
