@@ -7,6 +7,7 @@ from mlxserve.engine import Engine, EngineConfig, make_scheduler
 from mlxserve.loader import load_model
 from mlxserve.sampling import SamplingParams
 from mlxserve.scheduler import Request
+from tiny_models import reference_prompt_logprobs
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
@@ -243,3 +244,35 @@ def test_stats_report_rates_and_memory(loaded):
         assert key in stats
     assert stats["decode_tok_s"] > 0 and stats["prefill_tok_s"] > 0
     assert stats["kv_bytes_budget"] > 0
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 512])
+def test_prompt_scoring_equals_a_direct_forward_pass(loaded, chunk):
+    prompt = loaded.tokenizer.encode("The capital of France is Paris. The sky is blue because of Rayleigh scattering.")
+    expected = reference_prompt_logprobs(loaded, prompt)
+    with Engine(loaded, EngineConfig(max_batch_tokens=chunk, block_size=4)) as engine:
+        # a plain request first, so that the prefix cache holds this prompt: scoring must not use it
+        engine.generate(prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        events = list(engine.submit(Request(prompt, SamplingParams(max_tokens=1), prompt_logprobs=2, score_only=True)))
+    final = events[-1]
+    assert final.finish_reason == "length" and final.completion_tokens == 0
+    scores = final.prompt_logprobs
+    assert len(scores) == len(prompt) and scores[0] is None
+    for i, entry in enumerate(scores[1:]):
+        assert entry.token_id == prompt[i + 1]
+        assert abs(entry.logprob - expected[i, prompt[i + 1]].item()) < 1e-4
+        best = sorted(range(expected.shape[1]), key=lambda t: -expected[i, t].item())[:2]
+        assert [t for t, _ in entry.top] == best
+
+
+def test_prompt_scoring_alongside_generation(loaded):
+    prompt = loaded.tokenizer.encode("Once upon a time there was a tiny model.")
+    expected = reference_prompt_logprobs(loaded, prompt)
+    with Engine(loaded) as engine:
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        events = list(engine.submit(Request(prompt, params, prompt_logprobs=0)))
+        alone = engine.generate(prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert [t for e in events for t in e.token_ids] == [t for e in alone for t in e.token_ids]
+    scores = events[-1].prompt_logprobs
+    assert len(scores) == len(prompt)
+    assert all(abs(s.logprob - expected[i, prompt[i + 1]].item()) < 1e-4 for i, s in enumerate(scores[1:]))

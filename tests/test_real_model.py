@@ -58,3 +58,27 @@ def test_default_model_cli_run(smollm2_path):
     out = json.loads(r.stdout)
     assert out["token_ids"][0] == PARIS
     assert out["text"].startswith(" Paris")
+
+
+def test_server_scores_a_text_like_a_direct_forward_pass(smollm2):
+    """/v1/completions echo + logprobs on the real model equals a direct forward pass."""
+    import openai
+
+    from live_server import LiveServer
+    from mlxserve.server import create_app
+    from tiny_models import reference_prompt_logprobs
+
+    with Engine(smollm2) as engine:
+        live = LiveServer(create_app(engine, "smollm2"))
+        try:
+            client = openai.OpenAI(base_url=live.url, api_key="x", max_retries=0)
+            r = client.completions.create(model="smollm2", prompt="The capital of France is Paris",
+                                          echo=True, logprobs=1, max_tokens=0)
+        finally:
+            live.stop()
+    prompt = FRANCE_IDS + [PARIS]
+    expected = reference_prompt_logprobs(smollm2, prompt)
+    got = r.choices[0].logprobs.token_logprobs
+    assert got[0] is None and len(got) == len(prompt)
+    assert all(abs(lp - expected[i, prompt[i + 1]].item()) < 1e-4 for i, lp in enumerate(got[1:]))
+    assert abs(got[-1] - (-0.26)) < 0.05  # " Paris" after "The capital of France is"

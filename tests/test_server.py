@@ -345,3 +345,25 @@ def test_health_is_503_when_the_engine_stopped(tiny_model_dir):
         assert status == 503 and body["error"]["type"] == "server_error"
     finally:
         live.stop()
+
+
+def test_echo_scoring_equals_a_direct_forward_pass(server, client):
+    """lm-evaluation-harness style: echo + logprobs + max_tokens 0 scores the prompt."""
+    from tiny_models import reference_prompt_logprobs
+
+    url, engine = server
+    text = "The capital of France is Paris."
+    r = client.completions.create(model=MODEL, prompt=text, echo=True, logprobs=1, max_tokens=0)
+    choice = r.choices[0]
+    prompt = engine.loaded.tokenizer.encode(text)
+    expected = reference_prompt_logprobs(engine.loaded, prompt)
+    assert choice.text == text and r.usage.completion_tokens == 0
+    assert choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.token_logprobs) == len(prompt)
+    for i, lp in enumerate(choice.logprobs.token_logprobs[1:]):
+        assert abs(lp - expected[i, prompt[i + 1]].item()) < 1e-4
+    # with generation: the prompt's logprobs, then the generated tokens'
+    r = client.completions.create(prompt=text, echo=True, logprobs=0, **GREEDY)
+    assert r.choices[0].text.startswith(text)
+    assert len(r.choices[0].logprobs.token_logprobs) == len(prompt) + 12
+    status, body = raw(url + "/v1/completions", {"prompt": text, "echo": True, "stream": True})
+    assert status == 400 and body["error"]["param"] == "echo"

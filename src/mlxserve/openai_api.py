@@ -36,6 +36,8 @@ class Completion:
     include_usage: bool
     model: str
     tools_enabled: bool = False  # parse tool calls out of the answer
+    echo: bool = False  # /v1/completions: the answer starts with the prompt (and its logprobs)
+    score_only: bool = False  # echo with max_tokens 0: score the prompt, generate nothing
 
 
 _FIELD_TYPES = {
@@ -43,7 +45,7 @@ _FIELD_TYPES = {
     "top_p": (int, float), "top_k": int, "min_p": (int, float), "presence_penalty": (int, float),
     "frequency_penalty": (int, float), "repetition_penalty": (int, float), "seed": int, "n": int,
     "stream": bool, "logprobs": (bool, int), "top_logprobs": int, "user": str, "stream_options": dict,
-    "chat_template_kwargs": dict, "ignore_eos": bool, "tools": list,
+    "chat_template_kwargs": dict, "ignore_eos": bool, "tools": list, "echo": bool,
 }
 
 
@@ -79,6 +81,12 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS
+    echo = kind == "text" and bool(body.get("echo"))
+    if echo and body.get("stream"):
+        raise APIError(400, "echo is not supported with stream", param="echo")
+    score_only = echo and max_tokens == 0
+    if score_only:
+        max_tokens = 1  # nothing is generated; 1 only satisfies the sampling checks
     stop = body.get("stop")
     if stop is None:
         stop = ()
@@ -109,13 +117,13 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
         field = str(exc).split(":", 1)[0]
         raise APIError(400, str(exc), param="max_tokens" if field == "max_tokens" else field) from None
     for prompt in prompts:
-        if len(prompt) + params.max_tokens > context_length:
+        if len(prompt) + (0 if score_only else params.max_tokens) > context_length:
             raise APIError(400, f"this model's context length is {context_length} tokens; the prompt has "
                                 f"{len(prompt)} and max_tokens asks for {params.max_tokens}",
                            param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
     options = body.get("stream_options") or {}
     return Completion(kind, prompts, params, bool(body.get("stream", False)),
-                      bool(options.get("include_usage")), model, tools_enabled)
+                      bool(options.get("include_usage")), model, tools_enabled, echo, score_only)
 
 
 def _tools(body: dict) -> list | None:
@@ -249,6 +257,14 @@ def logprobs_json(kind: str, entries: list, tokenizer) -> dict | None:
         "token_logprobs": [e.logprob for e in entries],
         "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in e.top} for e in entries],
     }
+
+
+def echoed_logprobs(prompt: list[int], scores: list, generated: list, tokenizer) -> dict:
+    """Completions logprobs for echo: the prompt's tokens (the first has no log-prob) then the
+    generated ones, as lm-evaluation-harness reads them."""
+    first = {"tokens": [tokenizer.decode([prompt[0]])], "token_logprobs": [None], "top_logprobs": [None]}
+    rest = logprobs_json("text", [s for s in scores[1:]] + generated, tokenizer)
+    return {k: first[k] + rest[k] for k in first}
 
 
 def response(c: Completion, rid: str, choices: list[dict], usage_json: dict) -> dict:

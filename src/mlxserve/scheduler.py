@@ -41,6 +41,10 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     id: str = field(default_factory=lambda: f"req-{next(_request_counter)}")
+    # Score the prompt: the log-prob of every prompt token after the first, with this many
+    # top alternatives (the final event carries them). score_only: generate nothing.
+    prompt_logprobs: int | None = None
+    score_only: bool = False
 
 
 @dataclass
@@ -66,6 +70,7 @@ class TokenEvent:
     ttft_s: float | None = None
     decode_tok_s: float | None = None
     time: float = 0.0  # time.perf_counter() when the engine produced the event
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the final event, if asked for
 
 
 @dataclass
@@ -104,6 +109,8 @@ class Row:
         # pipelined): at most one per step in flight.
         self.pending = 0
         self.pending_index: int | None = None  # its index in the newest step's samples
+        # Prompt scoring: entry i is the log-prob of prompt token i (None for the first).
+        self.prompt_scores: list[TokenLogprob | None] | None = [None] if request.prompt_logprobs is not None else None
 
     @property
     def id(self) -> str:
@@ -128,7 +135,10 @@ class Row:
 
     @property
     def needs_more(self) -> bool:
-        """False once the tokens in flight already reach max_tokens (nothing left to feed)."""
+        """Whether the row has anything left to feed: its prompt, or tokens to generate (False
+        once the tokens in flight already reach max_tokens)."""
+        if self.request.score_only:
+            return self.cache.length < self.prompt_len
         return self.num_generated + self.pending < self.params.max_tokens
 
 
@@ -196,6 +206,8 @@ class Scheduler:
             self._inflight = None
         self.stats.record_step(prefill=sum(len(f.tokens) for f in feeds) - decode, decode=decode,
                                seconds=time.perf_counter() - started)
+        events += self._events  # e.g. scoring requests that finished in this step
+        self._events = []
         return events
 
     def _launch(self, feeds: list[Feed], rows: list[Row]) -> InFlight | None:
@@ -207,7 +219,21 @@ class Scheduler:
                 self._remember(row)
         # Logits come in the batch's flat order (rows grouped by token count).
         by_id = {row.id: row for row in rows}
-        sampling_rows = [by_id[key] for key, _, count in batch.row_logits if count]
+        feed_of = {feed.key: feed for feed in feeds}
+        sampling_rows, last_rows = [], []
+        for key, first, count in batch.row_logits:
+            if not count:
+                continue
+            row, feed = by_id[key], feed_of[key]
+            if feed.logits == "all":
+                self._score_prompt(row, feed, logits[first : first + count])
+            if feed.start + len(feed.tokens) == row.total and not row.request.score_only:
+                sampling_rows.append(row)
+                last_rows.append(first + count - 1)
+            elif row.request.score_only and row.cache.length >= row.prompt_len:
+                self._events.append(self._finish(row, "length"))
+        if sampling_rows and len(last_rows) != logits.shape[0]:
+            logits = logits[mx.array(last_rows)]
         if not sampling_rows:
             mx.async_eval(self.kv.keys + self.kv.values)  # a prefill-only step writes KV only
             return None
@@ -219,6 +245,24 @@ class Scheduler:
             indices.append(row.sampling.record_pending())
         mx.async_eval([a for a in (result.tokens, result.logprobs, result.top_ids, result.top_logprobs) if a is not None])
         return InFlight(result, sampling_rows, indices)
+
+    def _score_prompt(self, row: Row, feed: Feed, logits: mx.array) -> None:
+        """Log-probs of the prompt tokens that follow each fed position (read back at once:
+        scoring requests are rare and want every number)."""
+        nxt = row.tokens[feed.start + 1 : min(feed.start + len(feed.tokens) + 1, row.prompt_len)]
+        if not nxt:
+            return
+        logprobs = logits[: len(nxt)].astype(mx.float32)
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        chosen = mx.take_along_axis(logprobs, mx.array(nxt)[:, None], axis=-1)[:, 0]
+        k = row.request.prompt_logprobs
+        top_ids = mx.argsort(-logprobs, axis=-1)[:, :k] if k else None
+        top_vals = mx.take_along_axis(logprobs, top_ids, axis=-1) if k else None
+        mx.eval([a for a in (chosen, top_ids, top_vals) if a is not None])
+        chosen = chosen.tolist()
+        tops = list(zip(top_ids.tolist(), top_vals.tolist())) if k else [([], [])] * len(nxt)
+        for token, lp, (ids, vals) in zip(nxt, chosen, tops):
+            row.prompt_scores.append(TokenLogprob(token, lp, list(zip(ids, vals))))
 
     def _read_back(self, step: InFlight) -> list[TokenEvent]:
         """Wait for a step's samples and commit them to their rows."""
@@ -267,7 +311,7 @@ class Scheduler:
             self.running.append(row)
 
     def _lookup(self, row: Row) -> tuple[list[int], int, object]:
-        if self.prefix is None:
+        if self.prefix is None or row.prompt_scores is not None:  # scoring needs every position
             return [], 0, None
         return self.prefix.match(row.tokens)
 
@@ -299,8 +343,9 @@ class Scheduler:
                 feed = Feed(row.id, [0], start, row.cache.block_table, "last", from_previous=row.pending_index)
             else:
                 reaches_end = start + n == len(row.tokens)
+                scoring = row.prompt_scores is not None and start < row.prompt_len
                 feed = Feed(row.id, row.tokens[start : start + n], start, row.cache.block_table,
-                            "last" if reaches_end else "none")
+                            "all" if scoring else "last" if reaches_end else "none")
             feeds.append(feed)
             rows.append(row)
         return feeds, rows
@@ -383,6 +428,7 @@ class Scheduler:
             ttft_s=ttft,
             decode_tok_s=decode_rate,
             time=now,
+            prompt_logprobs=row.prompt_scores,
         )
 
     def snapshot_stats(self) -> dict:

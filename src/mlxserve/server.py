@@ -66,7 +66,9 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             body = await read_json(request)
             c = wire.parse_request(body, kind, tokenizer, loaded.context_length, served_model)
             loop = asyncio.get_running_loop()
-            streams = [engine.submit(Request(p, c.params), loop) for p in c.prompts]
+            scoring = c.params.top_logprobs if c.echo and c.params.logprobs else None
+            streams = [engine.submit(Request(p, c.params, prompt_logprobs=scoring, score_only=c.score_only), loop)
+                       for p in c.prompts]
         except wire.APIError as exc:
             return error(exc)
         except RuntimeError as exc:  # the engine is not running
@@ -167,8 +169,13 @@ async def _collect(c: wire.Completion, streams, tokenizer, metrics: Metrics) -> 
             reason = "tool_calls" if parsed.tool_calls else final.finish_reason
             choices.append({"index": index, "message": message, "logprobs": lp, "finish_reason": reason})
         else:
-            choices.append({"index": index, "text": "".join(text), "logprobs": lp,
-                            "finish_reason": final.finish_reason})
+            body = "".join(text)
+            if c.echo:
+                prompt = stream.request.prompt_ids
+                body = tokenizer.decode(prompt) + body
+                if c.params.logprobs:
+                    lp = wire.echoed_logprobs(prompt, final.prompt_logprobs, logprobs, tokenizer)
+            choices.append({"index": index, "text": body, "logprobs": lp, "finish_reason": final.finish_reason})
     return wire.response(c, wire.new_id(c.kind), choices, wire.usage(prompt_tokens, completion_tokens, cached))
 
 
