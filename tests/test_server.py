@@ -367,3 +367,25 @@ def test_echo_scoring_equals_a_direct_forward_pass(server, client):
     assert len(r.choices[0].logprobs.token_logprobs) == len(prompt) + 12
     status, body = raw(url + "/v1/completions", {"prompt": text, "echo": True, "stream": True})
     assert status == 400 and body["error"]["param"] == "echo"
+
+
+def test_full_queue_answers_429_and_recovers(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    with Engine(loaded, EngineConfig(max_running=1, max_waiting=1)) as engine:
+        live = LiveServer(create_app(engine, MODEL))
+        try:
+            body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1500, "stream": True,
+                               "temperature": 0, "ignore_eos": True}).encode()
+            held = []
+            for _ in range(2):  # two long streams fill the running slot and the queue
+                req = urllib.request.Request(live.url + "/completions", data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+                held.append(urllib.request.urlopen(req, timeout=60))
+            status, answer = raw(live.url + "/completions", {"prompt": "hi", "max_tokens": 2}, key=None)
+            assert status == 429 and answer["error"]["code"] == "server_busy"
+            for response in held:
+                response.close()  # the clients leave: their requests are cancelled
+            client = openai.OpenAI(base_url=live.url, api_key="x", max_retries=5)
+            assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text is not None
+        finally:
+            live.stop()

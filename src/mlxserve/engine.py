@@ -87,6 +87,8 @@ class Engine:
         self._worker: _MLXWorker | None = None
         self._done = threading.Event()  # set when the engine loop has returned
         self._stopping = False
+        self._outstanding = 0  # submitted and not finished
+        self._outstanding_lock = threading.Lock()
         self._stats: dict = {}
         self.error: str | None = None
         self._ready = threading.Event()
@@ -126,6 +128,12 @@ class Engine:
             raise ValueError("prompt: must contain at least one token")
         if not self.alive:
             raise RuntimeError("engine is not running")
+        with self._outstanding_lock:
+            # Refuse here, in the caller's thread, so that a server can answer 429 at once.
+            limit = self.config.max_running + self.config.max_waiting
+            if self._outstanding >= limit:
+                raise ServerBusy(f"server busy: {self._outstanding} requests in progress (limit {limit})")
+            self._outstanding += 1
         stream = RequestStream(request, self, loop)
         self._commands.put(("submit", stream))
         return stream
@@ -209,6 +217,8 @@ class Engine:
             stream._push(event)
             if event.finish_reason is not None:
                 del self._streams[event.request_id]
+                with self._outstanding_lock:
+                    self._outstanding -= 1
 
     @staticmethod
     def _fail_running(scheduler: Scheduler, message: str) -> list[TokenEvent]:

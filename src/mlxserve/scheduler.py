@@ -168,8 +168,9 @@ class Scheduler:
 
     # ---- requests in and out ---------------------------------------------------------
     def add(self, request: Request) -> None:
-        if len(self.waiting) >= self.config.max_waiting:
-            raise ServerBusy(f"server busy: {len(self.waiting)} requests already waiting")
+        limit = self.config.max_running + self.config.max_waiting
+        if len(self.waiting) + len(self.running) >= limit:
+            raise ServerBusy(f"server busy: {len(self.waiting) + len(self.running)} requests in progress (limit {limit})")
         row = Row(request, RowCache(self.kv), self.eos_ids, self.tokenizer.decode, time.perf_counter())
         self.waiting.append(row)
 

@@ -24,7 +24,7 @@ from . import openai_api as wire
 from .chat_output import Parsed, parser_for
 from .engine import Engine
 from .metrics import Metrics
-from .scheduler import Request
+from .scheduler import Request, ServerBusy
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # requests larger than this get 413
 
@@ -67,10 +67,16 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             c = wire.parse_request(body, kind, tokenizer, loaded.context_length, served_model)
             loop = asyncio.get_running_loop()
             scoring = c.params.top_logprobs if c.echo and c.params.logprobs else None
-            streams = [engine.submit(Request(p, c.params, prompt_logprobs=scoring, score_only=c.score_only), loop)
-                       for p in c.prompts]
+            streams = []
+            for prompt in c.prompts:
+                streams.append(engine.submit(Request(prompt, c.params, prompt_logprobs=scoring,
+                                                     score_only=c.score_only), loop))
         except wire.APIError as exc:
             return error(exc)
+        except ServerBusy as exc:
+            for stream in streams:  # a multi-prompt request is refused whole
+                stream.cancel()
+            return error(wire.APIError(429, str(exc), type="rate_limit_error", code="server_busy"))
         except RuntimeError as exc:  # the engine is not running
             return error(wire.APIError(503, str(exc), type="server_error"))
         if c.stream:
