@@ -69,3 +69,46 @@ def test_parser_for_reads_the_tokenizer(tiny_model_dir, smollm2_path):
     smol = Tokenizer.from_gguf_metadata(read_gguf_metadata(smollm2_path))
     p = parser_for(smol, tools_enabled=True)
     assert not p.tools and not p.reasoning  # SmolLM2 has neither tag
+
+
+def run_incremental(text, pieces):
+    parser = ChatOutputParser(reasoning=True, tools=True, incremental=True)
+    content, parts = "", []
+    cuts = sorted(random.Random(pieces).sample(range(1, len(text)), min(pieces, len(text) - 1)))
+    for a, b in zip([0] + cuts, cuts + [len(text)]):
+        out = parser.feed(text[a:b])
+        content, parts = content + out.content, parts + out.tool_call_parts
+    out = parser.flush()
+    return content + out.content, parts + out.tool_call_parts
+
+
+@pytest.mark.parametrize("pieces", [1, 4, 25, 90, 400])
+def test_incremental_tool_calls_concatenate_to_the_arguments(pieces):
+    content, parts = run_incremental(ANSWER, pieces)
+    assert content == "Let me check."
+    calls = {}
+    for part in parts:
+        entry = calls.setdefault(part.index, {"id": part.id, "name": part.name, "arguments": ""})
+        if part.id is not None:
+            assert entry["id"] == part.id and not entry["arguments"]  # id and name come first, once
+        entry["arguments"] += part.arguments
+    assert [calls[i]["name"] for i in sorted(calls)] == ["get_weather", "get_time"]
+    assert [json.loads(calls[i]["arguments"]) for i in sorted(calls)] == [{"city": "Paris"}, {"zone": "CET"}]
+
+
+def test_incremental_streams_arguments_before_the_call_closes():
+    parser = ChatOutputParser(reasoning=False, tools=True, incremental=True)
+    first = parser.feed('<tool_call>\n{"name": "search", "arguments": {"query": "mlx')
+    assert first.tool_call_parts[0].name == "search"
+    assert "".join(p.arguments for p in first.tool_call_parts) == '{"query": "mlx'
+    second = parser.feed(' docs"}')  # the "}" may be the call's own end: held back
+    assert "".join(p.arguments for p in second.tool_call_parts) == ' docs"'
+    last = parser.feed("}\n</tool_call>")
+    assert "".join(p.arguments for p in last.tool_call_parts) == "}"
+    assert parser.saw_tool_call
+
+
+def test_a_name_with_a_bad_escape_falls_back_to_whole_call_parsing():
+    text = '<tool_call>{"name": "bad\\q", "arguments": {"a": 1}}</tool_call>'
+    content, parts = run_incremental(text, 3)
+    assert parts == [] and content == text  # not valid JSON: plain content, no error

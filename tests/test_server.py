@@ -209,15 +209,15 @@ def test_disconnect_mid_stream_cancels_the_request(server):
     response.readline()  # the stream has started: the request is running
     assert engine.stats()["running"] >= 1 or engine.stats()["decode_tokens"] > 0
     response.close()  # the client goes away
-    # The row must be gone within a bounded time (the engine republishes stats at least every
-    # 0.5 s while idle); poll until then.
+    # The row must be gone within a second (stats are republished when the engine handles
+    # the cancellation); poll until then.
     gone = threading.Event()
-    for _ in range(40):
+    for _ in range(20):
         if engine.stats()["running"] == 0:
             gone.set()
             break
         gone.wait(0.05)
-    assert gone.is_set(), "the request still runs 2 s after its client went away"
+    assert gone.is_set(), "the request still runs 1 s after its client went away"
     assert engine.stats()["kv_bytes_in_use"] == 0
 
 
@@ -278,9 +278,11 @@ def test_tool_calls_and_reasoning_streaming(scripted):
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.content or "" for d in deltas) == "Let me look."
     assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == "\nCheck the weather.\n"
-    calls = [t for d in deltas for t in (d.tool_calls or [])]
-    assert [c.index for c in calls] == [0]
-    assert json.loads("".join(c.function.arguments for c in calls)) == {"city": "Paris"}
+    parts = [t for d in deltas for t in (d.tool_calls or [])]
+    assert len(parts) > 1 and {p.index for p in parts} == {0}  # arguments arrive in pieces
+    assert parts[0].id and parts[0].function.name == "get_weather"
+    assert all(p.id is None for p in parts[1:])
+    assert json.loads("".join(p.function.arguments for p in parts)) == {"city": "Paris"}
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 

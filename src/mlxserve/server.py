@@ -198,8 +198,8 @@ async def _stream(c: wire.Completion, streams, tokenizer, metrics: Metrics):
             if c.kind == "chat":
                 yield sse(wire.chunk(c, rid, [{"index": index, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]))
-            parser = parser_for(tokenizer, tools_enabled=c.tools_enabled) if c.kind == "chat" else None
-            calls, times = 0, []
+            parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True) if c.kind == "chat" else None
+            times = []
             async for event in stream:
                 if event.token_ids:
                     times.append(event.time)
@@ -217,8 +217,7 @@ async def _stream(c: wire.Completion, streams, tokenizer, metrics: Metrics):
                     if reason:
                         parsed = _merge(parsed, parser.flush())
                         reason = "tool_calls" if parser.saw_tool_call else reason
-                    piece = {"delta": _delta(parsed, calls)}
-                    calls += len(parsed.tool_calls)
+                    piece = {"delta": _delta(parsed)}
                 if (piece.get("text") or piece.get("delta")) or reason or lp:
                     yield sse(wire.chunk(c, rid, [{"index": index, **piece, "logprobs": lp, "finish_reason": reason}]))
                 if event.finish_reason:
@@ -235,22 +234,31 @@ async def _stream(c: wire.Completion, streams, tokenizer, metrics: Metrics):
 
 
 def _merge(a: Parsed, b: Parsed) -> Parsed:
-    return Parsed(a.content + b.content, a.reasoning + b.reasoning, a.tool_calls + b.tool_calls)
+    return Parsed(a.content + b.content, a.reasoning + b.reasoning, a.tool_calls + b.tool_calls,
+                  a.tool_call_parts + b.tool_call_parts)
 
 
-def _tool_call_json(call, index: int | None = None) -> dict:
-    out = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-    return out if index is None else {"index": index, **out}
+def _tool_call_json(call) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
-def _delta(parsed: Parsed, calls_so_far: int) -> dict:
+def _tool_call_part_json(part) -> dict:
+    """A streamed piece of a call: the first names it, the rest add to its arguments."""
+    out = {"index": part.index, "function": {"arguments": part.arguments}}
+    if part.id is not None:
+        out.update(id=part.id, type="function")
+        out["function"]["name"] = part.name
+    return out
+
+
+def _delta(parsed: Parsed) -> dict:
     delta = {}
     if parsed.content:
         delta["content"] = parsed.content
     if parsed.reasoning:
         delta["reasoning_content"] = parsed.reasoning
-    if parsed.tool_calls:
-        delta["tool_calls"] = [_tool_call_json(call, calls_so_far + i) for i, call in enumerate(parsed.tool_calls)]
+    if parsed.tool_call_parts:
+        delta["tool_calls"] = [_tool_call_part_json(part) for part in parsed.tool_call_parts]
     return delta
 
 
