@@ -362,3 +362,17 @@ def test_yarn_and_linear_rope_scaling(tmp_path):
         "llama.rope.scaling.type": "longrope", "llama.rope.scaling.factor": 2.0})
     with pytest.raises(UnsupportedGGUF, match="longrope"):
         load_gguf(longrope)
+
+
+def test_our_reader_matches_gguf_reader_on_the_real_file(smollm2_path):
+    """The lean reader returns the same metadata and the same tensor bytes as gguf.GGUFReader."""
+    reference = gguf.GGUFReader(str(smollm2_path))
+    start = time.perf_counter()
+    ours = open_gguf(smollm2_path)
+    print(f"open_gguf({smollm2_path.name}): {time.perf_counter() - start:.3f} s")
+    expected = {k: f.contents() for k, f in reference.fields.items() if not k.startswith("GGUF.")}
+    assert ours.metadata == expected
+    assert [t.name for t in ours.tensors] == [t.name for t in reference.tensors]
+    for a, b in zip(ours.tensors, reference.tensors):
+        assert a.tensor_type == b.tensor_type and a.data.shape == b.data.shape and a.data.dtype == b.data.dtype
+        assert np.array_equal(a.data, b.data)

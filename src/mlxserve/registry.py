@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -504,71 +504,11 @@ class _Reporter:
 
 # --------------------------------------------------------------------------- GGUF header
 
-# GGUF value types (gguf.GGUFValueType) with a fixed size, as struct formats.
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
-                 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def read_gguf_keys(path: str | Path, keys: Collection[str]) -> dict[str, Any]:
-    """Read the named metadata keys of a GGUF file, stopping as soon as all are found.
-
-    gguf.GGUFReader parses every key and maps all tensors first (seconds for a 150k-token
-    vocabulary); the general.* keys come first in practice, so this takes milliseconds.
-    Missing keys are absent from the result. GGUF v2 and v3, either byte order.
-    """
-    wanted, found = set(keys), {}
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        order = "<"
-        (version,) = struct.unpack("<I", f.read(4))
-        if version & 0xFFFF == 0:  # a big-endian file reads as 0x0300_0000 here
-            order, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
-        if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} is not supported")
-
-        def unpack(fmt: str) -> Any:
-            return struct.unpack(order + fmt, f.read(struct.calcsize(fmt)))[0]
-
-        def value(vtype: int, keep: bool) -> Any:
-            if vtype in _GGUF_SCALARS:
-                fmt = _GGUF_SCALARS[vtype]
-                if keep:
-                    return unpack(fmt)
-                f.seek(struct.calcsize(fmt), os.SEEK_CUR)
-            elif vtype == _GGUF_STRING:
-                n = unpack("Q")
-                if keep:
-                    return f.read(n).decode("utf-8")
-                f.seek(n, os.SEEK_CUR)
-            elif vtype == _GGUF_ARRAY:
-                etype, count = unpack("I"), unpack("Q")
-                if not keep and etype in _GGUF_SCALARS:
-                    f.seek(count * struct.calcsize(_GGUF_SCALARS[etype]), os.SEEK_CUR)
-                    return None
-                items = [value(etype, keep) for _ in range(count)]
-                return items if keep else None
-            else:
-                raise ValueError(f"{path}: unknown GGUF value type {vtype}")
-            return None
-
-        _tensor_count, kv_count = unpack("Q"), unpack("Q")
-        for _ in range(kv_count):
-            if wanted <= found.keys():
-                break
-            key = f.read(unpack("Q")).decode("utf-8")
-            vtype = unpack("I")
-            if key in wanted:
-                found[key] = value(vtype, keep=True)
-            else:
-                value(vtype, keep=False)
-    return found
-
-
 def gguf_quantization(path: str | Path) -> str:
     """llama.cpp's name for a GGUF file's quantization mix (general.file_type), e.g. "Q4_K_M"."""
     import gguf  # numpy-heavy import, only needed here
+
+    from .quant.gguf_metadata import read_gguf_keys
 
     file_type = read_gguf_keys(path, ["general.file_type"]).get("general.file_type")
     try:

@@ -4,8 +4,9 @@ Quantized tensors stay quantized: every supported GGUF block type is repacked in
 quantized layout (``weight`` uint32 codes, ``scales``, ``biases``; dequantized = code * scale +
 bias) with the *same* integer codes, so ``mx.dequantize`` reproduces llama.cpp's values exactly.
 
-Only ``gguf.GGUFReader`` (memory-mapped) and whole-array numpy are used; ``mx.load`` is never
-used on GGUF because it silently returns wrong values for some block types.
+Files are read by our memory-mapped reader (``gguf_metadata.py``) and converted with whole-array
+numpy; ``mx.load`` is never used on GGUF because it silently returns wrong values for some block
+types.
 
 Choices worth knowing:
 - Every float tensor (F32/F16/BF16, norms and biases included) is cast to ``dtype``, so a model
@@ -29,9 +30,8 @@ from typing import Any, Callable
 import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from gguf import ReaderTensor
 
-from .gguf_metadata import open_gguf, read_gguf_metadata
+from .gguf_metadata import GGUFTensor, open_gguf, read_gguf_metadata
 
 GROUP_SIZE = 32  # every block type handled here has 32 elements per block = one MLX group
 
@@ -112,7 +112,7 @@ def _to_dtype(values: np.ndarray, dtype: mx.Dtype, what: str) -> mx.array:
     return mx.array(cast)
 
 
-def _float_array(tensor: ReaderTensor) -> mx.array | None:
+def _float_array(tensor: GGUFTensor) -> mx.array | None:
     kind = tensor.tensor_type
     if kind in (T.F32, T.F16):
         return mx.array(tensor.data)
@@ -121,7 +121,7 @@ def _float_array(tensor: ReaderTensor) -> mx.array | None:
     return None
 
 
-def convert_tensor(tensor: ReaderTensor, dtype: mx.Dtype = mx.float16) -> dict[str, mx.array]:
+def convert_tensor(tensor: GGUFTensor, dtype: mx.Dtype = mx.float16) -> dict[str, mx.array]:
     """Convert one GGUF tensor, rows in file order.
 
     Returns ``{"weight": float array}`` for F32/F16/BF16, or ``{"weight": uint32 codes,
@@ -227,7 +227,7 @@ def _meta(metadata: dict, key: str, default: Any = _REQUIRED) -> Any:
     return default
 
 
-def _build_config(metadata: dict, tensors: dict[str, ReaderTensor]) -> dict:
+def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
     arch = metadata.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise UnsupportedGGUF(f"GGUF architecture {arch!r} is not supported "
@@ -284,7 +284,7 @@ _ROPE_KEYS_MAPPED = {"type", "factor", "original_context_length", "finetuned",
 _ROPE_KEYS_NEUTRAL = {"attn_factor": 1.0, "yarn_attn_factor": 1.0, "yarn_log_multiplier": 0.0}
 
 
-def _rope_scaling(metadata: dict, arch: str, rope_freqs: ReaderTensor | None,
+def _rope_scaling(metadata: dict, arch: str, rope_freqs: GGUFTensor | None,
                   head_dim: int, rope_theta: float) -> dict | None:
     """Map GGUF RoPE scaling to an HF ``rope_scaling`` dict (None when there is none)."""
     prefix = f"{arch}.rope.scaling."
@@ -326,7 +326,7 @@ def _llama3_factors(wavelens: np.ndarray, factor: float, low: float, high: float
                     np.where(wavelens > original / high, medium, 1.0))
 
 
-def _llama3_rope_scaling(rope_freqs: ReaderTensor, metadata: dict, arch: str,
+def _llama3_rope_scaling(rope_freqs: GGUFTensor, metadata: dict, arch: str,
                          head_dim: int, rope_theta: float) -> dict | None:
     """Recover llama3 RoPE parameters from the ``rope_freqs`` tensor.
 

@@ -1,24 +1,172 @@
-"""Read a GGUF file's key/value metadata as plain Python values."""
+"""A lean GGUF file reader: metadata as plain Python values, tensors as memory-mapped numpy views.
+
+`gguf.GGUFReader` builds a Python object for every part of every metadata field, which takes
+seconds for a 150k-token vocabulary. This reader walks the same layout with `struct`, reads
+numeric arrays with numpy, and maps the tensor data lazily. Tensor views have the shapes
+GGUFReader gives them (quantized types as rows of block bytes), so code and tests can use
+either.
+"""
 
 from __future__ import annotations
 
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import quant_shape_to_byte_shape
+
+_MAGIC = b"GGUF"
+_DEFAULT_ALIGNMENT = 32
+# GGUF value types (gguf.GGUFValueType) -> (struct format, numpy dtype) for the fixed-size ones
+_SCALARS = {
+    0: ("B", np.uint8), 1: ("b", np.int8), 2: ("H", np.uint16), 3: ("h", np.int16),
+    4: ("I", np.uint32), 5: ("i", np.int32), 6: ("f", np.float32), 7: ("?", np.bool_),
+    10: ("Q", np.uint64), 11: ("q", np.int64), 12: ("d", np.float64),
+}
+_STRING, _ARRAY = 8, 9
+_PLAIN_DTYPES = {
+    GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
+    GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
+    GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
+    GGMLQuantizationType.I64: np.int64,
+}
 
 
-def open_gguf(path: str | Path) -> gguf.GGUFReader:
+@dataclass
+class GGUFTensor:
+    name: str
+    tensor_type: GGMLQuantizationType
+    shape: tuple[int, ...]  # GGUF order: fastest-varying dimension first
+    data: np.ndarray  # memory-mapped view, rows first
+
+
+class _Cursor:
+    """Reads GGUF values from a buffer in the file's byte order."""
+
+    def __init__(self, buf: memoryview, pos: int, order: str):
+        self.buf, self.pos, self.order = buf, pos, order
+
+    def unpack(self, fmt: str) -> Any:
+        value = struct.unpack_from(self.order + fmt, self.buf, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.unpack("Q")
+        text = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8")
+        self.pos += n
+        return text
+
+    def value(self, kind: int) -> Any:
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item_kind, count = self.unpack("I"), self.unpack("Q")
+            if item_kind in _SCALARS:
+                dtype = np.dtype(_SCALARS[item_kind][1]).newbyteorder(self.order)
+                values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
+                self.pos += count * dtype.itemsize
+                return values.tolist()
+            return [self.value(item_kind) for _ in range(count)]
+        if kind not in _SCALARS:
+            raise ValueError(f"unknown GGUF value type {kind}")
+        return self.unpack(_SCALARS[kind][0])
+
+    def skip(self, kind: int) -> None:
+        """Step over a value without building it (strings and numeric arrays are O(1))."""
+        if kind == _STRING:
+            length = self.unpack("Q")  # (not `pos += unpack()`: that reads pos before the length)
+            self.pos += length
+        elif kind == _ARRAY:
+            item_kind, count = self.unpack("I"), self.unpack("Q")
+            if item_kind in _SCALARS:
+                self.pos += count * struct.calcsize(_SCALARS[item_kind][0])
+            else:
+                for _ in range(count):
+                    self.skip(item_kind)
+        elif kind in _SCALARS:
+            self.pos += struct.calcsize(_SCALARS[kind][0])
+        else:
+            raise ValueError(f"unknown GGUF value type {kind}")
+
+
+def _header(buf: memoryview, path: Path) -> tuple[_Cursor, int, int]:
+    """(cursor at the first key, tensor count, key count); detects the byte order."""
+    if bytes(buf[:4]) != _MAGIC:
+        raise ValueError(f"{path} is not a GGUF file")
+    order = "<"
+    version = struct.unpack_from("<I", buf, 4)[0]
+    if version & 0xFFFF == 0:  # a big-endian file reads as 0x0300_0000 here
+        order, version = ">", struct.unpack_from(">I", buf, 4)[0]
+    if version not in (2, 3):
+        raise ValueError(f"{path}: GGUF version {version} is not supported")
+    cursor = _Cursor(buf, 8, order)
+    return cursor, cursor.unpack("Q"), cursor.unpack("Q")
+
+
+class GGUFFile:
+    """An opened GGUF file: `metadata` (dict of plain values) and `tensors` (list)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._map = np.memmap(self.path, mode="r", dtype=np.uint8)
+        cursor, n_tensors, n_kv = _header(memoryview(self._map), self.path)
+        self.byte_order = "I" if cursor.order == "<" else "S"  # as gguf.GGUFReader says it
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cursor.string()
+            self.metadata[key] = cursor.value(cursor.unpack("I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = cursor.string()
+            dims = tuple(cursor.unpack("Q") for _ in range(cursor.unpack("I")))
+            kind = GGMLQuantizationType(cursor.unpack("I"))
+            infos.append((name, dims, kind, cursor.unpack("Q")))
+        alignment = int(self.metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
+        start = -(-cursor.pos // alignment) * alignment
+        self.tensors = [self._tensor(start, *info) for info in infos]
+
+    def _tensor(self, start: int, name: str, dims: tuple, kind: GGMLQuantizationType, offset: int) -> GGUFTensor:
+        n_elems = int(np.prod(dims)) if dims else 1
+        np_dims = tuple(reversed(dims))
+        block, type_size = GGML_QUANT_SIZES[kind]
+        n_bytes = n_elems * type_size // block
+        begin = start + offset
+        raw = self._map[begin : begin + n_bytes]
+        if kind in _PLAIN_DTYPES:
+            data = raw.view(_PLAIN_DTYPES[kind]).reshape(np_dims)
+        else:
+            data = raw.reshape(quant_shape_to_byte_shape(np_dims, kind))
+        return GGUFTensor(name, kind, tuple(dims), data)
+
+
+def read_gguf_keys(path: str | Path, keys) -> dict[str, Any]:
+    """Only the named metadata keys, stopping as soon as all are found: milliseconds, where
+    reading all metadata walks the whole vocabulary. Missing keys are absent from the result."""
+    path = Path(path)
+    wanted, found = set(keys), {}
+    cursor, _, n_kv = _header(memoryview(np.memmap(path, mode="r", dtype=np.uint8)), path)
+    for _ in range(n_kv):
+        if wanted <= found.keys():
+            break
+        key = cursor.string()
+        kind = cursor.unpack("I")
+        if key in wanted:
+            found[key] = cursor.value(kind)
+        else:
+            cursor.skip(kind)
+    return found
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
     """Open a GGUF file read-only (tensor data stays memory-mapped)."""
-    return gguf.GGUFReader(str(path), "r")
+    return GGUFFile(path)
 
 
-def read_gguf_metadata(source: str | Path | gguf.GGUFReader) -> dict[str, Any]:
-    """Return every metadata field as str / int / float / bool / list of those.
-
-    Accepts a path or an already opened reader, so a loader that needs both the
-    tensors and the metadata parses the file once.
-    """
-    reader = source if isinstance(source, gguf.GGUFReader) else open_gguf(source)
-    return {name: field.contents() for name, field in reader.fields.items()
-            if not name.startswith("GGUF.")}
+def read_gguf_metadata(source: str | Path | GGUFFile) -> dict[str, Any]:
+    """Every metadata field as str / int / float / bool / list of those."""
+    reader = source if isinstance(source, GGUFFile) else open_gguf(source)
+    return dict(reader.metadata)
