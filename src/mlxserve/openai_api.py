@@ -263,31 +263,21 @@ def echoed_logprobs(prompt: list[int], scores: list, generated: list, tokenizer)
     """Completions logprobs for echo: the prompt's tokens (the first has no log-prob) then the
     generated ones, as lm-evaluation-harness reads them."""
     first = {"tokens": [tokenizer.decode([prompt[0]])], "token_logprobs": [None], "top_logprobs": [None]}
-    rest = logprobs_json("text", [s for s in scores[1:]] + generated, tokenizer)
+    rest = logprobs_json("text", list(scores[1:]) + generated, tokenizer)
     return {k: first[k] + rest[k] for k in first}
 
 
 def response(c: Completion, rid: str, choices: list[dict], usage_json: dict) -> dict:
-    return {
-        "id": rid,
-        "object": "chat.completion" if c.kind == "chat" else "text_completion",
-        "created": int(time.time()),
-        "model": c.model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": choices,
-        "usage": usage_json,
-    }
+    return _envelope(c, rid, "chat.completion" if c.kind == "chat" else "text_completion", choices, usage_json)
 
 
 def chunk(c: Completion, rid: str, choices: list[dict], usage_json: dict | None = None) -> dict:
-    out = {
-        "id": rid,
-        "object": "chat.completion.chunk" if c.kind == "chat" else "text_completion",
-        "created": int(time.time()),
-        "model": c.model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": choices,
-    }
+    return _envelope(c, rid, "chat.completion.chunk" if c.kind == "chat" else "text_completion", choices, usage_json)
+
+
+def _envelope(c: Completion, rid: str, obj: str, choices: list[dict], usage_json: dict | None) -> dict:
+    out = {"id": rid, "object": obj, "created": int(time.time()), "model": c.model,
+           "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
     if usage_json is not None:
         out["usage"] = usage_json
     return out
