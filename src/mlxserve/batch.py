@@ -41,13 +41,7 @@ class StepBatch:
     groups: list[AttentionGroup]
     logit_rows: mx.array  # indices into the flat tokens whose logits are wanted
     row_logits: list  # per row in flat order: (row key, first logits row, number of logits rows)
-    state_slots: mx.array | None = None  # per row: recurrent-state slot (hybrid models)
-    capture_hidden: tuple[int, ...] = ()  # layers whose hidden states to return (DFlash)
-    row_offsets: dict | None = None  # row key -> index of its first token in the flat sequence
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.shape[0])
+    row_offsets: dict  # row key -> index of its first token in the flat sequence
 
 
 def build_batch(rows: list, block_size: int) -> StepBatch:

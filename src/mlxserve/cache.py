@@ -154,12 +154,6 @@ class PagedKVCache:
                 raise OutOfBlocks("KV memory budget reached")
             self.grow(n - self.allocator.num_free)
 
-    def blocks_available(self) -> int:
-        """Blocks that could be handed out without preempting anyone."""
-        growable = float("inf") if self.max_blocks is None else self.max_blocks - self.allocator.num_blocks
-        evictable = self.evictable() if self.evictable is not None else 0
-        return self.allocator.num_free + growable + evictable
-
     # ---- attention ----------------------------------------------------------------------
     def attend(
         self,
