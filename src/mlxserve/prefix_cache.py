@@ -17,6 +17,7 @@ has one (`need_state`).
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from dataclasses import dataclass, field
 
@@ -120,16 +121,25 @@ class PrefixCache:
 
     # ---- eviction ----------------------------------------------------------------------
     def evict(self, wanted: int) -> int:
-        """Free up to `wanted` pool blocks held only by the cache: each time the least
-        recently used leaf (its parent may become the next leaf). Returns how many."""
+        """Free up to `wanted` pool blocks held only by the cache, least recently used leaf
+        first (a parent whose last child goes becomes a leaf in turn). Returns how many."""
         refcount = self.kv.allocator.refcount
+
+        def evictable_leaf(entry: CachedBlock) -> bool:
+            return not entry.children and refcount[entry.block] == 1
+
+        # One heap for the whole call, not a rescan per block: a long prompt's admission
+        # may evict hundreds of blocks from a large cache.
+        leaves = [(e.last_used, e.key) for e in self.entries.values() if evictable_leaf(e)]
+        heapq.heapify(leaves)
         freed = 0
-        while freed < wanted:
-            leaves = [e for e in self.entries.values() if not e.children and refcount[e.block] == 1]
-            if not leaves:
-                break
-            self._drop(min(leaves, key=lambda e: e.last_used))
+        while freed < wanted and leaves:
+            entry = self.entries[heapq.heappop(leaves)[1]]
+            parent = self.entries.get(entry.parent) if entry.parent is not None else None
+            self._drop(entry)
             freed += 1
+            if parent is not None and evictable_leaf(parent):
+                heapq.heappush(leaves, (parent.last_used, parent.key))
         self.stats.evicted_blocks += freed
         return freed
 
