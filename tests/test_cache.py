@@ -1,9 +1,9 @@
-"""The cache protocol: extend / trim / snapshot / restore, and block accounting."""
+"""The cache protocol: extend / trim / snapshot / restore, slots and their memory."""
 
 import mlx.core as mx
 import pytest
 
-from mlxserve.cache import BlockAllocator, OutOfBlocks, PagedKVCache, RowCache
+from mlxserve.cache import KVStore, OutOfKVMemory, RowCache
 from mlxserve.loader import load_model
 from mlxserve.runner import Feed, Runner
 
@@ -14,18 +14,22 @@ def setup(tiny_model_dir):
     return loaded.model
 
 
-def make_runner(model, block_size=4, initial_blocks=2, max_blocks=None):
-    kv = PagedKVCache(*model.kv_shape(), mx.float32, block_size=block_size,
-                      initial_blocks=initial_blocks, max_blocks=max_blocks)
+def make_runner(model, block_size=4, max_bytes=None):
+    kv = KVStore(*model.kv_shape(), mx.float32, block_size=block_size, max_bytes=max_bytes)
     return Runner(model, kv)
 
 
 def feed(runner, row, tokens, logits="last"):
     row.reserve(len(tokens))
-    out, _ = runner.forward([Feed("r", tokens, row.length, row.block_table, logits)])
-    mx.eval(out if out is not None else runner.kv.keys + runner.kv.values)
+    out, _ = runner.forward([Feed("r", tokens, row.length, row, logits)])
+    mx.eval(out if out is not None else runner.kv.arrays())
     row.extend(len(tokens))
     return out
+
+
+def alone_logits(model, tokens):
+    runner = make_runner(model)
+    return feed(runner, RowCache(runner.kv), tokens)
 
 
 PROMPT = [5, 17, 42, 8, 99, 23, 4, 61, 7, 3, 11]
@@ -39,7 +43,7 @@ def test_trim_then_refeed_gives_identical_logits(setup):
 
     row = RowCache(runner.kv)
     feed(runner, row, PROMPT + [12])
-    feed(runner, RowCache(runner.kv), [1])  # another row interleaves its blocks
+    feed(runner, RowCache(runner.kv), [1])  # another row takes a slot in between
     # Speculation-style: verify 3 draft tokens, reject them all, continue.
     feed(runner, row, [77, 78, 79], logits="all")
     row.trim(3)
@@ -53,10 +57,10 @@ def test_snapshot_restore_round_trip(setup):
     feed(runner, row, PROMPT)
     snap = row.snapshot()
     first = feed(runner, row, [50])
-    feed(runner, row, [51, 52, 53, 54, 55])  # crosses block boundaries
+    feed(runner, row, [51, 52, 53, 54, 55])  # outgrows its 16-token slot: moves to a 32-token one
+    assert row.capacity == 32
     row.restore(snap)
     assert row.length == len(PROMPT)
-    assert len(row.block_table) == -(-len(PROMPT) // runner.kv.block_size)
     assert mx.array_equal(feed(runner, row, [50]), first)
     with pytest.raises(ValueError):
         row.restore(type(snap)(length=row.length + 5))
@@ -83,38 +87,68 @@ def test_logits_all_positions_match_incremental(setup):
     assert mx.allclose(multi, mx.stack(singles), atol=1e-5)
 
 
-def test_release_frees_every_block_and_pool_grows(setup):
-    runner = make_runner(setup, block_size=4, initial_blocks=2)
+def test_rows_move_to_bigger_slots_and_release_frees_them(setup):
+    runner = make_runner(setup, block_size=4)
     kv = runner.kv
     rows = [RowCache(kv) for _ in range(3)]
     for r in rows:
-        feed(runner, r, PROMPT)
-    assert kv.allocator.num_blocks >= 9  # grew from 2
-    assert kv.bytes_in_use == 9 * kv.bytes_per_block
+        feed(runner, r, PROMPT)  # 11 tokens (+ a quarter of headroom): 16-token slots
+    assert [r.capacity for r in rows] == [16, 16, 16]
+    assert sorted(r.slot for r in rows) == [0, 1, 2]
+    assert kv.bytes_in_use == 3 * 16 * kv.bytes_per_token
+    before = feed(runner, RowCache(kv), PROMPT + list(range(20, 30)))
+    grown = rows[0]
+    feed(runner, grown, list(range(20, 29)))  # 20 tokens: moves to the 32-token shelf, keys copied
+    assert grown.capacity == 32
+    assert mx.allclose(feed(runner, grown, [29]), before, atol=1e-5)
     for r in rows:
         r.release()
-    assert kv.allocator.num_free == kv.allocator.num_blocks
-    assert kv.bytes_in_use == 0
+    assert kv.bytes_in_use == 32 * kv.bytes_per_token  # the row fed in one go still holds its slot
 
 
-def test_budget_limits_growth(setup):
-    runner = make_runner(setup, block_size=4, initial_blocks=2, max_blocks=4)
-    row = RowCache(runner.kv)
-    feed(runner, row, PROMPT[:8])
-    with pytest.raises(OutOfBlocks):
-        row.reserve(9)
+def test_budget_limits_growth_and_compacts_other_shelves(setup):
+    runner = make_runner(setup, block_size=4)
+    tb = runner.kv.bytes_per_token
+    runner.kv.max_bytes = 3 * 16 * tb  # three 16-token slots, or one 32-token slot and one 16
+    kv = runner.kv
+    small = [RowCache(kv) for _ in range(3)]
+    for r in small:
+        feed(runner, r, PROMPT[:8])
+    with pytest.raises(OutOfKVMemory):
+        RowCache(kv).reserve(20)  # a 32-token slot: the three 16-token slots are in use
+    small[1].release()
+    small[2].release()
+    # Two free 16-token slots are compacted away to make room for a 32-token one.
+    big = RowCache(kv)
+    big.reserve(20)
+    assert big.capacity == 32 and kv.bytes_allocated <= kv.max_bytes
+    assert small[0].slot == 0 and kv.shelves[16].num_slots == 1
+    # the row that stayed still reads its own keys
+    expected = alone_logits(setup, PROMPT[:9])
+    assert mx.allclose(feed(runner, small[0], PROMPT[8:9]), expected, atol=1e-5)
 
 
-def test_allocator_refcounts():
-    alloc = BlockAllocator(4)
-    a = alloc.allocate()
-    alloc.retain(a)
-    alloc.release(a)
-    assert alloc.num_free == 3  # still held once
-    alloc.release(a)
-    assert alloc.num_free == 4
-    with pytest.raises(AssertionError):
-        alloc.release(a)
-    b = alloc.allocate()
-    c = alloc.allocate(prefer=b + 1)
-    assert c == b + 1
+def test_batched_rows_in_scattered_slots_match_alone(setup):
+    """Rows on one shelf in non-consecutive slots (gathered) and consecutive ones (a view)
+    give the logits each gives alone."""
+    runner = make_runner(setup, block_size=4)
+    kv = runner.kv
+    prompts = [PROMPT, PROMPT[:5], PROMPT[3:], [9, 8, 7, 6, 5, 4]]
+    alone = [alone_logits(setup, p) for p in prompts]
+    rows = [RowCache(kv) for _ in range(5)]
+    for r, p in zip(rows, prompts + [[1, 2]]):
+        feed(runner, r, p)
+    rows[1].release()  # a hole: slots 0, 2, 3 decode together
+    for r, p in zip(rows, prompts):
+        if r is rows[1]:
+            continue
+        r.trim(1)
+    live = [(r, p) for r, p in zip(rows, prompts) if r is not rows[1]]
+    feeds = [Feed(i, [p[-1]], r.length, r, "last") for i, (r, p) in enumerate(live)]
+    for r, _ in live:
+        r.reserve(1)
+    logits, batch = runner.forward(feeds)
+    assert batch.groups[0].first_slot is None  # gathered
+    for i, (r, p) in enumerate(live):
+        _, first, _ = next(x for x in batch.row_logits if x[0] == i)
+        assert mx.allclose(logits[first], alone[prompts.index(p)][0], atol=1e-4)

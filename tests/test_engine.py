@@ -97,9 +97,11 @@ def test_memory_budget_queues_and_preempts_without_changing_output(loaded):
     plist = prompts(loaded.tokenizer)
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     alone = [run_alone(loaded, p, params) for p in plist]
-    kv_block_bytes = _block_bytes(loaded, block_size=4)
-    # Room for only a few rows' worth of blocks: rows must wait or be preempted.
-    cfg = EngineConfig(max_batch_tokens=64, block_size=4, initial_blocks=4, memory_budget_bytes=14 * kv_block_bytes)
+    # Room for one slot the longest row needs and a little more: rows must wait, and rows that
+    # outgrow their slot while others run must be preempted.
+    longest = max(len(p) for p in plist) + params.max_tokens
+    budget = _token_bytes(loaded) * (_capacity(longest) + _capacity(longest) // 2)
+    cfg = EngineConfig(max_batch_tokens=64, block_size=4, memory_budget_bytes=budget)
     with Engine(loaded, cfg) as engine:
         outputs = run_together(engine, plist, params)
         stats = engine.stats()
@@ -176,9 +178,17 @@ def test_queue_bound_returns_busy_error(loaded):
         assert engine.generate([1, 2, 3], params)[-1].finish_reason == "length"
 
 
-def _block_bytes(loaded, block_size):
+def _token_bytes(loaded):
     layers, heads, dim = loaded.model.kv_shape()
-    return 2 * layers * block_size * heads * dim * 4
+    return 2 * layers * heads * dim * 4  # float32
+
+
+def _capacity(tokens, block_size=4):
+    """The slot size a row of `tokens` tokens gets (KVStore.capacity_for)."""
+    capacity = 4 * block_size
+    while capacity < tokens:
+        capacity *= 2
+    return capacity
 
 
 def test_penalty_rows_and_pipelined_rows_together_match_alone(loaded):
@@ -201,8 +211,7 @@ def test_penalty_rows_and_pipelined_rows_together_match_alone(loaded):
 
 
 def test_prompt_larger_than_the_budget_fails_instead_of_waiting(loaded):
-    block_bytes = _block_bytes(loaded, block_size=4)
-    cfg = EngineConfig(block_size=4, initial_blocks=4, memory_budget_bytes=4 * block_bytes)
+    cfg = EngineConfig(block_size=4, memory_budget_bytes=16 * _token_bytes(loaded))  # one 16-token slot
     with Engine(loaded, cfg) as engine:
         too_long = engine.generate(list(range(1, 40)), SamplingParams(max_tokens=4, temperature=0.0))
         assert too_long[-1].finish_reason == "error" and "budget" in too_long[-1].error
@@ -211,18 +220,15 @@ def test_prompt_larger_than_the_budget_fails_instead_of_waiting(loaded):
 
 
 def test_with_room_for_k_rows_the_next_one_waits(loaded):
-    """Admission by memory: prompts reserve their blocks; one that does not fit waits for
-    memory instead of preempting anyone, and runs once a row finishes."""
+    """Admission by memory: prompts reserve a slot; one that does not fit waits for memory
+    instead of preempting anyone, and runs once a row finishes."""
     tok = loaded.tokenizer
     prompt = tok.encode("Once upon a time there was a tiny model that generated text.")
-    if len(prompt) % 4 == 0:
-        prompt.append(prompt[-1])  # the one extra fed token must fit in the last prompt block
-    blocks_per_row = -(-len(prompt) // 4)
+    slot = _capacity(len(prompt) + len(prompt) // 4)  # reserve() asks for a quarter of headroom
+    assert len(prompt) + 2 <= slot  # prompt + the generated tokens fit without moving
     k = 3
-    block_bytes = _block_bytes(loaded, block_size=4)
-    # Room for k rows (prompt + the one generated token they feed), one block short of a k+1-th.
-    budget_blocks = k * blocks_per_row + blocks_per_row - 1
-    cfg = EngineConfig(block_size=4, initial_blocks=4, memory_budget_bytes=budget_blocks * block_bytes,
+    # Room for k slots, one token short of a k+1-th.
+    cfg = EngineConfig(block_size=4, memory_budget_bytes=((k + 1) * slot - 1) * _token_bytes(loaded),
                        prefix_cache=False)
     sched = make_scheduler(loaded, cfg)
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)

@@ -1,97 +1,162 @@
-"""The shared prefix cache: reuse, LRU eviction by bytes, refcounts, and output equivalence."""
+"""The shared prefix cache: reuse, LRU eviction by bytes, holders, and output equivalence."""
 
 import mlx.core as mx
 import pytest
 
-from mlxserve.cache import OutOfBlocks, PagedKVCache, RowCache
+from mlxserve.cache import KVStore, OutOfKVMemory, RowCache
 from mlxserve.engine import Engine, EngineConfig, make_scheduler
 from mlxserve.loader import load_model
-from mlxserve.prefix_cache import PrefixCache
+from mlxserve.prefix_cache import KeptSlot, PrefixCache
 from mlxserve.sampling import SamplingParams
 from mlxserve.scheduler import Request
 
 BS = 4
+SLOT = 4 * BS  # the smallest slot: 16 tokens
 
 
-def pool(max_blocks=None, initial=4):
-    return PagedKVCache(1, 1, 8, mx.float32, block_size=BS, initial_blocks=initial, max_blocks=max_blocks)
+def store(max_slots=None):
+    kv = KVStore(1, 1, 8, mx.float32, block_size=BS)
+    if max_slots is not None:
+        kv.max_bytes = max_slots * SLOT * kv.bytes_per_token
+    return kv
 
 
-def row_with(kv, tokens):
+def row_with(kv, tokens, cache=None):
+    """A row whose slot holds `tokens` (structure only: nothing is computed)."""
     row = RowCache(kv)
     row.reserve(len(tokens))
     row.extend(len(tokens))
+    if cache is not None:
+        cache.insert(tokens, row, row.length)
     return row
 
 
 # ---- the structure on its own ---------------------------------------------------------------
 
 def test_match_returns_longest_full_block_prefix_and_leaves_one_token():
-    kv = pool()
+    kv = store()
     cache = PrefixCache(kv)
     tokens = list(range(10))  # 2 full blocks + 2 tokens
-    row = row_with(kv, tokens)
-    cache.insert(tokens, row.block_table, row.length)
+    row = row_with(kv, tokens, cache)
     assert cache.cached_blocks == 2
-    blocks, n, _ = cache.match(tokens + [99, 98])
-    assert n == 8 and blocks == row.block_table[:2]
+    m = cache.match(tokens + [99, 98])
+    assert m.length == 8 and m.holder is row
     # exactly two blocks long: one token must stay unfed, so only one block matches
-    blocks, n, _ = cache.match(tokens[:8])
-    assert n == 4
-    assert cache.match([7] + tokens[1:])[1] == 0  # differs in the first block
+    assert cache.match(tokens[:8]).length == 4
+    assert cache.match([7] + tokens[1:]).length == 0  # differs in the first block
     assert cache.stats.hit_tokens == 12
 
 
-def test_refcounts_never_free_a_block_in_use():
-    kv = pool(max_blocks=4)
+def test_next_turn_takes_the_kept_slot_over_without_copying():
+    kv = store()
     cache = PrefixCache(kv)
-    tokens = list(range(8))
-    first = row_with(kv, tokens)
-    cache.insert(tokens, first.block_table, first.length)
-    first.release()  # the cache still holds both blocks
-    assert kv.allocator.num_free == 2
-    user = RowCache(kv)
-    blocks, n, _ = cache.match(tokens + [1])
-    user.adopt_prefix(blocks, n)
-    assert all(kv.allocator.refcount[b] == 2 for b in blocks)
-    # Pool is full (4 blocks, budget 4): two free, two shared with `user`.
+    turn1 = list(range(13))
+    row = row_with(kv, turn1, cache)
+    shelf, slot = row.shelf, row.slot
+    cache.release(row)  # the request finished: its slot is kept, not freed
+    assert row.shelf is None and kv.bytes_in_use == 0
+    assert cache.cached_bytes == SLOT * kv.bytes_per_token
+    nxt = RowCache(kv)
+    m = cache.match(turn1 + [50, 51])
+    assert isinstance(m.holder, KeptSlot) and m.length == 12
+    cache.adopt(nxt, m)
+    assert (nxt.shelf, nxt.slot, nxt.length) == (shelf, slot, 12)
+    assert cache.cached_bytes == 0 and not cache.kept
+    assert cache.match(turn1 + [50]).holder is nxt  # its blocks now belong to the new row
+
+
+def test_copy_from_a_running_row_and_trim_forgets_blocks():
+    kv = store()
+    cache = PrefixCache(kv)
+    tokens = list(range(12))
+    running = row_with(kv, tokens, cache)
     other = RowCache(kv)
-    other.reserve(8)  # takes the two free blocks
-    with pytest.raises(OutOfBlocks):
-        other.reserve(12)  # nothing evictable: the cached blocks are in use
-    assert cache.cached_blocks == 2
-    user.release()
-    other.reserve(12)  # now the cache gives one back
-    assert cache.cached_blocks == 1 and cache.stats.evicted_blocks >= 1
+    cache.adopt(other, cache.match(tokens + [1]))
+    assert other.slot != running.slot and other.length == 12
+    running.trim(5)  # e.g. rejected draft tokens: blocks 1 and 2 no longer hold these tokens
+    assert running.block_keys == running.block_keys[:1] and len(running.block_keys) == 1
+    assert cache.match(tokens + [1]).holder is other
 
 
-def test_lru_eviction_by_bytes_leaves_first():
-    kv = pool(max_blocks=6, initial=6)
+def test_running_rows_are_never_evicted():
+    kv = store(max_slots=2)
+    cache = PrefixCache(kv)
+    a = row_with(kv, list(range(8)), cache)
+    b = row_with(kv, list(range(100, 108)), cache)
+    with pytest.raises(OutOfKVMemory):
+        RowCache(kv).reserve(4)  # both slots are held by running rows
+    assert cache.match(list(range(9))).holder is a
+    b_slot = b.slot
+    cache.release(b)  # finished: kept, and now evictable
+    newcomer = RowCache(kv)
+    newcomer.reserve(4)
+    assert newcomer.slot == b_slot
+    assert cache.match(list(range(100, 109))).length == 0
+    assert cache.stats.evicted_blocks == 2
+
+
+def test_lru_eviction_by_bytes():
+    kv = store(max_slots=3)
     cache = PrefixCache(kv)
     prefixes = {name: [base + i for i in range(8)] for name, base in (("a", 100), ("b", 200), ("c", 300))}
     for name in "abc":
-        row = row_with(kv, prefixes[name])
-        cache.insert(prefixes[name], row.block_table, row.length)
-        row.release()
-    assert cache.cached_bytes == 6 * kv.bytes_per_block
+        cache.release(row_with(kv, prefixes[name], cache))
+    assert cache.cached_bytes == 3 * SLOT * kv.bytes_per_token
     cache.match(prefixes["a"] + [0])  # touch "a": now "b" is the least recently used
-    newcomer = RowCache(kv)
-    newcomer.reserve(8)  # needs two blocks: both of b's, leaf first
-    assert cache.match(prefixes["b"] + [0])[1] == 0
-    assert cache.match(prefixes["a"] + [0])[1] == 8
-    assert cache.match(prefixes["c"] + [0])[1] == 8
-    assert kv.bytes_in_use == 2 * kv.bytes_per_block  # only the newcomer's blocks count as in use
+    RowCache(kv).reserve(8)
+    assert cache.match(prefixes["b"] + [0]).length == 0
+    assert cache.match(prefixes["a"] + [0]).length == 8
+    assert cache.match(prefixes["c"] + [0]).length == 8
+    assert kv.bytes_in_use == SLOT * kv.bytes_per_token  # only the newcomer's slot counts as in use
 
 
-def test_a_parent_outlives_its_cached_children():
-    kv = pool(max_blocks=3, initial=3)
+def test_kept_slots_are_reused_before_a_shelf_grows_past_its_working_set():
+    """Beyond KEPT_SLOTS_BEFORE_REUSE kept slots (and as many as rows running there), a new
+    row reuses the least recently used kept slot instead of growing the shelf (writes copy a
+    whole shelf on back-ends that do not update in place)."""
+    from mlxserve.cache import KEPT_SLOTS_BEFORE_REUSE
+
+    kv = store()
     cache = PrefixCache(kv)
-    tokens = list(range(12))
-    row = row_with(kv, tokens)
-    cache.insert(tokens, row.block_table, row.length)
-    row.release()
-    RowCache(kv).reserve(4)  # one block needed: the deepest block goes, not the root
-    assert cache.match(tokens + [0])[1] == 8
+    for i in range(KEPT_SLOTS_BEFORE_REUSE):
+        cache.release(row_with(kv, [100 * i + j for j in range(8)], cache))
+    slots = kv.shelves[SLOT].num_slots
+    assert len(cache.kept) == KEPT_SLOTS_BEFORE_REUSE
+    RowCache(kv).reserve(8)
+    assert kv.shelves[SLOT].num_slots == slots and len(cache.kept) == KEPT_SLOTS_BEFORE_REUSE - 1
+    assert cache.match([j for j in range(8)] + [0]).length == 0  # the oldest went
+
+
+def test_adopted_prefix_gives_the_same_logits(loaded):
+    """Copying from a running row and taking over a kept slot both continue exactly."""
+    from mlxserve.runner import Feed, Runner
+
+    layers, heads, dim = loaded.model.kv_shape()
+    tokens = loaded.tokenizer.encode("Once upon a time there was a tiny model that generated text.")
+
+    def run(kv, row, toks):
+        row.reserve(len(toks))
+        logits, _ = Runner(loaded.model, kv).forward([Feed("r", toks, row.length, row, "last")])
+        mx.eval(logits)
+        row.extend(len(toks))
+        return logits
+
+    kv = KVStore(layers, heads, dim, mx.float32, block_size=BS)
+    expected = run(kv, RowCache(kv), tokens)
+    cache = PrefixCache(kv)
+    first = RowCache(kv)
+    run(kv, first, tokens)
+    cache.insert(tokens, first, first.length)
+    copied = RowCache(kv)
+    m = cache.match(tokens)
+    cache.adopt(copied, m)
+    assert mx.allclose(run(kv, copied, tokens[m.length :]), expected, atol=1e-5)
+    cache.release(first)
+    taken = RowCache(kv)
+    m = cache.match(tokens)
+    assert isinstance(m.holder, KeptSlot)
+    cache.adopt(taken, m)
+    assert mx.allclose(run(kv, taken, tokens[m.length :]), expected, atol=1e-5)
 
 
 # ---- through the scheduler --------------------------------------------------------------------
@@ -161,8 +226,9 @@ def test_preempted_row_recomputes_identically_with_cache(loaded):
     with Engine(loaded, EngineConfig(block_size=4)) as engine:
         alone = [collect(engine.submit(Request(p, params)))[0] for p in prompts]
     layers, heads, dim = loaded.model.kv_shape()
-    block_bytes = 2 * layers * 4 * heads * dim * 4
-    sched = make_scheduler(loaded, EngineConfig(block_size=4, initial_blocks=4, memory_budget_bytes=12 * block_bytes))
+    token_bytes = 2 * layers * heads * dim * 4
+    # Room for three 32-token slots: rows outgrowing their 16-token slots must preempt others.
+    sched = make_scheduler(loaded, EngineConfig(block_size=4, memory_budget_bytes=3 * 32 * token_bytes))
     requests = [Request(p, params) for p in prompts]
     for r in requests:
         sched.add(r)
@@ -174,23 +240,9 @@ def test_preempted_row_recomputes_identically_with_cache(loaded):
     assert sched.stats.preemptions > 0
 
 
-def test_cache_lives_in_the_pool_slack():
-    """Cached blocks are evicted before the pool grows: the pool stays the size of the
-    requests' working set (updates copy the whole pool on some back-ends)."""
-    kv = pool(max_blocks=None, initial=4)
-    cache = PrefixCache(kv)
-    tokens = list(range(16))
-    row = row_with(kv, tokens)
-    cache.insert(tokens, row.block_table, row.length)
-    row.release()
-    RowCache(kv).reserve(16)  # needs all 4 blocks: the 4 cached ones go, no growth
-    assert kv.allocator.num_blocks == 4 and cache.cached_blocks == 0
-
-
 def test_default_budget_comes_from_device_memory(loaded):
     from mlxserve.memory import DEVICE_MEMORY_FRACTION, device_memory_bytes, weight_bytes
 
     sched = make_scheduler(loaded, EngineConfig())
-    budget = sched.kv.max_blocks * sched.kv.bytes_per_block
     expected = device_memory_bytes() * DEVICE_MEMORY_FRACTION - weight_bytes(loaded.model)
-    assert 0 < budget <= expected and budget > expected - sched.kv.bytes_per_block
+    assert 0 < sched.kv.max_bytes <= expected and sched.kv.max_bytes > expected - 1

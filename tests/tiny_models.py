@@ -211,14 +211,14 @@ def reference_prompt_logprobs(loaded, prompt):
     """log p(prompt[i+1] | prompt[:i+1]) from one direct forward pass over the whole prompt."""
     import mlx.core as mx
 
-    from mlxserve.cache import PagedKVCache, RowCache
+    from mlxserve.cache import KVStore, RowCache
     from mlxserve.runner import Feed, Runner
 
     layers, heads, dim = loaded.model.kv_shape()
-    kv = PagedKVCache(layers, heads, dim, mx.float32, block_size=16, initial_blocks=8)
+    kv = KVStore(layers, heads, dim, mx.float32, block_size=16)
     row = RowCache(kv)
     row.reserve(len(prompt))
-    logits, _ = Runner(loaded.model, kv).forward([Feed("r", prompt, 0, row.block_table, "all")])
+    logits, _ = Runner(loaded.model, kv).forward([Feed("r", prompt, 0, row, "all")])
     logprobs = logits.astype(mx.float32)
     logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
     return logprobs

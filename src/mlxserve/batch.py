@@ -3,8 +3,9 @@
 A step feeds several rows at once. Row r contributes `t_r` new tokens (1 for a decode row,
 k+1 for a row verifying k draft tokens, a chunk for a prefilling row). All new tokens are
 concatenated into one flat sequence so that every weight matrix is read once per step.
-Attention is the only part that needs to know about rows: rows with the same `t` form an
-`AttentionGroup` that runs as one batched attention call.
+Attention is the only part that needs to know about rows: rows on the same shelf (see
+cache.py) feeding the same number of tokens form an `AttentionGroup` that runs as one
+batched attention call, and each shelf receives the step's new K/V in one `ShelfWrite`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 @dataclass
 class AttentionGroup:
-    """Rows that feed the same number of new tokens this step.
+    """Rows of one shelf that feed the same number of new tokens this step.
 
     Flat tokens [offset, offset + n_rows * tokens_per_row) belong to this group, row-major.
     """
@@ -25,10 +26,22 @@ class AttentionGroup:
     offset: int
     n_rows: int
     tokens_per_row: int
-    positions: mx.array  # [n_rows, tokens_per_row] absolute position of each new token
-    block_table: mx.array | None  # [n_rows, max_blocks] pool block ids (gather path)
-    contiguous_start: int | None  # single row whose blocks are contiguous: first slot
-    key_length: int  # keys to attend over: padded length (gather) or exact length
+    shelf: object
+    first_slot: int | None  # the rows hold slots first_slot, first_slot + 1, ... in order
+    slots: mx.array | None  # otherwise their slots, gathered
+    key_length: int  # keys to attend over: the longest row's length after this step
+    mask: mx.array | str | None  # additive [n, 1, t, key_length], "causal", or None
+
+
+@dataclass
+class ShelfWrite:
+    """Flat tokens [offset, offset + count) go to (slots[i], columns[i]) of one shelf."""
+
+    shelf: object
+    offset: int
+    count: int
+    slots: mx.array
+    columns: mx.array
 
 
 @dataclass
@@ -37,88 +50,95 @@ class StepBatch:
 
     tokens: mx.array  # [T] int32, flat
     positions: mx.array  # [T] int32
-    slots: mx.array  # [T] int32: pool slot that receives each new token's K/V
+    writes: list[ShelfWrite]
     groups: list[AttentionGroup]
     logit_rows: mx.array  # indices into the flat tokens whose logits are wanted
     row_logits: list  # per row in flat order: (row key, first logits row, number of logits rows)
     row_offsets: dict  # row key -> index of its first token in the flat sequence
 
 
-def build_batch(rows: list, block_size: int) -> StepBatch:
+def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32) -> StepBatch:
     """Build a StepBatch from per-row feeds.
 
     `rows` holds objects with: key, tokens (list[int] new tokens), start (position of the
-    first new token), block_table (list[int] covering start + len(tokens) positions) and
-    logits (which of the new tokens need logits: "last", "all" or "none").
-    Rows are grouped by token count; the flat order is group by group so that each group is
-    one contiguous slice of the flat sequence.
+    first new token), cache (a RowCache whose slot covers start + len(tokens) positions)
+    and logits (which of the new tokens need logits: "last", "all" or "none").
+    The flat order is shelf by shelf, then by token count, then by slot, so that each group
+    and each shelf's writes are one contiguous slice of the flat sequence.
     """
-    by_count: dict[int, list] = {}
+    by_group: dict[tuple, list] = {}
     for row in rows:
-        by_count.setdefault(len(row.tokens), []).append(row)
+        shelf = row.cache.shelf
+        by_group.setdefault((shelf.capacity, len(row.tokens)), []).append(row)
 
     tokens: list[int] = []
     positions: list[int] = []
-    slots: list[int] = []
+    write_slots: list[int] = []
     logit_rows: list[int] = []
     row_logits: list = []
     row_offsets: dict = {}
     groups: list[AttentionGroup] = []
-    for t, members in sorted(by_count.items()):
+    for (_, t), members in sorted(by_group.items(), key=lambda item: item[0]):
+        members.sort(key=lambda row: row.cache.slot)
         offset = len(tokens)
         pos = np.empty((len(members), t), dtype=np.int32)
         for i, row in enumerate(members):
             base = len(tokens)
             row_offsets[row.key] = base
             tokens.extend(row.tokens)
-            p = np.arange(row.start, row.start + t, dtype=np.int32)
-            pos[i] = p
-            positions.extend(p.tolist())
-            table = np.asarray(row.block_table, dtype=np.int64)
-            slots.extend((table[p // block_size] * block_size + p % block_size).tolist())
+            pos[i] = np.arange(row.start, row.start + t, dtype=np.int32)
+            write_slots.extend([row.cache.slot] * t)
             first = len(logit_rows)
             if row.logits == "all":
                 logit_rows.extend(range(base, base + t))
             elif row.logits == "last":
                 logit_rows.append(base + t - 1)
             row_logits.append((row.key, first, len(logit_rows) - first))
-        key_length = max(row.start + t for row in members)
-        contiguous_start = None
-        block_table = None
-        if len(members) == 1 and _is_contiguous(members[0].block_table, key_length, block_size):
-            contiguous_start = members[0].block_table[0] * block_size
+        positions.extend(pos.reshape(-1).tolist())
+        slots = [row.cache.slot for row in members]
+        key_length = int(pos[:, -1].max()) + 1
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        if len(members) == 1:
+            # One row attends over exactly its keys: no mask but causality within the chunk.
+            mask = "causal" if t > 1 else None
         else:
-            max_blocks = -(-key_length // block_size)
-            table = np.zeros((len(members), max_blocks), dtype=np.int32)
-            for i, row in enumerate(members):
-                used = row.block_table[:max_blocks]
-                table[i, : len(used)] = used
-            block_table = mx.array(table)
-            key_length = max_blocks * block_size
+            # Key j is visible to the query at position p iff j <= p: this is both the causal
+            # rule and the cut-off of shorter rows. Built once here, shared by every layer.
+            visible = mx.arange(key_length)[None, None, None, :] <= mx.array(pos)[:, None, :, None]
+            mask = mx.where(visible, mx.array(0.0, mask_dtype), mx.array(-float("inf"), mask_dtype))
         groups.append(
             AttentionGroup(
                 offset=offset,
                 n_rows=len(members),
                 tokens_per_row=t,
-                positions=mx.array(pos),
-                block_table=block_table,
-                contiguous_start=contiguous_start,
+                shelf=members[0].cache.shelf,
+                first_slot=slots[0] if consecutive else None,
+                slots=None if consecutive else mx.array(slots),
                 key_length=key_length,
+                mask=mask,
             )
         )
+
+    # One write per shelf: groups of a shelf are adjacent in the flat order.
+    writes: list[ShelfWrite] = []
+    columns = np.asarray(positions, dtype=np.int32)
+    slot_arr = np.asarray(write_slots, dtype=np.int32)
+    for g in groups:
+        end = g.offset + g.n_rows * g.tokens_per_row
+        if writes and writes[-1].shelf is g.shelf:
+            writes[-1].count = end - writes[-1].offset
+        else:
+            writes.append(ShelfWrite(g.shelf, g.offset, end - g.offset, None, None))
+    for w in writes:
+        w.slots = mx.array(slot_arr[w.offset : w.offset + w.count])
+        w.columns = mx.array(columns[w.offset : w.offset + w.count])
+
     return StepBatch(
         tokens=mx.array(np.asarray(tokens, dtype=np.int32)),
-        positions=mx.array(np.asarray(positions, dtype=np.int32)),
-        slots=mx.array(np.asarray(slots, dtype=np.int32)),
+        positions=mx.array(columns),
+        writes=writes,
         groups=groups,
         logit_rows=mx.array(np.asarray(logit_rows, dtype=np.int32)),
         row_logits=row_logits,
         row_offsets=row_offsets,
     )
-
-
-def _is_contiguous(block_table: list[int], length: int, block_size: int) -> bool:
-    """True when the blocks holding the first `length` positions are consecutive ids."""
-    needed = -(-length // block_size)
-    first = block_table[0]
-    return all(block_table[i] == first + i for i in range(needed))

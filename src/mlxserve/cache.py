@@ -1,23 +1,32 @@
-"""Per-request model state: attention K/V in shared paged pools, and the four cache verbs.
+"""Per-request model state: attention K/V in slot-dense shelves, and the four cache verbs.
 
-Attention K/V of every row lives in one pool per layer, shape [num_blocks * block_size,
-kv_heads, head_dim], cut into fixed-size blocks. A row owns a block table (list of block
-ids) and a length. Blocks are reference counted so that the prefix cache can share full
-blocks between requests without copying.
+Every row owns a *slot*: one dense run of positions [0, capacity) in every attention layer's
+K and V arrays. Slots of the same capacity live together on a `Shelf`, whose arrays have
+shape [slots, kv_heads, capacity, head_dim]; capacities are powers of two times a base (4
+blocks), so a row wastes at most half its slot, and a row that outgrows its slot moves to
+the next shelf (one copy of its keys).
+
+Why slots and not a paged pool: MLX has no paged-attention kernel, so attention needs each
+row's keys as one dense [kv_heads, length, head_dim] run. A paged pool must gather every
+row's blocks in every layer at every step, and on back-ends that do not update arrays in
+place (MLX's CUDA back-end copies a buffer it writes into) every KV write copies the whole
+pool. On an H200, the attention of 32 decoding rows (~600 keys each, 28 layers) took 20.3 ms
+per step from a paged pool and 4.4 ms from slots (README, "Design measurements").
 
 The cache protocol every model kind supports, per row (see `RowCache`):
-  extend(n)      make room for n more tokens (allocates blocks; the forward pass writes them)
+  extend(n)      count n more tokens written by the last forward pass
   trim(n)        forget the last n tokens (attention only; used to roll back rejected drafts)
   snapshot()     remember the state at the current length
   restore(snap)  go back to a snapshot (attention: trim to its length; recurrent layers:
                  put the saved state back)
-Attention K/V below a row's length is never rewritten, so a snapshot of attention state is
-just a length; recurrent state (hybrid models) is saved by reference, MLX arrays being
-immutable values.
+`reserve(n)` makes room for n more tokens first (a slot, or a bigger one). Attention K/V
+below a row's length is never rewritten, so a snapshot of attention state is just a length;
+recurrent state (hybrid models) is saved by reference, MLX arrays being immutable values.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,57 +35,93 @@ import mlx.core as mx
 from .batch import StepBatch
 
 
-class OutOfBlocks(RuntimeError):
-    """The pool has no free block and may not grow further."""
+# The prefix cache may keep as many slots as rows run on a shelf, and at least this many,
+# before a new row reuses one instead of growing the shelf. Why a bound at all: a back-end that
+# does not update arrays in place (MLX's CUDA back-end) copies a whole shelf at every step, so
+# kept slots cost time there; on Metal they cost only memory.
+KEPT_SLOTS_BEFORE_REUSE = 4
 
 
-class BlockAllocator:
-    """Free list and reference counts of the pool's blocks."""
+class OutOfKVMemory(RuntimeError):
+    """No slot is free and the memory budget does not allow another."""
 
-    def __init__(self, num_blocks: int):
-        self.refcount = [0] * num_blocks
-        self.free_list = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+
+class Shelf:
+    """Slots of one capacity: per layer K and V of shape [slots, kv_heads, capacity, head_dim].
+
+    `holders[slot]` is whoever owns the slot (a running row's RowCache, or a finished row's
+    slot kept by the prefix cache); free slots are handed out lowest first, so running rows
+    tend to sit next to each other and attention can read them as one slice.
+    """
+
+    def __init__(self, store: KVStore, capacity: int):
+        self.store = store
+        self.capacity = capacity
+        self.num_slots = 0
+        self.keys: list[mx.array] = []
+        self.values: list[mx.array] = []
+        self.free: list[int] = []  # a heap
+        self.holders: dict[int, object] = {}
 
     @property
-    def num_blocks(self) -> int:
-        return len(self.refcount)
+    def slot_bytes(self) -> int:
+        return self.capacity * self.store.bytes_per_token
 
     @property
-    def num_free(self) -> int:
-        return len(self.free_list)
+    def bytes(self) -> int:
+        return self.num_slots * self.slot_bytes
 
-    def add_blocks(self, n: int) -> None:
-        start = self.num_blocks
-        self.refcount.extend([0] * n)
-        # Keep low ids first so that a row's blocks tend to be consecutive.
-        self.free_list = list(range(start + n - 1, start - 1, -1)) + self.free_list
-
-    def allocate(self, prefer: int | None = None) -> int:
-        """Hand out a free block, preferring `prefer` (the id after a row's last block)
-        so that a lone row stays contiguous and its keys can be read without a gather."""
-        if not self.free_list:
-            raise OutOfBlocks("no free KV block")
-        if prefer is not None and prefer < self.num_blocks and self.refcount[prefer] == 0:
-            self.free_list.remove(prefer)
-            block = prefer
+    def grow(self, n: int) -> None:
+        """Add n slots. Zero-filled: masked-out keys must still be finite numbers."""
+        s = self.store
+        shape = (n, s.kv_heads, self.capacity, s.head_dim)
+        if self.num_slots:
+            pad = mx.zeros(shape, dtype=s.dtype)
+            self.keys = [mx.concatenate([k, pad]) for k in self.keys]
+            self.values = [mx.concatenate([v, pad]) for v in self.values]
         else:
-            block = self.free_list.pop()
-        self.refcount[block] = 1
-        return block
+            # One array object per layer: writes replace an array object's contents.
+            self.keys = [mx.zeros(shape, dtype=s.dtype) for _ in range(s.num_layers)]
+            self.values = [mx.zeros(shape, dtype=s.dtype) for _ in range(s.num_layers)]
+        mx.eval(self.keys, self.values)
+        for slot in range(self.num_slots, self.num_slots + n):
+            heapq.heappush(self.free, slot)
+        self.num_slots += n
 
-    def retain(self, block: int) -> None:
-        assert self.refcount[block] > 0, "retain of a free block"
-        self.refcount[block] += 1
+    def take(self, holder: object) -> int:
+        slot = heapq.heappop(self.free)
+        self.holders[slot] = holder
+        return slot
 
-    def release(self, block: int) -> None:
-        assert self.refcount[block] > 0, "double free of a KV block"
-        self.refcount[block] -= 1
-        if self.refcount[block] == 0:
-            self.free_list.append(block)
+    def give_back(self, slot: int) -> None:
+        del self.holders[slot]
+        heapq.heappush(self.free, slot)
+
+    def compact(self) -> int:
+        """Drop free slots, moving held ones down (holders learn their new slot). Returns the
+        bytes released. One gather per layer: a pause, so only under memory pressure."""
+        if not self.free:
+            return 0
+        before = self.bytes
+        kept = sorted(self.holders)
+        if kept:
+            order = mx.array(kept)
+            self.keys = [mx.take(k, order, axis=0) for k in self.keys]
+            self.values = [mx.take(v, order, axis=0) for v in self.values]
+            mx.eval(self.keys, self.values)
+        else:
+            self.keys, self.values = [], []
+        holders = {new: self.holders[old] for new, old in enumerate(kept)}
+        for new, holder in holders.items():
+            holder.slot = new
+        self.holders = holders
+        self.free = []
+        self.num_slots = len(kept)
+        return before - self.bytes
 
 
-class PagedKVCache:
-    """The K/V pools of all attention layers of one model, and paged attention over them."""
+class KVStore:
+    """The K/V of all attention layers of one model, on shelves, within a byte budget."""
 
     def __init__(
         self,
@@ -85,74 +130,96 @@ class PagedKVCache:
         head_dim: int,
         dtype: mx.Dtype,
         block_size: int = 64,
-        initial_blocks: int = 64,
-        max_blocks: int | None = None,
+        max_bytes: int | None = None,
+        max_row_tokens: int | None = None,
     ):
         self.num_layers = num_layers
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
-        self.block_size = block_size
-        self.max_blocks = max_blocks
-        self.allocator = BlockAllocator(initial_blocks)
-        # Set by the prefix cache: frees up to n blocks it alone holds, returns how many.
-        self.reclaim: Callable[[int], int] | None = None
-        self.evictable: Callable[[], int] | None = None
-        shape = (initial_blocks * block_size, kv_heads, head_dim)
-        self.keys = [mx.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        self.values = [mx.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        mx.eval(self.keys, self.values)
+        self.block_size = block_size  # the prefix cache's unit; shelves are multiples of it
+        self.max_bytes = max_bytes
+        self.max_row_tokens = max_row_tokens
+        self.shelves: dict[int, Shelf] = {}
+        # Set by the prefix cache: give up one kept slot (on `shelf` if given, else anywhere,
+        # least recently used first); False when there is none to give.
+        self.reclaim: Callable[[Shelf | None], bool] | None = None
 
     # ---- memory -------------------------------------------------------------------------
     @property
-    def bytes_per_block(self) -> int:
-        return 2 * self.num_layers * self.block_size * self.kv_heads * self.head_dim * self.dtype.size
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * self.dtype.size
 
     @property
     def bytes_allocated(self) -> int:
-        return self.bytes_per_block * self.allocator.num_blocks
+        return sum(s.bytes for s in self.shelves.values())
 
     @property
     def bytes_in_use(self) -> int:
-        """Bytes of blocks that some request holds (blocks kept only by the prefix cache
-        are reclaimable and not counted)."""
-        held_by_cache_only = self.evictable() if self.evictable is not None else 0
-        return self.bytes_per_block * (self.allocator.num_blocks - self.allocator.num_free - held_by_cache_only)
+        """Bytes of slots that running rows hold (slots the prefix cache keeps are
+        reclaimable and not counted)."""
+        return sum(s.slot_bytes for s in self.shelves.values() for h in s.holders.values() if isinstance(h, RowCache))
 
-    def can_grow(self) -> bool:
-        return self.max_blocks is None or self.allocator.num_blocks < self.max_blocks
+    def arrays(self) -> list[mx.array]:
+        return [a for s in self.shelves.values() for a in s.keys + s.values]
 
-    def grow(self, at_least: int = 1) -> None:
-        """Enlarge the pools by at least `at_least` blocks, at least doubling them (bounded by
-        max_blocks). Copies every layer's pool, a pause for every running stream, so it
-        happens rarely and in one go."""
-        if not self.can_grow():
-            raise OutOfBlocks("KV memory budget reached")
-        old = self.allocator.num_blocks
-        new = max(old * 2, old + at_least)
-        if self.max_blocks is not None:
-            new = min(new, self.max_blocks)
-        extra = (new - old) * self.block_size
-        pad = mx.zeros((extra, self.kv_heads, self.head_dim), dtype=self.dtype)
-        self.keys = [mx.concatenate([k, pad]) for k in self.keys]
-        self.values = [mx.concatenate([v, pad]) for v in self.values]
-        mx.eval(self.keys, self.values)
-        self.allocator.add_blocks(new - old)
+    def capacity_for(self, tokens: int) -> int:
+        """The shelf capacity for a row of `tokens` tokens: 4 blocks doubled until it fits,
+        but not past the longest row the model allows (rounded up to a block) when that
+        suffices."""
+        capacity = 4 * self.block_size
+        while capacity < tokens:
+            capacity *= 2
+        if self.max_row_tokens is not None:
+            longest = -(-self.max_row_tokens // self.block_size) * self.block_size
+            capacity = max(min(capacity, longest), tokens)
+        return capacity
 
-    def ensure_free(self, n: int) -> None:
-        """Make n blocks free: first evict cached prefixes (exactly as many as missing, least
-        recently used first), then grow the pools while under budget.
+    def acquire(self, holder: object, tokens: int) -> tuple[Shelf, int]:
+        """A slot holding at least `tokens` tokens, for `holder`.
 
-        Evicting first keeps the pools as large as the requests' working set, with the
-        prefix cache living in the slack: on back-ends that copy a buffer on every update
-        (MLX's CUDA back-end does not update in place) a step's cost grows with pool size.
+        Order of preference: a free slot of the right shelf; a new slot within budget
+        (shelves double) unless the prefix cache already keeps as many slots on that shelf
+        as rows run there (and at least KEPT_SLOTS_BEFORE_REUSE), in which case its least
+        recently used one is reused first; then room made elsewhere (kept slots anywhere,
+        free slots of other shelves compacted away).
         """
-        while self.allocator.num_free < n:
-            if self.reclaim is not None and self.reclaim(n - self.allocator.num_free) > 0:
+        capacity = self.capacity_for(tokens)
+        shelf = self.shelves.get(capacity)
+        if shelf is None:
+            shelf = self.shelves[capacity] = Shelf(self, capacity)
+        while True:
+            if shelf.free:
+                return shelf, shelf.take(holder)
+            kept = sum(1 for h in shelf.holders.values() if not isinstance(h, RowCache))
+            if kept >= max(KEPT_SLOTS_BEFORE_REUSE, len(shelf.holders) - kept):
+                if self.reclaim is not None and self.reclaim(shelf):
+                    continue
+            room = None if self.max_bytes is None else (self.max_bytes - self.bytes_allocated) // shelf.slot_bytes
+            if room is None or room >= 1:
+                want = max(1, shelf.num_slots)
+                shelf.grow(want if room is None else min(want, room))
                 continue
-            if not self.can_grow():
-                raise OutOfBlocks("KV memory budget reached")
-            self.grow(n - self.allocator.num_free)
+            if self.reclaim is not None and self.reclaim(None):
+                continue
+            if self._compact_others(shelf):
+                continue
+            raise OutOfKVMemory("KV memory budget reached")
+
+    def _compact_others(self, keep: Shelf) -> bool:
+        released = 0
+        for capacity, shelf in list(self.shelves.items()):
+            if shelf is not keep:
+                released += shelf.compact()
+                if not shelf.num_slots:
+                    del self.shelves[capacity]
+        return released > 0
+
+    def copy(self, src: Shelf, src_slot: int, dst: Shelf, dst_slot: int, n: int) -> None:
+        """Copy the first n positions of a slot into another (lazily, in every layer)."""
+        for layer in range(self.num_layers):
+            dst.keys[layer][dst_slot, :, :n] = src.keys[layer][src_slot, :, :n]
+            dst.values[layer][dst_slot, :, :n] = src.values[layer][src_slot, :, :n]
 
     # ---- attention ----------------------------------------------------------------------
     def attend(
@@ -164,39 +231,29 @@ class PagedKVCache:
         batch: StepBatch,
         scale: float,
     ) -> mx.array:
-        """Write the step's new K/V into the pool, then attend per group.
+        """Write the step's new K/V into the rows' slots, then attend per group.
 
         queries [T, q_heads, D], keys/values [T, kv_heads, D] (RoPE already applied).
         Returns [T, q_heads * D] in flat order.
         """
-        pool_k, pool_v = self.keys[layer], self.values[layer]
-        pool_k[batch.slots] = keys
-        pool_v[batch.slots] = values
+        for w in batch.writes:
+            shelf_k, shelf_v = w.shelf.keys[layer], w.shelf.values[layer]
+            shelf_k[w.slots, :, w.columns] = keys[w.offset : w.offset + w.count]
+            shelf_v[w.slots, :, w.columns] = values[w.offset : w.offset + w.count]
         q_heads, d = queries.shape[1], queries.shape[2]
-        bs = self.block_size
         outputs = []
         for g in batch.groups:
-            n, t = g.n_rows, g.tokens_per_row
-            q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d).transpose(0, 2, 1, 3)
-            if g.contiguous_start is not None:
-                s = g.contiguous_start
-                k = pool_k[s : s + g.key_length][None].transpose(0, 2, 1, 3)
-                v = pool_v[s : s + g.key_length][None].transpose(0, 2, 1, 3)
-                mask = None if t == 1 else "causal"
+            n, t, length = g.n_rows, g.tokens_per_row, g.key_length
+            shelf_k, shelf_v = g.shelf.keys[layer], g.shelf.values[layer]
+            if g.first_slot is not None:
+                # The rows sit in consecutive slots: a view, no copy.
+                k = shelf_k[g.first_slot : g.first_slot + n, :, :length]
+                v = shelf_v[g.first_slot : g.first_slot + n, :, :length]
             else:
-                length = g.key_length
-                # Gather whole blocks as rows of a 2-D view: measured 1.6x faster than
-                # fancy indexing on MLX's CUDA back-end (H100, 32 rows x 9 blocks).
-                blocks = g.block_table.reshape(-1)
-                block_elems = bs * self.kv_heads * d
-                k = mx.take(pool_k.reshape(-1, block_elems), blocks, axis=0)
-                v = mx.take(pool_v.reshape(-1, block_elems), blocks, axis=0)
-                k = k.reshape(n, length, self.kv_heads, d).transpose(0, 2, 1, 3)
-                v = v.reshape(n, length, self.kv_heads, d).transpose(0, 2, 1, 3)
-                # Key j is visible to the query at position p iff j <= p: this is both the
-                # causal rule and the cut-off of the row's padding.
-                mask = mx.arange(length)[None, None, None, :] <= g.positions[:, None, :, None]
-            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+                k = mx.take(shelf_k[:, :, :length], g.slots, axis=0)
+                v = mx.take(shelf_v[:, :, :length], g.slots, axis=0)
+            q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d).transpose(0, 2, 1, 3)
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask)
             outputs.append(o.transpose(0, 2, 1, 3).reshape(n * t, q_heads * d))
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
 
@@ -209,44 +266,55 @@ class Snapshot:
     recurrent: object | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class RowCache:
-    """One row's view of the model state: its block table and length (+ recurrent slot)."""
+    """One row's view of the model state: its slot and length, and the prefix-cache keys of
+    its full blocks (kept by PrefixCache; `trim` drops those it invalidates)."""
 
-    kv: PagedKVCache
-    block_table: list[int] = field(default_factory=list)
+    kv: KVStore
+    shelf: Shelf | None = None
+    slot: int | None = None
     length: int = 0
+    block_keys: list[int] = field(default_factory=list)
+    states: dict = field(default_factory=dict)  # block index -> recurrent snapshot at its end
+    # Set by the prefix cache: called with (row, kept blocks) when trim invalidates blocks.
+    on_trim: Callable[[RowCache, int], None] | None = None
 
     @property
     def capacity(self) -> int:
-        return len(self.block_table) * self.kv.block_size
-
-    def blocks_needed(self, n: int) -> int:
-        """How many new blocks extend(n) would allocate."""
-        need = -(-(self.length + n) // self.kv.block_size)
-        return max(0, need - len(self.block_table))
+        return self.shelf.capacity if self.shelf is not None else 0
 
     def reserve(self, n: int) -> None:
-        """Allocate blocks so that positions [length, length + n) have slots."""
-        needed = self.blocks_needed(n)
-        self.kv.ensure_free(needed)
-        for _ in range(needed):
-            prefer = self.block_table[-1] + 1 if self.block_table else None
-            self.block_table.append(self.kv.allocator.allocate(prefer))
+        """Make sure positions [length, length + n) fit: take a slot, or move to a bigger one
+        (a quarter of headroom, so a decoding row does not move again at once)."""
+        needed = self.length + n
+        if needed <= self.capacity:
+            return
+        want = needed + needed // 4
+        if self.kv.max_row_tokens is not None:
+            want = max(needed, min(want, self.kv.max_row_tokens))
+        shelf, slot = self.kv.acquire(self, want)
+        if self.shelf is not None:
+            # acquire() may have compacted other shelves, never ours: self.slot is current.
+            if self.length:
+                self.kv.copy(self.shelf, self.slot, shelf, slot, self.length)
+            self.shelf.give_back(self.slot)
+        self.shelf, self.slot = shelf, slot
 
     def extend(self, n: int) -> None:
         """Count n tokens written by the last forward pass as part of the row."""
-        assert self.length + n <= self.capacity, "extend past reserved blocks"
+        assert self.length + n <= self.capacity, "extend past the reserved slot"
         self.length += n
 
     def trim(self, n: int) -> None:
-        """Forget the last n tokens and free blocks that no longer hold any."""
+        """Forget the last n tokens."""
         assert 0 <= n <= self.length
         self.length -= n
-        keep = -(-self.length // self.kv.block_size)
-        for block in self.block_table[keep:]:
-            self.kv.allocator.release(block)
-        del self.block_table[keep:]
+        kept = self.length // self.kv.block_size
+        if len(self.block_keys) > kept and self.on_trim is not None:
+            self.on_trim(self, kept)
+        for i in [i for i in self.states if i >= kept]:
+            del self.states[i]
 
     def snapshot(self) -> Snapshot:
         return Snapshot(length=self.length)
@@ -256,15 +324,9 @@ class RowCache:
             raise ValueError("cannot restore a snapshot ahead of the row")
         self.trim(self.length - snap.length)
 
-    def adopt_prefix(self, blocks: list[int], length: int) -> None:
-        """Start the row from shared, already written blocks (the prefix cache)."""
-        assert not self.block_table and self.length == 0
-        for block in blocks:
-            self.kv.allocator.retain(block)
-        self.block_table = list(blocks)
-        self.length = length
-
     def release(self) -> None:
-        """Give every block back (request finished, cancelled or preempted); trimming to
-        zero also frees blocks that were reserved but never written."""
+        """Give the slot back (request finished, cancelled or preempted)."""
         self.trim(self.length)
+        if self.shelf is not None:
+            self.shelf.give_back(self.slot)
+        self.shelf = self.slot = None

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import mlx.core as mx
 
-from .cache import PagedKVCache
+from .cache import KVStore
 from .loader import LoadedModel
 from .memory import default_kv_budget
 from .runner import Runner
@@ -30,10 +30,9 @@ STATS_REFRESH_S = 0.5  # how stale the published stats may get while the engine 
 
 @dataclass
 class EngineConfig(SchedulerConfig):
-    """The scheduler's settings plus how the KV pools are sized."""
+    """The scheduler's settings plus the KV memory budget."""
 
     memory_budget_bytes: int | None = None  # KV budget; None: a share of device memory
-    initial_blocks: int = 16
 
 
 class RequestStream:
@@ -272,10 +271,9 @@ def make_scheduler(loaded: LoadedModel, config: EngineConfig) -> Scheduler:
     """Build the KV pools, runner and scheduler for a loaded model (on the engine thread)."""
     model = loaded.model
     layers, kv_heads, head_dim = model.kv_shape()
-    kv = PagedKVCache(layers, kv_heads, head_dim, _compute_dtype(model), block_size=config.block_size,
-                      initial_blocks=config.initial_blocks)
     budget = config.memory_budget_bytes if config.memory_budget_bytes is not None else default_kv_budget(model)
-    kv.max_blocks = max(config.initial_blocks, budget // kv.bytes_per_block)
+    kv = KVStore(layers, kv_heads, head_dim, _compute_dtype(model), block_size=config.block_size,
+                 max_bytes=budget, max_row_tokens=loaded.context_length)
     return Scheduler(Runner(model, kv), loaded.tokenizer, replace(config, context_length=loaded.context_length))
 
 

@@ -1,37 +1,49 @@
-"""Shared prefix cache: full KV blocks of earlier requests, reused by later ones.
+"""Shared prefix cache: the KV of earlier and running requests, reused by later ones.
 
-A full block is identified by the tokens it holds and everything before it: its key is the
-hash of (parent key, the block's tokens). A new request walks its prompt block by block and
-adopts the longest run of cached blocks, prefilling only the rest. A chat's next turn thus
-reuses the previous turn's KV.
+Token blocks (block_size tokens) are the unit of matching. A full block is identified by
+the tokens it holds and everything before it: its key is the hash of (parent key, the
+block's tokens). Every slot (cache.py) whose row registered its blocks is a *holder* of
+those keys: running rows, and finished or preempted rows whose slot the cache keeps
+(`KeptSlot`). A new request walks its prompt block by block, finds the holder of the longest
+run of its blocks, and starts from there, prefilling only the rest:
+  - from a kept slot, it takes the slot over: no copy at all (a chat's next turn, or a
+    preempted row coming back, continues in the very slot it left);
+  - from a running row, it copies that many positions into its own slot.
+Each key lists its holders (a reference count: a kept slot is only evicted when no running
+row is in it, which is true by construction as running rows own their slots). When memory is
+needed, kept slots are evicted least recently used first; the bytes they free are counted
+in whole slots.
 
-The cache holds one reference on each of its blocks (see BlockAllocator), so a block in use
-by a row is never freed. When the pool needs room, the least recently used cached blocks
-that nobody else references are evicted, leaves first (a parent stays while a child is
-cached, so every cached chain stays reachable from its root).
-
-Hybrid models keep recurrent state that cannot be rebuilt from KV blocks: a block may carry
-a state snapshot taken at its end, and a match for such a model must end on a block that
-has one (`need_state`).
+Hybrid models keep recurrent state that cannot be rebuilt from KV: a holder may carry a state
+snapshot at the end of a block, and a match for such a model must end on a block that has
+one (`need_state`).
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from dataclasses import dataclass, field
 
-from .cache import PagedKVCache
+from .cache import KVStore, RowCache, Shelf
+
+
+@dataclass(eq=False)
+class KeptSlot:
+    """A slot that no row owns any more, kept for its blocks."""
+
+    shelf: Shelf
+    slot: int
+    length: int
+    block_keys: list[int]
+    states: dict
+    last_used: int
 
 
 @dataclass
-class CachedBlock:
-    key: int
-    parent: int | None
-    block: int
-    last_used: int
-    children: set = field(default_factory=set)
-    state: object | None = None  # recurrent-state snapshot at the end of this block
+class Match:
+    holder: RowCache | KeptSlot | None
+    length: int  # tokens covered
+    state: object | None = None  # recurrent snapshot at `length` (hybrid models)
 
 
 @dataclass
@@ -50,123 +62,137 @@ class PrefixStats:
         }
 
 
+@dataclass
 class PrefixCache:
-    def __init__(self, kv: PagedKVCache):
-        self.kv = kv
-        self.block_size = kv.block_size
-        self.entries: dict[int, CachedBlock] = {}
+    kv: KVStore
+    holders: dict[int, set] = field(default_factory=dict)  # block key -> holders of that block
+    kept: dict[int, KeptSlot] = field(default_factory=dict)  # id -> kept slot
+    stats: PrefixStats = field(default_factory=PrefixStats)
+
+    def __post_init__(self):
+        self.block_size = self.kv.block_size
         self._clock = itertools.count()
-        self.stats = PrefixStats()
-        kv.reclaim = self.evict
-        kv.evictable = self.evictable_blocks
+        self.kv.reclaim = self.evict
 
     # ---- lookup ------------------------------------------------------------------------
-    def match(self, tokens: list[int], need_state: bool = False) -> tuple[list[int], int, object | None]:
-        """Longest cached prefix of `tokens` as (block ids, tokens covered, state snapshot).
+    def match(self, tokens: list[int], need_state: bool = False) -> Match:
+        """The holder of the longest cached full-block prefix of `tokens`.
 
         At least one token is always left uncovered: the request must feed something to get
-        logits for its next token.
+        logits for its next token. A kept slot is preferred to a running row (taking it over
+        costs no copy).
         """
         bs = self.block_size
-        usable = (len(tokens) - 1) // bs
-        chain: list[CachedBlock] = []
+        best = Match(None, 0)
         parent = None
-        for i in range(usable):
+        for i in range((len(tokens) - 1) // bs):
             key = _block_key(parent, tokens[i * bs : (i + 1) * bs])
-            entry = self.entries.get(key)
-            if entry is None:
+            found = self.holders.get(key)
+            if not found:
                 break
-            chain.append(entry)
             parent = key
-        if need_state:
-            while chain and chain[-1].state is None:
-                chain.pop()
-        now = next(self._clock)
-        for entry in chain:
-            entry.last_used = now
+            candidates = [h for h in found if not need_state or i in h.states]
+            if candidates:
+                holder = min(candidates, key=lambda h: not isinstance(h, KeptSlot))
+                best = Match(holder, (i + 1) * bs, holder.states.get(i))
         self.stats.queried_tokens += len(tokens)
-        self.stats.hit_tokens += len(chain) * bs
-        state = chain[-1].state if chain else None
-        return [e.block for e in chain], len(chain) * bs, state
+        self.stats.hit_tokens += best.length
+        if isinstance(best.holder, KeptSlot):
+            best.holder.last_used = next(self._clock)
+        return best
 
-    # ---- insertion ---------------------------------------------------------------------
-    def insert(self, tokens: list[int], block_table: list[int], length: int, states: dict | None = None) -> None:
-        """Register the full blocks among the first `length` tokens of a row.
+    def adopt(self, row: RowCache, match: Match) -> None:
+        """Start an empty row from a match: take a kept slot over, or copy a running row's
+        positions into a slot of its own (which may raise OutOfKVMemory)."""
+        assert row.shelf is None and row.length == 0
+        blocks = match.length // self.block_size
+        source = match.holder
+        if isinstance(source, KeptSlot):
+            self._forget(source, blocks)
+            del self.kept[id(source)]
+            source.shelf.holders[source.slot] = row
+            row.shelf, row.slot = source.shelf, source.slot
+            row.length = match.length
+            row.block_keys = source.block_keys[:blocks]
+            row.states = {i: s for i, s in source.states.items() if i < blocks}
+            for key in row.block_keys:
+                self.holders[key].discard(source)
+                self.holders[key].add(row)
+        else:
+            row.reserve(match.length)
+            self.kv.copy(source.shelf, source.slot, row.shelf, row.slot, match.length)
+            row.length = match.length
+            row.block_keys = source.block_keys[:blocks]
+            row.states = {i: s for i, s in source.states.items() if i < blocks}
+            for key in row.block_keys:
+                self.holders[key].add(row)
+        row.on_trim = self._forget
 
-        `states` optionally maps a block index to the recurrent snapshot at its end.
-        If a block's key is already cached under another block id (two rows computed the
-        same prefix at once), registration stops there: every cached chain then runs
-        through blocks its users hold, so a block held only by the cache never has a
-        descendant that a row holds.
-        """
+    # ---- registration ------------------------------------------------------------------
+    def insert(self, tokens: list[int], row: RowCache, length: int, states: dict | None = None) -> None:
+        """Register the full blocks among the first `length` tokens of a row (`states`
+        optionally maps a block index to the recurrent snapshot at its end)."""
         bs = self.block_size
-        parent = None
-        now = next(self._clock)
-        for i in range(length // bs):
+        row.on_trim = self._forget
+        parent = row.block_keys[-1] if row.block_keys else None
+        for i in range(len(row.block_keys), length // bs):
             key = _block_key(parent, tokens[i * bs : (i + 1) * bs])
-            entry = self.entries.get(key)
-            if entry is None:
-                block = block_table[i]
-                self.kv.allocator.retain(block)
-                entry = CachedBlock(key=key, parent=parent, block=block, last_used=now)
-                self.entries[key] = entry
-                if parent is not None:
-                    self.entries[parent].children.add(key)
-            elif entry.block != block_table[i]:
-                break
-            entry.last_used = now
-            if states and i in states and entry.state is None:
-                entry.state = states[i]
+            self.holders.setdefault(key, set()).add(row)
+            row.block_keys.append(key)
             parent = key
+        if states:
+            row.states.update(states)
+
+    def release(self, row: RowCache) -> None:
+        """A row is done with its slot: keep the slot if it holds any full block, else free it."""
+        if row.shelf is None or not row.block_keys:
+            row.release()
+            return
+        kept = KeptSlot(row.shelf, row.slot, row.length, row.block_keys, row.states, next(self._clock))
+        self.kept[id(kept)] = kept
+        row.shelf.holders[row.slot] = kept
+        for key in kept.block_keys:
+            self.holders[key].discard(row)
+            self.holders[key].add(kept)
+        row.shelf = row.slot = None
+        row.length = 0
+        row.block_keys, row.states = [], {}
+
+    def _forget(self, holder, kept_blocks: int) -> None:
+        """Unregister a holder's blocks from index `kept_blocks` on."""
+        for key in holder.block_keys[kept_blocks:]:
+            found = self.holders.get(key)
+            if found is not None:
+                found.discard(holder)
+                if not found:
+                    del self.holders[key]
+        del holder.block_keys[kept_blocks:]
 
     # ---- eviction ----------------------------------------------------------------------
-    def evict(self, wanted: int) -> int:
-        """Free up to `wanted` pool blocks held only by the cache, least recently used leaf
-        first (a parent whose last child goes becomes a leaf in turn). Returns how many."""
-        refcount = self.kv.allocator.refcount
-
-        def evictable_leaf(entry: CachedBlock) -> bool:
-            return not entry.children and refcount[entry.block] == 1
-
-        # One heap for the whole call, not a rescan per block: a long prompt's admission
-        # may evict hundreds of blocks from a large cache.
-        leaves = [(e.last_used, e.key) for e in self.entries.values() if evictable_leaf(e)]
-        heapq.heapify(leaves)
-        freed = 0
-        while freed < wanted and leaves:
-            entry = self.entries[heapq.heappop(leaves)[1]]
-            parent = self.entries.get(entry.parent) if entry.parent is not None else None
-            self._drop(entry)
-            freed += 1
-            if parent is not None and evictable_leaf(parent):
-                heapq.heappush(leaves, (parent.last_used, parent.key))
-        self.stats.evicted_blocks += freed
-        return freed
-
-    def evictable_blocks(self) -> int:
-        """Blocks that eviction could free right now: those held by the cache alone. (A row
-        holding a cached block holds its whole chain, so these are whole subtrees and
-        leaf-first eviction reaches all of them.)"""
-        return sum(1 for e in self.entries.values() if self.kv.allocator.refcount[e.block] == 1)
+    def evict(self, shelf: Shelf | None = None) -> bool:
+        """Free the least recently used kept slot (on `shelf`, if given). False if none."""
+        candidates = [k for k in self.kept.values() if shelf is None or k.shelf is shelf]
+        if not candidates:
+            return False
+        victim = min(candidates, key=lambda k: k.last_used)
+        self.stats.evicted_blocks += len(victim.block_keys)
+        self._forget(victim, 0)
+        del self.kept[id(victim)]
+        victim.shelf.give_back(victim.slot)
+        return True
 
     @property
     def cached_blocks(self) -> int:
-        return len(self.entries)
+        return len(self.holders)
 
     @property
     def cached_bytes(self) -> int:
-        return len(self.entries) * self.kv.bytes_per_block
+        """Bytes of the slots kept for reuse (running rows' slots are theirs)."""
+        return sum(k.shelf.slot_bytes for k in self.kept.values())
 
     def clear(self) -> None:
-        for entry in list(self.entries.values()):
-            self.kv.allocator.release(entry.block)
-        self.entries.clear()
-
-    def _drop(self, entry: CachedBlock) -> None:
-        del self.entries[entry.key]
-        if entry.parent is not None and entry.parent in self.entries:
-            self.entries[entry.parent].children.discard(entry.key)
-        self.kv.allocator.release(entry.block)
+        while self.evict():
+            pass
 
 
 def _block_key(parent: int | None, tokens: list[int]) -> int:

@@ -8,24 +8,24 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .batch import StepBatch, build_batch
-from .cache import PagedKVCache
+from .cache import KVStore, RowCache
 
 
 @dataclass
 class Feed:
-    """One row's part of a step: new tokens starting at `start`, written into the blocks of
-    `block_table`; `logits` says which positions need logits ("last", "all" or "none")."""
+    """One row's part of a step: new tokens starting at `start`, written into the slot of
+    `cache` (a RowCache); `logits` says which positions need logits ("last", "all" or "none")."""
 
     key: object
     tokens: list[int]
     start: int
-    block_table: list[int]
+    cache: RowCache
     logits: str
     from_previous: int | None = None  # the (single) token is element i of the previous step's samples
 
 
 class Runner:
-    def __init__(self, model: nn.Module, kv: PagedKVCache):
+    def __init__(self, model: nn.Module, kv: KVStore):
         self.model = model
         self.kv = kv
 
@@ -37,7 +37,7 @@ class Runner:
         read their input from it (Feed.from_previous) so the host need not wait for them.
         The result is lazy: the caller evaluates it together with whatever it samples.
         """
-        batch = build_batch(feeds, self.kv.block_size)
+        batch = build_batch(feeds, self.kv.dtype)
         patches = [(batch.row_offsets[f.key], f.from_previous) for f in feeds if f.from_previous is not None]
         if patches:
             dest, src = zip(*patches)

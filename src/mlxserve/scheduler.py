@@ -10,7 +10,7 @@ Each step, under one token budget (`max_batch_tokens`):
   2. the rest of the budget goes, oldest row first, to prefill chunks;
   3. rows whose feed reaches the end of their sequence get logits and sample a token.
 Rows join and leave between steps; nobody is re-prefilled because someone else arrived.
-When the KV pool is full, the youngest row is preempted (its blocks freed, its tokens kept)
+When KV memory is full, the youngest row is preempted (its slot freed, its tokens kept)
 and recomputed later; nothing it produced is lost.
 """
 
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .cache import OutOfBlocks, PagedKVCache, RowCache
+from .cache import KVStore, OutOfKVMemory, RowCache
 from .detokenizer import IncrementalDetokenizer, StopMatcher
-from .prefix_cache import PrefixCache
+from .prefix_cache import Match, PrefixCache
 from .runner import Feed, Runner
 from .sampling import RowSamplingState, SampleResult, Sampler, SamplingParams
 
@@ -154,7 +154,7 @@ class InFlight:
 class Scheduler:
     def __init__(self, runner: Runner, tokenizer, config: SchedulerConfig):
         self.runner = runner
-        self.kv: PagedKVCache = runner.kv
+        self.kv: KVStore = runner.kv
         self.tokenizer = tokenizer
         self.config = config
         self.sampler = Sampler()
@@ -175,7 +175,7 @@ class Scheduler:
         self.waiting.append(row)
 
     def cancel(self, request_id: str) -> TokenEvent | None:
-        """Drop a request wherever it is; its blocks are free when this returns."""
+        """Drop a request wherever it is; its slot is free when this returns."""
         for row in list(self.waiting) + self.running:
             if row.id == request_id:
                 return self._finish(row, "cancelled")
@@ -236,7 +236,7 @@ class Scheduler:
         if sampling_rows and len(last_rows) != logits.shape[0]:
             logits = logits[mx.array(last_rows)]
         if not sampling_rows:
-            mx.async_eval(self.kv.keys + self.kv.values)  # a prefill-only step writes KV only
+            mx.async_eval(self.kv.arrays())  # a prefill-only step writes KV only
             return None
         result = self.sampler.sample(logits, [row.sampling for row in sampling_rows])
         indices = []
@@ -291,36 +291,42 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.config.max_running:
             row = self.waiting[0]
-            # Admission by memory: the whole prompt's blocks must fit without preempting
-            # anyone. They are reserved now, so the pool grows (a pause for every stream)
-            # at most once per admission rather than chunk after chunk.
-            cached_blocks, cached_len, _ = self._lookup(row)
-            if cached_len:
-                row.cache.adopt_prefix(cached_blocks, cached_len)
+            # Admission by memory: a slot for the whole prompt must fit without preempting
+            # anyone. It is reserved now, so the row never moves during its prefill.
+            match = self._lookup(row)
             try:
+                if match.length:
+                    self.prefix.adopt(row.cache, match)
                 row.cache.reserve(row.unfed)
-            except OutOfBlocks:
-                row.cache.release()  # gives the adopted prefix back too
+            except OutOfKVMemory:
+                self._release(row)  # a taken-over slot goes back to the prefix cache
                 if not self.running and self._inflight is None:
                     # Nothing will ever free memory for it: it can never fit.
                     self._events.append(self._finish(row, "error", "prompt does not fit in the KV memory budget"))
                     continue
                 break
             self.waiting.popleft()
-            if cached_len and row.first_token_time is None:  # first admission, not a recompute
-                row.cached_tokens = cached_len
+            if match.length and row.first_token_time is None:  # first admission, not a recompute
+                row.cached_tokens = match.length
             self.running.append(row)
 
-    def _lookup(self, row: Row) -> tuple[list[int], int, object]:
+    def _lookup(self, row: Row) -> Match:
         if self.prefix is None or row.prompt_scores is not None:  # scoring needs every position
-            return [], 0, None
+            return Match(None, 0)
         return self.prefix.match(row.tokens)
 
     def _remember(self, row: Row) -> None:
         """Offer the row's computed full blocks to the prefix cache (only tokens whose values
         the host knows: a fed token may still be pending)."""
         if self.prefix is not None:
-            self.prefix.insert(row.tokens, row.cache.block_table, min(row.cache.length, len(row.tokens)))
+            self.prefix.insert(row.tokens, row.cache, min(row.cache.length, len(row.tokens)))
+
+    def _release(self, row: Row) -> None:
+        """The row gives its slot up: to the prefix cache if it holds reusable blocks."""
+        if self.prefix is not None:
+            self.prefix.release(row.cache)
+        else:
+            row.cache.release()
 
     def _plan(self) -> tuple[list[Feed], list[Row]]:
         budget = self.config.max_batch_tokens
@@ -341,28 +347,28 @@ class Scheduler:
             start = row.cache.length
             if row.pending:
                 # Its token is still on the device: read it from the last step's samples.
-                feed = Feed(row.id, [0], start, row.cache.block_table, "last", from_previous=row.pending_index)
+                feed = Feed(row.id, [0], start, row.cache, "last", from_previous=row.pending_index)
             else:
                 reaches_end = start + n == len(row.tokens)
                 scoring = row.prompt_scores is not None and start < row.prompt_len
-                feed = Feed(row.id, row.tokens[start : start + n], start, row.cache.block_table,
+                feed = Feed(row.id, row.tokens[start : start + n], start, row.cache,
                             "all" if scoring else "last" if reaches_end else "none")
             feeds.append(feed)
             rows.append(row)
         return feeds, rows
 
     def _reserve(self, plan: list[tuple[Row, int]]) -> list[tuple[Row, int]]:
-        """Allocate blocks for the plan, preempting the youngest rows when memory runs out.
+        """Make room for the plan, preempting the youngest rows when memory runs out.
 
-        `reserve` only allocates what a row still lacks, so retrying the whole plan after a
-        preemption does not allocate twice.
+        `reserve` only acts when a row's slot is too small, so retrying the whole plan after
+        a preemption does not allocate twice.
         """
         while True:
             try:
                 for row, n in plan:
                     row.cache.reserve(n)
                 return plan
-            except OutOfBlocks:
+            except OutOfKVMemory:
                 victim = self.running[-1]
                 if len(self.running) == 1:
                     # Alone and still too big: the request cannot fit in the budget at all.
@@ -373,9 +379,9 @@ class Scheduler:
 
     def _preempt(self, row: Row) -> None:
         """Free a row's memory and send it back to the front of the queue; its tokens are
-        kept and recomputed when it is admitted again."""
+        kept, and recomputed when it is admitted again unless its slot is still cached."""
         self._remember(row)
-        row.cache.release()
+        self._release(row)
         self.running.remove(row)
         self.waiting.appendleft(row)
         self.stats.preemptions += 1
@@ -406,7 +412,9 @@ class Scheduler:
         row.finished = True
         if reason != "error":
             self._remember(row)
-        row.cache.release()
+            self._release(row)
+        else:
+            row.cache.release()
         if row in self.running:
             self.running.remove(row)
         elif row in self.waiting:
@@ -438,7 +446,7 @@ class Scheduler:
             "waiting": len(self.waiting),
             "kv_bytes_in_use": self.kv.bytes_in_use,
             "kv_bytes_allocated": self.kv.bytes_allocated,
-            "kv_bytes_budget": None if self.kv.max_blocks is None else self.kv.max_blocks * self.kv.bytes_per_block,
+            "kv_bytes_budget": self.kv.max_bytes,
             "prefix_cached_bytes": self.prefix.cached_bytes if self.prefix else 0,
             **(self.prefix.stats.as_dict() if self.prefix else {}),
             **self.stats.as_dict(),

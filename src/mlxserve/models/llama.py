@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
 from ..batch import StepBatch
-from ..cache import PagedKVCache
+from ..cache import KVStore
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -92,7 +92,7 @@ class Attention(nn.Module):
             d, args.rope_theta, args.rope_traditional, args.rope_scaling, args.max_position_embeddings
         )
 
-    def __call__(self, x: mx.array, batch: StepBatch, cache: PagedKVCache) -> mx.array:
+    def __call__(self, x: mx.array, batch: StepBatch, cache: KVStore) -> mx.array:
         T = x.shape[0]
         if "qkv_proj" in self:
             q, k, v = mx.split(self.qkv_proj(x), self.qkv_splits, axis=-1)
@@ -184,7 +184,7 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, batch: StepBatch, cache: PagedKVCache) -> mx.array:
+    def __call__(self, x: mx.array, batch: StepBatch, cache: KVStore) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), batch, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -223,7 +223,7 @@ class Model(nn.Module):
         """(attention layers, kv heads, head dim) for sizing the KV pools."""
         return self.args.num_hidden_layers, self.args.num_key_value_heads, self.args.head_dim
 
-    def __call__(self, batch: StepBatch, cache: PagedKVCache) -> mx.array | None:
+    def __call__(self, batch: StepBatch, cache: KVStore) -> mx.array | None:
         h = self.model.embed_tokens(batch.tokens)
         for layer in self.model.layers:
             h = layer(h, batch, cache)
