@@ -111,7 +111,7 @@ def test_lru_eviction_by_bytes():
 
 
 def test_kept_slots_are_reused_before_a_shelf_grows_past_its_working_set():
-    """Beyond KEPT_SLOTS_BEFORE_REUSE kept slots (and as many as rows running there), a new
+    """Beyond KEPT_SLOTS_BEFORE_REUSE kept slots (or a quarter of the rows running there), a new
     row reuses the least recently used kept slot instead of growing the shelf (writes copy a
     whole shelf on back-ends that do not update in place)."""
     from mlxserve.cache import KEPT_SLOTS_BEFORE_REUSE

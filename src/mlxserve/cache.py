@@ -35,10 +35,10 @@ import mlx.core as mx
 from .batch import StepBatch
 
 
-# The prefix cache may keep as many slots as rows run on a shelf, and at least this many,
-# before a new row reuses one instead of growing the shelf. Why a bound at all: a back-end that
-# does not update arrays in place (MLX's CUDA back-end) copies a whole shelf at every step, so
-# kept slots cost time there; on Metal they cost only memory.
+# The prefix cache may keep this many slots on a shelf, or a quarter as many as rows run there
+# if more, before a new row reuses the least recently used one instead of growing the shelf.
+# Why a bound at all: a back-end that does not update arrays in place (MLX's CUDA back-end)
+# copies a whole shelf at every step, so kept slots cost time there, not only memory.
 KEPT_SLOTS_BEFORE_REUSE = 4
 
 
@@ -179,10 +179,10 @@ class KVStore:
         """A slot holding at least `tokens` tokens, for `holder`.
 
         Order of preference: a free slot of the right shelf; a new slot within budget
-        (shelves double) unless the prefix cache already keeps as many slots on that shelf
-        as rows run there (and at least KEPT_SLOTS_BEFORE_REUSE), in which case its least
-        recently used one is reused first; then room made elsewhere (kept slots anywhere,
-        free slots of other shelves compacted away).
+        (shelves double) unless the prefix cache already keeps its share of that shelf (see
+        KEPT_SLOTS_BEFORE_REUSE), in which case its least recently used slot there is reused
+        first; then room made elsewhere (kept slots anywhere, free slots of other shelves
+        compacted away).
         """
         capacity = self.capacity_for(tokens)
         shelf = self.shelves.get(capacity)
@@ -192,7 +192,7 @@ class KVStore:
             if shelf.free:
                 return shelf, shelf.take(holder)
             kept = sum(1 for h in shelf.holders.values() if not isinstance(h, RowCache))
-            if kept >= max(KEPT_SLOTS_BEFORE_REUSE, len(shelf.holders) - kept):
+            if kept >= max(KEPT_SLOTS_BEFORE_REUSE, (len(shelf.holders) - kept) // 4):
                 if self.reclaim is not None and self.reclaim(shelf):
                     continue
             room = None if self.max_bytes is None else (self.max_bytes - self.bytes_allocated) // shelf.slot_bytes

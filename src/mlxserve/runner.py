@@ -39,7 +39,12 @@ class Runner:
         """
         batch = build_batch(feeds, self.kv.dtype)
         patches = [(batch.row_offsets[f.key], f.from_previous) for f in feeds if f.from_previous is not None]
-        if patches:
+        if len(patches) == batch.tokens.size:
+            # Every row decodes its token from last step (the steady state): the step's input
+            # is last step's samples, reordered if need be; no scatter.
+            src = [s for _, s in sorted(patches)]
+            batch.tokens = previous if src == list(range(previous.size)) else previous[mx.array(src)]
+        elif patches:
             dest, src = zip(*patches)
             batch.tokens[mx.array(dest)] = previous[mx.array(src)]
         return self.model(batch, self.kv), batch

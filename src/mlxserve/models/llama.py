@@ -231,7 +231,9 @@ class Model(nn.Module):
             # A prefill-only step: its product is the KV it wrote. (No zero-row head either:
             # MLX's CUDA back-end rejects zero-size kernels.)
             return None
-        h = self.model.norm(h[batch.logit_rows])
+        if batch.logit_rows.size != h.shape[0]:  # else every token wants logits, in order
+            h = h[batch.logit_rows]
+        h = self.model.norm(h)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
