@@ -30,7 +30,7 @@ class AttentionGroup:
     first_slot: int | None  # the rows hold slots first_slot, first_slot + 1, ... in order
     slots: mx.array | None  # otherwise their slots, gathered
     key_length: int  # keys to attend over: the longest row's length after this step
-    mask: mx.array | str | None  # additive [n, 1, t, key_length], "causal", or None
+    mask: mx.array | None  # additive [n, 1, t, key_length]; None for one decoding row
 
 
 @dataclass
@@ -57,7 +57,7 @@ class StepBatch:
     row_offsets: dict  # row key -> index of its first token in the flat sequence
 
 
-def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32) -> StepBatch:
+def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int = 64) -> StepBatch:
     """Build a StepBatch from per-row feeds.
 
     `rows` holds objects with: key, tokens (list[int] new tokens), start (position of the
@@ -98,9 +98,14 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32) -> StepBatch:
         slots = [row.cache.slot for row in members]
         key_length = int(pos[:, -1].max()) + 1
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
-        if len(members) == 1:
-            # One row attends over exactly its keys: no mask but causality within the chunk.
-            mask = "causal" if t > 1 else None
+        if t > 1:
+            # Prefill chunks attend over a key length rounded up to a shelf unit, masked: fused
+            # attention kernels are built per shape (cuDNN: tens of ms each), and exact
+            # lengths would make every chunk of a long prompt a new shape.
+            unit = 4 * block_size
+            key_length = min(-(-key_length // unit) * unit, members[0].cache.capacity)
+        if len(members) == 1 and t == 1:
+            mask = None  # one decoding row attends over exactly its keys
         else:
             # Key j is visible to the query at position p iff j <= p: this is both the causal
             # rule and the cut-off of shorter rows. Built once here, shared by every layer.

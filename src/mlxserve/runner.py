@@ -37,7 +37,7 @@ class Runner:
         read their input from it (Feed.from_previous) so the host need not wait for them.
         The result is lazy: the caller evaluates it together with whatever it samples.
         """
-        batch = build_batch(feeds, self.kv.dtype)
+        batch = build_batch(feeds, self.kv.dtype, self.kv.block_size)
         patches = [(batch.row_offsets[f.key], f.from_previous) for f in feeds if f.from_previous is not None]
         if len(patches) == batch.tokens.size:
             # Every row decodes its token from last step (the steady state): the step's input
