@@ -99,11 +99,14 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
         key_length = int(pos[:, -1].max()) + 1
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
         if t > 1:
-            # Prefill chunks attend over a key length rounded up to a shelf unit, masked: fused
-            # attention kernels are built per shape (cuDNN: tens of ms each), and exact
-            # lengths would make every chunk of a long prompt a new shape.
-            unit = 4 * block_size
-            key_length = min(-(-key_length // unit) * unit, members[0].cache.capacity)
+            # Prefill chunks attend over a key length rounded up to a shelf size (4 blocks
+            # doubled), masked: fused attention kernels are built per shape (cuDNN: tens of
+            # ms each), and exact lengths would make every chunk of a long prompt a new shape.
+            # A 16k-token prompt then uses 7 key lengths, at most twice the keys it needs.
+            rounded = 4 * block_size
+            while rounded < key_length:
+                rounded *= 2
+            key_length = min(rounded, members[0].cache.capacity)
         if len(members) == 1 and t == 1:
             mask = None  # one decoding row attends over exactly its keys
         else:

@@ -336,9 +336,14 @@ class Scheduler:
             if row.is_decoding and budget > 0:
                 plan.append((row, 1))
                 budget -= 1
+        unit = self.config.block_size
         for row in active:  # then prefill chunks, oldest first
             if not row.is_decoding and budget > 0:
                 n = min(row.unfed, budget)
+                if n < row.unfed and n >= unit:
+                    # Cut chunks at whole blocks: fewer distinct shapes for the attention
+                    # kernels, which are built per shape on some back-ends.
+                    n -= n % unit
                 plan.append((row, n))
                 budget -= n
         plan = self._reserve(plan)
