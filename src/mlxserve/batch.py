@@ -3,9 +3,9 @@
 A step feeds several rows at once. Row r contributes `t_r` new tokens (1 for a decode row,
 k+1 for a row verifying k draft tokens, a chunk for a prefilling row). All new tokens are
 concatenated into one flat sequence so that every weight matrix is read once per step.
-Attention is the only part that needs to know about rows: rows on the same shelf (see
-cache.py) feeding the same number of tokens form an `AttentionGroup` that runs as one
-batched attention call, and each shelf receives the step's new K/V in one `ShelfWrite`.
+Attention is the only part that needs to know about rows: the decoding rows of a shelf (see
+cache.py) form one `AttentionGroup` that runs as one batched attention call, every multi-token
+feed is a group of its own, and each shelf receives the step's new K/V in one `ShelfWrite`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 
 @dataclass
 class AttentionGroup:
-    """Rows of one shelf that feed the same number of new tokens this step.
+    """Rows of one shelf attending together: its decoding rows, or one multi-token feed.
 
     Flat tokens [offset, offset + n_rows * tokens_per_row) belong to this group, row-major.
     """
@@ -68,8 +68,10 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
     """
     by_group: dict[tuple, list] = {}
     for row in rows:
-        shelf = row.cache.shelf
-        by_group.setdefault((shelf.capacity, len(row.tokens)), []).append(row)
+        # Decoding rows of a shelf attend together; each prefill chunk alone (a group of one
+        # row keeps the number of attention shapes small, see below).
+        t = len(row.tokens)
+        by_group.setdefault((row.cache.shelf.capacity, t, 0 if t == 1 else row.cache.slot), []).append(row)
 
     tokens: list[int] = []
     positions: list[int] = []
@@ -78,7 +80,7 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
     row_logits: list = []
     row_offsets: dict = {}
     groups: list[AttentionGroup] = []
-    for (_, t), members in sorted(by_group.items(), key=lambda item: item[0]):
+    for (_, t, _), members in sorted(by_group.items(), key=lambda item: item[0]):
         members.sort(key=lambda row: row.cache.slot)
         offset = len(tokens)
         pos = np.empty((len(members), t), dtype=np.int32)
