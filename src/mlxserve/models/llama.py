@@ -6,7 +6,7 @@ an explicit head_dim, tied embeddings and RoPE scaling. Parameter names follow H
 
 The forward pass takes a `StepBatch`: every row's new tokens flattened into one sequence, so
 each weight matrix is read once per step however many rows there are. Only attention looks
-at rows, through the paged KV cache.
+at rows, through the KV store (cache.py).
 """
 
 from __future__ import annotations
