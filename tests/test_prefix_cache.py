@@ -246,3 +246,16 @@ def test_default_budget_comes_from_device_memory(loaded):
     sched = make_scheduler(loaded, EngineConfig())
     expected = device_memory_bytes() * DEVICE_MEMORY_FRACTION - weight_bytes(loaded.model)
     assert 0 < sched.kv.max_bytes <= expected and sched.kv.max_bytes > expected - 1
+
+
+def test_kept_slots_on_another_shelf_are_evicted_one_by_one_for_a_bigger_slot():
+    kv = store(max_slots=3)  # 48 tokens' worth of bytes
+    cache = PrefixCache(kv)
+    prefixes = [[100 * i + j for j in range(8)] for i in range(3)]
+    for p in prefixes:
+        cache.release(row_with(kv, p, cache))
+    big = RowCache(kv)
+    big.reserve(20)  # a 32-token slot: two of the three kept 16-token slots must go
+    assert big.capacity == 32 and kv.bytes_allocated <= kv.max_bytes
+    assert [cache.match(p + [0]).length for p in prefixes] == [0, 0, 8]  # least recently used first
+    assert cache.stats.evicted_blocks == 4

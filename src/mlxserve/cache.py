@@ -200,9 +200,11 @@ class KVStore:
                 want = max(1, shelf.num_slots)
                 shelf.grow(want if room is None else min(want, room))
                 continue
-            if self.reclaim is not None and self.reclaim(None):
-                continue
+            # Free slots elsewhere become bytes by compaction; a kept slot elsewhere must be
+            # evicted first (one at a time: each is compacted away before the next goes).
             if self._compact_others(shelf):
+                continue
+            if self.reclaim is not None and self.reclaim(None):
                 continue
             raise OutOfKVMemory("KV memory budget reached")
 
