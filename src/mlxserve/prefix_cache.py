@@ -107,25 +107,22 @@ class PrefixCache:
         assert row.shelf is None and row.length == 0
         blocks = match.length // self.block_size
         source = match.holder
-        if isinstance(source, KeptSlot):
+        taken_over = isinstance(source, KeptSlot)
+        if taken_over:
             self._forget(source, blocks)
             del self.kept[id(source)]
             source.shelf.holders[source.slot] = row
             row.shelf, row.slot = source.shelf, source.slot
-            row.length = match.length
-            row.block_keys = source.block_keys[:blocks]
-            row.states = {i: s for i, s in source.states.items() if i < blocks}
-            for key in row.block_keys:
-                self.holders[key].discard(source)
-                self.holders[key].add(row)
         else:
             row.reserve(match.length)
             self.kv.copy(source.shelf, source.slot, row.shelf, row.slot, match.length)
-            row.length = match.length
-            row.block_keys = source.block_keys[:blocks]
-            row.states = {i: s for i, s in source.states.items() if i < blocks}
-            for key in row.block_keys:
-                self.holders[key].add(row)
+        row.length = match.length
+        row.block_keys = source.block_keys[:blocks]
+        row.states = {i: s for i, s in source.states.items() if i < blocks}
+        for key in row.block_keys:
+            if taken_over:
+                self.holders[key].discard(source)
+            self.holders[key].add(row)
         row.on_trim = self._forget
 
     # ---- registration ------------------------------------------------------------------

@@ -75,8 +75,9 @@ class TokenEvent:
 
 @dataclass
 class SchedulerConfig:
-    # Token budget of one step (decode tokens + prefill chunks). 512 measured best on an H100:
-    # a 16k-token prompt raised running streams' ITL p99 to 1.83x steady (README, "Measured").
+    # Token budget of one step (decode tokens + prefill chunks). 512 measured best on an H100
+    # with the earlier paged KV pool (a 16k-token prompt raised running streams' ITL p99 to 1.83x
+    # steady); with KV slots on an H200 it gave 2.85x (README, "Measured"): due a new sweep.
     max_batch_tokens: int = 512
     max_running: int = 64
     max_waiting: int = 256
