@@ -37,6 +37,19 @@ ARCH_CONFIGS = {
     "llama": dict(model_type="llama", tie_word_embeddings=False, rope_theta=10000.0),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=False, rope_theta=1000000.0),
 }
+# Qwen3.5 (hybrid): 2 linear-attention + 2 full-attention layers, in Hugging Face's nested
+# layout (written by `_hf_qwen3_5_layout`), dense and mixture-of-experts.
+_QWEN3_5 = dict(
+    head_dim=32, tie_word_embeddings=True, num_hidden_layers=4, full_attention_interval=2,
+    layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+    linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=32,
+    linear_value_head_dim=16, linear_conv_kernel_dim=4,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
+                     "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1]},
+)
+ARCH_CONFIGS["qwen3_5"] = dict(_QWEN3_5, model_type="qwen3_5")
+ARCH_CONFIGS["qwen3_5_moe"] = dict(_QWEN3_5, model_type="qwen3_5_moe", num_experts=4, num_experts_per_tok=2,
+                                   moe_intermediate_size=32, shared_expert_intermediate_size=32)
 
 
 @lru_cache(maxsize=1)
@@ -88,8 +101,8 @@ def make_tiny_model(
         eos_token_id=2,
         bos_token_id=None,
         torch_dtype=dtype,
-        **ARCH_CONFIGS[arch],
     )
+    config.update(ARCH_CONFIGS[arch])
     model = build_model(dict(config), _random_weights(config, seed), None, fuse=False)
     if quantize_bits:
         nn.quantize(model, group_size=32, bits=quantize_bits)
@@ -98,6 +111,8 @@ def make_tiny_model(
     if not quantize_bits or dtype != "float32":
         weights = {k: v.astype(getattr(mx, dtype)) if mx.issubdtype(v.dtype, mx.floating) else v
                    for k, v in weights.items()}
+    if arch.startswith("qwen3_5"):
+        config, weights = _hf_qwen3_5_layout(config, weights)
     mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "tokenizer.json").write_text(tokenizer_json)
@@ -112,6 +127,35 @@ def make_tiny_model(
     }))
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
     return folder
+
+
+def _hf_qwen3_5_layout(config: dict, weights: dict) -> tuple[dict, dict]:
+    """Our Qwen3.5 parameters as a Hugging Face checkpoint stores them: a nested text_config,
+    `model.language_model.*` names, zero-centred norms, conv1d as [C, 1, K], experts stacked
+    with gate and up in one tensor, plus vision and MTP weights the loader must ignore."""
+    zero_centred = (".input_layernorm.weight", ".post_attention_layernorm.weight",
+                    "model.norm.weight", ".q_norm.weight", ".k_norm.weight")
+    out = {}
+    for name, value in weights.items():
+        if name.endswith(zero_centred):
+            value = value - 1.0
+        if name.endswith("conv1d.weight"):
+            value = value.moveaxis(2, 1)
+        out[name.replace("model.", "model.language_model.", 1) if name.startswith("model.") else name] = value
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.language_model.layers.{layer}.mlp"
+        if f"{prefix}.switch_mlp.gate_proj.weight" in out:
+            gate = out.pop(f"{prefix}.switch_mlp.gate_proj.weight")
+            up = out.pop(f"{prefix}.switch_mlp.up_proj.weight")
+            out[f"{prefix}.experts.gate_up_proj"] = mx.concatenate([gate, up], axis=-2)
+            out[f"{prefix}.experts.down_proj"] = out.pop(f"{prefix}.switch_mlp.down_proj.weight")
+    out["model.visual.patch_embed.proj.weight"] = mx.zeros((4, 4))
+    out["mtp.layers.0.mlp.gate_proj.weight"] = mx.zeros((4, 4))
+    top = {k: config.pop(k) for k in ("model_type", "tie_word_embeddings", "eos_token_id", "bos_token_id",
+                                      "torch_dtype", "quantization") if k in config}
+    text = dict(config, model_type=top["model_type"] + "_text", tie_word_embeddings=top["tie_word_embeddings"])
+    return dict(top, architectures=["Qwen3_5ForConditionalGeneration"], text_config=text,
+                vision_config={"depth": 1}), out
 
 
 def _random_weights(config: dict, seed: int) -> dict[str, mx.array]:

@@ -31,6 +31,7 @@ class AttentionGroup:
     slots: mx.array | None  # otherwise their slots, gathered
     key_length: int  # keys to attend over: the longest row's length after this step
     mask: mx.array | None  # additive [n, 1, t, key_length]; None for one decoding row
+    caches: list  # the rows' RowCaches in group order (linear-attention layers read their state)
 
 
 @dataclass
@@ -126,6 +127,7 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
                 slots=None if consecutive else mx.array(slots),
                 key_length=key_length,
                 mask=mask,
+                caches=[row.cache for row in members],
             )
         )
 

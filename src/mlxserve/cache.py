@@ -65,7 +65,7 @@ class Shelf:
 
     @property
     def slot_bytes(self) -> int:
-        return self.capacity * self.store.bytes_per_token
+        return self.capacity * self.store.bytes_per_token + self.store.state_bytes_per_slot
 
     @property
     def bytes(self) -> int:
@@ -132,6 +132,7 @@ class KVStore:
         block_size: int = 64,
         max_bytes: int | None = None,
         max_row_tokens: int | None = None,
+        state_bytes_per_row: int = 0,
     ):
         self.num_layers = num_layers
         self.kv_heads = kv_heads
@@ -141,6 +142,10 @@ class KVStore:
         self.max_bytes = max_bytes
         self.max_row_tokens = max_row_tokens
         self.shelves: dict[int, Shelf] = {}
+        # Hybrid models: every slot also pays for its row's recurrent state, as live state
+        # plus the two snapshots a row keeps for the prefix cache (see RowCache.recurrent).
+        self.state_bytes_per_row = state_bytes_per_row
+        self.state_bytes_per_slot = 3 * state_bytes_per_row
         # Set by the prefix cache: give up one kept slot (on `shelf` if given, else anywhere,
         # least recently used first); False when there is none to give.
         self.reclaim: Callable[[Shelf | None], bool] | None = None
@@ -265,7 +270,7 @@ class Snapshot:
     """State of one row at a token boundary (see module docstring)."""
 
     length: int
-    recurrent: object | None = None
+    recurrent: dict | None = None
 
 
 @dataclass(eq=False)
@@ -279,6 +284,9 @@ class RowCache:
     length: int = 0
     block_keys: list[int] = field(default_factory=list)
     states: dict = field(default_factory=dict)  # block index -> recurrent snapshot at its end
+    # Hybrid models: linear-layer index -> (conv window, delta-rule state) after the row's
+    # last token. Arrays are immutable values, so a snapshot is a shallow copy of the dict.
+    recurrent: dict = field(default_factory=dict)
     # Set by the prefix cache: called with (row, kept blocks) when trim invalidates blocks.
     on_trim: Callable[[RowCache, int], None] | None = None
 
@@ -319,16 +327,21 @@ class RowCache:
             del self.states[i]
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(length=self.length)
+        return Snapshot(length=self.length, recurrent=dict(self.recurrent))
 
     def restore(self, snap: Snapshot) -> None:
         if snap.length > self.length:
             raise ValueError("cannot restore a snapshot ahead of the row")
         self.trim(self.length - snap.length)
+        self.recurrent = dict(snap.recurrent or {})
+
+    def state_arrays(self) -> list[mx.array]:
+        return [a for pair in self.recurrent.values() for a in pair]
 
     def release(self) -> None:
         """Give the slot back (request finished, cancelled or preempted)."""
         self.trim(self.length)
+        self.recurrent = {}
         if self.shelf is not None:
             self.shelf.give_back(self.slot)
         self.shelf = self.slot = None

@@ -273,7 +273,8 @@ def make_scheduler(loaded: LoadedModel, config: EngineConfig) -> Scheduler:
     layers, kv_heads, head_dim = model.kv_shape()
     budget = config.memory_budget_bytes if config.memory_budget_bytes is not None else default_kv_budget(model)
     kv = KVStore(layers, kv_heads, head_dim, _compute_dtype(model), block_size=config.block_size,
-                 max_bytes=budget, max_row_tokens=loaded.context_length)
+                 max_bytes=budget, max_row_tokens=loaded.context_length,
+                 state_bytes_per_row=model.state_bytes_per_row() if hasattr(model, "state_bytes_per_row") else 0)
     return Scheduler(Runner(model, kv), loaded.tokenizer, replace(config, context_length=loaded.context_length))
 
 

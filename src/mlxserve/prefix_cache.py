@@ -119,6 +119,7 @@ class PrefixCache:
         row.length = match.length
         row.block_keys = source.block_keys[:blocks]
         row.states = {i: s for i, s in source.states.items() if i < blocks}
+        row.recurrent = dict(match.state) if match.state is not None else {}
         for key in row.block_keys:
             if taken_over:
                 self.holders[key].discard(source)

@@ -166,6 +166,8 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._events: list[TokenEvent] = []  # produced outside a row's own commit (errors)
         self._inflight: InFlight | None = None
+        # A hybrid model (Qwen3.5) keeps per-row recurrent state beside the KV.
+        self.hybrid = self.kv.state_bytes_per_row > 0
 
     # ---- requests in and out ---------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -217,8 +219,11 @@ class Scheduler:
         logits, batch = self.runner.forward(feeds, previous)
         for row, feed in zip(rows, feeds):
             row.cache.extend(len(feed.tokens))
+            if self.hybrid:
+                self._keep_state(row)
             if len(feed.tokens) > 1 or feed.from_previous is None:
                 self._remember(row)
+        states = [a for row in rows for a in row.cache.state_arrays()]
         # Logits come in the batch's flat order (rows grouped by token count).
         by_id = {row.id: row for row in rows}
         feed_of = {feed.key: feed for feed in feeds}
@@ -237,7 +242,7 @@ class Scheduler:
         if sampling_rows and len(last_rows) != logits.shape[0]:
             logits = logits[mx.array(last_rows)]
         if not sampling_rows:
-            mx.async_eval(self.kv.arrays())  # a prefill-only step writes KV only
+            mx.async_eval(self.kv.arrays() + states)  # a prefill-only step writes state only
             return None
         result = self.sampler.sample(logits, [row.sampling for row in sampling_rows])
         indices = []
@@ -245,7 +250,7 @@ class Scheduler:
             row.pending += 1
             row.pending_index = i
             indices.append(row.sampling.record_pending())
-        mx.async_eval([a for a in (result.tokens, result.logprobs, result.top_ids, result.top_logprobs) if a is not None])
+        mx.async_eval([a for a in (result.tokens, result.logprobs, result.top_ids, result.top_logprobs) if a is not None] + states)
         return InFlight(result, sampling_rows, indices)
 
     def _score_prompt(self, row: Row, feed: Feed, logits: mx.array) -> None:
@@ -314,7 +319,23 @@ class Scheduler:
     def _lookup(self, row: Row) -> Match:
         if self.prefix is None or row.prompt_scores is not None:  # scoring needs every position
             return Match(None, 0)
-        return self.prefix.match(row.tokens)
+        return self.prefix.match(row.tokens, need_state=self.hybrid)
+
+    def _keep_state(self, row: Row) -> None:
+        """Hybrid models: when a row's length reaches a block boundary, snapshot its
+        recurrent state there, so that the prefix cache can start a later request at that
+        block (recurrent state cannot be rebuilt from KV). A row keeps two snapshots: the
+        last one within its prompt (a repeated or extended prompt, a chat's next turn) and
+        the newest one (a preempted row coming back)."""
+        cache, unit = row.cache, self.config.block_size
+        if self.prefix is None or not cache.length or cache.length % unit:
+            return
+        block = cache.length // unit - 1
+        in_prompt = sorted(i for i in cache.states if (i + 1) * unit <= row.prompt_len - 1)
+        keep = {i: cache.states[i] for i in in_prompt[-1:]}
+        # A copy: the row's live state is a view into the whole step's stacked states.
+        keep[block] = {i: (window * 1, state * 1) for i, (window, state) in cache.recurrent.items()}
+        cache.states = keep
 
     def _remember(self, row: Row) -> None:
         """Offer the row's computed full blocks to the prefix cache (only tokens whose values
@@ -349,6 +370,12 @@ class Scheduler:
                     while cut * 2 <= n:
                         cut *= 2
                     n = cut
+                if self.hybrid:
+                    # End a chunk on the prompt's last full block, so that the recurrent state
+                    # there is snapshotted for the prefix cache (see _keep_state).
+                    boundary = (row.prompt_len - 1) // unit * unit
+                    if row.cache.length < boundary < row.cache.length + n:
+                        n = boundary - row.cache.length
                 plan.append((row, n))
                 budget -= n
         plan = self._reserve(plan)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from . import llama
+from . import llama, qwen3_5
 
-_FAMILIES = {arch: llama for arch in llama.ARCHITECTURES}
+_FAMILIES = {arch: family for family in (llama, qwen3_5) for arch in family.ARCHITECTURES}
 
 
 def supported_architectures() -> list[str]:

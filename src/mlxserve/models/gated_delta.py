@@ -1,0 +1,111 @@
+"""The gated delta rule, the recurrence of Qwen3.5's linear-attention layers.
+
+Per value head, with state S [Dv, Dk], decay g_t in (0, 1] and update rate beta_t:
+    S_t = g_t S_{t-1} + beta_t (v_t - g_t S_{t-1} k_t) k_t^T,      o_t = S_t q_t
+(q and k already L2-normalised, q carrying the 1/sqrt(Dk) read-out scale.)
+
+`gated_delta(...)` uses MLX's own `mx.fast.gated_delta_update` when the installed MLX has it
+(CPU and GPU back-ends) and otherwise `gated_delta_chunked`, a pure-MLX formulation that
+processes the sequence in chunks of CHUNK tokens with matrix products (the "WY" form of the
+delta rule), so a long prompt never becomes a per-token Python loop. Both take and return
+float32 state.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+CHUNK = 64
+
+
+def gated_delta(q, k, v, g, beta, state, *, use_fast: bool = True):
+    """q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g, beta [B, T, Hv]; state [B, Hv, Dv, Dk] float32.
+    Returns (outputs [B, T, Hv, Dv] in v's dtype, new state [B, Hv, Dv, Dk] float32)."""
+    if use_fast and hasattr(mx.fast, "gated_delta_update"):
+        out, new_state = mx.fast.gated_delta_update(q, k, v, g, beta, state)
+        return out.astype(v.dtype), new_state
+    return gated_delta_chunked(q, k, v, g, beta, state)
+
+
+def gated_delta_chunked(q, k, v, g, beta, state):
+    """The same recurrence, CHUNK tokens at a time, in float32.
+
+    Within a chunk starting from state S0, with G_i the product of decays up to token i:
+      deltas D (one row per token) solve  D_i + beta_i sum_{j<i} (G_i/G_j)(k_i.k_j) D_j
+                                              = beta_i (v_i - G_i S0 k_i)
+      outputs   o_i = G_i S0 q_i + sum_{j<=i} (G_i/G_j)(q_i.k_j) D_j
+      end state S   = G_C S0 + sum_j (G_C/G_j) D_j k_j^T
+    The unit lower-triangular system is inverted by repeated squaring (I+L)^-1 =
+    (I-L)(I+L^2)(I+L^4)... (L is nilpotent), which needs only matrix products.
+    """
+    T, Hk = q.shape[1], q.shape[2]
+    Hv = v.shape[2]
+    out_dtype = v.dtype
+    if Hv != Hk:  # value head j reads key head j // (Hv / Hk)
+        q = mx.repeat(q, Hv // Hk, axis=2)
+        k = mx.repeat(k, Hv // Hk, axis=2)
+    # [B, H, T, ...] float32
+    q, k, v = (x.astype(mx.float32).transpose(0, 2, 1, 3) for x in (q, k, v))
+    log_g = mx.log(g.astype(mx.float32)).transpose(0, 2, 1)
+    beta = beta.astype(mx.float32).transpose(0, 2, 1)
+    outputs = []
+    for start in range(0, T, CHUNK):
+        end = min(start + CHUNK, T)
+        o, state = _chunk(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
+                          log_g[:, :, start:end], beta[:, :, start:end], state)
+        outputs.append(o)
+    out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+    return out.transpose(0, 2, 1, 3).astype(out_dtype), state
+
+
+def _chunk(q, k, v, log_g, beta, S0):
+    C = q.shape[2]
+    cum = mx.cumsum(log_g, axis=-1)  # log G_i  [B, H, C]
+    rel = cum[..., :, None] - cum[..., None, :]  # log(G_i / G_j)
+    strictly_lower = mx.tril(mx.ones((C, C), dtype=mx.bool_), k=-1)
+    lower = mx.tril(mx.ones((C, C), dtype=mx.bool_))
+    # exp only where j <= i (elsewhere rel > 0 could overflow)
+    decay = mx.where(lower, mx.exp(mx.where(lower, rel, 0.0)), 0.0)
+    G = mx.exp(cum)[..., None]  # [B, H, C, 1]
+
+    # right-hand side beta_i (v_i - G_i S0 k_i); S0 [B, H, Dv, Dk]
+    rhs = beta[..., None] * (v - G * (k @ S0.swapaxes(-1, -2)))
+    L = mx.where(strictly_lower, decay * (k @ k.swapaxes(-1, -2)), 0.0) * beta[..., None]
+    D = _unit_lower_solve(L, rhs)
+
+    attn = decay * (q @ k.swapaxes(-1, -2))  # lower, diagonal included
+    out = G * (q @ S0.swapaxes(-1, -2)) + attn @ D
+    tail = mx.exp(cum[..., -1:, None] - cum[..., :, None])  # G_C / G_j  [B, H, C, 1]
+    S = mx.exp(cum[..., -1])[..., None, None] * S0 + (D * tail).swapaxes(-1, -2) @ k
+    return out, S
+
+
+def _unit_lower_solve(L, rhs):
+    """x with (I + L) x = rhs for strictly lower-triangular L [..., C, C]."""
+    C = L.shape[-1]
+    x = rhs - L @ rhs
+    power = L @ L
+    span = 2
+    while span < C:
+        x = x + power @ x
+        power = power @ power
+        span *= 2
+    return x
+
+
+def gated_delta_reference(q, k, v, g, beta, state):
+    """Token by token, for tests: the definition above, verbatim."""
+    T, Hk = q.shape[1], q.shape[2]
+    Hv = v.shape[2]
+    if Hv != Hk:
+        q = mx.repeat(q, Hv // Hk, axis=2)
+        k = mx.repeat(k, Hv // Hk, axis=2)
+    q, k, v, g, beta = (x.astype(mx.float32) for x in (q, k, v, g, beta))
+    outs = []
+    for t in range(T):
+        decayed = state * g[:, t, :, None, None]
+        kv_mem = (decayed * k[:, t, :, None, :]).sum(-1)
+        delta = (v[:, t] - kv_mem) * beta[:, t, :, None]
+        state = decayed + delta[..., None] * k[:, t, :, None, :]
+        outs.append((state * q[:, t, :, None, :]).sum(-1))
+    return mx.stack(outs, axis=1), state

@@ -1,0 +1,376 @@
+"""Qwen3.5: Gated-DeltaNet linear attention interleaved with gated full attention.
+
+`layer_types` (or, when absent, every `full_attention_interval`-th layer) says which layers
+are full attention; the others are linear attention, whose per-row state (a short
+convolution window and a [value heads, value dim, key dim] matrix, both float32) lives in
+the row's RowCache (`recurrent`, keyed by linear-layer index) instead of the KV store.
+Full-attention layers use the KV store exactly as the dense family does (their output is
+gated by sigmoid(gate), the gate coming out of q_proj interleaved per head, and RoPE turns
+only the first `partial_rotary_factor` of each head).
+
+Norm convention: Hugging Face stores the zero-centred RMSNorm weights w of the residual-
+stream and q/k norms and computes x * (1 + w); mlx-lm-converted checkpoints store 1 + w.
+`sanitize` adds the 1 once, only to checkpoints in Hugging Face layout (recognised, as
+mlx-lm does, by their conv1d weight shape [C, 1, K]). The gated norm inside linear attention
+uses w as is in both layouts.
+
+Dense (`qwen3_5`) and mixture-of-experts (`qwen3_5_moe`) variants share this file; vision
+tower and multi-token-prediction weights are dropped by `sanitize`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from ..batch import StepBatch
+from ..cache import KVStore
+from .gated_delta import gated_delta
+from .llama import MLP
+
+ARCHITECTURES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+
+log = logging.getLogger("mlxserve.models")
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    vocab_size: int
+    intermediate_size: int = 0
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    linear_num_value_heads: int = 16
+    linear_num_key_heads: int = 16
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_conv_kernel_dim: int = 4
+    full_attention_interval: int = 4
+    layer_types: list | None = None
+    rope_theta: float = 10000000.0
+    partial_rotary_factor: float = 0.25
+    rope_parameters: dict | None = None
+    # mixture of experts (qwen3_5_moe)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        text = dict(config.get("text_config") or config)
+        if "tie_word_embeddings" not in text and "tie_word_embeddings" in config:
+            text["tie_word_embeddings"] = config["tie_word_embeddings"]
+        text["model_type"] = config.get("model_type", text.get("model_type", "qwen3_5"))
+        known = set(cls.__dataclass_fields__) - {"extra"}
+        args = cls(**{k: v for k, v in text.items() if k in known and v is not None})
+        rope = args.rope_parameters or {}
+        args.rope_theta = rope.get("rope_theta", text.get("rope_theta", args.rope_theta))
+        args.partial_rotary_factor = rope.get("partial_rotary_factor", args.partial_rotary_factor)
+        if args.num_key_value_heads is None:
+            args.num_key_value_heads = args.num_attention_heads
+        if args.head_dim is None:
+            args.head_dim = args.hidden_size // args.num_attention_heads
+        if args.layer_types is None:
+            n = args.full_attention_interval
+            args.layer_types = ["full_attention" if (i + 1) % n == 0 else "linear_attention"
+                                for i in range(args.num_hidden_layers)]
+        if len(args.layer_types) != args.num_hidden_layers:
+            raise ValueError(f"layer_types lists {len(args.layer_types)} layers, the model has "
+                             f"{args.num_hidden_layers}")
+        if args.linear_num_value_heads % args.linear_num_key_heads:
+            raise ValueError("linear_num_value_heads must be a multiple of linear_num_key_heads")
+        return args
+
+    @property
+    def rope_scaling(self) -> dict | None:
+        rope = dict(self.rope_parameters or {})
+        if "type" not in rope and "rope_type" in rope:
+            rope["type"] = rope.pop("rope_type")
+        return rope or None
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of the output, times silu(gate), computed in float32."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = mx.ones(dims)
+
+    def __call__(self, x: mx.array, gate: mx.array) -> mx.array:
+        normed = mx.fast.rms_norm(x, self.weight, self.eps).astype(mx.float32)
+        return (nn.silu(gate.astype(mx.float32)) * normed).astype(x.dtype)
+
+
+@mx.compile
+def _decay(A_log: mx.array, a: mx.array, dt_bias: mx.array) -> mx.array:
+    return mx.exp(-mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias))
+
+
+class GatedDeltaNet(nn.Module):
+    """Linear attention. Rows of a batch group run together; each row's conv window and
+    delta-rule state come from, and go back to, its RowCache."""
+
+    def __init__(self, args: ModelArgs, index: int):
+        super().__init__()
+        self.index = index  # among the linear layers
+        self.n_v = args.linear_num_value_heads
+        self.n_k = args.linear_num_key_heads
+        self.d_k = args.linear_key_head_dim
+        self.d_v = args.linear_value_head_dim
+        self.key_dim = self.n_k * self.d_k
+        self.value_dim = self.n_v * self.d_v
+        self.kernel = args.linear_conv_kernel_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        dim = args.hidden_size
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=False)
+        self.in_proj_qkv = nn.Linear(dim, self.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(dim, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(dim, self.n_v, bias=False)
+        self.in_proj_a = nn.Linear(dim, self.n_v, bias=False)
+        self.dt_bias = mx.ones(self.n_v)
+        self.A_log = mx.zeros(self.n_v)
+        self.norm = GatedRMSNorm(self.d_v, args.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, dim, bias=False)
+
+    def state_bytes(self) -> int:
+        return 4 * ((self.kernel - 1) * self.conv_dim + self.n_v * self.d_v * self.d_k)
+
+    def __call__(self, x: mx.array, batch: StepBatch) -> mx.array:
+        qkv = self.in_proj_qkv(x)
+        z = self.in_proj_z(x)
+        a = self.in_proj_a(x)
+        b = self.in_proj_b(x)
+        outputs = [self._group(g, qkv, a, b) for g in batch.groups]
+        y = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
+        y = self.norm(y, z.reshape(-1, self.n_v, self.d_v))
+        return self.out_proj(y.reshape(y.shape[0], -1))
+
+    def _group(self, g, qkv: mx.array, a: mx.array, b: mx.array) -> mx.array:
+        n, t = g.n_rows, g.tokens_per_row
+        span = slice(g.offset, g.offset + n * t)
+        conv_state, state = self._states(g.caches)
+        window = mx.concatenate([conv_state, qkv[span].reshape(n, t, -1).astype(mx.float32)], axis=1)
+        conv_out = nn.silu(self.conv1d(window)).astype(qkv.dtype)
+        q, k, v = mx.split(conv_out, [self.key_dim, 2 * self.key_dim], axis=-1)
+        q = q.reshape(n, t, self.n_k, self.d_k)
+        k = k.reshape(n, t, self.n_k, self.d_k)
+        v = v.reshape(n, t, self.n_v, self.d_v)
+        # L2-normalise q and k (eps added to the sum of squares) and fold the read-out scale
+        # 1/sqrt(d_k) into q: rms_norm adds eps to the mean, hence eps / d_k.
+        inv = self.d_k**-0.5
+        q = (inv * inv) * mx.fast.rms_norm(q, None, 1e-6 * inv * inv)
+        k = inv * mx.fast.rms_norm(k, None, 1e-6 * inv * inv)
+        decay = _decay(self.A_log, a[span].reshape(n, t, self.n_v), self.dt_bias)
+        beta = mx.sigmoid(b[span].reshape(n, t, self.n_v))
+        out, state = gated_delta(q, k, v, decay, beta, state)
+        new_window = window[:, -(self.kernel - 1):]
+        for i, cache in enumerate(g.caches):
+            cache.recurrent[self.index] = (new_window[i], state[i])
+        return out.reshape(n * t, self.n_v, self.d_v)
+
+    def _states(self, caches) -> tuple[mx.array, mx.array]:
+        windows, states = [], []
+        for cache in caches:
+            saved = cache.recurrent.get(self.index)
+            if saved is None:
+                saved = (mx.zeros((self.kernel - 1, self.conv_dim), mx.float32),
+                         mx.zeros((self.n_v, self.d_v, self.d_k), mx.float32))
+            windows.append(saved[0])
+            states.append(saved[1])
+        return mx.stack(windows), mx.stack(states)
+
+
+class GatedAttention(nn.Module):
+    """Full attention whose output is scaled by sigmoid(gate) per channel."""
+
+    def __init__(self, args: ModelArgs, index: int):
+        super().__init__()
+        self.index = index  # among the full-attention layers: its KV store layer
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = d = args.head_dim
+        self.scale = d**-0.5
+        dim = args.hidden_size
+        self.q_proj = nn.Linear(dim, 2 * self.n_heads * d, bias=args.attention_bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * d, bias=args.attention_bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * d, bias=args.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, dim, bias=args.attention_bias)
+        self.q_norm = nn.RMSNorm(d, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(d, eps=args.rms_norm_eps)
+        self.rope = initialize_rope(int(d * args.partial_rotary_factor), args.rope_theta, False,
+                                    args.rope_scaling, args.max_position_embeddings)
+
+    def __call__(self, x: mx.array, batch: StepBatch, cache: KVStore) -> mx.array:
+        T = x.shape[0]
+        q, gate = mx.split(self.q_proj(x).reshape(T, self.n_heads, 2 * self.head_dim), 2, axis=-1)
+        q = self.q_norm(q)
+        k = self.k_norm(self.k_proj(x).reshape(T, self.n_kv_heads, self.head_dim))
+        v = self.v_proj(x).reshape(T, self.n_kv_heads, self.head_dim)
+        # one length-1 sequence per token, so each token gets its own position (see llama.py)
+        q = self.rope(q[:, :, None, :], offset=batch.positions)[:, :, 0, :]
+        k = self.rope(k[:, :, None, :], offset=batch.positions)[:, :, 0, :]
+        out = cache.attend(self.index, q, k, v, batch, self.scale)
+        return self.o_proj(out * mx.sigmoid(gate.reshape(T, -1)))
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed experts plus one always-on shared expert scaled by a sigmoid gate."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim = args.hidden_size
+        self.top_k = args.num_experts_per_tok
+        self.norm_topk_prob = args.norm_topk_prob
+        self.gate = nn.Linear(dim, args.num_experts, bias=False)
+        self.switch_mlp = SwitchGLU(dim, args.moe_intermediate_size, args.num_experts)
+        self.shared_expert = MLP(_mlp_args(dim, args.shared_expert_intermediate_size))
+        self.shared_expert_gate = nn.Linear(dim, 1, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        probs = mx.softmax(self.gate(x), axis=-1, precise=True)
+        chosen = mx.argpartition(probs, kth=-self.top_k, axis=-1)[..., -self.top_k:]
+        weights = mx.take_along_axis(probs, chosen, axis=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        routed = (self.switch_mlp(x, chosen) * weights[..., None]).sum(axis=-2)
+        return routed + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+
+    def fuse(self) -> None:
+        self.shared_expert.fuse()
+
+
+def _mlp_args(hidden: int, intermediate: int):
+    return SimpleNamespace(hidden_size=hidden, intermediate_size=intermediate, mlp_bias=False)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, kind: str, index: int):
+        super().__init__()
+        self.is_linear = kind == "linear_attention"
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(args, index)
+        else:
+            self.self_attn = GatedAttention(args, index)
+        if args.num_experts:
+            self.mlp = SparseMoE(args)
+        else:
+            self.mlp = MLP(_mlp_args(args.hidden_size, args.intermediate_size))
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, batch: StepBatch, cache: KVStore) -> mx.array:
+        normed = self.input_layernorm(x)
+        if self.is_linear:
+            h = x + self.linear_attn(normed, batch)
+        else:
+            h = x + self.self_attn(normed, batch, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        counters = {"linear_attention": 0, "full_attention": 0}
+        self.layers = []
+        for kind in args.layer_types:
+            if kind not in counters:
+                raise ValueError(f"unknown layer type '{kind}'")
+            self.layers.append(DecoderLayer(args, kind, counters[kind]))
+            counters[kind] += 1
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class Model(nn.Module):
+    """Causal LM over a StepBatch, like llama.Model, for the hybrid architecture."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def fuse(self) -> None:
+        for layer in self.model.layers:
+            layer.mlp.fuse()
+
+    def kv_shape(self) -> tuple[int, int, int]:
+        full = sum(1 for layer in self.model.layers if not layer.is_linear)
+        return full, self.args.num_key_value_heads, self.args.head_dim
+
+    def state_bytes_per_row(self) -> int:
+        """Bytes of one row's recurrent state (all linear layers)."""
+        return sum(layer.linear_attn.state_bytes() for layer in self.model.layers if layer.is_linear)
+
+    def __call__(self, batch: StepBatch, cache: KVStore) -> mx.array | None:
+        h = self.model.embed_tokens(batch.tokens)
+        for layer in self.model.layers:
+            h = layer(h, batch, cache)
+        if batch.logit_rows.size == 0:
+            return None
+        if batch.logit_rows.size != h.shape[0]:
+            h = h[batch.logit_rows]
+        h = self.model.norm(h)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Map Hugging Face (`model.language_model.*`) and mlx-lm (`language_model.model.*`)
+        names to ours, drop vision and MTP weights, and convert Hugging Face layouts."""
+        out, dropped = {}, set()
+        for key, value in weights.items():
+            name = key
+            for old, new in (("model.language_model.", "model."), ("language_model.model.", "model."),
+                             ("language_model.lm_head.", "lm_head.")):
+                if name.startswith(old):
+                    name = new + name[len(old):]
+                    break
+            if name.startswith(("model.visual", "visual", "vision_tower", "model.vision")) or "mtp." in name:
+                dropped.add(name.split(".")[0] if not name.startswith("model.") else name.split(".")[1])
+                continue
+            out[name] = value
+        if dropped:
+            log.info("ignoring weights not used for text generation: %s", ", ".join(sorted(dropped)))
+        hf_layout = any(k.endswith("conv1d.weight") and v.shape[-1] != 1 for k, v in out.items())
+        zero_centred = (".input_layernorm.weight", ".post_attention_layernorm.weight",
+                        "model.norm.weight", ".q_norm.weight", ".k_norm.weight")
+        for layer in range(self.args.num_hidden_layers):
+            prefix = f"model.layers.{layer}.mlp"
+            if f"{prefix}.experts.gate_up_proj" in out:  # experts stacked, gate and up in one
+                gate_up = out.pop(f"{prefix}.experts.gate_up_proj")
+                mid = gate_up.shape[-2] // 2
+                out[f"{prefix}.switch_mlp.gate_proj.weight"] = gate_up[..., :mid, :]
+                out[f"{prefix}.switch_mlp.up_proj.weight"] = gate_up[..., mid:, :]
+                out[f"{prefix}.switch_mlp.down_proj.weight"] = out.pop(f"{prefix}.experts.down_proj")
+        for key, value in list(out.items()):
+            if key.endswith("conv1d.weight") and value.shape[-1] != 1:
+                out[key] = value.moveaxis(2, 1)  # [C, 1, K] -> MLX's [C, K, 1]
+            elif hf_layout and key.endswith(zero_centred) and value.ndim == 1:
+                out[key] = value + 1.0
+        if self.args.tie_word_embeddings:
+            for suffix in ("weight", "scales", "biases"):
+                out.pop(f"lm_head.{suffix}", None)
+        return out
