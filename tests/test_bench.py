@@ -33,13 +33,14 @@ def test_shapes_have_the_published_parameter_counts(shape, billions):
     assert count / 1e9 == pytest.approx(billions, rel=0.01)
 
 
+@pytest.mark.parametrize("shape", ["tiny", "tiny-qwen3.5"])
 @pytest.mark.parametrize("quantize", [None, 4])
-def test_mlx_lm_runs_the_same_weights(quantize):
-    """Greedy ids of our engine and of mlx-lm's own qwen3 Model built on our arrays agree:
-    the comparison runs one set of weights."""
+def test_mlx_lm_runs_the_same_weights(shape, quantize):
+    """Greedy ids of our engine and of mlx-lm's own model (qwen3, qwen3_5) built on our
+    arrays agree: the comparison runs one set of weights."""
     from mlx_lm.generate import generate_step
 
-    loaded = build_random_model("tiny", dtype="float32", quantize=quantize, seed=3)
+    loaded = build_random_model(shape, dtype="float32", quantize=quantize, seed=3)
     before = mx.get_active_memory()
     theirs_model = bench.mlx_lm_model(loaded)
     mx.eval(theirs_model.parameters())

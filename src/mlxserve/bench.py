@@ -526,7 +526,8 @@ def mlx_lm_model(loaded: LoadedModel) -> nn.Module:
         model = module.Model(module.ModelArgs.from_dict(loaded.config))
     except (ImportError, TypeError, ValueError) as exc:
         raise ValueError(f"--compare mlx-lm: cannot build mlx-lm's '{arch}' model: {exc}") from exc
-    quantized = {part: m for path, m in loaded.model.named_modules() if hasattr(m, "bits")
+    prefix = _their_prefix(model)
+    quantized = {prefix + part: m for path, m in loaded.model.named_modules() if hasattr(m, "bits")
                  for part in _checkpoint_paths(path)}
     if quantized:
         def predicate(path: str, _module):
@@ -534,8 +535,15 @@ def mlx_lm_model(loaded: LoadedModel) -> nn.Module:
             return q is not None and {"group_size": q.group_size, "bits": q.bits, "mode": q.mode}
 
         nn.quantize(model, class_predicate=predicate)
-    model.load_weights(list(_checkpoint_weights(loaded.model, model).items()), strict=True)
+    weights = {prefix + name: value for name, value in _checkpoint_weights(loaded.model, model, prefix).items()}
+    model.load_weights(list(weights.items()), strict=True)
     return model
+
+
+def _their_prefix(theirs: nn.Module) -> str:
+    """mlx-lm nests Qwen3.5's text model under `language_model` (the checkpoint's vision
+    tower would sit beside it); our names are those of the text model."""
+    return "language_model." if "language_model" in theirs else ""
 
 
 # Projections our models fuse after loading (models/llama.py), and the checkpoint's parts of each.
@@ -548,7 +556,7 @@ def _checkpoint_paths(path: str) -> list[str]:
     return [f"{parent}.{part}" for part in parts] if parts else [path]
 
 
-def _checkpoint_weights(ours: nn.Module, theirs: nn.Module) -> dict[str, mx.array]:
+def _checkpoint_weights(ours: nn.Module, theirs: nn.Module, prefix: str = "") -> dict[str, mx.array]:
     """Our parameters under the checkpoint's names. A fused projection is cut back into its
     parts by rows, sized by `theirs`; row slices are views of the fused arrays, so the two
     models share one copy of the weights and neither engine's peak memory counts the other's."""
@@ -562,7 +570,7 @@ def _checkpoint_weights(ours: nn.Module, theirs: nn.Module) -> dict[str, mx.arra
             continue
         start = 0
         for part in parts:
-            rows = shapes[f"{part}.{leaf}"][0]
+            rows = shapes[f"{prefix}{part}.{leaf}"][0]
             weights[f"{part}.{leaf}"] = value[start:start + rows]
             start += rows
     return weights

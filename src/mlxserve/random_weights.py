@@ -25,15 +25,31 @@ _QWEN3 = dict(model_type="qwen3", vocab_size=151936, num_key_value_heads=8, head
               tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
               max_position_embeddings=40960)
 
+_QWEN3_5 = dict(model_type="qwen3_5", vocab_size=248320, head_dim=256, tie_word_embeddings=True,
+                rms_norm_eps=1e-6, max_position_embeddings=262144, full_attention_interval=4,
+                linear_num_key_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+                linear_conv_kernel_dim=4,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
+                                 "partial_rotary_factor": 0.25, "mrope_section": [11, 11, 10]})
+
 # Hugging Face config.json fields of each shape (the published configs of these models).
 SHAPES: dict[str, dict] = {
     "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
                        intermediate_size=3072),
     "qwen3-4b": dict(_QWEN3, hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
                      intermediate_size=9728),
+    # Qwen3.5 (hybrid): three Gated-DeltaNet layers, then one gated full-attention layer.
+    "qwen3.5-0.8b": dict(_QWEN3_5, hidden_size=1024, num_hidden_layers=24, intermediate_size=3584,
+                         num_attention_heads=8, num_key_value_heads=2, linear_num_value_heads=16),
+    "qwen3.5-4b": dict(_QWEN3_5, hidden_size=2560, num_hidden_layers=32, intermediate_size=9216,
+                       num_attention_heads=16, num_key_value_heads=4, linear_num_value_heads=32),
     # For tests: the Qwen3 architecture at a size the CPU runs in milliseconds.
     "tiny": dict(_QWEN3, vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=4096),
+    "tiny-qwen3.5": dict(_QWEN3_5, vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, intermediate_size=128, linear_num_key_heads=2,
+                         linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=16,
+                         max_position_embeddings=4096),
 }
 
 QUANTIZE_BITS = (4, 8)
