@@ -113,7 +113,8 @@ def test_gated_delta_forms_agree(T):
     beta = mx.array(rng.uniform(0.0, 1.0, (B, T, Hv)), dtype=mx.float32)
     state = mx.array(0.1 * rng.standard_normal((B, Hv, Dv, Dk)), dtype=mx.float32)
     y_ref, s_ref = gated_delta_reference(q, k, v, g, beta, state)
-    for y, s in (gated_delta_chunked(q, k, v, g, beta, state), gated_delta(q, k, v, g, beta, state)):
+    fast = mx.fast.gated_delta_update(q, k, v, g, beta, state)
+    for y, s in (gated_delta_chunked(q, k, v, g, beta, state), gated_delta(q, k, v, g, beta, state), fast):
         assert mx.abs(y - y_ref).max().item() < 1e-5
         assert mx.abs(s - s_ref).max().item() < 1e-5
 
