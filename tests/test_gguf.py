@@ -1,4 +1,6 @@
-"""GGUF loader: exact per-type repacking, llama/qwen2/qwen3 end to end, a real file, refusals.
+"""GGUF loader: exact per-type repacking of the 32-value block types, llama/qwen2/qwen3 end to
+end, a real file, refusals. (K-quants: test_gguf_kquants.py; the real Q4_K_M file:
+test_gguf_real.py.)
 
 Every tiny GGUF here is written by the test with gguf.GGUFWriter from random weights, and every
 expected value comes from the gguf package's own (de)quantizer, not from our loader.
@@ -21,10 +23,12 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from mlxserve.quant.gguf import UnsupportedGGUF, convert_tensor, load_gguf
 from mlxserve.quant.gguf_metadata import open_gguf
+from mlxserve.quant.mlx_pack import MLX_BITS, pack_codes
 from tiny_models import llama_cpp_permute, to_gguf_name, write_gguf
 
-BITS = {T.Q8_0: 8, T.Q4_0: 4, T.Q4_1: 4}
-BLOCK_BYTES = {T.Q8_0: 34, T.Q4_0: 18, T.Q4_1: 20}
+BITS = {T.Q8_0: 8, T.Q4_0: 4, T.Q4_1: 4, T.Q5_0: 5, T.Q5_1: 5}
+BLOCK_BYTES = {T.Q8_0: 34, T.Q4_0: 18, T.Q4_1: 20, T.Q5_0: 22, T.Q5_1: 24}
+HEADER_BYTES = {T.Q4_0: 2, T.Q4_1: 4, T.Q5_0: 2, T.Q5_1: 4}  # d (and m) before qh / qs
 
 
 # --- writing tiny GGUF files ------------------------------------------------------------------
@@ -36,8 +40,15 @@ def gguf_codes(stored: np.ndarray, qtype: T) -> np.ndarray:
     blocks = stored.reshape(rows, -1, BLOCK_BYTES[qtype])
     if qtype == T.Q8_0:
         return blocks[..., 2:].view(np.int8).astype(np.int32).reshape(rows, -1) + 128
-    qs = blocks[..., 2:] if qtype == T.Q4_0 else blocks[..., 4:]
-    return np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.int32).reshape(rows, -1)
+    start = HEADER_BYTES[qtype]
+    fifth = np.zeros(blocks.shape[:2] + (32,), dtype=np.int32)
+    if qtype in (T.Q5_0, T.Q5_1):  # a little-endian uint32 whose bit i is element i's bit 4
+        qh = blocks[..., start:start + 4].astype(np.int64)
+        word = qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24
+        fifth = ((word[..., None] >> np.arange(32)) & 1).astype(np.int32) << 4
+        start += 4
+    qs = blocks[..., start:].astype(np.int32)
+    return (np.concatenate([qs & 15, qs >> 4], axis=-1) | fifth).reshape(rows, -1)
 
 
 def mlx_codes(converted: dict[str, mx.array], bits: int) -> np.ndarray:
@@ -57,22 +68,23 @@ def random_matrix(rng, rows=64, cols=256) -> np.ndarray:
 
 # --- 1. each tensor type, exactly -------------------------------------------------------------
 
-@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1],
-                         ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, *BITS], ids=lambda t: t.name)
 def test_tensor_type_is_exact(tmp_path, qtype):
     stored = gguf.quants.quantize(random_matrix(np.random.default_rng(0)), qtype)
     expected = gguf.quants.dequantize(stored, qtype)
     path = write_gguf(tmp_path / "t.gguf", "llama", {}, {"blk.0.ffn_up.weight": (stored, qtype)})
     tensor = open_gguf(path).tensors[0]
 
-    out = convert_tensor(tensor, mx.float32)
+    converted = convert_tensor(tensor, mx.float32)
+    out = converted.arrays
     if qtype not in BITS:
-        assert set(out) == {"weight"}
+        assert set(out) == {"weight"} and converted.bits is None
         assert out["weight"].shape == (64, 256) and out["weight"].dtype == mx.float32
         assert np.array_equal(np.array(out["weight"]), expected)
         return
 
     bits = BITS[qtype]
+    assert (converted.bits, converted.group_size) == (bits, 32)
     assert out["weight"].dtype == mx.uint32 and out["weight"].shape == (64, 256 * bits // 32)
     assert out["scales"].shape == out["biases"].shape == (64, 256 // 32)
     values = mx.dequantize(out["weight"], out["scales"], out["biases"], group_size=32, bits=bits)
@@ -80,7 +92,7 @@ def test_tensor_type_is_exact(tmp_path, qtype):
     assert np.array_equal(mlx_codes(out, bits), gguf_codes(stored, qtype))
 
     # The float16 default holds the very same scales and biases (they are float16 numbers).
-    half = convert_tensor(tensor)
+    half = convert_tensor(tensor).arrays
     assert half["scales"].dtype == half["biases"].dtype == mx.float16
     for key in ("scales", "biases"):
         assert np.array_equal(np.array(half[key].astype(mx.float32)), np.array(out[key]))
@@ -106,7 +118,7 @@ def test_packing_matches_mx_quantize(tmp_path, qtype):
     path = write_gguf(tmp_path / "p.gguf", "llama", {},
                       {"blk.0.ffn_up.weight": (blocks.reshape(8, -1), qtype)})
 
-    ours = convert_tensor(open_gguf(path).tensors[0], mx.float32)
+    ours = convert_tensor(open_gguf(path).tensors[0], mx.float32).arrays
     top = 2**bits - 1
     weight, scales, biases = mx.quantize(mx.array(codes.reshape(8, 128).astype(np.float32) - top),
                                          group_size=32, bits=bits)
@@ -114,13 +126,26 @@ def test_packing_matches_mx_quantize(tmp_path, qtype):
     assert np.array_equal(np.array(ours["weight"]), np.array(weight))
 
 
+@pytest.mark.parametrize("bits", MLX_BITS)
+def test_pack_codes_matches_mx_quantize(bits):
+    """MLX's layout for every bit width it has (3, 5 and 6 straddle words): groups whose codes
+    span the full range with scale 1 make mx.quantize's words the packing of the codes."""
+    top = 2**bits - 1
+    codes = np.random.default_rng(bits).integers(0, top + 1, size=(6, 256), dtype=np.uint8)
+    codes[:, ::32], codes[:, 1::32] = 0, top
+    weight, scales, biases = mx.quantize(mx.array(codes.astype(np.float32) - top),
+                                         group_size=32, bits=bits)
+    assert np.all(np.array(scales) == 1) and np.all(np.array(biases) == -top)
+    assert np.array_equal(pack_codes(codes, bits), np.array(weight))
+
+
 # --- 2. tiny llama / qwen2 / qwen3 models, logits against an mlx-lm float reference --------
 
 H, LAYERS, HEADS, KV_HEADS, FFN, VOCAB = 64, 2, 4, 2, 128, 300
 # arch -> (head_dim, tied, embedding type, types cycled over the other matrices)
 MODELS = {
-    "llama": (16, True, T.Q8_0, [T.Q4_0, T.Q4_1, T.Q8_0]),
-    "qwen2": (16, False, T.Q4_1, [T.Q8_0, T.Q4_0, T.Q4_1, T.F16]),
+    "llama": (16, True, T.Q8_0, [T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0]),
+    "qwen2": (16, False, T.Q5_0, [T.Q8_0, T.Q4_0, T.Q5_1, T.Q4_1, T.F16]),
     "qwen3": (32, True, T.F16, [T.Q4_1, T.BF16, T.Q8_0, T.Q4_0, T.F32]),
 }
 
@@ -228,7 +253,7 @@ def test_tiny_model_logits_match_float_reference(tmp_path, arch):
         "intermediate_size": FFN, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
         "head_dim": head_dim, "rms_norm_eps": pytest.approx(1e-6), "rope_theta": 10000.0,
         "vocab_size": VOCAB, "max_position_embeddings": 4096, "tie_word_embeddings": tied,
-        "attention_bias": arch == "qwen2"}
+        "attention_bias": False}  # qwen2's q/k/v biases come with its model type
     assert {k: loaded.config[k] for k in expected_config} == expected_config
     assert "rope_scaling" not in loaded.config
     assert loaded.tensor_types == {name: t.name for name, t in plan.items()}
@@ -282,23 +307,31 @@ def test_smollm2_says_paris(smollm2_path):
 
 # --- 4. what we refuse --------------------------------------------------------------------------
 
-def test_unsupported_tensor_type_names_the_tensor(tmp_path):
-    hf = hf_model("llama", np.random.default_rng(3))
-    plan = tensor_type_plan("llama", hf)
-    plan["model.layers.1.mlp.up_proj.weight"] = T.Q5_0
-    path = write_model(tmp_path / "q5.gguf", "llama", hf, plan)
-    with pytest.raises(UnsupportedGGUF, match=r"'blk\.1\.ffn_up\.weight'.*Q5_0"):
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.IQ2_XXS, T.IQ4_NL, T.TQ1_0], ids=lambda t: t.name)
+def test_unsupported_tensor_type_names_the_tensor(tmp_path, qtype):
+    """Types without an MLX affine form are refused in one line naming tensor and type, by the
+    loader and through load_model (what the command line prints)."""
+    from mlxserve.loader import ModelLoadError, load_model
+
+    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.random.default_rng(3).integers(0, 256, (4, 256 // block * block_bytes), np.uint8)
+    path = minimal_file(tmp_path / "x.gguf", "llama", {},
+                        {"blk.0.ffn_up.weight": (raw, qtype)})
+    with pytest.raises(UnsupportedGGUF, match=rf"'blk\.0\.ffn_up\.weight'.*{qtype.name}"):
         load_gguf(path)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(path), progress=False)
+    assert qtype.name in str(info.value) and "\n" not in str(info.value)
 
 
-def test_real_k_quant_tensor_is_refused(qwen_coder_path):
-    reader = open_gguf(qwen_coder_path)
-    k_quant = next(t for t in reader.tensors if t.tensor_type.name.endswith("_K"))
-    with pytest.raises(UnsupportedGGUF) as info:
-        convert_tensor(k_quant)
-    message = str(info.value)
-    assert k_quant.name in message and k_quant.tensor_type.name in message
-    assert "\n" not in message
+def test_unknown_mode_is_refused(tmp_path):
+    from mlxserve.loader import ModelLoadError, load_model
+
+    path = minimal_file(tmp_path / "m.gguf", "llama", {})
+    with pytest.raises(ValueError, match="native-q4"):
+        load_gguf(path, mode="q3")
+    with pytest.raises(ModelLoadError, match="native-q4"):
+        load_model(str(path), progress=False, gguf_mode="q3")
 
 
 def minimal_file(path: Path, arch: str, kv: dict, extra_tensors: dict | None = None) -> Path:

@@ -866,7 +866,8 @@ def load_for_bench(args) -> LoadedModel:
         return build_random_model(args.random_weights, dtype=args.dtype, quantize=args.quantize, seed=args.seed)
     from .loader import load_model, parse_dtype
 
-    return load_model(args.model, dtype=parse_dtype(args.dtype), progress=True)
+    return load_model(args.model, dtype=parse_dtype(args.dtype), progress=True,
+                      gguf_mode=getattr(args, "gguf_mode", "exact"))
 
 
 def main(args) -> int:

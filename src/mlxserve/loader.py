@@ -18,6 +18,7 @@ import mlx.nn as nn
 
 from . import registry
 from .models import get_family
+from .quant import GGUF_MODES
 from .tokenizer import Tokenizer
 
 
@@ -50,13 +51,19 @@ def parse_dtype(name: str | None) -> mx.Dtype | None:
         raise ModelLoadError(f"unknown dtype '{name}' (use one of {', '.join(_DTYPES)})") from None
 
 
-def load_model(spec: str, *, dtype: mx.Dtype | None = None, progress: bool = True) -> LoadedModel:
-    """Load `spec`; raises ModelNotFound / ModelLoadError with one readable line."""
+def load_model(spec: str, *, dtype: mx.Dtype | None = None, progress: bool = True,
+               gguf_mode: str = "exact") -> LoadedModel:
+    """Load `spec`; raises ModelNotFound / ModelLoadError with one readable line.
+
+    `gguf_mode` ("exact" or "native-q4", see quant/gguf_convert.py) applies to GGUF files only.
+    """
+    if gguf_mode not in GGUF_MODES:
+        raise ModelLoadError(f"unknown GGUF mode '{gguf_mode}' (use one of {', '.join(GGUF_MODES)})")
     path = registry.resolve(spec, progress=progress)
     start = time.perf_counter()
     try:
         if path.is_file() and path.suffix == ".gguf":
-            loaded = _load_gguf(path, dtype)
+            loaded = _load_gguf(path, dtype, gguf_mode)
         elif path.is_dir():
             loaded = _load_folder(path, dtype)
         else:
@@ -131,15 +138,16 @@ def _load_folder(path: Path, dtype: mx.Dtype | None) -> LoadedModel:
         path=path,
         format="safetensors",
         quantization=_describe_quantization(quantization, weights),
-        context_length=int(config.get("max_position_embeddings") or 4096),
+        context_length=int(config.get("max_position_embeddings")
+                           or (config.get("text_config") or {}).get("max_position_embeddings") or 4096),
         load_seconds=0.0,
     )
 
 
-def _load_gguf(path: Path, dtype: mx.Dtype | None) -> LoadedModel:
+def _load_gguf(path: Path, dtype: mx.Dtype | None, mode: str) -> LoadedModel:
     from .quant.gguf import load_gguf
 
-    gguf = load_gguf(path, dtype=dtype or default_gguf_dtype())
+    gguf = load_gguf(path, dtype=dtype or default_gguf_dtype(), mode=mode)
     model = build_model(gguf.config, gguf.weights, gguf.quantization)
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
     return LoadedModel(
@@ -149,7 +157,8 @@ def _load_gguf(path: Path, dtype: mx.Dtype | None) -> LoadedModel:
         name=str(path),
         path=path,
         format="gguf",
-        quantization=_describe_gguf(path, gguf.tensor_types),
+        quantization=_describe_gguf(path, gguf.tensor_types)
+        + (" as MLX 4-bit g64" if mode == "native-q4" else ""),
         context_length=int(gguf.config.get("max_position_embeddings") or 4096),
         load_seconds=0.0,
     )

@@ -1,22 +1,13 @@
 """Load a GGUF file's tensors as MLX arrays named and laid out for mlx-lm / Hugging Face models.
 
-Quantized tensors stay quantized: every supported GGUF block type is repacked into MLX's affine
-quantized layout (``weight`` uint32 codes, ``scales``, ``biases``; dequantized = code * scale +
-bias) with the *same* integer codes, so ``mx.dequantize`` reproduces llama.cpp's values exactly.
+Quantized tensors stay quantized: ``gguf_convert.py`` repacks them into MLX's affine quantized
+layout (exact mode: llama.cpp's own integer codes; native-q4 mode: MLX 4-bit groups of 64).
+This module maps names, builds the model config from the metadata and puts the two together.
 
-Files are read by our memory-mapped reader (``gguf_metadata.py``) and converted with whole-array
-numpy; ``mx.load`` is never used on GGUF because it silently returns wrong values for some block
-types.
-
-Choices worth knowing:
-- Every float tensor (F32/F16/BF16, norms and biases included) is cast to ``dtype``, so a model
-  has one compute dtype; MLX's RMSNorm accumulates in float32 whatever the weight dtype.
-- ``dtype`` must be float16 or float32. GGUF block scales are float16 numbers, and the biases
-  derived from them (-8d, -128d, m) are float16 numbers too (a power-of-two multiple of a
-  float16), so both dtypes hold them exactly; bfloat16 would round them. A bias that overflows
-  float16 (|d| > 511 for Q8_0) is reported rather than stored as inf.
-- MLX only runs on little-endian hosts, so packed codes are built as bytes and viewed as
-  little-endian uint32 words, which is exactly MLX's bit order.
+Files are read by our memory-mapped reader (``gguf_metadata.py``); ``mx.load`` is never used on
+GGUF because it silently returns wrong values for some block types (Q4_K among them).
+Every float tensor (F32/F16/BF16, norms and biases included) is cast to ``dtype``, so a model
+has one compute dtype; MLX's RMSNorm accumulates in float32 whatever the weight dtype.
 """
 
 from __future__ import annotations
@@ -25,19 +16,15 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from gguf import GGMLQuantizationType as T
 
+from .gguf_convert import GGUF_MODES, UnsupportedGGUF, check_dtype, convert_tensor
 from .gguf_metadata import GGUFTensor, open_gguf, read_gguf_metadata
 
-GROUP_SIZE = 32  # every block type handled here has 32 elements per block = one MLX group
-
-
-class UnsupportedGGUF(ValueError):
-    """A GGUF file uses something (tensor type, architecture, RoPE variant) we cannot load."""
+__all__ = ["GGUF_MODES", "GGUFWeights", "UnsupportedGGUF", "convert_tensor", "load_gguf"]
 
 
 @dataclass
@@ -47,117 +34,6 @@ class GGUFWeights:
     quantization: dict[str, dict]  # module path -> {"group_size", "bits", "mode"}
     metadata: dict  # read_gguf_metadata() result (for the tokenizer builder)
     tensor_types: dict[str, str]  # HF weight name -> GGUF type name
-
-
-# --- block types -> (codes, scale, bias) ------------------------------------------------------
-# Each decoder takes the raw bytes of a 2-D tensor, [rows, bytes_per_row], and returns
-# (codes uint8 [rows, cols], scales float32 [rows, cols/32], biases float32 [rows, cols/32])
-# such that the GGUF value of element j of a row is codes[j] * scale + bias of its block.
-# K-quants slot in here as further entries of _QUANTIZED.
-
-_Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
-_Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
-_Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """[rows, blocks, 16] bytes -> [rows, blocks * 32] codes; GGUF keeps element i of a block in
-    the low nibble of byte i and element i + 16 in the high nibble."""
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-    return codes.reshape(qs.shape[0], -1)
-
-
-def _decode_q8_0(raw: np.ndarray):
-    b = raw.view(_Q8_0)
-    d = b["d"].astype(np.float32)
-    # value = d * q with q int8; MLX codes are unsigned, so store q + 128 and fold -128d into bias.
-    codes = (b["qs"].view(np.uint8) ^ 0x80).reshape(raw.shape[0], -1)  # xor 0x80 == q + 128
-    return codes, d, -128.0 * d
-
-
-def _decode_q4_0(raw: np.ndarray):
-    b = raw.view(_Q4_0)
-    d = b["d"].astype(np.float32)
-    return _nibbles(b["qs"]), d, -8.0 * d  # value = d * (q - 8)
-
-
-def _decode_q4_1(raw: np.ndarray):
-    b = raw.view(_Q4_1)
-    return _nibbles(b["qs"]), b["d"].astype(np.float32), b["m"].astype(np.float32)  # d * q + m
-
-
-_QUANTIZED: dict[T, tuple[int, Callable]] = {  # type -> (bits, decoder)
-    T.Q8_0: (8, _decode_q8_0),
-    T.Q4_0: (4, _decode_q4_0),
-    T.Q4_1: (4, _decode_q4_1),
-}
-
-
-def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 codes [rows, cols] -> uint32 [rows, cols * bits / 32] in MLX's layout: element j of a
-    row lives in word j // (32 / bits) at bit offset bits * (j % (32 / bits))."""
-    per_byte = 8 // bits
-    grouped = codes.reshape(codes.shape[0], -1, per_byte)
-    packed = grouped[..., 0].copy()
-    for k in range(1, per_byte):  # over the codes sharing a byte (at most 3), not over blocks
-        packed |= grouped[..., k] << (bits * k)
-    return packed.view("<u4")
-
-
-def _to_dtype(values: np.ndarray, dtype: mx.Dtype, what: str) -> mx.array:
-    """float32 scales/biases -> mx ``dtype``; refuse instead of storing inf."""
-    cast = values.astype(np.float16 if dtype == mx.float16 else np.float32)
-    if not np.isfinite(cast).all():
-        raise ValueError(f"{what} overflows {dtype}; load with dtype=mx.float32")
-    return mx.array(cast)
-
-
-def _float_array(tensor: GGUFTensor) -> mx.array | None:
-    kind = tensor.tensor_type
-    if kind in (T.F32, T.F16):
-        return mx.array(tensor.data)
-    if kind == T.BF16:  # the reader hands BF16 over as raw bytes
-        return mx.array(tensor.data.view("<u2")).view(mx.bfloat16)
-    return None
-
-
-def convert_tensor(tensor: GGUFTensor, dtype: mx.Dtype = mx.float16) -> dict[str, mx.array]:
-    """Convert one GGUF tensor, rows in file order.
-
-    Returns ``{"weight": float array}`` for F32/F16/BF16, or ``{"weight": uint32 codes,
-    "scales": ..., "biases": ...}`` (MLX affine, group 32, ``bits`` = ``quantized_bits(type)``)
-    for quantized types. Raises UnsupportedGGUF naming the tensor and its type otherwise.
-    """
-    _check_dtype(dtype)
-    array = _float_array(tensor)
-    if array is not None:
-        return {"weight": array.astype(dtype)}
-    kind = tensor.tensor_type
-    if kind not in _QUANTIZED:
-        raise UnsupportedGGUF(
-            f"tensor {tensor.name!r} has GGUF type {kind.name}, which mlxserve cannot load yet "
-            f"(supported: F32, F16, BF16, {', '.join(t.name for t in _QUANTIZED)})")
-    if tensor.data.ndim != 2:
-        raise UnsupportedGGUF(f"tensor {tensor.name!r} ({kind.name}) has "
-                              f"{tensor.data.ndim} dimensions; only 2-D matrices are quantized")
-    bits, decode = _QUANTIZED[kind]
-    codes, scales, biases = decode(tensor.data)
-    what = f"tensor {tensor.name!r} ({kind.name})"
-    return {"weight": mx.array(_pack(codes, bits)),
-            "scales": _to_dtype(scales, dtype, f"a scale of {what}"),
-            "biases": _to_dtype(biases, dtype, f"a bias of {what}")}
-
-
-def quantized_bits(kind: T) -> int | None:
-    """Bits per code of a quantized GGUF type we can repack, None for float/unsupported types."""
-    entry = _QUANTIZED.get(kind)
-    return entry[0] if entry else None
-
-
-def _check_dtype(dtype: mx.Dtype) -> None:
-    if dtype not in (mx.float16, mx.float32):
-        raise ValueError(f"dtype must be mx.float16 or mx.float32, not {dtype} "
-                         "(GGUF block scales are float16 values that bfloat16 would round)")
 
 
 # --- names -----------------------------------------------------------------------------------
@@ -266,7 +142,9 @@ def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
         "vocab_size": vocab,
         "max_position_embeddings": _meta(metadata, f"{arch}.context_length"),
         "tie_word_embeddings": "output.weight" not in tensors,
-        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        # Hugging Face's attention_bias puts biases on q, k, v *and* o. Qwen2 has q/k/v biases
+        # by its model type and none on o, so for it the flag stays off.
+        "attention_bias": arch != "qwen2" and "blk.0.attn_q.bias" in tensors,
     }
     if arch == "llama":
         config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
@@ -362,13 +240,16 @@ def _llama3_rope_scaling(rope_freqs: GGUFTensor, metadata: dict, arch: str,
 
 # --- loader ----------------------------------------------------------------------------------
 
-def load_gguf(path: str | Path, dtype: mx.Dtype = mx.float16) -> GGUFWeights:
+def load_gguf(path: str | Path, dtype: mx.Dtype = mx.float16, mode: str = "exact") -> GGUFWeights:
     """Read a llama / qwen2 / qwen3 GGUF file into mlx-lm-ready config, weights and quantization.
 
-    Use: ``nn.quantize(model, class_predicate=lambda p, m: w.quantization.get(p, False))`` then
+    ``mode`` is one of ``GGUF_MODES`` (see ``gguf_convert.py``). Use:
+    ``nn.quantize(model, class_predicate=lambda p, m: w.quantization.get(p, False))`` then
     ``model.load_weights(list(w.weights.items()))``.
     """
-    _check_dtype(dtype)
+    check_dtype(dtype)
+    if mode not in GGUF_MODES:
+        raise ValueError(f"unknown GGUF mode {mode!r} (use one of {', '.join(GGUF_MODES)})")
     reader = open_gguf(path)
     if reader.byte_order != "I":
         raise UnsupportedGGUF(f"{path}: big-endian GGUF files are not supported")
@@ -383,16 +264,17 @@ def load_gguf(path: str | Path, dtype: mx.Dtype = mx.float16) -> GGUFWeights:
         if tensor.name == "rope_freqs.weight":
             continue  # folded into config["rope_scaling"] by _build_config
         module, leaf = _hf_name(tensor.name)
-        converted = convert_tensor(tensor, dtype)
+        converted = convert_tensor(tensor, dtype, mode)
+        arrays = converted.arrays
         n_head = _permuted_heads(config, module)
         if n_head is not None:
-            converted = {k: _unpermute_rows(v, n_head) for k, v in converted.items()}
-        if "scales" in converted:
-            quantization[module] = {"group_size": GROUP_SIZE,
-                                    "bits": quantized_bits(tensor.tensor_type), "mode": "affine"}
-            weights.update({f"{module}.{k}": v for k, v in converted.items()})
+            arrays = {k: _unpermute_rows(v, n_head) for k, v in arrays.items()}
+        if converted.bits is not None:
+            quantization[module] = {"group_size": converted.group_size,
+                                    "bits": converted.bits, "mode": "affine"}
+            weights.update({f"{module}.{k}": v for k, v in arrays.items()})
         else:
-            weights[f"{module}.{leaf}"] = converted["weight"]
+            weights[f"{module}.{leaf}"] = arrays["weight"]
         tensor_types[f"{module}.{leaf}"] = tensor.tensor_type.name
-    mx.eval(weights)  # materialise now: the file's memory map is not needed afterwards
+        mx.eval(list(arrays.values()))  # one tensor's temporaries at a time
     return GGUFWeights(config, weights, quantization, metadata, tensor_types)

@@ -1,0 +1,130 @@
+"""One GGUF tensor -> MLX arrays: float tensors as they are, quantized ones in MLX's affine
+quantized layout (``weight`` uint32 codes, ``scales``, ``biases``; value = code * scale + bias).
+
+Modes (``GGUF_MODES``):
+
+- ``exact`` (default): each block type keeps llama.cpp's integer codes in an MLX group of 32,
+  so ``mx.dequantize`` gives llama.cpp's values: Q8_0 -> 8-bit; Q4_0, Q4_1, Q4_K -> 4-bit;
+  Q5_0, Q5_1, Q5_K -> 5-bit. Q3_K and Q6_K (16-value sub-blocks) become 8-bit groups of 32,
+  exact for Q3_K and within an eighth of a Q6_K step for Q6_K (``requant.py`` says why).
+- ``native-q4``: every quantized tensor re-quantized to MLX 4-bit groups of 64 (``requant.py``).
+
+Scales and biases are stored in the model's dtype, float32 or float16:
+- float32 holds every scale and bias exactly (a float16 d or dmin times a sub-block scale of
+  at most 8 bits), and then ``mx.dequantize`` equals ``gguf.quants.dequantize`` bit for bit.
+- float16 holds the block types' own scales (d, m, -8d, -16d, -128d) exactly, but rounds K-quant
+  scales d*sc and biases dmin*m to 11 significant bits: at most 2**-11 of |scale * code| +
+  |bias| per value (measured in the README). bfloat16 would round every type (8 bits) and is
+  refused. A bias beyond float16's range is reported rather than stored as inf.
+
+Conversion is whole-array numpy on the memory-mapped block bytes, a few million values at a
+time to bound the temporary memory (no loop over blocks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from . import GGUF_MODES
+from .gguf_blocks import DECODERS, Affine32, Signed16, decode_blocks
+from .gguf_metadata import GGUFTensor
+from .mlx_pack import pack_codes
+from .requant import NATIVE_BITS, NATIVE_GROUP, native_q4, signed16_to_8bit
+
+GROUP_SIZE = 32  # exact mode: every block or sub-block pair is one MLX group of 32
+_CHUNK_VALUES = 1 << 22  # values converted at a time (~4M: tens of MB of temporaries)
+_FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+
+
+class UnsupportedGGUF(ValueError):
+    """A GGUF file uses something (tensor type, architecture, RoPE variant) we cannot load."""
+
+
+@dataclass
+class MLXTensor:
+    """A converted tensor: ``{"weight"}`` (float) or ``{"weight", "scales", "biases"}``."""
+
+    arrays: dict[str, mx.array]
+    bits: int | None = None  # None for float tensors
+    group_size: int | None = None
+
+
+def supported_types() -> list[str]:
+    return [t.name for t in (*_FLOAT_TYPES, *DECODERS)]
+
+
+def check_dtype(dtype: mx.Dtype) -> None:
+    if dtype not in (mx.float16, mx.float32):
+        raise ValueError(f"dtype must be mx.float16 or mx.float32, not {dtype} "
+                         "(GGUF block scales are float16 values that bfloat16 would round)")
+
+
+def convert_tensor(tensor: GGUFTensor, dtype: mx.Dtype = mx.float16,
+                   mode: str = "exact") -> MLXTensor:
+    """Convert one GGUF tensor, rows in file order. Raises UnsupportedGGUF, in one line naming
+    the tensor and its type, for types we cannot load."""
+    check_dtype(dtype)
+    if mode not in GGUF_MODES:
+        raise ValueError(f"unknown GGUF mode {mode!r} (use one of {', '.join(GGUF_MODES)})")
+    kind = tensor.tensor_type
+    if kind in _FLOAT_TYPES:
+        return MLXTensor({"weight": _float_array(tensor).astype(dtype)})
+    if kind not in DECODERS:
+        raise UnsupportedGGUF(
+            f"tensor {tensor.name!r} has GGUF type {kind.name}, which mlxserve cannot load "
+            f"(supported: {', '.join(supported_types())}); use a Q3_K or higher quantization")
+    if tensor.data.ndim != 2:
+        raise UnsupportedGGUF(f"tensor {tensor.name!r} ({kind.name}) has "
+                              f"{tensor.data.ndim} dimensions; only 2-D matrices are quantized")
+    what = f"tensor {tensor.name!r} ({kind.name})"
+    cols = tensor.shape[0]  # GGUF shapes list the fastest-varying dimension first
+    if mode == "native-q4" and cols % NATIVE_GROUP == 0:
+        parts = [native_q4(exact_values(kind, chunk)) for chunk in _row_chunks(tensor.data)]
+        weight, scales, biases = (mx.concatenate(p, axis=0) for p in zip(*parts))
+        return MLXTensor({"weight": weight, "scales": _cast(scales, dtype, what),
+                          "biases": _cast(biases, dtype, what)}, NATIVE_BITS, NATIVE_GROUP)
+
+    parts = [mlx_affine(kind, chunk) for chunk in _row_chunks(tensor.data)]
+    bits = parts[0].bits
+    words = np.concatenate([pack_codes(p.codes, bits) for p in parts])
+    scales = np.concatenate([p.scales for p in parts])
+    biases = np.concatenate([p.biases for p in parts])
+    return MLXTensor({"weight": mx.array(words), "scales": _cast(scales, dtype, what),
+                      "biases": _cast(biases, dtype, what)}, bits, GROUP_SIZE)
+
+
+def mlx_affine(kind: T, raw: np.ndarray) -> Affine32:
+    """Block bytes -> codes, scales and biases of MLX groups of 32 (exact mode's form)."""
+    blocks = decode_blocks(kind, raw)
+    return signed16_to_8bit(blocks) if isinstance(blocks, Signed16) else blocks
+
+
+def exact_values(kind: T, raw: np.ndarray) -> np.ndarray:
+    """Block bytes -> float32 values, equal to ``gguf.quants.dequantize``'s."""
+    return decode_blocks(kind, raw).values()
+
+
+def _row_chunks(data: np.ndarray):
+    values_per_row = max(1, data.size // max(1, data.shape[0]))  # bytes ~ values, within 4x
+    step = max(1, _CHUNK_VALUES // values_per_row)
+    for start in range(0, data.shape[0], step):
+        yield data[start:start + step]
+
+
+def _float_array(tensor: GGUFTensor) -> mx.array:
+    if tensor.tensor_type == T.BF16:  # the reader hands BF16 over as raw bytes
+        return mx.array(tensor.data.view("<u2")).view(mx.bfloat16)
+    return mx.array(tensor.data)
+
+
+def _cast(values: np.ndarray | mx.array, dtype: mx.Dtype, what: str) -> mx.array:
+    """Scales / biases -> ``dtype``; refuse instead of storing inf."""
+    cast = mx.array(values).astype(dtype)
+    if not mx.all(mx.isfinite(cast)).item():
+        raise ValueError(f"a scale or bias of {what} overflows {dtype}; "
+                         "load with dtype=mx.float32")
+    return cast
