@@ -67,13 +67,6 @@ def test_no_prompt_is_an_error(tiny):
     assert r.returncode == 2 and "no prompt" in r.stderr
 
 
-def test_unavailable_commands_say_so(tmp_path):
-    for command in ("chat",):
-        r = mlxserve(command)
-        assert r.returncode != 0
-        assert len(r.stderr.strip().splitlines()) == 1 and "not available" in r.stderr
-
-
 def test_help_and_version():
     r = mlxserve("--help")
     assert r.returncode == 0

@@ -72,12 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="the model name clients use (default: --model)")
     _add_memory_budget(serve)
 
-    for name, help_text, issue in (
-        ("chat", "chat with a model in the terminal", "the terminal chat"),
-    ):
-        p = sub.add_parser(name, help=f"{help_text} (not available yet)")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(unavailable=issue)
+    _add_chat_parser(sub, DEFAULT_MODEL)
     _add_bench_parser(sub, DEFAULT_MODEL)
     return parser
 
@@ -92,19 +87,23 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
                    help=f"model folder, .gguf file, alias or Hugging Face repo id (default {default_model})")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="compute dtype (default: the checkpoint's; GGUF: float16)")
+    from .quant import GGUF_MODES
+
+    p.add_argument("--gguf-mode", choices=GGUF_MODES, default="exact",
+                   help="GGUF quantized weights: 'exact' keeps llama.cpp's codes (default); "
+                        "'native-q4' re-quantizes them to MLX 4-bit g64, faster and lossy")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
-    if getattr(args, "unavailable", None):
-        print(f"mlxserve {args.command}: {args.unavailable} is not available in this version yet", file=sys.stderr)
-        return 1
+        if not sys.stdin.isatty():
+            parser.print_help()
+            return 0
+        args = parser.parse_args(["chat"])  # bare `mlxserve` in a terminal: chat with the default model
     handler = {"run": cmd_run, "pull": cmd_pull, "models": cmd_models, "doctor": cmd_doctor,
-               "bench": cmd_bench, "serve": cmd_serve}[args.command]
+               "bench": cmd_bench, "serve": cmd_serve, "chat": cmd_chat}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -151,7 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     params.validate()
     engine_config(args)  # reject a bad --memory-budget before loading the model
-    loaded = _load(args.model, args.dtype)
+    loaded = _load(args.model, args.dtype, args.gguf_mode)
     prompt_ids = _prompt_ids(loaded.tokenizer, prompt, args.chat, args.system)
     from .engine import Engine
     from .scheduler import Request
@@ -205,13 +204,13 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool | None, system: str | None) -
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _load(spec: str, dtype_name: str | None):
+def _load(spec: str, dtype_name: str | None, gguf_mode: str = "exact"):
     from .loader import load_model, parse_dtype
 
     dtype = parse_dtype(dtype_name)
     console = _stderr_console()
     with console.status(f"Loading {spec} …", spinner="dots") if console.is_terminal else nullcontext():
-        loaded = load_model(spec, dtype=dtype, progress=True)
+        loaded = load_model(spec, dtype=dtype, progress=True, gguf_mode=gguf_mode)
     _status(f"Loaded {loaded.name} ({loaded.format}, {loaded.quantization}) in {loaded.load_seconds:.1f}s")
     return loaded
 
@@ -226,11 +225,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_running < 1:
         raise CLIError("--max-running must be >= 1")
     config = engine_config(args, max_running=args.max_running)
-    loaded = _load(args.model, args.dtype)
+    loaded = _load(args.model, args.dtype, args.gguf_mode)
     with Engine(loaded, config) as engine:
         serve(engine, args.served_model_name or args.model, args.host, args.port,
               api_key=args.api_key, cors_origins=args.cors)
     return 0
+
+
+# ---- chat -----------------------------------------------------------------------------------
+def _add_chat_parser(sub, default_model: str) -> None:
+    chat = sub.add_parser(
+        "chat", help="chat with a model in the terminal (what bare `mlxserve` starts)",
+        description="A terminal chat with the engine in this process, or with an OpenAI-compatible "
+                    "server (--url). Type /help inside for commands. With stdin not a terminal it "
+                    "answers the piped question once and prints only the answer.")
+    _add_model_args(chat, default_model)
+    chat.set_defaults(model=None)  # None: the default model, or with --url the server's first one
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--url", help="chat with this OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1")
+    chat.add_argument("--api-key", help="API key for --url (default $MLXSERVE_API_KEY)")
+    chat.add_argument("--no-think", action="store_true", help="ask the model not to think, and hide any thinking")
+    chat.add_argument("--temperature", type=float, default=None,
+                      help="sampling temperature to start with (default 0.7; 0 = greedy; /temp changes it)")
+    _add_memory_budget(chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .repl import run_chat
+
+    return run_chat(args)
 
 
 # ---- pull / models / doctor -----------------------------------------------------------------
@@ -300,7 +323,7 @@ def _add_bench_parser(sub, default_model: str) -> None:
     _add_model_args(bench, default_model)
     _add_memory_budget(bench)
     bench.add_argument("--random-weights", metavar="SHAPE",
-                       help="ignore --model: real shapes with random weights (qwen3-0.6b, qwen3-4b, tiny; bfloat16 unless --dtype)")
+                       help="ignore --model: real shapes with random weights (qwen3-0.6b, qwen3-4b, qwen3.5-0.8b, qwen3.5-4b, tiny, tiny-qwen3.5; bfloat16 unless --dtype)")
     bench.add_argument("--quantize", type=int, metavar="BITS", help="with --random-weights: quantize to 4 or 8 bits (MLX affine, group 64)")
     bench.add_argument("--prompt-tokens", type=int, default=512, help="prompt length in tokens (default 512)")
     bench.add_argument("--gen-tokens", type=int, default=128, help="tokens generated per request (default 128)")

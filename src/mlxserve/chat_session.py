@@ -1,0 +1,241 @@
+"""One terminal chat's state: the conversation, its settings, and the files it is kept in.
+
+Pure data and checks (no terminal, no model), so that the REPL's commands stay thin and every
+rule here is testable on its own. A conversation is saved as JSON (`/save`, `/load`) and
+exported as Markdown (`/export`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SAVE_FORMAT = "mlxserve-chat"
+SAVE_VERSION = 1
+
+
+class UsageError(ValueError):
+    """A command's argument is wrong; the message is the one line of help to show."""
+
+
+@dataclass
+class Settings:
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int | None = None  # None: as many as the context leaves (or the server's default)
+    think: bool = True  # show the model's reasoning; off also asks the model not to think
+
+    def set(self, name: str, raw: str) -> None:
+        """Set one setting from the text a user typed; UsageError says what is accepted."""
+        parse = _PARSERS[name]
+        setattr(self, name, parse(raw.strip()))
+
+    def describe(self, name: str) -> str:
+        value = getattr(self, name)
+        if name == "think":
+            return "on" if value else "off"
+        if name == "max_tokens" and value is None:
+            return "auto (as many as the context leaves)"
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _parse_temperature(raw: str) -> float:
+    value = _number(raw, "usage: /temp X (a number >= 0; 0 = greedy)")
+    if value < 0:
+        raise UsageError("usage: /temp X (a number >= 0; 0 = greedy)")
+    return value
+
+
+def _parse_top_p(raw: str) -> float:
+    value = _number(raw, "usage: /top_p X (a number in (0, 1])")
+    if not 0 < value <= 1:
+        raise UsageError("usage: /top_p X (a number in (0, 1])")
+    return value
+
+
+def _parse_max_tokens(raw: str) -> int | None:
+    usage = "usage: /max_tokens N (a whole number >= 1, or auto)"
+    if raw.lower() == "auto":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UsageError(usage) from None
+    if value < 1:
+        raise UsageError(usage)
+    return value
+
+
+def _parse_think(raw: str) -> bool:
+    if raw.lower() in ("on", "off"):
+        return raw.lower() == "on"
+    raise UsageError("usage: /think on|off")
+
+
+def _number(raw: str, usage: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(usage) from None
+    if not math.isfinite(value):
+        raise UsageError(usage)
+    return value
+
+
+_PARSERS = {"temperature": _parse_temperature, "top_p": _parse_top_p,
+            "max_tokens": _parse_max_tokens, "think": _parse_think}
+
+
+@dataclass
+class Message:
+    role: str  # "user" | "assistant"
+    content: str
+    reasoning: str = ""  # the assistant's thinking, shown dimmed; never sent back to the model
+    cut: bool = False  # the answer was stopped with Ctrl-C
+
+
+@dataclass
+class ChatSession:
+    system: str | None = None
+    settings: Settings = field(default_factory=Settings)
+    messages: list[Message] = field(default_factory=list)
+
+    # ---- the conversation ------------------------------------------------------------------
+    def add_user(self, text: str) -> None:
+        self.messages.append(Message("user", text))
+
+    def add_answer(self, content: str, reasoning: str = "", cut: bool = False) -> None:
+        self.messages.append(Message("assistant", content, reasoning, cut))
+
+    def drop_unanswered(self) -> None:
+        """Forget a question whose answer failed, so that roles keep alternating."""
+        if self.messages and self.messages[-1].role == "user":
+            self.messages.pop()
+
+    def take_last_answer(self) -> Message | None:
+        """For /retry: remove the last answer, if the conversation ends with one, and return it
+        (to put back if the new answer fails)."""
+        if self.messages and self.messages[-1].role == "assistant":
+            return self.messages.pop()
+        return None
+
+    @property
+    def awaiting_answer(self) -> bool:
+        return bool(self.messages) and self.messages[-1].role == "user"
+
+    def reset(self) -> None:
+        self.messages.clear()
+
+    @property
+    def turns(self) -> int:
+        return sum(1 for m in self.messages if m.role == "user")
+
+    def model_messages(self) -> list[dict]:
+        """What the model sees: the system prompt and every turn's text. Reasoning stays out,
+        as chat templates drop earlier turns' thinking anyway."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [{"role": m.role, "content": m.content} for m in self.messages]
+
+    # ---- files -----------------------------------------------------------------------------
+    def to_json(self, model: str | None = None) -> dict:
+        return {
+            "format": SAVE_FORMAT,
+            "version": SAVE_VERSION,
+            "model": model,
+            "system": self.system,
+            "settings": asdict(self.settings),
+            "messages": [_message_json(m) for m in self.messages],
+        }
+
+    def save(self, path: str | Path, model: str | None = None) -> Path:
+        path = Path(path).expanduser()
+        path.write_text(json.dumps(self.to_json(model), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_json(cls, data: object) -> tuple[ChatSession, str | None]:
+        """A session from a /save file, or from a plain list of OpenAI-style messages.
+        Returns the session and the model it was saved with (if known)."""
+        if isinstance(data, list):
+            data = {"messages": data}
+        if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+            raise ValueError("not a saved chat (expected an object with 'messages')")  # noqa: TRY004 - bad file content
+        if data.get("format", SAVE_FORMAT) != SAVE_FORMAT:
+            raise ValueError(f"not a saved chat (format {data.get('format')!r})")
+        system = data.get("system")
+        messages = []
+        for i, raw in enumerate(data["messages"]):
+            if not (isinstance(raw, dict) and raw.get("role") in ("system", "user", "assistant")
+                    and isinstance(raw.get("content"), str)):
+                raise ValueError(f"messages[{i}] needs a role (system, user or assistant) and text content")
+            if raw["role"] == "system":
+                system = raw["content"]
+                continue
+            messages.append(Message(raw["role"], raw["content"], str(raw.get("reasoning") or ""), bool(raw.get("cut"))))
+        if system is not None and not isinstance(system, str):
+            raise ValueError("'system' must be text")
+        settings = Settings()
+        for name, value in (data.get("settings") or {}).items():
+            if name in _PARSERS:
+                try:
+                    settings.set(name, _setting_text(value))
+                except UsageError:
+                    raise ValueError(f"settings.{name}: {value!r} is not accepted") from None
+        model = data.get("model")
+        return cls(system or None, settings, messages), model if isinstance(model, str) else None
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple[ChatSession, str | None]:
+        path = Path(path).expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path} is not JSON") from None
+        try:
+            return cls.from_json(data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    def to_markdown(self, model: str | None = None) -> str:
+        """A readable transcript: headings per turn, thinking folded away."""
+        parts = [f"# Chat with {model}" if model else "# Chat"]
+        if self.system:
+            parts.append("**System:** " + self.system)
+        for m in self.messages:
+            if m.role == "user":
+                parts.append("## You\n\n" + m.content)
+                continue
+            answer = ["## Assistant"]
+            if m.reasoning.strip():
+                answer.append("<details><summary>Thinking</summary>\n\n" + m.reasoning.strip() + "\n\n</details>")
+            answer.append(m.content)
+            if m.cut:
+                answer.append("*(answer cut short)*")
+            parts.append("\n\n".join(answer))
+        return "\n\n".join(parts) + "\n"
+
+    def export(self, path: str | Path, model: str | None = None) -> Path:
+        path = Path(path).expanduser()
+        path.write_text(self.to_markdown(model), encoding="utf-8")
+        return path
+
+
+def _message_json(m: Message) -> dict:
+    out = {"role": m.role, "content": m.content}
+    if m.reasoning:
+        out["reasoning"] = m.reasoning
+    if m.cut:
+        out["cut"] = True
+    return out
+
+
+def _setting_text(value: object) -> str:
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)

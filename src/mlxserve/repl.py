@@ -1,0 +1,461 @@
+"""`mlxserve chat`: the terminal REPL (prompt_toolkit for input, rich for output).
+
+The loop reads a line, runs it as a slash command or sends it as the next question, and
+shows the answer as it streams (chat_render). Answers come from a backend (chat_backend):
+the engine in this process, or a server given with --url. With stdin not a terminal (a
+pipe) it answers one question and prints only the answer on stdout.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import Completer, Completion, PathCompleter
+from prompt_toolkit.document import Document
+from prompt_toolkit.history import FileHistory, InMemoryHistory
+from prompt_toolkit.key_binding import KeyBindings
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .chat_backend import BackendError, Delta
+from .chat_render import AnswerView, format_stats, printable
+from .chat_session import ChatSession, Settings, UsageError
+
+PROMPT = ">>> "
+CONTINUATION = "... "
+KEYS_HELP = ("Enter sends · Esc-Enter (or paste) for several lines · Tab completes commands · "
+             "Up/Down history · Ctrl-C stops an answer or clears the line · Ctrl-D quits · "
+             "start a message with // to send a leading /")
+
+
+def mlxserve_home() -> Path:
+    """Where the chat keeps its files (history): $MLXSERVE_HOME, or ~/.mlxserve."""
+    return Path(os.environ.get("MLXSERVE_HOME") or Path.home() / ".mlxserve").expanduser()
+
+
+# ---- entry point ------------------------------------------------------------------------------
+def run_chat(args) -> int:
+    """`mlxserve chat` (and bare `mlxserve`): the REPL, or one answer when stdin is a pipe."""
+    from .cli import CLIError
+
+    interactive = sys.stdin.isatty()
+    question = None
+    if not interactive:
+        question = sys.stdin.read().strip()
+        if not question:
+            raise CLIError("no question on stdin")
+    settings = Settings(think=not args.no_think)
+    if args.temperature is not None:
+        settings.set("temperature", str(args.temperature))
+    session = ChatSession(system=args.system or None, settings=settings)
+    try:
+        backend = open_backend(args)
+    except BackendError as exc:
+        raise CLIError(str(exc)) from None
+    try:
+        if not interactive:
+            return one_shot(backend, session, question)
+        return Repl(backend, session, Console()).run()
+    finally:
+        backend.close()
+
+
+def open_backend(args):
+    from .chat_backend import EngineBackend, HTTPBackend
+
+    if args.url:
+        api_key = args.api_key or os.environ.get("MLXSERVE_API_KEY")
+        return HTTPBackend(args.url, api_key=api_key, model=args.model)
+    from .cli import _load, engine_config
+    from .loader import parse_dtype
+    from .registry import DEFAULT_MODEL
+
+    config = engine_config(args)  # a bad --memory-budget fails before the model loads
+    loaded = _load(args.model or DEFAULT_MODEL, args.dtype, args.gguf_mode)
+    return EngineBackend(loaded, config, {"dtype": parse_dtype(args.dtype), "gguf_mode": args.gguf_mode})
+
+
+def one_shot(backend, session: ChatSession, question: str) -> int:
+    """Pipe mode: the answer's text on stdout as it comes (no thinking, no decoration), the
+    figures on stderr."""
+    from .cli import CLIError
+
+    session.add_user(question)
+    try:
+        generation = backend.generate(session.model_messages(), session.settings)
+    except BackendError as exc:
+        raise CLIError(str(exc)) from None
+    try:
+        for delta in generation:
+            if delta.content:
+                sys.stdout.write(delta.content)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BackendError as exc:
+        raise CLIError(str(exc)) from None
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        generation.cancel()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
+    except KeyboardInterrupt:
+        generation.cancel()
+        raise
+    print(format_stats(generation.stats), file=sys.stderr)
+    return 0
+
+
+# ---- slash commands -----------------------------------------------------------------------------
+@dataclass
+class Command:
+    name: str
+    args: str  # how the argument is written in /help ("" when there is none)
+    help: str
+    run: Callable[[Repl, str], bool | None]  # returns True to leave the REPL
+    aliases: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()  # argument completions
+
+
+QUIT = True
+
+
+def _cmd_help(repl: Repl, arg: str) -> None:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(no_wrap=True)
+    table.add_column()
+    for c in COMMANDS:
+        names = " = ".join([c.name, *c.aliases])
+        table.add_row(f"{names} {c.args}".rstrip(), c.help)
+    repl.console.print(table)
+    repl.say(KEYS_HELP, style="dim")
+
+
+def _cmd_reset(repl: Repl, arg: str) -> None:
+    repl.session.reset()
+    repl.say("New conversation." + (" The system prompt stays." if repl.session.system else ""))
+
+
+def _cmd_system(repl: Repl, arg: str) -> None:
+    if not arg:
+        repl.say(f"System prompt: {repl.session.system}" if repl.session.system else
+                 "No system prompt (set one with /system TEXT).")
+    elif arg.lower() == "none":
+        repl.session.system = None
+        repl.say("System prompt removed.")
+    else:
+        repl.session.system = arg
+        repl.say("System prompt set.")
+
+
+def _setting_command(name: str, label: str) -> Callable[[Repl, str], None]:
+    def run(repl: Repl, arg: str) -> None:
+        settings = repl.session.settings
+        if arg:
+            settings.set(name, arg)
+        repl.say(f"{label}: {settings.describe(name)}")
+
+    return run
+
+
+def _cmd_retry(repl: Repl, arg: str) -> None:
+    previous = repl.session.take_last_answer()
+    if not repl.session.awaiting_answer:
+        if previous is not None:  # an answer with no question before it (a loaded file): keep it
+            repl.session.messages.append(previous)
+        raise UsageError("nothing to retry: ask something first")
+    if not repl.answer() and previous is not None:
+        repl.session.messages.append(previous)  # the old answer stays when the new one fails
+
+
+def _cmd_model(repl: Repl, arg: str) -> None:
+    if not arg:
+        repl.say(f"Model: {repl.backend.describe()} (switch with /model NAME; /models lists them)")
+        return
+    loading = repl.console.status(f"Loading {arg} …", spinner="dots") if repl.backend.loads_models else nullcontext()
+    try:
+        with loading:
+            message = repl.backend.switch_model(arg)
+    except (BackendError, ValueError, RuntimeError, OSError) as exc:  # the old model stays
+        repl.error(f"cannot switch to {arg}: {_first_line(exc)}")
+        return
+    repl.say(message)
+
+
+def _cmd_models(repl: Repl, arg: str) -> None:
+    table = Table(box=None, show_header=False, padding=(0, 1))
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)  # a name must stay whole to be copied into /model NAME
+    table.add_column(style="dim")
+    for m in repl.backend.models():
+        table.add_row("*" if m.current else " ", m.name, m.detail)
+    repl.console.print(table)
+
+
+def _cmd_stats(repl: Repl, arg: str) -> None:
+    stats = repl.backend.stats()
+    table = Table(box=None, show_header=False, padding=(0, 1))
+    table.add_column(style="dim")
+    table.add_column(justify="right")
+    for key, value in stats.items():
+        table.add_row(key, _stat_value(key, value))
+    repl.console.print(table)
+
+
+def _stat_value(key: str, value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}".rstrip("0").rstrip(".")
+    if isinstance(value, int) and "bytes" in key:
+        return f"{value / 2**20:,.1f} MiB"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _cmd_save(repl: Repl, arg: str) -> None:
+    path = repl.session.save(_path_arg(arg, "usage: /save FILE"), model=repl.backend.model)
+    repl.say(f"Saved {len(repl.session.messages)} messages to {path}")
+
+
+def _cmd_load(repl: Repl, arg: str) -> None:
+    loaded, model = ChatSession.load(_path_arg(arg, "usage: /load FILE"))
+    repl.session.system, repl.session.settings, repl.session.messages = loaded.system, loaded.settings, loaded.messages
+    repl.replay()
+    note = f" (saved with {model})" if model and model != repl.backend.model else ""
+    repl.say(f"Loaded {len(loaded.messages)} messages, {loaded.turns} questions{note}")
+
+
+def _cmd_export(repl: Repl, arg: str) -> None:
+    path = repl.session.export(_path_arg(arg, "usage: /export FILE.md"), model=repl.backend.model)
+    repl.say(f"Wrote {path}")
+
+
+def _cmd_quit(repl: Repl, arg: str) -> bool:
+    return QUIT
+
+
+def _path_arg(arg: str, usage: str) -> str:
+    if not arg:
+        raise UsageError(usage)
+    return arg
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+COMMANDS = [
+    Command("/help", "", "this list", _cmd_help),
+    Command("/reset", "", "start a new conversation", _cmd_reset, aliases=("/clear",)),
+    Command("/system", "[TEXT|none]", "show, set or remove the system prompt", _cmd_system),
+    Command("/temp", "[X]", "sampling temperature (0 = greedy)", _setting_command("temperature", "temperature")),
+    Command("/top_p", "[X]", "nucleus sampling mass, in (0, 1]", _setting_command("top_p", "top_p")),
+    Command("/max_tokens", "[N|auto]", "longest answer, in tokens", _setting_command("max_tokens", "max_tokens"),
+            choices=("auto",)),
+    Command("/think", "[on|off]", "show thinking (off: hide it, ask the model not to think)",
+            _setting_command("think", "thinking"), choices=("on", "off")),
+    Command("/retry", "", "answer the last question again", _cmd_retry),
+    Command("/model", "[NAME]", "show or switch the model", _cmd_model),
+    Command("/models", "", "list models", _cmd_models),
+    Command("/stats", "", "engine statistics", _cmd_stats),
+    Command("/save", "FILE", "save the conversation as JSON", _cmd_save),
+    Command("/load", "FILE", "load a conversation saved with /save", _cmd_load),
+    Command("/export", "FILE.md", "write the conversation as Markdown", _cmd_export),
+    Command("/quit", "", "leave (or Ctrl-D)", _cmd_quit, aliases=("/exit",)),
+]
+_BY_NAME = {name: c for c in COMMANDS for name in (c.name, *c.aliases)}
+
+
+def find_command(name: str) -> Command | None:
+    return _BY_NAME.get(name.lower())
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+class Repl:
+    def __init__(self, backend, session: ChatSession, console: Console):
+        self.backend = backend
+        self.session = session
+        self.console = console
+        self._prompt = _prompt_session(self)
+
+    def run(self) -> int:
+        self.banner()
+        while True:
+            try:
+                text = self._prompt.prompt(PROMPT)
+            except KeyboardInterrupt:  # Ctrl-C at the prompt: the line is dropped
+                continue
+            except EOFError:  # Ctrl-D
+                return 0
+            text = text.strip()
+            if not text:
+                continue
+            try:
+                if text.startswith("/") and not text.startswith("//"):
+                    if self.command(text) is QUIT:
+                        return 0
+                else:
+                    self.ask(text[1:] if text.startswith("//") else text)
+            except KeyboardInterrupt:  # e.g. while loading a model: back to the prompt
+                self.error("interrupted")
+
+    def banner(self) -> None:
+        self.say(f"mlxserve chat · {self.backend.describe()}", style="bold")
+        self.say("/help lists commands · Ctrl-C stops an answer · Ctrl-D quits", style="dim")
+
+    def command(self, line: str) -> bool | None:
+        name, arg = (line.split(maxsplit=1) + [""])[:2]
+        command = find_command(name)
+        if command is None:
+            self.error(f"unknown command {name}; /help lists them")
+            return None
+        try:
+            return command.run(self, arg.strip())
+        except UsageError as exc:
+            self.error(str(exc))
+        except (BackendError, ValueError, OSError) as exc:
+            self.error(_first_line(exc))
+        return None
+
+    # ---- answers ------------------------------------------------------------------------------
+    def ask(self, text: str) -> None:
+        self.session.add_user(text)
+        answered = False
+        try:
+            answered = self.answer()
+        finally:
+            if not answered:  # also when interrupted at an odd moment: roles keep alternating
+                self.session.drop_unanswered()
+
+    def answer(self) -> bool:
+        """Answer the conversation's last question; False (and a line why) if that failed.
+        Ctrl-C stops the answer: what came so far is kept, marked as cut."""
+        settings = self.session.settings
+        try:
+            generation = self.backend.generate(self.session.model_messages(), settings)
+        except BackendError as exc:
+            self.error(str(exc))
+            return False
+        except KeyboardInterrupt:  # before anything was generated: as if never asked
+            return False
+        view = AnswerView(self.console, show_thinking=settings.think)
+        cut, failure = False, None
+        with view:
+            try:
+                for delta in generation:
+                    view.add(delta)
+            except KeyboardInterrupt:
+                cut = True
+                _stop(generation)
+            except BackendError as exc:
+                failure = exc
+        if failure is not None:
+            self.error(str(failure))
+            return False
+        self.session.add_answer(view.content, view.reasoning, cut=cut)
+        self.say(format_stats(generation.stats, cut=cut), style="dim")
+        return True
+
+    def replay(self) -> None:
+        """Show a loaded conversation the way it was shown live."""
+        for m in self.session.messages:
+            if m.role == "user":
+                self.say(PROMPT + printable(m.content).replace("\n", "\n" + CONTINUATION), style="bold")
+                continue
+            with AnswerView(self.console, show_thinking=self.session.settings.think, live=False) as view:
+                view.add(Delta(m.reasoning, m.content))
+            if m.cut:
+                self.say("(cut)", style="dim")
+
+    # ---- output -------------------------------------------------------------------------------
+    def say(self, text: str, style: str | None = None) -> None:
+        self.console.print(Text(text, style=style or ""))
+
+    def error(self, text: str) -> None:
+        # soft_wrap: one line, however long (the terminal wraps it, rich inserts no newline)
+        self.console.print(Text(f"error: {text}", style="red"), soft_wrap=True)
+
+
+def _stop(generation) -> None:
+    """Cancel a generation, even through an impatient second Ctrl-C: the request must not
+    go on in the background, and its figures are wanted."""
+    while True:
+        try:
+            generation.cancel()
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+# ---- input ------------------------------------------------------------------------------------------
+def _prompt_session(repl: Repl) -> PromptSession:
+    try:
+        path = mlxserve_home() / "history"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)  # fail here, not at the first line typed, if it is not writable
+        history = FileHistory(str(path))
+    except OSError as exc:
+        repl.error(f"history not kept: {exc}")
+        history = InMemoryHistory()
+    return PromptSession(
+        history=history,
+        completer=SlashCompleter(repl),
+        complete_while_typing=False,  # Tab completes; a menu popping up while typing distracts
+        key_bindings=_key_bindings(),
+        prompt_continuation=lambda width, line_number, wrap_count: CONTINUATION.rjust(width),
+        enable_suspend=True,
+    )
+
+
+def _key_bindings() -> KeyBindings:
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")
+    def _newline(event) -> None:
+        """Esc-Enter (Alt-Enter) starts a new line instead of sending."""
+        event.current_buffer.insert_text("\n")
+
+    return bindings
+
+
+class SlashCompleter(Completer):
+    """Completes command names, then the arguments that have a fixed set of values (model
+    names for /model, file paths for /save, /load and /export)."""
+
+    def __init__(self, repl: Repl):
+        self.repl = repl
+        self._paths = PathCompleter(expanduser=True)
+
+    def get_completions(self, document, complete_event):
+        text = document.text_before_cursor
+        if not text.startswith("/") or "\n" in text:
+            return
+        name, space, arg = text.partition(" ")
+        if not space:
+            for command_name, command in _BY_NAME.items():
+                if command_name.startswith(name.lower()):
+                    yield Completion(command_name, start_position=-len(name), display_meta=command.help)
+            return
+        command = find_command(name)
+        if command is None:
+            return
+        if command.name in ("/save", "/load", "/export"):
+            yield from self._paths.get_completions(Document(arg, len(arg)), complete_event)
+            return
+        choices = command.choices
+        if command.name == "/model":
+            choices = tuple(m.name for m in self._models())
+        for choice in choices:
+            if choice.startswith(arg):
+                yield Completion(choice, start_position=-len(arg))
+
+    def _models(self):
+        try:
+            return self.repl.backend.models()
+        except (BackendError, OSError, ValueError):
+            return []

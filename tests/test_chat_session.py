@@ -1,0 +1,115 @@
+"""The chat's conversation state, settings and files (no terminal, no model)."""
+
+import json
+
+import pytest
+
+from mlxserve.chat_session import ChatSession, Settings, UsageError
+
+
+def conversation() -> ChatSession:
+    session = ChatSession(system="Be brief.")
+    session.add_user("What is 2+2?")
+    session.add_answer("4", reasoning="Two and two.")
+    session.add_user("And 3+3?\nShow the sum.")
+    session.add_answer("6 because", cut=True)
+    return session
+
+
+@pytest.mark.parametrize("name,raw,value", [
+    ("temperature", "0", 0.0), ("temperature", "1.25", 1.25),
+    ("top_p", "0.9", 0.9), ("top_p", "1", 1.0),
+    ("max_tokens", "64", 64), ("max_tokens", "auto", None), ("max_tokens", "AUTO", None),
+    ("think", "off", False), ("think", "On", True),
+])
+def test_settings_accept(name, raw, value):
+    settings = Settings()
+    settings.set(name, raw)
+    assert getattr(settings, name) == value
+
+
+@pytest.mark.parametrize("name,raw,usage", [
+    ("temperature", "-0.1", "/temp X"), ("temperature", "hot", "/temp X"), ("temperature", "nan", "/temp X"),
+    ("top_p", "0", "/top_p X"), ("top_p", "1.5", "/top_p X"), ("top_p", "", "/top_p X"),
+    ("max_tokens", "0", "/max_tokens N"), ("max_tokens", "2.5", "/max_tokens N"),
+    ("think", "maybe", "/think on|off"),
+])
+def test_settings_refuse_with_one_line_of_usage(name, raw, usage):
+    settings = Settings()
+    before = getattr(settings, name)
+    with pytest.raises(UsageError) as err:
+        settings.set(name, raw)
+    assert str(err.value).startswith("usage: " + usage) and "\n" not in str(err.value)
+    assert getattr(settings, name) == before
+
+
+def test_model_messages_leave_reasoning_out():
+    assert conversation().model_messages() == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?\nShow the sum."},
+        {"role": "assistant", "content": "6 because"},
+    ]
+
+
+def test_retry_and_failed_answers_keep_roles_alternating():
+    session = conversation()
+    taken = session.take_last_answer()
+    assert taken.content == "6 because" and session.awaiting_answer
+    assert session.take_last_answer() is None  # the conversation ends with a question now
+    session.drop_unanswered()
+    assert [m.role for m in session.messages] == ["user", "assistant"]
+    assert not session.awaiting_answer
+    session.reset()
+    assert session.messages == [] and session.system == "Be brief."
+
+
+def test_save_then_load_gives_the_same_conversation(tmp_path):
+    session = conversation()
+    session.settings.set("temperature", "0.2")
+    session.settings.set("think", "off")
+    path = session.save(tmp_path / "chat.json", model="tiny")
+    saved = json.loads(path.read_text())
+    assert saved["format"] == "mlxserve-chat" and saved["model"] == "tiny"
+    assert saved["messages"][1] == {"role": "assistant", "content": "4", "reasoning": "Two and two."}
+    loaded, model = ChatSession.load(path)
+    assert model == "tiny"
+    assert loaded == session
+
+
+def test_load_accepts_openai_style_messages(tmp_path):
+    path = tmp_path / "messages.json"
+    path.write_text(json.dumps([{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+                                {"role": "assistant", "content": "Hello"}]))
+    loaded, model = ChatSession.load(path)
+    assert loaded.system == "S" and model is None
+    assert [(m.role, m.content) for m in loaded.messages] == [("user", "Hi"), ("assistant", "Hello")]
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "cannot read"),
+    ("{not json", "is not JSON"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}', "messages[0]"),
+    ('{"format": "other", "messages": []}', "not a saved chat"),
+    ('{"messages": [], "settings": {"temperature": -3}}', "settings.temperature"),
+    ('"just text"', "not a saved chat"),
+])
+def test_load_errors_are_one_line_naming_the_file(tmp_path, content, needle):
+    path = tmp_path / "bad.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError) as err:
+        ChatSession.load(path)
+    message = str(err.value)
+    assert needle in message and str(path) in message and "\n" not in message
+
+
+def test_markdown_export(tmp_path):
+    text = conversation().export(tmp_path / "chat.md", model="tiny").read_text()
+    assert text.startswith("# Chat with tiny\n")
+    assert "**System:** Be brief." in text
+    assert text.count("## You") == 2 and text.count("## Assistant") == 2
+    assert "<details><summary>Thinking</summary>\n\nTwo and two.\n\n</details>" in text
+    assert "And 3+3?\nShow the sum." in text
+    assert text.rstrip().endswith("6 because\n\n*(answer cut short)*")

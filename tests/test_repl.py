@@ -1,0 +1,467 @@
+"""`mlxserve chat`, driven for real in a pseudo-terminal (80x24, NO_COLOR) on a tiny model.
+
+Two REPL processes serve the whole module, to keep it fast: `chat` (the engine in-process)
+for most tests, then `url_chat` (`--url` against a live server), which starts after `chat`
+has quit with Ctrl-D so that it can check that the input history survived the restart.
+Every wait is on something the REPL prints: prompt_toolkit switches bracketed paste on
+(ESC [?2004h) each time it shows a new prompt, which marks "ready for input".
+"""
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+from live_server import SCRIPT, LiveServer, ScriptedEngine, free_port
+
+from mlxserve.chat_backend import HTTPBackend, chat_prompt_ids, normalize_base_url
+from mlxserve.chat_render import AnswerView, format_stats, printable
+from mlxserve.chat_session import Settings
+from mlxserve.engine import Engine
+from mlxserve.loader import load_model
+from mlxserve.sampling import SamplingParams
+from mlxserve.server import create_app
+
+READY = "\x1b[?2004h"
+API_KEY = "test-key"
+# Long enough that a conversation's first prompt fills a 64-token prefix-cache block.
+SYSTEM = "You are a careful assistant. Answer in full sentences and explain every step. " * 3
+STATS = re.compile(r"prompt\s+(\d+)\s+tokens\s+\((\d+)\s+cached\)\s+·\s+TTFT\s+[\d.]+s\s+·\s+"
+                   r"(?:[\d.]+\s+tok/s\s+·\s+)?(\d+)\s+generated(?:\s+\((max|cut)\))?")
+URL_STATS = re.compile(r"(?:TTFT\s+[\d.]+s\s+·\s+)?(?:[\d.]+\s+tok/s\s+·\s+)?(\d+)\s+generated\s+\(cut\)")
+ECHO = re.compile(r">>>|\.\.\. ")  # the prompt and its continuation, with what was typed
+SPINNER = re.compile(r"\s*[\u2800-\u28ff]")  # rich's "dots" spinner frames are braille characters
+ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[=>]|\r")
+COLOUR_PARAMS = {*range(30, 39), *range(40, 49), *range(90, 98), *range(100, 108)}
+CANDIDATE_QUESTIONS = ["What is the capital of France?", "Tell me a long story.", "Count to one hundred.",
+                       "Explain Rayleigh scattering.", "Write a poem about numbers."]
+
+
+def plain(text: str) -> str:
+    return ESCAPES.sub("", text)
+
+
+class Chat:
+    """One `mlxserve chat` process in a pseudo-terminal."""
+
+    def __init__(self, *args: str, home: Path):
+        env = {**os.environ, "NO_COLOR": "1", "MLXSERVE_HOME": str(home), "TERM": "xterm-256color",
+               "PROMPT_TOOLKIT_NO_CPR": "1", "COLUMNS": "80", "LINES": "24"}
+        env.pop("FORCE_COLOR", None)
+        self.child = pexpect.spawn(sys.executable, ["-m", "mlxserve", "chat", *args], env=env,
+                                   dimensions=(24, 80), encoding="utf-8", timeout=90)
+        self.transcript = io.StringIO()
+        self.child.logfile_read = self.transcript
+        self.last_line = None
+        self.banner = self.ready()
+
+    def ready(self) -> str:
+        """Wait for the next prompt; return what was printed since the last one, as text."""
+        self.child.expect_exact(READY)
+        return plain(self.child.before)
+
+    def run(self, line: str, raw: bool = False) -> str:
+        """Type a line and Enter; return the output: its non-blank lines, without the echoed
+        line and without spinner lines (transient: the terminal erases them)."""
+        self.child.send(line + "\r")
+        self.last_line = line or self.last_line
+        out = self.ready()
+        if raw:
+            return out
+        return "\n".join(x for x in out.splitlines() if x.strip() and not SPINNER.match(x) and not ECHO.match(x))
+
+    def ask(self, question: str) -> re.Match:
+        out = self.run(question)
+        match = STATS.search(out)
+        assert match, out
+        return match
+
+    def save(self, path: Path) -> dict:
+        assert "Saved" in self.run(f"/save {path}")
+        return json.loads(path.read_text())
+
+    def interrupt_answer(self, question: str) -> str:
+        """Ask, wait until the answer is streaming, press Ctrl-C; return the output."""
+        self.child.send(question + "\r")
+        self.child.expect(r"[1-9]\d* tokens · Ctrl-C stops")
+        self.child.sendintr()
+        return self.ready()
+
+    def quit_with_ctrl_d(self) -> int:
+        if self.child.isalive():
+            self.child.sendcontrol("d")
+            self.child.expect(pexpect.EOF)
+        self.child.close()
+        return self.child.exitstatus
+
+
+def one_error_line(out: str, needle: str) -> None:
+    lines = out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], out
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir) -> str:
+    return str(tiny_model_dir("qwen3", "float32"))
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mlxserve-home")
+
+
+@pytest.fixture(scope="module")
+def served(tiny):
+    """A live server on the tiny model (named "tiny", with an API key), and its engine."""
+    loaded = load_model(tiny, progress=False)
+    with Engine(loaded) as engine:
+        server = LiveServer(create_app(engine, "tiny", api_key=API_KEY))
+        yield server, engine
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def long_question(served) -> str:
+    """A question whose greedy answer does not end on its own for hundreds of tokens (the
+    tiny model's weights are random), so that Ctrl-C surely lands mid-answer."""
+    _, engine = served
+    for question in CANDIDATE_QUESTIONS:
+        ids = chat_prompt_ids(engine.tokenizer, [{"role": "system", "content": SYSTEM},
+                                                 {"role": "user", "content": question}], think=True)
+        final = engine.generate(ids, SamplingParams(max_tokens=600, temperature=0.0))[-1]
+        if final.finish_reason == "length":
+            return question
+    raise AssertionError("no candidate question makes the tiny model talk for 600 tokens")
+
+
+@pytest.fixture(scope="module")
+def chat(tiny, home):
+    chat = Chat("--model", tiny, "--system", SYSTEM, home=home)
+    yield chat
+    if chat.child.isalive():
+        chat.child.terminate(force=True)
+
+
+@pytest.fixture(scope="module")
+def url_chat(chat, served, home):
+    """Starts once `chat` has left (Ctrl-D), with the same history folder."""
+    chat.exit_status = chat.quit_with_ctrl_d()
+    server, _ = served
+    url_chat = Chat("--url", server.url, "--api-key", API_KEY, "--system", SYSTEM, "--no-think", home=home)
+    yield url_chat
+    if url_chat.child.isalive():
+        url_chat.child.terminate(force=True)
+
+
+# ---- in-process engine ----------------------------------------------------------------------------
+def test_banner_names_the_model(chat, tiny):
+    assert f"mlxserve chat · {Path(tiny).name} (safetensors" in chat.banner
+    assert "/help" in chat.banner
+
+
+def test_second_turn_reuses_the_prefix_cache(chat):
+    chat.run("/reset")
+    chat.run("/temp 0")
+    chat.run("/max_tokens 24")
+    first = chat.ask("Hello there, how are you?")
+    second = chat.ask("And what is the capital of France?")
+    first_prompt, second_prompt, cached = int(first[1]), int(second[1]), int(second[2])
+    assert first_prompt >= 64
+    assert second_prompt > first_prompt + 24  # the first turn is part of the second prompt
+    assert 64 <= cached < second_prompt
+    assert cached % 64 == 0  # reused in whole blocks
+
+
+def test_ctrl_c_cuts_the_answer_and_the_chat_goes_on(chat, long_question, tmp_path):
+    chat.run("/reset")
+    chat.run("/temp 0")
+    chat.run("/max_tokens auto")
+    out = chat.interrupt_answer(long_question)
+    match = STATS.search(out)
+    assert match and match[4] == "cut", out
+    assert int(match[3]) < 600  # stopped long before the answer would have ended
+    chat.run("/max_tokens 8")
+    after = chat.ask("Thanks. Now a short one?")
+    assert after[4] != "cut" and int(after[2]) > 0  # the cut turn is still in the prefix cache
+    saved = chat.save(tmp_path / "cut.json")
+    roles = [(m["role"], m.get("cut", False)) for m in saved["messages"]]
+    assert roles == [("user", False), ("assistant", True), ("user", False), ("assistant", False)]
+    assert saved["messages"][0]["content"] == long_question
+
+
+def test_ctrl_c_at_the_prompt_clears_the_line(chat, tmp_path):
+    chat.run("/reset")
+    chat.child.send("half a question")
+    chat.child.expect_exact("half a question")
+    chat.child.sendintr()
+    chat.ready()
+    shown = chat.run("/system")  # the line was empty again: this is a command, not "half a question/system"
+    assert " ".join(shown.split()) == " ".join(f"System prompt: {SYSTEM}".split())
+    assert chat.save(tmp_path / "empty.json")["messages"] == []
+
+
+def test_help_lists_every_command(chat):
+    out = chat.run("/help")
+    for name in ("/help", "/reset", "/clear", "/system", "/temp", "/top_p", "/max_tokens", "/think", "/retry",
+                 "/model", "/models", "/stats", "/save", "/load", "/export", "/quit", "/exit"):
+        assert re.search(rf"(^|\s){re.escape(name)}(\s|$)", out), name
+    assert "Esc-Enter" in out and "Ctrl-D" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+
+
+def test_tab_completes_commands(chat):
+    chat.child.send("/he\t")
+    chat.child.expect_exact("/help")
+    assert "/max_tokens" in chat.run("")
+
+
+@pytest.mark.parametrize("line,answer", [
+    ("/temp 0.5", "temperature: 0.5"),
+    ("/temp", "temperature: 0.5"),
+    ("/top_p 0.9", "top_p: 0.9"),
+    ("/max_tokens 16", "max_tokens: 16"),
+    ("/max_tokens auto", "max_tokens: auto"),
+    ("/think off", "thinking: off"),
+    ("/think on", "thinking: on"),
+    ("/system Be brief.", "System prompt set."),
+    ("/system", "System prompt: Be brief."),
+    ("/system none", "System prompt removed."),
+    ("/reset", "New conversation."),
+    ("/clear", "New conversation."),
+])
+def test_settings_commands(chat, line, answer):
+    assert chat.run(line).startswith(answer)
+
+
+@pytest.mark.parametrize("line,needle", [
+    ("/temp warm", "usage: /temp X"),
+    ("/temp -1", "usage: /temp X"),
+    ("/top_p 0", "usage: /top_p X"),
+    ("/top_p 1.5", "usage: /top_p X"),
+    ("/max_tokens 0", "usage: /max_tokens N"),
+    ("/max_tokens lots", "usage: /max_tokens N"),
+    ("/think maybe", "usage: /think on|off"),
+    ("/save", "usage: /save FILE"),
+    ("/load", "usage: /load FILE"),
+    ("/export", "usage: /export FILE.md"),
+    ("/load /no/such/chat.json", "cannot read /no/such/chat.json"),
+    ("/model /no/such/model", "cannot switch to /no/such/model"),
+    ("/frobnicate", "unknown command /frobnicate; /help lists them"),
+])
+def test_bad_commands_get_one_line_of_help(chat, line, needle):
+    one_error_line(chat.run(line), needle)
+
+
+def test_retry_with_nothing_to_retry(chat):
+    chat.run("/reset")
+    one_error_line(chat.run("/retry"), "nothing to retry")
+
+
+def test_retry_replaces_the_last_answer(chat, tmp_path):
+    chat.run("/reset")
+    chat.run("/temp 1")
+    chat.run("/max_tokens 8")
+    chat.ask("Pick a random word.")
+    retried = STATS.search(chat.run("/retry"))
+    assert retried, "no answer after /retry"
+    messages = chat.save(tmp_path / "retry.json")["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[0]["content"] == "Pick a random word."
+
+
+def test_model_stats_and_models(chat, tiny, tiny_model_dir):
+    assert chat.run("/model").startswith(f"Model: {Path(tiny).name}")
+    assert re.search(r"^\s*\*\s+" + re.escape(tiny), chat.run("/models"), re.MULTILINE)
+    stats = chat.run("/stats")
+    assert re.search(r"prefill_tokens\s+[1-9]", stats) and "kv_bytes_budget" in stats
+    other = str(tiny_model_dir("llama", "float32"))
+    assert chat.run(f"/model {other}").startswith(f"Loaded {Path(other).name} (safetensors, float32")
+    assert re.search(r"^\s*\*\s+" + re.escape(other), chat.run("/models"), re.MULTILINE)
+    chat.run("/max_tokens 4")
+    chat.ask("Does the new model answer?")
+    assert chat.run(f"/model {tiny}").startswith("Loaded")
+
+
+def test_save_load_and_export_restore_the_conversation(chat, tmp_path):
+    chat.run("/reset")
+    chat.run(f"/system {SYSTEM}")
+    chat.run("/temp 0")
+    chat.run("/max_tokens 12")
+    chat.child.send("First line\x1b\rsecond line")  # Esc-Enter: a new line, not a send
+    chat.ask("")
+    chat.child.send("\x1b[200~pasted one\npasted two\x1b[201~")  # a bracketed paste of two lines
+    last = chat.ask("")
+    saved = chat.save(tmp_path / "saved.json")
+    assert [m["content"] for m in saved["messages"] if m["role"] == "user"] == [
+        "First line\nsecond line", "pasted one\npasted two"]
+    assert "Wrote" in chat.run(f"/export {tmp_path / 'before.md'}")
+
+    chat.run("/reset")
+    chat.run("/system none")
+    chat.run(f"/export {tmp_path / 'empty.md'}")
+    assert "## You" not in (tmp_path / "empty.md").read_text()
+
+    out = chat.run(f"/load {tmp_path / 'saved.json'}", raw=True)
+    assert "Loaded 4 messages, 2 questions" in out
+    assert ">>> First line\n... second line" in out and ">>> pasted one\n... pasted two" in out  # shown again
+    chat.run(f"/export {tmp_path / 'after.md'}")
+    assert (tmp_path / "after.md").read_text() == (tmp_path / "before.md").read_text()
+    follow_up = chat.ask("One more question?")
+    assert int(follow_up[1]) > int(last[1])  # the loaded turns are in the prompt
+    assert int(follow_up[2]) >= 64  # and they are still in the prefix cache
+
+
+def test_no_colour_under_no_color(chat):
+    codes = re.findall(r"\x1b\[([0-9;]*)m", chat.transcript.getvalue())
+    assert codes  # styles (bold, dim) are still used
+    coloured = {c for c in codes if any(p.isdigit() and int(p) in COLOUR_PARAMS for p in c.split(";"))}
+    assert not coloured
+
+
+# ---- --url, after a restart ---------------------------------------------------------------------------
+def test_ctrl_d_exits_and_history_survives_a_restart(chat, url_chat, home):
+    assert chat.exit_status == 0
+    assert chat.last_line in (home / "history").read_text()
+    url_chat.child.send("\x1b[A")  # Up: the last line typed in the previous session
+    url_chat.child.expect_exact(chat.last_line)
+    url_chat.child.sendintr()
+    url_chat.ready()
+
+
+def test_url_mode_two_turns_reuse_the_server_cache(url_chat, served):
+    server, _ = served
+    assert f"mlxserve chat · tiny at {server.url}" in url_chat.banner
+    url_chat.run("/temp 0")
+    url_chat.run("/max_tokens 16")
+    first = url_chat.ask("Hello there, how are you?")
+    second = url_chat.ask("And what is the capital of France?")
+    assert int(second[1]) > int(first[1]) and int(second[2]) >= 64
+
+
+def test_url_mode_commands(url_chat, tmp_path):
+    assert url_chat.run("/think").startswith("thinking: off")  # --no-think
+    assert url_chat.save(tmp_path / "url.json")["settings"]["think"] is False
+    assert re.search(r"^\s*\*\s+tiny\s+2,048 context", url_chat.run("/models"), re.MULTILINE)
+    assert re.search(r"prefill_tokens\s+[1-9]", url_chat.run("/stats"))
+    assert "does not list it" in url_chat.run("/model other-model")
+    one_error_line(url_chat.run("Is anyone there?"), "model 'other-model' does not exist")
+    assert url_chat.run("/model tiny").startswith("Now asking")
+
+
+def test_url_mode_ctrl_c_then_quit(url_chat, long_question):
+    url_chat.run("/reset")
+    url_chat.run("/temp 0")
+    url_chat.run("/max_tokens 1500")
+    out = url_chat.interrupt_answer(long_question)
+    assert URL_STATS.search(out), out
+    url_chat.run("/max_tokens 4")
+    assert url_chat.ask("Still there?")
+    url_chat.child.send("/quit\r")
+    url_chat.child.expect(pexpect.EOF)
+    url_chat.child.close()
+    assert url_chat.child.exitstatus == 0
+
+
+# ---- pipes and errors ---------------------------------------------------------------------------------
+def mlxserve(*args, stdin: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlxserve", *args], check=False, input=stdin, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_piped_question_prints_only_the_answer(tiny, tmp_path):
+    # Greedy: a sampled answer of a random model may be all unfinished <think> (no answer text).
+    r = mlxserve("chat", "--model", tiny, "--temperature", "0", stdin="What is the capital of France?\n",
+                 env={"MLXSERVE_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    assert "mlxserve chat" not in r.stdout and "generated" not in r.stdout and ">>>" not in r.stdout
+    assert STATS.search(r.stderr), r.stderr  # the figures go to stderr
+    assert not (tmp_path / "history").exists()  # nothing typed, nothing kept
+
+
+@pytest.mark.parametrize("make_args,needle", [
+    (lambda url: ("--url", url, "--api-key", "wrong"), "server answered 401"),
+    (lambda url: ("--url", f"http://127.0.0.1:{free_port()}"), "cannot reach"),
+    (lambda url: ("--url", "ftp://example.com"), "--url must be an http(s) URL"),
+])
+def test_url_errors_are_one_line(served, make_args, needle):
+    server, _ = served
+    r = mlxserve("chat", *make_args(server.url), stdin="hi")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlxserve: error: ") and needle in lines[0], r.stderr
+
+
+def test_bare_mlxserve_starts_chat_in_a_terminal(monkeypatch, capsys):
+    from mlxserve import cli, repl
+
+    started = []
+    monkeypatch.setattr(repl, "run_chat", lambda args: started.append(args) or 0)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    assert cli.main([]) == 0
+    assert started and started[0].command == "chat" and started[0].model is None and started[0].url is None
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False)
+    assert cli.main([]) == 0 and len(started) == 1
+    assert "usage: mlxserve" in capsys.readouterr().out
+
+
+# ---- pieces -------------------------------------------------------------------------------------------
+def test_http_backend_splits_reasoning(tiny):
+    """Reasoning sent as reasoning_content is kept apart from the answer."""
+    loaded = load_model(tiny, progress=False)
+    server = LiveServer(create_app(ScriptedEngine(loaded, SCRIPT), "scripted"))
+    try:
+        backend = HTTPBackend(server.base)  # no /v1: added
+        assert backend.model == "scripted"
+        generation = backend.generate([{"role": "user", "content": "Weather?"}], Settings())
+        deltas = list(generation)
+    finally:
+        server.stop()
+    assert "".join(d.reasoning for d in deltas).strip() == "Check the weather."
+    assert "".join(d.content for d in deltas).startswith("Let me look.")
+    assert generation.stats.completion_tokens == len(SCRIPT)
+    assert generation.stats.prompt_tokens > 0 and generation.stats.ttft_s is not None
+
+
+@pytest.mark.parametrize("url,base", [
+    ("127.0.0.1:8000", "http://127.0.0.1:8000/v1"),
+    ("http://host:1/v1/", "http://host:1/v1"),
+    ("https://api.example.com/v1/chat/completions", "https://api.example.com/v1"),
+    ("http://host/openai/v1", "http://host/openai/v1"),
+])
+def test_normalize_base_url(url, base):
+    assert normalize_base_url(url) == base
+
+
+def test_answer_view_renders_markdown_and_thinking():
+    from rich.console import Console
+
+    from mlxserve.chat_backend import Delta
+
+    for show_thinking in (True, False):
+        out = io.StringIO()
+        console = Console(file=out, width=80, force_terminal=False, no_color=True)
+        with AnswerView(console, show_thinking=show_thinking) as view:
+            view.add(Delta(reasoning="Let me think.", tokens=3))
+            view.add(Delta(content="# Title\n\nSome **bold** text\x1b[31m.\n\n```python\nx = 1\n```", tokens=9))
+        text = out.getvalue()
+        assert ("Let me think." in text) == show_thinking
+        assert "Title" in text and "Some bold text" in text and "**" not in text and "```" not in text
+        assert "\x1b" not in text and "\ufffd[31m" in text  # the model's escape code is shown, not obeyed
+        assert view.tokens == 12
+
+
+def test_format_stats_fits_80_columns():
+    from mlxserve.chat_backend import Stats
+
+    line = format_stats(Stats(300, "length", 1520, 1472, 0.12, 45.3))
+    assert line == "prompt 1520 tokens (1472 cached) · TTFT 0.12s · 45.3 tok/s · 300 generated (max)"
+    assert len(line) <= 80
+    assert format_stats(Stats(5, "cancelled", ttft_s=0.5), cut=True) == "TTFT 0.50s · 5 generated (cut)"
+    assert printable("a\tb\nc\x07\x1b[2J\r\n") == "a\tb\nc\ufffd\ufffd[2J\n"
