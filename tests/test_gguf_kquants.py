@@ -19,7 +19,7 @@ from mlx import nn
 from tiny_models import llama_cpp_permute, to_gguf_name, write_gguf
 
 from mlxserve.quant.gguf import load_gguf
-from mlxserve.quant.gguf_convert import convert_tensor
+from mlxserve.quant.gguf_convert import convert_tensor, exact_values
 from mlxserve.quant.gguf_metadata import open_gguf
 
 ROWS, SUPERS = 8, 3  # a tensor of 8 rows x 768 columns
@@ -73,7 +73,7 @@ def q3_k_codes(fields: writer.Fields) -> np.ndarray:
     return 128 + scale16 * (fields.codes - 4)
 
 
-# --- exact types: bit-identical codes and values --------------------------------------------------
+# --- exact types: bit-identical codes and values -----------------------------------------------
 
 @pytest.mark.parametrize("qtype,bits", [(T.Q4_K, 4), (T.Q5_K, 5), (T.Q3_K, 8)],
                          ids=lambda x: getattr(x, "name", str(x)))
@@ -106,7 +106,7 @@ def test_k_quant_is_exact(tmp_path, qtype, bits):
           f"max |error| / bound {np.max(error.reshape(code.shape) / bound):.2f}")
 
 
-# --- Q6_K: 8-bit groups of 32, bounded error ------------------------------------------------------
+# --- Q6_K: 8-bit groups of 32, bounded error ---------------------------------------------------
 
 def q6_k_scales(rng) -> np.ndarray:
     """Random int8 sub-block scales plus the cases requant.py treats apart: opposite scales (a
@@ -135,7 +135,8 @@ def test_q6_k_error_is_bounded(tmp_path):
     pairs = sc.reshape(ROWS * SUPERS, 8, 2)
     big = larger_scale(sc)
     d = np.abs(fields.d.astype(np.float64))[:, None]
-    as_is = (np.sign(big) + (big == 0))[..., None, None] * pairs[..., None] * (q.reshape(shape) - 32)
+    sign = (np.sign(big) + (big == 0))[..., None, None]
+    as_is = sign * pairs[..., None] * (q.reshape(shape) - 32)
     fits = (as_is.min(axis=(-1, -2)) >= -128) & (as_is.max(axis=(-1, -2)) <= 127)
     step = np.abs(np.array(converted.arrays["scales"])).reshape(fits.shape)  # S per group
     quarter = d * np.abs(big) / 4
@@ -153,12 +154,13 @@ def test_q6_k_error_is_bounded(tmp_path):
           f"{relative.max():.2f} S, mean {relative.mean():.3f} S")
 
 
-# --- native-q4 -------------------------------------------------------------------------------------
+# --- native-q4 ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q3_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K], ids=lambda t: t.name)
 def test_native_q4_requantizes_the_exact_values(tmp_path, qtype):
     fields = writer.WRITERS[qtype](np.random.default_rng(4), ROWS * SUPERS)
     reference = gguf_reference(qtype, fields, ROWS)
+    assert np.array_equal(exact_values(qtype, fields.blocks.reshape(ROWS, -1)), reference)
     converted = convert_tensor(tensor_file(tmp_path, qtype, fields, ROWS), mx.float32,
                                mode="native-q4")
     assert (converted.bits, converted.group_size) == (4, 64)
@@ -175,7 +177,7 @@ def test_native_q4_keeps_rows_not_a_multiple_of_64_exact(tmp_path):
     assert (converted.bits, converted.group_size) == (8, 32)
 
 
-# --- a tiny llama of K-quants, end to end --------------------------------------------------------
+# --- a tiny llama of K-quants, end to end ------------------------------------------------------
 
 H, HEADS, KV_HEADS, FFN, VOCAB, TOKENS = 256, 4, 2, 512, 300, [1, 7, 42, 299, 3, 150, 8, 64]
 PLAN = {"q_proj": T.Q4_K, "k_proj": T.Q5_K, "v_proj": T.Q3_K, "o_proj": T.Q4_K,
@@ -241,7 +243,8 @@ def test_k_quant_llama_matches_float_reference(tmp_path):
         "gate_proj": (5, 32), "up_proj": (4, 32), "down_proj": (8, 32)}
     as_converted = dict(hf)
     down = next(t for t in open_gguf(path).tensors if t.name == "blk.0.ffn_down.weight")
-    as_converted["model.layers.0.mlp.down_proj.weight"] = dequantize(convert_tensor(down, mx.float32))
+    as_converted["model.layers.0.mlp.down_proj.weight"] = dequantize(
+        convert_tensor(down, mx.float32))
     reference = llama_logits(exact.config, [(n, mx.array(w)) for n, w in as_converted.items()])
     assert reference.std() > 1  # logits that tell tokens apart
     ours = llama_logits(exact.config, list(exact.weights.items()), exact.quantization)

@@ -159,7 +159,7 @@ def test_chat_greedy_continuation_matches_the_reference(exact, reference):
     assert ours == expected
 
 
-# --- tensors -------------------------------------------------------------------------------------
+# --- tensors -----------------------------------------------------------------------------------
 
 def mlx_values(converted, scale_dtype=mx.float32) -> np.ndarray:
     """Dequantized in float32 from scales and biases rounded to ``scale_dtype``."""

@@ -5,16 +5,18 @@ Modes (``GGUF_MODES``):
 
 - ``exact`` (default): each block type keeps llama.cpp's integer codes in an MLX group of 32,
   so ``mx.dequantize`` gives llama.cpp's values: Q8_0 -> 8-bit; Q4_0, Q4_1, Q4_K -> 4-bit;
-  Q5_0, Q5_1, Q5_K -> 5-bit. Q3_K and Q6_K (16-value sub-blocks) become 8-bit groups of 32,
-  exact for Q3_K and within an eighth of a Q6_K step for Q6_K (``requant.py`` says why).
+  Q5_0, Q5_1, Q5_K -> 5-bit. Q3_K and Q6_K (16-value sub-blocks) become 8-bit groups of 32:
+  exact for Q3_K; for Q6_K, the larger-scaled sub-block of each pair exact and the other within
+  an eighth of that one's step (``requant.py`` says why).
 - ``native-q4``: every quantized tensor re-quantized to MLX 4-bit groups of 64 (``requant.py``).
 
 Scales and biases are stored in the model's dtype, float32 or float16:
-- float32 holds every scale and bias exactly (a float16 d or dmin times a sub-block scale of
-  at most 8 bits), and then ``mx.dequantize`` equals ``gguf.quants.dequantize`` bit for bit.
-- float16 holds the block types' own scales (d, m, -8d, -16d, -128d) exactly, but rounds K-quant
-  scales d*sc and biases dmin*m to 11 significant bits: at most 2**-11 of |scale * code| +
-  |bias| per value (measured in the README). bfloat16 would round every type (8 bits) and is
+- float32 holds every GGUF scale and bias exactly (a float16 d or dmin times a sub-block scale
+  of at most 8 bits), and then ``mx.dequantize`` equals ``gguf.quants.dequantize`` bit for bit
+  (Q6_K: as ``requant.py`` states).
+- float16 holds the block types' own scales (d, m, -8d, -16d, -128d) and Q3_K's exactly, but
+  rounds K-quant scales d*sc and biases dmin*m (and Q6_K's re-derived ones) to 11 significant
+  bits: at most 2**-11 of |scale * code| + |bias| per value (measured in the README). bfloat16 would round every type (8 bits) and is
   refused. A bias beyond float16's range is reported rather than stored as inf.
 
 Conversion is whole-array numpy on the memory-mapped block bytes, a few million values at a
