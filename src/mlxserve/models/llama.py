@@ -224,19 +224,7 @@ class Model(nn.Module):
         return self.args.num_hidden_layers, self.args.num_key_value_heads, self.args.head_dim
 
     def __call__(self, batch: StepBatch, cache: KVStore) -> mx.array | None:
-        h = self.model.embed_tokens(batch.tokens)
-        for layer in self.model.layers:
-            h = layer(h, batch, cache)
-        if batch.logit_rows.size == 0:
-            # A prefill-only step: its product is the KV it wrote. (No zero-row head either:
-            # MLX's CUDA back-end rejects zero-size kernels.)
-            return None
-        if batch.logit_rows.size != h.shape[0]:  # else every token wants logits, in order
-            h = h[batch.logit_rows]
-        h = self.model.norm(h)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        return causal_lm_forward(self, batch, cache)
 
     def sanitize(self, weights: dict) -> dict:
         """Drop checkpoint entries that have no parameter here."""
@@ -246,3 +234,22 @@ class Model(nn.Module):
             weights.pop("lm_head.scales", None)
             weights.pop("lm_head.biases", None)
         return weights
+
+
+def causal_lm_forward(lm: nn.Module, batch: StepBatch, cache: KVStore) -> mx.array | None:
+    """Embedding, the layers, then the head for the rows that want logits: the forward pass
+    of every model family here (`lm` has .args, .model.{embed_tokens, layers, norm}, and
+    .lm_head unless its embeddings are tied)."""
+    h = lm.model.embed_tokens(batch.tokens)
+    for layer in lm.model.layers:
+        h = layer(h, batch, cache)
+    if batch.logit_rows.size == 0:
+        # A prefill-only step: its product is the state it wrote. (No zero-row head either:
+        # MLX's CUDA back-end rejects zero-size kernels.)
+        return None
+    if batch.logit_rows.size != h.shape[0]:  # else every token wants logits, in order
+        h = h[batch.logit_rows]
+    h = lm.model.norm(h)
+    if lm.args.tie_word_embeddings:
+        return lm.model.embed_tokens.as_linear(h)
+    return lm.lm_head(h)

@@ -32,7 +32,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 from ..batch import StepBatch
 from ..cache import KVStore
 from .gated_delta import gated_delta
-from .llama import MLP
+from .llama import MLP, causal_lm_forward
 
 ARCHITECTURES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 
@@ -325,17 +325,7 @@ class Model(nn.Module):
         return sum(layer.linear_attn.state_bytes() for layer in self.model.layers if layer.is_linear)
 
     def __call__(self, batch: StepBatch, cache: KVStore) -> mx.array | None:
-        h = self.model.embed_tokens(batch.tokens)
-        for layer in self.model.layers:
-            h = layer(h, batch, cache)
-        if batch.logit_rows.size == 0:
-            return None
-        if batch.logit_rows.size != h.shape[0]:
-            h = h[batch.logit_rows]
-        h = self.model.norm(h)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        return causal_lm_forward(self, batch, cache)
 
     def sanitize(self, weights: dict) -> dict:
         """Map Hugging Face (`model.language_model.*`) and mlx-lm (`language_model.model.*`)
