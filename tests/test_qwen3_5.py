@@ -205,3 +205,63 @@ def test_state_memory_is_accounted(hybrid):
     row = RowCache(kv)
     row.reserve(10)
     assert kv.bytes_in_use == row.capacity * kv.bytes_per_token + 3 * per_row
+
+
+def test_rows_leaving_and_joining_keep_their_state(hybrid):
+    """Rows finish at different steps and new ones join a running batch (the group's batched
+    state is then sliced, gathered and re-ordered): every row still gets what it gets alone."""
+    _, loaded = hybrid
+    prompts = [loaded.tokenizer.encode(t) for t in (TEXT, "Hello world!", TEXT[:40], "def add(a, b):", TEXT[7:30])]
+    lengths = [5, 19, 9, 13, 7]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
+    alone = [generate(loaded, [p], q, block_size=16)[0][0] for p, q in zip(prompts, params)]
+    with Engine(loaded, EngineConfig(block_size=16, max_running=3, max_batch_tokens=20)) as engine:
+        streams = [engine.submit(Request(p, q)) for p, q in zip(prompts, params)]
+        together = [[t for e in s for t in e.token_ids] for s in streams]
+    assert together == alone
+
+
+def test_state_gather_follows_every_row():
+    """StateGather against the plain per-row answer: rows from one batch in order (read as
+    is), a subset, rows out of order, rows from two batches, rows with their own state and
+    fresh rows (zeros); afterwards every row belongs to the new batch."""
+    from mlxserve.cache import StateBatch, StateGather
+
+    rng = np.random.default_rng(0)
+
+    def batch(n):
+        b = StateBatch(n)
+        b.layers[0] = (mx.array(rng.standard_normal((n, 3, 4)), dtype=mx.float32),
+                       mx.array(rng.standard_normal((n, 2, 2, 2)), dtype=mx.float32))
+        return b
+
+    def zeros():
+        return mx.zeros((3, 4)), mx.zeros((2, 2, 2))
+
+    kv = KVStore(1, 1, 4, mx.float32)
+    a, b = batch(4), batch(3)
+
+    def row(source=None, index=0, own=None):
+        r = RowCache(kv)
+        if source is not None:
+            r.state_batch, r.state_index = source, index
+        elif own is not None:
+            r.recurrent = {0: own}
+        return r
+
+    own = (mx.ones((3, 4)), mx.ones((2, 2, 2)))
+    cases = [
+        [row(a, i) for i in range(4)],
+        [row(a, 1), row(a, 2)],
+        [row(a, 3), row(a, 0), row(b, 1)],
+        [row(b, 2), row(), row(a, 1), row(own=own), row(a, 2)],
+    ]
+    for rows in cases:
+        expected = [r.recurrent.get(0) or zeros() for r in rows]
+        read_as_is = rows[0].state_batch is a and len(rows) == 4
+        gather = StateGather(rows)
+        window, state = gather.gather(0, zeros)
+        assert (gather.whole is not None) == read_as_is
+        assert mx.array_equal(window, mx.stack([w for w, _ in expected]))
+        assert mx.array_equal(state, mx.stack([s for _, s in expected]))
+        assert all(r.state_batch is gather.target and r.state_index == i for i, r in enumerate(rows))

@@ -32,6 +32,7 @@ class AttentionGroup:
     key_length: int  # keys to attend over: the longest row's length after this step
     mask: mx.array | None  # additive [n, 1, t, key_length]; None for one decoding row
     caches: list  # the rows' RowCaches in group order (linear-attention layers read their state)
+    state_gather: object = None  # hybrid models: a cache.StateGather, made by the first linear layer
 
 
 @dataclass

@@ -34,7 +34,6 @@ import mlx.core as mx
 
 from .batch import StepBatch
 
-
 # The prefix cache may keep this many slots on a shelf, or a quarter as many as rows run there
 # if more, before a new row reuses the least recently used one instead of growing the shelf.
 # Why a bound at all: a back-end that does not update arrays in place (MLX's CUDA back-end)
@@ -265,6 +264,95 @@ class KVStore:
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
 
 
+class StateBatch:
+    """The recurrent state of one attention group's rows after a step, batched: per linear
+    layer, (conv windows [n, K-1, C], delta-rule states [n, Hv, Dv, Dk]), row i of the
+    group in row i. Rows point at the batch (`RowCache.state_batch`) instead of holding
+    slices of it: a decode group whose rows stay the same reads the batch of the previous
+    step as is, so a step costs no per-row work per layer."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.layers: dict[int, tuple[mx.array, mx.array]] = {}
+
+
+class StateGather:
+    """How one group gathers its rows' recurrent state at the start of a step (computed once
+    per step by the first linear layer, used by all): straight from one batch when the rows
+    are that batch's rows in order; otherwise one slice or gather per source batch, one
+    stack for rows holding their own state (adopted from the prefix cache) or none yet
+    (zeros), and one permutation back to group order. Building it hands the rows over to
+    `target`, the batch this step's new state goes into."""
+
+    def __init__(self, caches: list):
+        n = len(caches)
+        first = caches[0].state_batch
+        self.whole = first if (
+            first is not None and first.size == n
+            and all(c.state_batch is first and c.state_index == i for i, c in enumerate(caches))
+        ) else None
+        self.sources: list[tuple[StateBatch, object]] = []  # (batch, slice or index array)
+        self.own: list[dict] = []  # standalone states, {} = none yet (zeros)
+        self.permutation: mx.array | None = None
+        if self.whole is None:
+            by_batch: dict[int, tuple[StateBatch, list[int], list[int]]] = {}
+            own_rows: list[int] = []
+            for i, c in enumerate(caches):
+                if c.state_batch is not None:
+                    by_batch.setdefault(id(c.state_batch), (c.state_batch, [], []))
+                    by_batch[id(c.state_batch)][1].append(c.state_index)
+                    by_batch[id(c.state_batch)][2].append(i)
+                else:
+                    own_rows.append(i)
+                    self.own.append(c.own_recurrent)
+            order: list[int] = []
+            for batch, indices, rows in by_batch.values():
+                consecutive = indices == list(range(indices[0], indices[0] + len(indices)))
+                picks = slice(indices[0], indices[-1] + 1) if consecutive else mx.array(indices)
+                self.sources.append((batch, picks))
+                order += rows
+            order += own_rows
+            if order != list(range(n)):
+                inverse = [0] * n
+                for position, row in enumerate(order):
+                    inverse[row] = position
+                self.permutation = mx.array(inverse)
+        self.target = StateBatch(n)
+        for i, c in enumerate(caches):
+            c.state_batch, c.state_index, c.own_recurrent = self.target, i, {}
+
+    def gather(self, layer: int, zeros: Callable[[], tuple[mx.array, mx.array]]) -> tuple[mx.array, mx.array]:
+        if self.whole is not None:
+            return self.whole.layers[layer]
+        windows, states = [], []
+        for batch, picks in self.sources:
+            w, s = batch.layers[layer]
+            windows.append(w[picks])
+            states.append(s[picks])
+        if self.own:
+            pairs = [own.get(layer) or zeros() for own in self.own]
+            windows.append(mx.stack([w for w, _ in pairs]))
+            states.append(mx.stack([s for _, s in pairs]))
+        window = windows[0] if len(windows) == 1 else mx.concatenate(windows)
+        state = states[0] if len(states) == 1 else mx.concatenate(states)
+        if self.permutation is not None:
+            window, state = window[self.permutation], state[self.permutation]
+        return window, state
+
+
+def state_arrays(caches) -> list[mx.array]:
+    """The recurrent-state arrays behind some rows, each batch once (for evaluation)."""
+    seen: dict[int, object] = {}
+    out: list[mx.array] = []
+    for c in caches:
+        source = c.state_batch if c.state_batch is not None else c.own_recurrent
+        if id(source) not in seen:
+            seen[id(source)] = source
+            pairs = source.layers.values() if c.state_batch is not None else source.values()
+            out += [a for pair in pairs for a in pair]
+    return out
+
+
 @dataclass
 class Snapshot:
     """State of one row at a token boundary (see module docstring)."""
@@ -284,9 +372,12 @@ class RowCache:
     length: int = 0
     block_keys: list[int] = field(default_factory=list)
     states: dict = field(default_factory=dict)  # block index -> recurrent snapshot at its end
-    # Hybrid models: linear-layer index -> (conv window, delta-rule state) after the row's
-    # last token. Arrays are immutable values, so a snapshot is a shallow copy of the dict.
-    recurrent: dict = field(default_factory=dict)
+    # Hybrid models: the row's recurrent state after its last token is row `state_index` of
+    # `state_batch` (its group's batch, see StateBatch) or, when not in a batch,
+    # `own_recurrent`: linear-layer index -> (conv window, delta-rule state).
+    state_batch: StateBatch | None = None
+    state_index: int = 0
+    own_recurrent: dict = field(default_factory=dict)
     # Set by the prefix cache: called with (row, kept blocks) when trim invalidates blocks.
     on_trim: Callable[[RowCache, int], None] | None = None
 
@@ -326,6 +417,19 @@ class RowCache:
         for i in [i for i in self.states if i >= kept]:
             del self.states[i]
 
+    @property
+    def recurrent(self) -> dict:
+        """Linear-layer index -> (conv window, delta-rule state). Arrays are immutable values,
+        so a snapshot is a shallow copy of this dict (of views into a batch, when batched)."""
+        if self.state_batch is None:
+            return self.own_recurrent
+        i = self.state_index
+        return {layer: (w[i], s[i]) for layer, (w, s) in self.state_batch.layers.items()}
+
+    @recurrent.setter
+    def recurrent(self, value: dict) -> None:
+        self.state_batch, self.own_recurrent = None, value
+
     def snapshot(self) -> Snapshot:
         return Snapshot(length=self.length, recurrent=dict(self.recurrent))
 
@@ -336,7 +440,7 @@ class RowCache:
         self.recurrent = dict(snap.recurrent or {})
 
     def state_arrays(self) -> list[mx.array]:
-        return [a for pair in self.recurrent.values() for a in pair]
+        return state_arrays([self])
 
     def release(self) -> None:
         """Give the slot back (request finished, cancelled or preempted)."""

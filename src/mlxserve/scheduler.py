@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .cache import KVStore, OutOfKVMemory, RowCache
+from .cache import KVStore, OutOfKVMemory, RowCache, state_arrays
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .prefix_cache import Match, PrefixCache
 from .runner import Feed, Runner
@@ -217,13 +217,14 @@ class Scheduler:
     def _launch(self, feeds: list[Feed], rows: list[Row]) -> InFlight | None:
         previous = self._inflight.result.tokens if self._inflight is not None else None
         logits, batch = self.runner.forward(feeds, previous)
+        kept: list[mx.array] = []
         for row, feed in zip(rows, feeds):
             row.cache.extend(len(feed.tokens))
             if self.hybrid:
-                self._keep_state(row)
+                kept += self._keep_state(row)
             if len(feed.tokens) > 1 or feed.from_previous is None:
                 self._remember(row)
-        states = [a for row in rows for a in row.cache.state_arrays()]
+        states = state_arrays([row.cache for row in rows]) + kept if self.hybrid else []
         # Logits come in the batch's flat order (rows grouped by token count).
         by_id = {row.id: row for row in rows}
         feed_of = {feed.key: feed for feed in feeds}
@@ -321,21 +322,25 @@ class Scheduler:
             return Match(None, 0)
         return self.prefix.match(row.tokens, need_state=self.hybrid)
 
-    def _keep_state(self, row: Row) -> None:
+    def _keep_state(self, row: Row) -> list[mx.array]:
         """Hybrid models: when a row's length reaches a block boundary, snapshot its
         recurrent state there, so that the prefix cache can start a later request at that
         block (recurrent state cannot be rebuilt from KV). A row keeps two snapshots: the
         last one within its prompt (a repeated or extended prompt, a chat's next turn) and
-        the newest one (a preempted row coming back)."""
+        the newest one (a preempted row coming back). Returns the new snapshot's arrays, to
+        be evaluated with the step."""
         cache, unit = row.cache, self.config.block_size
         if self.prefix is None or not cache.length or cache.length % unit:
-            return
+            return []
         block = cache.length // unit - 1
         in_prompt = sorted(i for i in cache.states if (i + 1) * unit <= row.prompt_len - 1)
         keep = {i: cache.states[i] for i in in_prompt[-1:]}
-        # A copy: the row's live state is a view into the whole step's stacked states.
+        # A copy, evaluated with the step: the row's live state is a view into its group's
+        # batched state, and a view (or a copy not yet computed) would keep that whole batch
+        # alive for as long as the snapshot lives.
         keep[block] = {i: (window * 1, state * 1) for i, (window, state) in cache.recurrent.items()}
         cache.states = keep
+        return [a for pair in keep[block].values() for a in pair]
 
     def _remember(self, row: Row) -> None:
         """Offer the row's computed full blocks to the prefix cache (only tokens whose values

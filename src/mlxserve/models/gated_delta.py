@@ -42,11 +42,14 @@ def gated_delta_chunked(q, k, v, g, beta, state):
                                               = beta_i (v_i - G_i S0 k_i)
       outputs   o_i = G_i S0 q_i + sum_{j<=i} (G_i/G_j)(q_i.k_j) D_j
       end state S   = G_C S0 + sum_j (G_C/G_j) D_j k_j^T
-    The unit lower-triangular system is inverted by repeated squaring (I+L)^-1 =
-    (I-L)(I+L^2)(I+L^4)... (L is nilpotent), which needs only matrix products.
+    The system is linear in S0, so D = U - W S0^T with U = (I+L)^-1 (beta v) and
+    W = (I+L)^-1 (beta G k) independent of the state: everything but the chunk-to-chunk
+    state hand-over is computed for all chunks at once, and the sequential part is two
+    matrix products per chunk. The unit lower-triangular system is inverted by repeated
+    squaring (I+L)^-1 = (I-L)(I+L^2)(I+L^4)... (L is nilpotent): only matrix products.
     """
-    T, Hk = q.shape[1], q.shape[2]
-    Hv = v.shape[2]
+    B, T, Hk, _ = q.shape
+    Hv, Dv = v.shape[2], v.shape[3]
     out_dtype = v.dtype
     if Hv != Hk:  # value head j reads key head j // (Hv / Hk)
         q = mx.repeat(q, Hv // Hk, axis=2)
@@ -55,36 +58,39 @@ def gated_delta_chunked(q, k, v, g, beta, state):
     q, k, v = (x.astype(mx.float32).transpose(0, 2, 1, 3) for x in (q, k, v))
     log_g = mx.log(g.astype(mx.float32)).transpose(0, 2, 1)
     beta = beta.astype(mx.float32).transpose(0, 2, 1)
-    outputs = []
-    for start in range(0, T, CHUNK):
-        end = min(start + CHUNK, T)
-        o, state = _chunk(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
-                          log_g[:, :, start:end], beta[:, :, start:end], state)
-        outputs.append(o)
-    out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
-    return out.transpose(0, 2, 1, 3).astype(out_dtype), state
+    pad = -T % CHUNK
+    if pad:  # padding tokens: no decay (log 1 = 0), no update (beta = 0, k = v = 0)
+        q, k, v = (mx.pad(x, [(0, 0), (0, 0), (0, pad), (0, 0)]) for x in (q, k, v))
+        log_g, beta = (mx.pad(x, [(0, 0), (0, 0), (0, pad)]) for x in (log_g, beta))
+    n, C = (T + pad) // CHUNK, CHUNK
+    q, k, v = (x.reshape(B, Hv, n, C, -1) for x in (q, k, v))
+    log_g, beta = (x.reshape(B, Hv, n, C) for x in (log_g, beta))
 
-
-def _chunk(q, k, v, log_g, beta, S0):
-    C = q.shape[2]
-    cum = mx.cumsum(log_g, axis=-1)  # log G_i  [B, H, C]
+    cum = mx.cumsum(log_g, axis=-1)  # log G_i  [B, H, n, C]
     rel = cum[..., :, None] - cum[..., None, :]  # log(G_i / G_j)
     strictly_lower = mx.tril(mx.ones((C, C), dtype=mx.bool_), k=-1)
     lower = mx.tril(mx.ones((C, C), dtype=mx.bool_))
     # exp only where j <= i (elsewhere rel > 0 could overflow)
     decay = mx.where(lower, mx.exp(mx.where(lower, rel, 0.0)), 0.0)
-    G = mx.exp(cum)[..., None]  # [B, H, C, 1]
+    G = mx.exp(cum)[..., None]  # [B, H, n, C, 1]
+    b = beta[..., None]
+    L = mx.where(strictly_lower, decay * (k @ k.swapaxes(-1, -2)), 0.0) * b
+    UW = _unit_lower_solve(L, mx.concatenate([b * v, b * G * k], axis=-1))
+    U, W = UW[..., :Dv], UW[..., Dv:]
+    k_tail = mx.exp(cum[..., -1:, None] - cum[..., :, None]) * k  # (G_C / G_j) k_j
+    chunk_decay = mx.exp(cum[..., -1])[..., None, None]  # G_C  [B, H, n, 1, 1]
 
-    # right-hand side beta_i (v_i - G_i S0 k_i); S0 [B, H, Dv, Dk]
-    rhs = beta[..., None] * (v - G * (k @ S0.swapaxes(-1, -2)))
-    L = mx.where(strictly_lower, decay * (k @ k.swapaxes(-1, -2)), 0.0) * beta[..., None]
-    D = _unit_lower_solve(L, rhs)
-
-    attn = decay * (q @ k.swapaxes(-1, -2))  # lower, diagonal included
-    out = G * (q @ S0.swapaxes(-1, -2)) + attn @ D
-    tail = mx.exp(cum[..., -1:, None] - cum[..., :, None])  # G_C / G_j  [B, H, C, 1]
-    S = mx.exp(cum[..., -1])[..., None, None] * S0 + (D * tail).swapaxes(-1, -2) @ k
-    return out, S
+    starts = []
+    S = state
+    for c in range(n):
+        starts.append(S)
+        D = U[:, :, c] - W[:, :, c] @ S.swapaxes(-1, -2)
+        S = chunk_decay[:, :, c] * S + D.swapaxes(-1, -2) @ k_tail[:, :, c]
+    S0 = mx.stack(starts, axis=2).swapaxes(-1, -2)  # each chunk's start state, transposed
+    D = U - W @ S0
+    out = (G * q) @ S0 + (decay * (q @ k.swapaxes(-1, -2))) @ D  # [B, H, n, C, Dv]
+    out = out.reshape(B, Hv, n * C, Dv)[:, :, :T]
+    return out.transpose(0, 2, 1, 3).astype(out_dtype), S
 
 
 def _unit_lower_solve(L, rhs):

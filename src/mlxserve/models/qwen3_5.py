@@ -30,9 +30,9 @@ from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..batch import StepBatch
-from ..cache import KVStore
+from ..cache import KVStore, StateGather
 from .gated_delta import gated_delta
-from .llama import MLP, causal_lm_forward
+from .llama import MLP, causal_lm_forward, fuse_linears
 
 ARCHITECTURES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 
@@ -152,11 +152,39 @@ class GatedDeltaNet(nn.Module):
     def state_bytes(self) -> int:
         return 4 * ((self.kernel - 1) * self.conv_dim + self.n_v * self.d_v * self.d_k)
 
+    def fuse(self) -> None:
+        """One matmul for all four input projections (fewer kernel launches per decode step),
+        or two (qkv+z, b+a) when their types or quantization differ."""
+        fused = fuse_linears([self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a])
+        if fused is not None:
+            self.in_proj_qkvzba = fused
+            del self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a
+            return
+        fused = fuse_linears([self.in_proj_qkv, self.in_proj_z])
+        if fused is not None:
+            self.in_proj_qkvz = fused
+            del self.in_proj_qkv, self.in_proj_z
+        fused = fuse_linears([self.in_proj_b, self.in_proj_a])
+        if fused is not None:
+            self.in_proj_ba = fused
+            del self.in_proj_b, self.in_proj_a
+
+    def _projections(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        conv, value, heads = self.conv_dim, self.value_dim, self.n_v
+        if "in_proj_qkvzba" in self:
+            return tuple(mx.split(self.in_proj_qkvzba(x), [conv, conv + value, conv + value + heads], axis=-1))
+        if "in_proj_qkvz" in self:
+            qkv, z = mx.split(self.in_proj_qkvz(x), [conv], axis=-1)
+        else:
+            qkv, z = self.in_proj_qkv(x), self.in_proj_z(x)
+        if "in_proj_ba" in self:
+            b, a = mx.split(self.in_proj_ba(x), [heads], axis=-1)
+        else:
+            b, a = self.in_proj_b(x), self.in_proj_a(x)
+        return qkv, z, b, a
+
     def __call__(self, x: mx.array, batch: StepBatch) -> mx.array:
-        qkv = self.in_proj_qkv(x)
-        z = self.in_proj_z(x)
-        a = self.in_proj_a(x)
-        b = self.in_proj_b(x)
+        qkv, z, b, a = self._projections(x)
         outputs = [self._group(g, qkv, a, b) for g in batch.groups]
         y = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
         y = self.norm(y, z.reshape(-1, self.n_v, self.d_v))
@@ -165,7 +193,9 @@ class GatedDeltaNet(nn.Module):
     def _group(self, g, qkv: mx.array, a: mx.array, b: mx.array) -> mx.array:
         n, t = g.n_rows, g.tokens_per_row
         span = slice(g.offset, g.offset + n * t)
-        conv_state, state = self._states(g.caches)
+        if g.state_gather is None:
+            g.state_gather = StateGather(g.caches)
+        conv_state, state = g.state_gather.gather(self.index, self._zero_state)
         window = mx.concatenate([conv_state, qkv[span].reshape(n, t, -1).astype(mx.float32)], axis=1)
         conv_out = nn.silu(self.conv1d(window)).astype(qkv.dtype)
         q, k, v = mx.split(conv_out, [self.key_dim, 2 * self.key_dim], axis=-1)
@@ -180,21 +210,12 @@ class GatedDeltaNet(nn.Module):
         decay = _decay(self.A_log, a[span].reshape(n, t, self.n_v), self.dt_bias)
         beta = mx.sigmoid(b[span].reshape(n, t, self.n_v))
         out, state = gated_delta(q, k, v, decay, beta, state)
-        new_window = window[:, -(self.kernel - 1):]
-        for i, cache in enumerate(g.caches):
-            cache.recurrent[self.index] = (new_window[i], state[i])
+        g.state_gather.target.layers[self.index] = (window[:, -(self.kernel - 1):], state)
         return out.reshape(n * t, self.n_v, self.d_v)
 
-    def _states(self, caches) -> tuple[mx.array, mx.array]:
-        windows, states = [], []
-        for cache in caches:
-            saved = cache.recurrent.get(self.index)
-            if saved is None:
-                saved = (mx.zeros((self.kernel - 1, self.conv_dim), mx.float32),
-                         mx.zeros((self.n_v, self.d_v, self.d_k), mx.float32))
-            windows.append(saved[0])
-            states.append(saved[1])
-        return mx.stack(windows), mx.stack(states)
+    def _zero_state(self) -> tuple[mx.array, mx.array]:
+        return (mx.zeros((self.kernel - 1, self.conv_dim), mx.float32),
+                mx.zeros((self.n_v, self.d_v, self.d_k), mx.float32))
 
 
 class GatedAttention(nn.Module):
@@ -217,12 +238,24 @@ class GatedAttention(nn.Module):
         self.rope = initialize_rope(int(d * args.partial_rotary_factor), args.rope_theta, False,
                                     args.rope_scaling, args.max_position_embeddings)
 
+    def fuse(self) -> None:
+        """One matmul for Q (with its gate), K and V, when they share type and quantization."""
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
+
     def __call__(self, x: mx.array, batch: StepBatch, cache: KVStore) -> mx.array:
         T = x.shape[0]
-        q, gate = mx.split(self.q_proj(x).reshape(T, self.n_heads, 2 * self.head_dim), 2, axis=-1)
+        if "qkv_proj" in self:
+            q_width, kv_width = 2 * self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = mx.split(self.qkv_proj(x), [q_width, q_width + kv_width], axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, gate = mx.split(q.reshape(T, self.n_heads, 2 * self.head_dim), 2, axis=-1)
         q = self.q_norm(q)
-        k = self.k_norm(self.k_proj(x).reshape(T, self.n_kv_heads, self.head_dim))
-        v = self.v_proj(x).reshape(T, self.n_kv_heads, self.head_dim)
+        k = self.k_norm(k.reshape(T, self.n_kv_heads, self.head_dim))
+        v = v.reshape(T, self.n_kv_heads, self.head_dim)
         # one length-1 sequence per token, so each token gets its own position (see llama.py)
         q = self.rope(q[:, :, None, :], offset=batch.positions)[:, :, 0, :]
         k = self.rope(k[:, :, None, :], offset=batch.positions)[:, :, 0, :]
@@ -315,6 +348,7 @@ class Model(nn.Module):
     def fuse(self) -> None:
         for layer in self.model.layers:
             layer.mlp.fuse()
+            (layer.linear_attn if layer.is_linear else layer.self_attn).fuse()
 
     def kv_shape(self) -> tuple[int, int, int]:
         full = sum(1 for layer in self.model.layers if not layer.is_linear)
