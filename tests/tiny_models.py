@@ -50,6 +50,11 @@ _QWEN3_5 = dict(
 ARCH_CONFIGS["qwen3_5"] = dict(_QWEN3_5, model_type="qwen3_5")
 ARCH_CONFIGS["qwen3_5_moe"] = dict(_QWEN3_5, model_type="qwen3_5_moe", num_experts=4, num_experts_per_tok=2,
                                    moe_intermediate_size=32, shared_expert_intermediate_size=32)
+# 8 value heads of 32 over 2 key heads: llama.cpp's GGUF value-head reordering is then not its
+# own inverse, and ssm_out (256 columns) and down_proj can hold 256-value K-quant blocks.
+_WIDE_V = dict(linear_num_value_heads=8, linear_value_head_dim=32)
+ARCH_CONFIGS["qwen3_5_v8"] = dict(ARCH_CONFIGS["qwen3_5"], **_WIDE_V, intermediate_size=256)
+ARCH_CONFIGS["qwen3_5_moe_v8"] = dict(ARCH_CONFIGS["qwen3_5_moe"], **_WIDE_V)
 
 
 @lru_cache(maxsize=1)

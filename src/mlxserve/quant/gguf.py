@@ -21,7 +21,15 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .gguf_convert import GGUF_MODES, UnsupportedGGUF, check_dtype, convert_tensor
+from . import gguf_qwen35
+from .gguf_convert import (
+    GGUF_MODES,
+    Placement,
+    UnsupportedGGUF,
+    apply_placement,
+    check_dtype,
+    convert_tensor,
+)
 from .gguf_metadata import GGUFTensor, open_gguf, read_gguf_metadata
 
 __all__ = ["GGUF_MODES", "GGUFWeights", "UnsupportedGGUF", "convert_tensor", "load_gguf"]
@@ -66,6 +74,18 @@ def _hf_name(gguf_name: str) -> tuple[str, str]:
     raise UnsupportedGGUF(f"tensor {gguf_name!r} has no counterpart in the supported models")
 
 
+def _place(gguf_name: str, config: dict) -> Placement | None:
+    """Where a tensor goes in the model (None: not used), per architecture."""
+    if config["model_type"] in gguf_qwen35.ARCHITECTURES.values():
+        return gguf_qwen35.place(gguf_name, config)
+    module, leaf = _hf_name(gguf_name)
+    placement = Placement(module, leaf)
+    n_head = _permuted_heads(config, module)
+    if n_head is not None:
+        placement.rows = _unpermuted_order(n_head * config["head_dim"], n_head)
+    return placement
+
+
 def _permuted_heads(config: dict, module: str) -> int | None:
     """Head count of a module whose rows llama.cpp permuted (llama q/k only; qwen is not)."""
     if config["model_type"] == "llama":
@@ -76,22 +96,20 @@ def _permuted_heads(config: dict, module: str) -> int | None:
     return None
 
 
-def _unpermute_rows(array: mx.array, n_head: int) -> mx.array:
-    """Undo llama.cpp's converter permutation of attn_q / attn_k rows.
+def _unpermuted_order(rows: int, n_head: int) -> np.ndarray:
+    """The file rows of llama's attn_q / attn_k in Hugging Face order.
 
     The converter stores HF rows reshaped (n_head, 2, head_dim/2) with the last two axes swapped,
     i.e. gguf[h, i, j] = hf[h, j, i] on a (n_head, head_dim/2, 2) view; so hf = gguf rows taken in
     the order of that view swapped back. Works for packed codes, scales and biases alike because
     quantization groups run along columns.
     """
-    rows = array.shape[0]
-    order = np.arange(rows).reshape(n_head, rows // n_head // 2, 2).swapaxes(1, 2).reshape(-1)
-    return array[mx.array(order)]
+    return np.arange(rows).reshape(n_head, rows // n_head // 2, 2).swapaxes(1, 2).reshape(-1)
 
 
 # --- config ----------------------------------------------------------------------------------
 
-_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+_ARCHITECTURES = ("llama", "qwen2", "qwen3", *gguf_qwen35.ARCHITECTURES)
 _REQUIRED = object()
 
 
@@ -118,9 +136,6 @@ def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
     head_dim = _meta(metadata, f"{arch}.attention.key_length", hidden // heads)
     if _meta(metadata, f"{arch}.attention.value_length", head_dim) != head_dim:
         raise UnsupportedGGUF("attention key_length != value_length is not supported")
-    if _meta(metadata, f"{arch}.rope.dimension_count", head_dim) != head_dim:
-        raise UnsupportedGGUF("partial rotary embeddings (rope.dimension_count != head_dim) "
-                              "are not supported")
     vocab = _meta(metadata, f"{arch}.vocab_size", None)
     if vocab is None:
         vocab = len(_meta(metadata, "tokenizer.ggml.tokens"))
@@ -128,6 +143,18 @@ def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
     if vocab != embed_rows:
         raise UnsupportedGGUF(f"vocab size {vocab} != token_embd rows {embed_rows}")
     rope_theta = float(_meta(metadata, f"{arch}.rope.freq_base", 10000.0))
+    if arch in gguf_qwen35.ARCHITECTURES:  # partial rotary embeddings and a hybrid stack
+        common = {
+            "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "head_dim": head_dim, "vocab_size": vocab, "rope_theta": rope_theta,
+            "rms_norm_eps": float(_meta(metadata, f"{arch}.attention.layer_norm_rms_epsilon")),
+            "max_position_embeddings": _meta(metadata, f"{arch}.context_length"),
+            "tie_word_embeddings": "output.weight" not in tensors,
+            "rope_scaling": _rope_scaling(metadata, arch, None, head_dim, rope_theta)}
+        return gguf_qwen35.build_config(metadata, tensors, arch, common, _meta)
+    if _meta(metadata, f"{arch}.rope.dimension_count", head_dim) != head_dim:
+        raise UnsupportedGGUF("partial rotary embeddings (rope.dimension_count != head_dim) "
+                              "are not supported")
 
     config = {
         "model_type": arch,
@@ -241,7 +268,8 @@ def _llama3_rope_scaling(rope_freqs: GGUFTensor, metadata: dict, arch: str,
 # --- loader ----------------------------------------------------------------------------------
 
 def load_gguf(path: str | Path, dtype: mx.Dtype = mx.float16, mode: str = "exact") -> GGUFWeights:
-    """Read a llama / qwen2 / qwen3 GGUF file into mlx-lm-ready config, weights and quantization.
+    """Read a llama / qwen2 / qwen3 / qwen35 / qwen35moe GGUF file into config, weights and
+    quantization for our model classes (llama's are mlx-lm's names and layouts).
 
     ``mode`` is one of ``GGUF_MODES`` (see ``gguf_convert.py``). Use:
     ``nn.quantize(model, class_predicate=lambda p, m: w.quantization.get(p, False))`` then
@@ -263,18 +291,26 @@ def load_gguf(path: str | Path, dtype: mx.Dtype = mx.float16, mode: str = "exact
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
             continue  # folded into config["rope_scaling"] by _build_config
-        module, leaf = _hf_name(tensor.name)
-        converted = convert_tensor(tensor, dtype, mode)
-        arrays = converted.arrays
-        n_head = _permuted_heads(config, module)
-        if n_head is not None:
-            arrays = {k: _unpermute_rows(v, n_head) for k, v in arrays.items()}
-        if converted.bits is not None:
-            quantization[module] = {"group_size": converted.group_size,
-                                    "bits": converted.bits, "mode": "affine"}
-            weights.update({f"{module}.{k}": v for k, v in arrays.items()})
-        else:
-            weights[f"{module}.{leaf}"] = arrays["weight"]
-        tensor_types[f"{module}.{leaf}"] = tensor.tensor_type.name
+        placement = _place(tensor.name, config)
+        if placement is None:
+            continue
+        # A transform (qwen35's ssm_a -> A_log, ...) works on float32 values, then casts.
+        converted = convert_tensor(tensor, mx.float32 if placement.transform else dtype, mode,
+                                   columns=placement.columns, force_float=placement.force_float)
+        arrays = apply_placement(placement, converted.arrays)
+        if converted.bits is None:
+            arrays = {"weight": arrays["weight"].astype(dtype)}
+        modules = placement.split or (placement.module,)
+        for i, module in enumerate(modules):  # a fused tensor: equal blocks of rows
+            part = {k: mx.split(v, len(modules), axis=-2)[i] if len(modules) > 1 else v
+                    for k, v in arrays.items()}
+            leaf = "weight" if placement.split else placement.leaf
+            if converted.bits is not None:
+                quantization[module] = {"group_size": converted.group_size,
+                                        "bits": converted.bits, "mode": "affine"}
+                weights.update({f"{module}.{k}": v for k, v in part.items()})
+            else:
+                weights[f"{module}.{leaf}"] = part["weight"]
+            tensor_types[f"{module}.{leaf}"] = tensor.tensor_type.name
         mx.eval(list(arrays.values()))  # one tensor's temporaries at a time
     return GGUFWeights(config, weights, quantization, metadata, tensor_types)

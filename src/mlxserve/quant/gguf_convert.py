@@ -20,12 +20,19 @@ Scales and biases are stored in the model's dtype, float32 or float16:
   refused. A bias beyond float16's range is reported rather than stored as inf.
 
 Conversion is whole-array numpy on the memory-mapped block bytes, a few million values at a
-time to bound the temporary memory (no loop over blocks).
+time to bound the temporary memory (no loop over blocks). A 3-D tensor (stacked experts,
+[experts, rows, cols]) is converted as its [experts * rows, cols] matrix and given back 3-D.
+
+``columns`` reorders a matrix's columns (input features) on the way, for files whose layout
+permutes them (qwen35's ``ssm_out``): float and native-q4 tensors take any order; in exact mode
+a quantized tensor keeps its codes when the order moves whole groups of 32, and otherwise
+becomes a float tensor of its exact values (never a lossy re-quantization).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -55,6 +62,32 @@ class MLXTensor:
     group_size: int | None = None
 
 
+@dataclass
+class Placement:
+    """Where one GGUF tensor goes in the model and what must be undone on the way."""
+
+    module: str  # e.g. "model.layers.0.linear_attn.in_proj_qkv"
+    leaf: str = "weight"  # parameter name when the tensor is not quantized
+    rows: np.ndarray | None = None  # file rows to take, in model order
+    columns: np.ndarray | None = None  # file columns to take, in model order
+    force_float: bool = False  # a parameter MLX cannot hold quantized
+    transform: Callable[[np.ndarray], np.ndarray] | None = None  # on float32 values
+    split: tuple[str, ...] = field(default_factory=tuple)  # modules of equal row blocks
+
+
+def apply_placement(placement: Placement, arrays: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Rows and transform of ``placement`` on converted arrays (float: {"weight"};
+    quantized: {"weight", "scales", "biases"}, rows are independent in all three). A transform
+    gets float32 values (the caller converts such tensors in float32) and gives float32."""
+    if placement.rows is not None:
+        rows = mx.array(placement.rows)
+        arrays = {k: v[rows] for k, v in arrays.items()}
+    if placement.transform is not None:
+        values = placement.transform(np.array(arrays["weight"].astype(mx.float32)))
+        arrays = {"weight": mx.array(np.asarray(values, dtype=np.float32))}
+    return arrays
+
+
 def supported_types() -> list[str]:
     return [t.name for t in (*_FLOAT_TYPES, *DECODERS)]
 
@@ -65,38 +98,80 @@ def check_dtype(dtype: mx.Dtype) -> None:
                          "(GGUF block scales are float16 values that bfloat16 would round)")
 
 
-def convert_tensor(tensor: GGUFTensor, dtype: mx.Dtype = mx.float16,
-                   mode: str = "exact") -> MLXTensor:
-    """Convert one GGUF tensor, rows in file order. Raises UnsupportedGGUF, in one line naming
-    the tensor and its type, for types we cannot load."""
+def convert_tensor(tensor: GGUFTensor, dtype: mx.Dtype = mx.float16, mode: str = "exact",
+                   columns: np.ndarray | None = None, force_float: bool = False) -> MLXTensor:
+    """Convert one GGUF tensor, rows in file order, columns in file order or taken in the
+    order ``columns`` gives. ``force_float``: a quantized tensor becomes a float tensor of its
+    exact values (for parameters MLX cannot hold quantized). Raises UnsupportedGGUF, in one line
+    naming the tensor and its type, for types we cannot load."""
     check_dtype(dtype)
     if mode not in GGUF_MODES:
         raise ValueError(f"unknown GGUF mode {mode!r} (use one of {', '.join(GGUF_MODES)})")
     kind = tensor.tensor_type
     if kind in _FLOAT_TYPES:
-        return MLXTensor({"weight": _float_array(tensor).astype(dtype)})
+        values = _float_array(tensor)
+        if columns is not None:
+            values = values[..., mx.array(columns)]
+        return MLXTensor({"weight": values.astype(dtype)})
     if kind not in DECODERS:
         raise UnsupportedGGUF(
             f"tensor {tensor.name!r} has GGUF type {kind.name}, which mlxserve cannot load "
             f"(supported: {', '.join(supported_types())}); use a Q3_K or higher quantization")
-    if tensor.data.ndim != 2:
-        raise UnsupportedGGUF(f"tensor {tensor.name!r} ({kind.name}) has "
-                              f"{tensor.data.ndim} dimensions; only 2-D matrices are quantized")
+    if tensor.data.ndim not in (2, 3):
+        raise UnsupportedGGUF(f"tensor {tensor.name!r} ({kind.name}) has {tensor.data.ndim} "
+                              "dimensions; only matrices and stacks of them are quantized")
+    lead = tensor.data.shape[:-2]  # (experts,) for a 3-D tensor
+    converted = _convert_matrix(tensor, tensor.data.reshape(-1, tensor.data.shape[-1]),
+                                dtype, mode, columns, force_float)
+    if lead:
+        converted.arrays = {k: v.reshape(*lead, -1, v.shape[-1])
+                            for k, v in converted.arrays.items()}
+    return converted
+
+
+def _convert_matrix(tensor: GGUFTensor, data: np.ndarray, dtype: mx.Dtype, mode: str,
+                    columns: np.ndarray | None, force_float: bool) -> MLXTensor:
+    """The 2-D block bytes ``data`` of a quantized tensor -> MLXTensor."""
+    kind = tensor.tensor_type
     what = f"tensor {tensor.name!r} ({kind.name})"
+
+    def values(chunk: np.ndarray) -> np.ndarray:
+        exact = exact_values(kind, chunk)
+        return exact if columns is None else exact[:, columns]
+
     cols = tensor.shape[0]  # GGUF shapes list the fastest-varying dimension first
-    if mode == "native-q4" and cols % NATIVE_GROUP == 0:
-        parts = [native_q4(exact_values(kind, chunk)) for chunk in _row_chunks(tensor.data)]
+    if mode == "native-q4" and cols % NATIVE_GROUP == 0 and not force_float:
+        parts = [native_q4(values(chunk)) for chunk in _row_chunks(data)]
         weight, scales, biases = (mx.concatenate(p, axis=0) for p in zip(*parts))
         return MLXTensor({"weight": weight, "scales": _cast(scales, dtype, what),
                           "biases": _cast(biases, dtype, what)}, NATIVE_BITS, NATIVE_GROUP)
+    group_order = _whole_groups(columns, GROUP_SIZE)
+    if force_float or (columns is not None and group_order is None):
+        return MLXTensor({"weight": mx.concatenate(
+            [mx.array(values(chunk)).astype(dtype) for chunk in _row_chunks(data)])})
 
-    parts = [mlx_affine(kind, chunk) for chunk in _row_chunks(tensor.data)]
+    parts = [mlx_affine(kind, chunk) for chunk in _row_chunks(data)]
+    if columns is not None:  # whole groups move: codes with them, scales and biases per group
+        parts = [Affine32(p.codes[:, columns], p.scales[:, group_order],
+                          p.biases[:, group_order], p.bits) for p in parts]
     bits = parts[0].bits
     words = np.concatenate([pack_codes(p.codes, bits) for p in parts])
     scales = np.concatenate([p.scales for p in parts])
     biases = np.concatenate([p.biases for p in parts])
     return MLXTensor({"weight": mx.array(words), "scales": _cast(scales, dtype, what),
                       "biases": _cast(biases, dtype, what)}, bits, GROUP_SIZE)
+
+
+def _whole_groups(columns: np.ndarray | None, group: int) -> np.ndarray | None:
+    """The order of whole groups of ``group`` columns that ``columns`` amounts to, or None when
+    it splits a group (or there is no reordering)."""
+    if columns is None or len(columns) % group:
+        return None
+    runs = np.asarray(columns).reshape(-1, group)
+    starts = runs[:, 0]
+    if np.any(starts % group) or np.any(runs != starts[:, None] + np.arange(group)):
+        return None
+    return starts // group
 
 
 def mlx_affine(kind: T, raw: np.ndarray) -> Affine32:
