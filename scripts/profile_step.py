@@ -1,0 +1,62 @@
+"""Where a steady decode step's time goes: Python graph building (Runner.forward), MLX encoding
+(mx.async_eval), waiting for the device (Scheduler._read_back), at 1 and 32 streams, on random
+weights at a real shape (see mlxserve.random_weights.SHAPES).
+
+    PYTHONPATH=src python3 scripts/profile_step.py qwen3.5-0.8b [--streams 1,32]
+"""
+
+import argparse
+import collections
+import time
+
+import mlx.core as mx
+
+from mlxserve import runner
+from mlxserve.engine import EngineConfig, make_scheduler
+from mlxserve.random_weights import build_random_model
+from mlxserve.sampling import SamplingParams
+from mlxserve.scheduler import Request, Scheduler
+
+SPENT: dict[str, float] = collections.defaultdict(float)
+
+
+def timed(name, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            SPENT[name] += time.perf_counter() - start
+    return wrapper
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shape", help="a random-weights shape, e.g. qwen3-0.6b or qwen3.5-0.8b")
+    parser.add_argument("--streams", default="1,32", help="comma-separated numbers of decoding rows")
+    parser.add_argument("--steps", type=int, default=60, help="steps measured per setting")
+    args = parser.parse_args()
+    runner.Runner.forward = timed("build graph", runner.Runner.forward)
+    mx.async_eval = timed("encode (async_eval)", mx.async_eval)
+    Scheduler._read_back = timed("wait + read back", Scheduler._read_back)
+    loaded = build_random_model(args.shape)
+    params = SamplingParams(max_tokens=args.steps + 200, temperature=0.0, ignore_eos=True)
+    for streams in (int(s) for s in args.streams.split(",")):
+        scheduler = make_scheduler(loaded, EngineConfig())
+        for _ in range(streams):
+            scheduler.add(Request(mx.random.randint(0, loaded.config["vocab_size"], (512,)).tolist(), params))
+        while scheduler.waiting or not all(row.num_generated > 2 for row in scheduler.running):
+            scheduler.step()
+        for _ in range(30):
+            scheduler.step()
+        SPENT.clear()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            scheduler.step()
+        per_step = (time.perf_counter() - start) / args.steps
+        parts = "  ".join(f"{name} {1e3 * s / args.steps:.2f}" for name, s in SPENT.items())
+        print(f"{args.shape}, {streams} streams: {1e3 * per_step:.2f} ms/step | {parts} (ms)")
+
+
+if __name__ == "__main__":
+    main()
