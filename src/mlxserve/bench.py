@@ -854,6 +854,13 @@ def config_from_args(args) -> BenchConfig:
     cfg.validate()
     if args.quantize is not None and args.random_weights is None:
         raise ValueError("--quantize applies to --random-weights (load a quantized checkpoint instead)")
+    if getattr(args, "random_gguf", None) is not None:
+        if args.random_weights is None:
+            raise ValueError("--random-gguf applies to --random-weights (for a real file use --model FILE.gguf)")
+        if args.quantize is not None:
+            raise ValueError("--random-gguf and --quantize are different weights: give one of them")
+    elif args.random_weights is not None and getattr(args, "gguf_mode", "exact") != "exact":
+        raise ValueError("--gguf-mode applies to GGUF weights: add --random-gguf Q4_K_M")
     return cfg
 
 
@@ -866,6 +873,11 @@ def _engine_config(args) -> EngineConfig:
 
 
 def load_for_bench(args) -> LoadedModel:
+    if args.random_weights and getattr(args, "random_gguf", None):
+        from .random_gguf import build_random_gguf_model
+
+        return build_random_gguf_model(args.random_weights, args.random_gguf, mode=args.gguf_mode,
+                                       dtype=args.dtype, seed=args.seed)
     if args.random_weights:
         from .random_weights import build_random_model
 

@@ -46,6 +46,9 @@ SHAPES: dict[str, dict] = {
     # For tests: the Qwen3 architecture at a size the CPU runs in milliseconds.
     "tiny": dict(_QWEN3, vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=4096),
+    # For GGUF K-quant tests (--random-gguf): every matrix dimension a multiple of 256.
+    "tiny-256": dict(_QWEN3, vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64, intermediate_size=512, max_position_embeddings=4096),
     "tiny-qwen3.5": dict(_QWEN3_5, vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=16, intermediate_size=128, linear_num_key_heads=2,
                          linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=16,

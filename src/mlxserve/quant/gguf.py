@@ -32,7 +32,7 @@ from .gguf_convert import (
 )
 from .gguf_metadata import GGUFTensor, open_gguf, read_gguf_metadata
 
-__all__ = ["GGUF_MODES", "GGUFWeights", "UnsupportedGGUF", "convert_tensor", "load_gguf"]
+__all__ = ["GGUF_MODES", "GGUFWeights", "UnsupportedGGUF", "convert_tensor", "gguf_weights", "load_gguf"]
 
 
 @dataclass
@@ -281,14 +281,23 @@ def load_gguf(path: str | Path, dtype: mx.Dtype = mx.float16, mode: str = "exact
     reader = open_gguf(path)
     if reader.byte_order != "I":
         raise UnsupportedGGUF(f"{path}: big-endian GGUF files are not supported")
-    metadata = read_gguf_metadata(reader)
-    tensors = {t.name: t for t in reader.tensors}
+    return gguf_weights(read_gguf_metadata(reader), reader.tensors, dtype, mode)
+
+
+def gguf_weights(metadata: dict, tensor_list: list[GGUFTensor], dtype: mx.Dtype = mx.float16,
+                 mode: str = "exact") -> GGUFWeights:
+    """``load_gguf`` on metadata and tensors already at hand: a file's, or the random blocks
+    of ``mlxserve.random_gguf`` (tensor data: numpy arrays laid out as in a file)."""
+    check_dtype(dtype)
+    if mode not in GGUF_MODES:
+        raise ValueError(f"unknown GGUF mode {mode!r} (use one of {', '.join(GGUF_MODES)})")
+    tensors = {t.name: t for t in tensor_list}
     config = _build_config(metadata, tensors)
 
     weights: dict[str, mx.array] = {}
     quantization: dict[str, dict] = {}
     tensor_types: dict[str, str] = {}
-    for tensor in reader.tensors:
+    for tensor in tensor_list:
         if tensor.name == "rope_freqs.weight":
             continue  # folded into config["rope_scaling"] by _build_config
         placement = _place(tensor.name, config)
