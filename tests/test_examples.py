@@ -1,14 +1,17 @@
 """Every script in examples/ runs against a live server on a tiny model (and the tool-calling
 one against a server whose model answers with a tool call)."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from live_server import SCRIPT, LiveServer, ScriptedEngine
+
+import mlxserve
 from mlxserve.engine import Engine
 from mlxserve.loader import load_model
 from mlxserve.server import create_app
@@ -52,3 +55,45 @@ def test_tools_example_runs_the_tool(tiny_model_dir):
         server.stop()
     assert r.returncode == 0, r.stderr
     assert "tool call: get_weather({'city': 'Paris'})" in r.stdout
+
+
+def test_multi_turn_chat_reuses_the_prefix(live):
+    r = run_example("multi_turn_chat.py", live.url)
+    assert r.returncode == 0, r.stderr
+    figures = [tuple(map(int, m)) for m in
+               re.findall(r"\[prompt (\d+) tokens, (\d+) from the prefix cache", r.stdout)]
+    assert len(figures) == 3, r.stdout
+    (p1, c1), (p2, c2), (p3, c3) = figures
+    assert c1 == 0  # nothing of this conversation was seen before
+    # Each later turn starts with the whole previous prompt: at least its whole 64-token
+    # blocks come from the cache, and the new question is computed.
+    assert p1 < p2 < p3
+    assert 64 * (p1 // 64) <= c2 < p2 and c2 % 64 == 0
+    assert max(c2, 64 * (p2 // 64)) <= c3 < p3 and c3 % 64 == 0
+
+
+def test_bench_example(tmp_path):
+    # The script calls `mlxserve` from PATH: point it at this interpreter's package.
+    shim = tmp_path / "bin" / "mlxserve"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m mlxserve "$@"\n')
+    shim.chmod(0o755)
+    package_root = str(Path(mlxserve.__file__).resolve().parent.parent)  # installed or src/
+    env = dict(os.environ, PATH=f"{shim.parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    # An extra flag is passed on and wins over the script's own --gen-tokens 16.
+    r = subprocess.run(["bash", str(EXAMPLES / "bench.sh"), "--gen-tokens", "8"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "speedup" in r.stdout
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["config"]["random_weights"] == "tiny"
+    assert data["config"]["gen_tokens"] == 8
+    for engine in ("mlxserve", "mlx-lm"):
+        levels = data["results"][engine]["concurrency"]
+        assert [level["concurrency"] for level in levels] == [1, 4]
+        for level in levels:
+            assert level["median"]["generated_tokens"] == 8 * level["requests"]
+            assert level["median"]["total_tok_s"] > 0
+    reuse = data["results"]["mlxserve"]["prefix_reuse"]["median"]
+    assert reuse["cached_tokens"] >= 256 - 64

