@@ -55,6 +55,13 @@ ARCH_CONFIGS["qwen3_5_moe"] = dict(_QWEN3_5, model_type="qwen3_5_moe", num_exper
 _WIDE_V = dict(linear_num_value_heads=8, linear_value_head_dim=32)
 ARCH_CONFIGS["qwen3_5_v8"] = dict(ARCH_CONFIGS["qwen3_5"], **_WIDE_V, intermediate_size=256)
 ARCH_CONFIGS["qwen3_5_moe_v8"] = dict(ARCH_CONFIGS["qwen3_5_moe"], **_WIDE_V)
+# Qwen3-MoE: every layer sparse (as llama.cpp's qwen3moe needs), and a variant whose first
+# layer is a dense MLP (mlp_only_layers). Experts are written per expert, as Hugging Face does.
+ARCH_CONFIGS["qwen3_moe"] = dict(model_type="qwen3_moe", head_dim=32, tie_word_embeddings=False,
+                                 rope_theta=1000000.0, num_experts=8, num_experts_per_tok=2,
+                                 moe_intermediate_size=32, decoder_sparse_step=1,
+                                 mlp_only_layers=[], norm_topk_prob=True)
+ARCH_CONFIGS["qwen3_moe_mixed"] = dict(ARCH_CONFIGS["qwen3_moe"], mlp_only_layers=[0])
 
 
 @lru_cache(maxsize=1)
@@ -118,6 +125,8 @@ def make_tiny_model(
                    for k, v in weights.items()}
     if arch.startswith("qwen3_5"):
         config, weights = _hf_qwen3_5_layout(config, weights)
+    if arch.startswith("qwen3_moe") and not quantize_bits:
+        weights = _hf_per_expert_layout(weights)
     mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "tokenizer.json").write_text(tokenizer_json)
@@ -161,6 +170,20 @@ def _hf_qwen3_5_layout(config: dict, weights: dict) -> tuple[dict, dict]:
     text = dict(config, model_type=top["model_type"] + "_text", tie_word_embeddings=top["tie_word_embeddings"])
     return dict(top, architectures=["Qwen3_5ForConditionalGeneration"], text_config=text,
                 vision_config={"depth": 1}), out
+
+
+def _hf_per_expert_layout(weights: dict) -> dict:
+    """Stacked `mlp.switch_mlp.{proj}.weight` [E, out, in] -> Hugging Face's
+    `mlp.experts.{e}.{proj}.weight`, one tensor per expert."""
+    out = {}
+    for name, value in weights.items():
+        if ".mlp.switch_mlp." in name:
+            stem, proj_leaf = name.split(".mlp.switch_mlp.")
+            for e in range(value.shape[0]):
+                out[f"{stem}.mlp.experts.{e}.{proj_leaf}"] = value[e]
+        else:
+            out[name] = value
+    return out
 
 
 def _random_weights(config: dict, seed: int) -> dict[str, mx.array]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from . import llama, qwen3_5
+from . import llama, qwen3_5, qwen3_moe
 
-_FAMILIES = {arch: family for family in (llama, qwen3_5) for arch in family.ARCHITECTURES}
+_FAMILIES = {arch: family for family in (llama, qwen3_5, qwen3_moe) for arch in family.ARCHITECTURES}
 
 
 def supported_architectures() -> list[str]:

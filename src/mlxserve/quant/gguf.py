@@ -59,6 +59,11 @@ _PER_LAYER = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # qwen3moe: router and stacked experts [experts, rows, cols] (SwitchGLU's layout)
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
+    "ffn_up_exps": "mlp.switch_mlp.up_proj",
+    "ffn_down_exps": "mlp.switch_mlp.down_proj",
 }
 _NAME = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
 
@@ -78,6 +83,11 @@ def _place(gguf_name: str, config: dict) -> Placement | None:
     """Where a tensor goes in the model (None: not used), per architecture."""
     if config["model_type"] in gguf_qwen35.ARCHITECTURES.values():
         return gguf_qwen35.place(gguf_name, config)
+    fused = re.fullmatch(r"blk\.(\d+)\.ffn_gate_up_exps\.weight", gguf_name)
+    if fused:  # --fuse-gate-up-exps: gate rows then up rows
+        prefix = f"model.layers.{fused.group(1)}.mlp.switch_mlp"
+        return Placement(f"{prefix}.gate_up_proj",
+                         split=(f"{prefix}.gate_proj", f"{prefix}.up_proj"))
     module, leaf = _hf_name(gguf_name)
     placement = Placement(module, leaf)
     n_head = _permuted_heads(config, module)
@@ -109,7 +119,8 @@ def _unpermuted_order(rows: int, n_head: int) -> np.ndarray:
 
 # --- config ----------------------------------------------------------------------------------
 
-_ARCHITECTURES = ("llama", "qwen2", "qwen3", *gguf_qwen35.ARCHITECTURES)
+_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", *gguf_qwen35.ARCHITECTURES)
+_MODEL_TYPES = {"qwen3moe": "qwen3_moe"}  # GGUF architecture -> our model_type, where they differ
 _REQUIRED = object()
 
 
@@ -157,10 +168,11 @@ def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
                               "are not supported")
 
     config = {
-        "model_type": arch,
+        "model_type": _MODEL_TYPES.get(arch, arch),
         "hidden_size": hidden,
         "num_hidden_layers": _meta(metadata, f"{arch}.block_count"),
-        "intermediate_size": _meta(metadata, f"{arch}.feed_forward_length"),
+        "intermediate_size": _meta(metadata, f"{arch}.feed_forward_length",
+                                   *([0] if arch == "qwen3moe" else [])),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
@@ -173,6 +185,14 @@ def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
         # by its model type and none on o, so for it the flag stays off.
         "attention_bias": arch != "qwen2" and "blk.0.attn_q.bias" in tensors,
     }
+    if arch == "qwen3moe":
+        # llama.cpp's qwen3moe graph routes every layer through the experts and renormalises
+        # the chosen experts' weights (expert_weights_norm, when present, says so explicitly).
+        config.update(num_experts=_meta(metadata, f"{arch}.expert_count"),
+                      num_experts_per_tok=_meta(metadata, f"{arch}.expert_used_count"),
+                      moe_intermediate_size=_meta(metadata, f"{arch}.expert_feed_forward_length"),
+                      decoder_sparse_step=1, mlp_only_layers=[],
+                      norm_topk_prob=bool(_meta(metadata, f"{arch}.expert_weights_norm", True)))
     if arch == "llama":
         config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
     rope_scaling = _rope_scaling(metadata, arch, tensors.get("rope_freqs.weight"),
@@ -268,7 +288,7 @@ def _llama3_rope_scaling(rope_freqs: GGUFTensor, metadata: dict, arch: str,
 # --- loader ----------------------------------------------------------------------------------
 
 def load_gguf(path: str | Path, dtype: mx.Dtype = mx.float16, mode: str = "exact") -> GGUFWeights:
-    """Read a llama / qwen2 / qwen3 / qwen35 / qwen35moe GGUF file into config, weights and
+    """Read a llama / qwen2 / qwen3 / qwen3moe / qwen35 / qwen35moe GGUF file into config, weights and
     quantization for our model classes (llama's are mlx-lm's names and layouts).
 
     ``mode`` is one of ``GGUF_MODES`` (see ``gguf_convert.py``). Use:
