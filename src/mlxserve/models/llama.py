@@ -190,10 +190,10 @@ class TransformerBlock(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, block: type = TransformerBlock):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
+        self.layers = [block(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
 
@@ -202,10 +202,12 @@ class Model(nn.Module):
     `batch.logit_rows` only (prefill chunks need just their last position), or None when no
     row wants any."""
 
+    block = TransformerBlock  # the decoder layer; a variant (e.g. Qwen3-MoE) names its own
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.model = Backbone(args)
+        self.model = Backbone(args, self.block)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 

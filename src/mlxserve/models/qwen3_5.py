@@ -27,10 +27,10 @@ from types import SimpleNamespace
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
-from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..batch import StepBatch
 from ..cache import KVStore, StateGather
+from . import qwen3_moe
 from .gated_delta import gated_delta
 from .llama import MLP, causal_lm_forward, fuse_linears
 
@@ -263,27 +263,17 @@ class GatedAttention(nn.Module):
         return self.o_proj(out * mx.sigmoid(gate.reshape(T, -1)))
 
 
-class SparseMoE(nn.Module):
-    """Top-k routed experts plus one always-on shared expert scaled by a sigmoid gate."""
+class SparseMoE(qwen3_moe.SparseMoE):
+    """Qwen3-MoE's top-k routed experts plus one always-on shared expert scaled by a sigmoid
+    gate."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        dim = args.hidden_size
-        self.top_k = args.num_experts_per_tok
-        self.norm_topk_prob = args.norm_topk_prob
-        self.gate = nn.Linear(dim, args.num_experts, bias=False)
-        self.switch_mlp = SwitchGLU(dim, args.moe_intermediate_size, args.num_experts)
-        self.shared_expert = MLP(_mlp_args(dim, args.shared_expert_intermediate_size))
-        self.shared_expert_gate = nn.Linear(dim, 1, bias=False)
+        super().__init__(args)
+        self.shared_expert = MLP(_mlp_args(args.hidden_size, args.shared_expert_intermediate_size))
+        self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        probs = mx.softmax(self.gate(x), axis=-1, precise=True)
-        chosen = mx.argpartition(probs, kth=-self.top_k, axis=-1)[..., -self.top_k:]
-        weights = mx.take_along_axis(probs, chosen, axis=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(axis=-1, keepdims=True)
-        routed = (self.switch_mlp(x, chosen) * weights[..., None]).sum(axis=-2)
-        return routed + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return super().__call__(x) + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
     def fuse(self) -> None:
         self.shared_expert.fuse()

@@ -19,10 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from ..batch import StepBatch
-from ..cache import KVStore
 from . import llama
-from .llama import MLP, causal_lm_forward
+from .llama import MLP
 
 ARCHITECTURES = ("qwen3_moe",)
 
@@ -87,26 +85,10 @@ class TransformerBlock(llama.TransformerBlock):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
 
-class Backbone(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-
 class Model(llama.Model):
     """Causal LM over a StepBatch (see llama.Model)."""
 
-    def __init__(self, args: ModelArgs):
-        nn.Module.__init__(self)
-        self.args = args
-        self.model = Backbone(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(self, batch: StepBatch, cache: KVStore) -> mx.array | None:
-        return causal_lm_forward(self, batch, cache)
+    block = TransformerBlock
 
     def sanitize(self, weights: dict) -> dict:
         """Stack Hugging Face's per-expert weights into SwitchGLU's layout, then as llama."""
