@@ -31,6 +31,7 @@ from .gguf_convert import (
     convert_tensor,
 )
 from .gguf_metadata import GGUFTensor, open_gguf, read_gguf_metadata
+from .gguf_names import SHARED_PER_LAYER, TOP_LEVEL
 
 __all__ = ["GGUF_MODES", "GGUFWeights", "UnsupportedGGUF", "convert_tensor", "gguf_weights", "load_gguf"]
 
@@ -46,25 +47,7 @@ class GGUFWeights:
 
 # --- names -----------------------------------------------------------------------------------
 
-_TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_PER_LAYER = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    # qwen3moe: router and stacked experts [experts, rows, cols] (SwitchGLU's layout)
-    "ffn_gate_inp": "mlp.gate",
-    "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
-    "ffn_up_exps": "mlp.switch_mlp.up_proj",
-    "ffn_down_exps": "mlp.switch_mlp.down_proj",
-}
+_PER_LAYER = {**SHARED_PER_LAYER, "ffn_norm": "post_attention_layernorm"}
 _NAME = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
 
 
@@ -73,7 +56,7 @@ def _hf_name(gguf_name: str) -> tuple[str, str]:
     match = _NAME.fullmatch(gguf_name)
     if match:
         layer, part, leaf = match.groups()
-        module = _TOP_LEVEL.get(part) if layer is None else _PER_LAYER.get(part)
+        module = TOP_LEVEL.get(part) if layer is None else _PER_LAYER.get(part)
         if module is not None:
             return (module if layer is None else f"model.layers.{layer}.{module}"), leaf
     raise UnsupportedGGUF(f"tensor {gguf_name!r} has no counterpart in the supported models")

@@ -43,22 +43,16 @@ import re
 import numpy as np
 
 from .gguf_convert import Placement, UnsupportedGGUF
+from .gguf_names import SHARED_PER_LAYER, TOP_LEVEL
 
 log = logging.getLogger("mlxserve.quant")
 
 # GGUF architecture -> our model_type
 ARCHITECTURES = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe"}
 
-_TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _PER_LAYER = {
-    "attn_norm": "input_layernorm",
+    **SHARED_PER_LAYER,
     "post_attention_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
     "attn_qkv": "linear_attn.in_proj_qkv",
     "attn_gate": "linear_attn.in_proj_z",
     "ssm_alpha": "linear_attn.in_proj_a",
@@ -66,13 +60,6 @@ _PER_LAYER = {
     "ssm_out": "linear_attn.out_proj",
     "ssm_conv1d": "linear_attn.conv1d",
     "ssm_norm": "linear_attn.norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "ffn_gate_inp": "mlp.gate",
-    "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
-    "ffn_up_exps": "mlp.switch_mlp.up_proj",
-    "ffn_down_exps": "mlp.switch_mlp.down_proj",
     "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
     "ffn_up_shexp": "mlp.shared_expert.up_proj",
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
@@ -139,8 +126,8 @@ def place(name: str, config: dict) -> Placement | None:
     match = _BLOCK.fullmatch(name)
     if match is None:
         part, _, leaf = name.rpartition(".")
-        if part in _TOP_LEVEL and leaf == "weight":
-            return Placement(_TOP_LEVEL[part])
+        if part in TOP_LEVEL and leaf == "weight":
+            return Placement(TOP_LEVEL[part])
         raise UnsupportedGGUF(f"tensor {name!r} has no counterpart in the Qwen3.5 model")
     layer, rest = int(match.group(1)), match.group(2)
     if layer >= config["num_hidden_layers"]:
