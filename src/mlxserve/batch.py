@@ -37,13 +37,15 @@ class AttentionGroup:
 
 @dataclass
 class ShelfWrite:
-    """Flat tokens [offset, offset + count) go to (slots[i], columns[i]) of one shelf."""
+    """Flat tokens [offset, offset + count) go to one shelf: token i's K (or V) of kv head h
+    is row `rows[i * kv_heads + h]` of a layer's array seen as [slots * kv_heads * capacity,
+    head_dim]. One flat index array, made once per step for every layer, makes each write a
+    single scatter (per-axis indices cost index-building and cast kernels per layer)."""
 
     shelf: object
     offset: int
     count: int
-    slots: mx.array
-    columns: mx.array
+    rows: mx.array | None
 
 
 @dataclass
@@ -57,6 +59,10 @@ class StepBatch:
     logit_rows: mx.array  # indices into the flat tokens whose logits are wanted
     row_logits: list  # per row in flat order: (row key, first logits row, number of logits rows)
     row_offsets: dict  # row key -> index of its first token in the flat sequence
+
+    @property
+    def max_tokens_per_row(self) -> int:
+        return max(g.tokens_per_row for g in self.groups)
 
 
 def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int = 64) -> StepBatch:
@@ -141,10 +147,13 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
         if writes and writes[-1].shelf is g.shelf:
             writes[-1].count = end - writes[-1].offset
         else:
-            writes.append(ShelfWrite(g.shelf, g.offset, end - g.offset, None, None))
+            writes.append(ShelfWrite(g.shelf, g.offset, end - g.offset, None))
     for w in writes:
-        w.slots = mx.array(slot_arr[w.offset : w.offset + w.count])
-        w.columns = mx.array(columns[w.offset : w.offset + w.count])
+        kv_heads, capacity = w.shelf.store.kv_heads, w.shelf.capacity
+        slots = slot_arr[w.offset : w.offset + w.count, None].astype(np.int64)
+        cols = columns[w.offset : w.offset + w.count, None]
+        rows = (slots * kv_heads + np.arange(kv_heads)) * capacity + cols
+        w.rows = mx.array(rows.reshape(-1).astype(np.int32))
 
     return StepBatch(
         tokens=mx.array(np.asarray(tokens, dtype=np.int32)),

@@ -79,7 +79,7 @@ class Shelf:
             self.keys = [mx.concatenate([k, pad]) for k in self.keys]
             self.values = [mx.concatenate([v, pad]) for v in self.values]
         else:
-            # One array object per layer: writes replace an array object's contents.
+            # A zeros array per layer, not one shared: each layer's writes replace its own.
             self.keys = [mx.zeros(shape, dtype=s.dtype) for _ in range(s.num_layers)]
             self.values = [mx.zeros(shape, dtype=s.dtype) for _ in range(s.num_layers)]
         mx.eval(self.keys, self.values)
@@ -242,10 +242,13 @@ class KVStore:
         queries [T, q_heads, D], keys/values [T, kv_heads, D] (RoPE already applied).
         Returns [T, q_heads * D] in flat order.
         """
+        d = keys.shape[-1]
         for w in batch.writes:
-            shelf_k, shelf_v = w.shelf.keys[layer], w.shelf.values[layer]
-            shelf_k[w.slots, :, w.columns] = keys[w.offset : w.offset + w.count]
-            shelf_v[w.slots, :, w.columns] = values[w.offset : w.offset + w.count]
+            for arrays, new in ((w.shelf.keys, keys), (w.shelf.values, values)):
+                shape = arrays[layer].shape
+                flat = arrays[layer].reshape(-1, d)
+                flat[w.rows] = new[w.offset : w.offset + w.count].reshape(-1, d)
+                arrays[layer] = flat.reshape(shape)
         q_heads, d = queries.shape[1], queries.shape[2]
         outputs = []
         for g in batch.groups:
