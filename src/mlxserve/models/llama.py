@@ -20,6 +20,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from ..batch import StepBatch
 from ..cache import KVStore
+from .compiled import compiled
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -93,6 +94,11 @@ class Attention(nn.Module):
         )
 
     def __call__(self, x: mx.array, batch: StepBatch, cache: KVStore) -> mx.array:
+        q, k, v = self.project(x, batch.positions)
+        return self.o_proj(cache.attend(self.layer, q, k, v, batch, self.scale))
+
+    def project(self, x: mx.array, positions: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys and values of the flat tokens [T, heads, head_dim], RoPE applied."""
         T = x.shape[0]
         if "qkv_proj" in self:
             q, k, v = mx.split(self.qkv_proj(x), self.qkv_splits, axis=-1)
@@ -106,11 +112,9 @@ class Attention(nn.Module):
             k = self.k_norm(k)
         # RoPE wants [batch, ..., seq, dim] with one offset per batch entry: treat every
         # token as its own length-1 sequence so each gets its own position.
-        q = self.rope(q[:, :, None, :], offset=batch.positions)[:, :, 0, :]
-        k = self.rope(k[:, :, None, :], offset=batch.positions)[:, :, 0, :]
-        out = cache.attend(self.layer, q, k, v, batch, self.scale)
-        return self.o_proj(out)
-
+        q = self.rope(q[:, :, None, :], offset=positions)[:, :, 0, :]
+        k = self.rope(k[:, :, None, :], offset=positions)[:, :, 0, :]
+        return q, k, v
 
     def fuse(self) -> None:
         """One matmul for Q, K and V (fewer kernel launches per step), when the three
@@ -185,7 +189,17 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, batch: StepBatch, cache: KVStore) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), batch, cache)
+        # Two compiled pieces around the KV store (see compiled.py).
+        attn, tokens = self.self_attn, batch.max_tokens_per_row
+        q, k, v = compiled(self, "before", self.before_attention, tokens)(x, batch.positions)
+        out = cache.attend(attn.layer, q, k, v, batch, attn.scale)
+        return compiled(self, "after", self.after_attention, tokens)(x, out)
+
+    def before_attention(self, x: mx.array, positions: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        return self.self_attn.project(self.input_layernorm(x), positions)
+
+    def after_attention(self, x: mx.array, attention: mx.array) -> mx.array:
+        h = x + self.self_attn.o_proj(attention)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

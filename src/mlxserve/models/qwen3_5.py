@@ -31,6 +31,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 from ..batch import StepBatch
 from ..cache import KVStore, StateGather
 from . import qwen3_moe
+from .compiled import compiled
 from .gated_delta import gated_delta
 from .llama import MLP, causal_lm_forward, fuse_linears
 
@@ -185,8 +186,14 @@ class GatedDeltaNet(nn.Module):
 
     def __call__(self, x: mx.array, batch: StepBatch) -> mx.array:
         qkv, z, b, a = self._projections(x)
+        return self.output(self.mix(batch, qkv, a, b), z)
+
+    def mix(self, batch: StepBatch, qkv: mx.array, a: mx.array, b: mx.array) -> mx.array:
+        """The recurrence, group by group, each row from its own state: [T, Hv, Dv]."""
         outputs = [self._group(g, qkv, a, b) for g in batch.groups]
-        y = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
+        return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
+
+    def output(self, y: mx.array, z: mx.array) -> mx.array:
         y = self.norm(y, z.reshape(-1, self.n_v, self.d_v))
         return self.out_proj(y.reshape(y.shape[0], -1))
 
@@ -196,7 +203,18 @@ class GatedDeltaNet(nn.Module):
         if g.state_gather is None:
             g.state_gather = StateGather(g.caches)
         conv_state, state = g.state_gather.gather(self.index, self._zero_state)
-        window = mx.concatenate([conv_state, qkv[span].reshape(n, t, -1).astype(mx.float32)], axis=1)
+        recur = compiled(self, "recur", self._recur, t)
+        out, window, state = recur(qkv[span].reshape(n, t, -1), a[span].reshape(n, t, self.n_v),
+                                   b[span].reshape(n, t, self.n_v), conv_state, state)
+        g.state_gather.target.layers[self.index] = (window, state)
+        return out
+
+    def _recur(self, qkv: mx.array, a: mx.array, b: mx.array, conv_state: mx.array,
+               state: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """One group's rows [n, t, ...] from their conv windows and states: (outputs
+        [n * t, Hv, Dv], the new conv windows, the new states)."""
+        n, t = qkv.shape[0], qkv.shape[1]
+        window = mx.concatenate([conv_state, qkv.astype(mx.float32)], axis=1)
         conv_out = nn.silu(self.conv1d(window)).astype(qkv.dtype)
         q, k, v = mx.split(conv_out, [self.key_dim, 2 * self.key_dim], axis=-1)
         q = q.reshape(n, t, self.n_k, self.d_k)
@@ -207,11 +225,10 @@ class GatedDeltaNet(nn.Module):
         inv = self.d_k**-0.5
         q = (inv * inv) * mx.fast.rms_norm(q, None, 1e-6 * inv * inv)
         k = inv * mx.fast.rms_norm(k, None, 1e-6 * inv * inv)
-        decay = _decay(self.A_log, a[span].reshape(n, t, self.n_v), self.dt_bias)
-        beta = mx.sigmoid(b[span].reshape(n, t, self.n_v))
+        decay = _decay(self.A_log, a, self.dt_bias)
+        beta = mx.sigmoid(b)
         out, state = gated_delta(q, k, v, decay, beta, state)
-        g.state_gather.target.layers[self.index] = (window[:, -(self.kernel - 1):], state)
-        return out.reshape(n * t, self.n_v, self.d_v)
+        return out.reshape(n * t, self.n_v, self.d_v), window[:, -(self.kernel - 1):], state
 
     def _zero_state(self) -> tuple[mx.array, mx.array]:
         return (mx.zeros((self.kernel - 1, self.conv_dim), mx.float32),
@@ -246,6 +263,11 @@ class GatedAttention(nn.Module):
             del self.q_proj, self.k_proj, self.v_proj
 
     def __call__(self, x: mx.array, batch: StepBatch, cache: KVStore) -> mx.array:
+        q, k, v, gate = self.project(x, batch.positions)
+        return self.output(cache.attend(self.index, q, k, v, batch, self.scale), gate)
+
+    def project(self, x: mx.array, positions: mx.array) -> tuple[mx.array, ...]:
+        """Queries, keys, values [T, heads, head_dim] (RoPE applied) and the output gate."""
         T = x.shape[0]
         if "qkv_proj" in self:
             q_width, kv_width = 2 * self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -257,10 +279,12 @@ class GatedAttention(nn.Module):
         k = self.k_norm(k.reshape(T, self.n_kv_heads, self.head_dim))
         v = v.reshape(T, self.n_kv_heads, self.head_dim)
         # one length-1 sequence per token, so each token gets its own position (see llama.py)
-        q = self.rope(q[:, :, None, :], offset=batch.positions)[:, :, 0, :]
-        k = self.rope(k[:, :, None, :], offset=batch.positions)[:, :, 0, :]
-        out = cache.attend(self.index, q, k, v, batch, self.scale)
-        return self.o_proj(out * mx.sigmoid(gate.reshape(T, -1)))
+        q = self.rope(q[:, :, None, :], offset=positions)[:, :, 0, :]
+        k = self.rope(k[:, :, None, :], offset=positions)[:, :, 0, :]
+        return q, k, v, gate.reshape(T, -1)
+
+    def output(self, attention: mx.array, gate: mx.array) -> mx.array:
+        return self.o_proj(attention * mx.sigmoid(gate))
 
 
 class SparseMoE(qwen3_moe.SparseMoE):
@@ -299,11 +323,30 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, batch: StepBatch, cache: KVStore) -> mx.array:
+        # Compiled pieces around what reads and writes per-row state (see compiled.py).
+        tokens = batch.max_tokens_per_row
+        before = compiled(self, "before", self.before_mixing, tokens)
+        after = compiled(self, "after", self.after_mixing, tokens)
+        if self.is_linear:
+            qkv, z, b, a = before(x)
+            return after(x, self.linear_attn.mix(batch, qkv, a, b), z)
+        attn = self.self_attn
+        q, k, v, gate = before(x, batch.positions)
+        return after(x, cache.attend(attn.index, q, k, v, batch, attn.scale), gate)
+
+    def before_mixing(self, x: mx.array, *positions: mx.array) -> tuple[mx.array, ...]:
         normed = self.input_layernorm(x)
         if self.is_linear:
-            h = x + self.linear_attn(normed, batch)
+            return self.linear_attn._projections(normed)
+        return self.self_attn.project(normed, *positions)
+
+    def after_mixing(self, x: mx.array, mixed: mx.array, extra: mx.array) -> mx.array:
+        """`mixed`: linear attention's recurrence output (then `extra` is its z) or full
+        attention's output (then `extra` is its gate)."""
+        if self.is_linear:
+            h = x + self.linear_attn.output(mixed, extra)
         else:
-            h = x + self.self_attn(normed, batch, cache)
+            h = x + self.self_attn.output(mixed, extra)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

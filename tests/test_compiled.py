@@ -1,0 +1,69 @@
+"""The compiled per-layer pieces of small steps (models/compiled.py) compute what the eager
+code computes, for every model family, and never mix up models."""
+
+import gc
+import threading
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxserve.cache import KVStore, RowCache
+from mlxserve.models import compiled
+from mlxserve.random_weights import build_random_model
+from mlxserve.runner import Feed, Runner
+
+
+
+def logits(loaded) -> np.ndarray:
+    """Logits of three rows each decoding a token after their prompts (prefilled eagerly): a
+    step that runs compiled when enabled."""
+    model = loaded.model
+    layers, heads, dim = model.kv_shape()
+    state = model.state_bytes_per_row() if hasattr(model, "state_bytes_per_row") else 0
+    kv = KVStore(layers, heads, dim, mx.float32, block_size=16, state_bytes_per_row=state)
+    runner = Runner(model, kv)
+    rows = [RowCache(kv) for _ in range(3)]
+    prompts = [list(range(1, 20)), list(range(5, 12)), list(range(30, 70))]
+    for key, (row, prompt) in enumerate(zip(rows, prompts)):
+        row.reserve(len(prompt) + 1)
+        runner.forward([Feed(key, prompt, 0, row, "none")])
+        row.extend(len(prompt))
+    step = [Feed(key, [key + 3], row.length, row, "last") for key, row in enumerate(rows)]
+    out, batch = runner.forward(step)
+    assert batch.max_tokens_per_row <= compiled.MAX_TOKENS_PER_ROW
+    return np.array(out)
+
+
+def on_another_thread(fn, *args):
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", fn(*args)))
+    thread.start()
+    thread.join()
+    return result["value"]
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-qwen3.5"])
+def test_compiled_pieces_compute_what_eager_code_computes(shape, monkeypatch):
+    loaded = build_random_model(shape, dtype="float32")
+    monkeypatch.setattr(compiled, "enabled", False)
+    eager = logits(loaded)
+    monkeypatch.setattr(compiled, "enabled", True)
+    np.testing.assert_allclose(logits(loaded), eager, atol=1e-5, rtol=0)
+    assert loaded.model.layers[0].__dict__, "the compiled path was not taken"
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-qwen3.5"])
+def test_a_freed_model_never_answers_for_a_later_one(shape, monkeypatch):
+    """MLX caches traces per thread by the compiled function's address. Models used from two
+    threads, then freed, must not leave traces that a later model (whose functions may get the
+    same addresses) would replay with the old weights."""
+    for seed in range(6):
+        loaded = build_random_model(shape, dtype="float32", seed=seed)
+        monkeypatch.setattr(compiled, "enabled", False)
+        eager = logits(loaded)
+        monkeypatch.setattr(compiled, "enabled", True)
+        np.testing.assert_allclose(logits(loaded), eager, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(on_another_thread(logits, loaded), eager, atol=1e-5, rtol=0)
+        del loaded
+        gc.collect()
