@@ -166,6 +166,7 @@ class Engine:
     def _run(self) -> None:
         try:
             scheduler = make_scheduler(self.loaded, self.config)
+            scheduler.warm_up()
         except Exception as exc:  # surfaced by start()
             self.error = f"engine failed to start: {exc}"
             self._ready.set()

@@ -77,7 +77,8 @@ class TokenEvent:
 class SchedulerConfig:
     # Token budget of one step (decode tokens + prefill chunks). 512 measured best on an H100
     # with the earlier paged KV pool (a 16k-token prompt raised running streams' ITL p99 to 1.83x
-    # steady); with KV slots on an H200 it gave 2.85x (README, "Measured"): due a new sweep.
+    # steady). An H200 sweep with KV slots (README, "Measured") gave 5.66x at 512 and 3.52x at
+    # 1024 in single runs that disagree by more than the settings do: kept at 512.
     max_batch_tokens: int = 512
     max_running: int = 64
     max_waiting: int = 256
@@ -168,6 +169,16 @@ class Scheduler:
         self._inflight: InFlight | None = None
         # A hybrid model (Qwen3.5) keeps per-row recurrent state beside the KV.
         self.hybrid = self.kv.state_bytes_per_row > 0
+
+    def warm_up(self) -> None:
+        """Run a two-token request through a prefill and a decode step before any real one,
+        so that compiled functions and kernels are built at start-up, not during the first
+        answer. (On the CPU back-end that build runs the C++ compiler through system(), which
+        ignores Ctrl-C while it runs.) Too short to leave anything in the prefix cache."""
+        self.add(Request([0, 0], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), id="warm-up"))
+        while self.has_work():
+            self.step()
+        self.stats = SchedulerStats()
 
     # ---- requests in and out ---------------------------------------------------------
     def add(self, request: Request) -> None:
