@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -49,12 +50,14 @@ def plain(text: str) -> str:
 class Chat:
     """One `mlxserve chat` process in a pseudo-terminal."""
 
-    def __init__(self, *args: str, home: Path):
+    def __init__(self, *args: str, home: Path, sigint_ignored: bool = False):
         env = {**os.environ, "NO_COLOR": "1", "MLXSERVE_HOME": str(home), "TERM": "xterm-256color",
                "PROMPT_TOOLKIT_NO_CPR": "1", "COLUMNS": "80", "LINES": "24"}
         env.pop("FORCE_COLOR", None)
+        # sigint_ignored: started as by a parent that ignores SIGINT (children inherit that)
+        ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
         self.child = pexpect.spawn(sys.executable, ["-m", "mlxserve", "chat", *args], env=env,
-                                   dimensions=(24, 80), encoding="utf-8", timeout=90)
+                                   dimensions=(24, 80), encoding="utf-8", timeout=90, preexec_fn=ignore)
         self.transcript = io.StringIO()
         self.child.logfile_read = self.transcript
         self.last_line = None
@@ -153,7 +156,9 @@ def url_chat(chat, served, home):
     """Starts once `chat` has left (Ctrl-D), with the same history folder."""
     chat.exit_status = chat.quit_with_ctrl_d()
     server, _ = served
-    url_chat = Chat("--url", server.url, "--api-key", API_KEY, "--system", SYSTEM, "--no-think", home=home)
+    # Started with SIGINT ignored: Ctrl-C must work all the same (test_url_mode_ctrl_c_then_quit).
+    url_chat = Chat("--url", server.url, "--api-key", API_KEY, "--system", SYSTEM, "--no-think", home=home,
+                    sigint_ignored=True)
     yield url_chat
     if url_chat.child.isalive():
         url_chat.child.terminate(force=True)

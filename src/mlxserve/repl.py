@@ -9,6 +9,7 @@ pipe) it answers one question and prints only the answer on stdout.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -46,6 +47,11 @@ def run_chat(args) -> int:
     from .cli import CLIError
 
     interactive = sys.stdin.isatty()
+    if interactive:
+        # Ctrl-C must stop an answer even when this process was started with SIGINT ignored
+        # (a parent's choice that children inherit: e.g. one busy in system(), as MLX's CPU
+        # back-end is while it compiles kernels).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     question = None
     if not interactive:
         question = sys.stdin.read().strip()
