@@ -14,7 +14,6 @@ from mlxserve.random_weights import build_random_model
 from mlxserve.runner import Feed, Runner
 
 
-
 def logits(loaded) -> np.ndarray:
     """Logits of three rows each decoding a token after their prompts (prefilled eagerly): a
     step that runs compiled when enabled."""
