@@ -33,6 +33,9 @@ ENV_DESCRIPTIONS = {
                       "(default `~/.cache/mlxserve`)",
     "MLXSERVE_HOME": "where `mlxserve chat` keeps its input history (default `~/.mlxserve`)",
     "MLXSERVE_API_KEY": "API key `mlxserve chat --url` sends when `--api-key` is not given",
+    "MLX_USE_CUDA_GRAPHS": "MLX's own switch for CUDA graphs on its CUDA back-end; mlxserve sets it "
+                           "to `0` (off: measured faster, see README) unless it is already set. "
+                           "No effect on macOS",
     "HF_HUB_CACHE": "the Hugging Face hub cache, where repo ids and MLX aliases are downloaded "
                     "(default `$HF_HOME/hub`)",
     "HUGGINGFACE_HUB_CACHE": "older name of `HF_HUB_CACHE`, used when that is not set",
