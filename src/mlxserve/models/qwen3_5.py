@@ -324,9 +324,9 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, batch: StepBatch, cache: KVStore) -> mx.array:
         # Compiled pieces around what reads and writes per-row state (see compiled.py).
-        tokens = batch.max_tokens_per_row
-        before = compiled(self, "before", self.before_mixing, tokens)
-        after = compiled(self, "after", self.after_mixing, tokens)
+        per_row = batch.max_tokens_per_row
+        before = compiled(self, "before", self.before_mixing, per_row)
+        after = compiled(self, "after", self.after_mixing, per_row)
         if self.is_linear:
             qkv, z, b, a = before(x)
             return after(x, self.linear_attn.mix(batch, qkv, a, b), z)
