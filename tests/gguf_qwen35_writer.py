@@ -37,7 +37,7 @@ import gguf_blocks_writer as blocks
 import numpy as np
 from gguf import GGMLQuantizationType as T
 from safetensors.numpy import load_file, save_file
-from tiny_models import gguf_tokenizer_metadata
+from tiny_models import add_tokenizer_metadata
 
 FAULTS = (
     "no_plus_one",  # zero-centred norms stored as w, not 1 + w
@@ -328,13 +328,4 @@ def _metadata(writer: gguf.GGUFWriter, text: dict, folder: Path, mtp_layers: int
     if mtp_layers:
         writer.add_nextn_predict_layers(mtp_layers)
 
-    meta = gguf_tokenizer_metadata((folder / "tokenizer.json").read_text())
-    pad = text["vocab_size"] - len(meta["tokenizer.ggml.tokens"])  # as get_vocab_base pads
-    writer.add_tokenizer_model(meta["tokenizer.ggml.model"])
-    writer.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
-    writer.add_token_list(meta["tokenizer.ggml.tokens"] + [f"[PAD{i}]" for i in range(pad)])
-    writer.add_token_types(meta["tokenizer.ggml.token_type"] + [gguf.TokenType.UNUSED] * pad)
-    writer.add_token_merges(meta["tokenizer.ggml.merges"])
-    writer.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
-    writer.add_pad_token_id(meta["tokenizer.ggml.padding_token_id"])
-    writer.add_chat_template(meta["tokenizer.chat_template"])
+    add_tokenizer_metadata(writer, (folder / "tokenizer.json").read_text(), text["vocab_size"])

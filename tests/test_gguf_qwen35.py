@@ -21,11 +21,10 @@ from gguf import GGMLQuantizationType as T
 from gguf_qwen35_writer import FAULTS, reference_folder, write_qwen35_gguf
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
+from tiny_models import prompt_logits
 
-from mlxserve.cache import KVStore, RowCache
 from mlxserve.engine import Engine, EngineConfig
 from mlxserve.loader import load_model
-from mlxserve.runner import Feed, Runner
 from mlxserve.sampling import SamplingParams
 from mlxserve.scheduler import Request
 
@@ -41,13 +40,7 @@ def load(spec, mode: str = "exact"):
 
 def all_logits(loaded, ids) -> np.ndarray:
     """[len(ids), vocab] float32 logits from one forward pass over ``ids``."""
-    layers, heads, dim = loaded.model.kv_shape()
-    kv = KVStore(layers, heads, dim, mx.float32, block_size=16,
-                 state_bytes_per_row=loaded.model.state_bytes_per_row())
-    row = RowCache(kv)
-    row.reserve(len(ids))
-    logits, _ = Runner(loaded.model, kv).forward([Feed("r", list(ids), 0, row, "all")])
-    return np.array(logits.astype(mx.float32))
+    return np.array(prompt_logits(loaded, ids))
 
 
 def generate(loaded, prompts, **cfg) -> list[list[int]]:

@@ -14,13 +14,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from numpy_qwen2 import Qwen2Reference
+from tiny_models import prompt_logits
 
-from mlxserve.cache import KVStore, RowCache
 from mlxserve.engine import Engine
 from mlxserve.loader import load_model
 from mlxserve.quant.gguf_convert import convert_tensor
 from mlxserve.quant.gguf_metadata import open_gguf
-from mlxserve.runner import Feed, Runner
 from mlxserve.sampling import SamplingParams
 
 TEXT = (
@@ -71,12 +70,7 @@ def exact_logits(exact, text_ids):
 
 def model_logits(loaded, ids) -> np.ndarray:
     """float64 logits [len(ids), vocab] of one forward pass over ``ids`` through our model."""
-    layers, heads, dim = loaded.model.kv_shape()
-    kv = KVStore(layers, heads, dim, mx.float32, block_size=16)
-    row = RowCache(kv)
-    row.reserve(len(ids))
-    logits, _ = Runner(loaded.model, kv).forward([Feed("r", list(ids), 0, row, "all")])
-    return np.array(logits.astype(mx.float32)).astype(np.float64)
+    return np.array(prompt_logits(loaded, ids)).astype(np.float64)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -23,12 +23,10 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from safetensors.numpy import load_file, save_file
-from tiny_models import gguf_tokenizer_metadata
+from tiny_models import add_tokenizer_metadata, prompt_logits
 
-from mlxserve.cache import KVStore, RowCache
 from mlxserve.engine import Engine, EngineConfig
 from mlxserve.loader import load_model
-from mlxserve.runner import Feed, Runner
 from mlxserve.sampling import SamplingParams
 from mlxserve.scheduler import Request
 
@@ -41,13 +39,6 @@ def load(spec):
     return load_model(str(spec), dtype=mx.float32, progress=False)
 
 
-def all_logits(loaded, ids) -> mx.array:
-    layers, heads, dim = loaded.model.kv_shape()
-    kv = KVStore(layers, heads, dim, mx.float32, block_size=16)
-    row = RowCache(kv)
-    row.reserve(len(ids))
-    logits, _ = Runner(loaded.model, kv).forward([Feed("r", list(ids), 0, row, "all")])
-    return logits.astype(mx.float32)
 
 
 def generate(loaded, prompts, **cfg) -> list[list[int]]:
@@ -88,7 +79,7 @@ def test_logits_and_greedy_ids_match_mlx_lm(moe):
     ids = loaded.tokenizer.encode(TEXT)
     ref_model, _ = mlx_lm_load_model(folder)
     expected = ref_model(mx.array(ids)[None])[0].astype(mx.float32)
-    ours = all_logits(loaded, ids)
+    ours = prompt_logits(loaded, ids)
     assert expected.std().item() > 1  # margins large enough for greedy ids to mean something
     assert mx.abs(ours - expected).max().item() < 1e-4
     assert generate(loaded, [ids]) == [reference_greedy(folder, ids, 16)]
@@ -113,7 +104,7 @@ def test_mlx_quantized_checkpoint_matches_mlx_lm(tiny_model_dir):
     ids = loaded.tokenizer.encode(TEXT)
     ref_model, _ = mlx_lm_load_model(folder)
     expected = ref_model(mx.array(ids)[None])[0].astype(mx.float32)
-    assert mx.abs(all_logits(loaded, ids) - expected).max().item() < 1e-3
+    assert mx.abs(prompt_logits(loaded, ids) - expected).max().item() < 1e-3
     assert generate(loaded, [ids]) == [reference_greedy(folder, ids, 16)]
 
 
@@ -128,7 +119,7 @@ def test_norm_topk_prob_changes_the_output(tmp_path, tiny_model_dir):
     (other / "config.json").write_text(json.dumps(dict(config, norm_topk_prob=False)))
     a, b = load(folder), load(other)
     ids = a.tokenizer.encode(TEXT)
-    assert mx.abs(all_logits(a, ids) - all_logits(b, ids)).max().item() > 1e-2
+    assert mx.abs(prompt_logits(a, ids) - prompt_logits(b, ids)).max().item() > 1e-2
 
 
 # --- GGUF (llama.cpp's qwen3moe) ---------------------------------------------------------------
@@ -181,16 +172,7 @@ def write_qwen3moe_gguf(folder, path, default: T = T.F32) -> dict[str, np.ndarra
     writer.add_key_length(config["head_dim"])
     writer.add_value_length(config["head_dim"])
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if default == T.F32 else gguf.LlamaFileType.MOSTLY_Q8_0)
-    meta = gguf_tokenizer_metadata((folder / "tokenizer.json").read_text())
-    pad = config["vocab_size"] - len(meta["tokenizer.ggml.tokens"])
-    writer.add_tokenizer_model(meta["tokenizer.ggml.model"])
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(meta["tokenizer.ggml.tokens"] + [f"[PAD{i}]" for i in range(pad)])
-    writer.add_token_types(meta["tokenizer.ggml.token_type"] + [gguf.TokenType.UNUSED] * pad)
-    writer.add_token_merges(meta["tokenizer.ggml.merges"])
-    writer.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
-    writer.add_pad_token_id(meta["tokenizer.ggml.padding_token_id"])
-    writer.add_chat_template(meta["tokenizer.chat_template"])
+    add_tokenizer_metadata(writer, (folder / "tokenizer.json").read_text(), config["vocab_size"], pre="qwen2")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -231,7 +213,7 @@ def test_gguf_round_trip(tmp_path, tiny_model_dir, qtype):
 
     ids = hf.tokenizer.encode(TEXT)
     assert ours.tokenizer.encode(TEXT) == ids
-    reference = all_logits(hf, ids)
+    reference = prompt_logits(hf, ids)
     assert reference.std().item() > 1
-    assert mx.abs(all_logits(ours, ids) - reference).max().item() < 1e-4 * reference.std().item()
+    assert mx.abs(prompt_logits(ours, ids) - reference).max().item() < 1e-4 * reference.std().item()
     assert generate(ours, [ids]) == generate(hf, [ids])

@@ -277,20 +277,45 @@ def gguf_tokenizer_metadata(tokenizer_json: str, chat_template: str = CHATML_TEM
     }
 
 
+def add_tokenizer_metadata(writer, tokenizer_json: str, vocab_size: int, pre: str | None = None) -> None:
+    """Write a tokenizer.json's tokenizer.ggml.* keys with a gguf.GGUFWriter, the vocabulary
+    padded to the model's size as llama.cpp's converter pads it (`pre`: the pre-tokenizer name
+    to write instead of the default)."""
+    meta = gguf_tokenizer_metadata(tokenizer_json)
+    pad = vocab_size - len(meta["tokenizer.ggml.tokens"])
+    writer.add_tokenizer_model(meta["tokenizer.ggml.model"])
+    writer.add_tokenizer_pre(pre or meta["tokenizer.ggml.pre"])
+    writer.add_token_list(meta["tokenizer.ggml.tokens"] + [f"[PAD{i}]" for i in range(pad)])
+    writer.add_token_types(meta["tokenizer.ggml.token_type"] + [gguf.TokenType.UNUSED] * pad)
+    writer.add_token_merges(meta["tokenizer.ggml.merges"])
+    writer.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
+    writer.add_pad_token_id(meta["tokenizer.ggml.padding_token_id"])
+    writer.add_chat_template(meta["tokenizer.chat_template"])
+
+
 # ---- reference computations -------------------------------------------------------------------
 
-def reference_prompt_logprobs(loaded, prompt):
-    """log p(prompt[i+1] | prompt[:i+1]) from one direct forward pass over the whole prompt."""
+def prompt_logits(loaded, ids, block_size: int = 16):
+    """float32 logits [len(ids), vocab] of one forward pass over ``ids`` in a fresh row (a
+    hybrid model's recurrent state accounted as the engine does)."""
     import mlx.core as mx
 
     from mlxserve.cache import KVStore, RowCache
     from mlxserve.runner import Feed, Runner
 
-    layers, heads, dim = loaded.model.kv_shape()
-    kv = KVStore(layers, heads, dim, mx.float32, block_size=16)
+    model = loaded.model
+    layers, heads, dim = model.kv_shape()
+    state = model.state_bytes_per_row() if hasattr(model, "state_bytes_per_row") else 0
+    kv = KVStore(layers, heads, dim, mx.float32, block_size=block_size, state_bytes_per_row=state)
     row = RowCache(kv)
-    row.reserve(len(prompt))
-    logits, _ = Runner(loaded.model, kv).forward([Feed("r", prompt, 0, row, "all")])
-    logprobs = logits.astype(mx.float32)
-    logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-    return logprobs
+    row.reserve(len(ids))
+    logits, _ = Runner(model, kv).forward([Feed("r", list(ids), 0, row, "all")])
+    return logits.astype(mx.float32)
+
+
+def reference_prompt_logprobs(loaded, prompt):
+    """log p(prompt[i+1] | prompt[:i+1]) from one direct forward pass over the whole prompt."""
+    import mlx.core as mx
+
+    logits = prompt_logits(loaded, prompt)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
