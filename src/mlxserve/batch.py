@@ -59,10 +59,7 @@ class StepBatch:
     logit_rows: mx.array  # indices into the flat tokens whose logits are wanted
     row_logits: list  # per row in flat order: (row key, first logits row, number of logits rows)
     row_offsets: dict  # row key -> index of its first token in the flat sequence
-
-    @property
-    def max_tokens_per_row(self) -> int:
-        return max(g.tokens_per_row for g in self.groups)
+    max_tokens_per_row: int  # 1 when every row decodes (models compile such steps' layers)
 
 
 def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int = 64) -> StepBatch:
@@ -163,4 +160,5 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
         logit_rows=mx.array(np.asarray(logit_rows, dtype=np.int32)),
         row_logits=row_logits,
         row_offsets=row_offsets,
+        max_tokens_per_row=max(g.tokens_per_row for g in groups),
     )

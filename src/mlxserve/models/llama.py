@@ -93,10 +93,6 @@ class Attention(nn.Module):
             d, args.rope_theta, args.rope_traditional, args.rope_scaling, args.max_position_embeddings
         )
 
-    def __call__(self, x: mx.array, batch: StepBatch, cache: KVStore) -> mx.array:
-        q, k, v = self.project(x, batch.positions)
-        return self.o_proj(cache.attend(self.layer, q, k, v, batch, self.scale))
-
     def project(self, x: mx.array, positions: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Queries, keys and values of the flat tokens [T, heads, head_dim], RoPE applied."""
         T = x.shape[0]

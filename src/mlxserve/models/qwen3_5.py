@@ -126,7 +126,8 @@ def _decay(A_log: mx.array, a: mx.array, dt_bias: mx.array) -> mx.array:
 
 class GatedDeltaNet(nn.Module):
     """Linear attention. Rows of a batch group run together; each row's conv window and
-    delta-rule state come from, and go back to, its RowCache."""
+    delta-rule state come from, and go back to, its RowCache. DecoderLayer runs it in three
+    pieces: `project`, `mix` (the per-row recurrence) and `output`."""
 
     def __init__(self, args: ModelArgs, index: int):
         super().__init__()
@@ -170,7 +171,7 @@ class GatedDeltaNet(nn.Module):
             self.in_proj_ba = fused
             del self.in_proj_b, self.in_proj_a
 
-    def _projections(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
         conv, value, heads = self.conv_dim, self.value_dim, self.n_v
         if "in_proj_qkvzba" in self:
             return tuple(mx.split(self.in_proj_qkvzba(x), [conv, conv + value, conv + value + heads], axis=-1))
@@ -183,10 +184,6 @@ class GatedDeltaNet(nn.Module):
         else:
             b, a = self.in_proj_b(x), self.in_proj_a(x)
         return qkv, z, b, a
-
-    def __call__(self, x: mx.array, batch: StepBatch) -> mx.array:
-        qkv, z, b, a = self._projections(x)
-        return self.output(self.mix(batch, qkv, a, b), z)
 
     def mix(self, batch: StepBatch, qkv: mx.array, a: mx.array, b: mx.array) -> mx.array:
         """The recurrence, group by group, each row from its own state: [T, Hv, Dv]."""
@@ -262,10 +259,6 @@ class GatedAttention(nn.Module):
             self.qkv_proj = fused
             del self.q_proj, self.k_proj, self.v_proj
 
-    def __call__(self, x: mx.array, batch: StepBatch, cache: KVStore) -> mx.array:
-        q, k, v, gate = self.project(x, batch.positions)
-        return self.output(cache.attend(self.index, q, k, v, batch, self.scale), gate)
-
     def project(self, x: mx.array, positions: mx.array) -> tuple[mx.array, ...]:
         """Queries, keys, values [T, heads, head_dim] (RoPE applied) and the output gate."""
         T = x.shape[0]
@@ -337,7 +330,7 @@ class DecoderLayer(nn.Module):
     def before_mixing(self, x: mx.array, *positions: mx.array) -> tuple[mx.array, ...]:
         normed = self.input_layernorm(x)
         if self.is_linear:
-            return self.linear_attn._projections(normed)
+            return self.linear_attn.project(normed)
         return self.self_attn.project(normed, *positions)
 
     def after_mixing(self, x: mx.array, mixed: mx.array, extra: mx.array) -> mx.array:
