@@ -43,7 +43,7 @@ def test_concurrent_requests_match_each_alone(loaded):
     plist = prompts(loaded.tokenizer)
     alone = [run_alone(loaded, p) for p in plist]
     for chunk in (1, 7, 64):
-        with Engine(loaded, EngineConfig(max_batch_tokens=chunk + len(plist), block_size=8)) as engine:
+        with Engine(loaded, EngineConfig(max_batch_tokens=chunk, block_size=8)) as engine:
             assert run_together(engine, plist) == alone, chunk
 
 
@@ -72,12 +72,15 @@ def test_long_prompt_is_chunked_while_others_decode(loaded):
     already decoding emits a token in every one of them. (Steps are pipelined: a step's
     tokens are read back, and become events, during the next step.)"""
     tok = loaded.tokenizer
-    chunk = 8
-    sched = make_scheduler(loaded, EngineConfig(max_batch_tokens=chunk + 1, block_size=8))
+    chunk = 8  # decode tokens ride on top of the budget: the chunk is the whole budget
+    sched = make_scheduler(loaded, EngineConfig(max_batch_tokens=chunk, block_size=8))
     short = Request(tok.encode("Hello"), SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True))
     sched.add(short)
     while not any(e.request_id == short.id for e in sched.step()):
         pass
+    # Its first token came back at once (no row was decoding); from now on each step reads
+    # back the one before: this step puts a decode in flight.
+    assert not sched.step()
     long_prompt = tok.encode(" ".join(["The sky is blue because of Rayleigh scattering."] * 6))
     long = Request(long_prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
     sched.add(long)
@@ -91,6 +94,31 @@ def test_long_prompt_is_chunked_while_others_decode(loaded):
     assert steps == -(-len(long_prompt) // chunk) + 1
     assert sched.cancel(short.id).finish_reason == "cancelled"
     assert sched.kv.bytes_in_use == 0
+
+
+def test_a_first_token_comes_back_in_the_step_that_samples_it(loaded):
+    """With no row decoding there is nothing to overlap with: the step that finishes a
+    prompt reads its first token back at once instead of one step later."""
+    sched = make_scheduler(loaded, EngineConfig(block_size=8))
+    request = Request(loaded.tokenizer.encode("Hello"), GREEDY)
+    sched.add(request)
+    assert [e.request_id for e in sched.step()] == [request.id]
+
+
+def test_budget_leftovers_smaller_than_a_block_are_not_handed_out(loaded):
+    """After one prompt's chunk, a leftover below one block would cut another prompt into an
+    odd-sized sliver: that prompt waits for the next step and then gets a whole chunk."""
+    sched = make_scheduler(loaded, EngineConfig(max_batch_tokens=16, block_size=8))
+    first = Request(list(range(1, 13)), GREEDY)  # 12 tokens: 4 left of the budget
+    second = Request(list(range(1, 41)), GREEDY)  # 40 tokens
+    sched.add(first)
+    sched.add(second)
+    sched.step()
+    rows = {row.id: row for row in sched.running}
+    assert rows[first.id].cache.length == 12
+    assert rows[second.id].cache.length == 0
+    sched.step()
+    assert rows[second.id].cache.length == 16
 
 
 def test_memory_budget_queues_and_preempts_without_changing_output(loaded):

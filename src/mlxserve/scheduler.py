@@ -5,9 +5,9 @@ far; its cache holds the first `cache.length` of them. Whatever is not in the ca
 "unfed": one token for a decoding row (the token sampled last step), the rest of the prompt
 for a prefilling row, everything for a row that was preempted and must recompute.
 
-Each step, under one token budget (`max_batch_tokens`):
+Each step:
   1. every decoding row feeds its one token;
-  2. the rest of the budget goes, oldest row first, to prefill chunks;
+  2. prefill chunks, oldest row first, take up to `max_batch_tokens` tokens;
   3. rows whose feed reaches the end of their sequence get logits and sample a token.
 Rows join and leave between steps; nobody is re-prefilled because someone else arrived.
 When KV memory is full, the youngest row is preempted (its slot freed, its tokens kept)
@@ -75,10 +75,10 @@ class TokenEvent:
 
 @dataclass
 class SchedulerConfig:
-    # Token budget of one step (decode tokens + prefill chunks). 512 measured best on an H100
-    # with the earlier paged KV pool (a 16k-token prompt raised running streams' ITL p99 to 1.83x
-    # steady). An H200 sweep with KV slots (README, "Measured") gave 5.66x at 512 and 3.52x at
-    # 1024 in single runs that disagree by more than the settings do: kept at 512.
+    # Prefill tokens of one step (decoding rows add one token each on top). On an H200 with
+    # Qwen3-0.6B (README, "Measured"), 2048 instead of 512 raised a 16k-token prompt's stall of
+    # 8 decoding streams from 2.96x to 5.34x their steady ITL and changed throughput at 32 and
+    # 64 streams by -10% and +3% (single runs): kept at 512.
     max_batch_tokens: int = 512
     max_running: int = 64
     max_waiting: int = 256
@@ -204,8 +204,9 @@ class Scheduler:
 
         Steps are pipelined: while the device computes step N, the host turns step N-1's
         samples into text and events, and decode rows of step N take their input token
-        straight from step N-1's samples on the device. A step with a row whose sampling
-        depends on its history (penalties) is read back at once instead.
+        straight from step N-1's samples on the device. A step in which no row decodes
+        (its samples are first tokens) or with a row whose sampling depends on its history
+        (penalties) is read back at once instead.
         """
         started = time.perf_counter()
         self._admit()
@@ -216,7 +217,9 @@ class Scheduler:
         if self._inflight is not None:
             events += self._read_back(self._inflight)
         self._inflight = queued
-        if queued is not None and any(row.params.has_penalties for row in queued.rows):
+        if queued is not None and (not decode or any(row.params.has_penalties for row in queued.rows)):
+            # First tokens only: waiting for them now costs little overlap (no stream is
+            # decoding), while pipelining would hold them back until the next step is built.
             events += self._read_back(queued)
             self._inflight = None
         self.stats.record_step(prefill=sum(len(f.tokens) for f in feeds) - decode, decode=decode,
@@ -367,33 +370,41 @@ class Scheduler:
             row.cache.release()
 
     def _plan(self) -> tuple[list[Feed], list[Row]]:
-        budget = self.config.max_batch_tokens
         plan: list[tuple[Row, int]] = []
         active = [r for r in self.running if r.needs_more and r.total < self.config.context_length]
-        for row in active:  # decoding rows first: one token each
-            if row.is_decoding and budget > 0:
-                plan.append((row, 1))
-                budget -= 1
+        # Every decoding row feeds its one token. The budget bounds the prefill tokens on top:
+        # counting decode tokens in it would cut a budget-sized prompt in two (next to 8
+        # decoding rows, a 512-token prompt went in chunks of 256 and 128 and 64...), while
+        # a decode token costs the device about nothing next to a chunk's token.
+        plan += [(row, 1) for row in active if row.is_decoding]
+        budget = self.config.max_batch_tokens
         unit = self.config.block_size
-        for row in active:  # then prefill chunks, oldest first
-            if not row.is_decoding and budget > 0:
-                n = min(row.unfed, budget)
-                if n < row.unfed and n >= unit:
-                    # Cut chunks to a block times a power of two: few distinct shapes for the
-                    # attention kernels, which MLX's CUDA back-end builds per shape (cuDNN:
-                    # 40-700 ms each, measured on an H200).
-                    cut = unit
-                    while cut * 2 <= n:
-                        cut *= 2
-                    n = cut
-                if self.hybrid:
-                    # End a chunk on the prompt's last full block, so that the recurrent state
-                    # there is snapshotted for the prefix cache (see _keep_state).
-                    boundary = (row.prompt_len - 1) // unit * unit
-                    if row.cache.length < boundary < row.cache.length + n:
-                        n = boundary - row.cache.length
-                plan.append((row, n))
-                budget -= n
+        chunks = 0
+        for row in active:  # prefill chunks, oldest first
+            if row.is_decoding or budget <= 0:
+                continue
+            n = min(row.unfed, budget)
+            if n < row.unfed and n < unit and chunks:
+                # The budget's leftover would leave an odd-sized rest of this prompt (one
+                # more attention group now, odd shapes later): it waits for the next step.
+                continue
+            if n < row.unfed and n >= unit:
+                # Cut chunks to a block times a power of two: few distinct shapes for the
+                # attention kernels, which MLX's CUDA back-end builds per shape (cuDNN:
+                # 40-700 ms each, measured on an H200).
+                cut = unit
+                while cut * 2 <= n:
+                    cut *= 2
+                n = cut
+            if self.hybrid:
+                # End a chunk on the prompt's last full block, so that the recurrent state
+                # there is snapshotted for the prefix cache (see _keep_state).
+                boundary = (row.prompt_len - 1) // unit * unit
+                if row.cache.length < boundary < row.cache.length + n:
+                    n = boundary - row.cache.length
+            plan.append((row, n))
+            budget -= n
+            chunks += 1
         plan = self._reserve(plan)
         feeds, rows = [], []
         for row, n in plan:
