@@ -3,6 +3,7 @@ cancellation, stop rules and seeds."""
 
 import pytest
 
+from mlxserve import scheduler as scheduler_module
 from mlxserve.engine import Engine, EngineConfig, make_scheduler
 from mlxserve.loader import load_model
 from mlxserve.sampling import SamplingParams
@@ -119,6 +120,32 @@ def test_budget_leftovers_smaller_than_a_block_are_not_handed_out(loaded):
     assert rows[second.id].cache.length == 0
     sched.step()
     assert rows[second.id].cache.length == 16
+
+
+def test_chunks_deep_in_a_long_prompt_shrink_while_rows_decode(loaded, monkeypatch):
+    """Next to a decoding row, a chunk past FULL_CHUNK_KEYS keys shrinks in proportion to
+    the keys it attends over (a power-of-two number of blocks); alone, it keeps the budget."""
+    monkeypatch.setattr(scheduler_module, "FULL_CHUNK_KEYS", 32)
+    sched = make_scheduler(loaded, EngineConfig(max_batch_tokens=32, block_size=8))
+    long_prompt = list(range(1, 201))
+    sched.add(Request(long_prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)))
+    sched.step()
+    assert sched.running[0].cache.length == 32  # alone: a full chunk, however deep
+    sched.step()
+    assert sched.running[0].cache.length == 64
+    sched.cancel(sched.running[0].id)
+
+    short = Request([5, 6, 7], SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True))
+    sched.add(short)
+    sched.step()  # its first token: it decodes from now on
+    other_prompt = list(range(300, 500))  # not in the prefix cache
+    sched.add(Request(other_prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)))
+    lengths = []
+    for _ in range(5):
+        sched.step()
+        lengths.append(next(r for r in sched.running if r.id != short.id).cache.length)
+    # 32 keys: full; then 32*32/64 = 16 tokens, 32*32/80 -> 12 -> 8 (a block), then 8 each.
+    assert lengths == [32, 48, 56, 64, 72]
 
 
 def test_memory_budget_queues_and_preempts_without_changing_output(loaded):

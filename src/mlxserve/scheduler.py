@@ -31,6 +31,12 @@ from .sampling import RowSamplingState, SampleResult, Sampler, SamplingParams
 
 _request_counter = itertools.count()
 
+# Next to decoding rows, a chunk deep into a long prompt costs the device more per token (its
+# queries attend over more keys), and the decoding rows wait for it. Beyond this many keys
+# the chunk shrinks in proportion, so a step's attention work (chunk tokens x keys) stays about
+# what a full chunk costs at this depth.
+FULL_CHUNK_KEYS = 4096
+
 
 class ServerBusy(RuntimeError):
     """The waiting queue is full."""
@@ -377,6 +383,7 @@ class Scheduler:
         # decoding rows, a 512-token prompt went in chunks of 256 and 128 and 64...), while
         # a decode token costs the device about nothing next to a chunk's token.
         plan += [(row, 1) for row in active if row.is_decoding]
+        decoding = bool(plan)
         budget = self.config.max_batch_tokens
         unit = self.config.block_size
         chunks = 0
@@ -384,6 +391,9 @@ class Scheduler:
             if row.is_decoding or budget <= 0:
                 continue
             n = min(row.unfed, budget)
+            keys = row.cache.length + n
+            if decoding and keys > FULL_CHUNK_KEYS:
+                n = min(n, max(unit, self.config.max_batch_tokens * FULL_CHUNK_KEYS // keys))
             if n < row.unfed and n < unit and chunks:
                 # The budget's leftover would leave an odd-sized rest of this prompt (one
                 # more attention group now, odd shapes later): it waits for the next step.
