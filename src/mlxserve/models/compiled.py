@@ -13,6 +13,13 @@ a few draft tokens) run compiled: a step with a prefill chunk is bound by the de
 arithmetic, and its ever-changing shapes would each cost a new trace and, on a GPU, newly
 generated kernels (a hybrid model's mixed steps took 300 ms instead of 15 on an H200 when its
 prefill chunks ran compiled).
+
+The exception is a linear-attention group's recurrence (`tokens_per_row=None`): a prefill
+chunk is a group of its own, so its shapes are those of one row and its chunk length, and
+eagerly its chunked delta rule is well over a hundred operations per layer (Qwen3.5-0.8B
+steps with a ~500-token chunk spent 93 ms of host time building and encoding them on an
+H200, the device idle; 85 ms compiled). A chunk length not seen before costs one trace: its
+first call took ~1 ms more than an eager one (`scripts/bench_ops.py`, H200).
 """
 
 from __future__ import annotations
@@ -28,10 +35,11 @@ MAX_TOKENS_PER_ROW = 4
 enabled = True
 
 
-def compiled(owner: object, name: str, fn: Callable, tokens_per_row: int) -> Callable:
+def compiled(owner: object, name: str, fn: Callable, tokens_per_row: int | None) -> Callable:
     """`fn`, compiled once per `owner` (a layer; its weights are captured as constants), when
-    no row feeds more than MAX_TOKENS_PER_ROW tokens; else `fn` itself."""
-    if not enabled or tokens_per_row > MAX_TOKENS_PER_ROW:
+    no row feeds more than MAX_TOKENS_PER_ROW tokens, or always if tokens_per_row is None;
+    else `fn` itself."""
+    if not enabled or (tokens_per_row is not None and tokens_per_row > MAX_TOKENS_PER_ROW):
         return fn
     # One compiled function per thread: MLX keeps its traces in a per-thread cache keyed by
     # the function's address, and a compiled function, when freed, forgets only the traces

@@ -119,6 +119,18 @@ class GatedRMSNorm(nn.Module):
         return (nn.silu(gate.astype(mx.float32)) * normed).astype(x.dtype)
 
 
+def _depthwise_conv(window: mx.array, weight: mx.array, t: int) -> mx.array:
+    """What `conv1d` (one filter per channel, no padding) computes, as K shifted multiply-adds:
+    out[:, i, c] = sum_j window[:, i + j, c] * weight[c, j, 0]. Inside a compiled function
+    this is one fused elementwise kernel; MLX's CUDA back-end runs a grouped convolution
+    through cuDNN instead, with a graph built for every new input shape."""
+    kernel = weight.shape[1]
+    out = window[:, :t] * weight[:, 0, 0]
+    for j in range(1, kernel):
+        out = out + window[:, j : j + t] * weight[:, j, 0]
+    return out
+
+
 @mx.compile
 def _decay(A_log: mx.array, a: mx.array, dt_bias: mx.array) -> mx.array:
     return mx.exp(-mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias))
@@ -200,7 +212,7 @@ class GatedDeltaNet(nn.Module):
         if g.state_gather is None:
             g.state_gather = StateGather(g.caches)
         conv_state, state = g.state_gather.gather(self.index, self._zero_state)
-        recur = compiled(self, "recur", self._recur, t)
+        recur = compiled(self, "recur", self._recur, None)  # at every length: see compiled.py
         out, window, state = recur(qkv[span].reshape(n, t, -1), a[span].reshape(n, t, self.n_v),
                                    b[span].reshape(n, t, self.n_v), conv_state, state)
         g.state_gather.target.layers[self.index] = (window, state)
@@ -212,7 +224,7 @@ class GatedDeltaNet(nn.Module):
         [n * t, Hv, Dv], the new conv windows, the new states)."""
         n, t = qkv.shape[0], qkv.shape[1]
         window = mx.concatenate([conv_state, qkv.astype(mx.float32)], axis=1)
-        conv_out = nn.silu(self.conv1d(window)).astype(qkv.dtype)
+        conv_out = nn.silu(_depthwise_conv(window, self.conv1d.weight, t)).astype(qkv.dtype)
         q, k, v = mx.split(conv_out, [self.key_dim, 2 * self.key_dim], axis=-1)
         q = q.reshape(n, t, self.n_k, self.d_k)
         k = k.reshape(n, t, self.n_k, self.d_k)
