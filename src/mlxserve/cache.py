@@ -29,6 +29,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import mlx.core as mx
 
@@ -261,10 +262,36 @@ class KVStore:
             else:
                 k = mx.take(shelf_k[:, :, :length], g.slots, axis=0)
                 v = mx.take(shelf_v[:, :, :length], g.slots, axis=0)
+            if t == 1 and g.mask is not None:
+                q = queries[g.offset : g.offset + n].reshape(n, q_heads, d)
+                outputs.append(decode_attention(q, k, v, g.mask, scale).reshape(n, q_heads * d))
+                continue
             q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d).transpose(0, 2, 1, 3)
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask)
             outputs.append(o.transpose(0, 2, 1, 3).reshape(n * t, q_heads * d))
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
+
+
+def decode_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array, scale: float) -> mx.array:
+    """Attention of decoding rows of different lengths: q [n, q_heads, D] (one token per row),
+    k/v [n, kv_heads, L, D], mask [n, 1, 1, L] additive. Returns [n, q_heads, D].
+
+    MLX's fused kernels take no per-row lengths, and with an array mask its attention falls
+    back to separate operations that broadcast K and V over the query heads of each KV head.
+    Here each KV head's query heads are one matrix of queries instead, so the work is two
+    plain batched matrix products around one fused scale-and-mask and a softmax.
+    """
+    n, q_heads, d = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(n, kv_heads, q_heads // kv_heads, d)
+    scores = _scale_and_mask(q @ k.swapaxes(-1, -2), mask, scale)
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    return (weights @ v).reshape(n, q_heads, d)
+
+
+@partial(mx.compile, shapeless=True)
+def _scale_and_mask(scores: mx.array, mask: mx.array, scale: float) -> mx.array:
+    return scores * scale + mask
 
 
 class StateBatch:
