@@ -3,7 +3,7 @@
 import mlx.core as mx
 import pytest
 
-from mlxserve.cache import KVStore, OutOfKVMemory, RowCache
+from mlxserve.cache import KVStore, OutOfKVMemory, RowCache, decode_attention
 from mlxserve.loader import load_model
 from mlxserve.runner import Feed, Runner
 
@@ -152,3 +152,23 @@ def test_batched_rows_in_scattered_slots_match_alone(setup):
     for i, (r, p) in enumerate(live):
         _, first, _ = next(x for x in batch.row_logits if x[0] == i)
         assert mx.allclose(logits[first], alone[prompts.index(p)][0], atol=1e-4)
+
+
+@pytest.mark.parametrize("q_heads,kv_heads", [(8, 2), (4, 4)])
+def test_decode_attention_matches_masked_sdpa(q_heads, kv_heads):
+    # Rows of different lengths: each row's mask hides its keys past its own length.
+    n, length, d = 3, 9, 16
+    rng = mx.random.key(3)
+    kq, kk, kv = mx.random.split(rng, 3)
+    q = mx.random.normal((n, q_heads, d), key=kq)
+    k = mx.random.normal((n, kv_heads, length, d), key=kk)
+    v = mx.random.normal((n, kv_heads, length, d), key=kv)
+    lengths = mx.array([9, 4, 1])
+    mask = mx.where(mx.arange(length)[None] < lengths[:, None], 0.0, -mx.inf)[:, None, None, :]
+    ours = decode_attention(q, k, v, mask, 0.25)
+    expected = mx.fast.scaled_dot_product_attention(q[:, :, None], k, v, scale=0.25, mask=mask)[:, :, 0]
+    assert ours.shape == (n, q_heads, d)
+    assert mx.abs(ours - expected).max().item() < 1e-5
+    # The one-key row attends to its first value only.
+    group = q_heads // kv_heads
+    assert mx.allclose(ours[2], mx.repeat(v[2, :, 0], group, axis=0), atol=1e-6)
