@@ -55,6 +55,14 @@ class RequestStream:
         else:
             self._queue.put(event)
 
+    def _push_later(self, event: TokenEvent, batches: dict) -> None:  # engine thread
+        """Like _push, but an asyncio stream's event joins its loop's batch (see
+        Engine._deliver): one wake-up of the loop per step, not one per event."""
+        if self._loop is not None:
+            batches.setdefault(self._loop, []).append((self._queue, event))
+        else:
+            self._queue.put(event)
+
     def __iter__(self):
         while True:
             event = self._queue.get()
@@ -208,17 +216,27 @@ class Engine:
     def _deliver(self, scheduler: Scheduler, events: list) -> None:
         # Publish stats first: a client that sees its final event also sees its memory freed.
         self._stats = scheduler.snapshot_stats()
+        # A step's events for asyncio streams go to their loop as one callback: each
+        # call_soon_threadsafe wakes the loop's thread, and at 64 streams per-event wake-ups
+        # kept that thread busy for a good part of every step, holding the GIL that this
+        # thread needs to build the next step.
+        batches: dict = {}
         for event in events:
             if event is None:
                 continue
             stream = self._streams.get(event.request_id)
             if stream is None:
                 continue
-            stream._push(event)
+            stream._push_later(event, batches)
             if event.finish_reason is not None:
                 del self._streams[event.request_id]
                 with self._outstanding_lock:
                     self._outstanding -= 1
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop closed: nobody is listening any more
+                pass
 
     @staticmethod
     def _fail_running(scheduler: Scheduler, message: str) -> list[TokenEvent]:
@@ -229,6 +247,11 @@ class Engine:
             event.finish_reason, event.error = "error", message
             events.append(event)
         return events
+
+
+def _put_all(items: list) -> None:  # in the streams' event loop
+    for q, event in items:
+        q.put_nowait(event)
 
 
 class _MLXWorker:
