@@ -88,6 +88,7 @@ def main() -> None:
     for budget in (int(b) for b in args.max_batch_tokens.split(",")):
         for attempt in ("warm-up", "pipelined"):
             sched = queued(loaded, args, budget)
+            mx.reset_peak_memory()
             steps, start = 0, time.perf_counter()
             while sched.has_work():
                 sched.step()
@@ -96,8 +97,9 @@ def main() -> None:
             wall = time.perf_counter() - start
         generated = args.requests * args.gen_tokens
         print(f"budget {budget}: pipelined {wall:.2f} s, {steps} steps ({1e3 * wall / steps:.2f} ms/step), "
-              f"{generated / wall:,.0f} generated tok/s")
+              f"{generated / wall:,.0f} generated tok/s, peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
         sched = queued(loaded, args, budget)
+        mx.reset_peak_memory()
         rows = []
         while sched.has_work():
             STEP.clear()
@@ -108,6 +110,8 @@ def main() -> None:
             mx.synchronize()
             t2 = time.perf_counter()
             rows.append((t1 - t0, t2 - t1, dict(PHASES), STEP.get("decode", 0), STEP.get("chunks", [])))
+        print(f"  synced: peak memory {mx.get_peak_memory() / 1e9:.2f} GB (a step's writes copy a shelf only "
+              "when an earlier step still reads it; more peak when pipelined means copies)")
         for name, chosen in (("decode only", [r for r in rows if not r[4]]), ("with prefill", [r for r in rows if r[4]])):
             n = max(len(chosen), 1)
             phases = collections.defaultdict(float)
