@@ -341,3 +341,27 @@ def test_prompt_scoring_alongside_generation(loaded):
     scores = events[-1].prompt_logprobs
     assert len(scores) == len(prompt)
     assert all(abs(s.logprob - expected[i, prompt[i + 1]].item()) < 1e-4 for i, s in enumerate(scores[1:]))
+
+
+def test_asyncio_streams_get_every_event_and_a_closed_loop_harms_no_one(loaded):
+    import asyncio
+
+    plist = prompts(loaded.tokenizer)
+    expected = [run_alone(loaded, p) for p in plist[:3]]
+    with Engine(loaded, EngineConfig()) as engine:
+        async def consume_all():
+            loop = asyncio.get_running_loop()
+            streams = [engine.submit(Request(p, GREEDY), loop) for p in plist[:3]]
+            return [[t async for e in s for t in e.token_ids] for s in streams]
+
+        # Several streams of one loop: a step's events arrive together, each stream in order.
+        assert asyncio.run(consume_all()) == expected
+
+        # A client's loop goes away while its request still runs (never consumed)...
+        async def abandon():
+            engine.submit(Request(plist[3], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)),
+                          asyncio.get_running_loop())
+
+        asyncio.run(abandon())
+        # ...and the engine goes on serving others.
+        assert [t for e in engine.generate(plist[0], GREEDY) for t in e.token_ids] == expected[0]
