@@ -12,7 +12,7 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxserve.cache import decode_attention
+from mlxserve.cache import chunk_attention, decode_attention
 from mlxserve.models.gated_delta import gated_delta_chunked
 from mlxserve.models.qwen3_5 import _depthwise_conv
 
@@ -69,6 +69,17 @@ def main() -> None:
           lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.088, mask=mask), r)
     q3 = q.reshape(n, 16, 128)
     timed("same, mlxserve's decode_attention (cache.py)", lambda: decode_attention(q3, k, v, mask, 0.088), r)
+    # A prefill chunk of t tokens over L keys (a slot's keys, the tail masked), Qwen3-0.6B heads
+    for t, length in ((96, 8192), (512, 4096), (512, 8192), (512, 16384)):
+        qc = mx.random.normal((1, t, 16, 128)).astype(DT)
+        kc = mx.random.normal((1, 8, length, 128)).astype(DT)
+        visible = mx.arange(length)[None, None, None, :] <= (length - t - 100 + mx.arange(t))[None, None, :, None]
+        maskc = mx.where(visible, mx.array(0.0, DT), mx.array(-float("inf"), DT))
+        mx.eval(qc, kc, maskc)
+        timed(f"chunk t={t} keys={length}: sdpa with array mask",
+              lambda: mx.fast.scaled_dot_product_attention(qc.transpose(0, 2, 1, 3), kc, kc, scale=0.088, mask=maskc), r // 4)
+        timed(f"chunk t={t} keys={length}: mlxserve's chunk_attention",
+              lambda: chunk_attention(qc, kc, kc, maskc, 0.088), r // 4)
     # Qwen3.5-0.8B linear attention: conv over 6144 channels, 16 heads of 128x128 state
     conv = nn.Conv1d(6144, 6144, 4, groups=6144, bias=False)
     conv.weight = conv.weight.astype(DT)

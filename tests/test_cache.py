@@ -3,7 +3,7 @@
 import mlx.core as mx
 import pytest
 
-from mlxserve.cache import KVStore, OutOfKVMemory, RowCache, decode_attention
+from mlxserve.cache import KVStore, OutOfKVMemory, RowCache, chunk_attention, decode_attention
 from mlxserve.loader import load_model
 from mlxserve.runner import Feed, Runner
 
@@ -172,3 +172,24 @@ def test_decode_attention_matches_masked_sdpa(q_heads, kv_heads):
     # The one-key row attends to its first value only.
     group = q_heads // kv_heads
     assert mx.allclose(ours[2], mx.repeat(v[2, :, 0], group, axis=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("q_heads,kv_heads", [(8, 2), (4, 4)])
+def test_chunk_attention_matches_masked_sdpa(q_heads, kv_heads):
+    # A chunk of t tokens starting at `start` over keys padded past its end: causal within the
+    # chunk, every earlier key visible, the padding hidden.
+    n, t, length, d, start = 2, 5, 16, 16, 7
+    kq, kk, kv = mx.random.split(mx.random.key(4), 3)
+    q = mx.random.normal((n, t, q_heads, d), key=kq)
+    k = mx.random.normal((n, kv_heads, length, d), key=kk)
+    v = mx.random.normal((n, kv_heads, length, d), key=kv)
+    positions = mx.array([[start + i for i in range(t)], [i for i in range(t)]])
+    visible = mx.arange(length)[None, None, None, :] <= positions[:, None, :, None]
+    mask = mx.where(visible, 0.0, -mx.inf)
+    ours = chunk_attention(q, k, v, mask, 0.25)
+    expected = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), k, v, scale=0.25, mask=mask)
+    assert ours.shape == (n, t, q_heads, d)
+    assert mx.abs(ours - expected.transpose(0, 2, 1, 3)).max().item() < 1e-5
+    # The second row's first token sees only key 0.
+    group = q_heads // kv_heads
+    assert mx.allclose(ours[1, 0], mx.repeat(v[1, :, 0], group, axis=0), atol=1e-6)
