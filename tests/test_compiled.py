@@ -1,5 +1,6 @@
-"""The compiled per-layer pieces of small steps (models/compiled.py) compute what the eager
-code computes, for every model family, and never mix up models."""
+"""The compiled per-layer pieces (models/compiled.py) compute what the eager code computes,
+for every model family, in small steps and in steps padded to a bucket size, and never mix up
+models."""
 
 import gc
 import threading
@@ -15,8 +16,9 @@ from mlxserve.runner import Feed, Runner
 
 
 def logits(loaded) -> np.ndarray:
-    """Logits of three rows each decoding a token after their prompts (prefilled eagerly): a
-    step that runs compiled when enabled."""
+    """Logits of three rows each decoding a token after their prompts, then of a step in
+    which two of them decode and a new row prefills a chunk beside them. Prompts and the mixed
+    step run padded to a bucket size when compiling is enabled."""
     model = loaded.model
     layers, heads, dim = model.kv_shape()
     state = model.state_bytes_per_row() if hasattr(model, "state_bytes_per_row") else 0
@@ -30,8 +32,16 @@ def logits(loaded) -> np.ndarray:
         row.extend(len(prompt))
     step = [Feed(key, [key + 3], row.length, row, "last") for key, row in enumerate(rows)]
     out, batch = runner.forward(step)
-    assert batch.max_tokens_per_row <= compiled.MAX_TOKENS_PER_ROW
-    return np.array(out)
+    assert batch.max_tokens_per_row <= compiled.MAX_TOKENS_PER_ROW and not batch.padding
+    for row in rows:
+        row.extend(1)
+    newcomer = RowCache(kv)
+    newcomer.reserve(23)
+    mixed = [Feed(key, [key + 7], row.length, row, "last") for key, row in enumerate(rows[:2])]
+    mixed.append(Feed(9, list(range(40, 63)), 0, newcomer, "last"))
+    mixed_out, batch = runner.forward(mixed)
+    assert batch.padding == (-25 % compiled.MULTI_TOKEN_BUCKET if compiled.enabled else 0)
+    return np.concatenate([np.array(out), np.array(mixed_out)])
 
 
 def on_another_thread(fn, *args):

@@ -59,11 +59,20 @@ class StepBatch:
     logit_rows: mx.array  # indices into the flat tokens whose logits are wanted
     row_logits: list  # per row in flat order: (row key, first logits row, number of logits rows)
     row_offsets: dict  # row key -> index of its first token in the flat sequence
-    max_tokens_per_row: int  # 1 when every row decodes (models compile such steps' layers)
+    max_tokens_per_row: int  # 1 when every row decodes
+    num_tokens: int  # the flat tokens that belong to rows; `tokens` may have padding after them
+    padding: int  # tokens after num_tokens: they only make up a bucket size, and nothing reads them
+    compile: bool  # the model may run its per-layer pieces compiled (see models/compiled.py)
 
 
-def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int = 64) -> StepBatch:
+def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int = 64,
+                pad_to: int | None = None, small_step_tokens_per_row: int = 4) -> StepBatch:
     """Build a StepBatch from per-row feeds.
+
+    A small step (no row feeds more than `small_step_tokens_per_row` tokens) may run compiled
+    as it is. A bigger one (a prefill chunk in it) may run compiled only if `pad_to` is given:
+    its flat tokens are then padded to a multiple of it, so that a few shapes cover every
+    step. Without it such a step runs eagerly.
 
     `rows` holds objects with: key, tokens (list[int] new tokens), start (position of the
     first new token), cache (a RowCache whose slot covers start + len(tokens) positions)
@@ -152,13 +161,26 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
         rows = (slots * kv_heads + np.arange(kv_heads)) * capacity + cols
         w.rows = mx.array(rows.reshape(-1).astype(np.int32))
 
+    num_tokens = len(tokens)
+    max_per_row = max(g.tokens_per_row for g in groups)
+    small = max_per_row <= small_step_tokens_per_row
+    padding = 0 if small or pad_to is None else -num_tokens % pad_to
+    # Padding tokens: token 0 at position 0. No write or group covers them, so they touch no
+    # cache, and no logits row points at them.
+    flat_tokens = np.zeros(num_tokens + padding, dtype=np.int32)
+    flat_tokens[:num_tokens] = tokens
+    flat_positions = np.zeros(num_tokens + padding, dtype=np.int32)
+    flat_positions[:num_tokens] = columns
     return StepBatch(
-        tokens=mx.array(np.asarray(tokens, dtype=np.int32)),
-        positions=mx.array(columns),
+        tokens=mx.array(flat_tokens),
+        positions=mx.array(flat_positions),
         writes=writes,
         groups=groups,
         logit_rows=mx.array(np.asarray(logit_rows, dtype=np.int32)),
         row_logits=row_logits,
         row_offsets=row_offsets,
-        max_tokens_per_row=max(g.tokens_per_row for g in groups),
+        max_tokens_per_row=max_per_row,
+        num_tokens=num_tokens,
+        padding=padding,
+        compile=small or pad_to is not None,
     )

@@ -8,13 +8,17 @@ with its chains of elementwise operations fused into single kernels. So each lay
 (norms, projections, RoPE, the MLP; for linear attention the whole recurrence of a group) is
 compiled, and only the cache reads and writes, whose shapes change every step, stay eager.
 
-Only steps whose rows feed at most MAX_TOKENS_PER_ROW tokens each (decoding; later, verifying
-a few draft tokens) run compiled: a step with a prefill chunk is bound by the device's
-arithmetic, and its ever-changing shapes would each cost a new trace and, on a GPU, newly
-generated kernels (a hybrid model's mixed steps took 300 ms instead of 15 on an H200 when its
-prefill chunks ran compiled).
+Every step runs this way. Small steps (rows feeding at most MAX_TOKENS_PER_ROW tokens each:
+decoding; later, verifying a few draft tokens) run at their own size. A step with a prefill
+chunk has a different number of tokens almost every time, and each new shape costs a new
+trace and, on a GPU, newly built kernels (a hybrid model's mixed steps took 300 ms instead of
+15 on an H200 when they ran compiled at their exact sizes). So such a step's flat tokens are
+padded to a multiple of MULTI_TOKEN_BUCKET (batch.build_batch): a step budget of 512 tokens
+with up to 64 decoding rows beside it makes ten sizes. The padding tokens are computed and
+thrown away: at most MULTI_TOKEN_BUCKET - 1 token rows of matrix products, next to a step
+that spent several times that much of its host time building and encoding eager operations.
 
-The exception is a linear-attention group's recurrence (`tokens_per_row=None`): a prefill
+A linear-attention group's recurrence (`always=True`) runs compiled at its exact size: a prefill
 chunk is a group of its own, so its shapes are those of one row and its chunk length, and
 eagerly its chunked delta rule is well over a hundred operations per layer (Qwen3.5-0.8B
 steps with a ~500-token chunk spent 93 ms of host time building and encoding them on an
@@ -30,16 +34,16 @@ from collections.abc import Callable
 import mlx.core as mx
 
 MAX_TOKENS_PER_ROW = 4
+MULTI_TOKEN_BUCKET = 64
 
 # Off: everything runs eagerly (for comparisons; the results are the same).
 enabled = True
 
 
-def compiled(owner: object, name: str, fn: Callable, tokens_per_row: int | None) -> Callable:
-    """`fn`, compiled once per `owner` (a layer; its weights are captured as constants), when
-    no row feeds more than MAX_TOKENS_PER_ROW tokens, or always if tokens_per_row is None;
-    else `fn` itself."""
-    if not enabled or (tokens_per_row is not None and tokens_per_row > MAX_TOKENS_PER_ROW):
+def compiled(owner: object, name: str, fn: Callable, when: bool) -> Callable:
+    """`fn`, compiled once per `owner` (a layer; its weights are captured as constants), if
+    `when` (a StepBatch's `compile`, or True); else `fn` itself."""
+    if not enabled or not when:
         return fn
     # One compiled function per thread: MLX keeps its traces in a per-thread cache keyed by
     # the function's address, and a compiled function, when freed, forgets only the traces

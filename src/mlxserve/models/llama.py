@@ -186,10 +186,10 @@ class TransformerBlock(nn.Module):
 
     def __call__(self, x: mx.array, batch: StepBatch, cache: KVStore) -> mx.array:
         # Two compiled pieces around the KV store (see compiled.py).
-        attn, per_row = self.self_attn, batch.max_tokens_per_row
-        q, k, v = compiled(self, "before", self.before_attention, per_row)(x, batch.positions)
+        attn = self.self_attn
+        q, k, v = compiled(self, "before", self.before_attention, batch.compile)(x, batch.positions)
         out = cache.attend(attn.layer, q, k, v, batch, attn.scale)
-        return compiled(self, "after", self.after_attention, per_row)(x, out)
+        return compiled(self, "after", self.after_attention, batch.compile)(x, out)
 
     def before_attention(self, x: mx.array, positions: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         return self.self_attn.project(self.input_layernorm(x), positions)

@@ -200,6 +200,8 @@ class GatedDeltaNet(nn.Module):
     def mix(self, batch: StepBatch, qkv: mx.array, a: mx.array, b: mx.array) -> mx.array:
         """The recurrence, group by group, each row from its own state: [T, Hv, Dv]."""
         outputs = [self._group(g, qkv, a, b) for g in batch.groups]
+        if batch.padding:  # rows for the padding tokens (see batch.build_batch)
+            outputs.append(mx.zeros((batch.padding, *outputs[0].shape[1:]), outputs[0].dtype))
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
 
     def output(self, y: mx.array, z: mx.array) -> mx.array:
@@ -212,7 +214,7 @@ class GatedDeltaNet(nn.Module):
         if g.state_gather is None:
             g.state_gather = StateGather(g.caches)
         conv_state, state = g.state_gather.gather(self.index, self._zero_state)
-        recur = compiled(self, "recur", self._recur, None)  # at every length: see compiled.py
+        recur = compiled(self, "recur", self._recur, True)  # at every length: see compiled.py
         out, window, state = recur(qkv[span].reshape(n, t, -1), a[span].reshape(n, t, self.n_v),
                                    b[span].reshape(n, t, self.n_v), conv_state, state)
         g.state_gather.target.layers[self.index] = (window, state)
@@ -329,9 +331,8 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, batch: StepBatch, cache: KVStore) -> mx.array:
         # Compiled pieces around what reads and writes per-row state (see compiled.py).
-        per_row = batch.max_tokens_per_row
-        before = compiled(self, "before", self.before_mixing, per_row)
-        after = compiled(self, "after", self.after_mixing, per_row)
+        before = compiled(self, "before", self.before_mixing, batch.compile)
+        after = compiled(self, "after", self.after_mixing, batch.compile)
         if self.is_linear:
             qkv, z, b, a = before(x)
             return after(x, self.linear_attn.mix(batch, qkv, a, b), z)
