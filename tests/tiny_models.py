@@ -8,6 +8,7 @@ random but seeded, with a spread large enough that greedy decoding has clear mar
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -311,6 +312,24 @@ def prompt_logits(loaded, ids, block_size: int = 16):
     row.reserve(len(ids))
     logits, _ = Runner(model, kv).forward([Feed("r", list(ids), 0, row, "all")])
     return logits.astype(mx.float32)
+
+
+@contextmanager
+def float32_rope():
+    """Within it, mx.fast.rope computes in float32 whatever its input's dtype, as MLX's GPU
+    kernels do (and mlxserve's fused RoPE, models/llama.RotaryNorm, on every back-end).
+    MLX's CPU fallback rounds the angles' cos and sin to a float16/bfloat16 input's dtype
+    first: for references in half precision on the CPU, that is not the same math."""
+    rope = mx.fast.rope
+
+    def in_float32(x, *args, **kwargs):
+        return rope(x.astype(mx.float32), *args, **kwargs).astype(x.dtype)
+
+    mx.fast.rope = in_float32
+    try:
+        yield
+    finally:
+        mx.fast.rope = rope
 
 
 def reference_prompt_logprobs(loaded, prompt):

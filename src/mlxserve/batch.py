@@ -38,14 +38,15 @@ class AttentionGroup:
 @dataclass
 class ShelfWrite:
     """Flat tokens [offset, offset + count) go to one shelf: token i's K (or V) of kv head h
-    is row `rows[i * kv_heads + h]` of a layer's array seen as [slots * kv_heads * capacity,
-    head_dim]. One flat index array, made once per step for every layer, makes each write a
-    single scatter (per-axis indices cost index-building and cast kernels per layer)."""
+    is row `rows[i, h]` of a layer's array seen as [slots * kv_heads * capacity, head_dim].
+    One index array, made once per step for every layer, makes each write a single scatter
+    (per-axis indices cost index-building and cast kernels per layer) that reads the new
+    K/V [count, kv_heads, head_dim] as they are, views included."""
 
     shelf: object
     offset: int
     count: int
-    rows: mx.array | None
+    rows: mx.array | None  # [count, kv_heads]
 
 
 @dataclass
@@ -159,7 +160,7 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
         slots = slot_arr[w.offset : w.offset + w.count, None].astype(np.int64)
         cols = columns[w.offset : w.offset + w.count, None]
         rows = (slots * kv_heads + np.arange(kv_heads)) * capacity + cols
-        w.rows = mx.array(rows.reshape(-1).astype(np.int32))
+        w.rows = mx.array(rows.astype(np.int32))
 
     num_tokens = len(tokens)
     max_per_row = max(g.tokens_per_row for g in groups)

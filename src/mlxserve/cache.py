@@ -256,7 +256,7 @@ class KVStore:
             for arrays, new in ((w.shelf.keys, keys), (w.shelf.values, values)):
                 shape = arrays[layer].shape
                 flat = arrays[layer].reshape(-1, d)
-                flat[w.rows] = new[w.offset : w.offset + w.count].reshape(-1, d)
+                flat[w.rows] = new[w.offset : w.offset + w.count]
                 arrays[layer] = flat.reshape(shape)
         q_heads, d = queries.shape[1], queries.shape[2]
         outputs = []

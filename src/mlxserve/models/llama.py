@@ -11,6 +11,7 @@ at rows, through the KV store (cache.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -92,10 +93,13 @@ class Attention(nn.Module):
         self.rope = initialize_rope(
             d, args.rope_theta, args.rope_traditional, args.rope_scaling, args.max_position_embeddings
         )
+        self._rotary = None  # set by fuse(); underscored: not a parameter
 
     def project(self, x: mx.array, positions: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Queries, keys and values of the flat tokens [T, heads, head_dim], RoPE applied."""
         T = x.shape[0]
+        if self._rotary is not None:
+            return self._project_fused(x, positions)
         if "qkv_proj" in self:
             q, k, v = mx.split(self.qkv_proj(x), self.qkv_splits, axis=-1)
         else:
@@ -112,14 +116,88 @@ class Attention(nn.Module):
         k = self.rope(k[:, :, None, :], offset=positions)[:, :, 0, :]
         return q, k, v
 
+    def _project_fused(self, x: mx.array, positions: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """`project` from the fused Q/K/V matrix, with the Q/K norms and RoPE as one
+        elementwise pass over the Q and K heads together (see RotaryNorm): two kernels where
+        two norms and two RoPE calls took four. Q and K are views of one array, V a view of
+        the projection."""
+        T, heads, kv_heads, d = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x).reshape(T, heads + 2 * kv_heads, d)
+        normed = qkv
+        if "q_norm" in self:
+            # One RMSNorm over every head, V's included (its results are not used): the Q/K
+            # part alone is not contiguous when T > 1 and would be copied first.
+            normed = mx.fast.rms_norm(qkv, None, self.q_norm.eps)
+        qk = self._rotary(normed.reshape(T, heads + 2 * kv_heads, 2, d // 2)[:, : heads + kv_heads], positions)
+        return qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
+
     def fuse(self) -> None:
         """One matmul for Q, K and V (fewer kernel launches per step), when the three
-        projections share their type and quantization."""
+        projections share their type and quantization; then, for plain RoPE over whole heads,
+        the Q/K norms and RoPE as one elementwise pass."""
         fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-        if fused is not None:
-            self.qkv_splits = [self.n_heads * self.head_dim, (self.n_heads + self.n_kv_heads) * self.head_dim]
-            self.qkv_proj = fused
-            del self.q_proj, self.k_proj, self.v_proj
+        if fused is None:
+            return
+        self.qkv_splits = [self.n_heads * self.head_dim, (self.n_heads + self.n_kv_heads) * self.head_dim]
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+        rope = self.rope
+        if type(rope) is nn.RoPE and rope.dims == self.head_dim and not rope.traditional:
+            weights = None
+            if "q_norm" in self:
+                weights = (self.q_norm.weight, self.n_heads, self.k_norm.weight, self.n_kv_heads)
+            self._rotary = RotaryNorm(self.head_dim, rope.base, rope.scale, weights)
+
+
+class RotaryNorm:
+    """The Q/K norm weights and RoPE (non-traditional, over whole heads) of Q and K heads
+    side by side: elementwise only, so that under mx.compile it is one fused kernel.
+
+    RoPE turns each pair (x1, x2) = (x[i], x[i + d/2]) by the angle position * scale *
+    inv_freq[i]: (x1 cos - x2 sin, x2 cos + x1 sin). With the head seen as [2, d/2], the
+    pair's other half is a reversed view of the same array, so no concatenation is needed.
+    inv_freq is computed as MLX's RoPE kernel computes it: 2^(-(i / (d/2)) * log2(base)).
+    """
+
+    def __init__(self, head_dim: int, base: float, scale: float, norm_weights: tuple | None):
+        half = head_dim // 2
+        self.scale = scale
+        self.inv_freq = mx.power(2.0, -(mx.arange(half, dtype=mx.float32) / half) * math.log2(base))
+        self.sign = mx.array([[-1.0], [1.0]])  # the sin term's sign per half
+        self.weight = self.weight_swapped = None
+        if norm_weights is not None:
+            q_weight, q_heads, k_weight, kv_heads = norm_weights
+            weight = mx.concatenate([mx.broadcast_to(q_weight, (q_heads, head_dim)),
+                                     mx.broadcast_to(k_weight, (kv_heads, head_dim))])
+            self.weight = weight.reshape(q_heads + kv_heads, 2, half)
+            self.weight_swapped = self.weight[:, ::-1, :]
+        # Evaluated here: a lazy array built on the loading thread cannot be evaluated on
+        # the engine's thread (MLX's streams belong to their thread).
+        mx.eval(self.inv_freq, self.sign, *(a for a in (self.weight, self.weight_swapped) if a is not None))
+
+    def __call__(self, x: mx.array, positions: mx.array) -> mx.array:
+        """x [T, heads, 2, d/2] (a view is fine) -> [T, heads, d]."""
+        T, heads, _, half = x.shape
+        dtype = x.dtype
+        swapped = x[:, :, ::-1, :]
+        if self.weight is not None:
+            x, swapped = x * self.weight, swapped * self.weight_swapped
+        # Positions expanded before anything else: an expand between elementwise operations
+        # would split the fused kernel in two.
+        angle = positions[:, None, None, None].astype(mx.float32) * self.scale * self.inv_freq
+        out = x * mx.cos(angle) + swapped * (mx.sin(angle) * self.sign)
+        return out.astype(dtype).reshape(T, heads, 2 * half)
+
+
+def add_linear(residual: mx.array, x: mx.array, linear: nn.Module) -> mx.array:
+    """residual + linear(x). For a plain bias-free Linear and more than one row it is one
+    matrix product with the sum in its epilogue (mx.addmm): one kernel where two were
+    launched. One row stays a product and an add: MLX's CUDA back-end runs a one-row product
+    as its own matrix-vector kernel but the same addmm through cuBLASLt, whose per-call setup
+    cost more host time than the saved launch (H200, scripts/profile_step.py)."""
+    if x.shape[0] > 1 and type(linear) is nn.Linear and "bias" not in linear:
+        return mx.addmm(residual, x, linear.weight.T)
+    return residual + linear(x)
 
 
 @partial(mx.compile, shapeless=True)
@@ -136,11 +214,24 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=args.mlp_bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if "gate_up_proj" in self:
-            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(swiglu(gate, up))
+        return self.down_proj(self.activation(x))
+
+    def added_to(self, residual: mx.array, x: mx.array) -> mx.array:
+        """residual + self(x), the sum taken by the down projection (see add_linear)."""
+        return add_linear(residual, self.activation(x), self.down_proj)
+
+    def activation(self, x: mx.array) -> mx.array:
+        if "gate_up_proj" not in self:
+            return swiglu(self.gate_proj(x), self.up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        if x.shape[0] == 1:
+            # One row: halves taken as 1-d views, so that the product gets plain strides.
+            # As [1, n] views of the [1, 2n] row, their stride (2n) passes to the product,
+            # and MLX copies such an operand before the next matrix product.
+            gate, up = mx.split(gate_up[0], 2)
+            return swiglu(gate, up)[None]
+        gate, up = mx.split(gate_up, 2, axis=-1)
+        return swiglu(gate, up)
 
     def fuse(self) -> None:
         fused = fuse_linears([self.gate_proj, self.up_proj])
@@ -195,8 +286,15 @@ class TransformerBlock(nn.Module):
         return self.self_attn.project(self.input_layernorm(x), positions)
 
     def after_attention(self, x: mx.array, attention: mx.array) -> mx.array:
-        h = x + self.self_attn.o_proj(attention)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = add_linear(x, attention, self.self_attn.o_proj)
+        return add_mlp(h, self.mlp, self.post_attention_layernorm(h))
+
+
+def add_mlp(residual: mx.array, mlp: nn.Module, x: mx.array) -> mx.array:
+    """residual + mlp(x); a dense MLP adds it in its last matrix product."""
+    if isinstance(mlp, MLP):
+        return mlp.added_to(residual, x)
+    return residual + mlp(x)
 
 
 class Backbone(nn.Module):

@@ -33,7 +33,7 @@ from ..cache import KVStore, StateGather
 from . import qwen3_moe
 from .compiled import compiled
 from .gated_delta import gated_delta
-from .llama import MLP, causal_lm_forward, fuse_linears
+from .llama import MLP, add_linear, add_mlp, causal_lm_forward, fuse_linears
 
 ARCHITECTURES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 
@@ -204,9 +204,10 @@ class GatedDeltaNet(nn.Module):
             outputs.append(mx.zeros((batch.padding, *outputs[0].shape[1:]), outputs[0].dtype))
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
 
-    def output(self, y: mx.array, z: mx.array) -> mx.array:
+    def added_to(self, residual: mx.array, y: mx.array, z: mx.array) -> mx.array:
+        """residual + the output projection of the gated-normed recurrence output."""
         y = self.norm(y, z.reshape(-1, self.n_v, self.d_v))
-        return self.out_proj(y.reshape(y.shape[0], -1))
+        return add_linear(residual, y.reshape(y.shape[0], -1), self.out_proj)
 
     def _group(self, g, qkv: mx.array, a: mx.array, b: mx.array) -> mx.array:
         n, t = g.n_rows, g.tokens_per_row
@@ -290,8 +291,9 @@ class GatedAttention(nn.Module):
         k = self.rope(k[:, :, None, :], offset=positions)[:, :, 0, :]
         return q, k, v, gate.reshape(T, -1)
 
-    def output(self, attention: mx.array, gate: mx.array) -> mx.array:
-        return self.o_proj(attention * mx.sigmoid(gate))
+    def added_to(self, residual: mx.array, attention: mx.array, gate: mx.array) -> mx.array:
+        """residual + the output projection of the gated attention output."""
+        return add_linear(residual, attention * mx.sigmoid(gate), self.o_proj)
 
 
 class SparseMoE(qwen3_moe.SparseMoE):
@@ -349,11 +351,8 @@ class DecoderLayer(nn.Module):
     def after_mixing(self, x: mx.array, mixed: mx.array, extra: mx.array) -> mx.array:
         """`mixed`: linear attention's recurrence output (then `extra` is its z) or full
         attention's output (then `extra` is its gate)."""
-        if self.is_linear:
-            h = x + self.linear_attn.output(mixed, extra)
-        else:
-            h = x + self.self_attn.output(mixed, extra)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = (self.linear_attn if self.is_linear else self.self_attn).added_to(x, mixed, extra)
+        return add_mlp(h, self.mlp, self.post_attention_layernorm(h))
 
 
 class Backbone(nn.Module):
