@@ -1,0 +1,80 @@
+"""The GPU kernels one steady decode step launches, counted by name, on random weights at a
+real shape. MLX's CUDA back-end (with CUDA graphs on, which this script turns on for itself)
+can write each graph it builds to a dot file; one step's files are read back and their kernel
+nodes counted. A step bound by the host costs about what its kernel count costs (README,
+"Measured"), so this is the inventory to shrink.
+
+    PYTHONPATH=src python3 scripts/kernel_census.py qwen3-0.6b [--streams 1,32]
+
+CUDA only (other back-ends write no graphs).
+"""
+
+import argparse
+import collections
+import glob
+import os
+import re
+import tempfile
+
+DUMP = os.path.join(tempfile.mkdtemp(prefix="mlxserve-census-"), "graph")
+# Before MLX starts: mlxserve turns CUDA graphs off unless they are set.
+os.environ["MLX_USE_CUDA_GRAPHS"] = "1"
+os.environ["MLX_SAVE_CUDA_GRAPHS_DOT_FILE"] = DUMP
+
+import mlx.core as mx  # noqa: E402
+
+from mlxserve.engine import EngineConfig, make_scheduler  # noqa: E402
+from mlxserve.random_weights import build_random_model  # noqa: E402
+from mlxserve.sampling import SamplingParams  # noqa: E402
+from mlxserve.scheduler import Request  # noqa: E402
+
+
+def kernel_name(label: str) -> str:
+    """A readable name for a dot node's label: MLX's own kernels demangled down to their
+    name (mlx::core::cu::<name>), others (cuBLAS, cuDNN) as they are, cut short."""
+    match = re.match(r"_ZN3mlx4core2cu(\d+)(\w+)", label)
+    if match:
+        return match.group(2)[: int(match.group(1))][:60]
+    return label[:60]
+
+
+def count_kernels(files: list[str]) -> collections.Counter:
+    counts: collections.Counter = collections.Counter()
+    for path in files:
+        text = open(path).read()
+        # A node: "graph_A_node_B"[... label="<number>\n<kernel or child graph name>\n"]
+        for name in re.findall(r'_node_\d+"\[[^\]]*?label="\d+\n([^\n"]+)', text):
+            if not name.startswith("graph_"):  # a child graph's node, not a kernel
+                counts[kernel_name(name)] += 1
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shape", help="a random-weights shape, e.g. qwen3-0.6b or qwen3.5-0.8b")
+    parser.add_argument("--streams", default="1,32", help="comma-separated numbers of decoding rows")
+    args = parser.parse_args()
+    loaded = build_random_model(args.shape)
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    for streams in (int(s) for s in args.streams.split(",")):
+        scheduler = make_scheduler(loaded, EngineConfig())
+        for _ in range(streams):
+            scheduler.add(Request(mx.random.randint(0, loaded.config["vocab_size"], (512,)).tolist(), params))
+        while scheduler.waiting or not all(row.num_generated > 2 for row in scheduler.running):
+            scheduler.step()
+        for _ in range(5):
+            scheduler.step()
+        mx.synchronize()
+        before = set(glob.glob(DUMP + "_*.dot"))
+        scheduler.step()
+        mx.synchronize()
+        counts = count_kernels(sorted(set(glob.glob(DUMP + "_*.dot")) - before))
+        layers = len(loaded.model.layers)
+        print(f"{args.shape}, {streams} streams: {sum(counts.values())} kernels in one decode step "
+              f"({sum(counts.values()) / layers:.1f} per layer, {layers} layers)")
+        for name, n in counts.most_common():
+            print(f"{n:6d}  {name}")
+
+
+if __name__ == "__main__":
+    main()
