@@ -82,7 +82,7 @@ class TokenEvent:
 @dataclass
 class SchedulerConfig:
     # Prefill tokens of one step (decoding rows add one token each on top). On an H200 with
-    # Qwen3-0.6B (README, "Measured"), 2048 instead of 512 raised a 16k-token prompt's stall of
+    # Qwen3-0.6B (docs/performance-history.md), 2048 instead of 512 raised a 16k-token prompt's stall of
     # 8 decoding streams from 2.96x to 5.34x their steady ITL and changed throughput at 32 and
     # 64 streams by -10% and +3% (single runs): kept at 512.
     max_batch_tokens: int = 512
