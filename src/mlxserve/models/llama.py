@@ -227,8 +227,9 @@ class MLP(nn.Module):
         if x.shape[0] == 1:
             # One row: halves taken as 1-d views, so that the product gets plain strides.
             # As [1, n] views of the [1, 2n] row, their stride (2n) passes to the product,
-            # and MLX copies such an operand before the next matrix product.
-            gate, up = mx.split(gate_up[0], 2)
+            # and MLX copies such an operand before the next matrix product. (A reshape,
+            # not [0], which MLX gathers.)
+            gate, up = mx.split(gate_up.reshape(-1), 2)
             return swiglu(gate, up)[None]
         gate, up = mx.split(gate_up, 2, axis=-1)
         return swiglu(gate, up)
