@@ -23,10 +23,8 @@ os.environ["MLX_SAVE_CUDA_GRAPHS_DOT_FILE"] = DUMP
 
 import mlx.core as mx  # noqa: E402
 
-from mlxserve.engine import EngineConfig, make_scheduler  # noqa: E402
 from mlxserve.random_weights import build_random_model  # noqa: E402
-from mlxserve.sampling import SamplingParams  # noqa: E402
-from mlxserve.scheduler import Request  # noqa: E402
+from steady_decode import decoding_scheduler  # noqa: E402
 
 
 def kernel_name(label: str) -> str:
@@ -55,20 +53,16 @@ def main() -> None:
     parser.add_argument("--streams", default="1,32", help="comma-separated numbers of decoding rows")
     args = parser.parse_args()
     loaded = build_random_model(args.shape)
-    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     for streams in (int(s) for s in args.streams.split(",")):
-        scheduler = make_scheduler(loaded, EngineConfig())
-        for _ in range(streams):
-            scheduler.add(Request(mx.random.randint(0, loaded.config["vocab_size"], (512,)).tolist(), params))
-        while scheduler.waiting or not all(row.num_generated > 2 for row in scheduler.running):
-            scheduler.step()
-        for _ in range(5):
-            scheduler.step()
+        scheduler = decoding_scheduler(loaded, streams, max_tokens=400, warm_steps=5)
         mx.synchronize()
         before = set(glob.glob(DUMP + "_*.dot"))
         scheduler.step()
         mx.synchronize()
-        counts = count_kernels(sorted(set(glob.glob(DUMP + "_*.dot")) - before))
+        files = sorted(set(glob.glob(DUMP + "_*.dot")) - before)
+        if not files:
+            raise SystemExit("kernel_census: MLX wrote no CUDA graphs (it needs MLX's CUDA back-end)")
+        counts = count_kernels(files)
         layers = len(loaded.model.layers)
         print(f"{args.shape}, {streams} streams: {sum(counts.values())} kernels in one decode step "
               f"({sum(counts.values()) / layers:.1f} per layer, {layers} layers)")

@@ -12,10 +12,9 @@ import time
 import mlx.core as mx
 
 from mlxserve import runner
-from mlxserve.engine import EngineConfig, make_scheduler
 from mlxserve.random_weights import build_random_model
-from mlxserve.sampling import SamplingParams
-from mlxserve.scheduler import Request, Scheduler
+from mlxserve.scheduler import Scheduler
+from steady_decode import decoding_scheduler
 
 SPENT: dict[str, float] = collections.defaultdict(float)
 
@@ -40,15 +39,8 @@ def main() -> None:
     mx.async_eval = timed("encode (async_eval)", mx.async_eval)
     Scheduler._read_back = timed("wait + read back", Scheduler._read_back)
     loaded = build_random_model(args.shape)
-    params = SamplingParams(max_tokens=args.steps + 200, temperature=0.0, ignore_eos=True)
     for streams in (int(s) for s in args.streams.split(",")):
-        scheduler = make_scheduler(loaded, EngineConfig())
-        for _ in range(streams):
-            scheduler.add(Request(mx.random.randint(0, loaded.config["vocab_size"], (512,)).tolist(), params))
-        while scheduler.waiting or not all(row.num_generated > 2 for row in scheduler.running):
-            scheduler.step()
-        for _ in range(30):
-            scheduler.step()
+        scheduler = decoding_scheduler(loaded, streams, max_tokens=args.steps + 200, warm_steps=30)
         SPENT.clear()
         start = time.perf_counter()
         for _ in range(args.steps):
