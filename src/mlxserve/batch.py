@@ -61,8 +61,7 @@ class StepBatch:
     row_logits: list  # per row in flat order: (row key, first logits row, number of logits rows)
     row_offsets: dict  # row key -> index of its first token in the flat sequence
     max_tokens_per_row: int  # 1 when every row decodes
-    num_tokens: int  # the flat tokens that belong to rows; `tokens` may have padding after them
-    padding: int  # tokens after num_tokens: they only make up a bucket size, and nothing reads them
+    padding: int  # tokens at the end of `tokens` that belong to no row: they only make up a bucket size
     compile: bool  # the model may run its per-layer pieces compiled (see models/compiled.py)
 
 
@@ -181,7 +180,6 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
         row_logits=row_logits,
         row_offsets=row_offsets,
         max_tokens_per_row=max_per_row,
-        num_tokens=num_tokens,
         padding=padding,
         compile=small or pad_to is not None,
     )
