@@ -18,7 +18,7 @@ with up to 64 decoding rows beside it makes ten sizes. The padding tokens are co
 thrown away: at most MULTI_TOKEN_BUCKET - 1 token rows of matrix products, next to a step
 that spent several times that much of its host time building and encoding eager operations.
 
-A linear-attention group's recurrence (`always=True`) runs compiled at its exact size: a prefill
+A linear-attention group's recurrence (`when=True`) runs compiled at its exact size: a prefill
 chunk is a group of its own, so its shapes are those of one row and its chunk length, and
 eagerly its chunked delta rule is well over a hundred operations per layer (Qwen3.5-0.8B
 steps with a ~500-token chunk spent 93 ms of host time building and encoding them on an
