@@ -33,7 +33,7 @@ from functools import partial
 
 import mlx.core as mx
 
-from .batch import StepBatch
+from .batch import ShelfWrite, StepBatch
 
 # Multi-token feeds of at most this many tokens per row over at least this many keys attend
 # through chunk_attention, others through MLX's fused attention. H200, bf16, 16 query and 8
@@ -246,18 +246,33 @@ class KVStore:
         batch: StepBatch,
         scale: float,
     ) -> mx.array:
-        """Write the step's new K/V into the rows' slots, then attend per group.
+        """Write the step's new K/V into the rows' slots, then attend (see `write`, `read`)."""
+        self.write(layer, keys, values, batch)
+        return self.read(layer, queries, batch, scale)
 
-        queries [T, q_heads, D], keys/values [T, kv_heads, D] (RoPE already applied).
-        Returns [T, q_heads * D] in flat order, zeros for the padding tokens.
-        """
-        d = keys.shape[-1]
+    def write(self, layer: int, keys: mx.array, values: mx.array, batch: StepBatch) -> None:
+        """The step's new K/V [T, kv_heads, D] (RoPE applied) into the rows' slots."""
         for w in batch.writes:
-            for arrays, new in ((w.shelf.keys, keys), (w.shelf.values, values)):
-                shape = arrays[layer].shape
-                flat = arrays[layer].reshape(-1, d)
-                flat[w.rows] = new[w.offset : w.offset + w.count]
-                arrays[layer] = flat.reshape(shape)
+            w.shelf.keys[layer], w.shelf.values[layer] = scatter_kv(
+                w.shelf.keys[layer], w.shelf.values[layer],
+                keys[w.offset : w.offset + w.count], values[w.offset : w.offset + w.count], w.rows)
+
+    def whole_write(self, batch: StepBatch) -> ShelfWrite | None:
+        """The step's only write when it covers every flat token, else None. Such a write
+        has the same form at every step of the same rows, so a model may do it inside a
+        compiled piece (`scatter_kv`, then `put`) instead of calling `write`."""
+        if len(batch.writes) == 1 and batch.writes[0].count == batch.tokens.size:
+            return batch.writes[0]
+        return None
+
+    def put(self, layer: int, write: ShelfWrite, keys: mx.array, values: mx.array) -> None:
+        """A layer's shelf arrays, as `scatter_kv` returned them for `write`."""
+        write.shelf.keys[layer], write.shelf.values[layer] = keys, values
+
+    def read(self, layer: int, queries: mx.array, batch: StepBatch, scale: float) -> mx.array:
+        """Attention of the step's queries [T, q_heads, D] over their rows' keys, per group
+        (the step's K/V already written). Returns [T, q_heads * D] in flat order, zeros for
+        the padding tokens."""
         q_heads, d = queries.shape[1], queries.shape[2]
         outputs = []
         for g in batch.groups:
@@ -284,6 +299,20 @@ class KVStore:
         if batch.padding:  # rows for the padding tokens (see batch.build_batch)
             outputs.append(mx.zeros((batch.padding, q_heads * d), outputs[0].dtype))
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
+
+
+def scatter_kv(shelf_k: mx.array, shelf_v: mx.array, keys: mx.array, values: mx.array,
+               rows: mx.array) -> tuple[mx.array, mx.array]:
+    """A layer's shelf arrays with new K/V [count, kv_heads, D] written at `rows`
+    (ShelfWrite.rows): one scatter each into the array seen as [positions, D]. Pure, so that
+    it can run inside a compiled piece."""
+    d = keys.shape[-1]
+    out = []
+    for shelf, new in ((shelf_k, keys), (shelf_v, values)):
+        flat = shelf.reshape(-1, d)
+        flat[rows] = new
+        out.append(flat.reshape(shelf.shape))
+    return out[0], out[1]
 
 
 def decode_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array, scale: float) -> mx.array:

@@ -20,7 +20,7 @@ import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
 from ..batch import StepBatch
-from ..cache import KVStore
+from ..cache import KVStore, scatter_kv
 from .compiled import compiled
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -276,17 +276,28 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, batch: StepBatch, cache: KVStore) -> mx.array:
-        # Two compiled pieces around the KV store (see compiled.py).
-        attn = self.self_attn
-        q, k, v = compiled(self, "before", self.before_attention, batch.compile)(x, batch.positions)
-        out = cache.attend(attn.layer, q, k, v, batch, attn.scale)
-        return compiled(self, "after", self.after_attention, batch.compile)(x, out)
+    # The layer protocol of run_layers: before (pure), mix (eager, reads and writes the
+    # cache), after (pure).
+    @property
+    def kv_layer(self) -> int:
+        return self.self_attn.layer
 
-    def before_attention(self, x: mx.array, positions: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    def before_inputs(self, batch: StepBatch) -> tuple:
+        return (batch.positions,)
+
+    def before(self, x: mx.array, positions: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         return self.self_attn.project(self.input_layernorm(x), positions)
 
-    def after_attention(self, x: mx.array, attention: mx.array) -> mx.array:
+    def mix(self, projected: tuple, batch: StepBatch, cache: KVStore, written: bool) -> tuple:
+        attn = self.self_attn
+        if written:
+            (q,) = projected
+        else:
+            q, k, v = projected
+            cache.write(attn.layer, k, v, batch)
+        return (cache.read(attn.layer, q, batch, attn.scale),)
+
+    def after(self, x: mx.array, attention: mx.array) -> mx.array:
         h = add_linear(x, attention, self.self_attn.o_proj)
         return add_mlp(h, self.mlp, self.post_attention_layernorm(h))
 
@@ -347,17 +358,60 @@ class Model(nn.Module):
         return weights
 
 
+def run_layers(layers: list, h: mx.array, batch: StepBatch, cache: KVStore) -> tuple:
+    """The decoder layers over the step's hidden states h [T, hidden]. Returns (h before the
+    last layer's `after`, the last layer, that piece's other inputs); the caller runs it.
+
+    A layer is `before` (norms, projections; pure), `mix` (attention or recurrence: eager,
+    as it reads and writes per-row state whose shapes change every step), then `after`
+    (output projection, MLP; pure). The pure work between two mixes, layer i-1's `after`
+    and layer i's `before`, runs as one compiled piece (see compiled.py): one call per layer
+    for the host to make instead of two. When the step's K/V go to a single shelf write
+    covering every token (KVStore.whole_write: decoding steps), that write happens inside the
+    piece too, as its scatters have the same shapes at every step; otherwise mix does it.
+    """
+    whole = cache.whole_write(batch)
+    previous, carry = None, ()
+    for layer in layers:
+        kv_layer = layer.kv_layer
+        shelf = rows = None
+        if whole is not None and kv_layer is not None:
+            shelf, rows = (whole.shelf.keys[kv_layer], whole.shelf.values[kv_layer]), whole.rows
+        piece = compiled(layer, "joint", partial(_joint, previous, layer), batch.compile)
+        h, projected, written = piece(h, carry, layer.before_inputs(batch), shelf, rows)
+        if shelf is not None:
+            cache.put(kv_layer, whole, *written)
+        carry = layer.mix(projected, batch, cache, shelf is not None)
+        previous = layer
+    return h, previous, carry
+
+
+def _joint(previous, layer, x: mx.array, carry: tuple, inputs: tuple, shelf: tuple | None,
+           rows: mx.array | None) -> tuple:
+    """previous.after, then layer.before, then (given a shelf) the K/V write; see run_layers.
+    Returns (the residual stream, what mix needs of `before`'s outputs, the written shelf)."""
+    if previous is not None:
+        x = previous.after(x, *carry)
+    projected = layer.before(x, *inputs)
+    written = ()
+    if shelf is not None:
+        q, k, v, *rest = projected
+        written = scatter_kv(*shelf, k, v, rows)
+        projected = (q, *rest)
+    return x, projected, written
+
+
 def causal_lm_forward(lm: nn.Module, batch: StepBatch, cache: KVStore) -> mx.array | None:
     """Embedding, the layers, then the head for the rows that want logits: the forward pass
     of every model family here (`lm` has .args, .model.{embed_tokens, layers, norm}, and
     .lm_head unless its embeddings are tied)."""
     h = lm.model.embed_tokens(batch.tokens)
-    for layer in lm.model.layers:
-        h = layer(h, batch, cache)
+    h, last, carry = run_layers(lm.model.layers, h, batch, cache)
     if batch.logit_rows.size == 0:
         # A prefill-only step: its product is the state it wrote. (No zero-row head either:
         # MLX's CUDA back-end rejects zero-size kernels.)
         return None
+    h = compiled(last, "last", last.after, batch.compile)(h, *carry)
     if batch.logit_rows.size != h.shape[0]:  # else every token wants logits, in order
         h = h[batch.logit_rows]
     h = lm.model.norm(h)

@@ -331,26 +331,36 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, batch: StepBatch, cache: KVStore) -> mx.array:
-        # Compiled pieces around what reads and writes per-row state (see compiled.py).
-        before = compiled(self, "before", self.before_mixing, batch.compile)
-        after = compiled(self, "after", self.after_mixing, batch.compile)
-        if self.is_linear:
-            qkv, z, b, a = before(x)
-            return after(x, self.linear_attn.mix(batch, qkv, a, b), z)
-        attn = self.self_attn
-        q, k, v, gate = before(x, batch.positions)
-        return after(x, cache.attend(attn.index, q, k, v, batch, attn.scale), gate)
+    # The layer protocol of llama.run_layers: before (pure), mix (eager: the recurrence or
+    # the attention, which read and write per-row state), after (pure).
+    @property
+    def kv_layer(self) -> int | None:
+        return None if self.is_linear else self.self_attn.index
 
-    def before_mixing(self, x: mx.array, *positions: mx.array) -> tuple[mx.array, ...]:
+    def before_inputs(self, batch: StepBatch) -> tuple:
+        return () if self.is_linear else (batch.positions,)
+
+    def before(self, x: mx.array, *positions: mx.array) -> tuple[mx.array, ...]:
         normed = self.input_layernorm(x)
         if self.is_linear:
             return self.linear_attn.project(normed)
         return self.self_attn.project(normed, *positions)
 
-    def after_mixing(self, x: mx.array, mixed: mx.array, extra: mx.array) -> mx.array:
-        """`mixed`: linear attention's recurrence output (then `extra` is its z) or full
-        attention's output (then `extra` is its gate)."""
+    def mix(self, projected: tuple, batch: StepBatch, cache: KVStore, written: bool) -> tuple:
+        """The after-piece's inputs besides x: linear attention's recurrence output and its
+        z, or full attention's output and its gate."""
+        if self.is_linear:
+            qkv, z, b, a = projected
+            return self.linear_attn.mix(batch, qkv, a, b), z
+        attn = self.self_attn
+        if written:
+            q, gate = projected
+        else:
+            q, k, v, gate = projected
+            cache.write(attn.index, k, v, batch)
+        return cache.read(attn.index, q, batch, attn.scale), gate
+
+    def after(self, x: mx.array, mixed: mx.array, extra: mx.array) -> mx.array:
         h = (self.linear_attn if self.is_linear else self.self_attn).added_to(x, mixed, extra)
         return add_mlp(h, self.mlp, self.post_attention_layernorm(h))
 
