@@ -193,3 +193,44 @@ def test_chunk_attention_matches_masked_sdpa(q_heads, kv_heads):
     # The second row's first token sees only key 0.
     group = q_heads // kv_heads
     assert mx.allclose(ours[1, 0], mx.repeat(v[1, :, 0], group, axis=0), atol=1e-6)
+
+
+def test_kv_write_lands_at_each_rows_slot_and_position_only():
+    """A step's K and V go to [0 or 1, slot, head, position] of the layer's shelf array, for
+    rows in scattered slots and prefill chunks alike, and nothing else in the array changes
+    (written eagerly and, for a write covering the whole step, as the compiled pieces do)."""
+    from mlxserve.batch import build_batch
+    from mlxserve.cache import scatter_kv
+
+    kv_heads, d = 2, 4
+    store = KVStore(1, kv_heads, d, mx.float32, block_size=4)
+    rows = [RowCache(store) for _ in range(4)]
+    lengths = [3, 0, 5, 1]
+    for row, length in zip(rows, lengths):
+        row.reserve(length + 4)
+        row.extend(length)
+    rows[1].release()  # slot 1 free: the others are not consecutive
+    live = [rows[0], rows[2], rows[3]]
+    news = [1, 4, 1]  # two decoding rows and a 4-token chunk
+    feeds = [Feed(i, [7] * n, row.length, row, "last") for i, (row, n) in enumerate(zip(live, news))]
+    batch = build_batch(feeds, block_size=4)
+    T = batch.tokens.size
+    keys = mx.arange(T * kv_heads * d, dtype=mx.float32).reshape(T, kv_heads, d) + 1
+    values = -keys
+    shelf = live[0].shelf
+    assert all(row.shelf is shelf for row in live)
+    before = mx.random.normal(shelf.kv[0].shape)  # distinct values everywhere
+    shelf.kv[0] = mx.array(before)
+    store.write(0, keys, values, batch)
+    after = shelf.kv[0]
+    assert after.shape == (2, shelf.num_slots, kv_heads, shelf.capacity, d)
+    expected = mx.array(before)  # a copy: item assignment rebinds this array object
+    for i, row in enumerate(live):
+        start = batch.row_offsets[i]
+        for j in range(news[i]):
+            position = row.length + j
+            expected[0, row.slot, :, position] = keys[start + j]
+            expected[1, row.slot, :, position] = values[start + j]
+    assert mx.array_equal(after, expected)
+    assert len(batch.writes) == 1 and batch.writes[0].count == T
+    assert mx.array_equal(scatter_kv(before, keys, values, batch.writes[0].rows), expected)

@@ -37,16 +37,17 @@ class AttentionGroup:
 
 @dataclass
 class ShelfWrite:
-    """Flat tokens [offset, offset + count) go to one shelf: token i's K (or V) of kv head h
-    is row `rows[i, h]` of a layer's array seen as [slots * kv_heads * capacity, head_dim].
-    One index array, made once per step for every layer, makes each write a single scatter
-    (per-axis indices cost index-building and cast kernels per layer) that reads the new
-    K/V [count, kv_heads, head_dim] as they are, views included."""
+    """Flat tokens [offset, offset + count) go to one shelf: token i's K of kv head h is row
+    `rows[0][i, h]`, its V row `rows[1][i, h]`, of a layer's array seen as
+    [2 * slots * kv_heads * capacity, head_dim] (see cache.Shelf). Index arrays made once
+    per step for every layer make each write a single scatter (per-axis indices cost
+    index-building and cast kernels per layer) that reads the new K/V [count, kv_heads,
+    head_dim] as they are, views included."""
 
     shelf: object
     offset: int
     count: int
-    rows: mx.array | None  # [count, kv_heads]
+    rows: tuple[mx.array, mx.array] | None  # K rows, V rows: [count, kv_heads] each
 
 
 @dataclass
@@ -159,7 +160,8 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
         slots = slot_arr[w.offset : w.offset + w.count, None].astype(np.int64)
         cols = columns[w.offset : w.offset + w.count, None]
         rows = (slots * kv_heads + np.arange(kv_heads)) * capacity + cols
-        w.rows = mx.array(rows.astype(np.int32))
+        values_from = w.shelf.num_slots * kv_heads * capacity  # V's half of the array
+        w.rows = (mx.array(rows.astype(np.int32)), mx.array((rows + values_from).astype(np.int32)))
 
     num_tokens = len(tokens)
     max_per_row = max(g.tokens_per_row for g in groups)

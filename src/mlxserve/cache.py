@@ -1,8 +1,8 @@
 """Per-request model state: attention K/V in slot-dense shelves, and the four cache verbs.
 
 Every row owns a *slot*: one dense run of positions [0, capacity) in every attention layer's
-K and V arrays. Slots of the same capacity live together on a `Shelf`, whose arrays have
-shape [slots, kv_heads, capacity, head_dim]; capacities are powers of two times a base (4
+K and V. Slots of the same capacity live together on a `Shelf`, whose per-layer arrays have
+shape [2 (K, V), slots, kv_heads, capacity, head_dim]; capacities are powers of two times a base (4
 blocks), so a row wastes at most half its slot, and a row that outgrows its slot moves to
 the next shelf (one copy of its keys).
 
@@ -55,7 +55,14 @@ class OutOfKVMemory(RuntimeError):
 
 
 class Shelf:
-    """Slots of one capacity: per layer K and V of shape [slots, kv_heads, capacity, head_dim].
+    """Slots of one capacity: per layer one array [2, slots, kv_heads, capacity, head_dim],
+    K then V. One array, not two, because MLX's CUDA back-end picks its attention kernel for
+    a single decoding row by the K/V buffers: slices of a buffer of their own (an mlx-lm
+    style cache) go to cuDNN, two kernels and a costly call on the host; others to MLX's
+    one-kernel vector attention (up to 1,024 keys; two beyond). On an H200 this took a
+    Qwen3-0.6B single-stream step from 425 kernels to 397 and its encoding from 4.5-5.1 ms
+    to 3.9 (scripts/kernel_census.py, scripts/profile_step.py). Copies and compactions are
+    also one operation per layer.
 
     `holders[slot]` is whoever owns the slot (a running row's RowCache, or a finished row's
     slot kept by the prefix cache); free slots are handed out lowest first, so running rows
@@ -66,8 +73,7 @@ class Shelf:
         self.store = store
         self.capacity = capacity
         self.num_slots = 0
-        self.keys: list[mx.array] = []
-        self.values: list[mx.array] = []
+        self.kv: list[mx.array] = []
         self.free: list[int] = []  # a heap
         self.holders: dict[int, object] = {}
 
@@ -82,16 +88,14 @@ class Shelf:
     def grow(self, n: int) -> None:
         """Add n slots. Zero-filled: masked-out keys must still be finite numbers."""
         s = self.store
-        shape = (n, s.kv_heads, self.capacity, s.head_dim)
+        shape = (2, n, s.kv_heads, self.capacity, s.head_dim)
         if self.num_slots:
             pad = mx.zeros(shape, dtype=s.dtype)
-            self.keys = [mx.concatenate([k, pad]) for k in self.keys]
-            self.values = [mx.concatenate([v, pad]) for v in self.values]
+            self.kv = [mx.concatenate([a, pad], axis=1) for a in self.kv]
         else:
             # A zeros array per layer, not one shared: each layer's writes replace its own.
-            self.keys = [mx.zeros(shape, dtype=s.dtype) for _ in range(s.num_layers)]
-            self.values = [mx.zeros(shape, dtype=s.dtype) for _ in range(s.num_layers)]
-        mx.eval(self.keys, self.values)
+            self.kv = [mx.zeros(shape, dtype=s.dtype) for _ in range(s.num_layers)]
+        mx.eval(self.kv)
         for slot in range(self.num_slots, self.num_slots + n):
             heapq.heappush(self.free, slot)
         self.num_slots += n
@@ -114,11 +118,10 @@ class Shelf:
         kept = sorted(self.holders)
         if kept:
             order = mx.array(kept)
-            self.keys = [mx.take(k, order, axis=0) for k in self.keys]
-            self.values = [mx.take(v, order, axis=0) for v in self.values]
-            mx.eval(self.keys, self.values)
+            self.kv = [mx.take(a, order, axis=1) for a in self.kv]
+            mx.eval(self.kv)
         else:
-            self.keys, self.values = [], []
+            self.kv = []
         holders = {new: self.holders[old] for new, old in enumerate(kept)}
         for new, holder in holders.items():
             holder.slot = new
@@ -174,7 +177,7 @@ class KVStore:
         return sum(s.slot_bytes for s in self.shelves.values() for h in s.holders.values() if isinstance(h, RowCache))
 
     def arrays(self) -> list[mx.array]:
-        return [a for s in self.shelves.values() for a in s.keys + s.values]
+        return [a for s in self.shelves.values() for a in s.kv]
 
     def capacity_for(self, tokens: int) -> int:
         """The shelf capacity for a row of `tokens` tokens: 4 blocks doubled until it fits,
@@ -233,8 +236,7 @@ class KVStore:
     def copy(self, src: Shelf, src_slot: int, dst: Shelf, dst_slot: int, n: int) -> None:
         """Copy the first n positions of a slot into another (lazily, in every layer)."""
         for layer in range(self.num_layers):
-            dst.keys[layer][dst_slot, :, :n] = src.keys[layer][src_slot, :, :n]
-            dst.values[layer][dst_slot, :, :n] = src.values[layer][src_slot, :, :n]
+            dst.kv[layer][:, dst_slot, :, :n] = src.kv[layer][:, src_slot, :, :n]
 
     # ---- attention ----------------------------------------------------------------------
     def attend(
@@ -253,9 +255,8 @@ class KVStore:
     def write(self, layer: int, keys: mx.array, values: mx.array, batch: StepBatch) -> None:
         """The step's new K/V [T, kv_heads, D] (RoPE applied) into the rows' slots."""
         for w in batch.writes:
-            w.shelf.keys[layer], w.shelf.values[layer] = scatter_kv(
-                w.shelf.keys[layer], w.shelf.values[layer],
-                keys[w.offset : w.offset + w.count], values[w.offset : w.offset + w.count], w.rows)
+            span = slice(w.offset, w.offset + w.count)
+            w.shelf.kv[layer] = scatter_kv(w.shelf.kv[layer], keys[span], values[span], w.rows)
 
     def whole_write(self, batch: StepBatch) -> ShelfWrite | None:
         """The step's only write when it covers every flat token, else None. Such a write
@@ -265,9 +266,9 @@ class KVStore:
             return batch.writes[0]
         return None
 
-    def put(self, layer: int, write: ShelfWrite, keys: mx.array, values: mx.array) -> None:
-        """A layer's shelf arrays, as `scatter_kv` returned them for `write`."""
-        write.shelf.keys[layer], write.shelf.values[layer] = keys, values
+    def put(self, layer: int, write: ShelfWrite, kv: mx.array) -> None:
+        """A layer's shelf array, as `scatter_kv` returned it for `write`."""
+        write.shelf.kv[layer] = kv
 
     def read(self, layer: int, queries: mx.array, batch: StepBatch, scale: float) -> mx.array:
         """Attention of the step's queries [T, q_heads, D] over their rows' keys, per group
@@ -277,14 +278,14 @@ class KVStore:
         outputs = []
         for g in batch.groups:
             n, t, length = g.n_rows, g.tokens_per_row, g.key_length
-            shelf_k, shelf_v = g.shelf.keys[layer], g.shelf.values[layer]
+            shelf = g.shelf.kv[layer]
             if g.first_slot is not None:
                 # The rows sit in consecutive slots: a view, no copy.
-                k = shelf_k[g.first_slot : g.first_slot + n, :, :length]
-                v = shelf_v[g.first_slot : g.first_slot + n, :, :length]
+                k = shelf[0, g.first_slot : g.first_slot + n, :, :length]
+                v = shelf[1, g.first_slot : g.first_slot + n, :, :length]
             else:
-                k = mx.take(shelf_k[:, :, :length], g.slots, axis=0)
-                v = mx.take(shelf_v[:, :, :length], g.slots, axis=0)
+                k = mx.take(shelf[0, :, :, :length], g.slots, axis=0)
+                v = mx.take(shelf[1, :, :, :length], g.slots, axis=0)
             if t == 1 and g.mask is not None:
                 q = queries[g.offset : g.offset + n].reshape(n, q_heads, d)
                 outputs.append(decode_attention(q, k, v, g.mask, scale).reshape(n, q_heads * d))
@@ -301,18 +302,14 @@ class KVStore:
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
 
 
-def scatter_kv(shelf_k: mx.array, shelf_v: mx.array, keys: mx.array, values: mx.array,
-               rows: mx.array) -> tuple[mx.array, mx.array]:
-    """A layer's shelf arrays with new K/V [count, kv_heads, D] written at `rows`
+def scatter_kv(shelf: mx.array, keys: mx.array, values: mx.array, rows: tuple[mx.array, mx.array]) -> mx.array:
+    """A layer's shelf array with new K and V [count, kv_heads, D] written at `rows`
     (ShelfWrite.rows): one scatter each into the array seen as [positions, D]. Pure, so that
     it can run inside a compiled piece."""
-    d = keys.shape[-1]
-    out = []
-    for shelf, new in ((shelf_k, keys), (shelf_v, values)):
-        flat = shelf.reshape(-1, d)
-        flat[rows] = new
-        out.append(flat.reshape(shelf.shape))
-    return out[0], out[1]
+    flat = shelf.reshape(-1, keys.shape[-1])
+    flat[rows[0]] = keys
+    flat[rows[1]] = values
+    return flat.reshape(shelf.shape)
 
 
 def decode_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array, scale: float) -> mx.array:

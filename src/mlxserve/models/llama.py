@@ -376,18 +376,18 @@ def run_layers(layers: list, h: mx.array, batch: StepBatch, cache: KVStore) -> t
         kv_layer = layer.kv_layer
         shelf = rows = None
         if whole is not None and kv_layer is not None:
-            shelf, rows = (whole.shelf.keys[kv_layer], whole.shelf.values[kv_layer]), whole.rows
+            shelf, rows = whole.shelf.kv[kv_layer], whole.rows
         piece = compiled(layer, "joint", partial(_joint, previous, layer), batch.compile)
         h, projected, written = piece(h, carry, layer.before_inputs(batch), shelf, rows)
         if shelf is not None:
-            cache.put(kv_layer, whole, *written)
+            cache.put(kv_layer, whole, written)
         carry = layer.mix(projected, batch, cache, shelf is not None)
         previous = layer
     return h, previous, carry
 
 
-def _joint(previous, layer, x: mx.array, carry: tuple, inputs: tuple, shelf: tuple | None,
-           rows: mx.array | None) -> tuple:
+def _joint(previous, layer, x: mx.array, carry: tuple, inputs: tuple, shelf: mx.array | None,
+           rows: tuple | None) -> tuple:
     """previous.after, then layer.before, then (given a shelf) the K/V write; see run_layers.
     Returns (the residual stream, what mix needs of `before`'s outputs, the written shelf)."""
     if previous is not None:
@@ -396,7 +396,7 @@ def _joint(previous, layer, x: mx.array, carry: tuple, inputs: tuple, shelf: tup
     written = ()
     if shelf is not None:
         q, k, v, *rest = projected
-        written = scatter_kv(*shelf, k, v, rows)
+        written = scatter_kv(shelf, k, v, rows)
         projected = (q, *rest)
     return x, projected, written
 
