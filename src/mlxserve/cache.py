@@ -239,19 +239,6 @@ class KVStore:
             dst.kv[layer][:, dst_slot, :, :n] = src.kv[layer][:, src_slot, :, :n]
 
     # ---- attention ----------------------------------------------------------------------
-    def attend(
-        self,
-        layer: int,
-        queries: mx.array,
-        keys: mx.array,
-        values: mx.array,
-        batch: StepBatch,
-        scale: float,
-    ) -> mx.array:
-        """Write the step's new K/V into the rows' slots, then attend (see `write`, `read`)."""
-        self.write(layer, keys, values, batch)
-        return self.read(layer, queries, batch, scale)
-
     def write(self, layer: int, keys: mx.array, values: mx.array, batch: StepBatch) -> None:
         """The step's new K/V [T, kv_heads, D] (RoPE applied) into the rows' slots."""
         for w in batch.writes:

@@ -4,9 +4,12 @@ A decode step of a small model is bound by the host, not the device: every MLX o
 costs Python time to build and time to encode, and the device waits for them (on an H200
 MLX encoded ~6 us per operation, and a Qwen3-0.6B decode step had ~60 graph nodes per
 layer). A compiled function is traced once per input shape and afterwards replayed from C++,
-with its chains of elementwise operations fused into single kernels. So each layer's work before and after the KV store
-(norms, projections, RoPE, the MLP; for linear attention the whole recurrence of a group) is
-compiled, and only the cache reads and writes, whose shapes change every step, stay eager.
+with its chains of elementwise operations fused into single kernels. So the work between two
+layers' reads of per-row state (one layer's output projection and MLP, the next one's norms,
+projections and RoPE; see llama.run_layers) is one compiled piece, the K/V write joins it
+when its shapes are the same at every step, and for linear attention the whole recurrence
+of a group is compiled too. Only the attention reads, whose key lengths change every step,
+and the rest of the cache bookkeeping stay eager.
 
 Every step runs this way. Small steps (rows feeding at most MAX_TOKENS_PER_ROW tokens each:
 decoding; later, verifying a few draft tokens) run at their own size. A step with a prefill
