@@ -5,6 +5,11 @@ nodes counted. A step bound by the host costs about what its kernel count costs 
 "Measured"), so this is the inventory to shrink.
 
     PYTHONPATH=src python3 scripts/kernel_census.py qwen3-0.6b [--streams 1,32]
+        [--prefill-tokens P]
+
+With --prefill-tokens, a request of P random tokens joins the decoding rows and the step
+counted is its third chunk's (a step that prefills beside them, as while a long prompt is
+admitted; P should exceed three step budgets, 3 x 512 by default).
 
 CUDA only (other back-ends write no graphs).
 """
@@ -24,6 +29,8 @@ os.environ["MLX_SAVE_CUDA_GRAPHS_DOT_FILE"] = DUMP
 import mlx.core as mx  # noqa: E402
 
 from mlxserve.random_weights import build_random_model  # noqa: E402
+from mlxserve.sampling import SamplingParams  # noqa: E402
+from mlxserve.scheduler import Request  # noqa: E402
 from steady_decode import decoding_scheduler  # noqa: E402
 
 
@@ -51,10 +58,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shape", help="a random-weights shape, e.g. qwen3-0.6b or qwen3.5-0.8b")
     parser.add_argument("--streams", default="1,32", help="comma-separated numbers of decoding rows")
+    parser.add_argument("--prefill-tokens", type=int, help="count a step that also prefills a chunk of a prompt this long")
     args = parser.parse_args()
     loaded = build_random_model(args.shape)
     for streams in (int(s) for s in args.streams.split(",")):
         scheduler = decoding_scheduler(loaded, streams, max_tokens=400, warm_steps=5)
+        what = "decode step"
+        if args.prefill_tokens:
+            prompt = mx.random.randint(0, loaded.config["vocab_size"], (args.prefill_tokens,)).tolist()
+            scheduler.add(Request(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)))
+            scheduler.step()  # admission and the first chunk
+            scheduler.step()  # the second
+            prefilling = [row for row in scheduler.running if not row.is_decoding]
+            if not prefilling or prefilling[0].unfed == 0:
+                raise SystemExit("kernel_census: the prompt was prefilled before the step to count; "
+                                 "give a longer --prefill-tokens")
+            what = f"step with a chunk at {prefilling[0].cache.length} of {args.prefill_tokens} prompt tokens"
         mx.synchronize()
         before = set(glob.glob(DUMP + "_*.dot"))
         scheduler.step()
@@ -64,7 +83,7 @@ def main() -> None:
             raise SystemExit("kernel_census: MLX wrote no CUDA graphs (it needs MLX's CUDA back-end)")
         counts = count_kernels(files)
         layers = len(loaded.model.layers)
-        print(f"{args.shape}, {streams} streams: {sum(counts.values())} kernels in one decode step "
+        print(f"{args.shape}, {streams} streams: {sum(counts.values())} kernels in one {what} "
               f"({sum(counts.values()) / layers:.1f} per layer, {layers} layers)")
         for name, n in counts.most_common():
             print(f"{n:6d}  {name}")
