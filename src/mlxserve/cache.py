@@ -259,8 +259,8 @@ class KVStore:
 
     def read(self, layer: int, queries: mx.array, batch: StepBatch, scale: float) -> mx.array:
         """Attention of the step's queries [T, q_heads, D] over their rows' keys, per group
-        (the step's K/V already written). Returns [T, q_heads * D] in flat order, zeros for
-        the padding tokens."""
+        (the step's K/V already written). Returns [T, q_heads * D] in flat order; the
+        padding tokens' rows repeat the last real row (see `padding_rows`)."""
         q_heads, d = queries.shape[1], queries.shape[2]
         outputs = []
         for g in batch.groups:
@@ -284,9 +284,17 @@ class KVStore:
             q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d).transpose(0, 2, 1, 3)
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask)
             outputs.append(o.transpose(0, 2, 1, 3).reshape(n * t, q_heads * d))
-        if batch.padding:  # rows for the padding tokens (see batch.build_batch)
-            outputs.append(mx.zeros((batch.padding, q_heads * d), outputs[0].dtype))
+        if batch.padding:
+            outputs.append(padding_rows(outputs[-1], batch.padding))
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
+
+
+def padding_rows(last: mx.array, padding: int) -> mx.array:
+    """Rows for a step's padding tokens (see batch.build_batch) after the real rows `last`
+    ends with: nothing reads them but the padding tokens' own later rows, so any finite
+    values do. A broadcast of the last real row, which the concatenation copies like any
+    other input, where a zeros array would cost a fill kernel of its own in every layer."""
+    return mx.broadcast_to(last[-1:], (padding, *last.shape[1:]))
 
 
 def scatter_kv(shelf: mx.array, keys: mx.array, values: mx.array, rows: tuple[mx.array, mx.array]) -> mx.array:

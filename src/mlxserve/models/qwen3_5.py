@@ -29,7 +29,7 @@ import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
 from ..batch import StepBatch
-from ..cache import KVStore, StateGather
+from ..cache import KVStore, StateGather, padding_rows
 from . import qwen3_moe
 from .compiled import compiled
 from .gated_delta import gated_delta
@@ -200,8 +200,8 @@ class GatedDeltaNet(nn.Module):
     def mix(self, batch: StepBatch, qkv: mx.array, a: mx.array, b: mx.array) -> mx.array:
         """The recurrence, group by group, each row from its own state: [T, Hv, Dv]."""
         outputs = [self._group(g, qkv, a, b) for g in batch.groups]
-        if batch.padding:  # rows for the padding tokens (see batch.build_batch)
-            outputs.append(mx.zeros((batch.padding, *outputs[0].shape[1:]), outputs[0].dtype))
+        if batch.padding:
+            outputs.append(padding_rows(outputs[-1], batch.padding))
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
 
     def added_to(self, residual: mx.array, y: mx.array, z: mx.array) -> mx.array:
