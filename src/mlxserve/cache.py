@@ -239,6 +239,17 @@ class KVStore:
             dst.kv[layer][:, dst_slot, :, :n] = src.kv[layer][:, src_slot, :, :n]
 
     # ---- attention ----------------------------------------------------------------------
+    def attend(self, layer: int, projected: tuple, batch: StepBatch, scale: float, written: bool) -> tuple:
+        """An attention layer's mix: `projected` is (q, k, v, *rest) as its `before` made it,
+        or (q, *rest) when a compiled piece already wrote k and v (see whole_write). Writes
+        them if not, attends; returns (output, *rest)."""
+        if written:
+            q, *rest = projected
+        else:
+            q, k, v, *rest = projected
+            self.write(layer, k, v, batch)
+        return (self.read(layer, q, batch, scale), *rest)
+
     def write(self, layer: int, keys: mx.array, values: mx.array, batch: StepBatch) -> None:
         """The step's new K/V [T, kv_heads, D] (RoPE applied) into the rows' slots."""
         for w in batch.writes:

@@ -289,13 +289,7 @@ class TransformerBlock(nn.Module):
         return self.self_attn.project(self.input_layernorm(x), positions)
 
     def mix(self, projected: tuple, batch: StepBatch, cache: KVStore, written: bool) -> tuple:
-        attn = self.self_attn
-        if written:
-            (q,) = projected
-        else:
-            q, k, v = projected
-            cache.write(attn.layer, k, v, batch)
-        return (cache.read(attn.layer, q, batch, attn.scale),)
+        return cache.attend(self.self_attn.layer, projected, batch, self.self_attn.scale, written)
 
     def after(self, x: mx.array, attention: mx.array) -> mx.array:
         h = add_linear(x, attention, self.self_attn.o_proj)

@@ -352,13 +352,7 @@ class DecoderLayer(nn.Module):
         if self.is_linear:
             qkv, z, b, a = projected
             return self.linear_attn.mix(batch, qkv, a, b), z
-        attn = self.self_attn
-        if written:
-            q, gate = projected
-        else:
-            q, k, v, gate = projected
-            cache.write(attn.index, k, v, batch)
-        return cache.read(attn.index, q, batch, attn.scale), gate
+        return cache.attend(self.self_attn.index, projected, batch, self.self_attn.scale, written)
 
     def after(self, x: mx.array, mixed: mx.array, extra: mx.array) -> mx.array:
         h = (self.linear_attn if self.is_linear else self.self_attn).added_to(x, mixed, extra)
