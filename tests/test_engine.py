@@ -1,6 +1,8 @@
 """The engine and its step-driven scheduler on a tiny model: batching, chunking, memory,
 cancellation, stop rules and seeds."""
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlxserve import scheduler as scheduler_module
@@ -95,6 +97,62 @@ def test_long_prompt_is_chunked_while_others_decode(loaded):
     assert steps == -(-len(long_prompt) // chunk) + 1
     assert sched.cancel(short.id).finish_reason == "cancelled"
     assert sched.kv.bytes_in_use == 0
+
+
+def buffer_address(array: mx.array) -> int:
+    view = np.asarray(memoryview(array))  # no copy; dropped at return, so it holds nothing
+    return view.__array_interface__["data"][0]
+
+
+def test_steps_write_the_kv_shelves_in_place(loaded, monkeypatch):
+    """MLX writes into an array's buffer only when nothing else holds it, queued kernels
+    included; otherwise it copies the whole array (a layer's K/V shelf) for a few positions.
+    So a step is queued only after the device has finished the one before, while steps
+    still overlap the host's other work (the previous step's samples are read back after
+    the next one is queued), and no shelf array outlives its step."""
+    calls = []
+    synchronize, async_eval = mx.synchronize, mx.async_eval
+    monkeypatch.setattr(mx, "synchronize", lambda *a: (calls.append("wait"), synchronize(*a))[1])
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (calls.append("queue"), async_eval(*a))[1])
+    sched = make_scheduler(loaded, EngineConfig(max_batch_tokens=16, block_size=8))
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    for p in prompts(loaded.tokenizer)[:3]:
+        sched.add(Request(p, params))
+    while not all(row.is_decoding for row in sched.running) or sched.waiting:
+        sched.step()
+    sched.step()
+    synchronize()
+    shelves = [kv for shelf in sched.kv.shelves.values() for kv in shelf.kv]
+    before = [buffer_address(kv) for kv in shelves]
+    del shelves
+    calls.clear()
+    for _ in range(8):
+        assert sched.step(), "each steady step reads back the one before it"
+    synchronize()
+    after = [buffer_address(kv) for shelf in sched.kv.shelves.values() for kv in shelf.kv]
+    assert after == before
+    assert calls == ["wait", "queue"] * 8
+
+
+def test_the_prefill_budget_grows_with_many_decoding_rows(loaded):
+    """Up to `budget_rows` decoding rows a step prefills `max_batch_tokens`; beyond, in
+    proportion to the rows (whole blocks)."""
+    tok = loaded.tokenizer
+    sched = make_scheduler(loaded, EngineConfig(max_batch_tokens=16, budget_rows=2, block_size=8))
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    for text in ["Hello", "The sky", "Paris", "Once"]:
+        sched.add(Request(tok.encode(text), params))
+    while not all(row.is_decoding for row in sched.running) or sched.waiting:
+        sched.step()
+    long = Request(list(range(1, 200)), params)
+    sched.add(long)
+    sched.step()
+    row = next(r for r in sched.running if r.id == long.id)
+    assert row.cache.length == 16 * 4 // 2  # 4 decoding rows, 2 per budget
+    sched.cancel(sched.running[0].id)
+    sched.cancel(sched.running[0].id)
+    sched.step()
+    assert row.cache.length == 32 + 16  # 2 decoding rows: the plain budget
 
 
 def test_a_first_token_comes_back_in_the_step_that_samples_it(loaded):
