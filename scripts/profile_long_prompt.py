@@ -1,0 +1,69 @@
+"""Step by step, what a long prompt's admission costs the rows decoding beside it: each step
+synchronized, its host time and the device's remainder, the prompt's chunk and how many keys
+that chunk attends over, against the steady decode step before the prompt arrives. The steps
+behind the long-prompt bench's ITL p99 (`mlxserve bench --long-prompt-tokens`) show up here.
+
+    PYTHONPATH=src python3 scripts/profile_long_prompt.py qwen3-0.6b [--streams 8]
+        [--prompt-tokens 16384] [--max-batch-tokens 512]
+"""
+
+import argparse
+import time
+
+import mlx.core as mx
+
+from mlxserve.engine import EngineConfig, make_scheduler
+from mlxserve.random_weights import build_random_model
+from mlxserve.sampling import SamplingParams
+from mlxserve.scheduler import Request
+
+
+def synced_step(sched) -> tuple[float, float]:
+    start = time.perf_counter()
+    sched.step()
+    host = time.perf_counter() - start
+    mx.synchronize()
+    return host, time.perf_counter() - start - host
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shape")
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=16384)
+    parser.add_argument("--max-batch-tokens", type=int, default=512)
+    parser.add_argument("--show", type=int, default=10, help="the slowest steps listed")
+    args = parser.parse_args()
+    loaded = build_random_model(args.shape)
+    vocab = loaded.config["vocab_size"]
+    sched = make_scheduler(loaded, EngineConfig(max_batch_tokens=args.max_batch_tokens))
+    sched.warm_up()
+    params = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
+    for i in range(args.streams):
+        sched.add(Request(mx.random.randint(0, vocab, (256,)).tolist(), params))
+    for attempt in ("warm-up", "measured"):  # the first admission builds kernels for its shapes
+        while sched.waiting or not all(row.num_generated > 2 for row in sched.running):
+            sched.step()
+        steady = [sum(synced_step(sched)) for _ in range(30)]
+        long = Request(mx.random.randint(0, vocab, (args.prompt_tokens,)).tolist(), SamplingParams(max_tokens=1))
+        sched.add(long)
+        steps = []
+        while any(row.id == long.id for row in list(sched.waiting) + sched.running):
+            row = next((r for r in sched.running if r.id == long.id), None)
+            before = row.cache.length if row is not None else 0
+            host, device = synced_step(sched)
+            row = next((r for r in sched.running if r.id == long.id), row)
+            after = row.cache.length if row is not None else before
+            steps.append((host + device, host, device, after - before, after))
+    steady_ms = 1e3 * sorted(steady)[len(steady) // 2]
+    total = [s[0] for s in steps]
+    print(f"{args.shape}: {args.streams} streams decoding, steady step p50 {steady_ms:.2f} ms; "
+          f"a {args.prompt_tokens}-token prompt took {len(steps)} steps, "
+          f"p50 {1e3 * sorted(total)[len(total) // 2]:.2f} ms, max {1e3 * max(total):.2f} ms")
+    for t, host, device, chunk, keys in sorted(steps, key=lambda s: -s[0])[: args.show]:
+        print(f"  {1e3 * t:7.2f} ms (host {1e3 * host:6.2f}, device after it {1e3 * device:6.2f}): "
+              f"chunk {chunk:4d} tokens, {keys:6d} keys after it")
+
+
+if __name__ == "__main__":
+    main()
