@@ -234,3 +234,30 @@ def test_kv_write_lands_at_each_rows_slot_and_position_only():
     assert mx.array_equal(after, expected)
     assert len(batch.writes) == 1 and batch.writes[0].count == T
     assert mx.array_equal(scatter_kv(before, keys, values, batch.writes[0].rows), expected)
+
+
+def test_growing_a_shelf_holds_the_new_shelf_and_one_old_layer_at_most():
+    """A shelf grows (and compacts) one layer at a time, so its peak memory is the new shelf
+    plus about one old layer, never the old shelf and the new one side by side."""
+    layers = 8
+    kv = KVStore(layers, 2, 16, mx.float32, block_size=4)
+    rows = [RowCache(kv) for _ in range(8)]
+    for r in rows:
+        r.reserve(10)  # 16-token slots: the shelf doubles up to 8 slots
+    shelf = rows[0].shelf
+    assert shelf.num_slots == 8
+    old_total, layer_bytes = shelf.bytes, shelf.kv[0].nbytes
+    mx.synchronize()
+    baseline = mx.get_active_memory()
+    mx.reset_peak_memory()
+    RowCache(kv).reserve(10)  # a ninth row: the shelf doubles to 16 slots
+    assert shelf.num_slots == 16
+    grown_by = shelf.bytes - old_total
+    # old + new side by side would be old_total more: 8 layers of 8 slots.
+    assert mx.get_peak_memory() - baseline <= grown_by + 3 * layer_bytes
+    for r in rows[:7]:
+        r.release()
+    mx.reset_peak_memory()
+    baseline = mx.get_active_memory()
+    assert shelf.compact() > 0
+    assert mx.get_peak_memory() - baseline <= 2 * shelf.kv[0].nbytes

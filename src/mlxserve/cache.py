@@ -91,14 +91,24 @@ class Shelf:
         shape = (2, n, s.kv_heads, self.capacity, s.head_dim)
         if self.num_slots:
             pad = mx.zeros(shape, dtype=s.dtype)
-            self.kv = [mx.concatenate([a, pad], axis=1) for a in self.kv]
+            self._replace_layers(lambda a: mx.concatenate([a, pad], axis=1))
         else:
             # A zeros array per layer, not one shared: each layer's writes replace its own.
             self.kv = [mx.zeros(shape, dtype=s.dtype) for _ in range(s.num_layers)]
-        mx.eval(self.kv)
+            mx.eval(self.kv)
         for slot in range(self.num_slots, self.num_slots + n):
             heapq.heappush(self.free, slot)
         self.num_slots += n
+
+    def _replace_layers(self, new_array: Callable[[mx.array], mx.array]) -> None:
+        """Replace each layer's array by `new_array` of it, one layer at a time: the old
+        array goes as soon as its successor exists, so the peak is the new shelf plus one
+        old layer, not the old shelf and the new one side by side (1.5 times the new
+        shelf when it doubles)."""
+        for layer, old in enumerate(self.kv):
+            self.kv[layer] = new_array(old)
+            del old
+            mx.eval(self.kv[layer])
 
     def take(self, holder: object) -> int:
         slot = heapq.heappop(self.free)
@@ -118,8 +128,7 @@ class Shelf:
         kept = sorted(self.holders)
         if kept:
             order = mx.array(kept)
-            self.kv = [mx.take(a, order, axis=1) for a in self.kv]
-            mx.eval(self.kv)
+            self._replace_layers(lambda a: mx.take(a, order, axis=1))
         else:
             self.kv = []
         holders = {new: self.holders[old] for new, old in enumerate(kept)}
