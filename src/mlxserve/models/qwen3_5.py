@@ -214,6 +214,7 @@ class GatedDeltaNet(nn.Module):
         span = slice(g.offset, g.offset + n * t)
         if g.state_gather is None:
             g.state_gather = StateGather(g.caches)
+        self._qk_norm_weights(qkv.dtype)  # made here: _recur (traced) only reads them
         conv_state, state = g.state_gather.gather(self.index, self._zero_state)
         recur = compiled(self, "recur", self._recur, True)  # at every length: see compiled.py
         out, window, state = recur(qkv[span].reshape(n, t, -1), a[span].reshape(n, t, self.n_v),
@@ -234,13 +235,25 @@ class GatedDeltaNet(nn.Module):
         v = v.reshape(n, t, self.n_v, self.d_v)
         # L2-normalise q and k (eps added to the sum of squares) and fold the read-out scale
         # 1/sqrt(d_k) into q: rms_norm adds eps to the mean, hence eps / d_k.
-        inv = self.d_k**-0.5
-        q = (inv * inv) * mx.fast.rms_norm(q, None, 1e-6 * inv * inv)
-        k = inv * mx.fast.rms_norm(k, None, 1e-6 * inv * inv)
+        q_weight, k_weight = self._qk_norm_weights(q.dtype)
+        q = mx.fast.rms_norm(q, q_weight, 1e-6 / self.d_k)
+        k = mx.fast.rms_norm(k, k_weight, 1e-6 / self.d_k)
         decay = _decay(self.A_log, a, self.dt_bias)
         beta = mx.sigmoid(b)
         out, state = gated_delta(q, k, v, decay, beta, state)
         return out.reshape(n * t, self.n_v, self.d_v), window[:, -(self.kernel - 1):], state
+
+    def _qk_norm_weights(self, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+        """rms_norm weights that scale q by 1/d_k and k by 1/sqrt(d_k) (the L2 norm's
+        sqrt(d_k), and the read-out scale for q): the scaling happens inside the norm's kernel
+        instead of in two kernels of its own. Not parameters: kept out of the Module tree."""
+        found = self.__dict__.get("_qk_norm")
+        if found is None or found[0].dtype != dtype:
+            inv = self.d_k**-0.5
+            found = (mx.full((self.d_k,), inv * inv, dtype), mx.full((self.d_k,), inv, dtype))
+            mx.eval(found)
+            object.__setattr__(self, "_qk_norm", found)
+        return found
 
     def _zero_state(self) -> tuple[mx.array, mx.array]:
         return (mx.zeros((self.kernel - 1, self.conv_dim), mx.float32),
