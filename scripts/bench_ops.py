@@ -1,7 +1,8 @@
 """What single operations of a step cost, host and device together, at Qwen3-0.6B and
 Qwen3.5-0.8B shapes (bf16): each case is built and queued (mx.async_eval) REPEAT times, then
-synchronized once, and the time per repeat printed. Small operations are bound by the host
-(building and encoding them), so this is where a step's fixed cost per layer comes from.
+synchronized once; printed per repeat are the time until done and the host's share (building
+and queueing). Small operations are bound by the host, so this is where a step's fixed cost
+per layer comes from.
 
     PYTHONPATH=src python3 scripts/bench_ops.py [--repeat 200]
 """
@@ -20,14 +21,18 @@ DT = mx.bfloat16
 
 
 def timed(name: str, fn, repeat: int) -> None:
+    """Per repeat: the host's time to build and queue the case, and the time until the
+    device has also finished (the larger of the two bounds a step made of such cases)."""
     for _ in range(3):  # build kernels, traces and cuDNN graphs first
         mx.eval(fn())
     mx.synchronize()
     start = time.perf_counter()
     for _ in range(repeat):
         mx.async_eval(fn())
+    queued = time.perf_counter()
     mx.synchronize()
-    print(f"{name:58s} {1e6 * (time.perf_counter() - start) / repeat:9.1f} us")
+    done = time.perf_counter()
+    print(f"{name:58s} {1e6 * (done - start) / repeat:9.1f} us  (host {1e6 * (queued - start) / repeat:7.1f} us)")
 
 
 def main() -> None:
@@ -70,7 +75,7 @@ def main() -> None:
     q3 = q.reshape(n, 16, 128)
     timed("same, mlxserve's decode_attention (cache.py)", lambda: decode_attention(q3, k, v, mask, 0.088), r)
     # A prefill chunk of t tokens over L keys (a slot's keys, the tail masked), Qwen3-0.6B heads
-    for t, length in ((96, 8192), (512, 4096), (512, 8192), (512, 16384)):
+    for t, length in ((96, 8192), (128, 16384), (512, 4096), (512, 8192), (512, 16384)):
         qc = mx.random.normal((1, t, 16, 128)).astype(DT)
         kc = mx.random.normal((1, 8, length, 128)).astype(DT)
         visible = mx.arange(length)[None, None, None, :] <= (length - t - 100 + mx.arange(t))[None, None, :, None]
@@ -80,6 +85,11 @@ def main() -> None:
               lambda: mx.fast.scaled_dot_product_attention(qc.transpose(0, 2, 1, 3), kc, kc, scale=0.088, mask=maskc), r // 4)
         timed(f"chunk t={t} keys={length}: mlxserve's chunk_attention",
               lambda: chunk_attention(qc, kc, kc, maskc, 0.088), r // 4)
+        exact = kc[:, :, : length - 100]  # a single row's exact keys: causal, no mask array
+        mx.eval(exact)
+        timed(f"chunk t={t} keys={length - 100}: sdpa causal (exact keys)",
+              lambda: mx.fast.scaled_dot_product_attention(qc.transpose(0, 2, 1, 3), exact, exact, scale=0.088,
+                                                           mask="causal"), r // 4)
     # Qwen3.5-0.8B linear attention: conv over 6144 channels, 16 heads of 128x128 state
     conv = nn.Conv1d(6144, 6144, 4, groups=6144, bias=False)
     conv.weight = conv.weight.astype(DT)
