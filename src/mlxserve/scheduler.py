@@ -251,9 +251,9 @@ class Scheduler:
         return events
 
     def _wait_for_device(self) -> None:
-        """Block until the device has run everything queued so far. `mx.synchronize` also
-        waits for MLX to let go of the buffers those kernels read, which is what lets the
-        next step write the K/V shelves in place."""
+        """Block until the device has run everything queued so far, so that MLX has let go
+        of the buffers those kernels read (on its CUDA back-end `mx.synchronize` waits for
+        exactly that) and the next step writes the K/V shelves in place."""
         if self._queued:
             mx.synchronize()
             self._queued = False
@@ -463,7 +463,7 @@ class Scheduler:
         batched products), what a chunk adds does not; so a bigger chunk beside many rows
         stalls them relatively no more than `max_batch_tokens` beside `budget_rows`, and
         admits waiting prompts in fewer of those expensive steps. H200, Qwen3-0.6B, 64
-        streams (docs/performance-history.md): a step with a 1,024-token chunk took 17.6 ms
+        streams (README, "Measured"): a step with a 1,024-token chunk took 17.6 ms
         against 10.1 ms decoding alone, and 128 requests ran at 5,620 generated tok/s with
         chunks of 1,024 tokens against 4,864 with 512."""
         base, rows = self.config.max_batch_tokens, self.config.budget_rows
