@@ -23,7 +23,7 @@ def timed(name, fn):
         finally: PH[name] = PH.get(name, 0) + time.perf_counter() - t
     return w
 S = sm.Scheduler
-for n in ("_admit", "_plan", "_read_back", "_launch"):
+for n in ("_admit", "_plan", "_wait_for_device", "_read_back", "_launch"):
     setattr(S, n, timed(n, getattr(S, n)))
 runner.Runner.forward = timed("forward(build)", runner.Runner.forward)
 sm.mx.async_eval = timed("async_eval", mx.async_eval)

@@ -4,7 +4,7 @@ mlxserve.random_weights.SHAPES), for one or more step budgets (--max-batch-token
 For each budget, three passes over the same requests (all queued at once, at most --streams
 running, which is a closed loop):
   warm-up     builds kernels and traces, not reported;
-  pipelined   as the engine runs (no synchronization): wall time, steps, generated tok/s;
+  pipelined   as the engine runs (no extra synchronization): wall time, steps, generated tok/s;
   synced      every step synchronized, its host time split into phases (admission and
               planning, graph building, sampling, encoding, reading back) and the device's
               remainder, for decode-only steps and for steps that also prefill.
@@ -54,6 +54,7 @@ def instrument() -> None:
     S = scheduler_module.Scheduler
     S._admit = timed("admit", S._admit)
     S._plan = timed("plan", S._plan)
+    S._wait_for_device = timed("wait", S._wait_for_device)
     S._read_back = timed("read back", S._read_back)
     runner.Runner.forward = timed("build graph", recording(runner.Runner.forward))
     sampling.Sampler.sample = timed("sample", sampling.Sampler.sample)
@@ -110,8 +111,7 @@ def main() -> None:
             mx.synchronize()
             t2 = time.perf_counter()
             rows.append((t1 - t0, t2 - t1, dict(PHASES), STEP.get("decode", 0), STEP.get("chunks", [])))
-        print(f"  synced: peak memory {mx.get_peak_memory() / 1e9:.2f} GB (a step's writes copy a shelf only "
-              "when an earlier step still reads it; more peak when pipelined means copies)")
+        print(f"  synced: peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
         for name, chosen in (("decode only", [r for r in rows if not r[4]]), ("with prefill", [r for r in rows if r[4]])):
             n = max(len(chosen), 1)
             phases = collections.defaultdict(float)

@@ -1,6 +1,7 @@
 """Where a steady decode step's time goes: Python graph building (Runner.forward), MLX encoding
-(mx.async_eval), waiting for the device (Scheduler._read_back), at 1 and 32 streams, on random
-weights at a real shape (see mlxserve.random_weights.SHAPES).
+(mx.async_eval), waiting for the previous step (Scheduler._wait_for_device) and reading it back
+(Scheduler._read_back), at 1 and 32 streams, on random weights at a real shape (see
+mlxserve.random_weights.SHAPES).
 
     PYTHONPATH=src python3 scripts/profile_step.py qwen3.5-0.8b [--streams 1,32]
 """
@@ -37,7 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     runner.Runner.forward = timed("build graph", runner.Runner.forward)
     mx.async_eval = timed("encode (async_eval)", mx.async_eval)
-    Scheduler._read_back = timed("wait + read back", Scheduler._read_back)
+    Scheduler._wait_for_device = timed("wait", Scheduler._wait_for_device)
+    Scheduler._read_back = timed("read back", Scheduler._read_back)
     loaded = build_random_model(args.shape)
     for streams in (int(s) for s in args.streams.split(",")):
         scheduler = decoding_scheduler(loaded, streams, max_tokens=args.steps + 200, warm_steps=30)
