@@ -236,9 +236,10 @@ def test_kv_write_lands_at_each_rows_slot_and_position_only():
     assert mx.array_equal(scatter_kv(before, keys, values, batch.writes[0].rows), expected)
 
 
-def test_growing_a_shelf_holds_the_new_shelf_and_one_old_layer_at_most():
-    """A shelf grows (and compacts) one layer at a time, so its peak memory is the new shelf
-    plus about one old layer, never the old shelf and the new one side by side."""
+def test_growing_a_shelf_holds_the_new_shelf_and_a_few_old_layers_at_most():
+    """A shelf grows (and compacts) layer by layer, waiting for the copies after every
+    quarter of the layers (here 2 of 8), so its peak memory is the new shelf plus a few old
+    layers, never the old shelf and the new one side by side."""
     layers = 8
     kv = KVStore(layers, 2, 16, mx.float32, block_size=4)
     rows = [RowCache(kv) for _ in range(8)]
@@ -260,4 +261,5 @@ def test_growing_a_shelf_holds_the_new_shelf_and_one_old_layer_at_most():
     mx.reset_peak_memory()
     baseline = mx.get_active_memory()
     assert shelf.compact() > 0
-    assert mx.get_peak_memory() - baseline <= 2 * shelf.kv[0].nbytes
+    index_bytes = 4 * shelf.num_slots  # the held slots' order, an int32 array
+    assert mx.get_peak_memory() - baseline <= 2 * shelf.kv[0].nbytes + index_bytes

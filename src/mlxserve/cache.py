@@ -101,14 +101,20 @@ class Shelf:
         self.num_slots += n
 
     def _replace_layers(self, new_array: Callable[[mx.array], mx.array]) -> None:
-        """Replace each layer's array by `new_array` of it, one layer at a time: the old
-        array goes as soon as its successor exists, so the peak is the new shelf plus one
-        old layer, not the old shelf and the new one side by side (1.5 times the new
-        shelf when it doubles)."""
+        """Replace each layer's array by `new_array` of it, layer by layer: an old array goes
+        as soon as its successor exists, so the peak is the new shelf plus the old layers
+        still being copied, not the old shelf and the new one side by side (1.5 times the
+        new shelf when it doubles). The copies are queued, with a wait after every quarter
+        of the layers to bound how many are in flight: waiting after each layer made a
+        Qwen3-0.6B 16k-token shelf's doubling take 5 ms of the host instead of about 1
+        (H200), a pause for every stream decoding at the time."""
+        stride = max(1, len(self.kv) // 4)
         for layer, old in enumerate(self.kv):
             self.kv[layer] = new_array(old)
             del old
-            mx.eval(self.kv[layer])
+            mx.async_eval(self.kv[layer])
+            if (layer + 1) % stride == 0:
+                mx.synchronize()
 
     def take(self, holder: object) -> int:
         slot = heapq.heappop(self.free)
