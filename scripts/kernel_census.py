@@ -43,15 +43,22 @@ def kernel_name(label: str) -> str:
     return label[:60]
 
 
-def count_kernels(files: list[str]) -> collections.Counter:
-    counts: collections.Counter = collections.Counter()
+def kernel_sequence(files: list[str]) -> list[str]:
+    """The step's kernels in the order the graphs hold them."""
+    names = []
     for path in files:
         text = open(path).read()
         # A node: "graph_A_node_B"[... label="<number>\n<kernel or child graph name>\n"]
         for name in re.findall(r'_node_\d+"\[[^\]]*?label="\d+\n([^\n"]+)', text):
             if not name.startswith("graph_"):  # a child graph's node, not a kernel
-                counts[kernel_name(name)] += 1
-    return counts
+                names.append(kernel_name(name))
+    return names
+
+
+def _graph_number(path: str) -> tuple:
+    """Graph files in the order MLX wrote them (their numbers, not their names, sort)."""
+    digits = re.findall(r"\d+", os.path.basename(path))
+    return tuple(int(d) for d in digits)
 
 
 def main() -> None:
@@ -59,6 +66,7 @@ def main() -> None:
     parser.add_argument("shape", help="a random-weights shape, e.g. qwen3-0.6b or qwen3.5-0.8b")
     parser.add_argument("--streams", default="1,32", help="comma-separated numbers of decoding rows")
     parser.add_argument("--prefill-tokens", type=int, help="count a step that also prefills a chunk of a prompt this long")
+    parser.add_argument("--sequence", metavar="FILE", help="also write the kernels in launch order to FILE")
     args = parser.parse_args()
     loaded = build_random_model(args.shape)
     for streams in (int(s) for s in args.streams.split(",")):
@@ -78,10 +86,14 @@ def main() -> None:
         before = set(glob.glob(DUMP + "_*.dot"))
         scheduler.step()
         mx.synchronize()
-        files = sorted(set(glob.glob(DUMP + "_*.dot")) - before)
+        files = sorted(set(glob.glob(DUMP + "_*.dot")) - before, key=_graph_number)
         if not files:
             raise SystemExit("kernel_census: MLX wrote no CUDA graphs (it needs MLX's CUDA back-end)")
-        counts = count_kernels(files)
+        sequence = kernel_sequence(files)
+        counts = collections.Counter(sequence)
+        if args.sequence:
+            with open(f"{args.sequence}.{streams}", "w") as out:
+                out.write("\n".join(sequence) + "\n")
         layers = len(loaded.model.layers)
         print(f"{args.shape}, {streams} streams: {sum(counts.values())} kernels in one {what} "
               f"({sum(counts.values()) / layers:.1f} per layer, {layers} layers)")

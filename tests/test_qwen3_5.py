@@ -15,7 +15,8 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlxserve.cache import KVStore, RowCache
 from mlxserve.engine import Engine, EngineConfig
 from mlxserve.loader import load_model
-from mlxserve.models.gated_delta import gated_delta, gated_delta_chunked, gated_delta_reference
+from mlxserve.models.gated_delta import gated_delta, gated_delta_chunked, gated_delta_reference, gated_delta_step
+from mlxserve.models.qwen3_5 import _conv_step, _depthwise_conv
 from mlxserve.runner import Feed, Runner
 from mlxserve.sampling import SamplingParams
 from mlxserve.scheduler import Request
@@ -117,6 +118,41 @@ def test_gated_delta_forms_agree(T):
     for y, s in (gated_delta_chunked(q, k, v, g, beta, state), gated_delta(q, k, v, g, beta, state), fast):
         assert mx.abs(y - y_ref).max().item() < 1e-5
         assert mx.abs(s - s_ref).max().item() < 1e-5
+
+
+def test_the_one_token_step_matches_the_reference_compiled():
+    """gated_delta_step, as the decode path runs it (compiled; g and beta already in their
+    broadcast shape), against the token-by-token definition, with two value heads per key
+    head."""
+    rng = np.random.default_rng(7)
+    B, Hk, Hv, Dk, Dv = 3, 2, 4, 32, 16
+    q = mx.array(0.2 * rng.standard_normal((B, 1, Hk, Dk)), dtype=mx.float32)
+    k = rng.standard_normal((B, 1, Hk, Dk))
+    k = mx.array(k / np.linalg.norm(k, axis=-1, keepdims=True), dtype=mx.float32)
+    v = mx.array(rng.standard_normal((B, 1, Hv, Dv)), dtype=mx.float32)
+    g = mx.array(rng.uniform(0.3, 1.0, (B, 1, Hv)), dtype=mx.float32)
+    beta = mx.array(rng.uniform(0.0, 1.0, (B, 1, Hv)), dtype=mx.float32)
+    state = mx.array(0.1 * rng.standard_normal((B, Hv, Dv, Dk)), dtype=mx.float32)
+    y_ref, s_ref = gated_delta_reference(q, k, v, g, beta, state)
+    shaped = (B, Hk, Hv // Hk, 1, 1)
+    y, s = mx.compile(gated_delta_step)(q[:, 0], k[:, 0], v[:, 0], g.reshape(shaped), beta.reshape(shaped), state)
+    assert y.dtype == mx.float32 and y.shape == (B, Hv, Dv)
+    assert mx.abs(y - y_ref[:, 0]).max().item() < 1e-5
+    assert mx.abs(s - s_ref).max().item() < 1e-5
+
+
+def test_the_one_token_convolution_is_the_windowed_one_exactly():
+    """_conv_step (decoding) computes what _depthwise_conv over the K-long window does, bit
+    for bit, and returns the last K-1 inputs as the next window."""
+    rng = np.random.default_rng(3)
+    n, K, C = 3, 4, 24
+    window = mx.array(rng.standard_normal((n, K - 1, C)), dtype=mx.float32)
+    x = mx.array(rng.standard_normal((n, 1, C)), dtype=mx.bfloat16)
+    weight = mx.array(rng.standard_normal((C, K, 1)), dtype=mx.bfloat16)
+    full = mx.concatenate([window, x.astype(mx.float32)], axis=1)
+    out, new = mx.compile(_conv_step)(window, x, weight)
+    assert mx.array_equal(out, _depthwise_conv(full, weight, 1))
+    assert mx.array_equal(new, full[:, 1:])
 
 
 def test_chunk_sizes_do_not_change_greedy_ids(hybrid):

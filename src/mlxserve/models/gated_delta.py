@@ -4,15 +4,21 @@ Per value head, with state S [Dv, Dk], decay g_t in (0, 1] and update rate beta_
     S_t = g_t S_{t-1} + beta_t (v_t - g_t S_{t-1} k_t) k_t^T,      o_t = S_t q_t
 (q and k already L2-normalised, q carrying the 1/sqrt(Dk) read-out scale.)
 
-`gated_delta(...)` picks one of two forms:
-  - MLX's own `mx.fast.gated_delta_update` (when the installed MLX has it), a kernel that walks
-    the tokens in order: the fastest for decoding (a token or a few per row);
+`gated_delta(...)` picks one of three forms:
+  - `gated_delta_step` for one token per row (decoding), written so that inside a compiled
+    function (models/compiled.py) it is a few fused kernels: used where MLX has no kernel of
+    its own for the rule. On Metal `mx.fast.gated_delta_update` is such a kernel; on MLX's
+    CPU and CUDA back-ends it is a composition of generic operations (on an H200 a
+    Qwen3.5-0.8B decode step spent about 16 kernels per linear layer between its input and
+    output projections, against 9 with this form; `scripts/kernel_census.py`);
+  - MLX's own `mx.fast.gated_delta_update` (when the installed MLX has it), which walks the
+    tokens in order: for a few tokens per row;
   - `gated_delta_chunked`, a pure-MLX formulation that processes CHUNK tokens at a time with
     matrix products (the "WY" form of the delta rule): for prompts. On an H200 (MLX 0.32.4
     CUDA, one Qwen3.5-0.8B layer: 16 heads, 128x128 state, bf16; figures in the Qwen3.5
     issue's notes) it prefilled 4096 tokens in 36 ms against the fast op's 426 ms, while
     one decode token took 0.52 ms against 0.15 ms.
-Both take and return float32 state, and neither is a per-token Python loop.
+All take and return float32 state, and none is a per-token Python loop.
 """
 
 from __future__ import annotations
@@ -25,13 +31,49 @@ CHUNK = 64
 FAST_MAX_TOKENS = 4
 
 
+def native_fast_op() -> bool:
+    """Whether `mx.fast.gated_delta_update` is a kernel of its own on the default device (Metal)
+    rather than MLX's generic fallback (CPU, CUDA)."""
+    return (hasattr(mx.fast, "gated_delta_update") and mx.default_device() == mx.gpu
+            and mx.metal.is_available())
+
+
 def gated_delta(q, k, v, g, beta, state, *, use_fast: bool = True):
     """q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g, beta [B, T, Hv]; state [B, Hv, Dv, Dk] float32.
     Returns (outputs [B, T, Hv, Dv] in v's dtype, new state [B, Hv, Dv, Dk] float32)."""
+    if q.shape[1] == 1 and not (use_fast and native_fast_op()):
+        out, new_state = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state)
+        return out[:, None].astype(v.dtype), new_state
     if use_fast and q.shape[1] <= FAST_MAX_TOKENS and hasattr(mx.fast, "gated_delta_update"):
         out, new_state = mx.fast.gated_delta_update(q, k, v, g, beta, state)
         return out.astype(v.dtype), new_state
     return gated_delta_chunked(q, k, v, g, beta, state)
+
+
+def gated_delta_step(q, k, v, g, beta, state):
+    """One token per row: q, k [B, Hk, Dk]; v [B, Hv, Dv]; g, beta [B, Hv] (or any shape of
+    B * Hv elements); state [B, Hv, Dv, Dk] float32. Returns (outputs [B, Hv, Dv], new state),
+    both float32.
+
+    The reference's arithmetic, arranged for MLX's compiler: the two state-vector products
+    are matrix-vector products (one kernel each), and the rest is one fused elementwise
+    kernel, as g and beta are reshaped to their broadcast shapes first (a reshape between
+    elementwise operations stops their fusion; given in those shapes, their own computation
+    fuses in too). Value heads sharing a key head see it through broadcasting, not copies."""
+    B, Hk, Dk = k.shape
+    Hv, Dv = v.shape[1], v.shape[2]
+    r = Hv // Hk  # value head j reads key head j // r
+    f32 = mx.float32
+    k = k.astype(f32).reshape(B, Hk, Dk, 1)
+    q = q.astype(f32).reshape(B, Hk, Dk, 1)
+    s = state.reshape(B, Hk, r * Dv, Dk)
+    g = g.reshape(B, Hk, r, 1, 1).astype(f32)
+    beta = beta.reshape(B, Hk, r, 1, 1).astype(f32)
+    kv_mem = (s @ k).reshape(B, Hk, r, Dv, 1)  # S k, decayed below
+    delta = (v.reshape(B, Hk, r, Dv, 1).astype(f32) - g * kv_mem) * beta
+    s = s.reshape(B, Hk, r, Dv, Dk) * g + delta * k.reshape(B, Hk, 1, 1, Dk)
+    out = s.reshape(B, Hk, r * Dv, Dk) @ q
+    return out.reshape(B, Hv, Dv), s.reshape(B, Hv, Dv, Dk)
 
 
 def gated_delta_chunked(q, k, v, g, beta, state):

@@ -32,7 +32,7 @@ from ..batch import StepBatch
 from ..cache import KVStore, StateGather, padding_rows
 from . import qwen3_moe
 from .compiled import compiled
-from .gated_delta import gated_delta
+from .gated_delta import gated_delta, gated_delta_step, native_fast_op
 from .llama import MLP, add_linear, add_mlp, causal_lm_forward, fuse_linears
 
 ARCHITECTURES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
@@ -115,8 +115,9 @@ class GatedRMSNorm(nn.Module):
         self.weight = mx.ones(dims)
 
     def __call__(self, x: mx.array, gate: mx.array) -> mx.array:
+        """x: the recurrence's output (float32 or the model's dtype); gate: the model's."""
         normed = mx.fast.rms_norm(x, self.weight, self.eps).astype(mx.float32)
-        return (nn.silu(gate.astype(mx.float32)) * normed).astype(x.dtype)
+        return (nn.silu(gate.astype(mx.float32)) * normed).astype(gate.dtype)
 
 
 def _depthwise_conv(window: mx.array, weight: mx.array, t: int) -> mx.array:
@@ -131,8 +132,26 @@ def _depthwise_conv(window: mx.array, weight: mx.array, t: int) -> mx.array:
     return out
 
 
-@mx.compile
+def _conv_step(window: mx.array, x: mx.array, weight: mx.array) -> tuple[mx.array, mx.array]:
+    """`_depthwise_conv` of one new input x [n, 1, C] after the last K-1 inputs `window`
+    [n, K-1, C] (float32): (the convolution [n, 1, C], the next window), the same sum in the
+    same order. The next window is a gather of the old one's rows shifted by one and a
+    select of x into its last row, and the sum reads it: inside a compiled function three
+    kernels, where building the K-long window first and slicing the next one out of it
+    took a conversion, three copies and the sum's kernel."""
+    kernel = weight.shape[1]
+    shifted = mx.take(window, mx.array([*range(1, kernel - 1), kernel - 2]), axis=1)
+    last = mx.array([i == kernel - 2 for i in range(kernel - 1)])[None, :, None]
+    new = mx.where(last, x.astype(mx.float32), shifted)
+    out = window[:, :1] * weight[:, 0, 0]
+    for j in range(1, kernel):
+        out = out + new[:, j - 1 : j] * weight[:, j, 0]
+    return out, new
+
+
 def _decay(A_log: mx.array, a: mx.array, dt_bias: mx.array) -> mx.array:
+    """Per-token decay exp(-exp(A_log) * softplus(a + dt_bias)), float32. Called inside the
+    compiled recurrence, where it fuses into its consumers."""
     return mx.exp(-mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias))
 
 
@@ -214,7 +233,8 @@ class GatedDeltaNet(nn.Module):
         span = slice(g.offset, g.offset + n * t)
         if g.state_gather is None:
             g.state_gather = StateGather(g.caches)
-        self._qk_norm_weights(qkv.dtype)  # made here: _recur (traced) only reads them
+        self._qk_norm_weights()  # made here: _recur (traced) only reads them
+        self._decay_parameters()
         conv_state, state = g.state_gather.gather(self.index, self._zero_state)
         recur = compiled(self, "recur", self._recur, True)  # at every length: see compiled.py
         out, window, state = recur(qkv[span].reshape(n, t, -1), a[span].reshape(n, t, self.n_v),
@@ -227,33 +247,65 @@ class GatedDeltaNet(nn.Module):
         """One group's rows [n, t, ...] from their conv windows and states: (outputs
         [n * t, Hv, Dv], the new conv windows, the new states)."""
         n, t = qkv.shape[0], qkv.shape[1]
-        window = mx.concatenate([conv_state, qkv.astype(mx.float32)], axis=1)
-        conv_out = nn.silu(_depthwise_conv(window, self.conv1d.weight, t)).astype(qkv.dtype)
+        if t == 1:
+            conv, window = _conv_step(conv_state, qkv, self.conv1d.weight)
+        else:
+            window = mx.concatenate([conv_state, qkv.astype(mx.float32)], axis=1)
+            conv = _depthwise_conv(window, self.conv1d.weight, t)
+            window = window[:, -(self.kernel - 1):]
+        # Kept in float32 from here: the recurrence computes in float32 anyway, and its output
+        # goes through GatedRMSNorm, which returns the model's dtype.
+        conv_out = nn.silu(conv)
         q, k, v = mx.split(conv_out, [self.key_dim, 2 * self.key_dim], axis=-1)
         q = q.reshape(n, t, self.n_k, self.d_k)
         k = k.reshape(n, t, self.n_k, self.d_k)
         v = v.reshape(n, t, self.n_v, self.d_v)
         # L2-normalise q and k (eps added to the sum of squares) and fold the read-out scale
         # 1/sqrt(d_k) into q: rms_norm adds eps to the mean, hence eps / d_k.
-        q_weight, k_weight = self._qk_norm_weights(q.dtype)
+        q_weight, k_weight = self._qk_norm_weights()
         q = mx.fast.rms_norm(q, q_weight, 1e-6 / self.d_k)
         k = mx.fast.rms_norm(k, k_weight, 1e-6 / self.d_k)
-        decay = _decay(self.A_log, a, self.dt_bias)
-        beta = mx.sigmoid(b)
-        out, state = gated_delta(q, k, v, decay, beta, state)
-        return out.reshape(n * t, self.n_v, self.d_v), window[:, -(self.kernel - 1):], state
+        if t == 1 and not native_fast_op():
+            # Decay and beta in the step's broadcast shape, so that they are computed inside
+            # its fused kernels rather than in kernels of their own.
+            rate, dt_bias = self._decay_parameters()
+            heads = (n, *rate.shape)
+            decay = mx.exp(rate * nn.softplus(a.reshape(heads) + dt_bias))
+            beta = mx.sigmoid(b.reshape(heads))
+            out, state = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], decay, beta, state)
+        else:
+            decay = _decay(self.A_log, a, self.dt_bias)
+            beta = mx.sigmoid(b)
+            out, state = gated_delta(q, k, v, decay, beta, state)
+        return out.reshape(n * t, self.n_v, self.d_v), window, state
 
-    def _qk_norm_weights(self, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
-        """rms_norm weights that scale q by 1/d_k and k by 1/sqrt(d_k) (the L2 norm's
-        sqrt(d_k), and the read-out scale for q): the scaling happens inside the norm's kernel
-        instead of in two kernels of its own. Not parameters: kept out of the Module tree."""
+    def _qk_norm_weights(self) -> tuple[mx.array, mx.array]:
+        """rms_norm weights (float32, as q and k are) that scale q by 1/d_k and k by
+        1/sqrt(d_k) (the L2 norm's sqrt(d_k), and the read-out scale for q): the scaling
+        happens inside the norm's kernel instead of in two kernels of its own. Not parameters:
+        kept out of the Module tree."""
         found = self.__dict__.get("_qk_norm")
-        if found is None or found[0].dtype != dtype:
+        if found is None:
             inv = self.d_k**-0.5
-            found = (mx.full((self.d_k,), inv * inv, dtype), mx.full((self.d_k,), inv, dtype))
+            found = (mx.full((self.d_k,), inv * inv, mx.float32), mx.full((self.d_k,), inv, mx.float32))
             mx.eval(found)
             object.__setattr__(self, "_qk_norm", found)
         return found
+
+    def _decay_parameters(self) -> tuple[mx.array, mx.array]:
+        """-exp(A_log) (float32) and dt_bias, shaped [key heads, value heads per key head, 1,
+        1] for gated_delta_step: computed and reshaped outside the compiled recurrence, as
+        each operation on them there deepened the step's fused kernel past what MLX fuses
+        into one (the decay then took kernels of its own). Remade when the parameters are
+        replaced (loading weights)."""
+        found = self.__dict__.get("_decay_shaped")
+        if found is None or found[0] is not self.A_log or found[1] is not self.dt_bias:
+            heads = (self.n_k, self.n_v // self.n_k, 1, 1)
+            shaped = (-mx.exp(self.A_log.astype(mx.float32)).reshape(heads), self.dt_bias.reshape(heads))
+            mx.eval(shaped)
+            found = (self.A_log, self.dt_bias, *shaped)
+            object.__setattr__(self, "_decay_shaped", found)
+        return found[2], found[3]
 
     def _zero_state(self) -> tuple[mx.array, mx.array]:
         return (mx.zeros((self.kernel - 1, self.conv_dim), mx.float32),
