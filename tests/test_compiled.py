@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mlxserve.cache import KVStore, RowCache
+from mlxserve.engine import _acquire_worker, _release_worker
 from mlxserve.models import compiled
 from mlxserve.random_weights import build_random_model
 from mlxserve.runner import Feed, Runner
@@ -18,7 +19,8 @@ from mlxserve.runner import Feed, Runner
 def logits(loaded) -> np.ndarray:
     """Logits of three rows each decoding a token after their prompts, then of a step in
     which two of them decode and a new row prefills a chunk beside them. Prompts and the mixed
-    step run padded to a bucket size when compiling is enabled."""
+    step run padded to a bucket size when compiling is enabled (the padding attending as extra
+    queries of the chunk)."""
     model = loaded.model
     layers, heads, dim = model.kv_shape()
     state = model.state_bytes_per_row() if hasattr(model, "state_bytes_per_row") else 0
@@ -41,14 +43,31 @@ def logits(loaded) -> np.ndarray:
     mixed.append(Feed(9, list(range(40, 63)), 0, newcomer, "last"))
     mixed_out, batch = runner.forward(mixed)
     assert batch.padding == (-25 % compiled.MULTI_TOKEN_BUCKET if compiled.enabled else 0)
+    # The padding attends as extra queries of the chunk's row (the last group), not as rows
+    # concatenated to the attention output.
+    chunk = batch.groups[-1]
+    assert chunk.extra_queries == batch.padding
+    assert chunk.mask.shape[2] == 23 + batch.padding
     return np.concatenate([np.array(out), np.array(mixed_out)])
 
 
 def on_another_thread(fn, *args):
+    """fn(*args) on one of the engine's worker threads: a thread that lives on, as the
+    engine's do (so its trace cache outlives the model), and that never exits during the run
+    (a thread that used MLX and exits can abort the process at shutdown, see engine.py)."""
     result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("value", fn(*args)))
-    thread.start()
-    thread.join()
+    done = threading.Event()
+
+    def job():
+        try:
+            result["value"] = fn(*args)
+        finally:
+            done.set()
+
+    worker = _acquire_worker()
+    worker.run(job)
+    done.wait()
+    _release_worker(worker)
     return result["value"]
 
 

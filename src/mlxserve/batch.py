@@ -30,9 +30,12 @@ class AttentionGroup:
     first_slot: int | None  # the rows hold slots first_slot, first_slot + 1, ... in order
     slots: mx.array | None  # otherwise their slots, gathered
     key_length: int  # keys to attend over: the longest row's length after this step
-    mask: mx.array | None  # additive [n, 1, t, key_length]; None for one decoding row
+    mask: mx.array | None  # additive [n, 1, t + extra_queries, key_length]; None for one decoding row
     caches: list  # the rows' RowCaches in group order (linear-attention layers read their state)
     state_gather: object = None  # hybrid models: a cache.StateGather, made by the first linear layer
+    # The step's padding tokens, when they follow this group (a single multi-token feed, the
+    # last group) and attend as extra queries of its row; see build_batch.
+    extra_queries: int = 0
 
 
 @dataclass
@@ -95,6 +98,7 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
     row_logits: list = []
     row_offsets: dict = {}
     groups: list[AttentionGroup] = []
+    query_positions: list[np.ndarray] = []  # per group, [n, t]
     for (_, t, _), members in sorted(by_group.items(), key=lambda item: item[0]):
         members.sort(key=lambda row: row.cache.slot)
         offset = len(tokens)
@@ -124,13 +128,6 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
             while rounded < key_length:
                 rounded *= 2
             key_length = min(rounded, members[0].cache.capacity)
-        if len(members) == 1 and t == 1:
-            mask = None  # one decoding row attends over exactly its keys
-        else:
-            # Key j is visible to the query at position p iff j <= p: this is both the causal
-            # rule and the cut-off of shorter rows. Built once here, shared by every layer.
-            visible = mx.arange(key_length)[None, None, None, :] <= mx.array(pos)[:, None, :, None]
-            mask = mx.where(visible, mx.array(0.0, mask_dtype), mx.array(-float("inf"), mask_dtype))
         groups.append(
             AttentionGroup(
                 offset=offset,
@@ -140,10 +137,11 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
                 first_slot=slots[0] if consecutive else None,
                 slots=None if consecutive else mx.array(slots),
                 key_length=key_length,
-                mask=mask,
+                mask=None,  # made below, once the padding is known
                 caches=[row.cache for row in members],
             )
         )
+        query_positions.append(pos)
 
     # One write per shelf: groups of a shelf are adjacent in the flat order.
     writes: list[ShelfWrite] = []
@@ -167,8 +165,23 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
     max_per_row = max(g.tokens_per_row for g in groups)
     small = max_per_row <= small_step_tokens_per_row
     padding = 0 if small or pad_to is None else -num_tokens % pad_to
-    # Padding tokens: token 0 at position 0. No write or group covers them, so they touch no
-    # cache, and no logits row points at them.
+    # Padding tokens: token 0 at position 0. No write covers them, so they touch no cache,
+    # and no logits row points at them. When the last group is a single multi-token feed
+    # (the usual padded step: a prompt's chunk, perhaps beside decoding rows), they attend as
+    # extra queries of its row, seeing its first key only: attention then gives every flat
+    # token its row of output at once, where the padding's rows were otherwise made and
+    # concatenated to the groups' outputs in every layer (a copy of all of them).
+    last = groups[-1]
+    if padding and last.n_rows == 1 and last.tokens_per_row > 1:
+        last.extra_queries = padding
+        query_positions[-1] = np.concatenate([query_positions[-1], np.zeros((1, padding), np.int32)], axis=1)
+    for g, pos in zip(groups, query_positions):
+        if g.n_rows == 1 and g.tokens_per_row == 1:
+            continue  # one decoding row attends over exactly its keys: no mask
+        # Key j is visible to the query at position p iff j <= p: this is both the causal
+        # rule and the cut-off of shorter rows. Built once here, shared by every layer.
+        visible = mx.arange(g.key_length)[None, None, None, :] <= mx.array(pos)[:, None, :, None]
+        g.mask = mx.where(visible, mx.array(0.0, mask_dtype), mx.array(-float("inf"), mask_dtype))
     flat_tokens = np.zeros(num_tokens + padding, dtype=np.int32)
     flat_tokens[:num_tokens] = tokens
     flat_positions = np.zeros(num_tokens + padding, dtype=np.int32)

@@ -286,7 +286,8 @@ class KVStore:
     def read(self, layer: int, queries: mx.array, batch: StepBatch, scale: float) -> mx.array:
         """Attention of the step's queries [T, q_heads, D] over their rows' keys, per group
         (the step's K/V already written). Returns [T, q_heads * D] in flat order; the
-        padding tokens' rows repeat the last real row (see `padding_rows`)."""
+        padding tokens' rows are those of extra queries (AttentionGroup.extra_queries) or
+        repeat the last real row (see `padding_rows`)."""
         q_heads, d = queries.shape[1], queries.shape[2]
         outputs = []
         for g in batch.groups:
@@ -303,14 +304,16 @@ class KVStore:
                 q = queries[g.offset : g.offset + n].reshape(n, q_heads, d)
                 outputs.append(decode_attention(q, k, v, g.mask, scale).reshape(n, q_heads * d))
                 continue
-            if g.mask is not None and t <= CHUNK_ATTENTION_MAX_TOKENS and length >= CHUNK_ATTENTION_MIN_KEYS:
+            short = t <= CHUNK_ATTENTION_MAX_TOKENS
+            t += g.extra_queries  # the step's padding, attending as this row's extra queries
+            if g.mask is not None and short and length >= CHUNK_ATTENTION_MIN_KEYS:
                 q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d)
                 outputs.append(chunk_attention(q, k, v, g.mask, scale).reshape(n * t, q_heads * d))
                 continue
             q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d).transpose(0, 2, 1, 3)
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask)
             outputs.append(o.transpose(0, 2, 1, 3).reshape(n * t, q_heads * d))
-        if batch.padding:
+        if batch.padding and not batch.groups[-1].extra_queries:
             outputs.append(padding_rows(outputs[-1], batch.padding))
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
 
