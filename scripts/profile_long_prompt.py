@@ -4,21 +4,42 @@ that chunk attends over, against the steady decode step before the prompt arrive
 behind the long-prompt bench's ITL p99 (`mlxserve bench --long-prompt-tokens`) show up here.
 
     PYTHONPATH=src python3 scripts/profile_long_prompt.py qwen3-0.6b [--streams 8]
-        [--prompt-tokens 16384] [--max-batch-tokens 512]
+        [--prompt-tokens 16384] [--max-batch-tokens 512] [--chunk-attention-max-tokens N]
+
+Each listed step shows its host time split into admission, graph building (Runner.forward)
+and MLX encoding (mx.async_eval). --chunk-attention-max-tokens sets
+cache.CHUNK_ATTENTION_MAX_TOKENS (0: every chunk through MLX's fused attention) to compare.
 """
 
 import argparse
+import collections
 import time
 
 import mlx.core as mx
 
+from mlxserve import cache, runner
+from mlxserve import scheduler as scheduler_module
 from mlxserve.engine import EngineConfig, make_scheduler
 from mlxserve.random_weights import build_random_model
 from mlxserve.sampling import SamplingParams
 from mlxserve.scheduler import Request
 
 
+PHASES: dict[str, float] = collections.defaultdict(float)
+
+
+def timed(name, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            PHASES[name] += time.perf_counter() - start
+    return wrapper
+
+
 def synced_step(sched) -> tuple[float, float]:
+    PHASES.clear()
     start = time.perf_counter()
     sched.step()
     host = time.perf_counter() - start
@@ -33,7 +54,12 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16384)
     parser.add_argument("--max-batch-tokens", type=int, default=512)
     parser.add_argument("--show", type=int, default=10, help="the slowest steps listed")
+    parser.add_argument("--chunk-attention-max-tokens", type=int, default=cache.CHUNK_ATTENTION_MAX_TOKENS)
     args = parser.parse_args()
+    cache.CHUNK_ATTENTION_MAX_TOKENS = args.chunk_attention_max_tokens
+    scheduler_module.Scheduler._admit = timed("admit", scheduler_module.Scheduler._admit)
+    runner.Runner.forward = timed("build", runner.Runner.forward)
+    scheduler_module.mx.async_eval = timed("encode", mx.async_eval)
     loaded = build_random_model(args.shape)
     vocab = loaded.config["vocab_size"]
     sched = make_scheduler(loaded, EngineConfig(max_batch_tokens=args.max_batch_tokens))
@@ -54,14 +80,15 @@ def main() -> None:
             host, device = synced_step(sched)
             row = next((r for r in sched.running if r.id == long.id), row)
             after = row.cache.length if row is not None else before
-            steps.append((host + device, host, device, after - before, after))
+            steps.append((host + device, host, device, after - before, after, dict(PHASES)))
     steady_ms = 1e3 * sorted(steady)[len(steady) // 2]
     total = [s[0] for s in steps]
     print(f"{args.shape}: {args.streams} streams decoding, steady step p50 {steady_ms:.2f} ms; "
           f"a {args.prompt_tokens}-token prompt took {len(steps)} steps, "
           f"p50 {1e3 * sorted(total)[len(total) // 2]:.2f} ms, max {1e3 * max(total):.2f} ms")
-    for t, host, device, chunk, keys in sorted(steps, key=lambda s: -s[0])[: args.show]:
-        print(f"  {1e3 * t:7.2f} ms (host {1e3 * host:6.2f}, device after it {1e3 * device:6.2f}): "
+    for t, host, device, chunk, keys, phases in sorted(steps, key=lambda s: -s[0])[: args.show]:
+        split = ", ".join(f"{name} {1e3 * seconds:.2f}" for name, seconds in phases.items())
+        print(f"  {1e3 * t:7.2f} ms (host {1e3 * host:6.2f}: {split}; device after it {1e3 * device:6.2f}): "
               f"chunk {chunk:4d} tokens, {keys:6d} keys after it")
 
 

@@ -9,8 +9,8 @@ Per value head, with state S [Dv, Dk], decay g_t in (0, 1] and update rate beta_
     function (models/compiled.py) it is a few fused kernels: used where MLX has no kernel of
     its own for the rule. On Metal `mx.fast.gated_delta_update` is such a kernel; on MLX's
     CPU and CUDA back-ends it is a composition of generic operations (on an H200 a
-    Qwen3.5-0.8B decode step spent about 16 kernels per linear layer between its input and
-    output projections, against 9 with this form; `scripts/kernel_census.py`);
+    Qwen3.5-0.8B single-stream decode step launched 647 kernels with it, 521 with this form
+    and the decode path's other changes in models/qwen3_5.py; `scripts/kernel_census.py`);
   - MLX's own `mx.fast.gated_delta_update` (when the installed MLX has it), which walks the
     tokens in order: for a few tokens per row;
   - `gated_delta_chunked`, a pure-MLX formulation that processes CHUNK tokens at a time with
