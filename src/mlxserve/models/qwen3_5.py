@@ -115,9 +115,11 @@ class GatedRMSNorm(nn.Module):
         self.weight = mx.ones(dims)
 
     def __call__(self, x: mx.array, gate: mx.array) -> mx.array:
-        """x: the recurrence's output (float32 or the model's dtype); gate: the model's."""
-        normed = mx.fast.rms_norm(x, self.weight, self.eps).astype(mx.float32)
-        return (nn.silu(gate.astype(mx.float32)) * normed).astype(gate.dtype)
+        """x: the recurrence's output (float32); gate: in the model's dtype, which is returned.
+        The weight multiplies in the gate's fused kernel, not in rms_norm's: there a weight in
+        another dtype than x is converted first, a kernel of its own at every call."""
+        normed = mx.fast.rms_norm(x, None, self.eps).astype(mx.float32)
+        return (nn.silu(gate.astype(mx.float32)) * (normed * self.weight)).astype(gate.dtype)
 
 
 def _depthwise_conv(window: mx.array, weight: mx.array, t: int) -> mx.array:
