@@ -12,7 +12,6 @@ cache.CHUNK_ATTENTION_MAX_TOKENS (0: every chunk through MLX's fused attention) 
 """
 
 import argparse
-import collections
 import time
 
 import mlx.core as mx
@@ -23,19 +22,7 @@ from mlxserve.engine import EngineConfig, make_scheduler
 from mlxserve.random_weights import build_random_model
 from mlxserve.sampling import SamplingParams
 from mlxserve.scheduler import Request
-
-
-PHASES: dict[str, float] = collections.defaultdict(float)
-
-
-def timed(name, fn):
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            PHASES[name] += time.perf_counter() - start
-    return wrapper
+from phases import SPENT as PHASES, timed
 
 
 def synced_step(sched) -> tuple[float, float]:

@@ -27,21 +27,9 @@ from mlxserve.engine import EngineConfig, make_scheduler
 from mlxserve.random_weights import build_random_model
 from mlxserve.sampling import SamplingParams
 from mlxserve.scheduler import Request
+from phases import SPENT as PHASES, timed
 
 STEP: dict = {}
-PHASES: dict = collections.defaultdict(float)
-
-
-def timed(name, fn):
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            PHASES[name] += time.perf_counter() - start
-    return wrapper
-
-
 def recording(forward):
     def wrapper(self, feeds, previous=None):
         STEP["decode"] = sum(1 for f in feeds if len(f.tokens) == 1)

@@ -7,7 +7,6 @@ mlxserve.random_weights.SHAPES).
 """
 
 import argparse
-import collections
 import time
 
 import mlx.core as mx
@@ -15,20 +14,8 @@ import mlx.core as mx
 from mlxserve import runner
 from mlxserve.random_weights import build_random_model
 from mlxserve.scheduler import Scheduler
+from phases import SPENT, timed
 from steady_decode import decoding_scheduler
-
-SPENT: dict[str, float] = collections.defaultdict(float)
-
-
-def timed(name, fn):
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            SPENT[name] += time.perf_counter() - start
-    return wrapper
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
