@@ -106,8 +106,9 @@ class Shelf:
         still being copied, not the old shelf and the new one side by side (1.5 times the
         new shelf when it doubles). The copies are queued, with a wait after every quarter
         of the layers to bound how many are in flight: waiting after each layer made a
-        Qwen3-0.6B 16k-token shelf's doubling take 5 ms of the host instead of about 1
-        (H200), a pause for every stream decoding at the time."""
+        Qwen3-0.6B 16k-token shelf's doubling take 5 ms of the host, queueing them all 1.3
+        (H200, scripts/bench_shelf_growth.py), and that is a pause for every stream decoding
+        at the time."""
         stride = max(1, len(self.kv) // 4)
         for layer, old in enumerate(self.kv):
             self.kv[layer] = new_array(old)

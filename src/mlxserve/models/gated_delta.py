@@ -4,20 +4,20 @@ Per value head, with state S [Dv, Dk], decay g_t in (0, 1] and update rate beta_
     S_t = g_t S_{t-1} + beta_t (v_t - g_t S_{t-1} k_t) k_t^T,      o_t = S_t q_t
 (q and k already L2-normalised, q carrying the 1/sqrt(Dk) read-out scale.)
 
-`gated_delta(...)` picks one of three forms:
-  - `gated_delta_step` for one token per row (decoding), written so that inside a compiled
-    function (models/compiled.py) it is a few fused kernels: used where MLX has no kernel of
-    its own for the rule. On Metal `mx.fast.gated_delta_update` is such a kernel; on MLX's
-    CPU and CUDA back-ends it is a composition of generic operations (on an H200 a
-    Qwen3.5-0.8B single-stream decode step launched 647 kernels with it, 521 with this form
-    and the decode path's other changes in models/qwen3_5.py; `scripts/kernel_census.py`);
+`gated_delta(...)` picks one of two forms:
   - MLX's own `mx.fast.gated_delta_update` (when the installed MLX has it), which walks the
-    tokens in order: for a few tokens per row;
+    tokens in order: for a token or a few per row;
   - `gated_delta_chunked`, a pure-MLX formulation that processes CHUNK tokens at a time with
     matrix products (the "WY" form of the delta rule): for prompts. On an H200 (MLX 0.32.4
     CUDA, one Qwen3.5-0.8B layer: 16 heads, 128x128 state, bf16; figures in the Qwen3.5
     issue's notes) it prefilled 4096 tokens in 36 ms against the fast op's 426 ms, while
     one decode token took 0.52 ms against 0.15 ms.
+A third, `gated_delta_step`, is one token per row written so that inside a compiled function
+(models/compiled.py) it is a few kernels: Qwen3.5 decodes through it where the fast op is not
+a kernel of its own (`native_fast_op`). On Metal it is one; on MLX's CPU and CUDA back-ends it
+is a composition of generic operations (on an H200 a Qwen3.5-0.8B single-stream decode step
+launched 647 kernels with it, 521 with the step and the decode path's other changes in
+models/qwen3_5.py; `scripts/kernel_census.py`).
 All take and return float32 state, and none is a per-token Python loop.
 """
 
@@ -41,9 +41,6 @@ def native_fast_op() -> bool:
 def gated_delta(q, k, v, g, beta, state, *, use_fast: bool = True):
     """q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g, beta [B, T, Hv]; state [B, Hv, Dv, Dk] float32.
     Returns (outputs [B, T, Hv, Dv] in v's dtype, new state [B, Hv, Dv, Dk] float32)."""
-    if q.shape[1] == 1 and not (use_fast and native_fast_op()):
-        out, new_state = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state)
-        return out[:, None].astype(v.dtype), new_state
     if use_fast and q.shape[1] <= FAST_MAX_TOKENS and hasattr(mx.fast, "gated_delta_update"):
         out, new_state = mx.fast.gated_delta_update(q, k, v, g, beta, state)
         return out.astype(v.dtype), new_state

@@ -152,8 +152,7 @@ def _conv_step(window: mx.array, x: mx.array, weight: mx.array) -> tuple[mx.arra
 
 
 def _decay(A_log: mx.array, a: mx.array, dt_bias: mx.array) -> mx.array:
-    """Per-token decay exp(-exp(A_log) * softplus(a + dt_bias)), float32. Called inside the
-    compiled recurrence, where it fuses into its consumers."""
+    """Per-token decay exp(-exp(A_log) * softplus(a + dt_bias)), float32."""
     return mx.exp(-mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias))
 
 
@@ -268,8 +267,8 @@ class GatedDeltaNet(nn.Module):
         q = mx.fast.rms_norm(q, q_weight, 1e-6 / self.d_k)
         k = mx.fast.rms_norm(k, k_weight, 1e-6 / self.d_k)
         if t == 1 and not native_fast_op():
-            # Decay and beta in the step's broadcast shape, so that they are computed inside
-            # its fused kernels rather than in kernels of their own.
+            # Decoding off Metal (see gated_delta.py). Decay and beta in the step's broadcast
+            # shape, so that they are computed inside its fused kernel.
             rate, dt_bias = self._decay_parameters()
             heads = (n, *rate.shape)
             decay = mx.exp(rate * nn.softplus(a.reshape(heads) + dt_bias))
