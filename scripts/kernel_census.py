@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("shape", help="a random-weights shape, e.g. qwen3-0.6b or qwen3.5-0.8b")
     parser.add_argument("--streams", default="1,32", help="comma-separated numbers of decoding rows")
     parser.add_argument("--prefill-tokens", type=int, help="count a step that also prefills a chunk of a prompt this long")
-    parser.add_argument("--sequence", metavar="FILE", help="also write the kernels in launch order to FILE")
+    parser.add_argument("--sequence", metavar="FILE", help="also write each step's kernels in launch order to FILE.<streams>")
     args = parser.parse_args()
     loaded = build_random_model(args.shape)
     for streams in (int(s) for s in args.streams.split(",")):
