@@ -5,7 +5,12 @@ nodes counted. A step bound by the host costs about what its kernel count costs 
 "Measured"), so this is the inventory to shrink.
 
     PYTHONPATH=src python3 scripts/kernel_census.py qwen3-0.6b [--streams 1,32]
-        [--prefill-tokens P]
+        [--prefill-tokens P] [--chat-history H]
+
+With --chat-history, the step counted is instead a chat's second turn (alone, prefix cache
+on): a first turn answers H random tokens with 128, then history + answer + 32 new tokens
+come back, and the step that prefills the uncached rest is counted (the bench's
+--chat-history-tokens scenario).
 
 With --prefill-tokens, a request of P random tokens joins the decoding rows and the step
 counted is its third chunk's (a step that prefills beside them, as while a long prompt is
@@ -20,6 +25,7 @@ import glob
 import os
 import re
 import tempfile
+from dataclasses import replace
 
 DUMP = os.path.join(tempfile.mkdtemp(prefix="mlxserve-census-"), "graph")
 # Before MLX starts: mlxserve turns CUDA graphs off unless they are set.
@@ -28,6 +34,7 @@ os.environ["MLX_SAVE_CUDA_GRAPHS_DOT_FILE"] = DUMP
 
 import mlx.core as mx  # noqa: E402
 
+from mlxserve.engine import EngineConfig, make_scheduler  # noqa: E402
 from mlxserve.random_weights import build_random_model  # noqa: E402
 from mlxserve.sampling import SamplingParams  # noqa: E402
 from mlxserve.scheduler import Request  # noqa: E402
@@ -61,18 +68,44 @@ def _graph_number(path: str) -> tuple:
     return tuple(int(d) for d in digits)
 
 
+def chat_second_turn(loaded, history_tokens: int):
+    """A scheduler about to run a chat's second turn: its first turn ran (twice, so that
+    every shape is built before the counted step), and the second is queued."""
+    params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    vocab = loaded.config["vocab_size"]
+    for attempt in range(2):
+        scheduler = make_scheduler(loaded, EngineConfig(prefix_cache=True))
+        scheduler.warm_up()
+        history = mx.random.randint(0, vocab, (history_tokens,)).tolist()
+        scheduler.add(Request(history, params))
+        answer = []
+        while scheduler.has_work():
+            answer += [t for event in scheduler.step() for t in event.token_ids]
+        follow_up = mx.random.randint(0, vocab, (32,)).tolist()
+        scheduler.add(Request(history + answer + follow_up, replace(params, max_tokens=2)))
+        if attempt == 0:
+            while scheduler.has_work():
+                scheduler.step()
+    return scheduler, f"chat's second turn ({history_tokens} + 128 + 32 tokens, prefix cache on)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shape", help="a random-weights shape, e.g. qwen3-0.6b or qwen3.5-0.8b")
     parser.add_argument("--streams", default="1,32", help="comma-separated numbers of decoding rows")
     parser.add_argument("--prefill-tokens", type=int, help="count a step that also prefills a chunk of a prompt this long")
+    parser.add_argument("--chat-history", type=int, help="count a chat's second turn after this many tokens of history instead")
     parser.add_argument("--sequence", metavar="FILE", help="also write each step's kernels in launch order to FILE.<streams>")
     args = parser.parse_args()
     loaded = build_random_model(args.shape)
-    for streams in (int(s) for s in args.streams.split(",")):
-        scheduler = decoding_scheduler(loaded, streams, max_tokens=400, warm_steps=5)
-        what = "decode step"
-        if args.prefill_tokens:
+    # A chat's turn runs alone: one count, filed under 0 streams.
+    for streams in [0] if args.chat_history else [int(s) for s in args.streams.split(",")]:
+        if args.chat_history:
+            scheduler, what = chat_second_turn(loaded, args.chat_history)
+        else:
+            scheduler = decoding_scheduler(loaded, streams, max_tokens=400, warm_steps=5)
+            what = "decode step"
+        if args.prefill_tokens and not args.chat_history:
             prompt = mx.random.randint(0, loaded.config["vocab_size"], (args.prefill_tokens,)).tolist()
             scheduler.add(Request(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)))
             scheduler.step()  # admission and the first chunk
