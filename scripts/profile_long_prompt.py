@@ -8,7 +8,7 @@ behind the long-prompt bench's ITL p99 (`mlxserve bench --long-prompt-tokens`) s
 
 Each listed step shows its host time split into admission, graph building (Runner.forward)
 and MLX encoding (mx.async_eval). --chunk-attention-max-tokens sets
-cache.CHUNK_ATTENTION_MAX_TOKENS (0: every chunk through MLX's fused attention) to compare.
+batch.CHUNK_ATTENTION_MAX_TOKENS (0: every chunk through MLX's fused attention) to compare.
 """
 
 import argparse
@@ -16,7 +16,7 @@ import time
 
 import mlx.core as mx
 
-from mlxserve import cache, runner
+from mlxserve import batch, runner
 from mlxserve import scheduler as scheduler_module
 from mlxserve.engine import EngineConfig, make_scheduler
 from mlxserve.random_weights import build_random_model
@@ -41,9 +41,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16384)
     parser.add_argument("--max-batch-tokens", type=int, default=512)
     parser.add_argument("--show", type=int, default=10, help="the slowest steps listed")
-    parser.add_argument("--chunk-attention-max-tokens", type=int, default=cache.CHUNK_ATTENTION_MAX_TOKENS)
+    parser.add_argument("--chunk-attention-max-tokens", type=int, default=batch.CHUNK_ATTENTION_MAX_TOKENS)
     args = parser.parse_args()
-    cache.CHUNK_ATTENTION_MAX_TOKENS = args.chunk_attention_max_tokens
+    batch.CHUNK_ATTENTION_MAX_TOKENS = args.chunk_attention_max_tokens
     scheduler_module.Scheduler._admit = timed("admit", scheduler_module.Scheduler._admit)
     runner.Runner.forward = timed("build", runner.Runner.forward)
     scheduler_module.mx.async_eval = timed("encode", mx.async_eval)

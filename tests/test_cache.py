@@ -1,5 +1,6 @@
 """The cache protocol: extend / trim / snapshot / restore, slots and their memory."""
 
+import numpy as np
 import mlx.core as mx
 import pytest
 
@@ -195,6 +196,34 @@ def test_chunk_attention_matches_masked_sdpa(q_heads, kv_heads):
     assert mx.allclose(ours[1, 0], mx.repeat(v[1, :, 0], group, axis=0), atol=1e-6)
 
 
+def test_a_short_chunk_over_many_keys_reads_whole_blocks_and_matches_the_fused_path(setup, monkeypatch):
+    """A short chunk deep into its row attends through chunk_attention over its keys rounded
+    up to a block, where MLX's fused attention reads a power-of-two key length; both give
+    the logits of the whole prompt fed at once."""
+    from mlxserve import batch as batch_module
+
+    prompt = [(7 * i) % 97 + 1 for i in range(50)]
+    expected = alone_logits(setup, prompt)
+
+    def chunk_logits(max_tokens):
+        monkeypatch.setattr(batch_module, "CHUNK_ATTENTION_MAX_TOKENS", max_tokens)
+        monkeypatch.setattr(batch_module, "CHUNK_ATTENTION_MIN_KEYS", 16)
+        runner = make_runner(setup, block_size=4)
+        row = RowCache(runner.kv)
+        feed(runner, row, prompt[:40], logits="none")
+        row.reserve(10)
+        out, batch = runner.forward([Feed("r", prompt[40:], 40, row, "last")])
+        row.extend(10)
+        return np.array(out), batch.groups[-1]
+
+    chunked, group = chunk_logits(128)
+    assert group.chunked and group.key_length == 52  # 50 keys, in blocks of 4
+    fused, group = chunk_logits(0)
+    assert not group.chunked and group.key_length == 64  # a shelf size: 4 blocks doubled
+    np.testing.assert_allclose(chunked, fused, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(chunked, np.array(expected), atol=1e-4, rtol=0)
+
+
 def test_kv_write_lands_at_each_rows_slot_and_position_only():
     """A step's K and V go to [0 or 1, slot, head, position] of the layer's shelf array, for
     rows in scattered slots and prefill chunks alike, and nothing else in the array changes
@@ -263,3 +292,4 @@ def test_growing_a_shelf_holds_the_new_shelf_and_a_few_old_layers_at_most():
     assert shelf.compact() > 0
     index_bytes = 4 * shelf.num_slots  # the held slots' order, an int32 array
     assert mx.get_peak_memory() - baseline <= 2 * shelf.kv[0].nbytes + index_bytes
+

@@ -15,6 +15,14 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+# Multi-token feeds of at most this many tokens per row over at least this many keys attend
+# through cache.chunk_attention, others through MLX's fused attention. H200, bf16, 16 query and 8
+# KV heads (`scripts/bench_ops.py`): 96 tokens over 8192 keys 104 us against 200 us for MLX's
+# masked attention; 512 tokens over 4096 keys 181 us against 108 (MLX's cost follows the keys,
+# this one's the scores).
+CHUNK_ATTENTION_MAX_TOKENS = 128
+CHUNK_ATTENTION_MIN_KEYS = 2048
+
 
 @dataclass
 class AttentionGroup:
@@ -36,6 +44,9 @@ class AttentionGroup:
     # The step's padding tokens, when they follow this group (a single multi-token feed, the
     # last group) and attend as extra queries of its row; see build_batch.
     extra_queries: int = 0
+    # A short multi-token feed over many keys: it attends through cache.chunk_attention (see
+    # CHUNK_ATTENTION_MAX_TOKENS), over fewer padding keys than MLX's fused attention.
+    chunked: bool = False
 
 
 @dataclass
@@ -119,6 +130,7 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
         slots = [row.cache.slot for row in members]
         key_length = int(pos[:, -1].max()) + 1
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        chunked = False
         if t > 1:
             # Prefill chunks attend over a key length rounded up to a shelf size (4 blocks
             # doubled), masked: fused attention kernels are built per shape (cuDNN: tens of
@@ -127,7 +139,21 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
             rounded = 4 * block_size
             while rounded < key_length:
                 rounded *= 2
-            key_length = min(rounded, members[0].cache.capacity)
+            rounded = min(rounded, members[0].cache.capacity)
+            chunked = t <= CHUNK_ATTENTION_MAX_TOKENS and rounded >= CHUNK_ATTENTION_MIN_KEYS
+            if chunked:
+                # chunk_attention is plain matrix products and a softmax, which build nothing
+                # per shape, so it need not read up to twice the keys (its cost follows the
+                # scores it materialises, chunk tokens x keys): an eighth of the shelf size
+                # below is the unit, at most 12.5 % more keys than needed. Not whole blocks
+                # only: MLX reuses a freed buffer for a later array only if the sizes are
+                # within 32 KB, so a score array that grew at every chunk of a long prompt
+                # would be allocated afresh at every step; in units, the next few chunks
+                # reuse this one's buffers.
+                unit = max(block_size, rounded // 16)
+                key_length = min(-(-key_length // unit) * unit, rounded)
+            else:
+                key_length = rounded
         groups.append(
             AttentionGroup(
                 offset=offset,
@@ -139,6 +165,7 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
                 key_length=key_length,
                 mask=None,  # made below, once the padding is known
                 caches=[row.cache for row in members],
+                chunked=chunked,
             )
         )
         query_positions.append(pos)

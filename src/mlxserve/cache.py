@@ -35,14 +35,6 @@ import mlx.core as mx
 
 from .batch import ShelfWrite, StepBatch
 
-# Multi-token feeds of at most this many tokens per row over at least this many keys attend
-# through chunk_attention, others through MLX's fused attention. H200, bf16, 16 query and 8
-# KV heads (`scripts/bench_ops.py`): 96 tokens over 8192 keys 104 us against 200 us for MLX's
-# masked attention; 512 tokens over 4096 keys 181 us against 108 (MLX's cost follows the keys,
-# this one's the scores).
-CHUNK_ATTENTION_MAX_TOKENS = 128
-CHUNK_ATTENTION_MIN_KEYS = 2048
-
 # The prefix cache may keep this many slots on a shelf, or a quarter as many as rows run there
 # if more, before a new row reuses the least recently used one instead of growing the shelf.
 # Why a bound at all: a back-end that does not update arrays in place (MLX's CUDA back-end)
@@ -305,9 +297,8 @@ class KVStore:
                 q = queries[g.offset : g.offset + n].reshape(n, q_heads, d)
                 outputs.append(decode_attention(q, k, v, g.mask, scale).reshape(n, q_heads * d))
                 continue
-            short = t <= CHUNK_ATTENTION_MAX_TOKENS
             t += g.extra_queries  # the step's padding, attending as this row's extra queries
-            if g.mask is not None and short and length >= CHUNK_ATTENTION_MIN_KEYS:
+            if g.chunked:
                 q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d)
                 outputs.append(chunk_attention(q, k, v, g.mask, scale).reshape(n * t, q_heads * d))
                 continue
@@ -362,7 +353,7 @@ def chunk_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array, scale
     so it is two batched matrix products around a fused scale-and-mask and a softmax. MLX's
     own attention with an array mask runs cuDNN on a CUDA GPU, whose calls cost the host far
     more than these few kernels for a short chunk over many keys (a chat's next turn after a
-    long history; see CHUNK_ATTENTION_MAX_TOKENS). The scores are materialised, so long
+    long history; see batch.CHUNK_ATTENTION_MAX_TOKENS). The scores are materialised, so long
     chunks still go to the fused kernels."""
     n, t, q_heads, d = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
