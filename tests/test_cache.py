@@ -293,3 +293,18 @@ def test_growing_a_shelf_holds_the_new_shelf_and_a_few_old_layers_at_most():
     index_bytes = 4 * shelf.num_slots  # the held slots' order, an int32 array
     assert mx.get_peak_memory() - baseline <= 2 * shelf.kv[0].nbytes + index_bytes
 
+
+def test_a_new_shelf_is_queued_without_waiting_for_the_device(monkeypatch):
+    """A prompt that needs a shelf of a new size (a long prompt arriving while rows decode)
+    gets its zero-filled arrays queued: the host does not wait for the step in flight."""
+    kv = KVStore(4, 2, 16, mx.float32, block_size=4)
+    waits = []
+    monkeypatch.setattr(mx, "eval", lambda *a: waits.append("eval"))
+    monkeypatch.setattr(mx, "synchronize", lambda *a: waits.append("synchronize"))
+    row = RowCache(kv)
+    row.reserve(100)
+    assert waits == []
+    monkeypatch.undo()
+    shelf = row.shelf
+    assert shelf.capacity >= 100 and len(shelf.kv) == 4
+    assert all(mx.all(layer == 0).item() for layer in shelf.kv)

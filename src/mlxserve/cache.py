@@ -86,8 +86,11 @@ class Shelf:
             self._replace_layers(lambda a: mx.concatenate([a, pad], axis=1))
         else:
             # A zeros array per layer, not one shared: each layer's writes replace its own.
+            # Queued, not waited for: a prompt admitted while rows decode would otherwise
+            # hold the host until the device had finished the step in flight, and the
+            # decoding rows' next step with it.
             self.kv = [mx.zeros(shape, dtype=s.dtype) for _ in range(s.num_layers)]
-            mx.eval(self.kv)
+            mx.async_eval(self.kv)
         for slot in range(self.num_slots, self.num_slots + n):
             heapq.heappush(self.free, slot)
         self.num_slots += n
