@@ -423,3 +423,44 @@ def test_asyncio_streams_get_every_event_and_a_closed_loop_harms_no_one(loaded):
         asyncio.run(abandon())
         # ...and the engine goes on serving others.
         assert [t for e in engine.generate(plist[0], GREEDY) for t in e.token_ids] == expected[0]
+
+
+def test_objects_that_exist_at_start_are_out_of_the_collectors_view(loaded):
+    """A full garbage collection visits every tracked object; while an engine runs, what
+    existed when it started (modules, the model) is out of later collections, and the
+    garbage there was then has been collected (engine.settle_garbage_collector)."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    before = [object()]  # a container the collector tracks
+    cycle = Node()
+    cycle.self = cycle  # garbage once deleted, which only a collection frees
+    cycle_ref = weakref.ref(cycle)
+    del cycle
+    assert any(o is before for o in gc.get_objects())
+    with Engine(loaded) as engine:
+        assert not any(o is before for o in gc.get_objects())
+        assert cycle_ref() is None  # collected, not kept for good
+        after = [object()]
+        assert any(o is after for o in gc.get_objects())
+        assert engine.generate(loaded.tokenizer.encode("Hello"), GREEDY)[-1].finish_reason == "length"
+
+
+def test_a_model_dropped_after_its_engine_stops_is_freed():
+    """The engine's freeze of the collector ends with it: a model (whose layers and compiled
+    functions refer to each other) dropped after its engine stopped is collected."""
+    import gc
+    import weakref
+
+    from mlxserve.random_weights import build_random_model
+
+    model = build_random_model("tiny", dtype="float32")
+    model_ref = weakref.ref(model.model.layers[0])  # a layer: it is in the reference cycle
+    with Engine(model) as engine:
+        assert engine.generate([1, 2, 3], GREEDY)[-1].finish_reason == "length"
+    del model, engine
+    gc.collect()
+    assert model_ref() is None
