@@ -1,0 +1,62 @@
+"""What a matrix product costs the host, by its number of rows, at Qwen3 shapes (bf16): each
+case is built and queued (mx.async_eval) REPEAT times, then synchronized once; printed per
+repeat are the time until done and the host's share.
+
+On MLX's CUDA back-end a one-row product (decoding one stream) runs MLX's own
+matrix-vector kernel; any other goes through cuBLASLt, which MLX sets up afresh at every
+call (descriptors and an algorithm query). So a step whose products have more than one row
+(prefill chunks, several streams) pays that setup once per product on the host.
+
+    PYTHONPATH=src python3 scripts/bench_matmul_host.py [--repeat 200]
+"""
+
+import argparse
+import time
+
+import mlx.core as mx
+
+DT = mx.bfloat16
+
+
+def timed(name: str, fn, repeat: int) -> None:
+    for _ in range(3):
+        mx.eval(fn())
+    mx.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        mx.async_eval(fn())
+    queued = time.perf_counter()
+    mx.synchronize()
+    done = time.perf_counter()
+    print(f"{name:50s} {1e6 * (done - start) / repeat:8.1f} us  (host {1e6 * (queued - start) / repeat:7.1f} us)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=200)
+    r = parser.parse_args().repeat
+    x0 = mx.random.normal((32, 1024)).astype(DT)
+    mx.eval(x0)
+    timed("add [32,1024] (an elementwise kernel)", lambda: x0 + 1, r)
+    shapes = (("Qwen3-0.6B qkv", 1024, 4096), ("Qwen3-0.6B o_proj", 2048, 1024),
+              ("Qwen3-0.6B gate_up", 1024, 6144), ("Qwen3-0.6B down", 3072, 1024),
+              ("Qwen3-4B gate_up", 2560, 19456))
+    for label, k, n in shapes:
+        w = (mx.random.normal((n, k)) * 0.02).astype(DT)
+        mx.eval(w)
+        for m in (1, 8, 32, 128, 512):
+            x = mx.random.normal((m, k)).astype(DT)
+            mx.eval(x)
+            timed(f"{label} [{m},{k}] x [{k},{n}]", lambda: x @ w.T, r)
+    # Attention's batched products (8 KV heads, head_dim 128) as chunk_attention runs them.
+    for t, length in ((256, 8192), (64, 1024)):
+        q = mx.random.normal((8, t, 128)).astype(DT)
+        keys = mx.random.normal((8, length, 128)).astype(DT)
+        p = mx.softmax(mx.random.normal((8, t, length)).astype(DT), axis=-1)
+        mx.eval(q, keys, p)
+        timed(f"scores [8,{t},128] x [8,128,{length}]", lambda: q @ keys.swapaxes(-1, -2), r)
+        timed(f"weights [8,{t},{length}] x [8,{length},128]", lambda: p @ keys, r)
+
+
+if __name__ == "__main__":
+    main()
