@@ -255,11 +255,11 @@ class Engine:
 def settle_garbage_collector() -> None:
     """Collect once, then keep every object that exists now (modules, the model, compiled
     traces) out of later collections (gc.freeze). Python's full collection visits every
-    tracked object, and a front end's imports make a few hundred thousand: one took 90 ms on
-    the 2-core CPU machine; a bench process on the H200's host ran seven, the longest 181
-    and 238 ms in two runs. Every stream stops for such a pause. Later collections see only
-    objects made after start-up; objects whose last reference goes are freed as before.
-    Undone when the engine stops (release_garbage_collector)."""
+    tracked object, and a front end's imports make a few hundred thousand: one took 80-100 ms
+    on the 2-core CPU machine; a bench process on the H200's host ran seven, the longest 181
+    and 238 ms in two runs (scripts/gc_pauses.py). Every stream stops for such a pause.
+    Later collections see only objects made after start-up; objects whose last reference
+    goes are freed as before. Undone when the engine stops (release_garbage_collector)."""
     gc.collect()
     gc.freeze()
 
