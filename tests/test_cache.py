@@ -196,13 +196,13 @@ def test_chunk_attention_matches_masked_sdpa(q_heads, kv_heads):
     assert mx.allclose(ours[1, 0], mx.repeat(v[1, :, 0], group, axis=0), atol=1e-6)
 
 
-def test_a_short_chunk_over_many_keys_reads_whole_blocks_and_matches_the_fused_path(setup, monkeypatch):
+def test_a_short_chunk_over_many_keys_reads_fewer_padding_keys_and_matches_the_fused_path(setup, monkeypatch):
     """A short chunk deep into its row attends through chunk_attention over its keys rounded
-    up to a block, where MLX's fused attention reads a power-of-two key length; both give
-    the logits of the whole prompt fed at once."""
+    up to an eighth of the shelf size below, where MLX's fused attention reads a power-of-two
+    key length; both give the logits of the whole prompt fed at once."""
     from mlxserve import batch as batch_module
 
-    prompt = [(7 * i) % 97 + 1 for i in range(50)]
+    prompt = [(7 * i) % 97 + 1 for i in range(100)]
     expected = alone_logits(setup, prompt)
 
     def chunk_logits(max_tokens):
@@ -210,16 +210,16 @@ def test_a_short_chunk_over_many_keys_reads_whole_blocks_and_matches_the_fused_p
         monkeypatch.setattr(batch_module, "CHUNK_ATTENTION_MIN_KEYS", 16)
         runner = make_runner(setup, block_size=4)
         row = RowCache(runner.kv)
-        feed(runner, row, prompt[:40], logits="none")
+        feed(runner, row, prompt[:90], logits="none")
         row.reserve(10)
-        out, batch = runner.forward([Feed("r", prompt[40:], 40, row, "last")])
+        out, batch = runner.forward([Feed("r", prompt[90:], 90, row, "last")])
         row.extend(10)
         return np.array(out), batch.groups[-1]
 
     chunked, group = chunk_logits(128)
-    assert group.chunked and group.key_length == 52  # 50 keys, in blocks of 4
+    assert group.chunked and group.key_length == 104  # 100 keys in units of 128 / 16
     fused, group = chunk_logits(0)
-    assert not group.chunked and group.key_length == 64  # a shelf size: 4 blocks doubled
+    assert not group.chunked and group.key_length == 128  # a shelf size: 4 blocks doubled
     np.testing.assert_allclose(chunked, fused, atol=1e-5, rtol=0)
     np.testing.assert_allclose(chunked, np.array(expected), atol=1e-4, rtol=0)
 
