@@ -6,13 +6,14 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
 from mlxserve import bench, cli
-from mlxserve.bench import (CLOSED_LOOP_FIGURES, LONG_PROMPT_FIGURES, LongPromptTrace, MlxLmBackend, OurBackend,
+from mlxserve.bench import (CLOSED_LOOP_FIGURES, BenchConfig, LONG_PROMPT_FIGURES, LongPromptTrace, MlxLmBackend, OurBackend,
                             RequestTrace, inter_token_latencies, make_prompts, percentile, summarize_closed_loop,
                             summarize_long_prompt)
 from mlxserve.engine import Engine, EngineConfig
@@ -126,6 +127,55 @@ def test_prompts_are_seeded_and_share_the_prefix():
     assert first[0][:8] == first[1][:8] == first[2][:8]
     assert first[0][8:] != first[1][8:]
     assert make_prompts(3, 20, 8, 500, [0, 1, 3]) != first  # another run, another set
+
+
+def test_engines_take_turns_run_by_run_on_the_same_prompts(monkeypatch):
+    """The host's speed drifts during a bench: each run of ours is next to one of theirs, on
+    the same prompts, and the medians come from those runs."""
+    calls = []
+
+    class Fake:
+        last_stats: dict = {}
+
+        def __init__(self, loaded, *config):
+            pass
+
+        def closed_loop(self, prompts, gen_tokens, concurrency, on_done):
+            calls.append((self.name, "closed", concurrency, prompts))
+            return [RequestTrace(len(p), 0.0, [(1.0, 1), (2.0, 1)]) for p in prompts]
+
+        def long_prompt(self, streams, long, steady_tokens, stream_tokens):
+            calls.append((self.name, "long", len(streams), [long]))
+            traces = [RequestTrace(8, 0.0, [(0.1 * i, 1) for i in range(30)]) for _ in streams]
+            return LongPromptTrace(traces, RequestTrace(len(long), 1.0, [(2.0, 1)]), steady_start=0.5)
+
+    class Ours(Fake):
+        name = "mlxserve"
+
+    class Theirs(Fake):
+        name = "mlx-lm"
+
+    class Silent:
+        def phase(self, description, total):
+            pass
+
+        def advance(self):
+            pass
+
+    monkeypatch.setattr(bench, "OurBackend", Ours)
+    monkeypatch.setattr(bench, "MlxLmBackend", Theirs)
+    monkeypatch.setattr(bench, "prompt_vocab_size", lambda loaded: 100)
+    cfg = BenchConfig(prompt_tokens=4, gen_tokens=2, concurrency=(1, 2), requests=2, long_prompt_tokens=16,
+                      long_prompt_streams=2, warmup=1, runs=2, compare="mlx-lm")
+    results = bench.BenchResults({})
+    bench.run_bench(types.SimpleNamespace(context_length=4096), cfg, results, Silent())
+    order = [(name, kind, n) for name, kind, n, _ in calls]
+    expected = [(engine, "closed", c) for c in (1, 2) for _ in range(3) for engine in ("mlxserve", "mlx-lm")]
+    expected += [(engine, "long", 2) for _ in range(3) for engine in ("mlxserve", "mlx-lm")]
+    assert order == expected
+    assert all(calls[i][3] == calls[i + 1][3] for i in range(0, len(calls), 2))  # same prompts per pair
+    assert calls[0][3] != calls[2][3]  # another run, other prompts
+    assert len(results.entries("mlxserve")[1]["runs"]) == len(results.entries("mlx-lm")[2]["runs"]) == 2
 
 
 # ---- scenarios -------------------------------------------------------------------------------

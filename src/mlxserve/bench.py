@@ -672,7 +672,11 @@ class _Batch:
 def run_bench(loaded: LoadedModel, cfg: BenchConfig, results: BenchResults, progress) -> None:
     """Run every scenario on every engine, adding each measured run to `results` as it ends.
 
-    Engines take turns per concurrency, so an interrupted bench has comparable pairs.
+    Engines take turns run by run (warm-up runs included), each turn on the same prompts: the
+    host's speed drifts during a bench (on the GPU machine one process ran the same code at
+    half the speed of the next), and two adjacent runs share most of that drift. So the
+    medians of several runs compare the engines fairly, and an interrupted bench has
+    comparable pairs.
     """
     backends = [OurBackend(loaded, cfg.engine)]
     if cfg.compare == MLX_LM:
@@ -680,11 +684,12 @@ def run_bench(loaded: LoadedModel, cfg: BenchConfig, results: BenchResults, prog
     vocab = prompt_vocab_size(loaded)
     for concurrency in cfg.concurrency:
         count = cfg.requests_for(concurrency)
-        for backend in backends:
-            entry = results.new_entry(backend.name, "concurrency", concurrency=concurrency, requests=count)
-            for run in range(cfg.warmup + cfg.runs):
-                prompts = make_prompts(count, cfg.prompt_tokens, cfg.shared_prefix_tokens, vocab,
-                                       [cfg.seed, _CLOSED_LOOP, concurrency, run])
+        entries = [results.new_entry(backend.name, "concurrency", concurrency=concurrency, requests=count)
+                   for backend in backends]
+        for run in range(cfg.warmup + cfg.runs):
+            prompts = make_prompts(count, cfg.prompt_tokens, cfg.shared_prefix_tokens, vocab,
+                                   [cfg.seed, _CLOSED_LOOP, concurrency, run])
+            for backend, entry in zip(backends, entries):
                 progress.phase(f"{backend.name} C={concurrency} {_run_label(run, cfg)}", count)
                 mx.reset_peak_memory()
                 traces = backend.closed_loop(prompts, cfg.gen_tokens, concurrency, progress.advance)
@@ -699,12 +704,12 @@ def run_bench(loaded: LoadedModel, cfg: BenchConfig, results: BenchResults, prog
     # Streams must outlast the long prompt's admission; the context bounds them (ours stops
     # a row at the context length), and the bench cancels them once it has its figures.
     stream_tokens = loaded.context_length - cfg.prompt_tokens
-    for backend in backends:
-        entry = results.new_entry(backend.name, "long_prompt", streams=streams,
-                                  long_prompt_tokens=cfg.long_prompt_tokens)
-        for run in range(cfg.warmup + cfg.runs):
-            prompts = make_prompts(streams, cfg.prompt_tokens, 0, vocab, [cfg.seed, _LONG_PROMPT, run, 0])
-            long = make_prompts(1, cfg.long_prompt_tokens, 0, vocab, [cfg.seed, _LONG_PROMPT, run, 1])[0]
+    entries = [results.new_entry(backend.name, "long_prompt", streams=streams, long_prompt_tokens=cfg.long_prompt_tokens)
+               for backend in backends]
+    for run in range(cfg.warmup + cfg.runs):
+        prompts = make_prompts(streams, cfg.prompt_tokens, 0, vocab, [cfg.seed, _LONG_PROMPT, run, 0])
+        long = make_prompts(1, cfg.long_prompt_tokens, 0, vocab, [cfg.seed, _LONG_PROMPT, run, 1])[0]
+        for backend, entry in zip(backends, entries):
             progress.phase(f"{backend.name} long prompt {cfg.long_prompt_tokens} tokens, "
                            f"{streams} streams, {_run_label(run, cfg)}", None)
             mx.reset_peak_memory()
