@@ -2,7 +2,9 @@
 
 Per value head, with state S [Dv, Dk], decay g_t in (0, 1] and update rate beta_t:
     S_t = g_t S_{t-1} + beta_t (v_t - g_t S_{t-1} k_t) k_t^T,      o_t = S_t q_t
-(q and k already L2-normalised, q carrying the 1/sqrt(Dk) read-out scale.)
+(q and k already L2-normalised. The reference's q also carries the 1/sqrt(Dk) read-out
+scale; Qwen3.5's layers leave it out and let their output norm absorb it, see qwen3_5.py.
+Nothing here depends on it: the outputs are linear in q, the state does not read it.)
 
 `gated_delta(...)` picks one of two forms:
   - MLX's own `mx.fast.gated_delta_update` (when the installed MLX has it), which walks the
@@ -56,7 +58,11 @@ def gated_delta_step(q, k, v, g, beta, state):
     are matrix-vector products (one kernel each), and the rest is one fused elementwise
     kernel, as g and beta are reshaped to their broadcast shapes first (a reshape between
     elementwise operations stops their fusion; given in those shapes, their own computation
-    fuses in too). Value heads sharing a key head see it through broadcasting, not copies."""
+    fuses in too). The update is written g (S - beta (S k) k^T) + beta v k^T, the same
+    sum as the reference's g S + beta (v - g S k) k^T: there g's own computation sits
+    deeper below the new state than the 11 operations MLX fuses into one kernel, and its
+    first operation (Qwen3.5's a + dt_bias) took a kernel of its own. Value heads sharing a
+    key head see it through broadcasting, not copies."""
     B, Hk, Dk = k.shape
     Hv, Dv = v.shape[1], v.shape[2]
     r = Hv // Hk  # value head j reads key head j // r
@@ -66,9 +72,10 @@ def gated_delta_step(q, k, v, g, beta, state):
     s = state.reshape(B, Hk, r * Dv, Dk)
     g = g.reshape(B, Hk, r, 1, 1).astype(f32)
     beta = beta.reshape(B, Hk, r, 1, 1).astype(f32)
-    kv_mem = (s @ k).reshape(B, Hk, r, Dv, 1)  # S k, decayed below
-    delta = (v.reshape(B, Hk, r, Dv, 1).astype(f32) - g * kv_mem) * beta
-    s = s.reshape(B, Hk, r, Dv, Dk) * g + delta * k.reshape(B, Hk, 1, 1, Dk)
+    kv_mem = (s @ k).reshape(B, Hk, r, Dv, 1)  # S k, undecayed
+    k_row = k.reshape(B, Hk, 1, 1, Dk)
+    v = v.reshape(B, Hk, r, Dv, 1).astype(f32)
+    s = (s.reshape(B, Hk, r, Dv, Dk) - (beta * kv_mem) * k_row) * g + (beta * v) * k_row
     out = s.reshape(B, Hk, r * Dv, Dk) @ q
     return out.reshape(B, Hv, Dv), s.reshape(B, Hv, Dv, Dk)
 

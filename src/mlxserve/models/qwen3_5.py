@@ -114,11 +114,13 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
         self.weight = mx.ones(dims)
 
-    def __call__(self, x: mx.array, gate: mx.array) -> mx.array:
-        """x: the recurrence's output (float32); gate: in the model's dtype, which is returned.
-        The weight multiplies in the gate's fused kernel, not in rms_norm's: there a weight in
-        another dtype than x is converted first, a kernel of its own at every call."""
-        normed = mx.fast.rms_norm(x, None, self.eps).astype(mx.float32)
+    def __call__(self, x: mx.array, gate: mx.array, x_scale_squared: float = 1.0) -> mx.array:
+        """x: the recurrence's output (float32), or c times it with c^2 = `x_scale_squared`;
+        gate: in the model's dtype, which is returned. The weight multiplies in the gate's
+        fused kernel, not in rms_norm's: there a weight in another dtype than x is converted
+        first, a kernel of its own at every call. rms_norm(c x) with eps c^2 is exactly
+        rms_norm(x) with eps: c x / sqrt(c^2 mean(x^2) + c^2 eps)."""
+        normed = mx.fast.rms_norm(x, None, self.eps * x_scale_squared).astype(mx.float32)
         return (nn.silu(gate.astype(mx.float32)) * (normed * self.weight)).astype(gate.dtype)
 
 
@@ -226,7 +228,8 @@ class GatedDeltaNet(nn.Module):
 
     def added_to(self, residual: mx.array, y: mx.array, z: mx.array) -> mx.array:
         """residual + the output projection of the gated-normed recurrence output."""
-        y = self.norm(y, z.reshape(-1, self.n_v, self.d_v))
+        # The recurrence's outputs come sqrt(d_k) times too large (see _recur).
+        y = self.norm(y, z.reshape(-1, self.n_v, self.d_v), x_scale_squared=self.d_k)
         return add_linear(residual, y.reshape(y.shape[0], -1), self.out_proj)
 
     def _group(self, g, qkv: mx.array, a: mx.array, b: mx.array) -> mx.array:
@@ -234,7 +237,7 @@ class GatedDeltaNet(nn.Module):
         span = slice(g.offset, g.offset + n * t)
         if g.state_gather is None:
             g.state_gather = StateGather(g.caches)
-        self._qk_norm_weights()  # made here: _recur (traced) only reads them
+        self._l2_norm_weight()  # made here: _recur (traced) only reads it
         self._decay_parameters()
         conv_state, state = g.state_gather.gather(self.index, self._zero_state)
         recur = compiled(self, "recur", self._recur, True)  # at every length: see compiled.py
@@ -246,7 +249,8 @@ class GatedDeltaNet(nn.Module):
     def _recur(self, qkv: mx.array, a: mx.array, b: mx.array, conv_state: mx.array,
                state: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """One group's rows [n, t, ...] from their conv windows and states: (outputs
-        [n * t, Hv, Dv], the new conv windows, the new states)."""
+        [n * t, Hv, Dv], sqrt(d_k) times the reference's; the new conv windows, the new
+        states)."""
         n, t = qkv.shape[0], qkv.shape[1]
         if t == 1:
             conv, window = _conv_step(conv_state, qkv, self.conv1d.weight)
@@ -257,15 +261,14 @@ class GatedDeltaNet(nn.Module):
         # Kept in float32 from here: the recurrence computes in float32 anyway, and its output
         # goes through GatedRMSNorm, which returns the model's dtype.
         conv_out = nn.silu(conv)
-        q, k, v = mx.split(conv_out, [self.key_dim, 2 * self.key_dim], axis=-1)
-        q = q.reshape(n, t, self.n_k, self.d_k)
-        k = k.reshape(n, t, self.n_k, self.d_k)
+        qk, v = mx.split(conv_out, [2 * self.key_dim], axis=-1)
         v = v.reshape(n, t, self.n_v, self.d_v)
-        # L2-normalise q and k (eps added to the sum of squares) and fold the read-out scale
-        # 1/sqrt(d_k) into q: rms_norm adds eps to the mean, hence eps / d_k.
-        q_weight, k_weight = self._qk_norm_weights()
-        q = mx.fast.rms_norm(q, q_weight, 1e-6 / self.d_k)
-        k = mx.fast.rms_norm(k, k_weight, 1e-6 / self.d_k)
+        # L2-normalise q and k, eps added to the sum of squares: rms_norm with the weight
+        # 1/sqrt(d_k) and eps / d_k (it adds eps to the mean). One norm for both: q's
+        # read-out scale 1/sqrt(d_k) is left out, so the outputs (linear in q) come out
+        # sqrt(d_k) times too large, which the output's norm undoes exactly (added_to).
+        qk = mx.fast.rms_norm(qk.reshape(n, t, 2 * self.n_k, self.d_k), self._l2_norm_weight(), 1e-6 / self.d_k)
+        q, k = qk[:, :, : self.n_k], qk[:, :, self.n_k :]
         if t == 1 and not native_fast_op():
             # Decoding off Metal (see gated_delta.py). Decay and beta in the step's broadcast
             # shape, so that they are computed inside its fused kernel.
@@ -280,17 +283,15 @@ class GatedDeltaNet(nn.Module):
             out, state = gated_delta(q, k, v, decay, beta, state)
         return out.reshape(n * t, self.n_v, self.d_v), window, state
 
-    def _qk_norm_weights(self) -> tuple[mx.array, mx.array]:
-        """rms_norm weights (float32, as q and k are) that scale q by 1/d_k and k by
-        1/sqrt(d_k) (the L2 norm's sqrt(d_k), and the read-out scale for q): the scaling
-        happens inside the norm's kernel instead of in two kernels of its own. Not parameters:
+    def _l2_norm_weight(self) -> mx.array:
+        """The rms_norm weight (float32, as q and k are) that makes it an L2 norm: 1/sqrt(d_k),
+        scaling inside the norm's kernel instead of in a kernel of its own. Not a parameter:
         kept out of the Module tree."""
-        found = self.__dict__.get("_qk_norm")
+        found = self.__dict__.get("_l2_weight")
         if found is None:
-            inv = self.d_k**-0.5
-            found = (mx.full((self.d_k,), inv * inv, mx.float32), mx.full((self.d_k,), inv, mx.float32))
+            found = mx.full((self.d_k,), self.d_k**-0.5, mx.float32)
             mx.eval(found)
-            object.__setattr__(self, "_qk_norm", found)
+            object.__setattr__(self, "_l2_weight", found)
         return found
 
     def _decay_parameters(self) -> tuple[mx.array, mx.array]:
