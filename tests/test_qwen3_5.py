@@ -301,3 +301,32 @@ def test_state_gather_follows_every_row():
         assert mx.array_equal(window, mx.stack([w for w, _ in expected]))
         assert mx.array_equal(state, mx.stack([s for _, s in expected]))
         assert all(r.state_batch is gather.target and r.state_index == i for i, r in enumerate(rows))
+
+
+@pytest.mark.parametrize("quantize", [None, 8])
+def test_fused_attention_projection_is_the_separate_one(quantize):
+    """fuse() orders the gated attention's fused rows Q, K, V, gate and runs the Q/K norms and
+    the partial RoPE as one pass (PartialRotaryNorm): queries, keys, values and gate are those
+    of the separate projections, norms and RoPE calls."""
+    import copy
+
+    import mlx.nn as nn
+
+    from mlxserve.random_weights import build_skeleton, random_weights, shape_config
+
+    config = dict(shape_config("tiny-qwen3.5"), head_dim=32, hidden_size=64)
+    model = build_skeleton(config)
+    model.load_weights(list(random_weights(config, mx.float32, seed=3).items()))
+    attention = next(layer.self_attn for layer in model.model.layers if not layer.is_linear)
+    attention.q_norm.weight = mx.random.uniform(0.5, 1.5, (32,), key=mx.random.key(1))
+    attention.k_norm.weight = mx.random.uniform(0.5, 1.5, (32,), key=mx.random.key(2))
+    if quantize:
+        nn.quantize(attention, group_size=32, bits=quantize)
+    separate = copy.deepcopy(attention)
+    attention.fuse()
+    assert attention._rotary is not None and "qkvg_proj" in attention
+    x = mx.random.normal((5, 64), key=mx.random.key(4))
+    positions = mx.array([0, 3, 7, 100, 4095], dtype=mx.int32)
+    for ours, theirs in zip(attention.project(x, positions), separate.project(x, positions)):
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(np.array(ours), np.array(theirs), atol=1e-5, rtol=0)

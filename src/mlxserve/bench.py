@@ -549,6 +549,9 @@ def _their_prefix(theirs: nn.Module) -> str:
 # Projections our models fuse after loading (models/llama.py), and the checkpoint's parts of each.
 _FUSED_PARTS = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    # Qwen3.5's gated attention, rows ordered Q, K, V, gate (models/qwen3_5.py); the
+    # checkpoint's q_proj holds each head's query and gate side by side.
+    "qkvg_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
     "in_proj_qkvzba": ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),
     "in_proj_qkvz": ("in_proj_qkv", "in_proj_z"),
@@ -565,14 +568,27 @@ def _checkpoint_paths(path: str) -> list[str]:
 def _checkpoint_weights(ours: nn.Module, theirs: nn.Module, prefix: str = "") -> dict[str, mx.array]:
     """Our parameters under the checkpoint's names. A fused projection is cut back into its
     parts by rows, sized by `theirs`; row slices are views of the fused arrays, so the two
-    models share one copy of the weights and neither engine's peak memory counts the other's."""
+    models share one copy of the weights and neither engine's peak memory counts the other's.
+    (Except Qwen3.5's attention query/gate rows, which the checkpoint interleaves per head: a
+    copy of those, about 3-4 % of the weights, which the peak memory of both engines then
+    includes in a --compare run.)"""
     shapes = {name: p.shape for name, p in tree_flatten(theirs.parameters())}
+    modules = dict(ours.named_modules())
     weights = {}
     for name, value in tree_flatten(ours.parameters()):
         module, _, leaf = name.rpartition(".")
         parts = _checkpoint_paths(module)
         if len(parts) == 1:
             weights[name] = value
+            continue
+        if module.endswith(".qkvg_proj"):
+            attention = modules[module.rpartition(".")[0]]
+            heads, d = attention.n_heads, attention.head_dim
+            kv_rows = attention.n_kv_heads * d
+            q, k, v, gate = mx.split(value, [heads * d, heads * d + kv_rows, heads * d + 2 * kv_rows])
+            per_head = mx.stack([q.reshape(heads, d, *q.shape[1:]), gate.reshape(heads, d, *q.shape[1:])], axis=1)
+            weights[f"{parts[0]}.{leaf}"] = per_head.reshape(2 * heads * d, *q.shape[1:])
+            weights[f"{parts[1]}.{leaf}"], weights[f"{parts[2]}.{leaf}"] = k, v
             continue
         start = 0
         for part in parts:
