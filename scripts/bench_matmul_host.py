@@ -11,24 +11,11 @@ call (descriptors and an algorithm query). So a step whose products have more th
 """
 
 import argparse
-import time
 
 import mlx.core as mx
+from bench_ops import timed  # scripts/bench_ops.py: built and queued REPEAT times, synchronized once
 
 DT = mx.bfloat16
-
-
-def timed(name: str, fn, repeat: int) -> None:
-    for _ in range(3):
-        mx.eval(fn())
-    mx.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        mx.async_eval(fn())
-    queued = time.perf_counter()
-    mx.synchronize()
-    done = time.perf_counter()
-    print(f"{name:50s} {1e6 * (done - start) / repeat:8.1f} us  (host {1e6 * (queued - start) / repeat:7.1f} us)", flush=True)
 
 
 def main() -> None:

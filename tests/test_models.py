@@ -80,9 +80,11 @@ def test_chunked_prefill_and_block_sizes_do_not_change_greedy_ids(tiny_model_dir
 
 
 @pytest.mark.parametrize("with_norm", [True, False])
-def test_rotary_norm_is_rms_norm_then_rope(with_norm):
+@pytest.mark.parametrize("rotary_dims", [16, 4])
+def test_rotary_norm_is_rms_norm_then_rope(with_norm, rotary_dims):
     """The fused Q/K norm + RoPE pass (float32) against MLX's RMSNorm and RoPE kernels, for
-    Q and K heads with their own norm weights, a RoPE scale, and positions far apart."""
+    Q and K heads with their own norm weights, a RoPE scale, and positions far apart; over
+    whole heads, and over their first quarter (Qwen3.5), the rest passing through."""
     from mlxserve.models.llama import RotaryNorm
 
     d, q_heads, kv_heads, base, scale = 16, 4, 2, 1e6, 0.5
@@ -91,14 +93,16 @@ def test_rotary_norm_is_rms_norm_then_rope(with_norm):
     normed = mx.fast.rms_norm(x, None, 1e-6)
     q_weight, k_weight = 1 + mx.random.normal((d,), key=kq) * 0.1, 1 + mx.random.normal((d,), key=kk) * 0.1
     positions = mx.array([0, 17, 5000], dtype=mx.int32)
-    rotary = RotaryNorm(d, base, scale, (q_weight, q_heads, k_weight, kv_heads) if with_norm else None)
-    ours = rotary(normed.reshape(3, q_heads + kv_heads, 2, d // 2), positions)
+    rotary = RotaryNorm(d, base, scale, (q_weight, q_heads, k_weight, kv_heads) if with_norm else None,
+                        rotary_dims=rotary_dims)
+    ours = rotary(normed.reshape(3, q_heads + kv_heads, *rotary.view), positions)
     q, k = normed[:, :q_heads], normed[:, q_heads:]
     if with_norm:
         q, k = q * q_weight, k * k_weight
 
     def rope(heads):  # one length-1 sequence per token, as llama.Attention.project does
-        return mx.fast.rope(heads[:, :, None, :], d, traditional=False, base=base, scale=scale, offset=positions)[:, :, 0, :]
+        return mx.fast.rope(heads[:, :, None, :], rotary_dims, traditional=False, base=base, scale=scale,
+                            offset=positions)[:, :, 0, :]
 
     expected = mx.concatenate([rope(q), rope(k)], axis=1)
     assert ours.shape == expected.shape == (3, q_heads + kv_heads, d)

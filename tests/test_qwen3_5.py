@@ -306,7 +306,7 @@ def test_state_gather_follows_every_row():
 @pytest.mark.parametrize("quantize", [None, 8])
 def test_fused_attention_projection_is_the_separate_one(quantize):
     """fuse() orders the gated attention's fused rows Q, K, V, gate and runs the Q/K norms and
-    the partial RoPE as one pass (PartialRotaryNorm): queries, keys, values and gate are those
+    the partial RoPE as one pass (llama.RotaryNorm): queries, keys, values and gate are those
     of the separate projections, norms and RoPE calls."""
     import copy
 

@@ -128,7 +128,7 @@ class Attention(nn.Module):
             # One RMSNorm over every head, V's included (its results are not used): the Q/K
             # part alone is not contiguous when T > 1 and would be copied first.
             normed = mx.fast.rms_norm(qkv, None, self.q_norm.eps)
-        qk = self._rotary(normed.reshape(T, heads + 2 * kv_heads, 2, d // 2)[:, : heads + kv_heads], positions)
+        qk = self._rotary(normed.reshape(T, heads + 2 * kv_heads, *self._rotary.view)[:, : heads + kv_heads], positions)
         return qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
 
     def fuse(self) -> None:
@@ -150,43 +150,54 @@ class Attention(nn.Module):
 
 
 class RotaryNorm:
-    """The Q/K norm weights and RoPE (non-traditional, over whole heads) of Q and K heads
-    side by side: elementwise only, so that under mx.compile it is one fused kernel.
+    """The Q/K norm weights and RoPE (non-traditional) of Q and K heads side by side:
+    elementwise only, so that under mx.compile it is one fused kernel.
 
-    RoPE turns each pair (x1, x2) = (x[i], x[i + d/2]) by the angle position * scale *
-    inv_freq[i]: (x1 cos - x2 sin, x2 cos + x1 sin). With the head seen as [2, d/2], the
-    pair's other half is a reversed view of the same array, so no concatenation is needed.
-    inv_freq is computed as MLX's RoPE kernel computes it: 2^(-(i / (d/2)) * log2(base)).
+    RoPE turns each pair (x1, x2) = (x[i], x[i + r/2]) of a head's first r = `rotary_dims`
+    channels (all of them by default; the rest pass through) by the angle position * scale *
+    inv_freq[i]: (x1 cos - x2 sin, x2 cos + x1 sin). With the head seen as `view`, [d / r, 2,
+    r/2], the pair's other half is a reversed view of the same array, so no concatenation is
+    needed; groups after the first get cosine 1 and sine 0. inv_freq is computed as MLX's
+    RoPE kernel computes it: 2^(-(i / (r/2)) * log2(base)).
     """
 
-    def __init__(self, head_dim: int, base: float, scale: float, norm_weights: tuple | None):
-        half = head_dim // 2
+    def __init__(self, head_dim: int, base: float, scale: float, norm_weights: tuple | None,
+                 rotary_dims: int | None = None):
+        rotary_dims = rotary_dims or head_dim
+        half, groups = rotary_dims // 2, head_dim // rotary_dims
+        self.view = (groups, 2, half)
         self.scale = scale
         self.inv_freq = mx.power(2.0, -(mx.arange(half, dtype=mx.float32) / half) * math.log2(base))
         self.sign = mx.array([[-1.0], [1.0]])  # the sin term's sign per half
+        # Which groups turn (the first); None when every channel does.
+        self.rotated = mx.array([g == 0 for g in range(groups)])[:, None, None] if groups > 1 else None
         self.weight = self.weight_swapped = None
         if norm_weights is not None:
             q_weight, q_heads, k_weight, kv_heads = norm_weights
             weight = mx.concatenate([mx.broadcast_to(q_weight, (q_heads, head_dim)),
                                      mx.broadcast_to(k_weight, (kv_heads, head_dim))])
-            self.weight = weight.reshape(q_heads + kv_heads, 2, half)
-            self.weight_swapped = self.weight[:, ::-1, :]
+            self.weight = weight.reshape(q_heads + kv_heads, *self.view)
+            self.weight_swapped = self.weight[:, :, ::-1, :]
         # Evaluated here: a lazy array built on the loading thread cannot be evaluated on
         # the engine's thread (MLX's streams belong to their thread).
-        mx.eval(self.inv_freq, self.sign, *(a for a in (self.weight, self.weight_swapped) if a is not None))
+        mx.eval(self.inv_freq, self.sign,
+                *(a for a in (self.rotated, self.weight, self.weight_swapped) if a is not None))
 
     def __call__(self, x: mx.array, positions: mx.array) -> mx.array:
-        """x [T, heads, 2, d/2] (a view is fine) -> [T, heads, d]."""
-        T, heads, _, half = x.shape
+        """x [T, heads, *view] (a view is fine) -> [T, heads, d]."""
+        T, heads = x.shape[:2]
         dtype = x.dtype
-        swapped = x[:, :, ::-1, :]
+        swapped = x[:, :, :, ::-1, :]
         if self.weight is not None:
             x, swapped = x * self.weight, swapped * self.weight_swapped
         # Positions expanded before anything else: an expand between elementwise operations
         # would split the fused kernel in two.
-        angle = positions[:, None, None, None].astype(mx.float32) * self.scale * self.inv_freq
-        out = x * mx.cos(angle) + swapped * (mx.sin(angle) * self.sign)
-        return out.astype(dtype).reshape(T, heads, 2 * half)
+        angle = positions[:, None, None, None, None].astype(mx.float32) * self.scale * self.inv_freq
+        cos, sin = mx.cos(angle), mx.sin(angle) * self.sign
+        if self.rotated is not None:
+            cos, sin = mx.where(self.rotated, cos, 1.0), mx.where(self.rotated, sin, 0.0)
+        out = x * cos + swapped * sin
+        return out.astype(dtype).reshape(T, heads, -1)
 
 
 def add_linear(residual: mx.array, x: mx.array, linear: nn.Module) -> mx.array:
@@ -256,16 +267,23 @@ def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
             return None
     if any(layer[k].dtype != first[k].dtype for layer in layers for k in keys):
         return None
-    fused = kind.__new__(kind)
-    nn.Module.__init__(fused)
+    return linear_like(first, {k: mx.concatenate([layer[k] for layer in layers], axis=0) for k in keys})
+
+
+def linear_like(layer: nn.Module, arrays: dict[str, mx.array]) -> nn.Module:
+    """A linear layer of `layer`'s kind (plain or quantized, with its quantization) holding
+    `arrays` (weight, and bias, scales or biases where it has them)."""
+    kind = type(layer)
+    new = kind.__new__(kind)
+    nn.Module.__init__(new)
     for attr in ("group_size", "bits", "mode"):
-        if hasattr(first, attr):
-            setattr(fused, attr, getattr(first, attr))
-    for k in keys:
-        setattr(fused, k, mx.concatenate([layer[k] for layer in layers], axis=0))
+        if hasattr(layer, attr):
+            setattr(new, attr, getattr(layer, attr))
+    for key, value in arrays.items():
+        setattr(new, key, value)
     if kind is nn.QuantizedLinear:
-        fused.freeze()
-    return fused
+        new.freeze()
+    return new
 
 
 class TransformerBlock(nn.Module):

@@ -21,7 +21,6 @@ tower and multi-token-prediction weights are dropped by `sanitize`.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -34,7 +33,7 @@ from ..cache import KVStore, StateGather, padding_rows
 from . import qwen3_moe
 from .compiled import compiled
 from .gated_delta import gated_delta, gated_delta_step, native_fast_op
-from .llama import MLP, add_linear, add_mlp, causal_lm_forward, fuse_linears
+from .llama import MLP, RotaryNorm, add_linear, add_mlp, causal_lm_forward, fuse_linears, linear_like
 
 ARCHITECTURES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 
@@ -315,64 +314,12 @@ class GatedDeltaNet(nn.Module):
                 mx.zeros((self.n_v, self.d_v, self.d_k), mx.float32))
 
 
-class PartialRotaryNorm:
-    """The Q/K norm weights and RoPE over the first `rotary_dims` of each head (the rest passes
-    through), for Q and K heads side by side: elementwise only, so that under mx.compile it
-    is one fused kernel (llama.RotaryNorm does the same over whole heads).
-
-    A head [d] is seen as [d / rotary_dims, 2, rotary_dims / 2]: its first group holds the
-    rotated pairs (x[i], x[i + rotary_dims / 2]), the others pass through (cosine 1, sine 0).
-    The pair's other half is a reversed view of the same array. inv_freq as MLX's RoPE
-    kernel computes it: 2^(-(i / half) * log2(base)).
-    """
-
-    def __init__(self, head_dim: int, rotary_dims: int, base: float, scale: float, q_weight: mx.array,
-                 q_heads: int, k_weight: mx.array, kv_heads: int):
-        half = rotary_dims // 2
-        self.groups = head_dim // rotary_dims
-        self.scale = scale
-        self.inv_freq = mx.power(2.0, -(mx.arange(half, dtype=mx.float32) / half) * math.log2(base))
-        self.sign = mx.array([[-1.0], [1.0]])  # the sine term's sign per half
-        self.rotated = mx.array([g == 0 for g in range(self.groups)])[:, None, None]  # [groups, 1, 1]
-        weight = mx.concatenate([mx.broadcast_to(q_weight, (q_heads, head_dim)),
-                                 mx.broadcast_to(k_weight, (kv_heads, head_dim))])
-        self.weight = weight.reshape(q_heads + kv_heads, self.groups, 2, half)
-        self.weight_swapped = self.weight[:, :, ::-1, :]
-        # Evaluated here: lazy arrays made on the loading thread cannot be evaluated on the
-        # engine's thread (MLX's streams belong to their thread).
-        mx.eval(self.inv_freq, self.sign, self.rotated, self.weight, self.weight_swapped)
-
-    def __call__(self, x: mx.array, positions: mx.array) -> mx.array:
-        """x [T, heads, d] (a view is fine), normalised without weights -> [T, heads, d]."""
-        T, heads, d = x.shape
-        dtype = x.dtype
-        x = x.reshape(T, heads, self.groups, 2, -1)
-        swapped = x[:, :, :, ::-1, :]
-        # Positions expanded before anything else: an expand between elementwise operations
-        # would split the fused kernel in two.
-        angle = positions[:, None, None, None, None].astype(mx.float32) * self.scale * self.inv_freq
-        cos = mx.where(self.rotated, mx.cos(angle), 1.0)
-        sin = mx.where(self.rotated, mx.sin(angle) * self.sign, 0.0)
-        out = (x * self.weight) * cos + (swapped * self.weight_swapped) * sin
-        return out.astype(dtype).reshape(T, heads, d)
-
-
 def _take_rows(layer: nn.Module, rows: mx.array) -> nn.Module | None:
     """A linear layer (plain or quantized) with only these output rows, or None for another
     kind of layer."""
-    kind = type(layer)
-    if kind not in (nn.Linear, nn.QuantizedLinear):
+    if type(layer) not in (nn.Linear, nn.QuantizedLinear):
         return None
-    part = kind.__new__(kind)
-    nn.Module.__init__(part)
-    for attr in ("group_size", "bits", "mode"):
-        if hasattr(layer, attr):
-            setattr(part, attr, getattr(layer, attr))
-    for key in layer:
-        setattr(part, key, mx.take(layer[key], rows, axis=0))
-    if kind is nn.QuantizedLinear:
-        part.freeze()
-    return part
+    return linear_like(layer, {key: mx.take(layer[key], rows, axis=0) for key in layer})
 
 
 class GatedAttention(nn.Module):
@@ -401,7 +348,8 @@ class GatedAttention(nn.Module):
         With plain RoPE over a whole number of groups of each head, its rows are ordered Q,
         K, V, gate (q_proj holds each head's Q and gate side by side), so that the Q and K
         heads are adjacent: their norms and RoPE are then one norm and one elementwise pass
-        (PartialRotaryNorm), two kernels where two norms and two RoPE calls took four."""
+        (llama.RotaryNorm over the first channels of each head), two kernels where two norms
+        and two RoPE calls took four."""
         rope, d = self.rope, self.head_dim
         if type(rope) is nn.RoPE and not rope.traditional and d % rope.dims == 0:
             q_and_gate = mx.arange(2 * self.n_heads * d).reshape(self.n_heads, 2, d)
@@ -413,8 +361,8 @@ class GatedAttention(nn.Module):
             if fused is not None:
                 self.qkvg_proj = fused
                 del self.q_proj, self.k_proj, self.v_proj
-                self._rotary = PartialRotaryNorm(d, rope.dims, rope.base, rope.scale, self.q_norm.weight,
-                                                 self.n_heads, self.k_norm.weight, self.n_kv_heads)
+                weights = (self.q_norm.weight, self.n_heads, self.k_norm.weight, self.n_kv_heads)
+                self._rotary = RotaryNorm(d, rope.base, rope.scale, weights, rotary_dims=rope.dims)
                 return
         fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         if fused is not None:
@@ -430,7 +378,8 @@ class GatedAttention(nn.Module):
             # One RMSNorm over every head, V's and the gate's included (their results are not
             # used): the Q/K part alone is not contiguous when T > 1 and would be copied first.
             normed = mx.fast.rms_norm(out, None, self.q_norm.eps)
-            qk = self._rotary(normed[:, : heads + kv_heads], positions)
+            qk = self._rotary(normed.reshape(T, 2 * (heads + kv_heads), *self._rotary.view)[:, : heads + kv_heads],
+                              positions)
             v = out[:, heads + kv_heads : heads + 2 * kv_heads]
             return qk[:, :heads], qk[:, heads:], v, out[:, heads + 2 * kv_heads :].reshape(T, -1)
         if "qkv_proj" in self:
