@@ -153,9 +153,10 @@ def _conv_step(window: mx.array, x: mx.array, weight: mx.array) -> tuple[mx.arra
     return out, new
 
 
-def _decay(A_log: mx.array, a: mx.array, dt_bias: mx.array) -> mx.array:
-    """Per-token decay exp(-exp(A_log) * softplus(a + dt_bias)), float32."""
-    return mx.exp(-mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias))
+def _decay(rate: mx.array, a: mx.array, dt_bias: mx.array) -> mx.array:
+    """Per-token decay exp(rate * softplus(a + dt_bias)), float32; rate is -exp(A_log)
+    (GatedDeltaNet._decay_parameters)."""
+    return mx.exp(rate * nn.softplus(a + dt_bias))
 
 
 class GatedDeltaNet(nn.Module):
@@ -269,16 +270,16 @@ class GatedDeltaNet(nn.Module):
         # sqrt(d_k) times too large, which the output's norm undoes exactly (added_to).
         qk = mx.fast.rms_norm(qk.reshape(n, t, 2 * self.n_k, self.d_k), self._l2_norm_weight(), 1e-6 / self.d_k)
         q, k = qk[:, :, : self.n_k], qk[:, :, self.n_k :]
+        rate, dt_bias = self._decay_parameters()
         if t == 1 and not native_fast_op():
             # Decoding off Metal (see gated_delta.py). Decay and beta in the step's broadcast
             # shape, so that they are computed inside its fused kernel.
-            rate, dt_bias = self._decay_parameters()
             heads = (n, *rate.shape)
-            decay = mx.exp(rate * nn.softplus(a.reshape(heads) + dt_bias))
+            decay = _decay(rate, a.reshape(heads), dt_bias)
             beta = mx.sigmoid(b.reshape(heads))
             out, state = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], decay, beta, state)
         else:
-            decay = _decay(self.A_log, a, self.dt_bias)
+            decay = _decay(rate.reshape(-1), a, dt_bias.reshape(-1))
             beta = mx.sigmoid(b)
             out, state = gated_delta(q, k, v, decay, beta, state)
         return out.reshape(n * t, self.n_v, self.d_v), window, state
@@ -296,7 +297,8 @@ class GatedDeltaNet(nn.Module):
 
     def _decay_parameters(self) -> tuple[mx.array, mx.array]:
         """-exp(A_log) (float32) and dt_bias, shaped [key heads, value heads per key head, 1,
-        1] for gated_delta_step: computed and reshaped outside the compiled recurrence, as
+        1] for gated_delta_step (flattened again for the other forms): computed and reshaped
+        outside the compiled recurrence, as
         each operation on them there deepened the step's fused kernel past what MLX fuses
         into one (the decay then took kernels of its own). Remade when the parameters are
         replaced (loading weights)."""
