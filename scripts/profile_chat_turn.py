@@ -12,16 +12,10 @@ from mlxserve.random_weights import build_random_model
 from mlxserve.sampling import SamplingParams
 from mlxserve.scheduler import Request
 import numpy as np
+from phases import SPENT as PH, timed  # scripts/phases.py
 shape = sys.argv[1]; HIST = int(sys.argv[2]) if len(sys.argv) > 2 else 4096
 loaded = build_random_model(shape)
 V = loaded.config["vocab_size"]
-PH = {}
-def timed(name, fn):
-    def w(*a, **k):
-        t = time.perf_counter()
-        try: return fn(*a, **k)
-        finally: PH[name] = PH.get(name, 0) + time.perf_counter() - t
-    return w
 S = sm.Scheduler
 for n in ("_admit", "_plan", "_wait_for_device", "_read_back", "_launch"):
     setattr(S, n, timed(n, getattr(S, n)))
