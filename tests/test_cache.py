@@ -250,7 +250,7 @@ def test_kv_write_lands_at_each_rows_slot_and_position_only():
     assert all(row.shelf is shelf for row in live)
     before = mx.random.normal(shelf.kv[0].shape)  # distinct values everywhere
     shelf.kv[0] = mx.array(before)
-    store.write(0, keys, values, batch)
+    store.write(0, mx.concatenate([keys, values], axis=1), batch)
     after = shelf.kv[0]
     assert after.shape == (2, shelf.num_slots, kv_heads, shelf.capacity, d)
     expected = mx.array(before)  # a copy: item assignment rebinds this array object
@@ -262,7 +262,7 @@ def test_kv_write_lands_at_each_rows_slot_and_position_only():
             expected[1, row.slot, :, position] = values[start + j]
     assert mx.array_equal(after, expected)
     assert len(batch.writes) == 1 and batch.writes[0].count == T
-    assert mx.array_equal(scatter_kv(before, keys, values, batch.writes[0].rows), expected)
+    assert mx.array_equal(scatter_kv(before, mx.concatenate([keys, values], axis=1), batch.writes[0].rows), expected)
 
 
 def test_growing_a_shelf_holds_the_new_shelf_and_a_few_old_layers_at_most():

@@ -81,22 +81,25 @@ def test_chunked_prefill_and_block_sizes_do_not_change_greedy_ids(tiny_model_dir
 
 @pytest.mark.parametrize("with_norm", [True, False])
 @pytest.mark.parametrize("rotary_dims", [16, 4])
-def test_rotary_norm_is_rms_norm_then_rope(with_norm, rotary_dims):
+@pytest.mark.parametrize("kept", [0, 2])
+def test_rotary_norm_is_rms_norm_then_rope(with_norm, rotary_dims, kept):
     """The fused Q/K norm + RoPE pass (float32) against MLX's RMSNorm and RoPE kernels, for
     Q and K heads with their own norm weights, a RoPE scale, and positions far apart; over
-    whole heads, and over their first quarter (Qwen3.5), the rest passing through."""
+    whole heads, and over their first quarter (Qwen3.5), the rest passing through; with V
+    heads after them kept as the raw input has them (K and V side by side for the write)."""
     from mlxserve.models.llama import RotaryNorm
 
     d, q_heads, kv_heads, base, scale = 16, 4, 2, 1e6, 0.5
     kx, kq, kk = mx.random.split(mx.random.key(7), 3)
-    x = mx.random.normal((3, q_heads + kv_heads, d), key=kx)
+    x = mx.random.normal((3, q_heads + kv_heads + kept, d), key=kx)
     normed = mx.fast.rms_norm(x, None, 1e-6)
     q_weight, k_weight = 1 + mx.random.normal((d,), key=kq) * 0.1, 1 + mx.random.normal((d,), key=kk) * 0.1
     positions = mx.array([0, 17, 5000], dtype=mx.int32)
     rotary = RotaryNorm(d, base, scale, (q_weight, q_heads, k_weight, kv_heads) if with_norm else None,
-                        rotary_dims=rotary_dims)
-    ours = rotary(normed.reshape(3, q_heads + kv_heads, *rotary.view), positions)
-    q, k = normed[:, :q_heads], normed[:, q_heads:]
+                        rotary_dims=rotary_dims, heads=(q_heads + kv_heads, kept) if kept else None)
+    view = (3, q_heads + kv_heads + kept, *rotary.view)
+    ours = rotary(normed.reshape(view), positions, x.reshape(view) if kept else None)
+    q, k = normed[:, :q_heads], normed[:, q_heads : q_heads + kv_heads]
     if with_norm:
         q, k = q * q_weight, k * k_weight
 
@@ -104,6 +107,6 @@ def test_rotary_norm_is_rms_norm_then_rope(with_norm, rotary_dims):
         return mx.fast.rope(heads[:, :, None, :], rotary_dims, traditional=False, base=base, scale=scale,
                             offset=positions)[:, :, 0, :]
 
-    expected = mx.concatenate([rope(q), rope(k)], axis=1)
-    assert ours.shape == expected.shape == (3, q_heads + kv_heads, d)
+    expected = mx.concatenate([rope(q), rope(k), x[:, q_heads + kv_heads :]], axis=1)
+    assert ours.shape == expected.shape == (3, q_heads + kv_heads + kept, d)
     assert mx.abs(ours - expected).max().item() < 1e-4

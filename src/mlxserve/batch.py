@@ -52,16 +52,16 @@ class AttentionGroup:
 @dataclass
 class ShelfWrite:
     """Flat tokens [offset, offset + count) go to one shelf: token i's K of kv head h is row
-    `rows[0][i, h]`, its V row `rows[1][i, h]`, of a layer's array seen as
-    [2 * slots * kv_heads * capacity, head_dim] (see cache.Shelf). Index arrays made once
-    per step for every layer make each write a single scatter (per-axis indices cost
-    index-building and cast kernels per layer) that reads the new K/V [count, kv_heads,
-    head_dim] as they are, views included."""
+    `rows[i, h]`, its V row `rows[i, kv_heads + h]`, of a layer's array seen as
+    [2 * slots * kv_heads * capacity, head_dim] (see cache.Shelf). An index array made once
+    per step for every layer makes each write a single scatter (per-axis indices cost
+    index-building and cast kernels per layer) that reads the new K and V side by side,
+    [count, 2 * kv_heads, head_dim], as they are, views included."""
 
     shelf: object
     offset: int
     count: int
-    rows: tuple[mx.array, mx.array] | None  # K rows, V rows: [count, kv_heads] each
+    rows: mx.array | None  # [count, 2 * kv_heads]: K rows, then V rows
 
 
 @dataclass
@@ -186,7 +186,7 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
         cols = columns[w.offset : w.offset + w.count, None]
         rows = (slots * kv_heads + np.arange(kv_heads)) * capacity + cols
         values_from = w.shelf.num_slots * kv_heads * capacity  # V's half of the array
-        w.rows = (mx.array(rows.astype(np.int32)), mx.array((rows + values_from).astype(np.int32)))
+        w.rows = mx.array(np.concatenate([rows, rows + values_from], axis=1).astype(np.int32))
 
     num_tokens = len(tokens)
     max_per_row = max(g.tokens_per_row for g in groups)

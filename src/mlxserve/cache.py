@@ -251,21 +251,21 @@ class KVStore:
 
     # ---- attention ----------------------------------------------------------------------
     def attend(self, layer: int, projected: tuple, batch: StepBatch, scale: float, written: bool) -> tuple:
-        """An attention layer's mix: `projected` is (q, k, v, *rest) as its `before` made it,
-        or (q, *rest) when a compiled piece already wrote k and v (see whole_write). Writes
-        them if not, attends; returns (output, *rest)."""
+        """An attention layer's mix: `projected` is (q, kv, *rest) as its `before` made it
+        (kv: K heads then V heads, see `write`), or (q, *rest) when a compiled piece already
+        wrote kv (see whole_write). Writes it if not, attends; returns (output, *rest)."""
         if written:
             q, *rest = projected
         else:
-            q, k, v, *rest = projected
-            self.write(layer, k, v, batch)
+            q, kv, *rest = projected
+            self.write(layer, kv, batch)
         return (self.read(layer, q, batch, scale), *rest)
 
-    def write(self, layer: int, keys: mx.array, values: mx.array, batch: StepBatch) -> None:
-        """The step's new K/V [T, kv_heads, D] (RoPE applied) into the rows' slots."""
+    def write(self, layer: int, kv: mx.array, batch: StepBatch) -> None:
+        """The step's new keys and values (RoPE applied) into the rows' slots: kv is
+        [T, 2 * kv_heads, D], each token's K heads, then its V heads."""
         for w in batch.writes:
-            span = slice(w.offset, w.offset + w.count)
-            w.shelf.kv[layer] = scatter_kv(w.shelf.kv[layer], keys[span], values[span], w.rows)
+            w.shelf.kv[layer] = scatter_kv(w.shelf.kv[layer], kv[w.offset : w.offset + w.count], w.rows)
 
     def whole_write(self, batch: StepBatch) -> ShelfWrite | None:
         """The step's only write when it covers every flat token, else None. Such a write
@@ -321,13 +321,14 @@ def padding_rows(last: mx.array, padding: int) -> mx.array:
     return mx.broadcast_to(last[-1:], (padding, *last.shape[1:]))
 
 
-def scatter_kv(shelf: mx.array, keys: mx.array, values: mx.array, rows: tuple[mx.array, mx.array]) -> mx.array:
-    """A layer's shelf array with new K and V [count, kv_heads, D] written at `rows`
-    (ShelfWrite.rows): one scatter each into the array seen as [positions, D]. Pure, so that
-    it can run inside a compiled piece."""
-    flat = shelf.reshape(-1, keys.shape[-1])
-    flat[rows[0]] = keys
-    flat[rows[1]] = values
+def scatter_kv(shelf: mx.array, kv: mx.array, rows: mx.array) -> mx.array:
+    """A layer's shelf array with new keys and values, kv [count, 2 * kv_heads, D] (K heads,
+    then V heads), written at `rows` (ShelfWrite.rows): one scatter into the array seen as
+    [positions, D]. K and V side by side make it one kernel where two scatters ran (the
+    models' projections produce them so, see llama.RotaryNorm). Pure, so that it can run
+    inside a compiled piece."""
+    flat = shelf.reshape(-1, kv.shape[-1])
+    flat[rows] = kv
     return flat.reshape(shelf.shape)
 
 

@@ -95,8 +95,10 @@ class Attention(nn.Module):
         )
         self._rotary = None  # set by fuse(); underscored: not a parameter
 
-    def project(self, x: mx.array, positions: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Queries, keys and values of the flat tokens [T, heads, head_dim], RoPE applied."""
+    def project(self, x: mx.array, positions: mx.array) -> tuple[mx.array, mx.array]:
+        """Queries [T, heads, head_dim] and keys and values side by side [T, 2 * kv_heads,
+        head_dim] (the form the KV write takes, cache.scatter_kv) of the flat tokens, RoPE
+        applied."""
         T = x.shape[0]
         if self._rotary is not None:
             return self._project_fused(x, positions)
@@ -114,22 +116,23 @@ class Attention(nn.Module):
         # token as its own length-1 sequence so each gets its own position.
         q = self.rope(q[:, :, None, :], offset=positions)[:, :, 0, :]
         k = self.rope(k[:, :, None, :], offset=positions)[:, :, 0, :]
-        return q, k, v
+        return q, mx.concatenate([k, v], axis=1)
 
-    def _project_fused(self, x: mx.array, positions: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    def _project_fused(self, x: mx.array, positions: mx.array) -> tuple[mx.array, mx.array]:
         """`project` from the fused Q/K/V matrix, with the Q/K norms and RoPE as one
-        elementwise pass over the Q and K heads together (see RotaryNorm): two kernels where
-        two norms and two RoPE calls took four. Q and K are views of one array, V a view of
-        the projection."""
-        T, heads, kv_heads, d = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x).reshape(T, heads + 2 * kv_heads, d)
+        elementwise pass over every head (see RotaryNorm; V's pass through): two kernels
+        where two norms and two RoPE calls took four, and K and V come out side by side for
+        the KV write. Q and KV are views of that pass's output."""
+        T, heads, kv_heads = x.shape[0], self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).reshape(T, heads + 2 * kv_heads, *self._rotary.view)
         normed = qkv
         if "q_norm" in self:
-            # One RMSNorm over every head, V's included (its results are not used): the Q/K
-            # part alone is not contiguous when T > 1 and would be copied first.
-            normed = mx.fast.rms_norm(qkv, None, self.q_norm.eps)
-        qk = self._rotary(normed.reshape(T, heads + 2 * kv_heads, *self._rotary.view)[:, : heads + kv_heads], positions)
-        return qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
+            # One RMSNorm over every head, V's included (RotaryNorm keeps V's raw values): the
+            # Q/K part alone is not contiguous when T > 1 and would be copied first.
+            normed = mx.fast.rms_norm(qkv.reshape(T, heads + 2 * kv_heads, -1), None, self.q_norm.eps)
+            normed = normed.reshape(qkv.shape)
+        out = self._rotary(normed, positions, qkv)
+        return out[:, :heads], out[:, heads:]
 
     def fuse(self) -> None:
         """One matmul for Q, K and V (fewer kernel launches per step), when the three
@@ -146,58 +149,78 @@ class Attention(nn.Module):
             weights = None
             if "q_norm" in self:
                 weights = (self.q_norm.weight, self.n_heads, self.k_norm.weight, self.n_kv_heads)
-            self._rotary = RotaryNorm(self.head_dim, rope.base, rope.scale, weights)
+            self._rotary = RotaryNorm(self.head_dim, rope.base, rope.scale, weights,
+                                      heads=(self.n_heads + self.n_kv_heads, self.n_kv_heads))
 
 
 class RotaryNorm:
-    """The Q/K norm weights and RoPE (non-traditional) of Q and K heads side by side:
-    elementwise only, so that under mx.compile it is one fused kernel.
+    """The Q/K norm weights and RoPE (non-traditional) of Q and K heads side by side, and
+    the heads after them (V's) passed through from a second input: elementwise only, so
+    that under mx.compile it is one fused kernel, whose output holds K and V adjacent, as
+    the KV write takes them (cache.scatter_kv). `heads` = (turned, kept): how many heads
+    are turned, how many after them kept (None: every head turns).
 
     RoPE turns each pair (x1, x2) = (x[i], x[i + r/2]) of a head's first r = `rotary_dims`
     channels (all of them by default; the rest pass through) by the angle position * scale *
     inv_freq[i]: (x1 cos - x2 sin, x2 cos + x1 sin). With the head seen as `view`, [d / r, 2,
     r/2], the pair's other half is a reversed view of the same array, so no concatenation is
-    needed; groups after the first get cosine 1 and sine 0. inv_freq is computed as MLX's
-    RoPE kernel computes it: 2^(-(i / (r/2)) * log2(base)).
+    needed; groups after the first get frequency 0, so cosine 1 and sine 0 exactly. inv_freq
+    is computed as MLX's RoPE kernel computes it: 2^(-(i / (r/2)) * log2(base)).
     """
 
     def __init__(self, head_dim: int, base: float, scale: float, norm_weights: tuple | None,
-                 rotary_dims: int | None = None):
+                 rotary_dims: int | None = None, heads: tuple[int, int] | None = None):
         rotary_dims = rotary_dims or head_dim
+        turned, kept = heads or (0, 0)
         half, groups = rotary_dims // 2, head_dim // rotary_dims
         self.view = (groups, 2, half)
         self.scale = scale
-        self.inv_freq = mx.power(2.0, -(mx.arange(half, dtype=mx.float32) / half) * math.log2(base))
+        inv_freq = mx.power(2.0, -(mx.arange(half, dtype=mx.float32) / half) * math.log2(base))
+        # [groups, 1, half]: only the first group turns.
+        self.inv_freq = mx.concatenate([inv_freq[None], mx.zeros((groups - 1, half))])[:, None, :]
         self.sign = mx.array([[-1.0], [1.0]])  # the sin term's sign per half
-        # Which groups turn (the first); None when every channel does.
-        self.rotated = mx.array([g == 0 for g in range(groups)])[:, None, None] if groups > 1 else None
         self.weight = self.weight_swapped = None
         if norm_weights is not None:
             q_weight, q_heads, k_weight, kv_heads = norm_weights
             weight = mx.concatenate([mx.broadcast_to(q_weight, (q_heads, head_dim)),
-                                     mx.broadcast_to(k_weight, (kv_heads, head_dim))])
-            self.weight = weight.reshape(q_heads + kv_heads, *self.view)
-            self.weight_swapped = self.weight[:, :, ::-1, :]
+                                     mx.broadcast_to(k_weight, (kv_heads, head_dim)),
+                                     mx.ones((kept, head_dim), q_weight.dtype)])
+            self.weight = weight.reshape(q_heads + kv_heads + kept, *self.view)
+            self.weight_swapped = self.weight[:, :, ::-1, :] * self.sign
+        self.kept_mask = (mx.arange(turned + kept) >= turned)[:, None, None, None] if kept else None
         # Evaluated here: a lazy array built on the loading thread cannot be evaluated on
         # the engine's thread (MLX's streams belong to their thread).
         mx.eval(self.inv_freq, self.sign,
-                *(a for a in (self.rotated, self.weight, self.weight_swapped) if a is not None))
+                *(a for a in (self.weight, self.weight_swapped, self.kept_mask) if a is not None))
 
-    def __call__(self, x: mx.array, positions: mx.array) -> mx.array:
-        """x [T, heads, *view] (a view is fine) -> [T, heads, d]."""
+    def __call__(self, x: mx.array, positions: mx.array, kept: mx.array | None = None) -> mx.array:
+        """x [T, heads, *view] (a view is fine) -> [T, heads, d]. With kept heads, the
+        output has `kept`'s values there (an array shaped as x; x may be a normed copy of
+        it)."""
         T, heads = x.shape[:2]
         dtype = x.dtype
+        # The sin term's sign goes with the swapped half (in its weight, if any), not with
+        # the sine, and no multiply by a scale of 1: the positions' side of the kernel is the
+        # deepest, and MLX fuses a chain of operations only so deep (one step more left the
+        # positions' conversion outside, a kernel of its own).
         swapped = x[:, :, :, ::-1, :]
         if self.weight is not None:
             x, swapped = x * self.weight, swapped * self.weight_swapped
+        else:
+            swapped = swapped * self.sign
         # Positions expanded before anything else: an expand between elementwise operations
         # would split the fused kernel in two.
-        angle = positions[:, None, None, None, None].astype(mx.float32) * self.scale * self.inv_freq
-        cos, sin = mx.cos(angle), mx.sin(angle) * self.sign
-        if self.rotated is not None:
-            cos, sin = mx.where(self.rotated, cos, 1.0), mx.where(self.rotated, sin, 0.0)
-        out = x * cos + swapped * sin
-        return out.astype(dtype).reshape(T, heads, -1)
+        angle = positions[:, None, None, None, None].astype(mx.float32)
+        if self.scale != 1.0:
+            angle = angle * self.scale
+        angle = angle * self.inv_freq
+        cos, sin = mx.cos(angle), mx.sin(angle)
+        out = (x * cos + swapped * sin).astype(dtype)
+        if self.kept_mask is not None:
+            # Every head is turned and the kept ones' results dropped: a selection is
+            # elementwise and fuses into the same kernel, where a concatenation would copy.
+            out = mx.where(self.kept_mask, kept, out)
+        return out.reshape(T, heads, -1)
 
 
 def add_linear(residual: mx.array, x: mx.array, linear: nn.Module) -> mx.array:
@@ -407,8 +430,8 @@ def _joint(previous, layer, x: mx.array, carry: tuple, inputs: tuple, shelf: mx.
     projected = layer.before(x, *inputs)
     written = ()
     if shelf is not None:
-        q, k, v, *rest = projected
-        written = scatter_kv(shelf, k, v, rows)
+        q, kv, *rest = projected
+        written = scatter_kv(shelf, kv, rows)
         projected = (q, *rest)
     return x, projected, written
 

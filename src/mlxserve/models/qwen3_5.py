@@ -364,7 +364,8 @@ class GatedAttention(nn.Module):
                 self.qkvg_proj = fused
                 del self.q_proj, self.k_proj, self.v_proj
                 weights = (self.q_norm.weight, self.n_heads, self.k_norm.weight, self.n_kv_heads)
-                self._rotary = RotaryNorm(d, rope.base, rope.scale, weights, rotary_dims=rope.dims)
+                self._rotary = RotaryNorm(d, rope.base, rope.scale, weights, rotary_dims=rope.dims,
+                                          heads=(self.n_heads + self.n_kv_heads, self.n_kv_heads))
                 return
         fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         if fused is not None:
@@ -372,18 +373,21 @@ class GatedAttention(nn.Module):
             del self.q_proj, self.k_proj, self.v_proj
 
     def project(self, x: mx.array, positions: mx.array) -> tuple[mx.array, ...]:
-        """Queries, keys, values [T, heads, head_dim] (RoPE applied) and the output gate."""
+        """Queries [T, heads, head_dim], keys and values side by side [T, 2 * kv_heads,
+        head_dim] (RoPE applied; the KV write's form, see llama.Attention.project) and the
+        output gate."""
         T = x.shape[0]
         if self._rotary is not None:
             heads, kv_heads = self.n_heads, self.n_kv_heads
             out = self.qkvg_proj(x).reshape(T, 2 * (heads + kv_heads), self.head_dim)
-            # One RMSNorm over every head, V's and the gate's included (their results are not
-            # used): the Q/K part alone is not contiguous when T > 1 and would be copied first.
+            # One RMSNorm over every head, V's and the gate's included (RotaryNorm keeps V's
+            # raw values; the gate's are not used): the Q/K part alone is not contiguous when
+            # T > 1 and would be copied first.
             normed = mx.fast.rms_norm(out, None, self.q_norm.eps)
-            qk = self._rotary(normed.reshape(T, 2 * (heads + kv_heads), *self._rotary.view)[:, : heads + kv_heads],
-                              positions)
-            v = out[:, heads + kv_heads : heads + 2 * kv_heads]
-            return qk[:, :heads], qk[:, heads:], v, out[:, heads + 2 * kv_heads :].reshape(T, -1)
+            view = (T, 2 * (heads + kv_heads), *self._rotary.view)
+            turned = heads + 2 * kv_heads
+            qkv = self._rotary(normed.reshape(view)[:, :turned], positions, out.reshape(view)[:, :turned])
+            return qkv[:, :heads], qkv[:, heads:], out[:, turned:].reshape(T, -1)
         if "qkv_proj" in self:
             q_width, kv_width = 2 * self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             q, k, v = mx.split(self.qkv_proj(x), [q_width, q_width + kv_width], axis=-1)
@@ -396,7 +400,7 @@ class GatedAttention(nn.Module):
         # one length-1 sequence per token, so each token gets its own position (see llama.py)
         q = self.rope(q[:, :, None, :], offset=positions)[:, :, 0, :]
         k = self.rope(k[:, :, None, :], offset=positions)[:, :, 0, :]
-        return q, k, v, gate.reshape(T, -1)
+        return q, mx.concatenate([k, v], axis=1), gate.reshape(T, -1)
 
     def added_to(self, residual: mx.array, attention: mx.array, gate: mx.array) -> mx.array:
         """residual + the output projection of the gated attention output."""
