@@ -139,17 +139,21 @@ def _depthwise_conv(window: mx.array, weight: mx.array, t: int) -> mx.array:
 def _conv_step(window: mx.array, x: mx.array, weight: mx.array) -> tuple[mx.array, mx.array]:
     """`_depthwise_conv` of one new input x [n, 1, C] after the last K-1 inputs `window`
     [n, K-1, C] (float32): (the convolution [n, 1, C], the next window), the same sum in the
-    same order. The next window is a gather of the old one's rows shifted by one and a
-    select of x into its last row, and the sum reads it: inside a compiled function three
-    kernels, where building the K-long window first and slicing the next one out of it
-    took a conversion, three copies and the sum's kernel."""
+    same order. The next window is a selection per row among broadcast slices (views) of
+    the old one and x, the sum reads the old window and the new window's last row (x as
+    float32): inside a compiled function two fused kernels, no gather of the shifted rows,
+    and x converted once, inside the first."""
     kernel = weight.shape[1]
-    shifted = mx.take(window, mx.array([*range(1, kernel - 1), kernel - 2]), axis=1)
-    last = mx.array([i == kernel - 2 for i in range(kernel - 1)])[None, :, None]
-    new = mx.where(last, x.astype(mx.float32), shifted)
+    # Row r of the next window is the old row r + 1, the last row x: built from the last
+    # row back, each row a broadcast slice chosen where the row index matches.
+    row = mx.array([[[r] for r in range(kernel - 1)]])  # [1, K-1, 1]; a constant when traced
+    new = mx.broadcast_to(x.astype(mx.float32), window.shape)
+    for r in range(kernel - 3, -1, -1):
+        new = mx.where(row == r, window[:, r + 1 : r + 2], new)
     out = window[:, :1] * weight[:, 0, 0]
-    for j in range(1, kernel):
-        out = out + new[:, j - 1 : j] * weight[:, j, 0]
+    for j in range(1, kernel - 1):
+        out = out + window[:, j : j + 1] * weight[:, j, 0]
+    out = out + new[:, kernel - 2 :] * weight[:, kernel - 1, 0]
     return out, new
 
 
