@@ -37,6 +37,11 @@ ARCH_CONFIGS = {
     "qwen3": dict(model_type="qwen3", head_dim=32, tie_word_embeddings=True, rope_theta=1000000.0),
     "llama": dict(model_type="llama", tie_word_embeddings=False, rope_theta=10000.0),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=False, rope_theta=1000000.0),
+    # Llama 3.1's RoPE scaling: not plain RoPE, so its attention projects without the fused
+    # norm-and-RoPE pass (llama.Attention.project's other path).
+    "llama3": dict(model_type="llama", tie_word_embeddings=False, rope_theta=500000.0,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 256}),
 }
 # Qwen3.5 (hybrid): 2 linear-attention + 2 full-attention layers, in Hugging Face's nested
 # layout (written by `_hf_qwen3_5_layout`), dense and mixture-of-experts.

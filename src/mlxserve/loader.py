@@ -104,7 +104,11 @@ def build_model(config: dict, weights: dict[str, mx.array], quantization: dict |
     model.load_weights(list(weights.items()), strict=True)
     if fuse and hasattr(model, "fuse"):
         model.fuse()
-    mx.eval(model.parameters())
+    # Arrays modules keep besides their parameters (mlx-lm's Llama 3 RoPE keeps its
+    # frequencies as `_freqs`) too: a lazy array made on this thread cannot be evaluated on
+    # the engine's (MLX's streams belong to their thread), which failed its first step.
+    private = [v for m in model.modules() for k, v in m.items() if k.startswith("_") and isinstance(v, mx.array)]
+    mx.eval(model.parameters(), private)
     return model
 
 
