@@ -32,13 +32,14 @@ def our_greedy(folder, prompt_ids, n, **engine_kw):
     return [t for e in events for t in e.token_ids], events[-1]
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen2", "llama3"])
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen2", "llama3", "qwen3_yarn"])
 @pytest.mark.parametrize("dtype,bits", [("float32", None), ("bfloat16", None), ("float32", 4)])
 def test_greedy_ids_match_mlx_lm(tiny_model_dir, arch, dtype, bits):
     folder = tiny_model_dir(arch, dtype, bits)
     loaded = load_model(str(folder), progress=False)
-    # llama3 runs the unfused projection (its RoPE is not plain), the others the fused pass.
-    assert (loaded.model.layers[0].self_attn._rotary is None) == (arch == "llama3")
+    # llama3 and qwen3_yarn run the unfused projection (their RoPE is not plain), the others
+    # the fused pass.
+    assert (loaded.model.layers[0].self_attn._rotary is None) == (arch in ("llama3", "qwen3_yarn"))
     prompt_ids = loaded.tokenizer.encode(PROMPT)
     ours, final = our_greedy(folder, prompt_ids, 24, block_size=16)
     if dtype == "float32":

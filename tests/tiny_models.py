@@ -42,6 +42,9 @@ ARCH_CONFIGS = {
     "llama3": dict(model_type="llama", tie_word_embeddings=False, rope_theta=500000.0,
                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 256}),
+    # Qwen3 stretched by YaRN (how Qwen documents its long-context use): the unfused path too.
+    "qwen3_yarn": dict(model_type="qwen3", head_dim=32, tie_word_embeddings=True, rope_theta=1000000.0,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}),
 }
 # Qwen3.5 (hybrid): 2 linear-attention + 2 full-attention layers, in Hugging Face's nested
 # layout (written by `_hf_qwen3_5_layout`), dense and mixture-of-experts.
