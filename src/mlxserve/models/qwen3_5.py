@@ -389,9 +389,9 @@ class GatedAttention(nn.Module):
             # T > 1 and would be copied first.
             normed = mx.fast.rms_norm(out, None, self.q_norm.eps)
             view = (T, 2 * (heads + kv_heads), *self._rotary.view)
-            turned = heads + 2 * kv_heads
-            qkv = self._rotary(normed.reshape(view)[:, :turned], positions, out.reshape(view)[:, :turned])
-            return qkv[:, :heads], qkv[:, heads:], out[:, turned:].reshape(T, -1)
+            qkv_heads = heads + 2 * kv_heads  # the gate's heads follow
+            qkv = self._rotary(normed.reshape(view)[:, :qkv_heads], positions, out.reshape(view)[:, :qkv_heads])
+            return qkv[:, :heads], qkv[:, heads:], out[:, qkv_heads:].reshape(T, -1)
         if "qkv_proj" in self:
             q_width, kv_width = 2 * self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             q, k, v = mx.split(self.qkv_proj(x), [q_width, q_width + kv_width], axis=-1)
