@@ -224,6 +224,39 @@ def test_a_short_chunk_over_many_keys_reads_fewer_padding_keys_and_matches_the_f
     np.testing.assert_allclose(chunked, np.array(expected), atol=1e-4, rtol=0)
 
 
+def test_a_short_chunk_beside_decoding_rows_matches_the_fused_path_and_each_row_alone(setup, monkeypatch):
+    """A step with two decoding rows and a short chunk deep into its row: the chunk attends
+    through chunk_attention, and its output goes into the step's output as a strided view
+    joined to the decoding rows' (KVStore.read). Logits equal those of the same step with
+    every chunk through MLX's fused attention, and each row's alone."""
+    from mlxserve import batch as batch_module
+
+    long_prompt = [(7 * i) % 97 + 1 for i in range(100)]
+    short = [[(5 * i) % 89 + 2 for i in range(n)] for n in (21, 27)]  # one shelf: one decode group
+
+    def step_logits(max_tokens):
+        monkeypatch.setattr(batch_module, "CHUNK_ATTENTION_MAX_TOKENS", max_tokens)
+        monkeypatch.setattr(batch_module, "CHUNK_ATTENTION_MIN_KEYS", 16)
+        runner = make_runner(setup, block_size=4)
+        rows = [RowCache(runner.kv) for _ in range(3)]
+        for row, tokens in zip(rows, short + [long_prompt]):
+            feed(runner, row, tokens[:-1] if row is not rows[2] else tokens[:90], logits="none")
+        feeds = [Feed(i, [tokens[-1]], len(tokens) - 1, row, "last") for i, (row, tokens) in enumerate(zip(rows, short))]
+        feeds.append(Feed(2, long_prompt[90:], 90, rows[2], "last"))
+        for f in feeds:
+            f.cache.reserve(len(f.tokens))
+        out, batch = runner.forward(feeds)
+        return np.array(out), batch
+
+    chunked, batch = step_logits(128)
+    assert [g.chunked for g in batch.groups] == [False, True] and batch.groups[0].n_rows == 2
+    fused, batch = step_logits(0)
+    assert not any(g.chunked for g in batch.groups)
+    np.testing.assert_allclose(chunked, fused, atol=1e-5, rtol=0)
+    for i, tokens in enumerate(short + [long_prompt]):
+        np.testing.assert_allclose(chunked[i], np.array(alone_logits(setup, tokens))[0], atol=1e-4, rtol=0)
+
+
 def test_kv_write_lands_at_each_rows_slot_and_position_only():
     """A step's K and V go to [0 or 1, slot, head, position] of the layer's shelf array, for
     rows in scattered slots and prefill chunks alike, and nothing else in the array changes

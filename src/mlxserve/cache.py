@@ -283,8 +283,15 @@ class KVStore:
         """Attention of the step's queries [T, q_heads, D] over their rows' keys, per group
         (the step's K/V already written). Returns [T, q_heads * D] in flat order; the
         padding tokens' rows are those of extra queries (AttentionGroup.extra_queries) or
-        repeat the last real row (see `padding_rows`)."""
+        repeat the last real row (see `padding_rows`).
+
+        The groups' outputs are put together as [rows, kv_heads, group, D], a form in which
+        a short chunk's output is a strided view of what chunk_attention computes (see
+        `chunk_attention_by_kv_head`): the concatenation of several groups then copies it
+        into place once, where making it contiguous first took a copy of its own."""
         q_heads, d = queries.shape[1], queries.shape[2]
+        kv_heads = self.kv_heads
+        group = q_heads // kv_heads
         outputs = []
         for g in batch.groups:
             n, t, length = g.n_rows, g.tokens_per_row, g.key_length
@@ -298,19 +305,25 @@ class KVStore:
                 v = mx.take(shelf[1, :, :, :length], g.slots, axis=0)
             if t == 1 and g.mask is not None:
                 q = queries[g.offset : g.offset + n].reshape(n, q_heads, d)
-                outputs.append(decode_attention(q, k, v, g.mask, scale).reshape(n, q_heads * d))
+                outputs.append(decode_attention(q, k, v, g.mask, scale).reshape(n, kv_heads, group, d))
                 continue
             t += g.extra_queries  # the step's padding, attending as this row's extra queries
             if g.chunked:
                 q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d)
-                outputs.append(chunk_attention(q, k, v, g.mask, scale).reshape(n * t, q_heads * d))
+                o = chunk_attention_by_kv_head(q, k, v, g.mask, scale)  # [n, kv_heads, t, group, D]
+                # One row (every chunk is a group of its own): a view in flat order.
+                if n == 1:
+                    outputs.append(o[0].transpose(1, 0, 2, 3))
+                else:
+                    outputs.append(o.transpose(0, 2, 1, 3, 4).reshape(n * t, kv_heads, group, d))
                 continue
             q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d).transpose(0, 2, 1, 3)
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask)
-            outputs.append(o.transpose(0, 2, 1, 3).reshape(n * t, q_heads * d))
+            outputs.append(o.transpose(0, 2, 1, 3).reshape(n * t, kv_heads, group, d))
         if batch.padding and not batch.groups[-1].extra_queries:
             outputs.append(padding_rows(outputs[-1], batch.padding))
-        return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
+        out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
+        return out.reshape(-1, q_heads * d)
 
 
 def padding_rows(last: mx.array, padding: int) -> mx.array:
@@ -351,7 +364,15 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array, scal
 
 def chunk_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array, scale: float) -> mx.array:
     """Attention of multi-token feeds (prefill chunks): q [n, t, q_heads, D] in flat order,
-    k/v [n, kv_heads, L, D], mask [n, 1, t, L] additive. Returns [n, t, q_heads, D].
+    k/v [n, kv_heads, L, D], mask [n, 1, t, L] additive. Returns [n, t, q_heads, D]
+    (`chunk_attention_by_kv_head`, put in flat order)."""
+    n, t, q_heads, d = q.shape
+    return chunk_attention_by_kv_head(q, k, v, mask, scale).transpose(0, 2, 1, 3, 4).reshape(n, t, q_heads, d)
+
+
+def chunk_attention_by_kv_head(q: mx.array, k: mx.array, v: mx.array, mask: mx.array, scale: float) -> mx.array:
+    """chunk_attention's output as it is computed, [n, kv_heads, t, group, D] (query head
+    kv_head * group + j of token i at [:, kv_head, i, j]).
 
     Like decode_attention, the query heads of each KV head form one matrix (t * group rows),
     so it is two batched matrix products around a fused scale-and-mask and a softmax. MLX's
@@ -366,8 +387,7 @@ def chunk_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array, scale
     scores = (q @ k.swapaxes(-1, -2)).reshape(n, kv_heads, t, group, length)
     scores = _scale_and_mask(scores, mask.reshape(n, 1, t, 1, length), scale)
     weights = mx.softmax(scores, axis=-1, precise=True).reshape(n, kv_heads, t * group, length)
-    out = (weights @ v).reshape(n, kv_heads, t, group, d)
-    return out.transpose(0, 2, 1, 3, 4).reshape(n, t, q_heads, d)
+    return (weights @ v).reshape(n, kv_heads, t, group, d)
 
 
 @partial(mx.compile, shapeless=True)
