@@ -5,7 +5,7 @@ nodes counted. A step bound by the host costs about what its kernel count costs 
 "Measured"), so this is the inventory to shrink.
 
     PYTHONPATH=src python3 scripts/kernel_census.py qwen3-0.6b [--streams 1,32]
-        [--prefill-tokens P] [--chat-history H]
+        [--prefill-tokens P [--chunk-at K]] [--chat-history H]
 
 With --chat-history, the step counted is instead a chat's second turn (alone, prefix cache
 on): a first turn answers H random tokens with 128, then history + answer + 32 new tokens
@@ -14,7 +14,9 @@ come back, and the step that prefills the uncached rest is counted (the bench's
 
 With --prefill-tokens, a request of P random tokens joins the decoding rows and the step
 counted is its third chunk's (a step that prefills beside them, as while a long prompt is
-admitted; P should exceed three step budgets, 3 x 512 by default).
+admitted; P should exceed three step budgets, 3 x 512 by default), or with --chunk-at K the
+first chunk's that starts K or more tokens into the prompt (a deep chunk: past 2,048 keys,
+chunks of up to 128 tokens attend through cache.chunk_attention).
 
 CUDA only (other back-ends write no graphs).
 """
@@ -94,6 +96,9 @@ def main() -> None:
     parser.add_argument("shape", help="a random-weights shape, e.g. qwen3-0.6b or qwen3.5-0.8b")
     parser.add_argument("--streams", default="1,32", help="comma-separated numbers of decoding rows")
     parser.add_argument("--prefill-tokens", type=int, help="count a step that also prefills a chunk of a prompt this long")
+    parser.add_argument("--chunk-at", type=int, default=0,
+                        help="with --prefill-tokens: count the first step whose chunk starts at or past this many "
+                             "of the prompt's tokens (default: the third chunk's)")
     parser.add_argument("--chat-history", type=int, help="count a chat's second turn after this many tokens of history instead")
     parser.add_argument("--sequence", metavar="FILE", help="also write each step's kernels in launch order to FILE.<streams>")
     args = parser.parse_args()
@@ -111,6 +116,9 @@ def main() -> None:
             scheduler.step()  # admission and the first chunk
             scheduler.step()  # the second
             prefilling = [row for row in scheduler.running if not row.is_decoding]
+            while prefilling and prefilling[0].unfed and prefilling[0].cache.length < args.chunk_at:
+                scheduler.step()
+                prefilling = [row for row in scheduler.running if not row.is_decoding]
             if not prefilling or prefilling[0].unfed == 0:
                 raise SystemExit("kernel_census: the prompt was prefilled before the step to count; "
                                  "give a longer --prefill-tokens")
