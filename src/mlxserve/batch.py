@@ -44,8 +44,9 @@ class AttentionGroup:
     # The step's padding tokens, when they follow this group (a single multi-token feed, the
     # last group) and attend as extra queries of its row; see build_batch.
     extra_queries: int = 0
-    # A short multi-token feed over many keys: it attends through cache.chunk_attention (see
-    # CHUNK_ATTENTION_MAX_TOKENS), over fewer padding keys than MLX's fused attention.
+    # A short multi-token feed (one row) over many keys: it attends through
+    # cache.chunk_attention (see CHUNK_ATTENTION_MAX_TOKENS), over fewer padding keys than
+    # MLX's fused attention.
     chunked: bool = False
 
 
@@ -140,7 +141,9 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
             while rounded < key_length:
                 rounded *= 2
             rounded = min(rounded, members[0].cache.capacity)
-            chunked = t <= CHUNK_ATTENTION_MAX_TOKENS and rounded >= CHUNK_ATTENTION_MIN_KEYS
+            # (A multi-token feed is a group of one row, see above; KVStore.read relies on it.)
+            chunked = (len(members) == 1 and t <= CHUNK_ATTENTION_MAX_TOKENS
+                       and rounded >= CHUNK_ATTENTION_MIN_KEYS)
             if chunked:
                 # chunk_attention is plain matrix products and a softmax, which build nothing
                 # per shape, so it need not read up to twice the keys (its cost follows the

@@ -310,12 +310,8 @@ class KVStore:
             t += g.extra_queries  # the step's padding, attending as this row's extra queries
             if g.chunked:
                 q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d)
-                o = chunk_attention_by_kv_head(q, k, v, g.mask, scale)  # [n, kv_heads, t, group, D]
-                # One row (every chunk is a group of its own): a view in flat order.
-                if n == 1:
-                    outputs.append(o[0].transpose(1, 0, 2, 3))
-                else:
-                    outputs.append(o.transpose(0, 2, 1, 3, 4).reshape(n * t, kv_heads, group, d))
+                o = chunk_attention_by_kv_head(q, k, v, g.mask, scale)  # [1, kv_heads, t, group, D]
+                outputs.append(o[0].transpose(1, 0, 2, 3))  # one row (AttentionGroup.chunked): a view
                 continue
             q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d).transpose(0, 2, 1, 3)
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask)
