@@ -17,26 +17,32 @@ from mlxserve.runner import Feed, Runner
 
 
 def logits(loaded) -> np.ndarray:
-    """Logits of three rows each decoding a token after their prompts, then of a step in
-    which two of them decode and a new row prefills a chunk beside them. Prompts and the mixed
-    step run padded to a bucket size when compiling is enabled (the padding attending as extra
-    queries of the chunk)."""
+    """Logits of four rows each decoding two tokens after their prompts (three rows on one
+    shelf, one on another: two attention groups; a hybrid model's recurrence gathers the
+    rows' states from their prompts' batches at the first step and takes its own batches
+    whole at the second), then of a step in which two of them decode and a new row prefills a
+    chunk beside them. Prompts and the mixed step run padded to a bucket size when compiling
+    is enabled (the padding attending as extra queries of the chunk)."""
     model = loaded.model
     layers, heads, dim = model.kv_shape()
     state = model.state_bytes_per_row() if hasattr(model, "state_bytes_per_row") else 0
     kv = KVStore(layers, heads, dim, mx.float32, block_size=16, state_bytes_per_row=state)
     runner = Runner(model, kv)
-    rows = [RowCache(kv) for _ in range(3)]
-    prompts = [list(range(1, 20)), list(range(5, 12)), list(range(30, 70))]
+    rows = [RowCache(kv) for _ in range(4)]
+    prompts = [list(range(1, 20)), list(range(5, 12)), list(range(30, 70)), list(range(2, 82))]
     for key, (row, prompt) in enumerate(zip(rows, prompts)):
-        row.reserve(len(prompt) + 1)
+        row.reserve(len(prompt) + 2)
         runner.forward([Feed(key, prompt, 0, row, "none")])
         row.extend(len(prompt))
-    step = [Feed(key, [key + 3], row.length, row, "last") for key, row in enumerate(rows)]
-    out, batch = runner.forward(step)
-    assert batch.max_tokens_per_row <= compiled.MAX_TOKENS_PER_ROW and not batch.padding
-    for row in rows:
-        row.extend(1)
+    decoded = []
+    for token in (3, 5):
+        step = [Feed(key, [key + token], row.length, row, "last") for key, row in enumerate(rows)]
+        out, batch = runner.forward(step)
+        assert batch.max_tokens_per_row <= compiled.MAX_TOKENS_PER_ROW and not batch.padding
+        assert len(batch.groups) == 2
+        decoded.append(np.array(out))
+        for row in rows:
+            row.extend(1)
     newcomer = RowCache(kv)
     newcomer.reserve(23)
     mixed = [Feed(key, [key + 7], row.length, row, "last") for key, row in enumerate(rows[:2])]
@@ -48,7 +54,7 @@ def logits(loaded) -> np.ndarray:
     chunk = batch.groups[-1]
     assert chunk.extra_queries == batch.padding
     assert chunk.mask.shape[2] == 23 + batch.padding
-    return np.concatenate([np.array(out), np.array(mixed_out)])
+    return np.concatenate([*decoded, np.array(mixed_out)])
 
 
 def on_another_thread(fn, *args):
@@ -79,6 +85,9 @@ def test_compiled_pieces_compute_what_eager_code_computes(shape, monkeypatch):
     monkeypatch.setattr(compiled, "enabled", True)
     np.testing.assert_allclose(logits(loaded), eager, atol=1e-5, rtol=0)
     assert loaded.model.layers[0].__dict__, "the compiled path was not taken"
+    if shape == "tiny-qwen3.5":
+        # Decoding steps ran the recurrence inside pieces spanning layers (llama.run_layers).
+        assert any(name.startswith("_compiled_span") for layer in loaded.model.layers for name in layer.__dict__)
 
 
 @pytest.mark.parametrize("shape", ["tiny", "tiny-qwen3.5"])

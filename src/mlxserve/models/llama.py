@@ -21,7 +21,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from ..batch import StepBatch
 from ..cache import KVStore, scatter_kv
-from .compiled import compiled
+from .compiled import active, compiled
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -326,6 +326,10 @@ class TransformerBlock(nn.Module):
     def before_inputs(self, batch: StepBatch) -> tuple:
         return (batch.positions,)
 
+    def traced_mix_inputs(self, batch: StepBatch) -> None:
+        """Attention's mix is never traced (see run_layers)."""
+        return None
+
     def before(self, x: mx.array, positions: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         return self.self_attn.project(self.input_layernorm(x), positions)
 
@@ -397,27 +401,52 @@ def run_layers(layers: list, h: mx.array, batch: StepBatch, cache: KVStore) -> t
     """The decoder layers over the step's hidden states h [T, hidden]. Returns (h before the
     last layer's `after`, the last layer, that piece's other inputs); the caller runs it.
 
-    A layer is `before` (norms, projections; pure), `mix` (attention or recurrence: eager,
-    as it reads and writes per-row state whose shapes change every step), then `after`
-    (output projection, MLP; pure). The pure work between two mixes, layer i-1's `after`
-    and layer i's `before`, runs as one compiled piece (see compiled.py): one call per layer
-    for the host to make instead of two. When the step's K/V go to a single shelf write
-    covering every token (KVStore.whole_write: decoding steps), that write happens inside the
-    piece too, as its scatters have the same shapes at every step; otherwise mix does it.
+    A layer is `before` (norms, projections; pure), `mix` (attention or recurrence, which
+    read and write per-row state), then `after` (output projection, MLP; pure). The pure
+    work between two eager mixes runs as one compiled piece (see compiled.py): one call for
+    the host to make instead of one per function.
+    - An attention layer's mix is eager, as the keys it reads change length at every step.
+      When the step's K/V go to a single shelf write covering every token
+      (KVStore.whole_write: decoding steps), that write happens inside the piece before it,
+      as its scatters have the same shapes at every step; otherwise mix does it.
+    - A layer whose mix can run traced for this step (`traced_mix_inputs` not None: a
+      linear-attention layer's recurrence in a decoding step, whose shapes hold from step to
+      step) has it inside the piece, with its `after` and the next layer's `before`: a
+      piece then spans layers up to the next eager mix (a hybrid model's three linear
+      layers and the next full-attention layer's projections).
     """
     whole = cache.whole_write(batch)
+    tracing = active(batch.compile)  # else every mix runs eagerly (for comparisons)
     previous, carry = None, ()
-    for layer in layers:
-        kv_layer = layer.kv_layer
+    i = 0
+    while i < len(layers):
+        span, states = [], []
+        while True:  # layers up to an eager mix or the last layer
+            layer = layers[i]
+            i += 1
+            span.append(layer)
+            states.append(layer.traced_mix_inputs(batch) if tracing else None)
+            if states[-1] is None or i == len(layers):
+                break
+        last = span[-1]
         shelf = rows = None
-        if whole is not None and kv_layer is not None:
-            shelf, rows = whole.shelf.kv[kv_layer], whole.rows
-        piece = compiled(layer, "joint", partial(_joint, previous, layer), batch.compile)
-        h, projected, written = piece(h, carry, layer.before_inputs(batch), shelf, rows)
+        if whole is not None and states[-1] is None and last.kv_layer is not None:
+            shelf, rows = whole.shelf.kv[last.kv_layer], whole.rows
+        inputs = tuple(layer.before_inputs(batch) for layer in span)
+        if len(span) == 1 and states[0] is None:
+            piece = compiled(layer, "joint", partial(_joint, previous, layer), batch.compile)
+            h, out, written = piece(h, carry, inputs[0], shelf, rows)
+        else:
+            # Named by its length: a layer starts spans of one extent only (decoding steps),
+            # and the compiled function keeps the span it was made with.
+            piece = compiled(span[0], f"span{len(span)}", partial(_span, previous, tuple(span)), batch.compile)
+            h, out, new_states, written = piece(h, carry, inputs, tuple(states), shelf, rows)
+            for layer, state in zip(span, new_states):
+                layer.traced_mix_done(batch, state)
         if shelf is not None:
-            cache.put(kv_layer, whole, written)
-        carry = layer.mix(projected, batch, cache, shelf is not None)
-        previous = layer
+            cache.put(last.kv_layer, whole, written)
+        carry = out if states[-1] is not None else last.mix(out, batch, cache, shelf is not None)
+        previous = last
     return h, previous, carry
 
 
@@ -434,6 +463,34 @@ def _joint(previous, layer, x: mx.array, carry: tuple, inputs: tuple, shelf: mx.
         written = scatter_kv(shelf, kv, rows)
         projected = (q, *rest)
     return x, projected, written
+
+
+def _span(previous, span: tuple, x: mx.array, carry: tuple, inputs: tuple, states: tuple,
+          shelf: mx.array | None, rows: mx.array | None) -> tuple:
+    """previous.after, then for each layer of the span its before, traced mix and after,
+    but for the last layer: its before, and its traced mix (states[-1] given) or the K/V
+    write (a shelf given); see run_layers. Returns (the residual stream before the last
+    layer's after, what comes next of the last layer: its traced mix's output or what its
+    eager mix needs, the traced mixes' new states, the written shelf)."""
+    if previous is not None:
+        x = previous.after(x, *carry)
+    new_states = []
+    for layer, layer_inputs, state in zip(span, inputs, states):
+        projected = layer.before(x, *layer_inputs)
+        if state is None:
+            break  # the last layer's mix is eager
+        out, new = layer.traced_mix(projected, state)
+        new_states.append(new)
+        if layer is not span[-1]:
+            x = layer.after(x, *out)
+    else:
+        return x, out, tuple(new_states), ()
+    written = ()
+    if shelf is not None:
+        q, kv, *rest = projected
+        written = scatter_kv(shelf, kv, rows)
+        projected = (q, *rest)
+    return x, projected, tuple(new_states), written
 
 
 def causal_lm_forward(lm: nn.Module, batch: StepBatch, cache: KVStore) -> mx.array | None:

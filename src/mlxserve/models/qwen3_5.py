@@ -251,6 +251,42 @@ class GatedDeltaNet(nn.Module):
         g.state_gather.target.layers[self.index] = (window, state)
         return out
 
+    def traced_states(self, batch: StepBatch) -> tuple | None:
+        """Each group's gathered (conv windows, states) when this step's recurrence may run
+        inside a compiled piece (llama.run_layers): a decoding step (one token per row, no
+        padding) that runs compiled, whose shapes hold from step to step. None otherwise:
+        `mix` runs it, eagerly around its own compiled recurrence."""
+        if not batch.compile or batch.max_tokens_per_row != 1 or batch.padding:
+            return None
+        self._l2_norm_weight()  # made here: the traced recurrence only reads them
+        self._decay_parameters()
+        states = []
+        for g in batch.groups:
+            if g.state_gather is None:
+                g.state_gather = StateGather(g.caches)
+            states.append(g.state_gather.gather(self.index, self._zero_state))
+        return tuple(states)
+
+    def traced_mix(self, qkv: mx.array, a: mx.array, b: mx.array, states: tuple) -> tuple[mx.array, tuple]:
+        """`mix` of a decoding step, pure, from the groups' states (traced_states): (the
+        output [T, Hv, Dv], each group's new (window, state)). The groups' rows follow each
+        other in the flat order, as many as their states have."""
+        outputs, new, offset = [], [], 0
+        for conv_state, state in states:
+            n = conv_state.shape[0]
+            rows = slice(offset, offset + n)
+            offset += n
+            out, window, state = self._recur(qkv[rows].reshape(n, 1, -1), a[rows].reshape(n, 1, self.n_v),
+                                             b[rows].reshape(n, 1, self.n_v), conv_state, state)
+            outputs.append(out)
+            new.append((window, state))
+        return (outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)), tuple(new)
+
+    def store_states(self, batch: StepBatch, new: tuple) -> None:
+        """Hand traced_mix's new states to the rows (their groups' target batches)."""
+        for g, state in zip(batch.groups, new):
+            g.state_gather.target.layers[self.index] = state
+
     def _recur(self, qkv: mx.array, a: mx.array, b: mx.array, conv_state: mx.array,
                state: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """One group's rows [n, t, ...] from their conv windows and states: (outputs
@@ -446,8 +482,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    # The layer protocol of llama.run_layers: before (pure), mix (eager: the recurrence or
-    # the attention, which read and write per-row state), after (pure).
+    # The layer protocol of llama.run_layers: before (pure), mix (the recurrence or the
+    # attention, which read and write per-row state: eager, or traced in decoding steps for
+    # the recurrence), after (pure).
     @property
     def kv_layer(self) -> int | None:
         return None if self.is_linear else self.self_attn.index
@@ -460,6 +497,19 @@ class DecoderLayer(nn.Module):
         if self.is_linear:
             return self.linear_attn.project(normed)
         return self.self_attn.project(normed, *positions)
+
+    def traced_mix_inputs(self, batch: StepBatch) -> tuple | None:
+        """A linear layer's recurrence runs traced in decoding steps (see run_layers)."""
+        return self.linear_attn.traced_states(batch) if self.is_linear else None
+
+    def traced_mix(self, projected: tuple, states: tuple) -> tuple[tuple, tuple]:
+        """`mix`, traced: (the after-piece's inputs besides x, the new states)."""
+        qkv, z, b, a = projected
+        out, new = self.linear_attn.traced_mix(qkv, a, b, states)
+        return (out, z), new
+
+    def traced_mix_done(self, batch: StepBatch, new: tuple) -> None:
+        self.linear_attn.store_states(batch, new)
 
     def mix(self, projected: tuple, batch: StepBatch, cache: KVStore, written: bool) -> tuple:
         """The after-piece's inputs besides x: linear attention's recurrence output and its
