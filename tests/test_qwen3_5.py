@@ -16,7 +16,7 @@ from mlxserve.cache import KVStore, RowCache
 from mlxserve.engine import Engine, EngineConfig
 from mlxserve.loader import load_model
 from mlxserve.models.gated_delta import gated_delta, gated_delta_chunked, gated_delta_reference, gated_delta_step
-from mlxserve.models.qwen3_5 import _conv_step, _depthwise_conv
+from mlxserve.models.qwen3_5 import _conv_step, _conv_taps, _depthwise_conv
 from mlxserve.runner import Feed, Runner
 from mlxserve.sampling import SamplingParams
 from mlxserve.scheduler import Request
@@ -135,7 +135,8 @@ def test_the_one_token_step_matches_the_reference_compiled():
     state = mx.array(0.1 * rng.standard_normal((B, Hv, Dv, Dk)), dtype=mx.float32)
     y_ref, s_ref = gated_delta_reference(q, k, v, g, beta, state)
     shaped = (B, Hk, Hv // Hk, 1, 1)
-    y, s = mx.compile(gated_delta_step)(q[:, 0], k[:, 0], v[:, 0], g.reshape(shaped), beta.reshape(shaped), state)
+    qk = mx.concatenate([q[:, 0], k[:, 0]], axis=1)
+    y, s = mx.compile(gated_delta_step)(qk, v[:, 0], g.reshape(shaped), beta.reshape(shaped), state)
     assert y.dtype == mx.float32 and y.shape == (B, Hv, Dv)
     assert mx.abs(y - y_ref[:, 0]).max().item() < 1e-5
     assert mx.abs(s - s_ref).max().item() < 1e-5
@@ -151,7 +152,7 @@ def test_the_one_token_convolution_is_the_windowed_one_exactly(K):
     x = mx.array(rng.standard_normal((n, 1, C)), dtype=mx.bfloat16)
     weight = mx.array(rng.standard_normal((C, K, 1)), dtype=mx.bfloat16)
     full = mx.concatenate([window, x.astype(mx.float32)], axis=1)
-    out, new = mx.compile(_conv_step)(window, x, weight)
+    out, new = mx.compile(_conv_step)(window, x, _conv_taps(weight))
     assert mx.array_equal(out, _depthwise_conv(full, weight, 1))
     assert mx.array_equal(new, full[:, 1:])
 

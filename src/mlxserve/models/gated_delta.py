@@ -49,33 +49,36 @@ def gated_delta(q, k, v, g, beta, state, *, use_fast: bool = True):
     return gated_delta_chunked(q, k, v, g, beta, state)
 
 
-def gated_delta_step(q, k, v, g, beta, state):
-    """One token per row: q, k [B, Hk, Dk]; v [B, Hv, Dv]; g, beta [B, Hv] (or any shape of
-    B * Hv elements); state [B, Hv, Dv, Dk] float32. Returns (outputs [B, Hv, Dv], new state),
-    both float32.
+def gated_delta_step(qk, v, g, beta, state):
+    """One token per row: qk [B, 2 Hk, Dk] (q's heads, then k's); v, g, beta of B * Hv * Dv,
+    B * Hv and B * Hv elements in row, head order (any shape: [B, Hk, Hv // Hk, 1, 1] for g
+    and beta is used as is); state [B, Hv, Dv, Dk] float32. Returns (outputs [B, Hv, Dv], new
+    state), both float32.
 
     The reference's arithmetic, arranged for MLX's compiler: the two state-vector products
     are matrix-vector products (one kernel each), and the rest is one fused elementwise
-    kernel, as g and beta are reshaped to their broadcast shapes first (a reshape between
-    elementwise operations stops their fusion; given in those shapes, their own computation
-    fuses in too). The update is written g (S - beta (S k) k^T) + beta v k^T, the same
-    sum as the reference's g S + beta (v - g S k) k^T: there g's own computation sits
-    deeper below the new state than the 11 operations MLX fuses into one kernel, and its
-    first operation (Qwen3.5's a + dt_bias) took a kernel of its own. Value heads sharing a
-    key head see it through broadcasting, not copies."""
-    B, Hk, Dk = k.shape
-    Hv, Dv = v.shape[1], v.shape[2]
+    kernel, as g and beta come in their broadcast shapes (a reshape between elementwise
+    operations stops their fusion; given in those shapes, their own computation fuses in
+    too). The update is written g (S - beta (S k) k^T) + beta v k^T, the same sum as the
+    reference's g S + beta (v - g S k) k^T: there g's own computation sits deeper below the
+    new state than the 11 operations MLX fuses into one kernel, and its first operation
+    (Qwen3.5's a + dt_bias) took a kernel of its own. Value heads sharing a key head see it
+    through broadcasting, not copies. Every array is reshaped from its input directly, q and
+    k taken from one reshape of qk: each reshape or slice is a node of the compiled step that
+    the host replays at every call."""
+    B, Hv, Dv, Dk = state.shape
+    Hk = qk.shape[1] // 2
     r = Hv // Hk  # value head j reads key head j // r
     f32 = mx.float32
-    k = k.astype(f32).reshape(B, Hk, Dk, 1)
-    q = q.astype(f32).reshape(B, Hk, Dk, 1)
-    s = state.reshape(B, Hk, r * Dv, Dk)
+    qk = qk.astype(f32)
+    columns = qk.reshape(B, 2 * Hk, Dk, 1)
+    q, k = columns[:, :Hk], columns[:, Hk:]
+    k_row = qk.reshape(B, 2 * Hk, 1, 1, Dk)[:, Hk:]
     g = g.reshape(B, Hk, r, 1, 1).astype(f32)
     beta = beta.reshape(B, Hk, r, 1, 1).astype(f32)
-    kv_mem = (s @ k).reshape(B, Hk, r, Dv, 1)  # S k, undecayed
-    k_row = k.reshape(B, Hk, 1, 1, Dk)
+    kv_mem = (state.reshape(B, Hk, r * Dv, Dk) @ k).reshape(B, Hk, r, Dv, 1)  # S k, undecayed
     v = v.reshape(B, Hk, r, Dv, 1).astype(f32)
-    s = (s.reshape(B, Hk, r, Dv, Dk) - (beta * kv_mem) * k_row) * g + (beta * v) * k_row
+    s = (state.reshape(B, Hk, r, Dv, Dk) - (beta * kv_mem) * k_row) * g + (beta * v) * k_row
     out = s.reshape(B, Hk, r * Dv, Dk) @ q
     return out.reshape(B, Hv, Dv), s.reshape(B, Hv, Dv, Dk)
 

@@ -136,25 +136,34 @@ def _depthwise_conv(window: mx.array, weight: mx.array, t: int) -> mx.array:
     return out
 
 
-def _conv_step(window: mx.array, x: mx.array, weight: mx.array) -> tuple[mx.array, mx.array]:
+def _conv_step(window: mx.array, x: mx.array, taps: tuple) -> tuple[mx.array, mx.array]:
     """`_depthwise_conv` of one new input x [n, 1, C] after the last K-1 inputs `window`
-    [n, K-1, C] (float32): (the convolution [n, 1, C], the next window), the same sum in the
-    same order. The next window is a selection per row among broadcast slices (views) of
-    the old one and x, the sum reads the old window and the new window's last row (x as
-    float32): inside a compiled function two fused kernels, no gather of the shifted rows,
-    and x converted once, inside the first."""
-    kernel = weight.shape[1]
+    [n, K-1, C] (float32), with the filter as its K taps [C] (`_conv_taps`): (the
+    convolution [n, 1, C], the next window), the same sum in the same order. The next window
+    is a selection per row among broadcast slices (views) of the old one and x, the sum reads
+    the old window and the new window's last row (x as float32): inside a compiled function
+    two fused kernels, no gather of the shifted rows, and x converted once, inside the
+    first."""
+    kernel = len(taps)
     # Row r of the next window is the old row r + 1, the last row x: built from the last
     # row back, each row a broadcast slice chosen where the row index matches.
     row = mx.array([[[r] for r in range(kernel - 1)]])  # [1, K-1, 1]; a constant when traced
     new = mx.broadcast_to(x.astype(mx.float32), window.shape)
     for r in range(kernel - 3, -1, -1):
         new = mx.where(row == r, window[:, r + 1 : r + 2], new)
-    out = window[:, :1] * weight[:, 0, 0]
+    out = window[:, :1] * taps[0]
     for j in range(1, kernel - 1):
-        out = out + window[:, j : j + 1] * weight[:, j, 0]
-    out = out + new[:, kernel - 2 :] * weight[:, kernel - 1, 0]
+        out = out + window[:, j : j + 1] * taps[j]
+    out = out + new[:, kernel - 2 :] * taps[kernel - 1]
     return out, new
+
+
+def _conv_taps(weight: mx.array) -> tuple:
+    """A depthwise filter [C, K, 1] as its K taps [C] (contiguous copies, evaluated): taken
+    once, not as slices inside every step (each a node the host replays per call)."""
+    taps = tuple(mx.contiguous(weight[:, j, 0]) for j in range(weight.shape[1]))
+    mx.eval(taps)
+    return taps
 
 
 def _decay(rate: mx.array, a: mx.array, dt_bias: mx.array) -> mx.array:
@@ -242,12 +251,15 @@ class GatedDeltaNet(nn.Module):
         span = slice(g.offset, g.offset + n * t)
         if g.state_gather is None:
             g.state_gather = StateGather(g.caches)
-        self._l2_norm_weight()  # made here: _recur (traced) only reads it
-        self._decay_parameters()
+        self._made_constants()
         conv_state, state = g.state_gather.gather(self.index, self._zero_state)
-        recur = compiled(self, "recur", self._recur, True)  # at every length: see compiled.py
-        out, window, state = recur(qkv[span].reshape(n, t, -1), a[span].reshape(n, t, self.n_v),
-                                   b[span].reshape(n, t, self.n_v), conv_state, state)
+        if t == 1:
+            step = compiled(self, "one_token", self._one_token, True)
+            out, window, state = step(qkv[span], a[span], b[span], conv_state, state)
+        else:
+            recur = compiled(self, "recur", self._recur, True)  # at every length: see compiled.py
+            out, window, state = recur(qkv[span].reshape(n, t, -1), a[span].reshape(n, t, self.n_v),
+                                       b[span].reshape(n, t, self.n_v), conv_state, state)
         g.state_gather.target.layers[self.index] = (window, state)
         return out
 
@@ -258,8 +270,7 @@ class GatedDeltaNet(nn.Module):
         `mix` runs it, eagerly around its own compiled recurrence."""
         if not batch.compile or batch.max_tokens_per_row != 1 or batch.padding:
             return None
-        self._l2_norm_weight()  # made here: the traced recurrence only reads them
-        self._decay_parameters()
+        self._made_constants()
         states = []
         for g in batch.groups:
             if g.state_gather is None:
@@ -276,8 +287,7 @@ class GatedDeltaNet(nn.Module):
             n = conv_state.shape[0]
             rows = slice(offset, offset + n)
             offset += n
-            out, window, state = self._recur(qkv[rows].reshape(n, 1, -1), a[rows].reshape(n, 1, self.n_v),
-                                             b[rows].reshape(n, 1, self.n_v), conv_state, state)
+            out, window, state = self._one_token(qkv[rows], a[rows], b[rows], conv_state, state)
             outputs.append(out)
             new.append((window, state))
         return (outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)), tuple(new)
@@ -287,6 +297,26 @@ class GatedDeltaNet(nn.Module):
         for g, state in zip(batch.groups, new):
             g.state_gather.target.layers[self.index] = state
 
+    def _one_token(self, qkv: mx.array, a: mx.array, b: mx.array, conv_state: mx.array,
+                   state: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """`_recur` of one token per row, qkv [n, C], a and b [n, Hv]: decoding. Off Metal
+        (see gated_delta.py) its own form, with every array reshaped once from its input
+        (each reshape or slice is a node the host replays at every call); decay and beta in
+        the step's broadcast shape, so that they are computed inside its fused kernel."""
+        n = qkv.shape[0]
+        if native_fast_op():
+            return self._recur(qkv[:, None], a[:, None], b[:, None], conv_state, state)
+        conv, window = _conv_step(conv_state, qkv[:, None], self._taps())
+        # float32 from here, as in _recur
+        qk, v = mx.split(nn.silu(conv), [2 * self.key_dim], axis=-1)
+        # The L2 norms of q and k as in _recur (q's read-out scale left to the output's norm).
+        qk = mx.fast.rms_norm(qk.reshape(n, 2 * self.n_k, self.d_k), self._l2_norm_weight(), 1e-6 / self.d_k)
+        rate, dt_bias = self._decay_parameters()
+        heads = (n, *rate.shape)
+        decay = _decay(rate, a.reshape(heads), dt_bias)
+        out, state = gated_delta_step(qk, v, decay, mx.sigmoid(b.reshape(heads)), state)
+        return out, window, state
+
     def _recur(self, qkv: mx.array, a: mx.array, b: mx.array, conv_state: mx.array,
                state: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """One group's rows [n, t, ...] from their conv windows and states: (outputs
@@ -294,7 +324,7 @@ class GatedDeltaNet(nn.Module):
         states)."""
         n, t = qkv.shape[0], qkv.shape[1]
         if t == 1:
-            conv, window = _conv_step(conv_state, qkv, self.conv1d.weight)
+            conv, window = _conv_step(conv_state, qkv, self._taps())
         else:
             window = mx.concatenate([conv_state, qkv.astype(mx.float32)], axis=1)
             conv = _depthwise_conv(window, self.conv1d.weight, t)
@@ -311,18 +341,24 @@ class GatedDeltaNet(nn.Module):
         qk = mx.fast.rms_norm(qk.reshape(n, t, 2 * self.n_k, self.d_k), self._l2_norm_weight(), 1e-6 / self.d_k)
         q, k = qk[:, :, : self.n_k], qk[:, :, self.n_k :]
         rate, dt_bias = self._decay_parameters()
-        if t == 1 and not native_fast_op():
-            # Decoding off Metal (see gated_delta.py). Decay and beta in the step's broadcast
-            # shape, so that they are computed inside its fused kernel.
-            heads = (n, *rate.shape)
-            decay = _decay(rate, a.reshape(heads), dt_bias)
-            beta = mx.sigmoid(b.reshape(heads))
-            out, state = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], decay, beta, state)
-        else:
-            decay = _decay(rate.reshape(-1), a, dt_bias.reshape(-1))
-            beta = mx.sigmoid(b)
-            out, state = gated_delta(q, k, v, decay, beta, state)
+        decay = _decay(rate.reshape(-1), a, dt_bias.reshape(-1))
+        out, state = gated_delta(q, k, v, decay, mx.sigmoid(b), state)
         return out.reshape(n * t, self.n_v, self.d_v), window, state
+
+    def _made_constants(self) -> None:
+        """Make the arrays the recurrence reads besides its inputs before it is traced (a
+        trace only reads them)."""
+        self._l2_norm_weight()
+        self._decay_parameters()
+        self._taps()
+
+    def _taps(self) -> tuple:
+        """The convolution's taps (`_conv_taps`), remade when the weight is replaced."""
+        found = self.__dict__.get("_conv_taps")
+        if found is None or found[0] is not self.conv1d.weight:
+            found = (self.conv1d.weight, _conv_taps(self.conv1d.weight))
+            object.__setattr__(self, "_conv_taps", found)
+        return found[1]
 
     def _l2_norm_weight(self) -> mx.array:
         """The rms_norm weight (float32, as q and k are) that makes it an L2 norm: 1/sqrt(d_k),
