@@ -137,31 +137,34 @@ def _depthwise_conv(window: mx.array, weight: mx.array, t: int) -> mx.array:
 
 
 def _conv_step(window: mx.array, x: mx.array, taps: tuple) -> tuple[mx.array, mx.array]:
-    """`_depthwise_conv` of one new input x [n, 1, C] after the last K-1 inputs `window`
-    [n, K-1, C] (float32), with the filter as its K taps [C] (`_conv_taps`): (the
-    convolution [n, 1, C], the next window), the same sum in the same order. The next window
-    is a selection per row among broadcast slices (views) of the old one and x, the sum reads
-    the old window and the new window's last row (x as float32): inside a compiled function
-    two fused kernels, no gather of the shifted rows, and x converted once, inside the
-    first."""
+    """silu of `_depthwise_conv` of one new input x [n, 1, C] after the last K-1 inputs
+    `window` [n, K-1, C] (float32), with the filter as its K taps [C] (`_conv_taps`): (silu of
+    the convolution [n, 1, C], the next window [n, K-1, C]), the sum in the same order.
+
+    Both are views of one [n, K, C] array, rows 0 to K-2 the next window (the old rows 1 to
+    K-2, then x as float32), row K-1 the convolution's silu: one fused elementwise kernel
+    computes it all, where the window and the convolution took a kernel each (their shapes
+    differ). Each row is a selection among broadcast values, so no gather or copy runs; the
+    convolution is computed for every row and kept in the last."""
     kernel = len(taps)
-    # Row r of the next window is the old row r + 1, the last row x: built from the last
-    # row back, each row a broadcast slice chosen where the row index matches.
-    row = mx.array([[[r] for r in range(kernel - 1)]])  # [1, K-1, 1]; a constant when traced
-    new = mx.broadcast_to(x.astype(mx.float32), window.shape)
-    for r in range(kernel - 3, -1, -1):
-        new = mx.where(row == r, window[:, r + 1 : r + 2], new)
-    out = window[:, :1] * taps[0]
+    row = mx.array([[[r] for r in range(kernel)]])  # [1, K, 1]; a constant when traced
+    x = x.astype(mx.float32)
+    conv = window[:, :1] * taps[0]
     for j in range(1, kernel - 1):
-        out = out + window[:, j : j + 1] * taps[j]
-    out = out + new[:, kernel - 2 :] * taps[kernel - 1]
-    return out, new
+        conv = conv + window[:, j : j + 1] * taps[j]
+    conv = conv + x * taps[kernel - 1]
+    rows = mx.where(row == kernel - 1, nn.silu(conv), x)  # rows K-2 and K-1; [n, K, C]
+    for r in range(kernel - 3, -1, -1):
+        rows = mx.where(row == r, window[:, r + 1 : r + 2], rows)
+    return rows[:, kernel - 1 :], rows[:, : kernel - 1]
 
 
 def _conv_taps(weight: mx.array) -> tuple:
-    """A depthwise filter [C, K, 1] as its K taps [C] (contiguous copies, evaluated): taken
-    once, not as slices inside every step (each a node the host replays per call)."""
-    taps = tuple(mx.contiguous(weight[:, j, 0]) for j in range(weight.shape[1]))
+    """A depthwise filter [C, K, 1] as its K taps [C], float32 (exactly the weight's values,
+    as the products with the float32 window promote them anyway), evaluated: taken once, not
+    sliced and converted inside every step (each a node the host replays per call, and
+    conversions deepen the fused kernel past what MLX fuses into one)."""
+    taps = tuple(weight[:, j, 0].astype(mx.float32) for j in range(weight.shape[1]))
     mx.eval(taps)
     return taps
 
@@ -306,9 +309,9 @@ class GatedDeltaNet(nn.Module):
         n = qkv.shape[0]
         if native_fast_op():
             return self._recur(qkv[:, None], a[:, None], b[:, None], conv_state, state)
-        conv, window = _conv_step(conv_state, qkv[:, None], self._taps())
+        conv_out, window = _conv_step(conv_state, qkv[:, None], self._taps())
         # float32 from here, as in _recur
-        qk, v = mx.split(nn.silu(conv), [2 * self.key_dim], axis=-1)
+        qk, v = mx.split(conv_out, [2 * self.key_dim], axis=-1)
         # The L2 norms of q and k as in _recur (q's read-out scale left to the output's norm).
         qk = mx.fast.rms_norm(qk.reshape(n, 2 * self.n_k, self.d_k), self._l2_norm_weight(), 1e-6 / self.d_k)
         rate, dt_bias = self._decay_parameters()
@@ -323,15 +326,14 @@ class GatedDeltaNet(nn.Module):
         [n * t, Hv, Dv], sqrt(d_k) times the reference's; the new conv windows, the new
         states)."""
         n, t = qkv.shape[0], qkv.shape[1]
-        if t == 1:
-            conv, window = _conv_step(conv_state, qkv, self._taps())
-        else:
-            window = mx.concatenate([conv_state, qkv.astype(mx.float32)], axis=1)
-            conv = _depthwise_conv(window, self.conv1d.weight, t)
-            window = window[:, -(self.kernel - 1):]
         # Kept in float32 from here: the recurrence computes in float32 anyway, and its output
         # goes through GatedRMSNorm, which returns the model's dtype.
-        conv_out = nn.silu(conv)
+        if t == 1:
+            conv_out, window = _conv_step(conv_state, qkv, self._taps())
+        else:
+            window = mx.concatenate([conv_state, qkv.astype(mx.float32)], axis=1)
+            conv_out = nn.silu(_depthwise_conv(window, self.conv1d.weight, t))
+            window = window[:, -(self.kernel - 1):]
         qk, v = mx.split(conv_out, [2 * self.key_dim], axis=-1)
         v = v.reshape(n, t, self.n_v, self.d_v)
         # L2-normalise q and k, eps added to the sum of squares: rms_norm with the weight
