@@ -11,6 +11,7 @@ import pytest
 
 from mlxserve.cache import KVStore, RowCache
 from mlxserve.engine import _acquire_worker, _release_worker
+from mlxserve import random_weights
 from mlxserve.models import compiled
 from mlxserve.random_weights import build_random_model
 from mlxserve.runner import Feed, Runner
@@ -77,15 +78,20 @@ def on_another_thread(fn, *args):
     return result["value"]
 
 
-@pytest.mark.parametrize("shape", ["tiny", "tiny-qwen3.5"])
+@pytest.mark.parametrize("shape", ["tiny", "tiny-qwen3.5", "tiny-qwen3.5-linear-last"])
 def test_compiled_pieces_compute_what_eager_code_computes(shape, monkeypatch):
+    if shape == "tiny-qwen3.5-linear-last":
+        # Linear, full, linear: the last piece of a decoding step ends in a traced recurrence.
+        config = dict(random_weights.SHAPES["tiny-qwen3.5"], num_hidden_layers=3,
+                      layer_types=["linear_attention", "full_attention", "linear_attention"])
+        monkeypatch.setitem(random_weights.SHAPES, shape, config)
     loaded = build_random_model(shape, dtype="float32")
     monkeypatch.setattr(compiled, "enabled", False)
     eager = logits(loaded)
     monkeypatch.setattr(compiled, "enabled", True)
     np.testing.assert_allclose(logits(loaded), eager, atol=1e-5, rtol=0)
     assert loaded.model.layers[0].__dict__, "the compiled path was not taken"
-    if shape == "tiny-qwen3.5":
+    if shape.startswith("tiny-qwen3.5"):
         # Decoding steps ran the recurrence inside pieces spanning layers (llama.run_layers).
         assert any(name.startswith("_compiled_span") for layer in loaded.model.layers for name in layer.__dict__)
 
