@@ -23,7 +23,7 @@ that spent several times that much of its host time building and encoding eager 
 
 In a decoding step a linear-attention layer's recurrence has the same shapes at every step,
 so it runs inside the piece around it, and one piece spans a hybrid model's linear layers up
-to the next full-attention layer's projections (llama.run_layers): 7 calls per Qwen3.5-0.8B
+to the next full-attention layer's projections (llama.run_layers): 6 calls per Qwen3.5-0.8B
 step where 42 were made (24 pieces, 18 recurrences). On a 2-core x86 CPU, Qwen3.5's 24-layer
 structure built a one-stream step in 2.29 ms where its mixes outside the pieces took 2.81,
 and an 8-stream step in 3.93 ms against 4.33 (medians; `scripts/build_time.py tiny-qwen3.5

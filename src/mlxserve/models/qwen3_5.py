@@ -252,10 +252,8 @@ class GatedDeltaNet(nn.Module):
     def _group(self, g, qkv: mx.array, a: mx.array, b: mx.array) -> mx.array:
         n, t = g.n_rows, g.tokens_per_row
         span = slice(g.offset, g.offset + n * t)
-        if g.state_gather is None:
-            g.state_gather = StateGather(g.caches)
         self._made_constants()
-        conv_state, state = g.state_gather.gather(self.index, self._zero_state)
+        conv_state, state = self._gathered(g)
         if t == 1:
             step = compiled(self, "one_token", self._one_token, True)
             out, window, state = step(qkv[span], a[span], b[span], conv_state, state)
@@ -274,12 +272,14 @@ class GatedDeltaNet(nn.Module):
         if not batch.compile or batch.max_tokens_per_row != 1 or batch.padding:
             return None
         self._made_constants()
-        states = []
-        for g in batch.groups:
-            if g.state_gather is None:
-                g.state_gather = StateGather(g.caches)
-            states.append(g.state_gather.gather(self.index, self._zero_state))
-        return tuple(states)
+        return tuple(self._gathered(g) for g in batch.groups)
+
+    def _gathered(self, g) -> tuple[mx.array, mx.array]:
+        """A group's rows' (conv windows, states) as the step starts (see StateGather, made
+        by the step's first linear layer)."""
+        if g.state_gather is None:
+            g.state_gather = StateGather(g.caches)
+        return g.state_gather.gather(self.index, self._zero_state)
 
     def traced_mix(self, qkv: mx.array, a: mx.array, b: mx.array, states: tuple) -> tuple[mx.array, tuple]:
         """`mix` of a decoding step, pure, from the groups' states (traced_states): (the
