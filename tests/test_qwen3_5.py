@@ -237,7 +237,9 @@ def test_state_memory_is_accounted(hybrid):
     per_row = loaded.model.state_bytes_per_row()
     args = loaded.model.args
     conv_dim = 2 * args.linear_num_key_heads * args.linear_key_head_dim + args.linear_num_value_heads * args.linear_value_head_dim
-    one_layer = 4 * (3 * conv_dim + args.linear_num_value_heads * args.linear_value_head_dim * args.linear_key_head_dim)
+    # The conv window counts K rows: a decoding row's window is a view of a K-row array.
+    window_rows = args.linear_conv_kernel_dim
+    one_layer = 4 * (window_rows * conv_dim + args.linear_num_value_heads * args.linear_value_head_dim * args.linear_key_head_dim)
     assert per_row == 2 * one_layer
     layers, heads, dim = loaded.model.kv_shape()
     kv = KVStore(layers, heads, dim, mx.float32, block_size=16, state_bytes_per_row=per_row)

@@ -203,7 +203,10 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(self.value_dim, dim, bias=False)
 
     def state_bytes(self) -> int:
-        return 4 * ((self.kernel - 1) * self.conv_dim + self.n_v * self.d_v * self.d_k)
+        """Bytes of one row's state in this layer, float32: its conv window and delta-rule
+        state. A decoding row's window is K-1 rows of a K-row array (see _conv_step), which
+        it keeps alive, so K rows are counted."""
+        return 4 * (self.kernel * self.conv_dim + self.n_v * self.d_v * self.d_k)
 
     def fuse(self) -> None:
         """One matmul for all four input projections (fewer kernel launches per decode step),
