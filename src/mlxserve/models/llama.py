@@ -433,16 +433,14 @@ def run_layers(layers: list, h: mx.array, batch: StepBatch, cache: KVStore) -> t
         if whole is not None and states[-1] is None and last.kv_layer is not None:
             shelf, rows = whole.shelf.kv[last.kv_layer], whole.rows
         inputs = tuple(layer.before_inputs(batch) for layer in span)
-        if len(span) == 1 and states[0] is None:
-            piece = compiled(layer, "joint", partial(_joint, previous, layer), batch.compile)
-            h, out, written = piece(h, carry, inputs[0], shelf, rows)
-        else:
-            # Named by its length: a layer starts spans of one extent only (decoding steps),
-            # and the compiled function keeps the span it was made with.
-            piece = compiled(span[0], f"span{len(span)}", partial(_span, previous, tuple(span)), batch.compile)
-            h, out, new_states, written = piece(h, carry, inputs, tuple(states), shelf, rows)
-            for layer, state in zip(span, new_states):
-                layer.traced_mix_done(batch, state)
+        # A one-layer piece whose mix is eager is "joint"; a longer one, or one ending in a
+        # traced mix, is named by its length: a layer starts spans of one extent only
+        # (decoding steps), and the compiled function keeps the span it was made with.
+        name = "joint" if len(span) == 1 and states[0] is None else f"span{len(span)}"
+        piece = compiled(span[0], name, partial(_span, previous, tuple(span)), batch.compile)
+        h, out, new_states, written = piece(h, carry, inputs, tuple(states), shelf, rows)
+        for layer, state in zip(span, new_states):
+            layer.traced_mix_done(batch, state)
         if shelf is not None:
             cache.put(last.kv_layer, whole, written)
         carry = out if states[-1] is not None else last.mix(out, batch, cache, shelf is not None)
@@ -450,26 +448,12 @@ def run_layers(layers: list, h: mx.array, batch: StepBatch, cache: KVStore) -> t
     return h, previous, carry
 
 
-def _joint(previous, layer, x: mx.array, carry: tuple, inputs: tuple, shelf: mx.array | None,
-           rows: tuple | None) -> tuple:
-    """previous.after, then layer.before, then (given a shelf) the K/V write; see run_layers.
-    Returns (the residual stream, what mix needs of `before`'s outputs, the written shelf)."""
-    if previous is not None:
-        x = previous.after(x, *carry)
-    projected = layer.before(x, *inputs)
-    written = ()
-    if shelf is not None:
-        q, kv, *rest = projected
-        written = scatter_kv(shelf, kv, rows)
-        projected = (q, *rest)
-    return x, projected, written
-
-
 def _span(previous, span: tuple, x: mx.array, carry: tuple, inputs: tuple, states: tuple,
           shelf: mx.array | None, rows: mx.array | None) -> tuple:
     """previous.after, then for each layer of the span its before, traced mix and after,
     but for the last layer: its before, and its traced mix (states[-1] given) or the K/V
-    write (a shelf given); see run_layers. Returns (the residual stream before the last
+    write (a shelf given); see run_layers. A span of one layer with an eager mix is the
+    pure work between two mixes: previous.after, layer.before, the K/V write. Returns (the residual stream before the last
     layer's after, what comes next of the last layer: its traced mix's output or what its
     eager mix needs, the traced mixes' new states, the written shelf)."""
     if previous is not None:
