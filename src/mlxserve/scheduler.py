@@ -463,9 +463,9 @@ class Scheduler:
         batched products), what a chunk adds does not; so a bigger chunk beside many rows
         stalls them relatively no more than `max_batch_tokens` beside `budget_rows`, and
         admits waiting prompts in fewer of those expensive steps. H200, Qwen3-0.6B, 64
-        streams (README, "Measured"): a step with a 1,024-token chunk took 17.6 ms
-        against 10.1 ms decoding alone, and 128 requests ran at 5,620 generated tok/s with
-        chunks of 1,024 tokens against 4,864 with 512."""
+        streams (docs/performance-history.md, the third session): a step with a 1,024-token
+        chunk took 17.6 ms against 10.1 ms decoding alone, and 128 requests ran at 5,620
+        generated tok/s with chunks of 1,024 tokens against 4,864 with 512."""
         base, rows = self.config.max_batch_tokens, self.config.budget_rows
         if decoding_rows <= rows:
             return base
