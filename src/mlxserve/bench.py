@@ -25,6 +25,7 @@ import contextlib
 import importlib
 import itertools
 import math
+import os
 import platform
 import statistics
 import sys
@@ -917,6 +918,8 @@ def main(args) -> int:
     from rich.console import Console
 
     cfg = config_from_args(args)
+    if args.json:
+        check_writable(args.json)  # before the run, not after it
     err = Console(stderr=True)
     loaded = load_for_bench(args)
     cfg.validate_for(loaded)
@@ -933,7 +936,22 @@ def main(args) -> int:
     # Off a terminal (logs), print the table wide instead of folding it into 80 columns.
     render(results, Console() if sys.stdout.isatty() else Console(width=220))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results.to_json(), f, indent=2, default=str)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(results.to_json(), f, indent=2, default=str)
+        except OSError as exc:  # the folder went away during the run
+            err.print(f"mlxserve: error: --json {args.json}: {exc.strerror}", highlight=False)
+            return 1
         err.print(f"bench: wrote {args.json}", highlight=False)
     return status
+
+
+def check_writable(path: str) -> None:
+    """Raise ValueError (one line) unless a file can be written at `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--json {path}: is a folder")
+    if not os.path.isdir(folder):
+        raise ValueError(f"--json {path}: the folder {folder} does not exist")
+    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        raise ValueError(f"--json {path}: not writable")
