@@ -62,6 +62,29 @@ def test_bad_input_is_one_line_and_exit_2(args, needle):
     assert "Traceback" not in r.stderr
 
 
+def test_serve_on_a_taken_port_fails_at_once_in_one_line():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The model does not exist either: the port is checked first, before any loading.
+        r = mlxserve("serve", "--model", "/no/such/model", "--port", str(port))
+    assert r.returncode == 2 and "serving" not in r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlxserve: error: cannot listen on 127.0.0.1:"), r.stderr
+    r = mlxserve("serve", "--model", "/no/such/model", "--host", "no-such-host.invalid")
+    assert r.returncode == 2 and "cannot listen on no-such-host.invalid" in r.stderr
+
+
+def test_bench_json_into_a_missing_folder_fails_before_the_run(tmp_path):
+    r = mlxserve("bench", "--random-weights", "tiny", "--json", str(tmp_path / "no" / "b.json"))
+    assert r.returncode == 2 and "bench:" not in r.stderr  # nothing was loaded or run
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not exist" in lines[0], r.stderr
+
+
 def test_no_prompt_is_an_error(tiny):
     r = mlxserve("run", "--model", tiny, stdin="")
     assert r.returncode == 2 and "no prompt" in r.stderr

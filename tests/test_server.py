@@ -49,6 +49,7 @@ def raw(url, body=None, *, method="POST", key=KEY, data=None, headers=None):
 
 
 GREEDY = dict(model=MODEL, temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 
 
 def test_chat_completion(client):
@@ -154,6 +155,25 @@ BAD = [
     ("bad key", dict(body={"messages": [{"role": "user", "content": "x"}]}, key="wrong"), 401, None),
     ("no key", dict(body={"messages": [{"role": "user", "content": "x"}]}, key=None), 401, None),
     ("huge body", dict(data=b'{"messages": "' + b"x" * 70_000 + b'"}'), 413, None),
+    ("template kwargs set messages", dict(body={"messages": [{"role": "user", "content": "x"}],
+                                                "chat_template_kwargs": {"messages": []}}), 400, "chat_template_kwargs"),
+    ("template kwargs set tools", dict(body={"messages": [{"role": "user", "content": "x"}],
+                                             "chat_template_kwargs": {"tools": []}}), 400, "chat_template_kwargs"),
+    ("add_generation_prompt not a bool", dict(body={"messages": [{"role": "user", "content": "x"}],
+                                                    "chat_template_kwargs": {"add_generation_prompt": "no"}}),
+     400, "chat_template_kwargs"),
+    ("tool_choice function a string", dict(body={"messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+                                                 "tool_choice": {"type": "function", "function": "get_weather"}}),
+     400, "tool_choice"),
+    ("tool_choice unknown", dict(body={"messages": [{"role": "user", "content": "x"}], "tool_choice": "bogus"}),
+     400, "tool_choice"),
+    ("tool_choice required without tools", dict(body={"messages": [{"role": "user", "content": "x"}],
+                                                      "tool_choice": "required"}), 400, "tool_choice"),
+    ("tool_choice named without tools", dict(body={"messages": [{"role": "user", "content": "x"}],
+                                                   "tool_choice": {"type": "function", "function": {"name": "f"}}}),
+     400, "tool_choice"),
+    ("tool parameters not an object", dict(body={"messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": "x"}}]}), 400, "tools"),
 ]
 BAD_COMPLETIONS = [
     ("no prompt", {"model": MODEL}, 400, "prompt"),
@@ -182,6 +202,71 @@ def test_bad_completion_requests(server, name, body, status, param):
     url, _ = server
     got, answer = raw(url + "/v1/completions", body)
     assert got == status and answer["error"]["param"] == param
+
+
+def test_null_fields_mean_their_defaults(server, client):
+    """OpenAI's SDKs send explicit nulls; each means the field's default."""
+    url, _ = server
+    nulls = dict.fromkeys(["temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                           "repetition_penalty", "n", "seed", "stop", "logprobs", "top_logprobs",
+                           "max_completion_tokens", "stream", "stream_options", "tools", "tool_choice",
+                           "chat_template_kwargs", "user"])
+    status, body = raw(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                      "max_tokens": 3, "ignore_eos": True, **nulls})
+    assert status == 200, body
+    assert body["usage"]["completion_tokens"] == 3  # max_tokens holds beside a null max_completion_tokens
+    r = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], model=MODEL, max_tokens=2,
+                                       temperature=None, top_p=None, seed=None)
+    assert r.usage.completion_tokens <= 2
+    status, body = raw(url + "/v1/completions", {"prompt": "Hi", "max_tokens": 2, **nulls, "echo": None})
+    assert status == 200, body
+
+
+def test_chat_template_kwargs_may_leave_out_the_generation_prompt(server):
+    url, engine = server
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello th"}]
+    tokenizer = engine.loaded.tokenizer
+    for add in (True, False):
+        status, body = raw(url + "/v1/completions", {"prompt": tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add), "max_tokens": 2, "temperature": 0, "ignore_eos": True})
+        expected = body["usage"]["prompt_tokens"]
+        status, body = raw(url + "/v1/chat/completions", {
+            "messages": messages, "max_tokens": 2, "temperature": 0, "ignore_eos": True,
+            "chat_template_kwargs": {"add_generation_prompt": add}})
+        assert status == 200 and body["usage"]["prompt_tokens"] == expected, (add, body)
+
+
+def test_lower_case_bearer_is_accepted(server):
+    url, _ = server
+    status, _ = raw(url + "/v1/models", method="GET", key=None, headers={"Authorization": f"bearer {KEY}"})
+    assert status == 200
+    status, _ = raw(url + "/v1/models", method="GET", key=None, headers={"Authorization": f"Basic {KEY}"})
+    assert status == 401
+
+
+def test_max_tokens_defaults_to_the_rest_of_the_context(server):
+    url, engine = server
+    context = engine.loaded.context_length
+    status, body = raw(url + "/v1/completions", {"prompt": [5] * (context - 3), "temperature": 0, "ignore_eos": True})
+    assert status == 200, body
+    assert body["usage"]["completion_tokens"] == 3 and body["choices"][0]["finish_reason"] == "length"
+    status, body = raw(url + "/v1/completions", {"prompt": [5] * context})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_bug_is_an_openai_shaped_500_and_the_server_goes_on(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    engine = ScriptedEngine(loaded, ["fine"])
+    live = LiveServer(create_app(engine, MODEL))
+    try:
+        engine.submit = lambda request, loop: {}["a bug"]  # any unexpected exception
+        status, body = raw(live.url + "/completions", {"prompt": "hi"}, key=None)
+        assert status == 500 and body["error"]["type"] == "server_error"
+        del engine.submit
+        status, body = raw(live.url + "/completions", {"prompt": "hi"}, key=None)
+        assert status == 200 and body["choices"][0]["text"] == "fine"
+    finally:
+        live.stop()
 
 
 def test_unknown_route_and_method_are_openai_errors(server):
@@ -221,6 +306,61 @@ def test_disconnect_mid_stream_cancels_the_request(server):
     assert engine.stats()["kv_bytes_in_use"] == 0
 
 
+def _wait_until(condition, what: str) -> None:
+    """Poll `condition` (engine stats are republished at every step) for up to 5 s."""
+    done = threading.Event()
+    for _ in range(100):
+        if condition():
+            done.set()
+            break
+        done.wait(0.05)
+    assert done.is_set(), what
+
+
+def test_disconnect_while_waiting_for_a_whole_answer_cancels_the_request(server):
+    import socket
+
+    url, engine = server
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1900,
+                       "temperature": 0, "ignore_eos": True}).encode()
+    before = engine.stats()["decode_tokens"]
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        _wait_until(lambda: engine.stats()["running"] >= 1, "the request never started")
+    # The client has gone before any answer: the row must be gone too.
+    _wait_until(lambda: engine.stats()["running"] == 0, "the request still runs after its client went away")
+    assert engine.stats()["kv_bytes_in_use"] == 0
+    assert engine.stats()["decode_tokens"] - before < 1000  # cancelled, not run to its end
+
+
+def test_abort_all_ends_requests_in_flight_with_503(tiny_model_dir):
+    from mlxserve.engine import SHUTTING_DOWN
+
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    with Engine(loaded, EngineConfig(max_running=1)) as engine:
+        live = LiveServer(create_app(engine, MODEL))
+        try:
+            long = {"prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+            req = urllib.request.Request(live.url + "/completions", data=json.dumps({**long, "stream": True}).encode(),
+                                         method="POST", headers={"Content-Type": "application/json"})
+            streaming = urllib.request.urlopen(req, timeout=60)
+            streaming.readline()  # it runs; the next request waits for the running slot
+            with ThreadPoolExecutor(1) as pool:
+                whole = pool.submit(raw, live.url + "/completions", long, key=None)
+                _wait_until(lambda: engine.stats()["waiting"] == 1, "the second request never queued")
+                engine.abort_all(SHUTTING_DOWN)
+                status, body = whole.result(timeout=60)
+            assert status == 503 and body["error"]["message"] == SHUTTING_DOWN
+            events = [line for line in streaming.read().decode().splitlines() if line.startswith("data: ")]
+            assert json.loads(events[-1][6:])["error"]["message"] == SHUTTING_DOWN
+            assert engine.stats()["running"] == 0 and engine.alive  # the engine itself goes on
+            assert raw(live.url + "/completions", {"prompt": "hi", "max_tokens": 2}, key=None)[0] == 200
+        finally:
+            live.stop()
+
+
 def test_serve_command_runs_and_stops_cleanly(tiny_model_dir):
     """The real `mlxserve serve` process: binds 127.0.0.1, answers, exits 0 on Ctrl-C."""
     import os
@@ -241,15 +381,22 @@ def test_serve_command_runs_and_stops_cleanly(tiny_model_dir):
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=2)
         r = c.completions.create(model="tiny-cli", prompt="Hello", max_tokens=3, temperature=0)
         assert r.usage.completion_tokens >= 1
+        # Ctrl-C with a stream in flight: it ends with an error event saying why, at once.
+        stream = c.completions.create(model="tiny-cli", prompt="Hello", max_tokens=1500, temperature=0,
+                                      stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))
         proc.send_signal(signal.SIGINT)
+        with pytest.raises(openai.APIError, match="shutting down"):
+            for _ in stream:
+                pass
         assert proc.wait(timeout=60) == 0
+        assert "Traceback" not in proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
 
 
 # ---- tool calls and reasoning: a scripted engine stand-in writes the model's answer ----------
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 
 
 @pytest.fixture(scope="module")

@@ -218,17 +218,22 @@ def _load(spec: str, dtype_name: str | None, gguf_mode: str = "exact"):
 # ---- serve ----------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from .engine import Engine
-    from .server import serve
+    from .server import listen_socket, serve
 
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_running < 1:
         raise CLIError("--max-running must be >= 1")
     config = engine_config(args, max_running=args.max_running)
-    loaded = _load(args.model, args.dtype, args.gguf_mode)
-    with Engine(loaded, config) as engine:
-        serve(engine, args.served_model_name or args.model, args.host, args.port,
-              api_key=args.api_key, cors_origins=args.cors)
+    try:
+        sock = listen_socket(args.host, args.port)  # a taken port fails before the model loads
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    with sock:
+        loaded = _load(args.model, args.dtype, args.gguf_mode)
+        with Engine(loaded, config) as engine:
+            serve(engine, args.served_model_name or args.model, sock,
+                  api_key=args.api_key, cors_origins=args.cors)
     return 0
 
 

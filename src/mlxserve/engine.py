@@ -27,6 +27,7 @@ from .scheduler import Request, Scheduler, SchedulerConfig, ServerBusy, TokenEve
 log = logging.getLogger("mlxserve.engine")
 
 STATS_REFRESH_S = 0.5  # how stale the published stats may get while the engine is idle
+SHUTTING_DOWN = "server is shutting down"  # the error of requests that abort_all ends
 
 
 @dataclass
@@ -149,6 +150,11 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         self._commands.put(("cancel", request_id))
 
+    def abort_all(self, message: str) -> None:
+        """End every submitted request (running or waiting) with an error event carrying
+        `message`, within one step; the engine goes on running."""
+        self._commands.put(("abort", message))
+
     def stats(self) -> dict:
         """Latest scheduler statistics (updated by the engine thread after every step)."""
         return dict(self._stats)
@@ -191,7 +197,7 @@ class Engine:
                 events = scheduler.step()
             except Exception as exc:
                 log.error("step failed: %s", traceback.format_exc())
-                events = self._fail_running(scheduler, f"internal error: {exc}")
+                events = self._fail_rows(scheduler, f"internal error: {exc}")
             self._deliver(scheduler, events)
         for row in list(scheduler.running) + list(scheduler.waiting):
             self._deliver(scheduler, [scheduler.cancel(row.id)])
@@ -215,6 +221,8 @@ class Engine:
                     self._deliver(scheduler, [busy])
             elif kind == "cancel":
                 self._deliver(scheduler, [scheduler.cancel(payload)])
+            elif kind == "abort":
+                self._deliver(scheduler, self._fail_rows(scheduler, payload, waiting=True))
 
     def _deliver(self, scheduler: Scheduler, events: list) -> None:
         # Publish stats first: a client that sees its final event also sees its memory freed.
@@ -242,10 +250,11 @@ class Engine:
                 pass
 
     @staticmethod
-    def _fail_running(scheduler: Scheduler, message: str) -> list[TokenEvent]:
-        """A step raised: end the rows that were in it with an error, keep the engine alive."""
+    def _fail_rows(scheduler: Scheduler, message: str, waiting: bool = False) -> list[TokenEvent]:
+        """End the running rows (and the waiting ones too, if `waiting`) with an error; the
+        engine stays alive. For a step that raised, the rows that were in it."""
         events = []
-        for row in list(scheduler.running):
+        for row in list(scheduler.running) + (list(scheduler.waiting) if waiting else []):
             event = scheduler.cancel(row.id)
             event.finish_reason, event.error = "error", message
             events.append(event)

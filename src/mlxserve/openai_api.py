@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 from .sampling import SamplingParams
 
-DEFAULT_MAX_TOKENS = 512
-
 
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
@@ -53,6 +51,8 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
     """Validate an /v1/chat/completions (kind "chat") or /v1/completions ("text") body."""
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
+    # An explicit null means "the default", as in OpenAI's API (its SDKs send them).
+    body = {key: value for key, value in body.items() if value is not None}
     for name, types in _FIELD_TYPES.items():
         value = body.get(name)
         if value is not None and (not isinstance(value, types) or (types is int and isinstance(value, bool))):
@@ -80,7 +80,14 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
 
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
-        max_tokens = DEFAULT_MAX_TOKENS
+        # Not asked for: as many as the context leaves after the longest prompt (OpenAI's
+        # default). The row's KV grows with what it generates, so this reserves nothing.
+        room = context_length - max(len(p) for p in prompts)
+        if room < 1:
+            raise APIError(400, f"this model's context length is {context_length} tokens; the prompt has "
+                                f"{max(len(p) for p in prompts)}, which leaves no room for an answer",
+                           param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
+        max_tokens = room
     echo = kind == "text" and bool(body.get("echo"))
     if echo and body.get("stream"):
         raise APIError(400, "echo is not supported with stream", param="echo")
@@ -133,20 +140,30 @@ def _tools(body: dict) -> list | None:
     not enforced on the output (no constrained decoding yet)."""
     tools = body.get("tools")
     choice = body.get("tool_choice", "auto")
+    named = None
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        named = fn.get("name") if isinstance(fn, dict) else None
+        if choice.get("type") != "function" or not isinstance(named, str):
+            raise APIError(400, "tool_choice must be auto, none, required or "
+                                "{'type': 'function', 'function': {'name': …}}", param="tool_choice")
+    elif choice not in ("auto", "none", "required"):
+        raise APIError(400, "tool_choice must be auto, none, required or a named function", param="tool_choice")
     if tools is None:
+        if named is not None or choice == "required":
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
         return None
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(fn, dict)
                 and isinstance(fn.get("name"), str)):
             raise APIError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': …}}}}", param="tools")
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
-        if choice.get("type") != "function" or name not in {t["function"]["name"] for t in tools}:
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise APIError(400, f"tools[{i}].function.parameters must be a JSON Schema object", param="tools")
+    if named is not None:
+        if named not in {t["function"]["name"] for t in tools}:
             raise APIError(400, "tool_choice names a function that is not in tools", param="tool_choice")
-        return [t for t in tools if t["function"]["name"] == name]
-    if choice not in ("auto", "none", "required"):
-        raise APIError(400, "tool_choice must be auto, none, required or a named function", param="tool_choice")
+        return [t for t in tools if t["function"]["name"] == named]
     return None if choice == "none" else tools
 
 
@@ -164,12 +181,25 @@ def _chat_prompt(body: dict, tokenizer, tools: list | None) -> list[int]:
     if tokenizer.chat_template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
     normalized = [_normalize_message(m) for m in messages]
+    variables = dict(body.get("chat_template_kwargs") or {})
+    for name in _RESERVED_TEMPLATE_VARIABLES.intersection(variables):
+        raise APIError(400, f"chat_template_kwargs cannot set '{name}' (it comes from the request's own "
+                            "fields)", param="chat_template_kwargs")
+    add_generation_prompt = variables.pop("add_generation_prompt", True)
+    if not isinstance(add_generation_prompt, bool):
+        raise APIError(400, "chat_template_kwargs.add_generation_prompt must be true or false",
+                       param="chat_template_kwargs")
     try:
-        text = tokenizer.apply_chat_template(normalized, add_generation_prompt=True, tools=tools,
-                                             **(body.get("chat_template_kwargs") or {}))
+        text = tokenizer.apply_chat_template(normalized, add_generation_prompt=add_generation_prompt,
+                                             tools=tools, **variables)
     except ValueError as exc:  # the template rejected the conversation
         raise APIError(400, f"chat template: {exc}", param="messages") from None
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+# Template variables that the request's own fields set (messages, tools), or names of the
+# rendering functions' own arguments, which a variable cannot also be passed as.
+_RESERVED_TEMPLATE_VARIABLES = {"messages", "tools", "template", "self"}
 
 
 def _normalize_message(message: dict) -> dict:

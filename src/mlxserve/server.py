@@ -10,23 +10,28 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import signal
+import socket
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import openai_api as wire
 from .chat_output import Parsed, parser_for
-from .engine import Engine
+from .engine import SHUTTING_DOWN, Engine
 from .metrics import Metrics
 from .scheduler import Request, ServerBusy
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # requests larger than this get 413
+
+log = logging.getLogger("mlxserve.server")
 
 
 def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
@@ -55,8 +60,8 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
     def check_key(request: HTTPRequest) -> None:
         if api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
             raise wire.APIError(401, "invalid or missing API key", type="authentication_error",
                                 code="invalid_api_key")
 
@@ -79,16 +84,34 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             return error(wire.APIError(429, str(exc), type="rate_limit_error", code="server_busy"))
         except RuntimeError as exc:  # the engine is not running
             return error(wire.APIError(503, str(exc), type="server_error"))
+        except Exception:  # a bug: answered in OpenAI's shape, the server goes on
+            return internal_error()
         if c.stream:
             return StreamingResponse(_stream(c, streams, tokenizer, metrics), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
+        collect = asyncio.ensure_future(_collect(c, streams, tokenizer, metrics))
+        gone = asyncio.ensure_future(_until_disconnected(request))
         try:
-            return JSONResponse(await _collect(c, streams, tokenizer, metrics))
+            await asyncio.wait((collect, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not collect.done():
+                # The client went away: nobody will read the answer, so stop making it.
+                return Response(status_code=499)
+            return JSONResponse(collect.result())
         except wire.APIError as exc:
             return error(exc)
+        except Exception:
+            return internal_error()
         finally:
+            gone.cancel()
             for s in streams:
                 s.cancel()
+            if not collect.done():
+                collect.cancel()
+
+    def internal_error() -> JSONResponse:
+        log.exception("request failed")
+        return error(wire.APIError(500, "internal server error (the server log has the details)",
+                                   type="server_error"))
 
     async def chat(request: HTTPRequest):
         return await completions(request, "chat")
@@ -125,6 +148,10 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         kind = "not_found" if exc.status_code == 404 else None
         return error(wire.APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=kind))
 
+    async def unexpected_error(request: HTTPRequest, exc: Exception):
+        # Outside the completion routes (which answer their own): still OpenAI's shape.
+        return error(wire.APIError(500, "internal server error", type="server_error"))
+
     middleware = []
     if cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"],
@@ -139,8 +166,22 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             Route("/metrics", prometheus, methods=["GET"]),
         ],
         middleware=middleware,
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: http_error, Exception: unexpected_error},
     )
+
+
+async def _until_disconnected(request: HTTPRequest) -> None:
+    """Returns once the client has gone away. The body has been read, so the next ASGI
+    message is the disconnect (uvicorn also sends it once the response is complete)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _error_status(message: str | None) -> int:
+    """The HTTP status of a request the engine ended with an error."""
+    if message == SHUTTING_DOWN:
+        return 503
+    return 429 if "busy" in (message or "") else 500
 
 
 async def _collect(c: wire.Completion, streams, tokenizer, metrics: Metrics) -> dict:
@@ -157,9 +198,9 @@ async def _collect(c: wire.Completion, streams, tokenizer, metrics: Metrics) -> 
                 final = event
         metrics.record(final, times)
         if final.finish_reason == "error":
-            status = 429 if "busy" in (final.error or "") else 500
+            status = _error_status(final.error)
             raise wire.APIError(status, final.error or "generation failed",
-                                type="server_error" if status == 500 else "rate_limit_error")
+                                type="rate_limit_error" if status == 429 else "server_error")
         prompt_tokens += final.prompt_tokens
         completion_tokens += final.completion_tokens
         cached += final.cached_tokens
@@ -206,7 +247,9 @@ async def _stream(c: wire.Completion, streams, tokenizer, metrics: Metrics):
                 if event.finish_reason:
                     metrics.record(event, times)
                 if event.finish_reason == "error":
-                    yield sse(wire.APIError(500, event.error or "generation failed", type="server_error").body())
+                    status = _error_status(event.error)
+                    yield sse(wire.APIError(status, event.error or "generation failed",
+                                            type="rate_limit_error" if status == 429 else "server_error").body())
                     return
                 lp = wire.logprobs_json(c.kind, event.logprobs if c.params.logprobs else None, tokenizer)
                 reason = event.finish_reason
@@ -262,17 +305,49 @@ def _delta(parsed: Parsed) -> dict:
     return delta
 
 
-def serve(engine: Engine, served_model: str, host: str, port: int, **app_options) -> None:
-    """Run uvicorn until Ctrl-C/SIGTERM; in-flight requests are cancelled on the way out."""
-    import uvicorn
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, made before anything slow happens (loading a model),
+    so that a taken port or an unknown host is a one-line error rather than a late failure.
+    Raises ValueError with that line."""
+    # As uvicorn binds: IPv6 for an address with a colon, else IPv4 (so "localhost" is 127.0.0.1).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:  # the port is taken, the address is not this machine's, or no such host
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    # Listening claims the port at once (a bound socket alone does not keep a second server
+    # out); connections made while the model loads wait in the backlog.
+    sock.listen(2048)
+    return sock
 
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which first ends the requests in flight when it shuts down: they get
+    a 503 error (a final error event when streaming) at once, instead of running on for
+    uvicorn's grace period and then being cut off."""
+
+    def __init__(self, config, engine: Engine):
+        super().__init__(config)
+        self.engine = engine
+
+    async def shutdown(self, sockets=None) -> None:
+        self.engine.abort_all(SHUTTING_DOWN)
+        await super().shutdown(sockets=sockets)
+
+
+def serve(engine: Engine, served_model: str, sock: socket.socket, **app_options) -> None:
+    """Run uvicorn on `sock` (listen_socket) until Ctrl-C/SIGTERM."""
     app = create_app(engine, served_model, **app_options)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+    server = _Server(config, engine)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal into the handler
     # that was installed before it started. Stopping a server on purpose is a clean exit, so
     # that handler does nothing.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+    host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if sock.family == socket.AF_INET6 else host  # as a URL writes it
     print(f"mlxserve: serving {served_model} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
-    server.run()
+    server.run(sockets=[sock])
