@@ -5,6 +5,14 @@ import pytest
 
 from tiny_models import make_tiny_model
 
+from mlxserve.models import compiled
+
+# The tests run steps with a prefill chunk as a GPU runs them (padded to a bucket, compiled),
+# Apple Silicon being what mlxserve is for; by default the CPU back-end runs them eagerly at
+# their own size, which test_compiled.py checks gives the same logits, and the `mlxserve`
+# commands the tests start as processes do.
+compiled.pad_multi_token_steps = True
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):

@@ -49,7 +49,8 @@ def logits(loaded) -> np.ndarray:
     mixed = [Feed(key, [key + 7], row.length, row, "last") for key, row in enumerate(rows[:2])]
     mixed.append(Feed(9, list(range(40, 63)), 0, newcomer, "last"))
     mixed_out, batch = runner.forward(mixed)
-    assert batch.padding == (-25 % compiled.MULTI_TOKEN_BUCKET if compiled.enabled else 0)
+    bucket = compiled.multi_token_bucket()
+    assert batch.padding == (-25 % bucket if bucket else 0) and batch.compile == (bucket is not None)
     # The padding attends as extra queries of the chunk's row (the last group), not as rows
     # concatenated to the attention output.
     chunk = batch.groups[-1]
@@ -94,6 +95,21 @@ def test_compiled_pieces_compute_what_eager_code_computes(shape, monkeypatch):
     if shape.startswith("tiny-qwen3.5"):
         # Decoding steps ran the recurrence inside pieces spanning layers (llama.run_layers).
         assert any(name.startswith("_compiled_span") for layer in loaded.model.layers for name in layer.__dict__)
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-qwen3.5"])
+def test_the_cpu_runs_prefill_steps_eagerly_at_their_own_size(shape, monkeypatch):
+    """By default (pad_multi_token_steps None) a CPU step with a prefill chunk is not padded
+    and runs eagerly, decoding steps still compiled; the logits are the padded ones'."""
+    loaded = build_random_model(shape, dtype="float32")
+    padded = logits(loaded)
+    monkeypatch.setattr(compiled, "pad_multi_token_steps", None)
+    assert mx.default_device() == mx.cpu and compiled.multi_token_bucket() is None
+    np.testing.assert_allclose(logits(loaded), padded, atol=1e-5, rtol=0)
+    monkeypatch.setattr(compiled, "pad_multi_token_steps", False)
+    assert compiled.multi_token_bucket() is None
+    monkeypatch.setattr(compiled, "pad_multi_token_steps", True)
+    assert compiled.multi_token_bucket() == compiled.MULTI_TOKEN_BUCKET
 
 
 @pytest.mark.parametrize("shape", ["tiny", "tiny-qwen3.5"])

@@ -39,8 +39,8 @@ class Runner:
         The result is lazy: the caller evaluates it together with whatever it samples.
         """
         # Steps with prefill chunks are padded to a bucket size only to be run compiled.
-        pad_to = compiled.MULTI_TOKEN_BUCKET if compiled.enabled else None
-        batch = build_batch(feeds, self.kv.dtype, self.kv.block_size, pad_to, compiled.MAX_TOKENS_PER_ROW)
+        batch = build_batch(feeds, self.kv.dtype, self.kv.block_size, compiled.multi_token_bucket(),
+                            compiled.MAX_TOKENS_PER_ROW)
         patches = [(batch.row_offsets[f.key], f.from_previous) for f in feeds if f.from_previous is not None]
         if len(patches) == batch.tokens.size:
             # Every row decodes its token from last step (the steady state): the step's input

@@ -20,6 +20,8 @@ padded to a multiple of MULTI_TOKEN_BUCKET (batch.build_batch): a step budget of
 with up to 64 decoding rows beside it makes ten sizes. The padding tokens are computed and
 thrown away: at most MULTI_TOKEN_BUCKET - 1 token rows of matrix products, next to a step
 that spent several times that much of its host time building and encoding eager operations.
+That holds on a GPU; on MLX's CPU back-end the arithmetic is the cost, so there such steps
+run eagerly at their own size instead (`pad_multi_token_steps`).
 
 In a decoding step a linear-attention layer's recurrence has the same shapes at every step,
 so it runs inside the piece around it, and one piece spans a hybrid model's linear layers up
@@ -49,6 +51,20 @@ MULTI_TOKEN_BUCKET = 64
 
 # Off: everything runs eagerly (for comparisons; the results are the same).
 enabled = True
+# Whether steps with a prefill chunk are padded to MULTI_TOKEN_BUCKET and run compiled. None:
+# on a GPU only. MLX's CPU back-end is bound by its arithmetic, not by building and encoding
+# operations, so there the padding is pure cost: an 11-token prompt of SmolLM2-135M took
+# 4.07 s to its first token padded to 64 tokens and 0.73 s eagerly at its own size (2-core
+# x86). True forces the GPU's way on any device (the tests run it so).
+pad_multi_token_steps: bool | None = None
+
+
+def multi_token_bucket() -> int | None:
+    """What a step with a prefill chunk is padded to a multiple of, or None: run it eagerly."""
+    pad = pad_multi_token_steps
+    if pad is None:
+        pad = mx.default_device() != mx.cpu
+    return MULTI_TOKEN_BUCKET if enabled and pad else None
 
 
 def active(when: bool) -> bool:
