@@ -52,6 +52,8 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("run", "--model", "not-a-known-alias", "--prompt", "hi"), "not-a-known-alias"),
     (("run", "--temperature", "-1", "--prompt", "hi"), "temperature"),
     (("run", "--max-tokens", "0", "--prompt", "hi"), "max_tokens"),
+    (("run", "--prompt", "hi", "there"), "give the prompt once"),
+    (("chat", "--temperature", "-3"), "--temperature must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle):
     r = mlxserve(*args, stdin="")

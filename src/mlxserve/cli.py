@@ -130,6 +130,8 @@ def _fail(message: str) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .sampling import SamplingParams
 
+    if args.prompt is not None and args.prompt_arg is not None:
+        raise CLIError("give the prompt once: as an argument or with --prompt, not both")
     prompt = args.prompt if args.prompt is not None else args.prompt_arg
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()

@@ -46,6 +46,8 @@ def run_chat(args) -> int:
     """`mlxserve chat` (and bare `mlxserve`): the REPL, or one answer when stdin is a pipe."""
     from .cli import CLIError
 
+    if args.temperature is not None and args.temperature < 0:
+        raise CLIError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature:g}")
     interactive = sys.stdin.isatty()
     if interactive:
         # Ctrl-C must stop an answer even when this process was started with SIGINT ignored
