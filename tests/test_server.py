@@ -12,7 +12,7 @@ import pytest
 
 from mlxserve.engine import Engine, EngineConfig
 from mlxserve.loader import load_model
-from live_server import SCRIPT, LiveServer, ScriptedEngine, free_port
+from live_server import SCRIPT, LiveServer, ScriptedEngine, ScriptedStream, free_port
 from mlxserve.server import create_app
 
 MODEL = "tiny"
@@ -262,6 +262,20 @@ def test_a_bug_is_an_openai_shaped_500_and_the_server_goes_on(tiny_model_dir):
         engine.submit = lambda request, loop: {}["a bug"]  # any unexpected exception
         status, body = raw(live.url + "/completions", {"prompt": "hi"}, key=None)
         assert status == 500 and body["error"]["type"] == "server_error"
+
+        class BreaksMidStream(ScriptedStream):
+            async def __aiter__(self):
+                async for event in super().__aiter__():
+                    yield event
+                    raise KeyError("a bug")
+
+        engine.submit = lambda request, loop: BreaksMidStream(request, ["one ", "two"])
+        req = urllib.request.Request(live.url + "/completions", method="POST", data=json.dumps(
+            {"prompt": "hi", "stream": True}).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            events = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+        assert json.loads(events[0])["choices"][0]["text"] == "one "
+        assert json.loads(events[-1])["error"]["type"] == "server_error"  # the stream ends saying so
         del engine.submit
         status, body = raw(live.url + "/completions", {"prompt": "hi"}, key=None)
         assert status == 200 and body["choices"][0]["text"] == "fine"

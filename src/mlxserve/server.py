@@ -66,26 +66,26 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
                                 code="invalid_api_key")
 
     async def completions(request: HTTPRequest, kind: str):
+        streams = []
         try:
             check_key(request)
             body = await read_json(request)
             c = wire.parse_request(body, kind, tokenizer, loaded.context_length, served_model)
             loop = asyncio.get_running_loop()
             scoring = c.params.top_logprobs if c.echo and c.params.logprobs else None
-            streams = []
             for prompt in c.prompts:
                 streams.append(engine.submit(Request(prompt, c.params, prompt_logprobs=scoring,
                                                      score_only=c.score_only), loop))
-        except wire.APIError as exc:
-            return error(exc)
-        except ServerBusy as exc:
+        except Exception as exc:
             for stream in streams:  # a multi-prompt request is refused whole
                 stream.cancel()
-            return error(wire.APIError(429, str(exc), type="rate_limit_error", code="server_busy"))
-        except RuntimeError as exc:  # the engine is not running
-            return error(wire.APIError(503, str(exc), type="server_error"))
-        except Exception:  # a bug: answered in OpenAI's shape, the server goes on
-            return internal_error()
+            if isinstance(exc, wire.APIError):
+                return error(exc)
+            if isinstance(exc, ServerBusy):
+                return error(wire.APIError(429, str(exc), type="rate_limit_error", code="server_busy"))
+            if isinstance(exc, RuntimeError):  # the engine is not running
+                return error(wire.APIError(503, str(exc), type="server_error"))
+            return internal_error()  # a bug: answered in OpenAI's shape, the server goes on
         if c.stream:
             return StreamingResponse(_stream(c, streams, tokenizer, metrics), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -226,54 +226,64 @@ async def _collect(c: wire.Completion, streams, tokenizer, metrics: Metrics) -> 
     return wire.response(c, wire.new_id(c.kind), choices, wire.usage(prompt_tokens, completion_tokens, cached))
 
 
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
 async def _stream(c: wire.Completion, streams, tokenizer, metrics: Metrics):
     """SSE chunks for each event; cancels the requests if the client goes away."""
-    rid = wire.new_id(c.kind)
-
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj)}\n\n"
-
-    prompt_tokens = completion_tokens = cached = 0
     try:
-        for index, stream in enumerate(streams):
-            if c.kind == "chat":
-                yield sse(wire.chunk(c, rid, [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]))
-            parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True) if c.kind == "chat" else None
-            times = []
-            async for event in stream:
-                if event.token_ids:
-                    times.append(event.time)
-                if event.finish_reason:
-                    metrics.record(event, times)
-                if event.finish_reason == "error":
-                    status = _error_status(event.error)
-                    yield sse(wire.APIError(status, event.error or "generation failed",
-                                            type="rate_limit_error" if status == 429 else "server_error").body())
-                    return
-                lp = wire.logprobs_json(c.kind, event.logprobs if c.params.logprobs else None, tokenizer)
-                reason = event.finish_reason
-                if parser is None:
-                    piece = {"text": event.text}
-                else:
-                    parsed = parser.feed(event.text)
-                    if reason:
-                        parsed = _merge(parsed, parser.flush())
-                        reason = "tool_calls" if parser.saw_tool_call else reason
-                    piece = {"delta": _delta(parsed)}
-                if (piece.get("text") or piece.get("delta")) or reason or lp:
-                    yield sse(wire.chunk(c, rid, [{"index": index, **piece, "logprobs": lp, "finish_reason": reason}]))
-                if event.finish_reason:
-                    prompt_tokens += event.prompt_tokens
-                    completion_tokens += event.completion_tokens
-                    cached += event.cached_tokens
-        if c.include_usage:
-            yield sse(wire.chunk(c, rid, [], wire.usage(prompt_tokens, completion_tokens, cached)))
-        yield "data: [DONE]\n\n"
+        async for piece in _stream_pieces(c, streams, tokenizer, metrics):
+            yield piece
+    except Exception:  # a bug, after the response has begun: end it with an error event
+        log.exception("stream failed")
+        yield _sse(wire.APIError(500, "internal server error (the server log has the details)",
+                                 type="server_error").body())
     finally:
         # Normal end, error, or the client went away (the generator is closed/cancelled).
         for s in streams:
             s.cancel()
+
+
+async def _stream_pieces(c: wire.Completion, streams, tokenizer, metrics: Metrics):
+    """The SSE chunks of the streams' events, usage, then [DONE]; an error event ends it."""
+    rid = wire.new_id(c.kind)
+    prompt_tokens = completion_tokens = cached = 0
+    for index, stream in enumerate(streams):
+        if c.kind == "chat":
+            yield _sse(wire.chunk(c, rid, [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]))
+        parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True) if c.kind == "chat" else None
+        times = []
+        async for event in stream:
+            if event.token_ids:
+                times.append(event.time)
+            if event.finish_reason:
+                metrics.record(event, times)
+            if event.finish_reason == "error":
+                status = _error_status(event.error)
+                yield _sse(wire.APIError(status, event.error or "generation failed",
+                                         type="rate_limit_error" if status == 429 else "server_error").body())
+                return
+            lp = wire.logprobs_json(c.kind, event.logprobs if c.params.logprobs else None, tokenizer)
+            reason = event.finish_reason
+            if parser is None:
+                piece = {"text": event.text}
+            else:
+                parsed = parser.feed(event.text)
+                if reason:
+                    parsed = _merge(parsed, parser.flush())
+                    reason = "tool_calls" if parser.saw_tool_call else reason
+                piece = {"delta": _delta(parsed)}
+            if (piece.get("text") or piece.get("delta")) or reason or lp:
+                yield _sse(wire.chunk(c, rid, [{"index": index, **piece, "logprobs": lp, "finish_reason": reason}]))
+            if event.finish_reason:
+                prompt_tokens += event.prompt_tokens
+                completion_tokens += event.completion_tokens
+                cached += event.cached_tokens
+    if c.include_usage:
+        yield _sse(wire.chunk(c, rid, [], wire.usage(prompt_tokens, completion_tokens, cached)))
+    yield "data: [DONE]\n\n"
 
 
 def _merge(a: Parsed, b: Parsed) -> Parsed:
