@@ -277,6 +277,37 @@ def test_bad_requests_are_rejected_clearly(loaded):
         assert engine.generate([1, 2], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))[-1].completion_tokens == 2
 
 
+def test_prompts_as_long_as_the_context_finish_and_longer_ones_are_refused(loaded):
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    short = dataclasses.replace(loaded, context_length=40)
+    with Engine(short, EngineConfig(block_size=8)) as engine, ThreadPoolExecutor(1) as pool:
+        with pytest.raises(ValueError, match="41 tokens, more than the model's context of 40"):
+            engine.submit(Request(list(range(1, 42)), GREEDY))
+
+        def finished(request):
+            """The request's events; a row that never finishes fails the test (cancelled)."""
+            stream = engine.submit(request)
+            events = pool.submit(list, stream)
+            try:
+                return events.result(timeout=120)
+            except TimeoutError:
+                stream.cancel()
+                pytest.fail(f"a {len(request.prompt_ids)}-token prompt never finished")
+
+        def generated(n):
+            events = finished(Request(list(range(1, n + 1)), GREEDY))
+            return sum(len(e.token_ids) for e in events), events[-1].finish_reason
+
+        assert generated(38) == (2, "length")
+        assert generated(39) == (1, "length")
+        assert generated(40) == (1, "length")  # the whole context prefilled, then its one token
+        final = finished(Request(list(range(1, 41)), SamplingParams(max_tokens=1), prompt_logprobs=0,
+                                 score_only=True))[-1]
+        assert final.finish_reason == "length" and len(final.prompt_logprobs) == 40
+
+
 def test_queue_bound_returns_busy_error(loaded):
     """Beyond max_running + max_waiting outstanding requests, submit refuses at once; the
     accepted ones finish, and room opens again afterwards."""

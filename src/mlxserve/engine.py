@@ -22,7 +22,7 @@ from .cache import KVStore
 from .loader import LoadedModel
 from .memory import default_kv_budget
 from .runner import Runner
-from .scheduler import Request, Scheduler, SchedulerConfig, ServerBusy, TokenEvent
+from .scheduler import Request, Scheduler, SchedulerConfig, ServerBusy, TokenEvent, check_fits
 
 log = logging.getLogger("mlxserve.engine")
 
@@ -135,6 +135,7 @@ class Engine:
         request.params.validate()
         if not request.prompt_ids:
             raise ValueError("prompt: must contain at least one token")
+        check_fits(len(request.prompt_ids), self.loaded.context_length)
         if not self.alive:
             raise RuntimeError("engine is not running")
         with self._outstanding_lock:
@@ -216,7 +217,7 @@ class Engine:
                 self._streams[payload.id] = payload
                 try:
                     scheduler.add(payload.request)
-                except ServerBusy as exc:
+                except (ServerBusy, ValueError) as exc:  # refused: the stream ends with why
                     busy = TokenEvent(payload.id, [], "", finish_reason="error", error=str(exc), time=time.perf_counter())
                     self._deliver(scheduler, [busy])
             elif kind == "cancel":

@@ -163,6 +163,13 @@ class InFlight:
     indices: list[int]  # per row: the placeholder index in its sampling state
 
 
+def check_fits(prompt_tokens: int, context_length: int) -> None:
+    """Raise ValueError unless a prompt fits in the model's context."""
+    if prompt_tokens > context_length:
+        raise ValueError(f"the prompt has {prompt_tokens} tokens, more than the model's context of "
+                         f"{context_length}")
+
+
 class Scheduler:
     def __init__(self, runner: Runner, tokenizer, config: SchedulerConfig):
         self.runner = runner
@@ -193,6 +200,7 @@ class Scheduler:
 
     # ---- requests in and out ---------------------------------------------------------
     def add(self, request: Request) -> None:
+        check_fits(len(request.prompt_ids), self.config.context_length)
         limit = self.config.max_running + self.config.max_waiting
         if len(self.waiting) + len(self.running) >= limit:
             raise ServerBusy(f"server busy: {len(self.waiting) + len(self.running)} requests in progress (limit {limit})")
@@ -402,7 +410,10 @@ class Scheduler:
 
     def _plan(self) -> tuple[list[Feed], list[Row]]:
         plan: list[tuple[Row, int]] = []
-        active = [r for r in self.running if r.needs_more and r.total < self.config.context_length]
+        # A decoding row stops short of the context (its next token would lie past it); a
+        # prompt as long as the context is still prefilled (and gets its one token).
+        active = [r for r in self.running
+                  if r.needs_more and (r.total < self.config.context_length or not r.is_decoding)]
         # Every decoding row feeds its one token. The budget bounds the prefill tokens on top:
         # counting decode tokens in it would cut a budget-sized prompt in two (next to 8
         # decoding rows, a 512-token prompt went in chunks of 256 and 128 and 64...), while
