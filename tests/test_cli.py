@@ -90,6 +90,25 @@ def test_bench_json_into_a_missing_folder_fails_before_the_run(tmp_path):
 def test_no_prompt_is_an_error(tiny):
     r = mlxserve("run", "--model", tiny, stdin="")
     assert r.returncode == 2 and "no prompt" in r.stderr
+    r = mlxserve("run", "--model", tiny, "   ")
+    assert r.returncode == 2 and "no prompt" in r.stderr
+
+
+def test_a_prompt_longer_than_the_context_is_one_line(tiny):
+    r = mlxserve("run", "--model", tiny, "--no-chat", stdin="hello world " * 3000, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("mlxserve: error: the prompt has ")
+    assert "more than the model's context of 2048" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_reader_that_goes_away_is_no_error(tiny):
+    proc = subprocess.Popen([sys.executable, "-m", "mlxserve", "run", "--model", tiny, "Once upon a time",
+                             "--max-tokens", "500", "--ignore-eos", "--no-chat"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.read(1)  # generation has begun
+    proc.stdout.close()  # like `| head -c 1`
+    assert proc.wait(timeout=120) == 0
+    assert "Traceback" not in proc.stderr.read()
 
 
 def test_help_and_version():

@@ -135,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else args.prompt_arg
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
-    if not prompt:
+    if not prompt or not prompt.strip():
         raise CLIError("no prompt: give one as an argument, with --prompt, or on stdin")
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -172,6 +172,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             stream.cancel()
             raise
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+            stream.cancel()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            return 0
     if final.finish_reason == "error":
         raise CLIError(final.error or "generation failed")
     timings = {"ttft_s": _round(final.ttft_s), "decode_tok_s": _round(final.decode_tok_s)}
