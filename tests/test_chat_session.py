@@ -93,6 +93,8 @@ def test_load_accepts_openai_style_messages(tmp_path):
     ('{"messages": [{"role": "robot", "content": "x"}]}', "messages[0]"),
     ('{"format": "other", "messages": []}', "not a saved chat"),
     ('{"messages": [], "settings": {"temperature": -3}}', "settings.temperature"),
+    ('{"messages": [], "settings": [1, 2]}', "'settings' must be an object"),
+    ('{"messages": [], "settings": "x"}', "'settings' must be an object"),
     ('"just text"', "not a saved chat"),
 ])
 def test_load_errors_are_one_line_naming_the_file(tmp_path, content, needle):

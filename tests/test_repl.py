@@ -218,6 +218,7 @@ def test_help_lists_every_command(chat):
         assert re.search(rf"(^|\s){re.escape(name)}(\s|$)", out), name
     assert "Esc-Enter" in out and "Ctrl-D" in out
     assert max(len(line) for line in out.splitlines()) <= 80
+    assert "/think [on|off]" in out and "/max_tokens [N|auto]" in out  # arguments are not taken for markup
 
 
 def test_tab_completes_commands(chat):
@@ -432,6 +433,103 @@ def test_http_backend_splits_reasoning(tiny):
     assert "".join(d.content for d in deltas).startswith("Let me look.")
     assert generation.stats.completion_tokens == len(SCRIPT)
     assert generation.stats.prompt_tokens > 0 and generation.stats.ttft_s is not None
+
+
+def test_a_stream_cut_off_by_the_server_is_an_error_not_an_answer():
+    """A server that dies mid-answer: the chat must not take the fragment for a whole answer."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mlxserve.chat_backend import BackendError
+
+    class DiesMidAnswer(BaseHTTPRequestHandler):
+        def do_GET(self):  # /v1/models
+            self._send(b'{"object": "list", "data": [{"id": "m", "object": "model"}]}', "application/json")
+
+        def do_POST(self):  # one chunk, then the connection closes: no finish_reason, no [DONE]
+            self.rfile.read(int(self.headers["Content-Length"]))
+            chunk = {"choices": [{"index": 0, "delta": {"content": "Once upon"}, "finish_reason": None}]}
+            self._send(b"data: " + json.dumps(chunk).encode() + b"\n\n", "text/event-stream")
+
+        def _send(self, body, kind):
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), DiesMidAnswer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        backend = HTTPBackend(f"http://127.0.0.1:{server.server_address[1]}/v1")
+        generation = backend.generate([{"role": "user", "content": "A story?"}], Settings())
+        with pytest.raises(BackendError, match="broke before the answer was complete"):
+            list(generation)
+    finally:
+        server.shutdown()
+
+
+def test_ctrl_c_before_the_first_token_drops_the_question():
+    from rich.console import Console
+
+    from mlxserve.chat_session import ChatSession
+    from mlxserve.repl import Repl
+
+    class Interrupted:  # Ctrl-C arrives while waiting for the first token
+        stats = None
+
+        def __iter__(self):
+            raise KeyboardInterrupt
+
+        def cancel(self):
+            pass
+
+    class Backend:
+        def generate(self, messages, settings):
+            return Interrupted()
+
+    session = ChatSession()
+    Repl(Backend(), session, Console(file=io.StringIO())).ask("Write a long story.")
+    assert session.messages == []  # as if never asked: the next question is answered, not this one
+
+
+def test_text_from_a_loaded_file_cannot_send_terminal_escapes(tmp_path):
+    from rich.console import Console
+
+    from mlxserve.chat_session import ChatSession
+    from mlxserve.repl import Repl
+
+    class Backend:
+        model = "tiny"
+
+    path = tmp_path / "escapes.json"
+    path.write_text(json.dumps({"system": "Be \x1b]0;PWNED\x07 \x1b[31mred\x1b[0m", "model": "other\x1b[2J",
+                                "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}))
+    out = io.StringIO()
+    repl = Repl(Backend(), ChatSession(), Console(file=out, width=80))
+    repl.command(f"/load {path}")
+    repl.command("/system")
+    text = out.getvalue()
+    assert "PWNED" in text and "red" in text and "saved with other" in text
+    assert "\x1b" not in text
+
+
+def test_a_bug_in_a_command_is_one_line_and_the_chat_goes_on(monkeypatch):
+    from rich.console import Console
+
+    from mlxserve import repl as repl_module
+    from mlxserve.chat_session import ChatSession
+
+    out = io.StringIO()
+    repl = repl_module.Repl(object(), ChatSession(), Console(file=out, width=80))
+    monkeypatch.setattr(repl_module, "_cmd_reset", lambda repl, arg: {}["a bug"])
+    monkeypatch.setattr(repl_module, "_BY_NAME", {**repl_module._BY_NAME, "/reset": repl_module.Command(
+        "/reset", "", "", repl_module._cmd_reset)})
+    assert repl.command("/reset") is None
+    assert out.getvalue().strip() == "error: /reset failed: KeyError: 'a bug'"
 
 
 @pytest.mark.parametrize("url,base", [

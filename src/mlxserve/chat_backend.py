@@ -392,7 +392,8 @@ class HTTPGeneration:
         self._finish(self._finish_reason or "stop")
 
     def _events(self):
-        """The JSON objects of the server-sent events, up to [DONE]."""
+        """The JSON objects of the server-sent events, up to [DONE]. A stream that stops
+        before [DONE] and before any finish_reason was cut off (the server went away)."""
         for line in self._response:
             line = line.strip()
             if not line.startswith(b"data:"):
@@ -404,6 +405,8 @@ class HTTPGeneration:
                 yield json.loads(payload)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise BackendError("the server sent an event that is not JSON") from None
+        if self._finish_reason is None:
+            raise BackendError("the connection broke before the answer was complete")
 
     def _delta(self, data: dict) -> Delta | None:
         if isinstance(data.get("error"), dict):

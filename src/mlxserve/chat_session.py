@@ -177,7 +177,10 @@ class ChatSession:
         if system is not None and not isinstance(system, str):
             raise ValueError("'system' must be text")
         settings = Settings()
-        for name, value in (data.get("settings") or {}).items():
+        saved_settings = data.get("settings") or {}
+        if not isinstance(saved_settings, dict):
+            raise ValueError("'settings' must be an object")
+        for name, value in saved_settings.items():
             if name in _PARSERS:
                 try:
                     settings.set(name, _setting_text(value))

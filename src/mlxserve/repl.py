@@ -140,7 +140,8 @@ def _cmd_help(repl: Repl, arg: str) -> None:
     table.add_column()
     for c in COMMANDS:
         names = " = ".join([c.name, *c.aliases])
-        table.add_row(f"{names} {c.args}".rstrip(), c.help)
+        # Text, not markup: rich would take "[on|off]" for a style tag and drop it.
+        table.add_row(Text(f"{names} {c.args}".rstrip()), Text(c.help))
     repl.console.print(table)
     repl.say(KEYS_HELP, style="dim")
 
@@ -152,7 +153,7 @@ def _cmd_reset(repl: Repl, arg: str) -> None:
 
 def _cmd_system(repl: Repl, arg: str) -> None:
     if not arg:
-        repl.say(f"System prompt: {repl.session.system}" if repl.session.system else
+        repl.say(f"System prompt: {printable(repl.session.system)}" if repl.session.system else
                  "No system prompt (set one with /system TEXT).")
     elif arg.lower() == "none":
         repl.session.system = None
@@ -233,7 +234,7 @@ def _cmd_load(repl: Repl, arg: str) -> None:
     loaded, model = ChatSession.load(_path_arg(arg, "usage: /load FILE"))
     repl.session.system, repl.session.settings, repl.session.messages = loaded.system, loaded.settings, loaded.messages
     repl.replay()
-    note = f" (saved with {model})" if model and model != repl.backend.model else ""
+    note = f" (saved with {printable(model)})" if model and model != repl.backend.model else ""
     repl.say(f"Loaded {len(loaded.messages)} messages, {loaded.turns} questions{note}")
 
 
@@ -328,6 +329,8 @@ class Repl:
             self.error(str(exc))
         except (BackendError, ValueError, OSError) as exc:
             self.error(_first_line(exc))
+        except Exception as exc:  # a bug: one line, and the conversation survives it
+            self.error(f"{name} failed: {type(exc).__name__}: {_first_line(exc)}")
         return None
 
     # ---- answers ------------------------------------------------------------------------------
@@ -365,6 +368,8 @@ class Repl:
         if failure is not None:
             self.error(str(failure))
             return False
+        if cut and not (view.content or view.reasoning):
+            return False  # stopped before anything came: as if never asked
         self.session.add_answer(view.content, view.reasoning, cut=cut)
         self.say(format_stats(generation.stats, cut=cut), style="dim")
         return True
