@@ -87,6 +87,16 @@ def test_bench_json_into_a_missing_folder_fails_before_the_run(tmp_path):
     assert len(lines) == 1 and "does not exist" in lines[0], r.stderr
 
 
+def test_a_cache_folder_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    env = {"MLXSERVE_CACHE": str(tmp_path / "a-file" / "cache")}
+    for args in (("pull", "smollm2-135m"), ("run", "--model", "smollm2-135m", "hi")):
+        r = mlxserve(*args, env=env)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith("mlxserve: error: cannot make the model folder")
+        assert "MLXSERVE_CACHE" in r.stderr
+
+
 def test_no_prompt_is_an_error(tiny):
     r = mlxserve("run", "--model", tiny, stdin="")
     assert r.returncode == 2 and "no prompt" in r.stderr

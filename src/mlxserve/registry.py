@@ -232,10 +232,14 @@ def pull(name: str, *, progress: bool = True) -> Path:
     dest = _models_dir() / alias.filename
     if _verified(dest, alias, report):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # First use: say what is about to be downloaded, how big it is and where it goes, once.
-    size = f", {alias.size_bytes / 1e6:.0f} MB" if alias.size_bytes else ""
-    report.note(f"{name} is not on this machine yet: downloading {alias.description}{size} "
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PullError(f"cannot make the model folder {dest.parent}: {exc.strerror or exc} "
+                        "(set MLXSERVE_CACHE to a writable folder)") from None
+    # First use: say what is about to be downloaded (its description gives the size) and
+    # where it goes, once.
+    report.note(f"{name} is not on this machine yet: downloading {alias.description} "
                 f"into {dest.parent} (once; later runs start from there)")
     failures: list[str] = []
     # Each source returns (file in the work folder, its sha256, the sha256 it must have).
