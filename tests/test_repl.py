@@ -472,6 +472,25 @@ def test_a_stream_cut_off_by_the_server_is_an_error_not_an_answer():
         server.shutdown()
 
 
+def test_a_message_longer_than_the_context_says_so(tiny):
+    import dataclasses
+
+    from mlxserve.chat_backend import BackendError, EngineBackend
+    from mlxserve.engine import EngineConfig
+
+    loaded = dataclasses.replace(load_model(tiny, progress=False), context_length=64)
+    backend = EngineBackend(loaded, EngineConfig())
+    try:
+        with pytest.raises(BackendError, match="does not fit the model's context .*shorten it"):
+            backend.generate([{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "word " * 100}], Settings())
+        with pytest.raises(BackendError, match="fills the model's context .*/reset"):
+            backend.generate([{"role": "user", "content": "word " * 30}, {"role": "assistant", "content": "ok " * 30},
+                              {"role": "user", "content": "more"}], Settings())
+    finally:
+        backend.close()
+
+
 def test_ctrl_c_before_the_first_token_drops_the_question():
     from rich.console import Console
 

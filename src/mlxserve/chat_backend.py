@@ -102,6 +102,9 @@ class EngineBackend:
         prompt = chat_prompt_ids(tokenizer, messages, settings.think)
         room = self.loaded.context_length - len(prompt)
         if room < 1:
+            if sum(m["role"] != "system" for m in messages) == 1:  # /reset would not help
+                raise BackendError(f"the message ({len(prompt):,} tokens with the template) does not fit "
+                                   f"the model's context ({self.loaded.context_length:,}); shorten it")
             raise BackendError(f"the conversation ({len(prompt):,} tokens) fills the model's context "
                                f"({self.loaded.context_length:,}); /reset to start over")
         max_tokens = room if settings.max_tokens is None else min(settings.max_tokens, room)
