@@ -140,6 +140,11 @@ def test_models_lists_cache_and_hf_cache(tmp_path, tiny, smollm2_path):
     gguf_entries = [m for m in models if m["format"] == "gguf"]
     assert gguf_entries and gguf_entries[0]["quantization"] == "Q4_1"
     assert gguf_entries[0]["size_bytes"] > 90_000_000
+    # The table, piped: each model's name and whole path on one line, to be copied from there.
+    r = mlxserve("models", env={"MLXSERVE_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf"), "COLUMNS": "60"})
+    assert r.returncode == 0, r.stderr
+    assert any("smollm2-135m" in line and str(cache / "models" / smollm2_path.name) in line
+               for line in r.stdout.splitlines()), r.stdout
 
 
 def test_doctor_json():

@@ -293,14 +293,15 @@ def cmd_models(args: argparse.Namespace) -> int:
             for m in models
         ], indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _table_console()
     if not models:
         console.print("No local models yet. Try: mlxserve pull")
         return 0
     table = Table("name", "format", "quantization", "size", "source", "path")
+    for column in (table.columns[0], table.columns[-1]):
+        column.overflow = "fold"  # names and paths wrap, never cut short: they are copied from here
     for m in models:
         table.add_row(m.name, m.format, m.quantization, f"{m.size_bytes / 1e6:,.0f} MB", m.source, str(m.path))
     console.print(table)
@@ -314,9 +315,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
-        from rich.console import Console
-
-        doctor.render(report, Console())
+        doctor.render(report, _table_console())
     if not report["ok"]:
         failed = [c for c in report["checks"] if not c["ok"]]
         for check in failed:
@@ -376,6 +375,15 @@ def engine_config(args: argparse.Namespace, **overrides):
     if budget is not None:
         overrides["memory_budget_bytes"] = parse_size(budget)
     return EngineConfig(**overrides)
+
+
+def _table_console():
+    """A console for tables on stdout: off a terminal (a pipe, a file) wide enough that rows
+    are not wrapped to 80 columns."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 220))
 
 
 def _stderr_console():

@@ -87,8 +87,8 @@ def render(report: dict, console: Console) -> None:
                           + f" ({report['default_model']['path']})"),
     ]
     table = Table(title="mlxserve doctor", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")  # paths wrap, never cut short with an ellipsis
     for key, value in facts:
         table.add_row(key, Text(str(value)))  # Text: paths may hold "[", which markup would eat
     console.print(table)
@@ -96,7 +96,7 @@ def render(report: dict, console: Console) -> None:
     checks = Table(show_header=True, title_justify="left")
     checks.add_column("")
     checks.add_column("check", style="bold")
-    checks.add_column("detail")
+    checks.add_column("detail", overflow="fold")
     for c in report["checks"]:
         checks.add_row(Text("✓", style="green") if c["ok"] else Text("✗", style="red"),
                        c["name"], Text(c["detail"]))
