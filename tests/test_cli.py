@@ -54,6 +54,11 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("run", "--max-tokens", "0", "--prompt", "hi"), "max_tokens"),
     (("run", "--prompt", "hi", "there"), "give the prompt once"),
     (("chat", "--temperature", "-3"), "--temperature must be >= 0"),
+    (("run", "--model", "", "hi"), "no model named"),
+    (("pull", " "), "no model named"),
+    (("run", "--stop", "", "hi"), "got ['']"),
+    (("run", "--gguf-mode", "bogus", "hi"), "invalid choice: 'bogus'"),
+    (("no-such-command",), "invalid choice: 'no-such-command'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle):
     r = mlxserve(*args, stdin="")
@@ -109,6 +114,14 @@ def test_a_prompt_longer_than_the_context_is_one_line(tiny):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("mlxserve: error: the prompt has ")
     assert "more than the model's context of 2048" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_listing_whose_reader_goes_away_is_no_error():
+    proc = subprocess.Popen([sys.executable, "-m", "mlxserve", "pull", "--list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc.stdout.close()  # like `| head -0`: the first line written meets a closed pipe
+    assert proc.wait(timeout=60) == 0
+    assert "Traceback" not in proc.stderr.read()
 
 
 def test_a_reader_that_goes_away_is_no_error(tiny):

@@ -21,10 +21,18 @@ class CLIError(Exception):
     """A problem to report in one line (exit status 2)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose mistakes are reported like every other: one line, exit status 2."""
+
+    def error(self, message: str):
+        print(f"mlxserve: error: {message} (`{self.prog} --help` lists the options)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .registry import DEFAULT_MODEL
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mlxserve",
         description="Fast local LLM inference on MLX: run, chat, serve an OpenAI-compatible API, benchmark.",
     )
@@ -109,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except CLIError as exc:
         return _fail(str(exc))
     except Exception as exc:  # known user-facing errors from the library

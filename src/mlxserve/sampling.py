@@ -77,7 +77,9 @@ class SamplingParams:
         """Raise ``ValueError("<field>: <reason>")`` for the first out-of-range field."""
 
         def fail(field: str, reason: str) -> None:
-            raise ValueError(f"{field}: {reason}, got {getattr(self, field)!r}")
+            value = getattr(self, field)
+            value = list(value) if isinstance(value, tuple) else value  # as JSON and the CLI write it
+            raise ValueError(f"{field}: {reason}, got {value!r}")
 
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             fail("max_tokens", "must be an integer >= 1")
