@@ -491,6 +491,28 @@ def test_a_message_longer_than_the_context_says_so(tiny):
         backend.close()
 
 
+def test_url_mode_max_tokens_beyond_the_context_is_a_cap(tiny):
+    """/max_tokens caps the answer with --url as in-process: past what the context leaves, the
+    answer gets what it leaves (the server refuses max_tokens beyond the context)."""
+    import dataclasses
+
+    from mlxserve.engine import EngineConfig
+
+    loaded = dataclasses.replace(load_model(tiny, progress=False), context_length=64)
+    with Engine(loaded, EngineConfig()) as engine:
+        server = LiveServer(create_app(engine, "tiny"))
+        try:
+            backend = HTTPBackend(server.url)
+            settings = Settings(temperature=0.0)
+            settings.set("max_tokens", "1000")
+            generation = backend.generate([{"role": "user", "content": "Hi"}], settings)
+            list(generation)
+        finally:
+            server.stop()
+    stats = generation.stats
+    assert stats.prompt_tokens + stats.completion_tokens <= 64 and stats.completion_tokens > 0
+
+
 def test_ctrl_c_before_the_first_token_drops_the_question():
     from rich.console import Console
 

@@ -246,11 +246,16 @@ class HTTPBackend:
         body = {"model": self.model, "messages": messages, "stream": True,
                 "stream_options": {"include_usage": True},
                 "temperature": settings.temperature, "top_p": settings.top_p}
-        if settings.max_tokens is not None:
-            body["max_tokens"] = settings.max_tokens
         if not settings.think:
             body["chat_template_kwargs"] = {"enable_thinking": False}
-        return HTTPGeneration(self, body)
+        if settings.max_tokens is None:
+            return HTTPGeneration(self, body)
+        try:
+            return HTTPGeneration(self, {**body, "max_tokens": settings.max_tokens})
+        except ContextExceeded:
+            # /max_tokens is a cap, as in-process: more than the context leaves means as many
+            # as it leaves, which is what the server gives without it.
+            return HTTPGeneration(self, body)
 
     def stats(self) -> dict:
         try:
@@ -328,6 +333,19 @@ def _context_length(listed: list[dict], model: str) -> int | None:
     return None
 
 
+class ContextExceeded(BackendError):
+    """The server's 400 for a prompt plus max_tokens beyond the model's context."""
+
+
+def _error_code(raw: bytes) -> str | None:
+    """The `code` of an OpenAI-shaped error answer, if it is one."""
+    try:
+        err = json.loads(raw).get("error")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return err.get("code") if isinstance(err, dict) else None
+
+
 def error_message(status: int, raw: bytes) -> str:
     """One line from an error answer: OpenAI's {"error": {"message"}} when it is one."""
     message = raw.decode("utf-8", "replace").strip()
@@ -377,7 +395,8 @@ class HTTPGeneration:
         if self._response.status != 200:
             raw = self._response.read()
             self._conn.close()
-            raise BackendError(error_message(self._response.status, raw))
+            kind = ContextExceeded if _error_code(raw) == "context_length_exceeded" else BackendError
+            raise kind(error_message(self._response.status, raw))
 
     def __iter__(self):
         try:
