@@ -391,8 +391,10 @@ def test_with_room_for_k_rows_the_next_one_waits(loaded):
 
 def test_stats_report_rates_and_memory(loaded):
     with Engine(loaded) as engine:
-        engine.generate(loaded.tokenizer.encode("Hello world"), SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+        prompt = loaded.tokenizer.encode("Hello world")
+        engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
         stats = engine.stats()
+    assert stats["prefix_queried_tokens"] == len(prompt)  # the engine's warm-up is not counted
     for key in ("running", "waiting", "prefill_tok_s", "decode_tok_s", "kv_bytes_in_use", "kv_bytes_budget",
                 "prefix_hit_rate", "preemptions"):
         assert key in stats

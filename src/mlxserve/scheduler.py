@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from .cache import KVStore, OutOfKVMemory, RowCache, state_arrays
 from .detokenizer import IncrementalDetokenizer, StopMatcher
-from .prefix_cache import Match, PrefixCache
+from .prefix_cache import Match, PrefixCache, PrefixStats
 from .runner import Feed, Runner
 from .sampling import RowSamplingState, SampleResult, Sampler, SamplingParams
 
@@ -197,6 +197,8 @@ class Scheduler:
         while self.has_work():
             self.step()
         self.stats = SchedulerStats()
+        if self.prefix is not None:
+            self.prefix.stats = PrefixStats()  # its lookup is not a request anyone made
 
     # ---- requests in and out ---------------------------------------------------------
     def add(self, request: Request) -> None:
