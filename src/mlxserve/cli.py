@@ -183,10 +183,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             stream.cancel()
             raise
-        except BrokenPipeError:  # the reader went away (`| head`): stop quietly
-            stream.cancel()
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-            return 0
     if final.finish_reason == "error":
         raise CLIError(final.error or "generation failed")
     timings = {"ttft_s": _round(final.ttft_s), "decode_tok_s": _round(final.decode_tok_s)}
