@@ -389,6 +389,23 @@ def test_with_room_for_k_rows_the_next_one_waits(loaded):
     assert sched.stats.preemptions == 0
 
 
+def test_a_request_waiting_for_memory_counts_in_the_prefix_stats_once(loaded):
+    prompt = loaded.tokenizer.encode("Once upon a time there was a tiny model that generated text.")
+    slot = _capacity(len(prompt) + len(prompt) // 4)
+    cfg = EngineConfig(block_size=4, memory_budget_bytes=(2 * slot - 1) * _token_bytes(loaded))  # one slot
+    sched = make_scheduler(loaded, cfg)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    for _ in range(2):
+        sched.add(Request(list(prompt), params))
+    steps = 0
+    while sched.has_work():
+        sched.step()
+        steps += 1
+    assert steps > 4  # the second request waited, looking the prefix up at each step
+    assert sched.prefix.stats.queried_tokens == 2 * len(prompt)
+    assert sched.prefix.stats.hit_tokens == (len(prompt) - 1) // 4 * 4  # the second reused the first's blocks
+
+
 def test_stats_report_rates_and_memory(loaded):
     with Engine(loaded) as engine:
         prompt = loaded.tokenizer.encode("Hello world")

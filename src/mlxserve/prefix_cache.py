@@ -95,11 +95,15 @@ class PrefixCache:
             if candidates:
                 holder = min(candidates, key=lambda h: not isinstance(h, KeptSlot))
                 best = Match(holder, (i + 1) * bs, holder.states.get(i))
-        self.stats.queried_tokens += len(tokens)
-        self.stats.hit_tokens += best.length
         if isinstance(best.holder, KeptSlot):
             best.holder.last_used = next(self._clock)
         return best
+
+    def record(self, queried_tokens: int, hit_tokens: int) -> None:
+        """Count a request's lookup in the stats, once it is admitted (a request waiting for
+        memory looks up again at every step)."""
+        self.stats.queried_tokens += queried_tokens
+        self.stats.hit_tokens += hit_tokens
 
     def adopt(self, row: RowCache, match: Match) -> None:
         """Start an empty row from a match: take a kept slot over, or copy a running row's

@@ -368,8 +368,10 @@ class Scheduler:
                     continue
                 break
             self.waiting.popleft()
-            if match.length and row.first_token_time is None:  # first admission, not a recompute
+            if row.first_token_time is None:  # first admission, not a recompute
                 row.cached_tokens = match.length
+                if self.prefix is not None and row.prompt_scores is None:
+                    self.prefix.record(len(row.tokens), match.length)
             self.running.append(row)
 
     def _lookup(self, row: Row) -> Match:
