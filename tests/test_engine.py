@@ -308,6 +308,25 @@ def test_prompts_as_long_as_the_context_finish_and_longer_ones_are_refused(loade
         assert final.finish_reason == "length" and len(final.prompt_logprobs) == 40
 
 
+def test_ctrl_c_while_the_engine_warms_up_stops_its_thread_first(loaded):
+    """A process must not exit while the engine thread is inside MLX (it aborts): Ctrl-C
+    during start() stops the thread before the interrupt goes on."""
+    import threading
+
+    class InterruptedWait(threading.Event):
+        def wait(self, timeout=None):
+            raise KeyboardInterrupt
+
+    engine = Engine(loaded)
+    engine._ready = InterruptedWait()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            engine.start()
+        assert engine._done.is_set() and not engine.alive
+    finally:
+        engine.stop()
+
+
 def test_queue_bound_returns_busy_error(loaded):
     """Beyond max_running + max_waiting outstanding requests, submit refuses at once; the
     accepted ones finish, and room opens again afterwards."""

@@ -106,7 +106,11 @@ class Engine:
     def start(self) -> "Engine":
         self._worker = _acquire_worker()
         self._worker.run(self._run_guarded)
-        self._ready.wait()
+        try:
+            self._ready.wait()
+        except BaseException:  # Ctrl-C during the warm-up: stop the thread before raising
+            self.stop()
+            raise
         if self.error:
             raise RuntimeError(self.error)
         return self
@@ -115,7 +119,14 @@ class Engine:
         self._stopping = True
         self._commands.put(("wake", None))
         if self._worker is not None:
-            self._done.wait()
+            # Wait for the engine thread to leave MLX, through any further Ctrl-C: a process
+            # that exits while a thread is inside MLX aborts (SIGABRT) instead of exiting.
+            while True:
+                try:
+                    self._done.wait()
+                    break
+                except KeyboardInterrupt:
+                    continue
             _release_worker(self._worker)
             self._worker = None
 
