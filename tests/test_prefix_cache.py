@@ -206,6 +206,35 @@ def test_chat_second_turn_reuses_the_first_turn(loaded):
     assert final.cached_tokens > len(turn1) // 2
 
 
+def test_two_conversations_with_one_system_prompt_keep_each_its_history(loaded):
+    """B's first turn shares only A's system prompt: it copies those blocks and leaves A's
+    slot whole, so A's second turn still reuses all of A's first turn; outputs as without
+    the cache."""
+    tok = loaded.tokenizer
+    system = tok.encode("<|im_start|>system\nYou are a helpful assistant who answers briefly.<|im_end|>\n")
+
+    def turn(text):
+        return tok.encode(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
+
+    def conversation(engine):
+        a1 = system + turn("Tell me a story about a tiny model.")
+        a_answer, a_first = collect(engine.submit(Request(a1, GREEDY)))
+        b1 = system + turn("What is the capital of France?")
+        b_answer, b_first = collect(engine.submit(Request(b1, GREEDY)))
+        a2 = a1 + a_answer + turn("And then?")
+        a_next, a_second = collect(engine.submit(Request(a2, GREEDY)))
+        shared = next(i for i in range(len(b1)) if a1[i] != b1[i])
+        return (a_answer, b_answer, a_next), (a_first, b_first, a_second), (shared, len(a1) + len(a_answer))
+
+    with Engine(loaded, EngineConfig(block_size=8, prefix_cache=False)) as engine:
+        expected, _, _ = conversation(engine)
+    with Engine(loaded, EngineConfig(block_size=8)) as engine:
+        answers, finals, (shared, a_length) = conversation(engine)
+    assert answers == expected
+    assert shared >= len(system) and finals[1].cached_tokens == shared // 8 * 8  # B: what it shares with A
+    assert finals[2].cached_tokens == (a_length - 1) // 8 * 8  # and A all of its first turn
+
+
 def test_concurrent_shared_prefix_requests_match_cache_off(loaded):
     tok = loaded.tokenizer
     shared = tok.encode("Once upon a time there was a tiny model that generated text. " * 2)

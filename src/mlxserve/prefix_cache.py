@@ -6,9 +6,11 @@ block's tokens). Every slot (cache.py) whose row registered its blocks is a *hol
 those keys: running rows, and finished or preempted rows whose slot the cache keeps
 (`KeptSlot`). A new request walks its prompt block by block, finds the holder of the longest
 run of its blocks, and starts from there, prefilling only the rest:
-  - from a kept slot, it takes the slot over: no copy at all (a chat's next turn, or a
-    preempted row coming back, continues in the very slot it left);
-  - from a running row, it copies that many positions into its own slot.
+  - from a kept slot whose blocks it matches all of, it takes the slot over: no copy at all
+    (a chat's next turn, or a preempted row coming back, continues in the very slot it left);
+  - otherwise (a running row, or a kept slot it shares only a beginning with: another
+    conversation with the same system prompt) it copies that many positions into a slot of
+    its own, and the holder keeps its blocks.
 Each key lists its holders (a reference count: a kept slot is only evicted when no running
 row is in it, which is true by construction as running rows own their slots). When memory is
 needed, kept slots are evicted least recently used first; the bytes they free are counted
@@ -24,7 +26,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from .cache import KVStore, RowCache, Shelf
+from .cache import KVStore, OutOfKVMemory, RowCache, Shelf
 
 
 @dataclass(eq=False)
@@ -79,8 +81,8 @@ class PrefixCache:
         """The holder of the longest cached full-block prefix of `tokens`.
 
         At least one token is always left uncovered: the request must feed something to get
-        logits for its next token. A kept slot is preferred to a running row (taking it over
-        costs no copy).
+        logits for its next token. A kept slot the match covers whole is preferred (taking it
+        over costs no copy).
         """
         bs = self.block_size
         best = Match(None, 0)
@@ -93,7 +95,7 @@ class PrefixCache:
             parent = key
             candidates = [h for h in found if not need_state or i in h.states]
             if candidates:
-                holder = min(candidates, key=lambda h: not isinstance(h, KeptSlot))
+                holder = min(candidates, key=lambda h: not _covered_whole(h, i + 1))
                 best = Match(holder, (i + 1) * bs, holder.states.get(i))
         if isinstance(best.holder, KeptSlot):
             best.holder.last_used = next(self._clock)
@@ -106,19 +108,18 @@ class PrefixCache:
         self.stats.hit_tokens += hit_tokens
 
     def adopt(self, row: RowCache, match: Match) -> None:
-        """Start an empty row from a match: take a kept slot over, or copy a running row's
-        positions into a slot of its own (which may raise OutOfKVMemory)."""
+        """Start an empty row from a match: take over a kept slot it covers whole, or copy
+        the holder's positions into a slot of its own (which may raise OutOfKVMemory)."""
         assert row.shelf is None and row.length == 0
         blocks = match.length // self.block_size
         source = match.holder
-        taken_over = isinstance(source, KeptSlot)
+        taken_over = _covered_whole(source, blocks) or not self._reserve_copy(row, source, match.length)
         if taken_over:
             self._forget(source, blocks)
             del self.kept[id(source)]
             source.shelf.holders[source.slot] = row
             row.shelf, row.slot = source.shelf, source.slot
         else:
-            row.reserve(match.length)
             self.kv.copy(source.shelf, source.slot, row.shelf, row.slot, match.length)
         row.length = match.length
         row.block_keys = source.block_keys[:blocks]
@@ -129,6 +130,24 @@ class PrefixCache:
                 self.holders[key].discard(source)
             self.holders[key].add(row)
         row.on_trim = self._forget
+
+    def _reserve_copy(self, row: RowCache, source, length: int) -> bool:
+        """A slot for `row` to copy `length` positions of `source` into. When there is no
+        memory for it and the source is a kept slot, False: better to take that slot over,
+        losing its later blocks, than to make the request wait. (OutOfKVMemory otherwise.)"""
+        kept = isinstance(source, KeptSlot)
+        if kept:  # not to be evicted to make room for its own copy
+            del self.kept[id(source)]
+        try:
+            row.reserve(length)
+            return True
+        except OutOfKVMemory:
+            if not kept:
+                raise
+            return False
+        finally:
+            if kept:
+                self.kept[id(source)] = source
 
     # ---- registration ------------------------------------------------------------------
     def insert(self, tokens: list[int], row: RowCache, length: int, states: dict | None = None) -> None:
@@ -195,6 +214,12 @@ class PrefixCache:
     def clear(self) -> None:
         while self.evict():
             pass
+
+
+def _covered_whole(holder, blocks: int) -> bool:
+    """Whether a match of `blocks` blocks covers all of a kept slot's blocks (so that taking
+    it over loses nothing)."""
+    return isinstance(holder, KeptSlot) and blocks == len(holder.block_keys)
 
 
 def _block_key(parent: int | None, tokens: list[int]) -> int:
