@@ -55,6 +55,7 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("run", "--prompt", "hi", "there"), "give the prompt once"),
     (("chat", "--temperature", "-3"), "--temperature must be >= 0"),
     (("run", "--model", "", "hi"), "no model named"),
+    (("run", "--no-chat", "--system", "Be brief.", "hi"), "--system needs the chat template"),
     (("pull", " "), "no model named"),
     (("run", "--stop", "", "hi"), "got ['']"),
     (("run", "--gguf-mode", "bogus", "hi"), "invalid choice: 'bogus'"),

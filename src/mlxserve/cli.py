@@ -94,12 +94,12 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--model", "-m", default=default_model,
                    help=f"model folder, .gguf file, alias or Hugging Face repo id (default {default_model})")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
-                   help="compute dtype (default: the checkpoint's; GGUF: float16)")
+                   help="compute dtype (default: the checkpoint's; GGUF: float16 on a GPU, float32 on the CPU)")
     from .quant import GGUF_MODES
 
     p.add_argument("--gguf-mode", choices=GGUF_MODES, default="exact",
                    help="GGUF quantized weights: 'exact' keeps llama.cpp's codes (default); "
-                        "'native-q4' re-quantizes them to MLX 4-bit g64, faster and lossy")
+                        "'native-q4' re-quantizes them to MLX 4-bit g64: smaller in memory, and lossy")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +162,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     params.validate()
+    if args.system is not None and args.chat is False:  # before loading the model
+        raise CLIError("--system needs the chat template: leave out --no-chat")
     engine_config(args)  # reject a bad --memory-budget before loading the model
     loaded = _load(args.model, args.dtype, args.gguf_mode)
     prompt_ids = _prompt_ids(loaded.tokenizer, prompt, args.chat, args.system)
@@ -209,6 +211,8 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool | None, system: str | None) -
     if chat is None:
         chat = tokenizer.chat_template is not None
     if not chat:
+        if system is not None:
+            raise CLIError("--system needs a chat template, which this model has not")
         return tokenizer.encode(prompt, add_special_tokens=True)
     if tokenizer.chat_template is None:
         raise CLIError("this model has no chat template; use --no-chat")
