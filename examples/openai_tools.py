@@ -1,5 +1,7 @@
 """Tool calling with the openai SDK. A model that supports tools (Qwen2.5, Qwen3) answers with
-`tool_calls`; this script runs the tool and sends the result back for the final answer."""
+`tool_calls`; this script runs the tool and sends the result back for the final answer. A model
+too small to follow the tool format answers in text instead (Qwen2.5-Coder-0.5B writes the call
+as a JSON code block), and the script says so. Without MLXSERVE_MODEL it asks the server's model."""
 import json
 import os
 
@@ -7,7 +9,7 @@ from openai import OpenAI
 
 client = OpenAI(base_url=os.environ.get("MLXSERVE_URL", "http://127.0.0.1:8000/v1"),
                 api_key=os.environ.get("MLXSERVE_API_KEY", "unused"))
-MODEL = os.environ.get("MLXSERVE_MODEL", "qwen2.5-coder-0.5b")
+MODEL = os.environ.get("MLXSERVE_MODEL") or client.models.list().data[0].id
 TOOLS = [{
     "type": "function",
     "function": {

@@ -29,9 +29,12 @@ def live(tiny_model_dir):
         server.stop()
 
 
-def run_example(name: str, url: str) -> subprocess.CompletedProcess:
+def run_example(name: str, url: str, model: str | None = MODEL) -> subprocess.CompletedProcess:
     command = ["bash", str(EXAMPLES / name)] if name.endswith(".sh") else [sys.executable, str(EXAMPLES / name)]
-    env = dict(os.environ, MLXSERVE_URL=url, MLXSERVE_MODEL=MODEL)
+    env = {k: v for k, v in os.environ.items() if k != "MLXSERVE_MODEL"}
+    env["MLXSERVE_URL"] = url
+    if model is not None:
+        env["MLXSERVE_MODEL"] = model
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -50,11 +53,13 @@ def test_tools_example_runs_the_tool(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
     server = LiveServer(create_app(ScriptedEngine(loaded, SCRIPT), MODEL))
     try:
-        r = run_example("openai_tools.py", server.url)
+        runs = [run_example("openai_tools.py", server.url),
+                run_example("openai_tools.py", server.url, model=None)]  # the server's model by default
     finally:
         server.stop()
-    assert r.returncode == 0, r.stderr
-    assert "tool call: get_weather({'city': 'Paris'})" in r.stdout
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+        assert "tool call: get_weather({'city': 'Paris'})" in r.stdout
 
 
 def test_multi_turn_chat_reuses_the_prefix(live):
