@@ -263,6 +263,7 @@ TINY = ["--random-weights", "tiny", "--dtype", "float32"]
 @pytest.mark.parametrize("args,needle", [
     (["--concurrency", "0"], "--concurrency"),
     (["--concurrency", "1,x"], "--concurrency"),
+    (["--concurrency", "1,8,1"], "each level once"),
     (["--random-weights", "nope"], "unknown random-weights shape 'nope'"),
     ([*TINY, "--quantize", "3"], "--quantize"),
     (["--quantize", "4"], "--quantize applies to --random-weights"),

@@ -121,6 +121,8 @@ def parse_concurrency(text: str) -> tuple[int, ...]:
         values = ()
     if not values or min(values) < 1:
         raise ValueError(f"--concurrency: expected comma-separated integers >= 1, got '{text}'")
+    if len(set(values)) != len(values):
+        raise ValueError(f"--concurrency: each level once, got '{text}'")
     return values
 
 
