@@ -391,6 +391,15 @@ def test_piped_question_prints_only_the_answer(tiny, tmp_path):
     assert not (tmp_path / "history").exists()  # nothing typed, nothing kept
 
 
+def test_piped_answer_whose_reader_goes_away_is_no_error(tiny, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "mlxserve", "chat", "--model", tiny, "--temperature", "0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, MLXSERVE_HOME=str(tmp_path)))
+    proc.stdout.close()  # like `| head -0`: the first text written meets a closed pipe
+    _, err = proc.communicate("Tell me a long story.\n", timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("make_args,needle", [
     (lambda url: ("--url", url, "--api-key", "wrong"), "server answered 401"),
     (lambda url: ("--url", f"http://127.0.0.1:{free_port()}"), "cannot reach"),

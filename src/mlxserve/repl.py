@@ -109,11 +109,7 @@ def one_shot(backend, session: ChatSession, question: str) -> int:
         sys.stdout.flush()
     except BackendError as exc:
         raise CLIError(str(exc)) from None
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
-        generation.cancel()
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 0
-    except KeyboardInterrupt:
+    except (BrokenPipeError, KeyboardInterrupt):  # cli.main ends the process quietly
         generation.cancel()
         raise
     print(format_stats(generation.stats), file=sys.stderr)
