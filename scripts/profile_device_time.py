@@ -18,10 +18,11 @@ from steady_decode import decoding_scheduler
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shape", help="a random-weights shape, e.g. qwen3-0.6b or qwen3.5-0.8b")
+    parser.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the random weights to 4 or 8 bits")
     parser.add_argument("--streams", default="1,32,64", help="comma-separated numbers of decoding rows")
     parser.add_argument("--steps", type=int, default=40, help="steps measured per setting and mode")
     args = parser.parse_args()
-    loaded = build_random_model(args.shape)
+    loaded = build_random_model(args.shape, quantize=args.quantize)
     for streams in (int(s) for s in args.streams.split(",")):
         scheduler = decoding_scheduler(loaded, streams, max_tokens=3 * args.steps + 100, warm_steps=10)
         mx.synchronize()
@@ -42,7 +43,7 @@ def main() -> None:
         host.sort()
         device.sort()
         middle = args.steps // 2
-        print(f"{args.shape}, {streams} streams: pipelined {1e3 * pipelined:.2f} ms/step; synchronized: "
+        print(f"{args.shape}{f' {args.quantize}-bit' if args.quantize else ''}, {streams} streams: pipelined {1e3 * pipelined:.2f} ms/step; synchronized: "
               f"host {1e3 * host[middle]:.2f} ms + device after it {1e3 * device[middle]:.2f} ms")
 
 
