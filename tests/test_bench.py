@@ -108,6 +108,14 @@ def test_summarize_closed_loop_on_known_timestamps():
     assert figures["peak_memory_bytes"] == 123
 
 
+def test_prefill_rate_leaves_out_prefix_cache_tokens():
+    # 10 prompt tokens, 6 of them from the prefix cache: 4 computed in the 2 s to the first token.
+    trace = RequestTrace(10, submit=0.0, deliveries=[(2.0, 1), (3.0, 1)], cached_tokens=6)
+    figures = summarize_closed_loop([trace], peak_memory=0)
+    assert figures["prefill_tok_s"] == pytest.approx(4 / 2)
+    assert figures["cached_tokens"] == 6
+
+
 def test_summarize_long_prompt_separates_steady_and_admission_gaps():
     # Two streams tick every 10 ms; the long prompt arrives at t=1.0 and stalls them for 50 ms.
     ticks = [0.9 + 0.01 * i for i in range(11)] + [1.05, 1.06]

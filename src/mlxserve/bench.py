@@ -217,7 +217,8 @@ def summarize_closed_loop(traces: list[RequestTrace], peak_memory: int) -> dict:
         "itl_p99_s": percentile(itls, 99),
         "decode_tok_s": _mean([r for t in traces if (r := t.decode_rate) is not None]),
         "total_tok_s": generated / wall if wall > 0 else None,
-        "prefill_tok_s": _mean([t.prompt_tokens / t.ttft for t in traces if t.ttft]),
+        # Tokens the engine computed before the first token: the prefix cache's are not.
+        "prefill_tok_s": _mean([(t.prompt_tokens - t.cached_tokens) / t.ttft for t in traces if t.ttft]),
         "peak_memory_bytes": peak_memory,
     }
 
@@ -807,7 +808,8 @@ def render(results: BenchResults, console) -> None:
     title = f"mlxserve bench: {results.config['model']} ({results.config['quantization']})" + (
         " (partial: interrupted)" if results.partial else "")
     caption = (f"medians of {runs} run(s); prompt {results.config['prompt_tokens']} tokens, "
-               f"{results.config['gen_tokens']} generated per request")
+               f"{results.config['gen_tokens']} generated per request; prefill tok/s counts the prompt "
+               f"tokens not taken from the prefix cache")
     if len(engines) > 1:
         caption += "; speedup > 1 means mlxserve is better (latency and memory: theirs/ours, throughput: ours/theirs)"
     table = Table(title=title, caption=caption)
