@@ -16,6 +16,7 @@ from mlxserve.engine import Engine
 from mlxserve.quant.gguf import _hf_name, gguf_weights
 from mlxserve.random_gguf import (
     build_random_gguf_model,
+    gguf_shapes,
     gguf_metadata,
     q4_k_m_type,
     random_gguf_tensors,
@@ -169,3 +170,15 @@ def test_bad_flags(args, needle, capsys):
     assert cli.main(["bench", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+def test_a_shape_without_a_gguf_layout_is_refused_naming_those_that_have_one():
+    assert gguf_shapes() == ["qwen3-0.6b", "qwen3-4b", "tiny", "tiny-256"]
+    with pytest.raises(ValueError, match=r"qwen3_5 shape 'tiny-qwen3.5'.*qwen3-0.6b, qwen3-4b, tiny, tiny-256"):
+        build_random_gguf_model("tiny-qwen3.5")
+
+
+def test_bench_help_names_the_shapes_random_gguf_has():
+    bench_parser = cli.build_parser()._subparsers._group_actions[0].choices["bench"]
+    [action] = [a for a in bench_parser._actions if "--random-gguf" in a.option_strings]
+    assert f"--random-weights {', '.join(gguf_shapes()[:-1])} or {gguf_shapes()[-1]}:" in action.help

@@ -348,8 +348,9 @@ def _add_bench_parser(sub, default_model: str) -> None:
                        help="ignore --model: real shapes with random weights (qwen3-0.6b, qwen3-4b, qwen3.5-0.8b, qwen3.5-4b, tiny, tiny-256, tiny-qwen3.5; bfloat16 unless --dtype)")
     bench.add_argument("--quantize", type=int, metavar="BITS", help="with --random-weights: quantize to 4 or 8 bits (MLX affine, group 64)")
     bench.add_argument("--random-gguf", choices=["Q4_K_M"], metavar="MIX",
-                       help="with --random-weights: random GGUF blocks in llama.cpp's MIX (Q4_K_M: Q4_K, Q6_K for the "
-                            "output and some attn_v/ffn_down), loaded as a .gguf file is, per --gguf-mode")
+                       help="with --random-weights qwen3-0.6b, qwen3-4b, tiny or tiny-256: random GGUF blocks in llama.cpp's MIX "
+                            "(Q4_K_M: Q4_K, Q6_K for the output and some attn_v/ffn_down), loaded as a .gguf file is, "
+                            "per --gguf-mode")
     bench.add_argument("--prompt-tokens", type=int, default=512, help="prompt length in tokens (default 512)")
     bench.add_argument("--gen-tokens", type=int, default=128, help="tokens generated per request (default 128)")
     bench.add_argument("--concurrency", default="1,8,32,64", help="comma-separated requests in flight (default 1,8,32,64)")

@@ -35,7 +35,7 @@ from gguf import GGMLQuantizationType as T
 
 from .loader import LoadedModel, build_model, default_gguf_dtype, parse_dtype
 from .quant.gguf_metadata import GGUFTensor
-from .random_weights import EMBEDDING_SCALE, RandomTokenizer, shape_config
+from .random_weights import EMBEDDING_SCALE, SHAPES, RandomTokenizer, shape_config
 
 MIXES = ("Q4_K_M",)
 _FILE_TYPE = {"Q4_K_M": 15}  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_K_M
@@ -149,6 +149,11 @@ def random_gguf_tensors(config: dict, mix: str = "Q4_K_M", seed: int = 0) -> lis
     return tensors
 
 
+def gguf_shapes() -> list[str]:
+    """The random-weights shapes --random-gguf can write."""
+    return [name for name, config in SHAPES.items() if config["model_type"] in _ARCHITECTURES]
+
+
 def build_random_gguf_model(shape: str, mix: str = "Q4_K_M", *, mode: str = "exact",
                             dtype: str | None = None, seed: int = 0) -> LoadedModel:
     """``shape`` from SHAPES as a ``mix`` GGUF of random blocks, converted in ``mode`` ("exact"
@@ -157,6 +162,9 @@ def build_random_gguf_model(shape: str, mix: str = "Q4_K_M", *, mode: str = "exa
     from .quant.gguf import gguf_weights
 
     config = shape_config(shape)
+    if config["model_type"] not in _ARCHITECTURES:
+        raise ValueError(f"--random-gguf: no GGUF layout for the {config['model_type']} shape {shape!r} "
+                         f"(shapes it has: {', '.join(gguf_shapes())})")
     tensors = random_gguf_tensors(config, mix, seed)
     start = time.perf_counter()
     weights = gguf_weights(gguf_metadata(config, mix), tensors, parse_dtype(dtype) or default_gguf_dtype(), mode)
