@@ -14,7 +14,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from mlxserve.cache import KVStore, RowCache
-from mlxserve.engine import Engine, EngineConfig
+from mlxserve.engine import Engine, EngineConfig, make_scheduler
 from mlxserve.loader import load_model
 from mlxserve.models.gated_delta import gated_delta, gated_delta_chunked, gated_delta_reference, gated_delta_step
 from mlxserve.models.qwen3_5 import _conv_step, _conv_taps, _depthwise_conv
@@ -213,6 +213,36 @@ def test_preemption_changes_no_output(hybrid):
         preemptions = engine.stats()["preemptions"]
     assert together == alone
     assert preemptions > 0
+
+
+def test_preempted_row_whose_kept_slot_is_evicted_recomputes_from_a_fresh_state(hybrid):
+    """A preempted row's slot goes to the prefix cache; when it is evicted before the row is
+    admitted again, the row recomputes from position 0, so from an empty recurrent state,
+    not from the state it had when preempted."""
+    _, loaded = hybrid
+    prompt = loaded.tokenizer.encode(TEXT)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    alone = generate(loaded, [prompt], params, block_size=16)[0][0]
+    sched = make_scheduler(loaded, EngineConfig(block_size=16))
+    sched.add(Request(prompt, params))
+    outputs = []
+    plan = sched._plan
+
+    def preempting_plan():
+        # Where the scheduler preempts (_reserve, within _plan), once 8 tokens are out; then
+        # memory pressure evicts every kept slot before the row comes back.
+        if len(outputs) >= 8 and not sched.stats.preemptions:
+            sched._preempt(sched.running[0])
+            while sched.prefix.evict():
+                pass
+        return plan()
+
+    sched._plan = preempting_plan
+    while sched.has_work():
+        for event in sched.step():
+            outputs += event.token_ids
+    assert sched.stats.preemptions == 1
+    assert outputs == alone
 
 
 def test_snapshot_restore_round_trip(hybrid):

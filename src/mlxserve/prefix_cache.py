@@ -178,6 +178,9 @@ class PrefixCache:
         row.shelf = row.slot = None
         row.length = 0
         row.block_keys, row.states = [], {}
+        # A preempted row recomputes from where a later match leaves it (adopt sets that
+        # state), or from position 0 with no state at all: never from the state it had.
+        row.recurrent = {}
 
     def _forget(self, holder, kept_blocks: int) -> None:
         """Unregister a holder's blocks from index `kept_blocks` on."""
