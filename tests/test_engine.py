@@ -373,15 +373,6 @@ def test_penalty_rows_and_pipelined_rows_together_match_alone(loaded):
     assert plain != alone[0]
 
 
-def test_prompt_larger_than_the_budget_fails_instead_of_waiting(loaded):
-    cfg = EngineConfig(block_size=4, memory_budget_bytes=16 * _token_bytes(loaded))  # one 16-token slot
-    with Engine(loaded, cfg) as engine:
-        too_long = engine.generate(list(range(1, 40)), SamplingParams(max_tokens=4, temperature=0.0))
-        assert too_long[-1].finish_reason == "error" and "budget" in too_long[-1].error
-        fits = engine.generate([1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-        assert fits[-1].finish_reason == "length"
-
-
 def test_with_room_for_k_rows_the_next_one_waits(loaded):
     """Admission by memory: prompts reserve a slot; one that does not fit waits for memory
     instead of preempting anyone, and runs once a row finishes."""
@@ -533,3 +524,51 @@ def test_a_model_dropped_after_its_engine_stops_is_freed():
     del model, engine
     gc.collect()
     assert model_ref() is None
+
+
+# ---- the KV budget's limits -------------------------------------------------------------
+def _slot_bytes(loaded, tokens):
+    return _token_bytes(loaded) * _capacity(tokens)
+
+
+def test_a_budget_below_one_slot_is_refused_at_start(loaded):
+    with pytest.raises(RuntimeError, match="smaller than one 16-token slot"):
+        Engine(loaded, EngineConfig(block_size=4, memory_budget_bytes=_slot_bytes(loaded, 16) - 1)).start()
+
+
+def test_a_prompt_whose_slot_exceeds_the_budget_is_refused_at_submit(loaded):
+    """Refused at once, not left waiting for memory that can never come."""
+    prompt = list(range(1, 25))  # a 32-token slot
+    with Engine(loaded, EngineConfig(block_size=4, memory_budget_bytes=_slot_bytes(loaded, 16))) as engine:
+        with pytest.raises(scheduler_module.PromptExceedsMemory, match="the prompt has 24 tokens"):
+            engine.submit(Request(prompt, GREEDY))
+        assert engine.generate(prompt[:8], GREEDY)[-1].finish_reason == "length"  # the engine goes on
+
+
+def test_a_lone_row_that_cannot_hold_two_slots_moves_by_recomputing(loaded):
+    """Room for the 64-token slot the row ends in, not for it and the 32-token slot it grows
+    from at once: the row gives its slot up and recomputes, and its output is unchanged."""
+    prompt = loaded.tokenizer.encode("Hello")
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    alone = run_alone(loaded, prompt, params, block_size=4)
+    cfg = EngineConfig(block_size=4, memory_budget_bytes=_slot_bytes(loaded, 64))
+    with Engine(loaded, cfg) as engine:
+        events = engine.generate(prompt, params)
+        stats = engine.stats()
+    assert [t for e in events for t in e.token_ids] == alone
+    assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 48
+    assert stats["preemptions"] >= 1
+
+
+def test_a_lone_row_that_outgrows_the_budget_ends_with_length_keeping_its_output(loaded):
+    prompt = loaded.tokenizer.encode("Hello")
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    alone = run_alone(loaded, prompt, params, block_size=4)
+    with Engine(loaded, EngineConfig(block_size=4, memory_budget_bytes=_slot_bytes(loaded, 32))) as engine:
+        events = engine.generate(prompt, params)
+        stats = engine.stats()
+    generated = [t for e in events for t in e.token_ids]
+    assert events[-1].finish_reason == "length" and events[-1].error is None
+    assert len(prompt) + len(generated) == 32  # as far as a 32-token slot goes
+    assert generated == alone[: len(generated)]
+    assert stats["kv_bytes_in_use"] == 0

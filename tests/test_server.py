@@ -283,6 +283,24 @@ def test_a_bug_is_an_openai_shaped_500_and_the_server_goes_on(tiny_model_dir):
         live.stop()
 
 
+def test_a_prompt_beyond_the_kv_budget_is_a_400_and_a_long_answer_ends_with_length(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    layers, heads, dim = loaded.model.kv_shape()
+    budget = 32 * 2 * layers * heads * dim * 4  # one 32-token slot (block_size 8: the smallest)
+    with Engine(loaded, EngineConfig(block_size=8, memory_budget_bytes=budget)) as engine:
+        live = LiveServer(create_app(engine, MODEL))
+        try:
+            status, body = raw(live.url + "/completions", {"prompt": list(range(1, 41)), "max_tokens": 4}, key=None)
+            assert status == 400 and body["error"]["param"] == "prompt" and "memory budget" in body["error"]["message"]
+            # No max_tokens: the rest of the context, more than the budget holds.
+            status, body = raw(live.url + "/completions", {"prompt": [1, 2, 3], "temperature": 0, "ignore_eos": True},
+                               key=None)
+            assert status == 200 and body["choices"][0]["finish_reason"] == "length"
+            assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] == 32
+        finally:
+            live.stop()
+
+
 def test_unknown_route_and_method_are_openai_errors(server):
     url, _ = server
     status, body = raw(url + "/v1/nothing", {})

@@ -202,6 +202,14 @@ class KVStore:
             capacity = max(min(capacity, longest), tokens)
         return capacity
 
+    def slot_bytes_for(self, tokens: int) -> int:
+        """What the slot of a row of `tokens` tokens costs."""
+        return self.capacity_for(tokens) * self.bytes_per_token + self.state_bytes_per_slot
+
+    def fits_alone(self, tokens: int) -> bool:
+        """Whether a row of `tokens` tokens fits the budget with no other slot held."""
+        return self.max_bytes is None or self.slot_bytes_for(tokens) <= self.max_bytes
+
     def acquire(self, holder: object, tokens: int) -> tuple[Shelf, int]:
         """A slot holding at least `tokens` tokens, for `holder`.
 
@@ -521,7 +529,12 @@ class RowCache:
         want = needed + needed // 4
         if self.kv.max_row_tokens is not None:
             want = max(needed, min(want, self.kv.max_row_tokens))
-        shelf, slot = self.kv.acquire(self, want)
+        try:
+            shelf, slot = self.kv.acquire(self, want)
+        except OutOfKVMemory:
+            if self.kv.capacity_for(needed) == self.kv.capacity_for(want):
+                raise
+            shelf, slot = self.kv.acquire(self, needed)  # the headroom is what did not fit
         if self.shelf is not None:
             # acquire() may have compacted other shelves, never ours: self.slot is current.
             if self.length:

@@ -22,7 +22,7 @@ from .cache import KVStore
 from .loader import LoadedModel
 from .memory import default_kv_budget
 from .runner import Runner
-from .scheduler import Request, Scheduler, SchedulerConfig, ServerBusy, TokenEvent, check_fits
+from .scheduler import Request, Scheduler, SchedulerConfig, ServerBusy, TokenEvent, check_fits, check_memory
 
 log = logging.getLogger("mlxserve.engine")
 
@@ -101,6 +101,7 @@ class Engine:
         self._stats: dict = {}
         self.error: str | None = None
         self._ready = threading.Event()
+        self._kv = None  # the scheduler's KV store, once built: its budget checks prompts at submit
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -147,6 +148,8 @@ class Engine:
         if not request.prompt_ids:
             raise ValueError("prompt: must contain at least one token")
         check_fits(len(request.prompt_ids), self.loaded.context_length)
+        if self._kv is not None:
+            check_memory(len(request.prompt_ids), self._kv)  # its sizes never change: safe here
         if not self.alive:
             raise RuntimeError("engine is not running")
         with self._outstanding_lock:
@@ -194,6 +197,7 @@ class Engine:
     def _run(self) -> None:
         try:
             scheduler = make_scheduler(self.loaded, self.config)
+            self._kv = scheduler.kv
             scheduler.warm_up()
         except Exception as exc:  # surfaced by start()
             self.error = f"engine failed to start: {exc}"
@@ -343,6 +347,10 @@ def make_scheduler(loaded: LoadedModel, config: EngineConfig) -> Scheduler:
     kv = KVStore(layers, kv_heads, head_dim, _compute_dtype(model), block_size=config.block_size,
                  max_bytes=budget, max_row_tokens=loaded.context_length,
                  state_bytes_per_row=model.state_bytes_per_row() if hasattr(model, "state_bytes_per_row") else 0)
+    if not kv.fits_alone(1):
+        smallest = kv.capacity_for(1)
+        raise ValueError(f"the KV memory budget of {budget / 1e6:.2f} MB is smaller than one {smallest}-token "
+                         f"slot of this model ({kv.slot_bytes_for(1) / 1e6:.2f} MB): raise --memory-budget")
     return Scheduler(Runner(model, kv), loaded.tokenizer, replace(config, context_length=loaded.context_length))
 
 

@@ -121,6 +121,9 @@ class Row:
         # pipelined): at most one per step in flight.
         self.pending = 0
         self.pending_index: int | None = None  # its index in the newest step's samples
+        # Preempted because, alone, it could not hold its slot and a bigger one at once: it
+        # comes back in a fresh slot (no prefix match to take over) and recomputes.
+        self.fresh_slot = False
         # Prompt scoring: entry i is the log-prob of prompt token i (None for the first).
         self.prompt_scores: list[TokenLogprob | None] | None = [None] if request.prompt_logprobs is not None else None
 
@@ -170,6 +173,22 @@ def check_fits(prompt_tokens: int, context_length: int) -> None:
                          f"{context_length}")
 
 
+class PromptExceedsMemory(ValueError):
+    """A prompt whose KV cannot fit the memory budget even with nothing else running."""
+
+
+def check_memory(prompt_tokens: int, kv: KVStore) -> None:
+    """Raise PromptExceedsMemory unless a prompt's slot fits the KV budget on its own."""
+    if not kv.fits_alone(prompt_tokens):
+        raise PromptExceedsMemory(
+            f"the prompt has {prompt_tokens} tokens, whose KV cache needs {_megabytes(kv.slot_bytes_for(prompt_tokens))}; "
+            f"the KV memory budget is {_megabytes(kv.max_bytes)} (--memory-budget)")
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
 class Scheduler:
     def __init__(self, runner: Runner, tokenizer, config: SchedulerConfig):
         self.runner = runner
@@ -203,6 +222,7 @@ class Scheduler:
     # ---- requests in and out ---------------------------------------------------------
     def add(self, request: Request) -> None:
         check_fits(len(request.prompt_ids), self.config.context_length)
+        check_memory(len(request.prompt_ids), self.kv)
         limit = self.config.max_running + self.config.max_waiting
         if len(self.waiting) + len(self.running) >= limit:
             raise ServerBusy(f"server busy: {len(self.waiting) + len(self.running)} requests in progress (limit {limit})")
@@ -363,10 +383,16 @@ class Scheduler:
             except OutOfKVMemory:
                 self._release(row)  # a taken-over slot goes back to the prefix cache
                 if not self.running and self._inflight is None:
-                    # Nothing will ever free memory for it: it can never fit.
-                    self._events.append(self._finish(row, "error", "prompt does not fit in the KV memory budget"))
+                    # Nothing will ever free memory for it: it can never fit. (Prompts are
+                    # checked at submit, so this is a preempted row grown past the budget:
+                    # it ends where it got to.)
+                    if row.num_generated:
+                        self._events.append(self._finish(row, "length", text=self._flush_text(row)))
+                    else:
+                        self._events.append(self._finish(row, "error", "prompt does not fit in the KV memory budget"))
                     continue
                 break
+            row.fresh_slot = False
             self.waiting.popleft()
             if row.first_token_time is None:  # first admission, not a recompute
                 row.cached_tokens = match.length
@@ -375,8 +401,8 @@ class Scheduler:
             self.running.append(row)
 
     def _lookup(self, row: Row) -> Match:
-        if self.prefix is None or row.prompt_scores is not None:  # scoring needs every position
-            return Match(None, 0)
+        if self.prefix is None or row.prompt_scores is not None or row.fresh_slot:
+            return Match(None, 0)  # scoring needs every position; see Row.fresh_slot
         return self.prefix.match(row.tokens, need_state=self.hybrid)
 
     def _keep_state(self, row: Row) -> list[mx.array]:
@@ -500,11 +526,17 @@ class Scheduler:
                 return plan
             except OutOfKVMemory:
                 victim = self.running[-1]
-                if len(self.running) == 1:
-                    # Alone and still too big: the request cannot fit in the budget at all.
-                    self._events.append(self._finish(victim, "error", "request does not fit in the KV memory budget"))
-                else:
+                if len(self.running) > 1:
                     self._preempt(victim)
+                elif self.kv.fits_alone(victim.total + 1):
+                    # Alone, it cannot hold its slot and the bigger one it moves to at once,
+                    # but the bigger one alone fits: it gives its slot up and recomputes.
+                    victim.fresh_slot = True
+                    self._preempt(victim)
+                else:
+                    # Alone, it has grown as far as the budget allows: it ends there, as a
+                    # row that reaches the model's context does.
+                    self._events.append(self._finish(victim, "length", text=self._flush_text(victim)))
                 plan = [(r, m) for r, m in plan if r is not victim]
 
     def _preempt(self, row: Row) -> None:

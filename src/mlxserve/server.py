@@ -83,6 +83,8 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
                 return error(exc)
             if isinstance(exc, ServerBusy):
                 return error(wire.APIError(429, str(exc), type="rate_limit_error", code="server_busy"))
+            if isinstance(exc, ValueError):  # refused by the engine: the prompt cannot fit its KV budget
+                return error(wire.APIError(400, str(exc), param="messages" if kind == "chat" else "prompt"))
             if isinstance(exc, RuntimeError):  # the engine is not running
                 return error(wire.APIError(503, str(exc), type="server_error"))
             return internal_error()  # a bug: answered in OpenAI's shape, the server goes on
