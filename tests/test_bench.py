@@ -291,3 +291,35 @@ def test_bad_flag_exit_status_as_a_process():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "mlxserve: error: --concurrency: expected comma-separated integers >= 1, got '0'"]
+
+
+def test_bench_runs_a_hugging_face_layout_qwen3_5_folder(tiny_model_dir, capsys):
+    """Its config keeps vocab_size under text_config: the prompts' ids come from the loaded
+    model's own vocabulary."""
+    folder = tiny_model_dir("qwen3_5")
+    assert "vocab_size" not in json.loads((folder / "config.json").read_text())
+    status = cli.main(["bench", "--model", str(folder), "--dtype", "float32", "--concurrency", "1",
+                       "--requests", "1", "--prompt-tokens", "8", "--gen-tokens", "4", "--runs", "1",
+                       "--warmup", "0"])
+    assert status == 0, capsys.readouterr().err
+    assert "TTFT p50" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("interval", [1, 4])
+def test_compare_refuses_a_model_mlx_lm_builds_differently_in_one_line(tiny_model_dir, tmp_path, capsys, interval):
+    """Qwen3.5 whose layer_types do not follow full_attention_interval: mlx-lm builds its
+    layers from the interval (1: all full attention, where ours has linear layers; 4: linear
+    where ours has full attention)."""
+    import shutil
+
+    folder = shutil.copytree(tiny_model_dir("qwen3_5"), tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["full_attention_interval"] = interval
+    (folder / "config.json").write_text(json.dumps(config))
+    status = cli.main(["bench", "--model", str(folder), "--dtype", "float32", "--concurrency", "1",
+                       "--requests", "1", "--prompt-tokens", "8", "--gen-tokens", "4", "--runs", "1",
+                       "--warmup", "0", "--compare", "mlx-lm"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err[-1].startswith("mlxserve: error: --compare mlx-lm: cannot build mlx-lm's 'qwen3_5' model: "
+                              "its parameters differ from mlxserve's (language_model.model.layers."), err

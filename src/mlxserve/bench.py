@@ -138,8 +138,10 @@ def make_prompts(count: int, length: int, shared_prefix: int, vocab_size: int, s
 
 def prompt_vocab_size(loaded: LoadedModel) -> int:
     """Ids every part of the model understands: the embedding rows, bounded by the tokenizer
-    (checkpoints often pad the embedding past the vocabulary)."""
-    embedding_rows = loaded.config["vocab_size"]
+    (checkpoints often pad the embedding past the vocabulary). The model's own arguments say
+    how many rows it has: a Hugging Face Qwen3.5 config keeps vocab_size under text_config."""
+    args = getattr(loaded.model, "args", None)
+    embedding_rows = getattr(args, "vocab_size", None) or loaded.config["vocab_size"]
     return min(embedding_rows, getattr(loaded.tokenizer, "vocab_size", embedding_rows))
 
 
@@ -539,8 +541,24 @@ def mlx_lm_model(loaded: LoadedModel) -> nn.Module:
             return q is not None and {"group_size": q.group_size, "bits": q.bits, "mode": q.mode}
 
         nn.quantize(model, class_predicate=predicate)
-    weights = {prefix + name: value for name, value in _checkpoint_weights(loaded.model, model, prefix).items()}
-    model.load_weights(list(weights.items()), strict=True)
+    # mlx-lm may build other layers than ours from the same config (Qwen3.5 whose layer_types
+    # do not follow full_attention_interval: mlx-lm goes by the interval), then the parameters
+    # differ: said in one line, not left to a KeyError or load_weights' list.
+    try:
+        ours = _checkpoint_weights(loaded.model, model, prefix)
+    except KeyError as exc:  # a fused projection of ours whose parts mlx-lm's model has not
+        ours, differ = {}, [str(exc.args[0] if exc.args else exc)]
+    else:
+        theirs = {name for name, _ in tree_flatten(model.parameters())}
+        differ = sorted({prefix + name for name in ours} ^ theirs)
+    if differ:
+        raise ValueError(f"--compare mlx-lm: cannot build mlx-lm's '{arch}' model: its parameters differ "
+                         f"from mlxserve's ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''})")
+    try:
+        model.load_weights([(prefix + name, value) for name, value in ours.items()], strict=True)
+    except ValueError as exc:  # shapes that differ
+        raise ValueError(f"--compare mlx-lm: cannot build mlx-lm's '{arch}' model: "
+                         f"{' '.join(str(exc).split())}") from exc
     return model
 
 
