@@ -301,6 +301,15 @@ def test_a_prompt_beyond_the_kv_budget_is_a_400_and_a_long_answer_ends_with_leng
             live.stop()
 
 
+def test_a_lone_surrogate_is_a_400(server, client):
+    url, _ = server
+    for path, body in (("/v1/completions", {"prompt": "\ud800", "max_tokens": 3}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi \udfff"}]})):
+        status, answer = raw(url + path, body)
+        assert status == 400 and "surrogate" in answer["error"]["message"], (path, status, answer)
+    assert client.completions.create(prompt="\U0001f600 fine", **GREEDY).choices[0].text  # a real pair is text
+
+
 def test_unknown_route_and_method_are_openai_errors(server):
     url, _ = server
     status, body = raw(url + "/v1/nothing", {})

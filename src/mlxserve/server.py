@@ -53,9 +53,16 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             if len(body) > max_body_bytes:
                 raise wire.APIError(413, f"request body larger than {max_body_bytes} bytes")
         try:
-            return json.loads(body)
+            parsed = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise wire.APIError(400, "request body is not valid JSON") from None
+        try:
+            # JSON lets a string hold half of a UTF-16 pair ("\ud800"), which is no text at all.
+            json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise wire.APIError(400, "request body holds a lone UTF-16 surrogate (e.g. \\ud800), which is "
+                                     "not valid Unicode text") from None
+        return parsed
 
     def check_key(request: HTTPRequest) -> None:
         if api_key is None:
