@@ -40,7 +40,7 @@ class ScriptedEngine:
     def stats(self):
         return {}
 
-    def submit(self, request, loop):
+    def submit(self, request, loop, on_finish=None):
         return ScriptedStream(request, self.pieces)
 
 

@@ -259,7 +259,7 @@ def test_a_bug_is_an_openai_shaped_500_and_the_server_goes_on(tiny_model_dir):
     engine = ScriptedEngine(loaded, ["fine"])
     live = LiveServer(create_app(engine, MODEL))
     try:
-        engine.submit = lambda request, loop: {}["a bug"]  # any unexpected exception
+        engine.submit = lambda request, loop, **_: {}["a bug"]  # any unexpected exception
         status, body = raw(live.url + "/completions", {"prompt": "hi"}, key=None)
         assert status == 500 and body["error"]["type"] == "server_error"
 
@@ -269,7 +269,7 @@ def test_a_bug_is_an_openai_shaped_500_and_the_server_goes_on(tiny_model_dir):
                     yield event
                     raise KeyError("a bug")
 
-        engine.submit = lambda request, loop: BreaksMidStream(request, ["one ", "two"])
+        engine.submit = lambda request, loop, **_: BreaksMidStream(request, ["one ", "two"])
         req = urllib.request.Request(live.url + "/completions", method="POST", data=json.dumps(
             {"prompt": "hi", "stream": True}).encode(), headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -325,8 +325,18 @@ def test_server_still_serves_after_errors(server, client):
     assert client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], **GREEDY).choices[0].message.content
 
 
+def _cancelled_requests(url) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    return sum(s.value for s in families["mlxserve_requests"].samples
+               if s.labels.get("finish_reason") == "cancelled") if "mlxserve_requests" in families else 0
+
+
 def test_disconnect_mid_stream_cancels_the_request(server):
     url, engine = server
+    cancelled = _cancelled_requests(url)
     body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1500, "stream": True,
                        "temperature": 0, "ignore_eos": True}).encode()
     req = urllib.request.Request(url + "/v1/completions", data=body, method="POST",
@@ -345,6 +355,8 @@ def test_disconnect_mid_stream_cancels_the_request(server):
         gone.wait(0.05)
     assert gone.is_set(), "the request still runs 1 s after its client went away"
     assert engine.stats()["kv_bytes_in_use"] == 0
+    # Counted although nobody read its end (stats are published just before the final event).
+    _wait_until(lambda: _cancelled_requests(url) == cancelled + 1, "the cancelled request in /metrics")
 
 
 def _wait_until(condition, what: str) -> None:
@@ -520,6 +532,7 @@ def test_metrics_parse_as_prometheus_text(server, client):
     assert ttft_count >= 1
     generated = next(s.value for s in families["mlxserve_generation_tokens"].samples)
     assert generated >= 12
+    assert families["mlxserve_preemptions"].type == "counter"
 
 
 def test_health_is_503_when_the_engine_stopped(tiny_model_dir):

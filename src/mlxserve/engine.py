@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import mlx.core as mx
@@ -40,18 +41,35 @@ class EngineConfig(SchedulerConfig):
 class RequestStream:
     """Events of one request, readable from a thread (iterate) or from asyncio (async for)."""
 
-    def __init__(self, request: Request, engine: "Engine", loop: asyncio.AbstractEventLoop | None):
+    def __init__(self, request: Request, engine: "Engine", loop: asyncio.AbstractEventLoop | None,
+                 on_finish: Callable[[TokenEvent, list[float]], None] | None = None):
         self.request = request
         self._engine = engine
         self._loop = loop
         self._queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
         self.finished = False
+        # Called on the engine thread with the final event and every token's time, whether
+        # or not anyone reads the stream to its end (a client that went away).
+        self._on_finish = on_finish
+        self._token_times: list[float] = []
+
+    def _observe(self, event: TokenEvent) -> None:  # engine thread
+        if self._on_finish is None:
+            return
+        if event.token_ids:
+            self._token_times.append(event.time)
+        if event.finish_reason is not None:
+            try:
+                self._on_finish(event, self._token_times)
+            except Exception:  # an observer's bug must not stop the engine
+                log.exception("on_finish failed")
 
     @property
     def id(self) -> str:
         return self.request.id
 
     def _push(self, event: TokenEvent) -> None:  # engine thread
+        self._observe(event)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
         else:
@@ -60,6 +78,7 @@ class RequestStream:
     def _push_later(self, event: TokenEvent, batches: dict) -> None:  # engine thread
         """Like _push, but an asyncio stream's event joins its loop's batch (see
         Engine._deliver): one wake-up of the loop per step, not one per event."""
+        self._observe(event)
         if self._loop is not None:
             batches.setdefault(self._loop, []).append((self._queue, event))
         else:
@@ -143,7 +162,8 @@ class Engine:
         self.stop()
 
     # ---- front-end API (any thread) ------------------------------------------------------
-    def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None,
+               on_finish: Callable[[TokenEvent, list[float]], None] | None = None) -> RequestStream:
         request.params.validate()
         if not request.prompt_ids:
             raise ValueError("prompt: must contain at least one token")
@@ -158,7 +178,7 @@ class Engine:
             if self._outstanding >= limit:
                 raise ServerBusy(f"server busy: {self._outstanding} requests in progress (limit {limit})")
             self._outstanding += 1
-        stream = RequestStream(request, self, loop)
+        stream = RequestStream(request, self, loop, on_finish)
         self._commands.put(("submit", stream))
         return stream
 

@@ -80,9 +80,12 @@ class Metrics:
             "kv_bytes_budget": ("KV-cache memory budget in bytes.", engine_stats.get("kv_bytes_budget")),
             "prefix_cached_bytes": ("Bytes of KV blocks in the prefix cache.", engine_stats.get("prefix_cached_bytes")),
             "prefix_hit_rate": ("Share of prompt tokens served from the prefix cache.", engine_stats.get("prefix_hit_rate")),
-            "preemptions": ("Rows preempted for memory since start.", engine_stats.get("preemptions")),
         }
         for name, (help_text, value) in gauges.items():
             if value is not None:
                 lines += [f"# HELP mlxserve_{name} {help_text}", f"# TYPE mlxserve_{name} gauge", f"mlxserve_{name} {value}"]
+        if engine_stats.get("preemptions") is not None:
+            lines += ["# HELP mlxserve_preemptions_total Rows preempted for memory since start.",
+                      "# TYPE mlxserve_preemptions_total counter",
+                      f"mlxserve_preemptions_total {engine_stats['preemptions']}"]
         return "\n".join(lines) + "\n"

@@ -81,8 +81,9 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             loop = asyncio.get_running_loop()
             scoring = c.params.top_logprobs if c.echo and c.params.logprobs else None
             for prompt in c.prompts:
+                # Metrics are counted as the engine ends each request, read to its end or not.
                 streams.append(engine.submit(Request(prompt, c.params, prompt_logprobs=scoring,
-                                                     score_only=c.score_only), loop))
+                                                     score_only=c.score_only), loop, on_finish=metrics.record))
         except Exception as exc:
             for stream in streams:  # a multi-prompt request is refused whole
                 stream.cancel()
@@ -96,9 +97,9 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
                 return error(wire.APIError(503, str(exc), type="server_error"))
             return internal_error()  # a bug: answered in OpenAI's shape, the server goes on
         if c.stream:
-            return StreamingResponse(_stream(c, streams, tokenizer, metrics), media_type="text/event-stream",
+            return StreamingResponse(_stream(c, streams, tokenizer), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        collect = asyncio.ensure_future(_collect(c, streams, tokenizer, metrics))
+        collect = asyncio.ensure_future(_collect(c, streams, tokenizer))
         gone = asyncio.ensure_future(_until_disconnected(request))
         try:
             await asyncio.wait((collect, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -193,19 +194,16 @@ def _error_status(message: str | None) -> int:
     return 429 if "busy" in (message or "") else 500
 
 
-async def _collect(c: wire.Completion, streams, tokenizer, metrics: Metrics) -> dict:
+async def _collect(c: wire.Completion, streams, tokenizer) -> dict:
     choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
     for index, stream in enumerate(streams):
-        text, logprobs, final, times = [], [], None, []
+        text, logprobs, final = [], [], None
         async for event in stream:
             text.append(event.text)
-            if event.token_ids:
-                times.append(event.time)
             if event.logprobs:
                 logprobs.extend(event.logprobs)
             if event.finish_reason:
                 final = event
-        metrics.record(final, times)
         if final.finish_reason == "error":
             status = _error_status(final.error)
             raise wire.APIError(status, final.error or "generation failed",
@@ -239,10 +237,10 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def _stream(c: wire.Completion, streams, tokenizer, metrics: Metrics):
+async def _stream(c: wire.Completion, streams, tokenizer):
     """SSE chunks for each event; cancels the requests if the client goes away."""
     try:
-        async for piece in _stream_pieces(c, streams, tokenizer, metrics):
+        async for piece in _stream_pieces(c, streams, tokenizer):
             yield piece
     except Exception:  # a bug, after the response has begun: end it with an error event
         log.exception("stream failed")
@@ -254,7 +252,7 @@ async def _stream(c: wire.Completion, streams, tokenizer, metrics: Metrics):
             s.cancel()
 
 
-async def _stream_pieces(c: wire.Completion, streams, tokenizer, metrics: Metrics):
+async def _stream_pieces(c: wire.Completion, streams, tokenizer):
     """The SSE chunks of the streams' events, usage, then [DONE]; an error event ends it."""
     rid = wire.new_id(c.kind)
     prompt_tokens = completion_tokens = cached = 0
@@ -263,12 +261,7 @@ async def _stream_pieces(c: wire.Completion, streams, tokenizer, metrics: Metric
             yield _sse(wire.chunk(c, rid, [{"index": index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]))
         parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True) if c.kind == "chat" else None
-        times = []
         async for event in stream:
-            if event.token_ids:
-                times.append(event.time)
-            if event.finish_reason:
-                metrics.record(event, times)
             if event.finish_reason == "error":
                 status = _error_status(event.error)
                 yield _sse(wire.APIError(status, event.error or "generation failed",
