@@ -199,6 +199,24 @@ def test_bos_follows_add_bos_token_and_is_never_doubled():
     assert tokenizer.encode("<s>a") == tokenizer.encode("a")
 
 
+def test_unused_tokens_decode_to_nothing():
+    """llama.cpp prints nothing for tokens of type UNUSED (5), e.g. the "[PAD31]" a converter
+    pads the vocabulary with: a model that samples one adds no text, streamed or not."""
+    from mlxserve.detokenizer import IncrementalDetokenizer
+
+    metadata = _byte_vocab_metadata("qwen2", extra_tokens=["[PAD0]", "[PAD1]"])
+    metadata["tokenizer.ggml.token_type"][256:258] = [5, 5]
+    tokenizer = Tokenizer.from_gguf_metadata(metadata)
+    hi = tokenizer.encode("hi", add_special_tokens=False)
+    assert tokenizer.decode([256]) == tokenizer.decode([257, 256]) == ""
+    assert tokenizer.decode([hi[0], 256, *hi[1:], 257]) == "hi"
+    assert tokenizer.decode([256], skip_special_tokens=True) == ""
+    assert tokenizer.encode("[PAD0]", add_special_tokens=False) != [256]  # text, not the token
+    detokenizer = IncrementalDetokenizer(tokenizer.decode)
+    streamed = [detokenizer.add(i) for i in [hi[0], 256, 257, *hi[1:], 256]]
+    assert "".join(streamed) + detokenizer.flush() == "hi"
+
+
 def test_unknown_or_missing_pre_tokenizer(caplog):
     with pytest.raises(TokenizerError, match="'no-such-pre' is not supported"):
         Tokenizer.from_gguf_metadata(_byte_vocab_metadata("no-such-pre"))

@@ -47,6 +47,7 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn
 # llama.cpp's token types (`tokenizer.ggml.token_type`).
 _CONTROL = 3
 _USER_DEFINED = 4
+_UNUSED = 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +161,9 @@ class Tokenizer:
 
     def __init__(self, backend: tokenizers.Tokenizer, *, bos_token_id: int | None,
                  eos_token_ids: set[int], add_bos_token: bool, chat_templates: dict[str, str],
-                 bos_token: str | None = None, eos_token: str | None = None):
+                 bos_token: str | None = None, eos_token: str | None = None,
+                 silent_token_ids: frozenset[int] = frozenset()):
+        """`silent_token_ids`: ids that decode to no text at all (a GGUF's UNUSED tokens)."""
         if add_bos_token and bos_token_id is None:
             raise TokenizerError("the tokenizer asks for a BOS token but defines none")
         self._backend = backend
@@ -179,6 +182,7 @@ class Tokenizer:
         # `{{ bos_token }}` itself).
         self._bos_token = bos_token
         self._eos_token = eos_token
+        self._silent_token_ids = frozenset(silent_token_ids)
 
     # --- sources ---
 
@@ -277,7 +281,11 @@ class Tokenizer:
                    add_bos_token=add_bos_token,
                    chat_templates=chat_templates,
                    bos_token=tokens[bos_token_id] if bos_token_id is not None else None,
-                   eos_token=tokens[eos_token_id] if eos_token_id is not None else None)
+                   eos_token=tokens[eos_token_id] if eos_token_id is not None else None,
+                   # UNUSED tokens (the "[PAD31]" a converter pads the vocabulary with) print
+                   # nothing in llama.cpp, whatever their spelling.
+                   silent_token_ids=frozenset(token_id for token_id, type_ in enumerate(types)
+                                              if type_ == _UNUSED))
 
     # --- text <-> ids ---
 
@@ -293,8 +301,12 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        """The text of `ids`; bytes that do not form whole UTF-8 characters become U+FFFD."""
-        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """The text of `ids`; bytes that do not form whole UTF-8 characters become U+FFFD.
+        Silent ids (a GGUF's UNUSED tokens) give no text."""
+        ids = list(ids)
+        if self._silent_token_ids:
+            ids = [i for i in ids if i not in self._silent_token_ids]
+        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_str(self, id: int) -> str:
         """The vocabulary piece of one id, as the vocabulary spells it (e.g. "Ġthe")."""
