@@ -572,3 +572,36 @@ def test_a_lone_row_that_outgrows_the_budget_ends_with_length_keeping_its_output
     assert len(prompt) + len(generated) == 32  # as far as a 32-token slot goes
     assert generated == alone[: len(generated)]
     assert stats["kv_bytes_in_use"] == 0
+
+
+def test_abort_all_ends_streams_while_the_engine_is_inside_a_step(loaded, monkeypatch):
+    """A server shutting down must answer its clients now, not after a step that on a slow
+    machine can take many seconds (the engine reads its commands only between steps)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    inside, release = threading.Event(), threading.Event()
+    release.set()
+    step = scheduler_module.Scheduler.step
+
+    def held_step(self):
+        if not release.is_set():
+            inside.set()
+            release.wait()
+        return step(self)
+
+    monkeypatch.setattr(scheduler_module.Scheduler, "step", held_step)
+    with Engine(loaded, EngineConfig(block_size=4)) as engine, ThreadPoolExecutor(1) as pool:
+        params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+        events = iter(engine.submit(Request(loaded.tokenizer.encode("Hello"), params)))
+        assert next(events).token_ids  # it runs
+        release.clear()
+        try:
+            assert inside.wait(30)
+            engine.abort_all("server is shutting down")
+            rest = pool.submit(lambda: list(events)).result(timeout=10)  # not waiting for the step
+        finally:
+            release.set()
+        assert rest[-1].finish_reason == "error" and rest[-1].error == "server is shutting down"
+    # The engine freed the row after that step: stop() returned, so it has handled the abort.
+    assert engine.stats()["running"] == 0 and engine.stats()["kv_bytes_in_use"] == 0

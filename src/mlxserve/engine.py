@@ -48,12 +48,25 @@ class RequestStream:
         self._loop = loop
         self._queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
         self.finished = False
-        # Called on the engine thread with the final event and every token's time, whether
-        # or not anyone reads the stream to its end (a client that went away).
+        # Called with the final event and every token's time, whether or not anyone reads
+        # the stream to its end (a client that went away).
         self._on_finish = on_finish
         self._token_times: list[float] = []
+        # Set by the first final event: the engine's, or Engine.abort_all's from another
+        # thread while the engine is inside a step. Nothing is delivered after it.
+        self._ended = False
+        self._end_lock = threading.Lock()
 
-    def _observe(self, event: TokenEvent) -> None:  # engine thread
+    def _accept(self, event: TokenEvent) -> bool:
+        """Whether to deliver the event (not after a final one); observes it if so."""
+        with self._end_lock:
+            if self._ended:
+                return False
+            self._ended = event.finish_reason is not None
+        self._observe(event)
+        return True
+
+    def _observe(self, event: TokenEvent) -> None:
         if self._on_finish is None:
             return
         if event.token_ids:
@@ -68,8 +81,9 @@ class RequestStream:
     def id(self) -> str:
         return self.request.id
 
-    def _push(self, event: TokenEvent) -> None:  # engine thread
-        self._observe(event)
+    def _push(self, event: TokenEvent) -> None:  # engine thread, or abort_all
+        if not self._accept(event):
+            return
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
         else:
@@ -78,7 +92,8 @@ class RequestStream:
     def _push_later(self, event: TokenEvent, batches: dict) -> None:  # engine thread
         """Like _push, but an asyncio stream's event joins its loop's batch (see
         Engine._deliver): one wake-up of the loop per step, not one per event."""
-        self._observe(event)
+        if not self._accept(event):
+            return
         if self._loop is not None:
             batches.setdefault(self._loop, []).append((self._queue, event))
         else:
@@ -187,8 +202,12 @@ class Engine:
 
     def abort_all(self, message: str) -> None:
         """End every submitted request (running or waiting) with an error event carrying
-        `message`, within one step; the engine goes on running."""
+        `message`: its stream ends now, and the engine frees its row after the step in
+        progress (which on a slow machine can take many seconds); the engine goes on running."""
         self._commands.put(("abort", message))
+        now = time.perf_counter()
+        for stream in list(self._streams.values()):
+            stream._push(TokenEvent(stream.id, [], "", finish_reason="error", error=message, time=now))
 
     def stats(self) -> dict:
         """Latest scheduler statistics (updated by the engine thread after every step)."""
