@@ -9,7 +9,7 @@
 # would pin the project to a place it may never be published at. So the source is the tap itself:
 # `brew tap` has already cloned this repository, and the formula clones its `main` branch from that
 # local clone (a file-scheme address built at load time from this file's own location, so nothing
-# host-specific is written here). `version` is pyproject.toml's (tests/test_distribution.py checks).
+# host-specific is written here). `version` is mlxserve.__version__ (tests/test_distribution.py checks).
 #
 # Where the dependencies come from. requirements/macos-arm64.lock pins every runtime dependency
 # (the closure of pyproject's [project].dependencies on macOS arm64, CPython below) by version and
@@ -28,15 +28,20 @@ class AppleSiliconMacRequirement < Requirement
       mlxserve's Homebrew formula installs only on Apple-Silicon Macs (arm64) with macOS 14 or
       later: MLX runs on the Mac's GPU through Metal, which other machines do not have.
       On Linux, MLX's CPU back-end works: install mlxserve with pip from a clone of its
-      repository instead (README, "Install": `pip install .`).
+      repository instead (README, "Install": `pip install ".[cpu]"`).
     EOS
   end
 end
 
 class Mlxserve < Formula
-  desc "Fast local LLM inference on MLX: batching engine, OpenAI-compatible server, chat, bench"
+  desc "Fast local LLM inference on MLX: OpenAI-compatible server, chat and benchmark"
+  # `brew audit` wants an https homepage. The project has no published site yet; this is the
+  # GitHub address the tap name (mlxserve/mlxserve) stands for. Change it where it is published.
+  homepage "https://github.com/mlxserve/mlxserve"
   # The tap's own clone of this repository (Formula/ is one level below its root).
   url "file://#{File.expand_path("..", __dir__)}", using: :git, branch: "main"
+  # A git source has no version of its own: src/mlxserve/__init__.py's __version__, repeated
+  # (tests/test_distribution.py checks they are equal).
   version "0.1.0"
   license "Apache-2.0"
 
@@ -46,6 +51,8 @@ class Mlxserve < Formula
 
   def install
     python = Formula["python@3.11"].opt_bin/"python3.11"
+    # A plain venv, not Homebrew's virtualenv_create: that one makes it without pip and with the
+    # system site-packages, and this install needs the venv's own pip for the hash-locked wheels.
     system python, "-m", "venv", libexec
     pip = [libexec/"bin/python", "-m", "pip", "--disable-pip-version-check", "--no-input"]
     locked = ["install", "--require-hashes", "--no-deps", "--only-binary=:all:", "-r"]
