@@ -287,3 +287,36 @@ def test_yarn_rope_scaling_carries_over(tmp_path, tiny_model_dir):
     assert rope.mscale == expected.mscale != 1
     ids = hf.tokenizer.encode(TEXT * 3)
     assert np.array_equal(all_logits(ours, ids), all_logits(hf, ids))
+
+
+# --- malformed metadata ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("full_attention_interval", 0, "qwen35.full_attention_interval must be a whole number >= 1, got 0"),
+    ("ssm.group_count", 0, "qwen35.ssm.group_count must be a whole number >= 1, got 0"),
+    ("ssm.time_step_rank", 0, "qwen35.ssm.time_step_rank must be a whole number >= 1, got 0"),
+    ("rope.dimension_count", 0, "qwen35.rope.dimension_count must be a whole number >= 2, got 0"),
+    ("rope.dimension_count", 3, "qwen35.rope.dimension_count (3) must be an even number of dims up to "
+                                "the head size (32)"),
+    ("rope.dimension_count", 64, "qwen35.rope.dimension_count (64) must be an even number"),
+    ("nextn_predict_layers", 5, "qwen35.nextn_predict_layers (5) leaves no layers of qwen35.block_count (5)"),
+])
+def test_malformed_metadata_is_one_line_naming_the_key(tmp_path, tiny_model_dir, monkeypatch, key, value,
+                                                       needle):
+    """Each of these divided by zero, made a model without layers, or failed only when the
+    engine started ("[rope] dims must be even")."""
+    import gguf_qwen35_writer
+
+    from mlxserve.loader import ModelLoadError
+
+    written_metadata = gguf_qwen35_writer._metadata
+
+    def metadata(writer, *args, **kwargs):
+        written_metadata(writer, *args, **kwargs)
+        writer.add_uint32(f"qwen35.{key}", value)  # overwrites the key's value
+
+    monkeypatch.setattr(gguf_qwen35_writer, "_metadata", metadata)
+    written = write_qwen35_gguf(tiny_model_dir("qwen3_5"), tmp_path / "bad.gguf")
+    with pytest.raises(ModelLoadError) as err:
+        load(written.path)
+    assert needle in str(err.value) and "\n" not in str(err.value)

@@ -95,3 +95,39 @@ def test_unsupported_architecture_is_named(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="gpt_bigcode"):
         load_model(str(folder), progress=False)
+
+
+def _qwen3_5_copy(tiny_model_dir, tmp_path, dtype="float32", **text_changes):
+    """A copy of the tiny Hugging Face-layout Qwen3.5 folder, its text_config changed."""
+    import shutil
+
+    folder = shutil.copytree(tiny_model_dir("qwen3_5", dtype), tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in text_changes.items():
+        if value is None:
+            config["text_config"].pop(key, None)
+        else:
+            config["text_config"][key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _rope(factor):
+    return {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": factor}
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"full_attention_interval": 0, "layer_types": None}, "full_attention_interval must be a whole number >= 1, got 0"),
+    ({"full_attention_interval": 0}, "full_attention_interval must be a whole number >= 1, got 0"),
+    ({"linear_num_key_heads": 0}, "linear_num_key_heads must be a whole number >= 1, got 0"),
+    ({"num_hidden_layers": 0, "layer_types": []}, "num_hidden_layers must be a whole number >= 1, got 0"),
+    ({"rope_parameters": _rope(0.0)}, "partial_rotary_factor 0.0 of head_dim 32 rotates 0 dims"),
+    ({"rope_parameters": _rope(3 / 32)}, "rotates 3 dims per head: RoPE needs an even number"),
+])
+def test_malformed_qwen3_5_config_is_one_line_naming_the_field(tiny_model_dir, tmp_path, changes, needle):
+    """Each of these divided by zero, built a model without layers, or failed only when the
+    engine started ("[rope] dims must be even")."""
+    folder = _qwen3_5_copy(tiny_model_dir, tmp_path, **changes)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(folder), progress=False)
+    assert needle in str(err.value) and "\n" not in str(err.value)

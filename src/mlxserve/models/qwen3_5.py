@@ -83,10 +83,24 @@ class ModelArgs:
         rope = args.rope_parameters or {}
         args.rope_theta = rope.get("rope_theta", text.get("rope_theta", args.rope_theta))
         args.partial_rotary_factor = rope.get("partial_rotary_factor", args.partial_rotary_factor)
+        _require_positive(args, "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                          "linear_num_value_heads", "linear_num_key_heads", "linear_key_head_dim",
+                          "linear_value_head_dim", "linear_conv_kernel_dim", "full_attention_interval")
         if args.num_key_value_heads is None:
             args.num_key_value_heads = args.num_attention_heads
         if args.head_dim is None:
             args.head_dim = args.hidden_size // args.num_attention_heads
+        _require_positive(args, "num_key_value_heads", "head_dim")
+        if args.num_attention_heads % args.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({args.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({args.num_key_value_heads})")
+        rotated = int(args.head_dim * args.partial_rotary_factor)
+        if not 0 < rotated <= args.head_dim or rotated % 2:
+            raise ValueError(f"partial_rotary_factor {args.partial_rotary_factor} of head_dim {args.head_dim} "
+                             f"rotates {rotated} dims per head: RoPE needs an even number from 2 to head_dim")
+        if args.num_experts and not 0 < args.num_experts_per_tok <= args.num_experts:
+            raise ValueError(f"num_experts_per_tok {args.num_experts_per_tok} must be in "
+                             f"1..num_experts ({args.num_experts})")
         if args.layer_types is None:
             n = args.full_attention_interval
             args.layer_types = ["full_attention" if (i + 1) % n == 0 else "linear_attention"
@@ -104,6 +118,15 @@ class ModelArgs:
         if "type" not in rope and "rope_type" in rope:
             rope["type"] = rope.pop("rope_type")
         return rope or None
+
+
+def _require_positive(args: ModelArgs, *names: str) -> None:
+    """A config field that sizes the model (heads, dims, layers, the attention interval) must
+    be a whole number >= 1: 0 divided by later, or built a model without layers."""
+    for name in names:
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
 class GatedRMSNorm(nn.Module):

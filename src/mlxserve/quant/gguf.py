@@ -122,6 +122,8 @@ def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
                               f"(supported: {', '.join(_ARCHITECTURES)})")
     hidden = _meta(metadata, f"{arch}.embedding_length")
     heads = _meta(metadata, f"{arch}.attention.head_count")
+    if isinstance(heads, int) and heads < 1:  # hidden // heads below
+        raise UnsupportedGGUF(f"GGUF metadata {arch}.attention.head_count must be >= 1, got {heads}")
     kv_heads = _meta(metadata, f"{arch}.attention.head_count_kv", heads)
     if isinstance(kv_heads, list):  # per-layer counts; fine only if they are all the same
         if len(set(kv_heads)) != 1:

@@ -71,19 +71,34 @@ _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 def build_config(metadata: dict, tensors: dict, arch: str, common: dict, meta) -> dict:
     """Our qwen3_5 config from the file's metadata; ``common`` holds the fields every
     architecture shares (hidden size, heads, vocab, ...), ``meta`` reads a required key."""
-    key = lambda name, *default: meta(metadata, f"{arch}.{name}", *default)
-    block_count = key("block_count")
-    nextn = key("nextn_predict_layers", 0)
+    def key(name, *default, minimum=None):
+        value = meta(metadata, f"{arch}.{name}", *default)
+        if minimum is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise UnsupportedGGUF(f"GGUF metadata {arch}.{name} must be a whole number >= {minimum}, "
+                                  f"got {value!r}")
+        return value
+
+    block_count = key("block_count", minimum=1)
+    nextn = key("nextn_predict_layers", 0, minimum=0)
     layers = block_count - nextn
-    interval = key("full_attention_interval", 4)
+    if layers < 1:
+        raise UnsupportedGGUF(f"GGUF metadata {arch}.nextn_predict_layers ({nextn}) leaves no layers "
+                              f"of {arch}.block_count ({block_count}) for the model itself")
+    interval = key("full_attention_interval", 4, minimum=1)
     head_dim = common["head_dim"]
-    rope_dims = key("rope.dimension_count", head_dim)
+    if not isinstance(head_dim, int) or head_dim < 1:
+        raise UnsupportedGGUF(f"GGUF metadata {arch}.attention.key_length must be a whole number >= 1, "
+                              f"got {head_dim!r}")
+    rope_dims = key("rope.dimension_count", head_dim, minimum=2)
+    if rope_dims > head_dim or rope_dims % 2:
+        raise UnsupportedGGUF(f"GGUF metadata {arch}.rope.dimension_count ({rope_dims}) must be an even "
+                              f"number of dims up to the head size ({head_dim})")
     factor = rope_dims / head_dim
     if int(head_dim * factor) != rope_dims:
         raise UnsupportedGGUF(f"rope.dimension_count {rope_dims} is not a fraction of "
                               f"head_dim {head_dim} that partial_rotary_factor can express")
-    n_v, n_k = key("ssm.time_step_rank"), key("ssm.group_count")
-    inner = key("ssm.inner_size")
+    n_v, n_k = key("ssm.time_step_rank", minimum=1), key("ssm.group_count", minimum=1)
+    inner = key("ssm.inner_size", minimum=1)
     if n_v % n_k or inner % n_v:
         raise UnsupportedGGUF(f"linear attention with {n_v} value heads, {n_k} key heads and "
                               f"inner size {inner} is not a grouped layout")
@@ -98,8 +113,9 @@ def build_config(metadata: dict, tensors: dict, arch: str, common: dict, meta) -
     config = dict(common, model_type=ARCHITECTURES[arch], num_hidden_layers=layers,
                   intermediate_size=key("feed_forward_length", 0),
                   linear_num_value_heads=n_v, linear_num_key_heads=n_k,
-                  linear_key_head_dim=key("ssm.state_size"), linear_value_head_dim=inner // n_v,
-                  linear_conv_kernel_dim=key("ssm.conv_kernel"),
+                  linear_key_head_dim=key("ssm.state_size", minimum=1),
+                  linear_value_head_dim=inner // n_v,
+                  linear_conv_kernel_dim=key("ssm.conv_kernel", minimum=1),
                   full_attention_interval=interval,
                   layer_types=["full_attention" if (i + 1) % interval == 0 else "linear_attention"
                                for i in range(layers)],
