@@ -195,3 +195,24 @@ def test_parse_size():
     for bad in ("", "GB", "-1GB", "8XB", "0"):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+@pytest.mark.parametrize("command", ["run", "serve", "bench"])
+def test_an_engine_that_fails_to_start_is_one_line(tiny, command):
+    """The engine's RuntimeError("engine failed to start: ...") — here a KV budget smaller than
+    one slot — is the command's one-line error, not a traceback."""
+    import socket
+
+    with socket.socket() as s:  # a port free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    args = {"run": ("run", "--model", tiny, "hi"),
+            "serve": ("serve", "--model", tiny, "--port", port),
+            "bench": ("bench", "--model", tiny, "--concurrency", "1", "--prompt-tokens", "8",
+                      "--gen-tokens", "2", "--runs", "1", "--warmup", "0")}[command]
+    r = mlxserve(*args, "--memory-budget", "1KB")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("mlxserve: error: engine failed to start: the KV memory budget"), r.stderr
+    assert last.endswith("raise --memory-budget")

@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 from . import __version__
 
@@ -128,13 +128,42 @@ def main(argv: list[str] | None = None) -> int:
         from .tokenizer import TokenizerError
 
         if isinstance(exc, (ModelNotFound, ModelLoadError, PullError, TokenizerError, ValueError)):
-            return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return _fail(_one_line(str(exc)) or type(exc).__name__)
+        if isinstance(exc, RuntimeError) and str(exc).startswith(ENGINE_START_FAILED):
+            return _fail(_one_line(str(exc)))  # e.g. a bench's engine (see _running_engine)
         raise
 
 
 def _fail(message: str) -> int:
     print(f"mlxserve: error: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _one_line(message: str) -> str:
+    """A message on one line: one whose lines continue it (MLX lists parameter names one a
+    line after "Missing 1 parameters:") keeps them, joined."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+ENGINE_START_FAILED = "engine failed to start"  # how engine.Engine.start's RuntimeError begins
+
+
+@contextmanager
+def _running_engine(loaded, config):
+    """A started engine, stopped on leaving; one that fails to start (no memory for the KV
+    cache, an operation the device cannot run) is a CLIError, not a traceback."""
+    from .engine import Engine
+
+    engine = Engine(loaded, config)
+    try:
+        engine.start()
+    except RuntimeError as exc:
+        engine.stop()
+        raise CLIError(_one_line(str(exc))) from None
+    try:
+        yield engine
+    finally:
+        engine.stop()
 
 
 # ---- run ----------------------------------------------------------------------------------
@@ -167,11 +196,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     engine_config(args)  # reject a bad --memory-budget before loading the model
     loaded = _load(args.model, args.dtype, args.gguf_mode)
     prompt_ids = _prompt_ids(loaded.tokenizer, prompt, args.chat, args.system)
-    from .engine import Engine
     from .scheduler import Request
 
     text_parts, token_ids, final = [], [], None
-    with Engine(loaded, engine_config(args)) as engine:
+    with _running_engine(loaded, engine_config(args)) as engine:
         stream = engine.submit(Request(prompt_ids, params))
         try:
             for event in stream:
@@ -234,7 +262,6 @@ def _load(spec: str, dtype_name: str | None, gguf_mode: str = "exact"):
 
 # ---- serve ----------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .engine import Engine
     from .server import listen_socket, serve
 
     if not 0 < args.port < 65536:
@@ -248,7 +275,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     with sock:
         loaded = _load(args.model, args.dtype, args.gguf_mode)
-        with Engine(loaded, config) as engine:
+        with _running_engine(loaded, config) as engine:
             serve(engine, args.served_model_name or args.model, sock,
                   api_key=args.api_key, cors_origins=args.cors)
     return 0
