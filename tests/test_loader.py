@@ -131,3 +131,29 @@ def test_malformed_qwen3_5_config_is_one_line_naming_the_field(tiny_model_dir, t
     with pytest.raises(ModelLoadError) as err:
         load_model(str(folder), progress=False)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_and_unexpected_weights_are_named_on_one_line(tiny_model_dir, tmp_path, capsys):
+    """MLX's own message puts the names on the lines after "Missing 1 parameters:", which the
+    command line's one-line error cut off."""
+    from mlxserve import cli
+
+    folder = _qwen3_5_copy(tiny_model_dir, tmp_path)
+    weights = mx.load(str(folder / "model.safetensors"))
+    del weights["model.language_model.layers.1.self_attn.k_norm.weight"]
+    weights["model.language_model.layers.0.extra.weight"] = mx.zeros(2)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    assert cli.main(["run", "--model", str(folder), "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "1 parameter(s) missing from the weights: model.layers.1.self_attn.k_norm.weight" in err[0]
+    assert "1 weight(s) the model has no parameter for: model.layers.0.extra.weight" in err[0]
+
+
+def test_label_names_the_dtype_of_the_weights_used(tiny_model_dir):
+    """A bfloat16 Qwen3.5 checkpoint whose vision and MTP weights (dropped) are float32."""
+    folder = tiny_model_dir("qwen3_5", "bfloat16")
+    dropped = mx.load(str(folder / "model.safetensors"))
+    assert dropped["model.visual.patch_embed.proj.weight"].dtype == mx.float32
+    assert load_model(str(folder), progress=False).quantization == "bfloat16"
+    assert load_model(str(folder), dtype=mx.float32, progress=False).quantization == "float32"

@@ -217,3 +217,31 @@ def test_gguf_round_trip(tmp_path, tiny_model_dir, qtype):
     assert reference.std().item() > 1
     assert mx.abs(prompt_logits(ours, ids) - reference).max().item() < 1e-4 * reference.std().item()
     assert generate(ours, [ids]) == generate(hf, [ids])
+
+
+# --- half precision on MLX's CPU back-end -------------------------------------------------------
+
+@pytest.mark.parametrize("arch,dtype", [("qwen3_moe", "bfloat16"), ("qwen3_5_moe", "float16")])
+def test_half_precision_experts_compute_in_float32_on_the_cpu(tiny_model_dir, monkeypatch, caplog, arch,
+                                                              dtype):
+    """MLX's CPU gather_mm runs only float32 ("[GatherMM::eval] Currently only supports
+    float32." when the engine started): there an unquantized MoE model in half precision is
+    computed in float32, said once; asked for in half precision, it is refused in one line."""
+    import logging
+
+    from mlxserve import loader
+    from mlxserve.loader import ModelLoadError
+
+    monkeypatch.setattr(loader, "_on_cpu", lambda: True, raising=False)  # what this machine is, or a GPU's tests
+    folder = tiny_model_dir(arch, dtype)
+    with caplog.at_level(logging.WARNING, logger="mlxserve.loader"):
+        loaded = load_model(str(folder), progress=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"MLX's CPU back-end computes unquantized mixture-of-experts layers only in float32: "
+        f"computing this {dtype} model in float32"]
+    assert {v.dtype for _, v in tree_flatten(loaded.model.parameters())} == {mx.float32}
+    assert loaded.quantization == "float32"
+    ids = loaded.tokenizer.encode(TEXT)
+    assert len(generate(loaded, [ids])[0]) == GREEDY.max_tokens
+    with pytest.raises(ModelLoadError, match=f"only in float32, not {dtype}: use --dtype float32"):
+        load_model(str(folder), dtype=getattr(mx, dtype), progress=False)

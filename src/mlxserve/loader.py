@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from . import registry
 from .models import get_family
 from .quant import GGUF_MODES
 from .tokenizer import Tokenizer
+
+log = logging.getLogger("mlxserve.loader")
 
 
 class ModelLoadError(ValueError):
@@ -78,13 +82,18 @@ def load_model(spec: str, *, dtype: mx.Dtype | None = None, progress: bool = Tru
 
 
 def build_model(config: dict, weights: dict[str, mx.array], quantization: dict | None,
-                fuse: bool = True) -> nn.Module:
+                fuse: bool = True, half_experts_on_cpu: str = "float32") -> nn.Module:
     """Instantiate the architecture named by config["model_type"] and fill its weights.
 
     `quantization` maps module paths to {"group_size", "bits", "mode"}; a top-level
     "group_size"/"bits" (MLX checkpoint convention) applies to every module whose
     `.scales` are present in the weights. `fuse` merges projections for speed (the
     parameter names then no longer match the checkpoint's).
+
+    MLX's CPU back-end multiplies unquantized mixture-of-experts weights (gather_mm) only in
+    float32: on the CPU such a model in float16/bfloat16 is computed in float32
+    (`half_experts_on_cpu="float32"`, with a warning) or refused ("refuse": the caller asked
+    for that dtype).
     """
     family = get_family(config.get("model_type", "?"))
     args = family.ModelArgs.from_config(config)
@@ -101,7 +110,20 @@ def build_model(config: dict, weights: dict[str, mx.array], quantization: dict |
             return f"{path}.scales" in weights and (defaults or False)
 
         nn.quantize(model, class_predicate=predicate)
-    model.load_weights(list(weights.items()), strict=True)
+    _check_parameter_names(model, weights)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as exc:  # MLX lists names one a line: keep the message on one
+        raise ValueError(" ".join(str(exc).split())) from None
+    half = _half_experts(model) if _on_cpu() else None
+    if half is not None:
+        if half_experts_on_cpu == "refuse":
+            raise ValueError(f"MLX's CPU back-end computes unquantized mixture-of-experts layers only in "
+                             f"float32, not {half}: use --dtype float32 (or leave --dtype out)")
+        log.warning("MLX's CPU back-end computes unquantized mixture-of-experts layers only in float32: "
+                    "computing this %s model in float32", half)
+        # Before fuse(): fused modules keep references to the parameters they were made from.
+        model.set_dtype(mx.float32)
     if fuse and hasattr(model, "fuse"):
         model.fuse()
     # Arrays modules keep besides their parameters (mlx-lm's Llama 3 RoPE keeps its
@@ -132,7 +154,8 @@ def _load_folder(path: Path, dtype: mx.Dtype | None) -> LoadedModel:
             f"{path}: quantization method '{quantization.get('quant_method')}' is not supported "
             "(use an MLX-quantized, bf16/fp16/fp32 or GGUF model)"
         )
-    model = build_model(config, weights, quantization)
+    model = build_model(config, weights, quantization,
+                        half_experts_on_cpu="float32" if dtype is None else "refuse")
     tokenizer = Tokenizer.from_folder(path)
     return LoadedModel(
         model=model,
@@ -141,7 +164,7 @@ def _load_folder(path: Path, dtype: mx.Dtype | None) -> LoadedModel:
         name=str(path),
         path=path,
         format="safetensors",
-        quantization=_describe_quantization(quantization, weights),
+        quantization=_describe_quantization(quantization, model),
         context_length=int(config.get("max_position_embeddings")
                            or (config.get("text_config") or {}).get("max_position_embeddings") or 4096),
         load_seconds=0.0,
@@ -152,7 +175,8 @@ def _load_gguf(path: Path, dtype: mx.Dtype | None, mode: str) -> LoadedModel:
     from .quant.gguf import load_gguf
 
     gguf = load_gguf(path, dtype=dtype or default_gguf_dtype(), mode=mode)
-    model = build_model(gguf.config, gguf.weights, gguf.quantization)
+    model = build_model(gguf.config, gguf.weights, gguf.quantization,
+                        half_experts_on_cpu="float32" if dtype is None else "refuse")
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
     return LoadedModel(
         model=model,
@@ -175,6 +199,38 @@ def default_gguf_dtype() -> mx.Dtype:
     return mx.float32 if mx.default_device() == mx.cpu else mx.float16
 
 
+def _on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+def _half_experts(model: nn.Module) -> str | None:
+    """The dtype name of the model's unquantized expert weights when half precision (which
+    MLX's gather_mm runs only on a GPU), else None."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    for _, module in model.named_modules():
+        if isinstance(module, SwitchLinear) and module.weight.dtype in (mx.float16, mx.bfloat16):
+            return str(module.weight.dtype).split(".")[-1]
+    return None
+
+
+def _check_parameter_names(model: nn.Module, weights: dict[str, mx.array]) -> None:
+    """One line naming (some of) the parameters the checkpoint lacks or has in excess."""
+    expected = {name for name, _ in tree_flatten(model.parameters())}
+    missing, extra = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} parameter(s) missing from the weights: {_some(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} weight(s) the model has no parameter for: {_some(extra)}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _some(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def _is_float(a: mx.array) -> bool:
     return mx.issubdtype(a.dtype, mx.floating)
 
@@ -189,8 +245,10 @@ def _describe_gguf(path: Path, tensor_types: dict[str, str]) -> str:
     return "+".join(quantized) or "+".join(sorted(set(tensor_types.values())))
 
 
-def _describe_quantization(quantization: dict | None, weights: dict[str, mx.array]) -> str:
+def _describe_quantization(quantization: dict | None, model: nn.Module) -> str:
+    """The checkpoint's quantization, or the float types of the parameters the model holds:
+    not of weights it dropped (a Qwen3.5 checkpoint's vision tower and MTP block)."""
     if quantization and "bits" in quantization:
         return f"{quantization['bits']}-bit g{quantization.get('group_size', 64)}"
-    float_dtypes = {str(v.dtype).split(".")[-1] for v in weights.values() if _is_float(v)}
+    float_dtypes = {str(v.dtype).split(".")[-1] for _, v in tree_flatten(model.parameters()) if _is_float(v)}
     return "/".join(sorted(float_dtypes)) or "unknown"
