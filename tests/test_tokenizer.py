@@ -120,6 +120,12 @@ def test_smollm2_known_ids_and_round_trip(smollm2):
         assert smollm2.decode(smollm2.encode(text)) == text
 
 
+def test_text_with_surrogates_encodes_them_as_the_replacement_character(smollm2):
+    """Bytes that are not UTF-8 on stdin or in argv reach Python as surrogates ("\\udcff"),
+    which the tokenizer library refuses: they encode as U+FFFD, as a decoder replaces them."""
+    assert smollm2.encode("caf\udce9 \ud800!") == smollm2.encode("caf\ufffd \ufffd!")
+
+
 @pytest.mark.parametrize("which", ["smollm2", "qwen"])
 def test_ids_match_transformers_gguf_conversion(which, request):
     metadata = request.getfixturevalue(f"{which}_metadata")

@@ -150,6 +150,17 @@ def _byte_level_pre_tokenizer(splits: tuple[str, ...]) -> pre_tokenizers.PreToke
 # The tokenizer
 # ---------------------------------------------------------------------------------------------
 
+def _unicode_text(text: str) -> str:
+    """`text` with each UTF-16 surrogate, which is no Unicode text (Python reads bytes that are
+    not UTF-8 from stdin or argv as such), replaced by U+FFFD, as a decoder replaces bad bytes."""
+    try:
+        text.encode("utf-8")  # the common case, at C speed
+        return text
+    except UnicodeEncodeError:
+        pass
+    return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+
+
 class Tokenizer:
     """Text <-> token ids for one model, plus its chat template. Wraps a `tokenizers.Tokenizer`.
 
@@ -295,7 +306,7 @@ class Tokenizer:
         With `add_special_tokens`, BOS is put first if the model asks for one and the text does not
         already start with it (a rendered chat template often writes BOS itself).
         """
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        ids = self._backend.encode(_unicode_text(text), add_special_tokens=False).ids
         if add_special_tokens and self.add_bos_token and ids[:1] != [self.bos_token_id]:
             ids.insert(0, self.bos_token_id)
         return ids
