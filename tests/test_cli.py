@@ -216,3 +216,17 @@ def test_an_engine_that_fails_to_start_is_one_line(tiny, command):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("mlxserve: error: engine failed to start: the KV memory budget"), r.stderr
     assert last.endswith("raise --memory-budget")
+
+
+def test_mlx_without_a_back_end_library_is_one_line_naming_the_extras(monkeypatch, capsys):
+    """On Linux the mlx wheel alone has no back-end (`pip install mlxserve` without an extra):
+    importing mlx.core fails on libmlx.so, which is said in one line with what to install."""
+    from mlxserve import cli
+
+    def no_back_end(args):
+        raise ImportError("libmlx.so: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(cli, "cmd_models", no_back_end)
+    assert cli.main(["models"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mlxserve[cpu]" in err and "libmlx.so" in err

@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except CLIError as exc:
         return _fail(str(exc))
+    except ImportError as exc:
+        if "libmlx" in str(exc):  # Linux: the mlx wheel is there, no back-end library with it
+            return _fail(f"MLX has no back-end installed ({exc}): install one, "
+                         f"pip install 'mlxserve[cpu]' or 'mlxserve[cuda]' (NVIDIA), not both")
+        raise
     except Exception as exc:  # known user-facing errors from the library
         from .loader import ModelLoadError
         from .registry import ModelNotFound, PullError
