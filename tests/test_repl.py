@@ -500,6 +500,24 @@ def test_a_message_longer_than_the_context_says_so(tiny):
         backend.close()
 
 
+def test_a_conversation_beyond_the_kv_budget_says_so(tiny):
+    from mlxserve.chat_backend import BackendError, EngineBackend
+    from mlxserve.engine import EngineConfig
+
+    loaded = load_model(tiny, progress=False)
+    layers, heads, dim = loaded.model.kv_shape()
+    budget = 32 * 2 * layers * heads * dim * 4  # one 32-token slot of float32 KV (blocks of 8)
+    backend = EngineBackend(loaded, EngineConfig(block_size=8, memory_budget_bytes=budget))
+    try:
+        with pytest.raises(BackendError, match="KV memory budget .*shorten the message"):
+            backend.generate([{"role": "user", "content": "word " * 40}], Settings())
+        with pytest.raises(BackendError, match="KV memory budget .*/reset"):
+            backend.generate([{"role": "user", "content": "word " * 20}, {"role": "assistant", "content": "ok " * 20},
+                              {"role": "user", "content": "more"}], Settings())
+    finally:
+        backend.close()
+
+
 def test_url_mode_max_tokens_beyond_the_context_is_a_cap(tiny):
     """/max_tokens caps the answer with --url as in-process: past what the context leaves, the
     answer gets what it leaves (the server refuses max_tokens beyond the context)."""

@@ -113,6 +113,9 @@ class EngineBackend:
             stream = self.engine.submit(Request(prompt, params))
         except RuntimeError as exc:  # the engine stopped (or the server is busy)
             raise BackendError(str(exc)) from None
+        except ValueError as exc:  # the conversation's KV does not fit --memory-budget
+            alone = sum(m["role"] != "system" for m in messages) == 1
+            raise BackendError(f"{exc}; {'shorten the message' if alone else '/reset to start over'}") from None
         return EngineGeneration(stream, parser_for(tokenizer, tools_enabled=False, incremental=True))
 
     def stats(self) -> dict:
