@@ -53,7 +53,9 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("run", "--temperature", "-1", "--prompt", "hi"), "temperature"),
     (("run", "--max-tokens", "0", "--prompt", "hi"), "max_tokens"),
     (("run", "--prompt", "hi", "there"), "give the prompt once"),
-    (("chat", "--temperature", "-3"), "--temperature must be >= 0"),
+    (("chat", "--temperature", "-3"), "--temperature must be a finite number >= 0"),
+    (("chat", "--temperature", "nan"), "--temperature must be a finite number >= 0"),
+    (("run", "--memory-budget", "1e400", "hi"), "'1e400' is not a finite size"),
     (("run", "--model", "", "hi"), "no model named"),
     (("run", "--no-chat", "--system", "Be brief.", "hi"), "--system needs the chat template"),
     (("pull", " "), "no model named"),
@@ -183,6 +185,14 @@ def test_memory_budget_flag(tiny):
     assert r.returncode == 0, r.stderr
     r = mlxserve("run", "--model", tiny, "--prompt", "Hello", "--memory-budget", "lots")
     assert r.returncode == 2 and "--memory-budget" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_format_bytes_reads_as_memory_budget_would_write_it():
+    from mlxserve.memory import format_bytes, parse_size
+
+    assert [format_bytes(n) for n in (512, 1000, 3_300, 12_600_000, 2_150_000_000)] == [
+        "512 B", "1.0 KB", "3.3 KB", "12.6 MB", "2.15 GB"]
+    assert parse_size(format_bytes(12_600_000).replace(" ", "")) == 12_600_000
 
 
 def test_parse_size():

@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from .cache import KVStore
 from .loader import LoadedModel
-from .memory import default_kv_budget
+from .memory import default_kv_budget, format_bytes
 from .runner import Runner
 from .scheduler import Request, Scheduler, SchedulerConfig, ServerBusy, TokenEvent, check_fits, check_memory
 
@@ -388,8 +388,8 @@ def make_scheduler(loaded: LoadedModel, config: EngineConfig) -> Scheduler:
                  state_bytes_per_row=model.state_bytes_per_row() if hasattr(model, "state_bytes_per_row") else 0)
     if not kv.fits_alone(1):
         smallest = kv.capacity_for(1)
-        raise ValueError(f"the KV memory budget of {budget / 1e6:.2f} MB is smaller than one {smallest}-token "
-                         f"slot of this model ({kv.slot_bytes_for(1) / 1e6:.2f} MB): raise --memory-budget")
+        raise ValueError(f"the KV memory budget of {format_bytes(budget)} is smaller than one {smallest}-token "
+                         f"slot of this model ({format_bytes(kv.slot_bytes_for(1))}): raise --memory-budget")
     return Scheduler(Runner(model, kv), loaded.tokenizer, replace(config, context_length=loaded.context_length))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -49,6 +51,20 @@ def parse_size(text: str) -> int:
         size = float(number) * _UNITS[unit]
     except (ValueError, KeyError):
         raise ValueError(f"--memory-budget: '{text}' is not a size (e.g. 8GB, 512MiB)") from None
+    if not math.isfinite(size):  # "1e400" parses as infinity
+        raise ValueError(f"--memory-budget: '{text}' is not a finite size")
     if size <= 0:
         raise ValueError(f"--memory-budget: must be positive, got '{text}'")
     return int(size)
+
+
+def format_bytes(n: int) -> str:
+    """A size for messages: '512 B', '3.3 KB', '12.6 MB', '2.15 GB' (powers of 1000, as
+    --memory-budget reads KB, MB and GB)."""
+    if n < 10**3:
+        return f"{n} B"
+    if n < 10**6:
+        return f"{n / 1e3:.1f} KB"
+    if n < 10**9:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e9:.2f} GB"

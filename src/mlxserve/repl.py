@@ -8,6 +8,7 @@ pipe) it answers one question and prints only the answer on stdout.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -46,8 +47,8 @@ def run_chat(args) -> int:
     """`mlxserve chat` (and bare `mlxserve`): the REPL, or one answer when stdin is a pipe."""
     from .cli import CLIError
 
-    if args.temperature is not None and args.temperature < 0:
-        raise CLIError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature:g}")
+    if args.temperature is not None and not 0 <= args.temperature < math.inf:  # nan fails both
+        raise CLIError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature:g}")
     interactive = sys.stdin.isatty()
     if interactive:
         # Ctrl-C must stop an answer even when this process was started with SIGINT ignored

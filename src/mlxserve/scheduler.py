@@ -26,6 +26,7 @@ import mlx.core as mx
 
 from .cache import KVStore, OutOfKVMemory, RowCache, state_arrays
 from .detokenizer import IncrementalDetokenizer, StopMatcher
+from .memory import format_bytes
 from .prefix_cache import Match, PrefixCache, PrefixStats
 from .runner import Feed, Runner
 from .sampling import RowSamplingState, SampleResult, Sampler, SamplingParams
@@ -181,12 +182,8 @@ def check_memory(prompt_tokens: int, kv: KVStore) -> None:
     """Raise PromptExceedsMemory unless a prompt's slot fits the KV budget on its own."""
     if not kv.fits_alone(prompt_tokens):
         raise PromptExceedsMemory(
-            f"the prompt has {prompt_tokens} tokens, whose KV cache needs {_megabytes(kv.slot_bytes_for(prompt_tokens))}; "
-            f"the KV memory budget is {_megabytes(kv.max_bytes)} (--memory-budget)")
-
-
-def _megabytes(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+            f"the prompt has {prompt_tokens} tokens, whose KV cache needs {format_bytes(kv.slot_bytes_for(prompt_tokens))}; "
+            f"the KV memory budget is {format_bytes(kv.max_bytes)} (--memory-budget)")
 
 
 class Scheduler:
