@@ -187,14 +187,6 @@ def test_memory_budget_flag(tiny):
     assert r.returncode == 2 and "--memory-budget" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_format_bytes_reads_as_memory_budget_would_write_it():
-    from mlxserve.memory import format_bytes, parse_size
-
-    assert [format_bytes(n) for n in (512, 1000, 3_300, 12_600_000, 2_150_000_000)] == [
-        "512 B", "1.0 KB", "3.3 KB", "12.6 MB", "2.15 GB"]
-    assert parse_size(format_bytes(12_600_000).replace(" ", "")) == 12_600_000
-
-
 def test_parse_size():
     from mlxserve.memory import parse_size
 

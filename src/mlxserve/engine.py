@@ -18,10 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import mlx.core as mx
+from rich.filesize import decimal as human_size
 
 from .cache import KVStore
 from .loader import LoadedModel
-from .memory import default_kv_budget, format_bytes
+from .memory import default_kv_budget
 from .runner import Runner
 from .scheduler import Request, Scheduler, SchedulerConfig, ServerBusy, TokenEvent, check_fits, check_memory
 
@@ -388,8 +389,8 @@ def make_scheduler(loaded: LoadedModel, config: EngineConfig) -> Scheduler:
                  state_bytes_per_row=model.state_bytes_per_row() if hasattr(model, "state_bytes_per_row") else 0)
     if not kv.fits_alone(1):
         smallest = kv.capacity_for(1)
-        raise ValueError(f"the KV memory budget of {format_bytes(budget)} is smaller than one {smallest}-token "
-                         f"slot of this model ({format_bytes(kv.slot_bytes_for(1))}): raise --memory-budget")
+        raise ValueError(f"the KV memory budget of {human_size(budget)} is smaller than one {smallest}-token "
+                         f"slot of this model ({human_size(kv.slot_bytes_for(1))}): raise --memory-budget")
     return Scheduler(Runner(model, kv), loaded.tokenizer, replace(config, context_length=loaded.context_length))
 
 

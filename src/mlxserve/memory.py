@@ -57,14 +57,3 @@ def parse_size(text: str) -> int:
         raise ValueError(f"--memory-budget: must be positive, got '{text}'")
     return int(size)
 
-
-def format_bytes(n: int) -> str:
-    """A size for messages: '512 B', '3.3 KB', '12.6 MB', '2.15 GB' (powers of 1000, as
-    --memory-budget reads KB, MB and GB)."""
-    if n < 10**3:
-        return f"{n} B"
-    if n < 10**6:
-        return f"{n / 1e3:.1f} KB"
-    if n < 10**9:
-        return f"{n / 1e6:.1f} MB"
-    return f"{n / 1e9:.2f} GB"

@@ -23,10 +23,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+from rich.filesize import decimal as human_size
 
 from .cache import KVStore, OutOfKVMemory, RowCache, state_arrays
 from .detokenizer import IncrementalDetokenizer, StopMatcher
-from .memory import format_bytes
 from .prefix_cache import Match, PrefixCache, PrefixStats
 from .runner import Feed, Runner
 from .sampling import RowSamplingState, SampleResult, Sampler, SamplingParams
@@ -182,8 +182,8 @@ def check_memory(prompt_tokens: int, kv: KVStore) -> None:
     """Raise PromptExceedsMemory unless a prompt's slot fits the KV budget on its own."""
     if not kv.fits_alone(prompt_tokens):
         raise PromptExceedsMemory(
-            f"the prompt has {prompt_tokens} tokens, whose KV cache needs {format_bytes(kv.slot_bytes_for(prompt_tokens))}; "
-            f"the KV memory budget is {format_bytes(kv.max_bytes)} (--memory-budget)")
+            f"the prompt has {prompt_tokens} tokens, whose KV cache needs {human_size(kv.slot_bytes_for(prompt_tokens))}; "
+            f"the KV memory budget is {human_size(kv.max_bytes)} (--memory-budget)")
 
 
 class Scheduler:
