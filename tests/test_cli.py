@@ -59,6 +59,7 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("run", "--model", "", "hi"), "no model named"),
     (("run", "--no-chat", "--system", "Be brief.", "hi"), "--system needs the chat template"),
     (("pull", " "), "no model named"),
+    (("pull", "--list", "qwen3-4b"), "--list lists every alias; it takes no model (got 'qwen3-4b')"),
     (("run", "--stop", "", "hi"), "got ['']"),
     (("run", "--gguf-mode", "bogus", "hi"), "invalid choice: 'bogus'"),
     (("no-such-command",), "invalid choice: 'no-such-command'"),

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory_budget(run)
 
     pull = sub.add_parser("pull", help="download a model into the local cache")
-    pull.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"alias or Hugging Face repo id (default {DEFAULT_MODEL})")
+    pull.add_argument("model", nargs="?", help=f"alias or Hugging Face repo id (default {DEFAULT_MODEL})")
     pull.add_argument("--list", action="store_true", help="list the known aliases")
 
     models = sub.add_parser("models", help="list models available locally")
@@ -315,12 +315,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from . import registry
 
     if args.list:
+        if args.model is not None:
+            raise CLIError(f"--list lists every alias; it takes no model (got {args.model!r})")
         for alias in registry.ALIASES.values():
             size = f"{alias.size_bytes / 1e6:.0f} MB" if alias.size_bytes else ""
             print(f"{alias.name:<20} {alias.format:<5} {size:>7}  {alias.description}")
             print(f"{'':<36}from {registry.alias_source(alias)}")
         return 0
-    path = registry.pull(args.model, progress=True) if args.model in registry.ALIASES else registry.resolve(args.model, progress=True)
+    model = DEFAULT_MODEL if args.model is None else args.model
+    path = registry.pull(model, progress=True) if model in registry.ALIASES else registry.resolve(model, progress=True)
     print(path)
     return 0
 
