@@ -174,6 +174,14 @@ def test_doctor_json():
         assert key in report
 
 
+def test_pull_without_a_model_pulls_the_default(tmp_path, smollm2_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / smollm2_path.name).symlink_to(smollm2_path)
+    r = mlxserve("pull", env={"MLXSERVE_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "models" / smollm2_path.name)
+
+
 def test_pull_list():
     r = mlxserve("pull", "--list")
     assert r.returncode == 0

@@ -322,7 +322,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             print(f"{alias.name:<20} {alias.format:<5} {size:>7}  {alias.description}")
             print(f"{'':<36}from {registry.alias_source(alias)}")
         return 0
-    model = DEFAULT_MODEL if args.model is None else args.model
+    model = registry.DEFAULT_MODEL if args.model is None else args.model
     path = registry.pull(model, progress=True) if model in registry.ALIASES else registry.resolve(model, progress=True)
     print(path)
     return 0
