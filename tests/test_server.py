@@ -592,3 +592,29 @@ def test_full_queue_answers_429_and_recovers(tiny_model_dir):
             assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text is not None
         finally:
             live.stop()
+
+
+def test_a_speculating_server_streams_the_same_text_and_counts_drafts(server, client, tiny_model_dir):
+    """`serve --speculative ngram`: streamed and whole answers are the plain server's, token
+    for token, and /metrics counts the drafts checked and accepted."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    engine = Engine(loaded, EngineConfig(block_size=8, speculative="ngram")).start()
+    live = LiveServer(create_app(engine, MODEL, api_key=KEY))
+    try:
+        spec = openai.OpenAI(base_url=live.base + "/v1", api_key=KEY, max_retries=0)
+        params = dict(GREEDY, max_tokens=64)
+        for prompt in ("Hello", "one two three one two three one", "a b c d e f g a b c"):
+            expected = client.completions.create(prompt=prompt, **params).choices[0].text
+            assert spec.completions.create(prompt=prompt, **params).choices[0].text == expected
+            chunks = spec.completions.create(prompt=prompt, stream=True, **params)
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+        with urllib.request.urlopen(live.base + "/metrics", timeout=30) as r:
+            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+        drafted = families["mlxserve_draft_tokens"].samples[0].value
+        accepted = families["mlxserve_draft_tokens_accepted"].samples[0].value
+        assert drafted >= accepted > 0
+    finally:
+        live.stop()
+        engine.stop()

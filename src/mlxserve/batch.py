@@ -92,7 +92,8 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
 
     `rows` holds objects with: key, tokens (list[int] new tokens), start (position of the
     first new token), cache (a RowCache whose slot covers start + len(tokens) positions)
-    and logits (which of the new tokens need logits: "last", "all" or "none").
+    and logits (which of the new tokens need logits: "last", "all", "none", or an int n: the
+    last n).
     The flat order is shelf by shelf, then by token count, then by slot, so that each group
     and each shelf's writes are one contiguous slice of the flat sequence.
     """
@@ -126,6 +127,8 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
                 logit_rows.extend(range(base, base + t))
             elif row.logits == "last":
                 logit_rows.append(base + t - 1)
+            elif isinstance(row.logits, int):  # the last n positions (a draft's verification)
+                logit_rows.extend(range(base + t - row.logits, base + t))
             row_logits.append((row.key, first, len(logit_rows) - first))
         positions.extend(pos.reshape(-1).tolist())
         slots = [row.cache.slot for row in members]

@@ -13,6 +13,7 @@ import sys
 from contextlib import contextmanager, nullcontext
 
 from . import __version__
+from .spec import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
 
 EXIT_USAGE = 2
 
@@ -86,8 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_memory_budget(p: argparse.ArgumentParser) -> None:
+    """The engine's flags: the KV memory budget and speculative decoding."""
+    from .spec import DRAFTERS
+
     p.add_argument("--memory-budget", metavar="SIZE",
                    help="most memory the KV cache may use, e.g. 8GB (default: 60%% of device memory minus the weights)")
+    p.add_argument("--speculative", choices=DRAFTERS, default=None,
+                   help="speculative decoding: 'ngram' drafts the tokens that followed the latest earlier "
+                        "occurrence of the last few tokens (prompt lookup), and the model checks them in its "
+                        "next step; the output is the same, faster where it repeats its context (default off)")
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                   help=f"most draft tokens a row checks in one step (default {DEFAULT_DRAFT_TOKENS})")
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
@@ -218,6 +228,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             stream.cancel()
             raise
+        stats = engine.stats()
     if final.finish_reason == "error":
         raise CLIError(final.error or "generation failed")
     timings = {"ttft_s": _round(final.ttft_s), "decode_tok_s": _round(final.decode_tok_s)}
@@ -230,12 +241,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             "completion_tokens": final.completion_tokens,
             "finish_reason": final.finish_reason,
             "timings": timings,
+            **({"speculative": {"drafted_tokens": stats["drafted_tokens"], "accepted_tokens": stats["accepted_tokens"]}}
+               if args.speculative else {}),
         }))
     else:
         sys.stdout.write("\n")
         _status(
             f"{final.prompt_tokens} prompt tokens, {final.completion_tokens} generated, "
             f"TTFT {_fmt(final.ttft_s, 's')}, {_fmt(final.decode_tok_s, ' tok/s')}, finish: {final.finish_reason}"
+            + (f", drafts: {stats['accepted_tokens']} of {stats['drafted_tokens']} tokens accepted" if args.speculative else "")
         )
     return 0
 
@@ -421,6 +435,15 @@ def engine_config(args: argparse.Namespace, **overrides):
     budget = getattr(args, "memory_budget", None)
     if budget is not None:
         overrides["memory_budget_bytes"] = parse_size(budget)
+    if getattr(args, "speculative", None):
+        overrides["speculative"] = args.speculative
+    draft_tokens = getattr(args, "draft_tokens", None)
+    if draft_tokens is not None:
+        if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
+            raise CLIError(f"--draft-tokens must be in 1..{MAX_DRAFT_TOKENS}, got {draft_tokens}")
+        if not getattr(args, "speculative", None):
+            raise CLIError("--draft-tokens needs --speculative")
+        overrides["draft_tokens"] = draft_tokens
     return EngineConfig(**overrides)
 
 

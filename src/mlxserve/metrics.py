@@ -84,8 +84,13 @@ class Metrics:
         for name, (help_text, value) in gauges.items():
             if value is not None:
                 lines += [f"# HELP mlxserve_{name} {help_text}", f"# TYPE mlxserve_{name} gauge", f"mlxserve_{name} {value}"]
-        if engine_stats.get("preemptions") is not None:
-            lines += ["# HELP mlxserve_preemptions_total Rows preempted for memory since start.",
-                      "# TYPE mlxserve_preemptions_total counter",
-                      f"mlxserve_preemptions_total {engine_stats['preemptions']}"]
+        counters = {
+            "preemptions": ("preemptions_total", "Rows preempted for memory since start."),
+            "drafted_tokens": ("draft_tokens_total", "Speculative draft tokens verified since start."),
+            "accepted_tokens": ("draft_tokens_accepted_total", "Speculative draft tokens accepted since start."),
+        }
+        for key, (name, help_text) in counters.items():
+            if engine_stats.get(key) is not None:
+                lines += [f"# HELP mlxserve_{name} {help_text}", f"# TYPE mlxserve_{name} counter",
+                          f"mlxserve_{name} {engine_stats[key]}"]
         return "\n".join(lines) + "\n"

@@ -15,13 +15,14 @@ from .models import compiled
 @dataclass
 class Feed:
     """One row's part of a step: new tokens starting at `start`, written into the slot of
-    `cache` (a RowCache); `logits` says which positions need logits ("last", "all" or "none")."""
+    `cache` (a RowCache); `logits` says which positions need logits ("last", "all", "none", or
+    an int n: the last n)."""
 
     key: object
     tokens: list[int]
     start: int
     cache: RowCache
-    logits: str
+    logits: str | int
     from_previous: int | None = None  # the (single) token is element i of the previous step's samples
 
 

@@ -183,8 +183,35 @@ class RowSamplingState:
 
     def _next_key(self) -> tuple[int, int]:
         """The two uint32 words of ``mx.random.key(h)`` for the next token (see module doc)."""
-        h = _mix64((self._stream + (self._num_generated + 1) * _GOLDEN64) & _MASK64)
+        return self._key_at(self._num_generated)
+
+    def _key_at(self, t: int) -> tuple[int, int]:
+        h = _mix64((self._stream + (t + 1) * _GOLDEN64) & _MASK64)
         return h >> 32, h & 0xFFFFFFFF
+
+    def ahead(self, i: int) -> "SamplingAhead":
+        """The sampling state of the token i places after the next one, for drawing it before
+        the tokens between are recorded (verifying a speculative draft). Penalties depend on
+        those tokens, so rows with penalties are not verified this way."""
+        assert not self.params.has_penalties, "penalised rows do not speculate"
+        return SamplingAhead(self, i)
+
+
+class SamplingAhead:
+    """A row's sampling state i tokens ahead (see RowSamplingState.ahead): the same
+    parameters, and the random key that token t = num_generated + i would get, so a draft's
+    verification draws exactly what decoding token by token would draw."""
+
+    def __init__(self, state: RowSamplingState, i: int):
+        self.params = state.params
+        self._prompt_ids = state._prompt_ids
+        self._state, self._i = state, i
+
+    def generated_ids(self) -> np.ndarray:
+        return self._state.generated_ids()
+
+    def _next_key(self) -> tuple[int, int]:
+        return self._state._key_at(self._state.num_generated + self._i)
 
 
 class Sampler:

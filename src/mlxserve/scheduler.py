@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from rich.filesize import decimal as human_size
 
-from .cache import KVStore, OutOfKVMemory, RowCache, state_arrays
+from .cache import KVStore, OutOfKVMemory, RowCache, Snapshot, state_arrays
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .prefix_cache import Match, PrefixCache, PrefixStats
 from .runner import Feed, Runner
 from .sampling import RowSamplingState, SampleResult, Sampler, SamplingParams
+from .spec import DEFAULT_DRAFT_TOKENS, make_drafter
 
 _request_counter = itertools.count()
 
@@ -38,6 +39,17 @@ _request_counter = itertools.count()
 # the chunk shrinks in proportion, so a step's attention work (chunk tokens x keys) stays about
 # what a full chunk costs at this depth.
 FULL_CHUNK_KEYS = 4096
+
+# The most steps a speculating row decodes without drafting after drafts that failed.
+MAX_DRAFT_BACKOFF = 16
+
+
+class _ZerosDrafter:
+    """Drafts token 0 (see Scheduler.warm_up)."""
+
+    @staticmethod
+    def propose(tokens: list[int], k: int) -> list[int]:
+        return [0] * k
 
 
 class ServerBusy(RuntimeError):
@@ -96,6 +108,10 @@ class SchedulerConfig:
     block_size: int = 64
     context_length: int = 4096  # the engine sets the model's
     prefix_cache: bool = True
+    # Speculative decoding: a drafter from spec.DRAFTERS (None: off), and the most draft tokens
+    # a row verifies in one step.
+    speculative: str | None = None
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS
 
 
 class Row:
@@ -127,6 +143,16 @@ class Row:
         self.fresh_slot = False
         # Prompt scoring: entry i is the log-prob of prompt token i (None for the first).
         self.prompt_scores: list[TokenLogprob | None] | None = [None] if request.prompt_logprobs is not None else None
+        # Speculative decoding (Scheduler, "speculation"): the row's drafter (None: it does
+        # not speculate), the draft its feed of this step carries, and, for a hybrid model,
+        # its cache as it was before that feed (recurrent state cannot be trimmed).
+        self.drafter = None
+        self.draft: list[int] = []
+        self.before_draft: Snapshot | None = None
+        # Steps to decode without drafting after drafts that came to nothing, doubling with
+        # each miss in a row (see Scheduler._draft).
+        self.draft_misses = 0
+        self.draft_backoff = 0
 
     @property
     def id(self) -> str:
@@ -150,6 +176,11 @@ class Row:
         return self.unfed == 1 and self.num_generated + self.pending > 0
 
     @property
+    def wants_draft(self) -> bool:
+        """Whether the row drafts in its next step (so its tokens must be known by then)."""
+        return self.drafter is not None and not self.draft_backoff
+
+    @property
     def needs_more(self) -> bool:
         """Whether the row has anything left to feed: its prompt, or tokens to generate (False
         once the tokens in flight already reach max_tokens)."""
@@ -164,7 +195,8 @@ class InFlight:
 
     result: SampleResult
     rows: list[Row]
-    indices: list[int]  # per row: the placeholder index in its sampling state
+    indices: list[int | None]  # per row: the placeholder index in its sampling state (None: verifying a draft)
+    offsets: list[int]  # per row: its first sample in `result` (a verifying row has one per draft token, plus one)
 
 
 def check_fits(prompt_tokens: int, context_length: int) -> None:
@@ -207,9 +239,14 @@ class Scheduler:
     def warm_up(self) -> None:
         """Run a two-token request through a prefill and a decode step before any real one,
         so that compiled functions and kernels are built at start-up, not during the first
-        answer. (On the CPU back-end that build runs the C++ compiler through system(), which
+        answer (with speculation on, a step verifying a draft too). (On the CPU back-end that build runs the C++ compiler through system(), which
         ignores Ctrl-C while it runs.) Too short to leave anything in the prefix cache."""
-        self.add(Request([0, 0], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), id="warm-up"))
+        k = self.config.draft_tokens if self.config.speculative else 0
+        self.add(Request([0, 0], SamplingParams(max_tokens=2 + k, temperature=0.0, ignore_eos=True), id="warm-up"))
+        if k:
+            # ...and a step verifying a whole draft (and rolling it back, unless the model
+            # happens to agree), the shape a speculating single stream has.
+            self.waiting[-1].drafter = _ZerosDrafter()
         while self.has_work():
             self.step()
         self.stats = SchedulerStats()
@@ -224,6 +261,10 @@ class Scheduler:
         if len(self.waiting) + len(self.running) >= limit:
             raise ServerBusy(f"server busy: {len(self.waiting) + len(self.running)} requests in progress (limit {limit})")
         row = Row(request, RowCache(self.kv), self.eos_ids, self.tokenizer.decode, time.perf_counter())
+        if (self.config.speculative and not request.params.has_penalties
+                and request.prompt_logprobs is None and not request.score_only):
+            # (Penalties depend on every token before the one drawn, drafts included.)
+            row.drafter = make_drafter(self.config.speculative)
         self.waiting.append(row)
 
     def cancel(self, request_id: str) -> TokenEvent | None:
@@ -258,6 +299,7 @@ class Scheduler:
         feeds, rows = self._plan()
         events, self._events = self._events, []
         decode = sum(1 for row in rows if row.is_decoding)
+        drafted = sum(len(row.draft) for row in rows)  # counted when accepted (record_draft)
         outputs, queued = self._launch(feeds, rows) if feeds else ([], None)
         self._wait_for_device()
         if outputs:
@@ -266,12 +308,14 @@ class Scheduler:
         if self._inflight is not None:
             events += self._read_back(self._inflight)
         self._inflight = queued
-        if queued is not None and (not decode or any(row.params.has_penalties for row in queued.rows)):
+        if queued is not None and (not decode or any(row.params.has_penalties or row.wants_draft for row in queued.rows)):
             # First tokens only: waiting for them now costs little overlap (no stream is
             # decoding), while pipelining would hold them back until the next step is built.
+            # A speculating row drafts from its tokens, so they must be known before the
+            # next step is planned.
             events += self._read_back(queued)
             self._inflight = None
-        self.stats.record_step(prefill=sum(len(f.tokens) for f in feeds) - decode, decode=decode,
+        self.stats.record_step(prefill=sum(len(f.tokens) for f in feeds) - decode - drafted, decode=decode,
                                seconds=time.perf_counter() - started)
         events += self._events  # e.g. scoring requests that finished in this step
         self._events = []
@@ -289,6 +333,10 @@ class Scheduler:
         """Build a step's graph (lazily): the arrays to evaluate, and the samples to read
         back if any row samples."""
         previous = self._inflight.result.tokens if self._inflight is not None else None
+        if self.hybrid:
+            for row in rows:
+                if row.draft:  # (before the forward pass hands the row's state to the step's batch)
+                    row.before_draft = row.cache.snapshot()
         logits, batch = self.runner.forward(feeds, previous)
         kept: list[mx.array] = []
         for row, feed in zip(rows, feeds):
@@ -301,30 +349,44 @@ class Scheduler:
         # Logits come in the batch's flat order (rows grouped by token count).
         by_id = {row.id: row for row in rows}
         feed_of = {feed.key: feed for feed in feeds}
-        sampling_rows, last_rows = [], []
+        sampling_rows, offsets = [], []  # rows that sample, and each one's first sample
+        last_rows, samplers = [], []  # per sample: its logits row and its sampling state
         for key, first, count in batch.row_logits:
             if not count:
                 continue
             row, feed = by_id[key], feed_of[key]
+            if row.draft:
+                # The row's next token and its draft: sample after each of the last k + 1
+                # positions, drawing as decoding would (token i + t with key i + t).
+                sampling_rows.append(row)
+                offsets.append(len(last_rows))
+                last_rows += range(first, first + count)
+                samplers += [row.sampling.ahead(i) for i in range(count)]
+                continue
             if feed.logits == "all":
                 self._score_prompt(row, feed, logits[first : first + count])
             if feed.start + len(feed.tokens) == row.total and not row.request.score_only:
                 sampling_rows.append(row)
+                offsets.append(len(last_rows))
                 last_rows.append(first + count - 1)
+                samplers.append(row.sampling)
             elif row.request.score_only and row.cache.length >= row.prompt_len:
                 self._events.append(self._finish(row, "length"))
         if sampling_rows and len(last_rows) != logits.shape[0]:
             logits = logits[mx.array(last_rows)]
         if not sampling_rows:
             return self.kv.arrays() + states, None  # a prefill-only step writes state only
-        result = self.sampler.sample(logits, [row.sampling for row in sampling_rows])
-        indices = []
-        for i, row in enumerate(sampling_rows):
+        result = self.sampler.sample(logits, samplers)
+        indices: list[int | None] = []
+        for row, offset in zip(sampling_rows, offsets):
+            if row.draft:
+                indices.append(None)  # its tokens are recorded as they are accepted
+                continue
             row.pending += 1
-            row.pending_index = i
+            row.pending_index = offset
             indices.append(row.sampling.record_pending())
         outputs = [a for a in (result.tokens, result.logprobs, result.top_ids, result.top_logprobs) if a is not None]
-        return outputs + states, InFlight(result, sampling_rows, indices)
+        return outputs + states, InFlight(result, sampling_rows, indices, offsets)
 
     def _score_prompt(self, row: Row, feed: Feed, logits: mx.array) -> None:
         """Log-probs of the prompt tokens that follow each fed position (read back at once:
@@ -353,17 +415,55 @@ class Scheduler:
         top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
         now = time.perf_counter()
         events = []
-        for i, row in enumerate(step.rows):
+
+        def logprob(row: Row, i: int) -> TokenLogprob | None:
+            if not row.params.logprobs or chosen_lp is None:
+                return None
+            k = row.params.top_logprobs
+            top = list(zip(top_ids[i][:k], top_lp[i][:k])) if top_ids is not None else []
+            return TokenLogprob(tokens[i], chosen_lp[i], top)
+
+        for row, index, i in zip(step.rows, step.indices, step.offsets):
+            if index is None:
+                events += self._accept_draft(row, tokens[i : i + len(row.draft) + 1], i, logprob, now)
+                continue
             row.pending -= 1
             if row.finished:  # cancelled or stopped while this step was in flight
                 continue
-            row.sampling.fill(step.indices[i], tokens[i])
-            lp = None
-            if row.params.logprobs and chosen_lp is not None:
-                k = row.params.top_logprobs
-                top = list(zip(top_ids[i][:k], top_lp[i][:k])) if top_ids is not None else []
-                lp = TokenLogprob(tokens[i], chosen_lp[i], top)
-            events.append(self._commit(row, tokens[i], lp, now))
+            row.sampling.fill(index, tokens[i])
+            events.append(self._commit(row, tokens[i], logprob(row, i), now))
+        return events
+
+    def _accept_draft(self, row: Row, samples: list[int], first: int, logprob, now: float) -> list[TokenEvent]:
+        """Keep the longest prefix of the row's draft that the target sampled itself, and its
+        own next token after it; roll the rest back. samples[i] is what the target drew
+        after the row's next token and the draft's first i tokens."""
+        draft, row.draft = row.draft, []
+        if row.finished:
+            return []
+        accepted = 0
+        while accepted < len(draft) and samples[accepted] == draft[accepted]:
+            accepted += 1
+        self.stats.record_draft(len(draft), accepted)
+        if accepted:
+            row.draft_misses = 0
+        else:
+            self._draft_missed(row)
+        rejected = len(draft) - accepted
+        if rejected:
+            if row.before_draft is not None:
+                # Recurrent state holds every fed token: go back to before the feed; the
+                # accepted tokens are fed again with the next step's.
+                row.cache.restore(row.before_draft)
+            else:
+                row.cache.trim(rejected)
+        row.before_draft = None
+        events = []
+        for i, token in enumerate(samples[: accepted + 1]):
+            row.sampling.record(token)
+            events.append(self._commit(row, token, logprob(row, first + i), now))
+            if row.finished:
+                break
         return events
 
     # ---- admission and planning ----------------------------------------------------------
@@ -445,7 +545,7 @@ class Scheduler:
         # counting decode tokens in it would cut a budget-sized prompt in two (next to 8
         # decoding rows, a 512-token prompt went in chunks of 256 and 128 and 64...), while
         # a decode token costs the device about nothing next to a chunk's token.
-        plan += [(row, 1) for row in active if row.is_decoding]
+        plan += [(row, 1 + self._draft(row)) for row in active if row.is_decoding]
         decoding = bool(plan)
         budget = full_budget = self._prefill_budget(len(plan))
         unit = self.config.block_size
@@ -475,6 +575,10 @@ class Scheduler:
                 boundary = (row.prompt_len - 1) // unit * unit
                 if row.cache.length < boundary < row.cache.length + n:
                     n = boundary - row.cache.length
+            if n == row.unfed and row.num_generated:
+                # Generated tokens fed again (a hybrid row's draft was partly rejected, or a
+                # preempted row's recompute): its next token may come with a draft too.
+                n += self._draft(row)
             plan.append((row, n))
             budget -= n
             chunks += 1
@@ -485,6 +589,10 @@ class Scheduler:
             if row.pending:
                 # Its token is still on the device: read it from the last step's samples.
                 feed = Feed(row.id, [0], start, row.cache, "last", from_previous=row.pending_index)
+            elif row.draft:
+                # Its unfed tokens, then the draft; logits at the last len(draft) + 1
+                # positions, each sampled (see _launch).
+                feed = Feed(row.id, row.tokens[start:] + row.draft, start, row.cache, len(row.draft) + 1)
             else:
                 reaches_end = start + n == len(row.tokens)
                 scoring = row.prompt_scores is not None and start < row.prompt_len
@@ -493,6 +601,37 @@ class Scheduler:
             feeds.append(feed)
             rows.append(row)
         return feeds, rows
+
+    def _draft(self, row: Row) -> int:
+        """Speculation: ask the row's drafter for tokens to verify after its next one (kept in
+        row.draft); returns how many. None when the row does not speculate, backs off after
+        failed drafts, its next token is not known yet (pending), or the draft could only run
+        past max_tokens or the context."""
+        row.draft = []
+        if row.drafter is None:
+            return 0
+        if row.draft_backoff:
+            row.draft_backoff -= 1
+            return 0
+        if row.pending:
+            return 0
+        room = min(self.config.draft_tokens,
+                   row.params.max_tokens - row.num_generated - 1,  # the row's next token comes too
+                   self.config.context_length - len(row.tokens) - 1)
+        if room > 0:
+            row.draft = row.drafter.propose(row.tokens, room)
+            if not row.draft:
+                self._draft_missed(row)
+        return len(row.draft)
+
+    @staticmethod
+    def _draft_missed(row: Row) -> None:
+        """No draft, or none of it accepted: the row decodes without drafting for the next
+        1, 3, 7, 15, then 16 steps. Drafting costs where it gains nothing: a step whose row
+        may draft is read back at once (it drafts from its tokens), not overlapped with the
+        next one, and verifying costs more than decoding where the device is busy."""
+        row.draft_misses += 1
+        row.draft_backoff = min(2 ** row.draft_misses - 1, MAX_DRAFT_BACKOFF)
 
     def _prefill_budget(self, decoding_rows: int) -> int:
         """Prefill tokens for a step with this many decoding rows: `max_batch_tokens`, and
@@ -539,6 +678,7 @@ class Scheduler:
     def _preempt(self, row: Row) -> None:
         """Free a row's memory and send it back to the front of the queue; its tokens are
         kept, and recomputed when it is admitted again unless its slot is still cached."""
+        row.draft = []
         self._remember(row)
         self._release(row)
         self.running.remove(row)
@@ -569,6 +709,7 @@ class Scheduler:
 
     def _finish(self, row: Row, reason: str, error: str | None = None, *, token_ids=(), text: str = "", logprobs=None) -> TokenEvent:
         row.finished = True
+        row.draft = []
         if reason != "error":
             self._remember(row)
             self._release(row)
@@ -619,6 +760,8 @@ class SchedulerStats:
     decode_tokens: int = 0
     busy_seconds: float = 0.0
     preemptions: int = 0
+    drafted_tokens: int = 0  # speculation: draft tokens verified...
+    accepted_tokens: int = 0  # ...and accepted
     # (end time, prefill tokens, decode tokens) of recent steps, for the tokens/s rates
     recent: deque = field(default_factory=deque)
 
@@ -630,6 +773,14 @@ class SchedulerStats:
         self.decode_tokens += decode
         self.busy_seconds += seconds
         self.recent.append((time.perf_counter(), prefill, decode))
+
+    def record_draft(self, drafted: int, accepted: int) -> None:
+        """A verified draft; its accepted tokens count as decoded (the step counted one)."""
+        self.drafted_tokens += drafted
+        self.accepted_tokens += accepted
+        self.decode_tokens += accepted
+        if accepted:
+            self.recent.append((time.perf_counter(), 0, accepted))
 
     def rates(self, now: float) -> tuple[float, float]:
         """Prefill and decode tokens per second over the last RATE_WINDOW_S seconds."""
@@ -649,4 +800,6 @@ class SchedulerStats:
             "decode_tok_s": round(decode_rate, 1),
             "busy_seconds": round(self.busy_seconds, 4),
             "preemptions": self.preemptions,
+            "drafted_tokens": self.drafted_tokens,
+            "accepted_tokens": self.accepted_tokens,
         }
