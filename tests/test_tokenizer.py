@@ -385,3 +385,48 @@ def test_from_folder_without_tokenizer_json(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"")
     with pytest.raises(TokenizerError, match="no tokenizer.json in"):
         Tokenizer.from_folder(tmp_path)
+
+
+# --- raw bytes of single tokens ----------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["smollm2", "qwen"])
+def test_token_bytes_rebuild_the_utf8_text(which, request):
+    """Byte-level BPE: a token may hold part of a UTF-8 character (decode gives U+FFFD for it
+    alone); its bytes, concatenated over the sequence, are the text's UTF-8 exactly."""
+    tokenizer = request.getfixturevalue(which)
+    split = 0
+    for text in CORPUS:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode("utf-8"), text
+        split += sum("\ufffd" in tokenizer.decode([i]) for i in ids)
+    assert split > 0  # the corpus has tokens that split a character
+    im_end = tokenizer.backend.token_to_id("<|im_end|>")
+    assert tokenizer.token_bytes(im_end) == b"<|im_end|>"  # a control token: its text
+
+
+def test_token_bytes_of_sentencepiece_byte_fallback_pieces():
+    """SentencePiece-style vocabularies spell a space as U+2581 and bytes without a piece of
+    their own as <0xE3>-style tokens (the decoder joins those bytes into characters)."""
+    from tokenizers import decoders, models
+
+    vocab = {"<unk>": 0, "\u2581Hi": 1, "<0xE6>": 2, "<0x9D>": 3, "<0xB1>": 4, "!": 5}
+    backend = tokenizers.Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tokenizer = Tokenizer(backend, bos_token_id=None, eos_token_ids=set(), add_bos_token=False,
+                          chat_templates={})
+    ids = [1, 2, 3, 4, 5]
+    assert tokenizer.decode([0, *ids]) == "<unk> Hi東!"
+    assert [tokenizer.token_bytes(i) for i in ids] == [b" Hi", b"\xe6", b"\x9d", b"\xb1", b"!"]
+    assert b"".join(tokenizer.token_bytes(i) for i in ids).decode() == " Hi東!"
+    assert tokenizer.decode([2]) == "\ufffd"  # what the old logprobs bytes were made of
+
+
+def test_token_bytes_of_silent_tokens_is_empty():
+    metadata = _byte_vocab_metadata("qwen2", extra_tokens=["[PAD0]"])
+    metadata["tokenizer.ggml.token_type"][256] = 5
+    tokenizer = Tokenizer.from_gguf_metadata(metadata)
+    assert tokenizer.token_bytes(256) == b""
+    assert tokenizer.token_bytes(tokenizer.encode("a", add_special_tokens=False)[0]) == b"a"
+    with pytest.raises(TokenizerError, match="outside the vocabulary"):
+        tokenizer.token_bytes(10_000)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,10 @@ class Tokenizer:
         self._bos_token = bos_token
         self._eos_token = eos_token
         self._silent_token_ids = frozenset(silent_token_ids)
+        self._added_text = {token_id: token.content
+                            for token_id, token in backend.get_added_tokens_decoder().items()}
+        self._token_bytes: dict[int, bytes] = {}
+        self._piece_to_bytes = None  # made on first use (see token_bytes)
 
     # --- sources ---
 
@@ -326,6 +331,30 @@ class Tokenizer:
             raise TokenizerError(f"token id {id} is outside the vocabulary ({self.vocab_size})")
         return piece
 
+    def token_bytes(self, id: int) -> bytes:
+        """The raw bytes one token stands for, as it sits inside a longer text: concatenated over
+        a sequence of ids, they are the UTF-8 of its decoded text. Unlike `decode([id])`, a token
+        holding part of a UTF-8 character gives those bytes (not U+FFFD), and a SentencePiece
+        token keeps its leading space. Control and added tokens give their text; silent ids none.
+        """
+        cached = self._token_bytes.get(id)
+        if cached is not None:
+            return cached
+        if id in self._silent_token_ids:
+            raw = b""
+        else:
+            added = self._added_text.get(id)
+            if added is not None:
+                raw = added.encode("utf-8")
+            else:
+                if self._piece_to_bytes is None:
+                    self._piece_to_bytes = _piece_decoder(self._backend)
+                raw = self._piece_to_bytes(self.token_to_str(id))
+                if raw is None:  # a decoder we do not model: its text is the best we have
+                    raw = self.decode([id]).encode("utf-8")
+        self._token_bytes[id] = raw
+        return raw
+
     # --- chat ---
 
     @property
@@ -353,6 +382,68 @@ class Tokenizer:
     def backend(self) -> tokenizers.Tokenizer:
         """The wrapped `tokenizers.Tokenizer` (no post-processor; BOS is handled by encode())."""
         return self._backend
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: each printable stand-in character -> its byte
+    (`bytes_to_unicode` of GPT-2's encoder.py, which every byte-level BPE shares)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_FALLBACK_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _piece_decoder(backend: tokenizers.Tokenizer):
+    """A function from a vocabulary piece to its bytes (None where it cannot tell), after the
+    tokenizer's decoder: ByteLevel (GPT-2's byte alphabet), or SentencePiece-style pieces
+    (`<0xE3>` byte-fallback tokens, U+2581 for a space). Decoder steps that only act at the start
+    of a whole text (Strip) do not apply to a token inside one."""
+    decoder = backend.decoder
+    spec = json.loads(decoder.__getstate__()) if decoder is not None else None
+    steps = (spec.get("decoders") or []) if spec and spec.get("type") == "Sequence" else [spec] if spec else []
+    kinds = {step.get("type") for step in steps}
+    if "ByteLevel" in kinds:
+        table = _gpt2_byte_decoder()
+
+        def byte_level(piece: str) -> bytes | None:
+            try:
+                return bytes(table[ch] for ch in piece)
+            except KeyError:  # not spelled in the byte alphabet
+                return None
+
+        return byte_level
+    if not kinds <= {"Replace", "ByteFallback", "Fuse", "Strip", "Metaspace"}:
+        return lambda piece: None
+    replaces = []
+    for step in steps:
+        if step.get("type") == "Replace" and isinstance(step.get("pattern"), dict) \
+                and "String" in step["pattern"]:
+            replaces.append((step["pattern"]["String"], step.get("content", "")))
+        elif step.get("type") == "Metaspace":
+            replaces.append((step.get("replacement", "\u2581"), " "))
+        elif step.get("type") == "Replace":  # a regex pattern: not modelled
+            return lambda piece: None
+    byte_fallback = "ByteFallback" in kinds
+
+    def pieces(piece: str) -> bytes | None:
+        if byte_fallback:
+            match = _BYTE_FALLBACK_PIECE.fullmatch(piece)
+            if match:
+                return bytes([int(match.group(1), 16)])
+        for old, new in replaces:
+            piece = piece.replace(old, new)
+        return piece.encode("utf-8")
+
+    return pieces
 
 
 # ---------------------------------------------------------------------------------------------
