@@ -197,6 +197,18 @@ def test_bad_chat_requests(server, name, kwargs, status, param):
         assert body["error"]["code"] == "context_length_exceeded"
 
 
+@pytest.mark.parametrize("data", [b"[" * 60_000, b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": '
+                                  + b"1" * 5000 + b"}"], ids=["nested too deep", "integer of 5000 digits"])
+def test_json_that_python_cannot_read_is_not_valid_json(server, data):
+    """Nesting deeper than the parser recurses, or an integer longer than Python converts:
+    the body is refused like any other bad JSON (not a 503, and no field is to blame)."""
+    url, _ = server
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        status, body = raw(url + path, data=data)
+        assert (status, body["error"]) == (400, {"message": "request body is not valid JSON",
+                                                 "type": "invalid_request_error", "param": None, "code": None})
+
+
 @pytest.mark.parametrize("name,body,status,param", BAD_COMPLETIONS, ids=[b[0] for b in BAD_COMPLETIONS])
 def test_bad_completion_requests(server, name, body, status, param):
     url, _ = server
@@ -260,6 +272,13 @@ def test_a_bug_is_an_openai_shaped_500_and_the_server_goes_on(tiny_model_dir):
     live = LiveServer(create_app(engine, MODEL))
     try:
         engine.submit = lambda request, loop, **_: {}["a bug"]  # any unexpected exception
+        status, body = raw(live.url + "/completions", {"prompt": "hi"}, key=None)
+        assert status == 500 and body["error"]["type"] == "server_error"
+
+        def runtime_error(request, loop, **_):
+            raise RuntimeError("a bug")
+
+        engine.submit = runtime_error  # a RuntimeError while the engine runs is a bug, not a 503
         status, body = raw(live.url + "/completions", {"prompt": "hi"}, key=None)
         assert status == 500 and body["error"]["type"] == "server_error"
 

@@ -54,7 +54,9 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
                 raise wire.APIError(413, f"request body larger than {max_body_bytes} bytes")
         try:
             parsed = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):
+            # ValueError: bad JSON or bad UTF-8, or an integer of more digits than Python converts
+            # (4300); RecursionError: arrays or objects nested deeper than the parser goes.
             raise wire.APIError(400, "request body is not valid JSON") from None
         try:
             # JSON lets a string hold half of a UTF-16 pair ("\ud800"), which is no text at all.
@@ -73,11 +75,16 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
                                 code="invalid_api_key")
 
     async def completions(request: HTTPRequest, kind: str):
-        streams = []
         try:
             check_key(request)
             body = await read_json(request)
             c = wire.parse_request(body, kind, tokenizer, loaded.context_length, served_model)
+        except wire.APIError as exc:
+            return error(exc)
+        except Exception:
+            return internal_error()  # a bug: answered in OpenAI's shape, the server goes on
+        streams = []
+        try:
             loop = asyncio.get_running_loop()
             scoring = c.params.top_logprobs if c.echo and c.params.logprobs else None
             for prompt in c.prompts:
@@ -85,17 +92,17 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
                 streams.append(engine.submit(Request(prompt, c.params, prompt_logprobs=scoring,
                                                      score_only=c.score_only), loop, on_finish=metrics.record))
         except Exception as exc:
+            # Only the engine's own refusals are the client's or the server's state; anything
+            # else raised here is a bug.
             for stream in streams:  # a multi-prompt request is refused whole
                 stream.cancel()
-            if isinstance(exc, wire.APIError):
-                return error(exc)
             if isinstance(exc, ServerBusy):
                 return error(wire.APIError(429, str(exc), type="rate_limit_error", code="server_busy"))
-            if isinstance(exc, ValueError):  # refused by the engine: the prompt cannot fit its KV budget
+            if isinstance(exc, ValueError):  # the prompt cannot fit the engine's KV budget
                 return error(wire.APIError(400, str(exc), param="messages" if kind == "chat" else "prompt"))
-            if isinstance(exc, RuntimeError):  # the engine is not running
+            if isinstance(exc, RuntimeError) and not engine.alive:  # the engine has stopped
                 return error(wire.APIError(503, str(exc), type="server_error"))
-            return internal_error()  # a bug: answered in OpenAI's shape, the server goes on
+            return internal_error()
         if c.stream:
             return StreamingResponse(_stream(c, streams, tokenizer), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
