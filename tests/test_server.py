@@ -407,6 +407,44 @@ def test_disconnect_while_waiting_for_a_whole_answer_cancels_the_request(server)
     assert engine.stats()["decode_tokens"] - before < 1000  # cancelled, not run to its end
 
 
+def test_a_client_gone_while_sending_its_body_is_a_cancelled_request(tiny_model_dir):
+    """Content-Length promises more than the client sends before it hangs up: nobody is left
+    to answer, and that is no server error (no 500, no traceback in the log)."""
+    import logging
+    import socket
+
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    app = create_app(ScriptedEngine(loaded, ["fine"]), MODEL)
+    handled, statuses, logged = threading.Event(), [], []
+
+    async def watched(scope, receive, send):
+        async def record(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+            await send(message)
+
+        await app(scope, receive, record)
+        if scope["type"] == "http":
+            handled.set()
+
+    handler = logging.Handler()
+    handler.emit = logged.append
+    logger = logging.getLogger("mlxserve.server")
+    logger.addHandler(handler)
+    live = LiveServer(watched)
+    try:
+        host, port = live.base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as conn:
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b'Content-Length: 1000\r\n\r\n{"prompt": "a')
+        assert handled.wait(30), "the request was never handled"
+        assert statuses == [499] and logged == []
+        assert raw(live.url + "/completions", {"prompt": "hi"}, key=None)[0] == 200
+    finally:
+        logger.removeHandler(handler)
+        live.stop()
+
+
 def test_abort_all_ends_requests_in_flight_with_503(tiny_model_dir):
     from mlxserve.engine import SHUTTING_DOWN
 

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request as HTTPRequest
+from starlette.requests import ClientDisconnect, Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -81,6 +81,8 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             c = wire.parse_request(body, kind, tokenizer, loaded.context_length, served_model)
         except wire.APIError as exc:
             return error(exc)
+        except ClientDisconnect:  # the client went away before it had sent its whole body
+            return Response(status_code=499)
         except Exception:
             return internal_error()  # a bug: answered in OpenAI's shape, the server goes on
         streams = []
