@@ -337,6 +337,38 @@ def test_unknown_route_and_method_are_openai_errors(server):
     assert status == 405 and "error" in body
 
 
+def test_a_request_being_parsed_holds_up_no_other_stream(server, monkeypatch):
+    """Reading a request (its template and tokenization: seconds for a body of megabytes) is
+    done off the event loop: while one is stuck there, another request streams to its end."""
+    from mlxserve import openai_api
+
+    url, _ = server
+    parsing, release = threading.Event(), threading.Event()
+    parse_request = openai_api.parse_request
+
+    def slow_parse(body, *args):
+        if body.get("user") == "slow":
+            parsing.set()
+            release.wait()
+        return parse_request(body, *args)
+
+    monkeypatch.setattr(openai_api, "parse_request", slow_parse)
+    streamed = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0, ignore_eos=True, stream=True)
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(raw, url + "/v1/completions", {"prompt": "x", "max_tokens": 2, "user": "slow"})
+        try:
+            assert parsing.wait(30), "the slow request never reached parsing"
+            req = urllib.request.Request(url + "/v1/completions", data=json.dumps(streamed).encode(), method="POST",
+                                         headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+            with urllib.request.urlopen(req, timeout=30) as r:  # times out if the event loop is stuck
+                events = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+            assert not slow.done()  # still parsing all along
+        finally:
+            release.set()
+        assert slow.result(timeout=60)[0] == 200
+
+
 def test_server_still_serves_after_errors(server, client):
     url, _ = server
     for _ in range(3):

@@ -16,6 +16,7 @@ import socket
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -43,7 +44,7 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
     def error(exc: wire.APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
 
-    async def read_json(request: HTTPRequest) -> object:
+    async def read_body(request: HTTPRequest) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
             raise wire.APIError(413, f"request body larger than {max_body_bytes} bytes")
@@ -52,6 +53,15 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             body += part
             if len(body) > max_body_bytes:
                 raise wire.APIError(413, f"request body larger than {max_body_bytes} bytes")
+        return body
+
+    def parse(body: bytes, kind: str) -> wire.Completion:
+        """The request in a body: JSON, then chat template and tokenization. Runs in a worker
+        thread, so that the event loop (every other stream) goes on while a body of megabytes
+        is read."""
+        return wire.parse_request(read_json(body), kind, tokenizer, loaded.context_length, served_model)
+
+    def read_json(body: bytes) -> object:
         try:
             parsed = json.loads(body)
         except (ValueError, RecursionError):
@@ -77,8 +87,7 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
     async def completions(request: HTTPRequest, kind: str):
         try:
             check_key(request)
-            body = await read_json(request)
-            c = wire.parse_request(body, kind, tokenizer, loaded.context_length, served_model)
+            c = await run_in_threadpool(parse, await read_body(request), kind)
         except wire.APIError as exc:
             return error(exc)
         except ClientDisconnect:  # the client went away before it had sent its whole body
