@@ -172,6 +172,10 @@ BAD = [
     ("tool_choice named without tools", dict(body={"messages": [{"role": "user", "content": "x"}],
                                                    "tool_choice": {"type": "function", "function": {"name": "f"}}}),
      400, "tool_choice"),
+    ("tool call arguments nested too deep", dict(body={"messages": [{"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "[" * 30_000}}]}]}), 400, "messages"),
+    ("tool call arguments with a 5000-digit integer", dict(body={"messages": [{"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "1" * 5000}}]}]}), 400, "messages"),
     ("tool parameters not an object", dict(body={"messages": [{"role": "user", "content": "x"}], "tools": [
         {"type": "function", "function": {"name": "f", "parameters": "x"}}]}), 400, "tools"),
 ]
@@ -195,6 +199,18 @@ def test_bad_chat_requests(server, name, kwargs, status, param):
         assert body["error"]["param"] == param
     if name == "over context":
         assert body["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                                   "repetition_penalty"])
+def test_an_integer_too_large_for_a_float_is_a_400_naming_the_field(server, field):
+    url, _ = server
+    huge = 10**400
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], field: huge}),
+                       ("/v1/completions", {"prompt": "x", field: -huge})):
+        status, answer = raw(url + path, body)
+        assert (status, answer["error"]["param"]) == (400, field), answer
+        assert field in answer["error"]["message"]
 
 
 @pytest.mark.parametrize("data", [b"[" * 60_000, b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": '

@@ -105,13 +105,13 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
         raise APIError(400, "'stop' must be a string or a list of strings", param="stop")
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=float(body.get("temperature", 1.0)),
-        top_p=float(body.get("top_p", 1.0)),
+        temperature=_float(body, "temperature", 1.0),
+        top_p=_float(body, "top_p", 1.0),
         top_k=body.get("top_k", 0),
-        min_p=float(body.get("min_p", 0.0)),
-        presence_penalty=float(body.get("presence_penalty", 0.0)),
-        frequency_penalty=float(body.get("frequency_penalty", 0.0)),
-        repetition_penalty=float(body.get("repetition_penalty", 1.0)),
+        min_p=_float(body, "min_p", 0.0),
+        presence_penalty=_float(body, "presence_penalty", 0.0),
+        frequency_penalty=_float(body, "frequency_penalty", 0.0),
+        repetition_penalty=_float(body, "repetition_penalty", 1.0),
         seed=body.get("seed"),
         stop=stop,
         ignore_eos=bool(body.get("ignore_eos", False)),
@@ -131,6 +131,15 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
     options = body.get("stream_options") or {}
     return Completion(kind, prompts, params, bool(body.get("stream", False)),
                       bool(options.get("include_usage")), model, tools_enabled, echo, score_only)
+
+
+def _float(body: dict, name: str, default: float) -> float:
+    """A number field as a float; JSON integers have no size limit, floats do."""
+    try:
+        return float(body.get(name, default))
+    except OverflowError:
+        raise APIError(400, f"{name}: must be a number in range, got an integer too large for one "
+                            f"({len(str(body[name]))} digits)", param=name) from None
 
 
 def _tools(body: dict) -> list | None:
@@ -228,7 +237,7 @@ def _normalize_message(message: dict) -> dict:
             if isinstance(arguments, str):
                 try:
                     arguments = json.loads(arguments or "{}")
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):  # also nested too deep, or too long an integer
                     raise APIError(400, "tool_calls arguments must be JSON", param="messages") from None
             calls.append({**call, "function": {**fn, "arguments": arguments}})
         m["tool_calls"] = calls
