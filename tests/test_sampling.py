@@ -168,6 +168,39 @@ def test_penalties_match_formulas_in_a_mixed_batch():
     np.testing.assert_allclose(out, expected, rtol=1e-6)
 
 
+# --- logit bias ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias, expected", [(0.7, 0), (0.9, 1)])
+def test_logit_bias_is_added_to_the_logit_of_greedy_rows_too(bias, expected):
+    # 1.2 + 0.7 = 1.9 < 2.0 but 1.2 + 0.9 = 2.1 > 2.0; temperature 0 is no way around the bias
+    assert greedy_pick([2.0, 1.2, -5.0], state(temperature=0, logit_bias=((1, bias),))) == expected
+
+
+def test_logit_bias_of_minus_100_bans_and_100_forces_a_token_per_row():
+    banned = ((0, -100.0), (1, -100.0), (3, -100.0))
+    assert draws(LOGITS, logit_bias=banned) == {2}
+    assert draws(LOGITS, n=500, temperature=1.5, logit_bias=((3, 100.0),)) == {3}
+    logits = mx.array([[2.0, 1.0, 0.5, 0.0]] * 4)
+    rows = [state(temperature=0, logit_bias=((2, 100.0),)), state(temperature=0),
+            state(seed=1, logit_bias=banned), state(seed=2, logit_bias=((9999, 50.0),))]  # an id past the logits
+    assert np.array(sampler.sample(logits, rows).tokens).tolist()[:3] == [2, 0, 2]
+
+
+def test_logit_bias_applies_to_speculative_positions():
+    """A draft's positions are drawn through RowSamplingState.ahead: the same params, the bias with them."""
+    row = state(temperature=0, logit_bias=((1, 5.0),))
+    out = sampler.sample(mx.array([[2.0, 1.0, 0.0]] * 3), [row, row.ahead(1), row.ahead(2)])
+    assert np.array(out.tokens).tolist() == [1, 1, 1]
+
+
+def test_logprobs_stay_those_of_the_raw_distribution_under_a_bias():
+    logits = np.array([[0.5, 1.5, -1.0]], dtype=np.float32)
+    out = sampler.sample(mx.array(logits), [state(temperature=0, logprobs=True, logit_bias=((2, 10.0),))])
+    assert int(out.tokens[0]) == 2
+    np.testing.assert_allclose(float(out.logprobs[0]), log_softmax(logits)[0, 2], atol=1e-5)
+
+
 # --- seeds and rollback --------------------------------------------------------------------
 
 FLAT = mx.zeros((1, 1000))
@@ -269,7 +302,8 @@ def test_mixed_batch_in_one_call():
 def test_defaults_are_valid():
     SamplingParams().validate()
     SamplingParams(temperature=0, top_p=0.01, top_k=1, min_p=1.0, presence_penalty=-2,
-                   frequency_penalty=2, seed=-3, stop=("x",) * 16, logprobs=True, top_logprobs=20).validate()
+                   frequency_penalty=2, seed=-3, stop=("x",) * 16, logprobs=True, top_logprobs=20,
+                   logit_bias=((0, -100), (5, 100.0))).validate()
 
 
 @pytest.mark.parametrize("field, value", [
@@ -293,6 +327,11 @@ def test_defaults_are_valid():
     ("stop_token_ids", (-1,)),
     ("top_logprobs", 21),
     ("top_logprobs", -1),
+    ("logit_bias", ((1, 100.5),)),
+    ("logit_bias", ((1, math.nan),)),
+    ("logit_bias", ((-1, 1.0),)),
+    ("logit_bias", ((1.0, 1.0),)),
+    ("logit_bias", ((1,),)),
 ])
 def test_validate_rejects_with_field_name(field, value):
     extra = {"logprobs": True} if field == "top_logprobs" else {}

@@ -12,6 +12,7 @@ import pytest
 
 from mlxserve.engine import Engine, EngineConfig
 from mlxserve.loader import load_model
+from mlxserve.sampling import SamplingParams
 from live_server import SCRIPT, LiveServer, ScriptedEngine, ScriptedStream, free_port
 from mlxserve.server import create_app
 
@@ -179,8 +180,37 @@ BAD = [
     ("tool parameters not an object", dict(body={"messages": [{"role": "user", "content": "x"}], "tools": [
         {"type": "function", "function": {"name": "f", "parameters": "x"}}]}), 400, "tools"),
 ]
+X = [{"role": "user", "content": "x"}]
+BAD += [
+    ("response_format json_object", dict(body={"messages": X, "response_format": {"type": "json_object"}}), 400,
+     "response_format"),
+    ("response_format json_schema", dict(body={"messages": X, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}), 400, "response_format"),
+    ("response_format unknown type", dict(body={"messages": X, "response_format": {"type": "xml"}}), 400,
+     "response_format"),
+    ("response_format no type", dict(body={"messages": X, "response_format": {}}), 400, "response_format"),
+    ("response_format a string", dict(body={"messages": X, "response_format": "json"}), 400, "response_format"),
+    ("logit_bias a list", dict(body={"messages": X, "logit_bias": [[1, 2]]}), 400, "logit_bias"),
+    ("logit_bias key not an id", dict(body={"messages": X, "logit_bias": {"the": 5}}), 400, "logit_bias"),
+    ("logit_bias negative id", dict(body={"messages": X, "logit_bias": {"-1": 5}}), 400, "logit_bias"),
+    ("logit_bias id past the vocabulary", dict(body={"messages": X, "logit_bias": {"100000": 5}}), 400, "logit_bias"),
+    ("logit_bias id of 5000 digits", dict(body={"messages": X, "logit_bias": {"9" * 5000: 5}}), 400, "logit_bias"),
+    ("logit_bias over 100", dict(body={"messages": X, "logit_bias": {"5": 100.5}}), 400, "logit_bias"),
+    ("logit_bias huge", dict(body={"messages": X, "logit_bias": {"5": -10**400}}), 400, "logit_bias"),
+    ("logit_bias value a string", dict(body={"messages": X, "logit_bias": {"5": "1"}}), 400, "logit_bias"),
+    ("logit_bias value a bool", dict(body={"messages": X, "logit_bias": {"5": True}}), 400, "logit_bias"),
+    ("best_of two", dict(body={"messages": X, "best_of": 2}), 400, "best_of"),
+    ("best_of a string", dict(body={"messages": X, "best_of": "1"}), 400, "best_of"),
+]
 BAD_COMPLETIONS = [
     ("no prompt", {"model": MODEL}, 400, "prompt"),
+    ("suffix", {"prompt": "def f(", "suffix": "    return 1\n"}, 400, "suffix"),
+    ("suffix not a string", {"prompt": "x", "suffix": 5}, 400, "suffix"),
+    ("best_of three", {"prompt": "x", "best_of": 3}, 400, "best_of"),
+    ("best_of zero", {"prompt": "x", "best_of": 0}, 400, "best_of"),
+    ("response_format json_object", {"prompt": "x", "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ("logit_bias out of range", {"prompt": "x", "logit_bias": {"1": -101}}, 400, "logit_bias"),
     ("empty prompt list", {"prompt": []}, 400, "prompt"),
     ("prompt wrong type", {"prompt": 5}, 400, "prompt"),
     ("token id out of range", {"prompt": [1, 10**9]}, 400, "prompt"),
@@ -199,6 +229,31 @@ def test_bad_chat_requests(server, name, kwargs, status, param):
         assert body["error"]["param"] == param
     if name == "over context":
         assert body["error"]["code"] == "context_length_exceeded"
+    if name.startswith("response_format json"):
+        assert "is not supported by this server" in body["error"]["message"]
+
+
+def test_parameters_that_change_nothing_are_accepted(server):
+    url, _ = server
+    for path, body in (("/v1/chat/completions", {"messages": X, "response_format": {"type": "text"}, "best_of": 1}),
+                       ("/v1/completions", {"prompt": "x", "suffix": "", "best_of": 1, "logit_bias": {}})):
+        status, answer = raw(url + path, {**body, "max_tokens": 2})
+        assert status == 200, answer
+
+
+def test_logit_bias_steers_greedy_and_sampled_answers(server):
+    url, engine = server
+    tokenizer = engine.loaded.tokenizer
+    (forced,) = tokenizer.encode(" time", add_special_tokens=False)
+    for temperature in (0, 1.0):
+        status, body = raw(url + "/v1/completions", {"prompt": "Hello", "max_tokens": 4, "temperature": temperature,
+                                                     "ignore_eos": True, "logit_bias": {str(forced): 100}})
+        assert status == 200 and body["choices"][0]["text"] == " time" * 4, body
+    greedy = {"prompt": [5, 6, 7], "max_tokens": 1, "temperature": 0, "ignore_eos": True}
+    (first,) = engine.generate([5, 6, 7], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))[-1].token_ids
+    assert raw(url + "/v1/completions", greedy)[1]["choices"][0]["text"] == tokenizer.decode([first])
+    status, body = raw(url + "/v1/completions", {**greedy, "logit_bias": {str(first): -100}})
+    assert status == 200 and body["choices"][0]["text"] != tokenizer.decode([first])
 
 
 @pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
@@ -238,7 +293,7 @@ def test_null_fields_mean_their_defaults(server, client):
     nulls = dict.fromkeys(["temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                            "repetition_penalty", "n", "seed", "stop", "logprobs", "top_logprobs",
                            "max_completion_tokens", "stream", "stream_options", "tools", "tool_choice",
-                           "chat_template_kwargs", "user"])
+                           "chat_template_kwargs", "user", "response_format", "logit_bias", "suffix", "best_of"])
     status, body = raw(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
                                                       "max_tokens": 3, "ignore_eos": True, **nulls})
     assert status == 200, body

@@ -44,6 +44,7 @@ _FIELD_TYPES = {
     "frequency_penalty": (int, float), "repetition_penalty": (int, float), "seed": int, "n": int,
     "stream": bool, "logprobs": (bool, int), "top_logprobs": int, "user": str, "stream_options": dict,
     "chat_template_kwargs": dict, "ignore_eos": bool, "tools": list, "echo": bool,
+    "response_format": dict, "logit_bias": dict, "suffix": str, "best_of": int,
 }
 
 
@@ -63,6 +64,12 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
                        type="invalid_request_error", param="model", code="model_not_found")
     if body.get("n", 1) != 1:
         raise APIError(400, "only n=1 is supported", param="n")
+    if body.get("best_of", 1) != 1:  # the best of several answers: n is 1, so best_of can only be 1
+        raise APIError(400, "only best_of=1 is supported", param="best_of")
+    if body.get("suffix"):
+        raise APIError(400, "suffix (text to follow the completion, for insertion) is not supported by this "
+                            "server", param="suffix")
+    _check_response_format(body.get("response_format"))
 
     tools_enabled = False
     if kind == "chat":
@@ -117,6 +124,7 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
         ignore_eos=bool(body.get("ignore_eos", False)),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
+        logit_bias=_logit_bias(body.get("logit_bias"), tokenizer.vocab_size),
     )
     try:
         params.validate()
@@ -131,6 +139,42 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
     options = body.get("stream_options") or {}
     return Completion(kind, prompts, params, bool(body.get("stream", False)),
                       bool(options.get("include_usage")), model, tools_enabled, echo, score_only)
+
+
+def _check_response_format(value: dict | None) -> None:
+    """Plain text is all this server writes: a JSON mode would need constrained decoding."""
+    if value is None:
+        return
+    kind = value.get("type")
+    if kind == "text":
+        return
+    if kind in ("json_object", "json_schema"):
+        raise APIError(400, f"response_format {kind!r} is not supported by this server (it has no constrained "
+                            "decoding); leave response_format out or use {'type': 'text'}", param="response_format")
+    raise APIError(400, "response_format must be {'type': 'text'} (json_object and json_schema are not supported "
+                        "by this server)", param="response_format")
+
+
+def _logit_bias(value: dict | None, vocab: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]} -> sorted (id, bias) pairs."""
+    if not value:
+        return ()
+    bias = {}
+    for key, number in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= len(str(vocab)) and int(key) < vocab):
+            raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab}) written as strings, got "
+                                f"{_short(key)!r}", param="logit_bias")
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not (-100 <= number <= 100):
+            raise APIError(400, f"logit_bias values must be numbers in [-100, 100], got {_short(number)} for token "
+                                f"{key}", param="logit_bias")
+        bias[int(key)] = float(number)
+    return tuple(sorted(bias.items()))
+
+
+def _short(value: object, limit: int = 40) -> str:
+    """A value for an error message, cut short."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _float(body: dict, name: str, default: float) -> float:

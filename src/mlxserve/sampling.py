@@ -6,10 +6,11 @@ row. Every row carries its own `SamplingParams`, so greedy, nucleus and seeded r
 Processing order, per row:
 
 1. penalties on the raw logits (repetition, then frequency and presence);
-2. greedy rows (temperature 0) take the argmax here;
-3. temperature;
-4. top-k, then top-p (on the renormalised top-k distribution), then min-p;
-5. one draw by the Gumbel-max trick: ``argmax(logits + Gumbel noise)`` is an exact sample of
+2. ``logit_bias`` (OpenAI): each listed token's bias is added to its logit;
+3. greedy rows (temperature 0) take the argmax here;
+4. temperature;
+5. top-k, then top-p (on the renormalised top-k distribution), then min-p;
+6. one draw by the Gumbel-max trick: ``argmax(logits + Gumbel noise)`` is an exact sample of
    ``softmax(logits)`` and lets every row use its own random key in one batched op.
 
 Penalty windows:
@@ -27,7 +28,7 @@ so replays the same draws. Unseeded rows get a random seed from a process-level 
 their state is created and are then handled exactly like seeded rows.
 
 Log-probabilities are taken from the raw model distribution, ``log_softmax(logits)`` before
-penalties and temperature, as OpenAI-compatible servers report them.
+penalties, logit bias and temperature, as OpenAI-compatible servers report them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import mlx.core as mx
@@ -72,6 +74,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20, needs logprobs=True
+    # (token id, bias) pairs, each bias in [-100, 100] added to that token's logit (OpenAI's
+    # logit_bias); ids beyond the model's logits are ignored.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def validate(self) -> None:
         """Raise ``ValueError("<field>: <reason>")`` for the first out-of-range field."""
@@ -109,6 +114,10 @@ class SamplingParams:
             fail("top_logprobs", f"must be an integer in 0..{MAX_TOP_LOGPROBS}")
         if self.top_logprobs and not self.logprobs:
             fail("top_logprobs", "needs logprobs=True")
+        if not all(isinstance(pair, tuple) and len(pair) == 2 and _is_int(pair[0]) and pair[0] >= 0
+                   and isinstance(pair[1], (int, float)) and -100.0 <= pair[1] <= 100.0
+                   for pair in self.logit_bias):
+            fail("logit_bias", "must be (token id >= 0, bias in [-100, 100]) pairs")
 
     @property
     def is_greedy(self) -> bool:
@@ -228,12 +237,15 @@ class Sampler:
         params = [r.params for r in rows]
         want_logprobs = any(p.logprobs for p in params)
         penalised = any(p.has_penalties for p in params)
-        if not want_logprobs and not penalised and all(p.is_greedy for p in params):
+        biased = any(p.logit_bias for p in params)
+        if not want_logprobs and not penalised and not biased and all(p.is_greedy for p in params):
             return SampleResult(mx.argmax(logits, axis=-1).astype(mx.int32), None, None, None)
 
         x = logits.astype(mx.float32)
         if penalised:
             x = _apply_penalties(x, rows)
+        if biased:
+            x = _apply_logit_bias(x, params)
 
         sampled = [i for i, p in enumerate(params) if not p.is_greedy]
         if len(sampled) == len(rows):
@@ -302,6 +314,33 @@ def _apply_penalties(x: mx.array, rows: list[RowSamplingState]) -> mx.array:
     if any(p.presence_penalty != 0.0 for p in params):
         x = x - _column([p.presence_penalty for p in params]) * (counts > 0)
     return x
+
+
+@lru_cache(maxsize=256)
+def _bias_arrays(logit_bias: tuple[tuple[int, float], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A row's logit_bias as (ids, biases) arrays, made once per distinct bias."""
+    ids = np.fromiter((i for i, _ in logit_bias), dtype=np.int64, count=len(logit_bias))
+    return ids, np.fromiter((b for _, b in logit_bias), dtype=np.float32, count=len(logit_bias))
+
+
+def _apply_logit_bias(x: mx.array, params: list[SamplingParams]) -> mx.array:
+    """Each row's biases added to its logits (one scatter-add for the batch)."""
+    vocab = x.shape[-1]
+    rows, cols, values = [], [], []
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            ids, biases = _bias_arrays(p.logit_bias)
+            inside = ids < vocab  # a tokenizer may count ids the model has no logits for
+            rows.append(np.full(int(inside.sum()), i, dtype=np.int32))
+            cols.append(ids[inside].astype(np.int32))
+            values.append(biases[inside])
+    cols = np.concatenate(cols)
+    if len(cols) == 0:
+        return x
+    bias = mx.zeros(x.shape, dtype=mx.float32)
+    bias = bias.at[mx.array(np.concatenate(rows)), mx.array(cols)].add(
+        mx.array(np.concatenate(values)))
+    return x + bias
 
 
 def _draw(x: mx.array, rows: list[RowSamplingState]) -> mx.array:
