@@ -37,9 +37,10 @@ def test_reasoning_content_and_two_tool_calls_in_any_split(pieces):
 
 @pytest.mark.parametrize("pieces", [1, 5, 40])
 def test_malformed_tool_call_degrades_to_content(pieces):
-    text = 'Hi <tool_call>{"name": "f", "arguments": {oops}}</tool_call> bye'
-    content, thought, calls, parser = run(text, pieces)
-    assert calls == [] and content == text and not parser.saw_tool_call
+    """A call that never showed a name and an arguments object is read whole: bad JSON is text."""
+    for text in ('Hi <tool_call>{oops}</tool_call> bye', 'Hi <tool_call>{"arguments": {oops}, "name": "f"}</tool_call> bye'):
+        content, thought, calls, parser = run(text, pieces)
+        assert calls == [] and content == text and not parser.saw_tool_call and not parser.broken_tool_call
 
 
 def test_unterminated_markup_is_released_at_the_end():
@@ -101,14 +102,100 @@ def test_incremental_streams_arguments_before_the_call_closes():
     first = parser.feed('<tool_call>\n{"name": "search", "arguments": {"query": "mlx')
     assert first.tool_call_parts[0].name == "search"
     assert "".join(p.arguments for p in first.tool_call_parts) == '{"query": "mlx'
-    second = parser.feed(' docs"}')  # the "}" may be the call's own end: held back
-    assert "".join(p.arguments for p in second.tool_call_parts) == ' docs"'
+    second = parser.feed(' docs", "tags": ["a}"]}')  # nesting and strings followed: this "}" ends them
+    assert "".join(p.arguments for p in second.tool_call_parts) == ' docs", "tags": ["a}"]}'
     last = parser.feed("}\n</tool_call>")
-    assert "".join(p.arguments for p in last.tool_call_parts) == "}"
-    assert parser.saw_tool_call
+    assert last.tool_call_parts == []
+    assert parser.saw_tool_call and parser.finish_reason("stop") == "tool_calls"
 
 
 def test_a_name_with_a_bad_escape_falls_back_to_whole_call_parsing():
     text = '<tool_call>{"name": "bad\\q", "arguments": {"a": 1}}</tool_call>'
     content, parts = run_incremental(text, 3)
     assert parts == [] and content == text  # not valid JSON: plain content, no error
+
+
+def both_ways(text, pieces):
+    """(content, calls, finish reason) of `text` parsed whole and streamed in `pieces` random
+    pieces, asserting that they agree; a streamed call is its parts joined by index."""
+    whole = ChatOutputParser(reasoning=True, tools=True)
+    out = whole.feed(text)
+    end = whole.flush()
+    calls = [(c.name, c.arguments) for c in out.tool_calls + end.tool_calls]
+    expected = (out.content + end.content, calls, whole.finish_reason("stop"))
+
+    streaming = ChatOutputParser(reasoning=True, tools=True, incremental=True)
+    content, parts = "", []
+    cuts = sorted(random.Random(pieces).sample(range(1, len(text)), min(pieces, len(text) - 1)))
+    for a, b in zip([0] + cuts, cuts + [len(text)]):
+        out = streaming.feed(text[a:b])
+        assert len({p.index for p in out.tool_call_parts}) == len(out.tool_call_parts)  # one entry per call
+        content, parts = content + out.content, parts + out.tool_call_parts
+    out = streaming.flush()
+    content, parts = content + out.content, parts + out.tool_call_parts
+    streamed = {}
+    for part in parts:
+        if part.id is not None:
+            assert part.index not in streamed  # id and name come first, once
+            streamed[part.index] = [part.name, ""]
+        streamed[part.index][1] += part.arguments
+    assert (content, [tuple(streamed[i]) for i in sorted(streamed)], streaming.finish_reason("stop")) == expected
+    return expected
+
+
+SHAPES = {
+    "well-formed": ('<tool_call>\n{"name": "f", "arguments": {"a": [1, {"b": "}\\""}]}}\n</tool_call>',
+                    [("f", '{"a": [1, {"b": "}\\""}]}')], "tool_calls", ""),
+    "no final brace": ('<tool_call>\n{"name": "f", "arguments": {"a": 1}\n</tool_call>',
+                       [("f", '{"a": 1}')], "tool_calls", ""),
+    "another key after the arguments": ('<tool_call>{"name":"f","arguments":{"a":1}, "x":2}</tool_call>',
+                                        [("f", '{"a":1}')], "tool_calls", ""),
+    "no closing tag at the end": ('<tool_call>{"name": "f", "arguments": {"a": 1}}', [("f", '{"a": 1}')],
+                                  "tool_calls", ""),
+    "text after an unclosed call": ('<tool_call>{"name": "f", "arguments": {}} Done.', [("f", "{}")],
+                                    "tool_calls", "Done."),
+    "bad JSON in the arguments": ('<tool_call>{"name": "f", "arguments": {"code": "print("hi")"}}</tool_call>',
+                                  [("f", '{"code": "print("hi")"}')], "stop", ""),
+    "NaN is no JSON": ('<tool_call>{"name": "f", "arguments": {"a": NaN}}</tool_call>', [("f", '{"a": NaN}')],
+                       "stop", ""),
+    "junk in the call object": ('<tool_call>{"name": "f", "arguments": {"a": 1} oops}</tool_call>',
+                                [("f", '{"a": 1}')], "stop", ""),
+    "the tag inside the arguments": ('<tool_call>{"name": "f", "arguments": {"a": 1</tool_call> then',
+                                     [("f", '{"a": 1')], "stop", "then"),
+    "the answer ends inside the arguments": ('<tool_call>{"name": "f", "arguments": {"a": "unfinish',
+                                             [("f", '{"a": "unfinish')], "stop", ""),
+    "a second call broken": ('<tool_call>{"name": "f", "arguments": {}}</tool_call>\n'
+                             '<tool_call>{"name": "g", "arguments": {"a": tru}}</tool_call>',
+                             [("f", "{}"), ("g", '{"a": tru}')], "stop", ""),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("pieces", [1, 3, 11, 200])
+def test_streamed_and_whole_tool_calls_agree_and_only_valid_json_finishes_with_tool_calls(shape, pieces):
+    text, calls, reason, content = SHAPES[shape]
+    got_content, got_calls, got_reason = both_ways(text, pieces)
+    assert (got_content, got_calls, got_reason) == (content, calls, reason)
+    if got_reason == "tool_calls":
+        assert all(isinstance(json.loads(arguments), dict) for _, arguments in got_calls)
+
+
+def test_streamed_arguments_of_the_qa_pieces():
+    """One piece may finish the head and start the arguments: one entry for the call."""
+    parser = ChatOutputParser(reasoning=False, tools=True, incremental=True)
+    assert parser.feed("<tool_call>").tool_call_parts == []
+    (part,) = parser.feed('\n{"name": "f", "arguments": {"a": 1}').tool_call_parts
+    assert (part.index, part.name, part.arguments) == (0, "f", '{"a": 1}') and part.id
+    assert parser.feed("\n</tool_call>").tool_call_parts == []
+    assert parser.flush().tool_call_parts == [] and parser.finish_reason("stop") == "tool_calls"
+
+
+def test_merge_parts_gives_one_entry_per_call():
+    from mlxserve.chat_output import ToolCallPart, merge_parts
+
+    parts = [ToolCallPart(0, "", "call_a", "f"), ToolCallPart(0, '{"a"'), ToolCallPart(0, ": 1}"),
+             ToolCallPart(1, "{}", "call_b", "g")]
+    merged = merge_parts(parts)
+    assert [(p.index, p.id, p.name, p.arguments) for p in merged] == [(0, "call_a", "f", '{"a": 1}'),
+                                                                     (1, "call_b", "g", "{}")]
+    assert parts[0].arguments == ""  # the input is left alone

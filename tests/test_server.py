@@ -676,6 +676,62 @@ def test_tool_history_and_tool_choice_are_accepted(scripted):
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
 
 
+def _sse_events(url, body):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        lines = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+TOOL_SCRIPTS = {
+    # One piece ends the head and starts the arguments; the call object lacks its final "}".
+    "no final brace": (["<tool_call>", '\n{"name": "f", "arguments": {"a": 1}', "\n</tool_call>"],
+                       [("f", {"a": 1})], "tool_calls"),
+    "a key after the arguments": (["<tool_call>", '{"name":"f","arguments":{"a":1}, "x":2}', "</tool_call>"],
+                                  [("f", {"a": 1})], "tool_calls"),
+    "well-formed": (["<tool_call>", '{"name": "f", "arguments": {"q": "a}b', '", "n": [1, 2]}}', "</tool_call>"],
+                    [("f", {"q": "a}b", "n": [1, 2]})], "tool_calls"),
+    "bad JSON after the head": (["<tool_call>", '{"name": "f", "arguments": {"code": "print("hi")"}}', "</tool_call>"],
+                                [("f", None)], "stop"),
+}
+
+
+@pytest.mark.parametrize("shape", TOOL_SCRIPTS)
+def test_streamed_and_whole_tool_calls_agree(tiny_model_dir, shape):
+    """Whatever the model writes, a stream's tool calls are the whole answer's, one entry per call
+    in a chunk, and finish_reason "tool_calls" only comes with arguments that are JSON objects."""
+    pieces, calls, reason = TOOL_SCRIPTS[shape]
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    live = LiveServer(create_app(ScriptedEngine(loaded, pieces), MODEL))
+    try:
+        request = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": TOOLS}
+        status, whole = raw(live.url + "/chat/completions", request, key=None)
+        assert status == 200, whole
+        choice = whole["choices"][0]
+        got = [(c["function"]["name"], c["function"]["arguments"]) for c in choice["message"]["tool_calls"]]
+        chunks = _sse_events(live.url + "/chat/completions", {**request, "stream": True})
+        streamed, content = {}, ""
+        for chunk in chunks:
+            entries = chunk["choices"][0]["delta"].get("tool_calls") or []
+            assert len({e["index"] for e in entries}) == len(entries), entries  # one entry per call and chunk
+            for e in entries:
+                if "id" in e:
+                    streamed[e["index"]] = [e["function"]["name"], ""]
+                streamed[e["index"]][1] += e["function"]["arguments"]
+            content += chunk["choices"][0]["delta"].get("content") or ""
+        assert [tuple(streamed[i]) for i in sorted(streamed)] == got
+        assert (content or None) == choice["message"]["content"]
+        assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"] == reason
+        for (name, arguments), (want_name, want) in zip(got, calls):
+            assert name == want_name
+            if want is not None:
+                assert json.loads(arguments) == want
+    finally:
+        live.stop()
+
+
 def test_metrics_parse_as_prometheus_text(server, client):
     from prometheus_client.parser import text_string_to_metric_families
 

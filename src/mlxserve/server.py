@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from . import openai_api as wire
-from .chat_output import Parsed, parser_for
+from .chat_output import Parsed, merge_parts, parser_for
 from .engine import SHUTTING_DOWN, Engine
 from .metrics import Metrics
 from .scheduler import Request, ServerBusy
@@ -238,7 +238,7 @@ async def _collect(c: wire.Completion, streams, tokenizer) -> dict:
                 message["reasoning_content"] = parsed.reasoning
             if parsed.tool_calls:
                 message["tool_calls"] = [_tool_call_json(call) for call in parsed.tool_calls]
-            reason = "tool_calls" if parsed.tool_calls else final.finish_reason
+            reason = parser.finish_reason(final.finish_reason)
             choices.append({"index": index, "message": message, "logprobs": lp, "finish_reason": reason})
         else:
             body = "".join(text)
@@ -293,7 +293,7 @@ async def _stream_pieces(c: wire.Completion, streams, tokenizer):
                 parsed = parser.feed(event.text)
                 if reason:
                     parsed = _merge(parsed, parser.flush())
-                    reason = "tool_calls" if parser.saw_tool_call else reason
+                    reason = parser.finish_reason(reason)
                 piece = {"delta": _delta(parsed)}
             if (piece.get("text") or piece.get("delta")) or reason or lp:
                 yield _sse(wire.chunk(c, rid, [{"index": index, **piece, "logprobs": lp, "finish_reason": reason}]))
@@ -331,7 +331,7 @@ def _delta(parsed: Parsed) -> dict:
     if parsed.reasoning:
         delta["reasoning_content"] = parsed.reasoning
     if parsed.tool_call_parts:
-        delta["tool_calls"] = [_tool_call_part_json(part) for part in parsed.tool_call_parts]
+        delta["tool_calls"] = [_tool_call_part_json(part) for part in merge_parts(parsed.tool_call_parts)]
     return delta
 
 
