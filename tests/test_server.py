@@ -732,6 +732,67 @@ def test_streamed_and_whole_tool_calls_agree(tiny_model_dir, shape):
         live.stop()
 
 
+class TokenStream(ScriptedStream):
+    """The engine's events for `text` as the tiny tokenizer splits it, one token each, each
+    with a log-prob and (as top alternatives) itself and the tokens in `alternatives`."""
+
+    def __init__(self, request, tokenizer, text, alternatives=(), finish_reason="length"):
+        super().__init__(request, [])
+        self.tokenizer, self.text, self.alternatives, self.finish_reason = tokenizer, text, alternatives, finish_reason
+
+    async def __aiter__(self):
+        from mlxserve.detokenizer import IncrementalDetokenizer
+        from mlxserve.scheduler import TokenEvent, TokenLogprob
+
+        ids = self.tokenizer.encode(self.text, add_special_tokens=False)
+        detokenizer = IncrementalDetokenizer(self.tokenizer.decode)
+        for i, token in enumerate(ids):
+            last = i == len(ids) - 1
+            text = detokenizer.add(token) + (detokenizer.flush() if last else "")
+            top = [(token, -0.5)] + [(t, -1.0 - j) for j, t in enumerate(self.alternatives) if t != token]
+            yield TokenEvent("scripted", [token], text, [TokenLogprob(token, -0.5, top)],
+                             finish_reason=self.finish_reason if last else None,
+                             prompt_tokens=len(self.request.prompt_ids), completion_tokens=i + 1)
+
+
+def _token_server(loaded, text, **kw):
+    engine = ScriptedEngine(loaded, [])
+    engine.submit = lambda request, loop, **_: TokenStream(request, loaded.tokenizer, text, **kw)
+    return LiveServer(create_app(engine, MODEL))
+
+
+def test_logprob_bytes_of_tokens_that_split_a_character(tiny_model_dir):
+    """A token may hold part of a UTF-8 character: its `bytes` are its own raw bytes (joined,
+    the answer's UTF-8), its `token` OpenAI's "bytes:\\x.." spelling, and legacy top_logprobs
+    keep such tokens apart (all of them used to be "\ufffd")."""
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    tokenizer = loaded.tokenizer
+    text = "Tokyo: 東京 😀!"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    partial = [t for t in ids if "\ufffd" in tokenizer.decode([t])]
+    assert len(set(partial)) >= 2  # the tiny vocabulary splits these characters
+    live = _token_server(loaded, text, alternatives=partial)
+    try:
+        request = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 3}
+        status, whole = raw(live.url + "/chat/completions", request, key=None)
+        assert status == 200 and whole["choices"][0]["message"]["content"] == text
+        chunks = _sse_events(live.url + "/chat/completions", {**request, "stream": True})
+        streamed = [e for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                    for e in c["choices"][0]["logprobs"]["content"]]
+        for content in (whole["choices"][0]["logprobs"]["content"], streamed):
+            assert b"".join(bytes(e["bytes"]) for e in content) == text.encode()
+            assert any(e["token"].startswith("bytes:\\x") for e in content)
+            alternatives = {bytes(top["bytes"]) for e in content for top in e["top_logprobs"]}
+            assert alternatives >= {tokenizer.token_bytes(t) for t in partial}
+        status, legacy = raw(live.url + "/completions", {"prompt": "x", "logprobs": 3}, key=None)
+        lp = legacy["choices"][0]["logprobs"]
+        partial_keys = {k for top in lp["top_logprobs"] for k in top if k.startswith("bytes:")}
+        assert len(partial_keys) == len({tokenizer.token_bytes(t) for t in partial})  # no two collide
+        assert "\ufffd" not in "".join(lp["tokens"])
+    finally:
+        live.stop()
+
+
 def test_metrics_parse_as_prometheus_text(server, client):
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -323,29 +323,40 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     }
 
 
+def token_text(tokenizer, token_id: int) -> str:
+    """A token as text: its bytes read as UTF-8, or, for a token holding part of a character,
+    OpenAI's spelling of those bytes, "bytes:\\xe6\\x9d" (distinct tokens stay distinct, where
+    decoding gives each of them U+FFFD)."""
+    raw = tokenizer.token_bytes(token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 def logprobs_json(kind: str, entries: list, tokenizer) -> dict | None:
-    """Per-token logprobs in the chat format ({"content": [...]}) or the legacy completions one."""
+    """Per-token logprobs in the chat format ({"content": [...]}) or the legacy completions one.
+    `bytes` are each token's raw bytes: joined, they are the text's UTF-8."""
     if entries is None:
         return None
     if kind == "chat":
-        return {"content": [{
-            "token": tokenizer.decode([e.token_id]),
-            "logprob": e.logprob,
-            "bytes": list(tokenizer.decode([e.token_id]).encode()),
-            "top_logprobs": [{"token": tokenizer.decode([t]), "logprob": lp,
-                              "bytes": list(tokenizer.decode([t]).encode())} for t, lp in e.top],
-        } for e in entries]}
+        def one(token_id: int, logprob: float) -> dict:
+            return {"token": token_text(tokenizer, token_id), "logprob": logprob,
+                    "bytes": list(tokenizer.token_bytes(token_id))}
+
+        return {"content": [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                            for e in entries]}
     return {
-        "tokens": [tokenizer.decode([e.token_id]) for e in entries],
+        "tokens": [token_text(tokenizer, e.token_id) for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in e.top} for e in entries],
+        "top_logprobs": [{token_text(tokenizer, t): lp for t, lp in e.top} for e in entries],
     }
 
 
 def echoed_logprobs(prompt: list[int], scores: list, generated: list, tokenizer) -> dict:
     """Completions logprobs for echo: the prompt's tokens (the first has no log-prob) then the
     generated ones, as lm-evaluation-harness reads them."""
-    first = {"tokens": [tokenizer.decode([prompt[0]])], "token_logprobs": [None], "top_logprobs": [None]}
+    first = {"tokens": [token_text(tokenizer, prompt[0])], "token_logprobs": [None], "top_logprobs": [None]}
     rest = logprobs_json("text", list(scores[1:]) + generated, tokenizer)
     return {k: first[k] + rest[k] for k in first}
 
