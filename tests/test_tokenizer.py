@@ -428,5 +428,5 @@ def test_token_bytes_of_silent_tokens_is_empty():
     tokenizer = Tokenizer.from_gguf_metadata(metadata)
     assert tokenizer.token_bytes(256) == b""
     assert tokenizer.token_bytes(tokenizer.encode("a", add_special_tokens=False)[0]) == b"a"
-    with pytest.raises(TokenizerError, match="outside the vocabulary"):
-        tokenizer.token_bytes(10_000)
+    # A model's logits may cover more ids than its vocabulary (padded rows): no text, as decode.
+    assert tokenizer.token_bytes(10_000) == b"" and tokenizer.decode([10_000]) == ""

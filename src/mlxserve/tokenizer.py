@@ -340,8 +340,8 @@ class Tokenizer:
         cached = self._token_bytes.get(id)
         if cached is not None:
             return cached
-        if id in self._silent_token_ids:
-            raw = b""
+        if id in self._silent_token_ids or self._backend.id_to_token(id) is None:
+            raw = b""  # silent, or an id the model has beyond the vocabulary: no text, as decode
         else:
             added = self._added_text.get(id)
             if added is not None:
