@@ -97,6 +97,46 @@ def test_completions_prompt_forms_logprobs_and_stop(client):
     assert stopped.choices[0].finish_reason == "stop" and stop not in stopped.choices[0].text
 
 
+@pytest.mark.parametrize("n", [0, 2])
+def test_legacy_logprobs_format(server, n):
+    """OpenAI's /v1/completions logprobs: `logprobs` alternatives plus the sampled token in each
+    top_logprobs dict (just the sampled one for 0), and each token's text_offset; streamed the same."""
+    url, _ = server
+    body = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0.8, "seed": 3,
+            "ignore_eos": True, "logprobs": n}
+    status, whole = raw(url + "/v1/completions", body)
+    assert status == 200, whole
+    text, lp = whole["choices"][0]["text"], whole["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 12
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert top[token] == logprob and n <= len(top) <= n + 1
+    _assert_text_offsets(text, lp)
+    chunks = _sse_events(url + "/v1/completions", {**body, "stream": True}, key=KEY)
+    streamed = {key: [v for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                      for v in c["choices"][0]["logprobs"][key]] for key in lp}
+    assert streamed == lp
+
+
+def test_legacy_logprobs_text_offset_with_echo(server):
+    url, _ = server
+    prompt = "The capital of France is"
+    status, whole = raw(url + "/v1/completions", {"prompt": prompt, "max_tokens": 5, "temperature": 0,
+                                                  "ignore_eos": True, "logprobs": 1, "echo": True})
+    text, lp = whole["choices"][0]["text"], whole["choices"][0]["logprobs"]
+    assert lp["text_offset"][0] == 0 and lp["top_logprobs"][0] is None
+    assert len(lp["text_offset"]) == len(lp["tokens"]) == len(lp["token_logprobs"]) > 5
+    _assert_text_offsets(text, lp)
+
+
+def _assert_text_offsets(text, lp):
+    """Each token that is text is found at its text_offset (a "bytes:" token holds part of a
+    character); the offsets never go back and stay in the text."""
+    offsets = lp["text_offset"]
+    assert offsets == sorted(offsets) and offsets[-1] <= len(text)
+    plain = [(t, o) for t, o in zip(lp["tokens"], offsets) if not t.startswith("bytes:")]
+    assert plain and all(text.startswith(t, o) for t, o in plain), (text, lp)
+
+
 def test_seed_reproducibility(client):
     kw = dict(model=MODEL, temperature=1.0, max_tokens=16, seed=7, extra_body={"ignore_eos": True})
     a = client.completions.create(prompt="Once upon a time", **kw).choices[0].text
@@ -211,6 +251,10 @@ BAD_COMPLETIONS = [
     ("response_format json_object", {"prompt": "x", "response_format": {"type": "json_object"}}, 400,
      "response_format"),
     ("logit_bias out of range", {"prompt": "x", "logit_bias": {"1": -101}}, 400, "logit_bias"),
+    ("logprobs true", {"prompt": "x", "logprobs": True}, 400, "logprobs"),
+    ("logprobs false", {"prompt": "x", "logprobs": False}, 400, "logprobs"),
+    ("logprobs 21", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("logprobs negative", {"prompt": "x", "logprobs": -1}, 400, "logprobs"),
     ("empty prompt list", {"prompt": []}, 400, "prompt"),
     ("prompt wrong type", {"prompt": 5}, 400, "prompt"),
     ("token id out of range", {"prompt": [1, 10**9]}, 400, "prompt"),
@@ -676,9 +720,12 @@ def test_tool_history_and_tool_choice_are_accepted(scripted):
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
 
 
-def _sse_events(url, body):
+def _sse_events(url, body, key=None):
+    """The JSON events of a streamed answer (the stream must end with [DONE])."""
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
     with urllib.request.urlopen(req, timeout=60) as r:
         lines = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
@@ -789,6 +836,10 @@ def test_logprob_bytes_of_tokens_that_split_a_character(tiny_model_dir):
         partial_keys = {k for top in lp["top_logprobs"] for k in top if k.startswith("bytes:")}
         assert len(partial_keys) == len({tokenizer.token_bytes(t) for t in partial})  # no two collide
         assert "\ufffd" not in "".join(lp["tokens"])
+        # where each token starts: the character its first byte belongs to
+        spelled = [bytes.fromhex(t[6:].replace("\\x", "")) if t.startswith("bytes:") else t.encode() for t in lp["tokens"]]
+        assert b"".join(spelled) == text.encode()
+        assert lp["text_offset"] == [len(b"".join(spelled[:i]).decode("utf-8", "ignore")) for i in range(len(spelled))]
     finally:
         live.stop()
 

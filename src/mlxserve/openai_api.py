@@ -3,12 +3,13 @@ events -> response JSON and stream chunks. The only place that knows the wire fo
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 import uuid
 from dataclasses import dataclass
 
-from .sampling import SamplingParams
+from .sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 
 class APIError(Exception):
@@ -80,10 +81,15 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
         logprobs = bool(body.get("logprobs"))
     else:
         prompts = _text_prompts(body, tokenizer)
-        # /v1/completions: `logprobs` is the number of top alternatives (0..5 in OpenAI's API)
+        # /v1/completions: `logprobs` is the number of top alternatives (0..5 in OpenAI's API;
+        # up to 20 here, as chat's top_logprobs), or null for none.
         raw = body.get("logprobs")
-        logprobs = raw is not None and raw is not False
-        top_logprobs = int(raw) if logprobs and not isinstance(raw, bool) else 0
+        if raw is not None and (isinstance(raw, bool) or not 0 <= raw <= MAX_TOP_LOGPROBS):
+            raise APIError(400, f"'logprobs' of /v1/completions is the number of top alternatives to return, "
+                                f"an integer from 0 to {MAX_TOP_LOGPROBS} (or null for none), got {_short(raw)}",
+                           param="logprobs")
+        logprobs = raw is not None
+        top_logprobs = raw or 0
 
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
@@ -334,9 +340,38 @@ def token_text(tokenizer, token_id: int) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
-def logprobs_json(kind: str, entries: list, tokenizer) -> dict | None:
+class TextOffsets:
+    """Where each token starts in a text, in characters (legacy logprobs' `text_offset`),
+    counted from the tokens' bytes; a token that starts inside a character starts with it."""
+
+    def __init__(self, tokenizer, start: int = 0):
+        self._tokenizer = tokenizer
+        self._decoder = _utf8_decoder()
+        self._chars = start
+
+    def take(self, token_ids: list[int]) -> list[int]:
+        """The offsets of the next tokens of the text."""
+        offsets = []
+        for token_id in token_ids:
+            raw = self._tokenizer.token_bytes(token_id)
+            pending = self._decoder.getstate()[0]  # the start of a character, held back
+            # The token goes on with that character, or the character was never finished (it
+            # is one U+FFFD in the text) and the token starts after it.
+            broken = pending and raw and _utf8_decoder().decode(pending + raw[:1]).startswith("\ufffd")
+            offsets.append(self._chars + 1 if broken else self._chars)
+            self._chars += len(self._decoder.decode(raw))
+        return offsets
+
+
+def _utf8_decoder() -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder("utf-8")("replace")
+
+
+def logprobs_json(kind: str, entries: list, tokenizer, text_offset: list[int] | None = None) -> dict | None:
     """Per-token logprobs in the chat format ({"content": [...]}) or the legacy completions one.
-    `bytes` are each token's raw bytes: joined, they are the text's UTF-8."""
+    `bytes` are each token's raw bytes: joined, they are the text's UTF-8. Legacy: `top_logprobs`
+    holds the top alternatives and the sampled token (OpenAI's "up to logprobs + 1"), and
+    `text_offset` where each token starts in the answer (from 0 unless given)."""
     if entries is None:
         return None
     if kind == "chat":
@@ -346,18 +381,30 @@ def logprobs_json(kind: str, entries: list, tokenizer) -> dict | None:
 
         return {"content": [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
                             for e in entries]}
+    if text_offset is None:
+        text_offset = TextOffsets(tokenizer).take([e.token_id for e in entries])
     return {
         "tokens": [token_text(tokenizer, e.token_id) for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{token_text(tokenizer, t): lp for t, lp in e.top} for e in entries],
+        "top_logprobs": [_top_logprobs(e, tokenizer) for e in entries],
+        "text_offset": text_offset,
     }
 
 
-def echoed_logprobs(prompt: list[int], scores: list, generated: list, tokenizer) -> dict:
+def _top_logprobs(entry, tokenizer) -> dict:
+    top = {token_text(tokenizer, t): lp for t, lp in entry.top}
+    top.setdefault(token_text(tokenizer, entry.token_id), entry.logprob)
+    return top
+
+
+def echoed_logprobs(prompt: list[int], scores: list, generated: list, tokenizer,
+                    generated_offset: list[int]) -> dict:
     """Completions logprobs for echo: the prompt's tokens (the first has no log-prob) then the
-    generated ones, as lm-evaluation-harness reads them."""
-    first = {"tokens": [token_text(tokenizer, prompt[0])], "token_logprobs": [None], "top_logprobs": [None]}
-    rest = logprobs_json("text", list(scores[1:]) + generated, tokenizer)
+    generated ones (at `generated_offset` in the answer), as lm-evaluation-harness reads them."""
+    offsets = TextOffsets(tokenizer).take(prompt)
+    first = {"tokens": [token_text(tokenizer, prompt[0])], "token_logprobs": [None], "top_logprobs": [None],
+             "text_offset": offsets[:1]}
+    rest = logprobs_json("text", list(scores[1:]) + generated, tokenizer, offsets[1:] + generated_offset)
     return {k: first[k] + rest[k] for k in first}
 
 

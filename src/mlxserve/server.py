@@ -229,7 +229,13 @@ async def _collect(c: wire.Completion, streams, tokenizer) -> dict:
         prompt_tokens += final.prompt_tokens
         completion_tokens += final.completion_tokens
         cached += final.cached_tokens
-        lp = wire.logprobs_json(c.kind, logprobs if c.params.logprobs else None, tokenizer)
+        lp = None
+        if c.params.logprobs and c.kind == "chat":
+            lp = wire.logprobs_json(c.kind, logprobs, tokenizer)
+        elif c.params.logprobs:
+            start = len(tokenizer.decode(stream.request.prompt_ids)) if c.echo else 0  # after the echoed prompt
+            lp = wire.logprobs_json(c.kind, logprobs, tokenizer,
+                                    wire.TextOffsets(tokenizer, start).take([e.token_id for e in logprobs]))
         if c.kind == "chat":
             parser = parser_for(tokenizer, tools_enabled=c.tools_enabled)
             parsed = _merge(parser.feed("".join(text)), parser.flush())
@@ -246,7 +252,7 @@ async def _collect(c: wire.Completion, streams, tokenizer) -> dict:
                 prompt = stream.request.prompt_ids
                 body = tokenizer.decode(prompt) + body
                 if c.params.logprobs:
-                    lp = wire.echoed_logprobs(prompt, final.prompt_logprobs, logprobs, tokenizer)
+                    lp = wire.echoed_logprobs(prompt, final.prompt_logprobs, logprobs, tokenizer, lp["text_offset"])
             choices.append({"index": index, "text": body, "logprobs": lp, "finish_reason": final.finish_reason})
     return wire.response(c, wire.new_id(c.kind), choices, wire.usage(prompt_tokens, completion_tokens, cached))
 
@@ -279,13 +285,17 @@ async def _stream_pieces(c: wire.Completion, streams, tokenizer):
             yield _sse(wire.chunk(c, rid, [{"index": index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]))
         parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True) if c.kind == "chat" else None
+        offsets = wire.TextOffsets(tokenizer)
         async for event in stream:
             if event.finish_reason == "error":
                 status = _error_status(event.error)
                 yield _sse(wire.APIError(status, event.error or "generation failed",
                                          type="rate_limit_error" if status == 429 else "server_error").body())
                 return
-            lp = wire.logprobs_json(c.kind, event.logprobs if c.params.logprobs else None, tokenizer)
+            lp = None
+            if c.params.logprobs and event.logprobs:
+                lp = wire.logprobs_json(c.kind, event.logprobs, tokenizer,
+                                        offsets.take([e.token_id for e in event.logprobs]))
             reason = event.finish_reason
             if parser is None:
                 piece = {"text": event.text}
