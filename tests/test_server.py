@@ -780,26 +780,38 @@ def test_streamed_and_whole_tool_calls_agree(tiny_model_dir, shape):
 
 
 class TokenStream(ScriptedStream):
-    """The engine's events for `text` as the tiny tokenizer splits it, one token each, each
-    with a log-prob and (as top alternatives) itself and the tokens in `alternatives`."""
+    """The engine's events for `text` as the tiny tokenizer splits it (then `stop_token`, if
+    given), one token each with a log-prob and, as top alternatives, itself and the tokens in
+    `alternatives`; text is released and cut by the request's stop strings as the scheduler does."""
 
-    def __init__(self, request, tokenizer, text, alternatives=(), finish_reason="length"):
+    def __init__(self, request, tokenizer, text, alternatives=(), stop_token=None):
         super().__init__(request, [])
-        self.tokenizer, self.text, self.alternatives, self.finish_reason = tokenizer, text, alternatives, finish_reason
+        self.tokenizer, self.text, self.alternatives, self.stop_token = tokenizer, text, alternatives, stop_token
 
     async def __aiter__(self):
-        from mlxserve.detokenizer import IncrementalDetokenizer
+        from mlxserve.detokenizer import IncrementalDetokenizer, StopMatcher
         from mlxserve.scheduler import TokenEvent, TokenLogprob
 
         ids = self.tokenizer.encode(self.text, add_special_tokens=False)
-        detokenizer = IncrementalDetokenizer(self.tokenizer.decode)
+        ids += [self.stop_token] if self.stop_token is not None else []
+        detokenizer, stops = IncrementalDetokenizer(self.tokenizer.decode), StopMatcher(self.request.params.stop)
+
+        def flush():
+            text, stopped = stops.feed(detokenizer.flush())
+            return text if stopped else text + stops.flush()
+
         for i, token in enumerate(ids):
-            last = i == len(ids) - 1
-            text = detokenizer.add(token) + (detokenizer.flush() if last else "")
+            if token == self.stop_token:
+                text, reason = flush(), "stop"
+            else:
+                text, stopped = stops.feed(detokenizer.add(token))
+                reason = "stop" if stopped else "length" if i == len(ids) - 1 else None
+                text += flush() if reason == "length" else ""
             top = [(token, -0.5)] + [(t, -1.0 - j) for j, t in enumerate(self.alternatives) if t != token]
-            yield TokenEvent("scripted", [token], text, [TokenLogprob(token, -0.5, top)],
-                             finish_reason=self.finish_reason if last else None,
+            yield TokenEvent("scripted", [token], text, [TokenLogprob(token, -0.5, top)], finish_reason=reason,
                              prompt_tokens=len(self.request.prompt_ids), completion_tokens=i + 1)
+            if reason:
+                return
 
 
 def _token_server(loaded, text, **kw):
@@ -842,6 +854,71 @@ def test_logprob_bytes_of_tokens_that_split_a_character(tiny_model_dir):
         assert lp["text_offset"] == [len(b"".join(spelled[:i]).decode("utf-8", "ignore")) for i in range(len(spelled))]
     finally:
         live.stop()
+
+
+def _covers_exactly(text, token_bytes):
+    """The tokens' bytes are the text's, but for the last token, which a stop string may cut."""
+    joined, text = b"".join(token_bytes), text.encode()
+    assert joined.startswith(text) and (not token_bytes or len(joined) - len(token_bytes[-1]) < len(text)), \
+        (text, token_bytes)
+
+
+def _legacy_bytes(token):
+    return bytes.fromhex(token[6:].replace("\\x", "")) if token.startswith("bytes:") else token.encode()
+
+
+@pytest.mark.parametrize("case", ["stop string", "stop token"])
+def test_logprobs_cover_the_tokens_of_the_answer_only(tiny_model_dir, case):
+    """No log-prob for the token that ended the answer (EOS adds no text) or for tokens a stop
+    string cut off; streamed and whole answers alike."""
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    tokenizer = loaded.tokenizer
+    if case == "stop string":
+        live, stop, content = _token_server(loaded, "1. Red\n2. Blue\n"), "Red\n", "1. "
+    else:
+        im_end = tokenizer.backend.token_to_id("<|im_end|>")
+        live, stop, content = _token_server(loaded, "Hello there", stop_token=im_end), None, "Hello there"
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "stop": stop}
+        status, whole = raw(live.url + "/chat/completions", chat, key=None)
+        assert whole["choices"][0]["message"]["content"] == content
+        assert whole["choices"][0]["finish_reason"] == "stop"
+        chunks = _sse_events(live.url + "/chat/completions", {**chat, "stream": True})
+        streamed = [e for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                    for e in c["choices"][0]["logprobs"]["content"]]
+        assert streamed == whole["choices"][0]["logprobs"]["content"]
+        _covers_exactly(content, [bytes(e["bytes"]) for e in streamed])
+        assert "<|im_end|>" not in [e["token"] for e in streamed]
+
+        legacy = {"prompt": "x", "logprobs": 1, "stop": stop}
+        status, whole = raw(live.url + "/completions", legacy, key=None)
+        lp = whole["choices"][0]["logprobs"]
+        assert whole["choices"][0]["text"] == content and len(lp["text_offset"]) == len(lp["tokens"])
+        _covers_exactly(content, [_legacy_bytes(t) for t in lp["tokens"]])
+        chunks = _sse_events(live.url + "/completions", {**legacy, "stream": True})
+        assert [t for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                for t in c["choices"][0]["logprobs"]["tokens"]] == lp["tokens"]
+    finally:
+        live.stop()
+
+
+def test_logprobs_of_a_real_answer_cut_by_a_stop_string_or_ended_by_eos(server):
+    url, engine = server
+    body = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+            "logprobs": 0}
+    full = raw(url + "/v1/completions", body)[1]["choices"][0]["text"]
+    for stop in (full[4:7], full[5:6]):
+        status, answer = raw(url + "/v1/completions", {**body, "stop": stop})
+        text, lp = answer["choices"][0]["text"], answer["choices"][0]["logprobs"]
+        assert answer["choices"][0]["finish_reason"] == "stop" and stop not in text
+        _covers_exactly(text, [_legacy_bytes(t) for t in lp["tokens"]])
+    eos = {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "temperature": 0,
+           "logit_bias": {str(engine.loaded.tokenizer.backend.token_to_id("<|im_end|>")): 100}}
+    status, answer = raw(url + "/v1/chat/completions", eos)
+    assert answer["choices"][0]["message"]["content"] == "" and answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["choices"][0]["logprobs"]["content"] == []
+    chunks = _sse_events(url + "/v1/chat/completions", {**eos, "stream": True}, key=KEY)
+    assert not any(c["choices"] and c["choices"][0]["logprobs"] for c in chunks)
 
 
 def test_metrics_parse_as_prometheus_text(server, client):

@@ -7,6 +7,7 @@ import codecs
 import json
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 
 from .sampling import MAX_TOP_LOGPROBS, SamplingParams
@@ -338,6 +339,37 @@ def token_text(tokenizer, token_id: int) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+class AnswerLogprobs:
+    """The log-probs an answer reports: those of the tokens whose text is in it, whatever the
+    events carried. A token's entry goes out once the answer's text has reached its first byte
+    (`feed` returns it then); so the token that stopped the answer (EOS or a stop token id, which
+    adds no text) and tokens a stop string cut off whole never go out. A token a stop string cuts
+    in two is kept: part of its text is in the answer."""
+
+    def __init__(self, tokenizer, params: SamplingParams):
+        self._tokenizer = tokenizer
+        self._stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else frozenset(tokenizer.eos_token_ids))
+        self._pending: deque = deque()  # (entry, offset of its first byte in the tokens' bytes)
+        self._token_bytes = 0  # bytes of the tokens fed
+        self._text_bytes = 0  # bytes of the answer's text so far
+
+    def feed(self, event) -> list:
+        """The entries whose text the answer has reached with this event."""
+        entries = list(event.logprobs or ())
+        if (event.finish_reason == "stop" and entries and event.token_ids
+                and event.token_ids[-1] in self._stop_ids and entries[-1].token_id == event.token_ids[-1]):
+            entries.pop()  # the stop token: no text, even where the tokens' bytes drift from the text
+        for entry in entries:
+            self._pending.append((entry, self._token_bytes))
+            self._token_bytes += len(self._tokenizer.token_bytes(entry.token_id))
+        self._text_bytes += len(event.text.encode("utf-8"))
+        released = []
+        while self._pending and self._pending[0][1] < self._text_bytes:
+            released.append(self._pending.popleft()[0])
+        return released
 
 
 class TextOffsets:

@@ -216,10 +216,11 @@ async def _collect(c: wire.Completion, streams, tokenizer) -> dict:
     choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
     for index, stream in enumerate(streams):
         text, logprobs, final = [], [], None
+        answer = wire.AnswerLogprobs(tokenizer, c.params)
         async for event in stream:
             text.append(event.text)
-            if event.logprobs:
-                logprobs.extend(event.logprobs)
+            if c.params.logprobs:
+                logprobs.extend(answer.feed(event))
             if event.finish_reason:
                 final = event
         if final.finish_reason == "error":
@@ -285,17 +286,16 @@ async def _stream_pieces(c: wire.Completion, streams, tokenizer):
             yield _sse(wire.chunk(c, rid, [{"index": index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]))
         parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True) if c.kind == "chat" else None
-        offsets = wire.TextOffsets(tokenizer)
+        answer, offsets = wire.AnswerLogprobs(tokenizer, c.params), wire.TextOffsets(tokenizer)
         async for event in stream:
             if event.finish_reason == "error":
                 status = _error_status(event.error)
                 yield _sse(wire.APIError(status, event.error or "generation failed",
                                          type="rate_limit_error" if status == 429 else "server_error").body())
                 return
-            lp = None
-            if c.params.logprobs and event.logprobs:
-                lp = wire.logprobs_json(c.kind, event.logprobs, tokenizer,
-                                        offsets.take([e.token_id for e in event.logprobs]))
+            lp, entries = None, answer.feed(event) if c.params.logprobs else []
+            if entries:
+                lp = wire.logprobs_json(c.kind, entries, tokenizer, offsets.take([e.token_id for e in entries]))
             reason = event.finish_reason
             if parser is None:
                 piece = {"text": event.text}
