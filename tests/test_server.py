@@ -73,6 +73,21 @@ def test_chat_streaming_equals_non_streaming_and_reports_usage(client):
     assert chunks[-1].usage.completion_tokens == 12
 
 
+def test_every_chunk_of_a_stream_has_the_same_created(server, monkeypatch):
+    from types import SimpleNamespace
+
+    from mlxserve import openai_api
+
+    url, _ = server
+    clock = iter(range(1_700_000_000, 1_800_000_000))  # a second passes at every look at the clock
+    monkeypatch.setattr(openai_api, "time", SimpleNamespace(time=lambda: next(clock)))
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+                       ("/v1/completions", {"prompt": "Hi"})):
+        chunks = _sse_events(url + path, {**body, "max_tokens": 6, "ignore_eos": True, "stream": True,
+                                          "stream_options": {"include_usage": True}}, key=KEY)
+        assert len(chunks) > 2 and len({c["created"] for c in chunks}) == 1 and len({c["id"] for c in chunks}) == 1
+
+
 def test_second_turn_reports_cached_tokens(client):
     messages = [{"role": "system", "content": "You are a helpful assistant. " * 8},
                 {"role": "user", "content": "What is the capital of France?"}]

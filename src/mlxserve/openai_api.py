@@ -8,7 +8,7 @@ import json
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .sampling import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -38,6 +38,8 @@ class Completion:
     tools_enabled: bool = False  # parse tool calls out of the answer
     echo: bool = False  # /v1/completions: the answer starts with the prompt (and its logprobs)
     score_only: bool = False  # echo with max_tokens 0: score the prompt, generate nothing
+    # When the answer was made: the same in every chunk of a stream, as OpenAI's `created`.
+    created: int = field(default_factory=lambda: int(time.time()))
 
 
 _FIELD_TYPES = {
@@ -449,7 +451,7 @@ def chunk(c: Completion, rid: str, choices: list[dict], usage_json: dict | None 
 
 
 def _envelope(c: Completion, rid: str, obj: str, choices: list[dict], usage_json: dict | None) -> dict:
-    out = {"id": rid, "object": obj, "created": int(time.time()), "model": c.model,
+    out = {"id": rid, "object": obj, "created": c.created, "model": c.model,
            "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
     if usage_json is not None:
         out["usage"] = usage_json
