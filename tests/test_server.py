@@ -174,6 +174,12 @@ def test_concurrent_streams_match_alone(client):
 def test_models_health_stats(server, client):
     url, _ = server
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    for unknown in ("gpt-9", "org/some-model"):
+        status, body = raw(url + "/v1/models/" + unknown, method="GET")
+        assert status == 404 and body["error"]["code"] == "model_not_found" and body["error"]["param"] == "model"
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert raw(url + "/v1/models/" + MODEL, method="GET", key=None)[0] == 401
     assert raw(url + "/health", method="GET", key=None) == (200, {"status": "ok"})
     status, stats = raw(url + "/v1/stats", method="GET")
     assert status == 200 and "running" in stats and "decode_tok_s" in stats

@@ -147,15 +147,27 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
     async def text(request: HTTPRequest):
         return await completions(request, "text")
 
+    model_json = {"id": served_model, "object": "model", "created": 0, "owned_by": "mlxserve",
+                  "context_length": loaded.context_length}
+
     async def models(request: HTTPRequest):
         try:
             check_key(request)
         except wire.APIError as exc:
             return error(exc)
-        return JSONResponse({"object": "list", "data": [{
-            "id": served_model, "object": "model", "created": 0, "owned_by": "mlxserve",
-            "context_length": loaded.context_length,
-        }]})
+        return JSONResponse({"object": "list", "data": [model_json]})
+
+    async def model(request: HTTPRequest):
+        """OpenAI's "retrieve model": the served model, or 404 for any other id."""
+        try:
+            check_key(request)
+        except wire.APIError as exc:
+            return error(exc)
+        name = request.path_params["model"]
+        if name != served_model:
+            return error(wire.APIError(404, f"model '{name}' does not exist (this server serves '{served_model}')",
+                                       param="model", code="model_not_found"))
+        return JSONResponse(model_json)
 
     async def health(request: HTTPRequest):
         if engine.alive:
@@ -189,6 +201,7 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", text, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{model:path}", model, methods=["GET"]),  # a model id may hold a "/"
             Route("/v1/stats", stats, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", prometheus, methods=["GET"]),
