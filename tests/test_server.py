@@ -296,6 +296,8 @@ def test_bad_chat_requests(server, name, kwargs, status, param):
         assert body["error"]["code"] == "context_length_exceeded"
     if name.startswith("response_format json"):
         assert "is not supported by this server" in body["error"]["message"]
+    if name == "logit_bias value a string":
+        assert 'got "1" for token 5' in body["error"]["message"]
 
 
 def test_parameters_that_change_nothing_are_accepted(server):

@@ -172,7 +172,7 @@ def _logit_bias(value: dict | None, vocab: int) -> tuple[tuple[int, float], ...]
     for key, number in value.items():
         if not (key.isascii() and key.isdigit() and len(key) <= len(str(vocab)) and int(key) < vocab):
             raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab}) written as strings, got "
-                                f"{_short(key)!r}", param="logit_bias")
+                                f"{_short(key)}", param="logit_bias")
         if isinstance(number, bool) or not isinstance(number, (int, float)) or not (-100 <= number <= 100):
             raise APIError(400, f"logit_bias values must be numbers in [-100, 100], got {_short(number)} for token "
                                 f"{key}", param="logit_bias")
@@ -181,8 +181,8 @@ def _logit_bias(value: dict | None, vocab: int) -> tuple[tuple[int, float], ...]
 
 
 def _short(value: object, limit: int = 40) -> str:
-    """A value for an error message, cut short."""
-    text = value if isinstance(value, str) else json.dumps(value)
+    """A value as JSON for an error message, cut short."""
+    text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= limit else text[:limit] + "…"
 
 

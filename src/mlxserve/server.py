@@ -308,7 +308,8 @@ async def _stream_pieces(c: wire.Completion, streams, tokenizer):
                 return
             lp, entries = None, answer.feed(event) if c.params.logprobs else []
             if entries:
-                lp = wire.logprobs_json(c.kind, entries, tokenizer, offsets.take([e.token_id for e in entries]))
+                lp = wire.logprobs_json(c.kind, entries, tokenizer,
+                                        offsets.take([e.token_id for e in entries]) if c.kind == "text" else None)
             reason = event.finish_reason
             if parser is None:
                 piece = {"text": event.text}
