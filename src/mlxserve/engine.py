@@ -244,6 +244,7 @@ class Engine:
             self._ready.set()
             return
         settle_garbage_collector()
+        self._stats = scheduler.snapshot_stats()  # /v1/stats has figures before the first request
         self._ready.set()
         while not self._stopping:
             self._drain(scheduler, block=not scheduler.has_work())

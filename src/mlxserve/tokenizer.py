@@ -311,7 +311,9 @@ class Tokenizer:
         With `add_special_tokens`, BOS is put first if the model asks for one and the text does not
         already start with it (a rendered chat template often writes BOS itself).
         """
-        ids = self._backend.encode(_unicode_text(text), add_special_tokens=False).ids
+        # encode_batch releases the GIL while the Rust tokenizer works (encode holds it), so a
+        # server tokenizing a huge prompt in a worker thread keeps its event loop running.
+        ids = self._backend.encode_batch([_unicode_text(text)], add_special_tokens=False)[0].ids
         if add_special_tokens and self.add_bos_token and ids[:1] != [self.bos_token_id]:
             ids.insert(0, self.bos_token_id)
         return ids
