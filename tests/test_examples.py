@@ -77,15 +77,32 @@ def test_multi_turn_chat_reuses_the_prefix(live):
     assert max(c2, 64 * (p2 // 64)) <= c3 < p3 and c3 % 64 == 0
 
 
-def test_bench_example(tmp_path):
-    # The script calls `mlxserve` from PATH: point it at this interpreter's package.
+def _cli_env(tmp_path) -> dict:
+    """An environment whose `mlxserve` on PATH is this interpreter's package (the scripts
+    call the command)."""
     shim = tmp_path / "bin" / "mlxserve"
     shim.parent.mkdir()
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m mlxserve "$@"\n')
     shim.chmod(0o755)
     package_root = str(Path(mlxserve.__file__).resolve().parent.parent)  # installed or src/
-    env = dict(os.environ, PATH=f"{shim.parent}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    return dict(os.environ, PATH=f"{shim.parent}{os.pathsep}{os.environ['PATH']}",
+                PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+
+
+def test_speculative_example_prints_both_runs_and_the_same_text(tmp_path, tiny_model_dir):
+    env = dict(_cli_env(tmp_path), MLXSERVE_MODEL=str(tiny_model_dir("qwen3", "float32")))
+    r = subprocess.run(["bash", str(EXAMPLES / "speculative.sh"), "--max-tokens", "40", "--ignore-eos"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    *answer, plain, speculative, same = r.stdout.rstrip("\n").splitlines()
+    assert plain.startswith("plain ") and "40 tokens" in plain and "draft" not in plain
+    assert speculative.startswith("--speculative ngram") and "40 tokens" in speculative
+    assert re.search(r"\d+ of \d+ draft tokens accepted", speculative)
+    assert same == "same text: yes"
+
+
+def test_bench_example(tmp_path):
+    env = _cli_env(tmp_path)
     # An extra flag is passed on and wins over the script's own --gen-tokens 16.
     r = subprocess.run(["bash", str(EXAMPLES / "bench.sh"), "--gen-tokens", "8"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120, env=env)

@@ -678,7 +678,7 @@ class Scheduler:
     def _preempt(self, row: Row) -> None:
         """Free a row's memory and send it back to the front of the queue; its tokens are
         kept, and recomputed when it is admitted again unless its slot is still cached."""
-        row.draft = []
+        row.draft, row.before_draft = [], None
         self._remember(row)
         self._release(row)
         self.running.remove(row)
@@ -709,7 +709,7 @@ class Scheduler:
 
     def _finish(self, row: Row, reason: str, error: str | None = None, *, token_ids=(), text: str = "", logprobs=None) -> TokenEvent:
         row.finished = True
-        row.draft = []
+        row.draft, row.before_draft = [], None
         if reason != "error":
             self._remember(row)
             self._release(row)
