@@ -13,6 +13,13 @@ Each step:
 Rows join and leave between steps; nobody is re-prefilled because someone else arrived.
 When KV memory is full, the youngest row is preempted (its slot freed, its tokens kept)
 and recomputed later; nothing it produced is lost.
+
+Speculation: a row with a drafter (spec/) feeds its next token followed by a draft of k
+tokens, and samples after each of those k + 1 positions with the random keys decoding would
+use (sampling.SamplingAhead). It keeps the draft's longest prefix that matches its own
+samples, plus the sample after it, and rolls the rest back: attention K/V is trimmed; a
+hybrid model's recurrent state goes back to its snapshot from before the step, and the
+accepted tokens are fed again with the next step's (Scheduler._accept_draft).
 """
 
 from __future__ import annotations
@@ -143,7 +150,7 @@ class Row:
         self.fresh_slot = False
         # Prompt scoring: entry i is the log-prob of prompt token i (None for the first).
         self.prompt_scores: list[TokenLogprob | None] | None = [None] if request.prompt_logprobs is not None else None
-        # Speculative decoding (Scheduler, "speculation"): the row's drafter (None: it does
+        # Speculative decoding (see the module docstring): the row's drafter (None: it does
         # not speculate), the draft its feed of this step carries, and, for a hybrid model,
         # its cache as it was before that feed (recurrent state cannot be trimmed).
         self.drafter = None
@@ -239,8 +246,9 @@ class Scheduler:
     def warm_up(self) -> None:
         """Run a two-token request through a prefill and a decode step before any real one,
         so that compiled functions and kernels are built at start-up, not during the first
-        answer (with speculation on, a step verifying a draft too). (On the CPU back-end that build runs the C++ compiler through system(), which
-        ignores Ctrl-C while it runs.) Too short to leave anything in the prefix cache."""
+        answer; with speculation on, a step verifying a whole draft too. (On the CPU back-end
+        that build runs the C++ compiler through system(), which ignores Ctrl-C while it
+        runs.) Too short to leave anything in the prefix cache."""
         k = self.config.draft_tokens if self.config.speculative else 0
         self.add(Request([0, 0], SamplingParams(max_tokens=2 + k, temperature=0.0, ignore_eos=True), id="warm-up"))
         if k:
@@ -308,11 +316,11 @@ class Scheduler:
         if self._inflight is not None:
             events += self._read_back(self._inflight)
         self._inflight = queued
-        if queued is not None and (not decode or any(row.params.has_penalties or row.wants_draft for row in queued.rows)):
+        if queued is not None and (not decode or any(row.params.has_penalties or row.draft or row.wants_draft for row in queued.rows)):
             # First tokens only: waiting for them now costs little overlap (no stream is
             # decoding), while pipelining would hold them back until the next step is built.
-            # A speculating row drafts from its tokens, so they must be known before the
-            # next step is planned.
+            # A row verifying a draft commits what it accepted now, and a row that may draft
+            # next drafts from its tokens, which must be known before the next step is planned.
             events += self._read_back(queued)
             self._inflight = None
         self.stats.record_step(prefill=sum(len(f.tokens) for f in feeds) - decode - drafted, decode=decode,
