@@ -334,6 +334,61 @@ def test_unknown_mode_is_refused(tmp_path):
         load_model(str(path), progress=False, gguf_mode="q3")
 
 
+def _data_start(path: Path) -> int:
+    """Where a file's tensor data begins (its first tensor's first byte)."""
+    reader = gguf.GGUFReader(str(path))
+    return min(int(t.data_offset) for t in reader.tensors)
+
+
+def test_a_truncated_file_says_so_wherever_the_cut_falls(tmp_path):
+    """Cut inside the header, the metadata or the tensor infos, the reader failed with
+    struct.error (a traceback on the command line); cut inside the tensor data, with
+    "cannot reshape array of size ...". Now: one GGUFFormatError naming the file."""
+    from mlxserve.quant.gguf_metadata import GGUFFormatError
+
+    hf = hf_model("llama", np.random.default_rng(4))
+    full = write_model(tmp_path / "full.gguf", "llama", hf, tensor_type_plan("llama", hf))
+    data, start = full.read_bytes(), _data_start(full)
+    cut = tmp_path / "cut.gguf"
+    for size in [*range(0, start, 7), start - 1, start, start + 1000, len(data) - 1]:
+        cut.write_bytes(data[:size])
+        with pytest.raises(GGUFFormatError) as err:
+            open_gguf(cut)
+        message = str(err.value)
+        assert message.startswith(f"{cut} is truncated") and "\n" not in message, (size, message)
+        if size >= start:  # the tensor data is cut: say which tensor and how much is missing
+            assert f"{len(data) - size:,} missing" in message and "the first being '" in message, message
+
+
+def test_a_truncated_file_on_the_command_line_is_one_line(tmp_path, capsys):
+    from mlxserve import cli
+    from mlxserve.loader import ModelLoadError, load_model
+
+    hf = hf_model("llama", np.random.default_rng(4))
+    full = write_model(tmp_path / "full.gguf", "llama", hf, tensor_type_plan("llama", hf))
+    data, start = full.read_bytes(), _data_start(full)
+    for size, needle in [(24, "is truncated or not a valid GGUF file"), (100, "is truncated or not a valid GGUF file"),
+                         (start + 1000, "is truncated: it has")]:
+        cut = tmp_path / f"cut{size}.gguf"
+        cut.write_bytes(data[:size])
+        with pytest.raises(ModelLoadError, match=f"^{cut} {needle}"):
+            load_model(str(cut), progress=False)
+        assert cli.main(["run", "--model", str(cut), "hi"]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"mlxserve: error: {cut} {needle}"), err
+
+
+def test_garbage_after_the_magic_is_not_a_valid_gguf_file(tmp_path):
+    from mlxserve.quant.gguf_metadata import GGUFFormatError
+
+    path = tmp_path / "junk.gguf"
+    for seed in range(20):
+        junk = np.random.default_rng(seed).integers(0, 256, 4096, np.uint8).tobytes()
+        path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + junk)
+        with pytest.raises(GGUFFormatError, match="is truncated or not a valid GGUF file"):
+            open_gguf(path)
+
+
 def minimal_file(path: Path, arch: str, kv: dict, extra_tensors: dict | None = None) -> Path:
     """Metadata plus a token embedding: enough for load_gguf to build a config."""
     embed = np.zeros((VOCAB, H), dtype=np.float32)

@@ -173,8 +173,12 @@ def _load_folder(path: Path, dtype: mx.Dtype | None) -> LoadedModel:
 
 def _load_gguf(path: Path, dtype: mx.Dtype | None, mode: str) -> LoadedModel:
     from .quant.gguf import load_gguf
+    from .quant.gguf_metadata import GGUFFormatError
 
-    gguf = load_gguf(path, dtype=dtype or default_gguf_dtype(), mode=mode)
+    try:
+        gguf = load_gguf(path, dtype=dtype or default_gguf_dtype(), mode=mode)
+    except GGUFFormatError as exc:  # a truncated or garbled file: the message names it already
+        raise ModelLoadError(str(exc)) from None
     model = build_model(gguf.config, gguf.weights, gguf.quantization,
                         half_experts_on_cpu="float32" if dtype is None else "refuse")
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)

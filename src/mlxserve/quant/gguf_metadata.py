@@ -9,6 +9,8 @@ either.
 
 from __future__ import annotations
 
+import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,14 @@ _PLAIN_DTYPES = {
 }
 
 
+class GGUFFormatError(ValueError):
+    """The file is cut short or is not laid out as GGUF; the message names the file and is one line."""
+
+
+def _not_gguf(path: Path, problem: str) -> GGUFFormatError:
+    return GGUFFormatError(f"{path} is truncated or not a valid GGUF file: {problem}")
+
+
 @dataclass
 class GGUFTensor:
     name: str
@@ -44,19 +54,30 @@ class GGUFTensor:
 
 
 class _Cursor:
-    """Reads GGUF values from a buffer in the file's byte order."""
+    """Reads GGUF values from a buffer in the file's byte order. Reading past the end of the
+    buffer (a truncated file, or lengths that are garbage) raises GGUFFormatError."""
 
-    def __init__(self, buf: memoryview, pos: int, order: str):
-        self.buf, self.pos, self.order = buf, pos, order
+    def __init__(self, buf: memoryview, pos: int, order: str, path: Path):
+        self.buf, self.pos, self.order, self.path = buf, pos, order, path
+
+    def _need(self, n_bytes: int, what: str) -> None:
+        if self.pos + n_bytes > len(self.buf):
+            raise _not_gguf(self.path, f"{what} at byte {self.pos:,} ends past the end of the file "
+                                       f"({len(self.buf):,} bytes)")
 
     def unpack(self, fmt: str) -> Any:
+        self._need(struct.calcsize(fmt), "the metadata")
         value = struct.unpack_from(self.order + fmt, self.buf, self.pos)[0]
         self.pos += struct.calcsize(fmt)
         return value
 
     def string(self) -> str:
         n = self.unpack("Q")
-        text = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8")
+        self._need(n, f"a {n:,}-byte string")
+        try:
+            text = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _not_gguf(self.path, f"the string at byte {self.pos:,} is not UTF-8") from None
         self.pos += n
         return text
 
@@ -67,52 +88,65 @@ class _Cursor:
             item_kind, count = self.unpack("I"), self.unpack("Q")
             if item_kind in _SCALARS:
                 dtype = np.dtype(_SCALARS[item_kind][1]).newbyteorder(self.order)
+                self._need(count * dtype.itemsize, f"an array of {count:,} values")
                 values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
                 self.pos += count * dtype.itemsize
                 return values.tolist()
             return [self.value(item_kind) for _ in range(count)]
         if kind not in _SCALARS:
-            raise ValueError(f"unknown GGUF value type {kind}")
+            raise _not_gguf(self.path, f"unknown GGUF value type {kind} before byte {self.pos:,}")
         return self.unpack(_SCALARS[kind][0])
 
     def skip(self, kind: int) -> None:
         """Step over a value without building it (strings and numeric arrays are O(1))."""
         if kind == _STRING:
             length = self.unpack("Q")  # (not `pos += unpack()`: that reads pos before the length)
+            self._need(length, f"a {length:,}-byte string")
             self.pos += length
         elif kind == _ARRAY:
             item_kind, count = self.unpack("I"), self.unpack("Q")
             if item_kind in _SCALARS:
+                self._need(count * struct.calcsize(_SCALARS[item_kind][0]), f"an array of {count:,} values")
                 self.pos += count * struct.calcsize(_SCALARS[item_kind][0])
             else:
                 for _ in range(count):
                     self.skip(item_kind)
         elif kind in _SCALARS:
+            self._need(struct.calcsize(_SCALARS[kind][0]), "the metadata")
             self.pos += struct.calcsize(_SCALARS[kind][0])
         else:
-            raise ValueError(f"unknown GGUF value type {kind}")
+            raise _not_gguf(self.path, f"unknown GGUF value type {kind} before byte {self.pos:,}")
+
+
+def _map(path: Path) -> np.memmap | bytes:
+    """The file's bytes, memory-mapped (numpy cannot map an empty file: b"" then)."""
+    return np.memmap(path, mode="r", dtype=np.uint8) if os.path.getsize(path) else b""
 
 
 def _header(buf: memoryview, path: Path) -> tuple[_Cursor, int, int]:
     """(cursor at the first key, tensor count, key count); detects the byte order."""
+    if len(buf) < len(_MAGIC):
+        raise _not_gguf(path, f"{len(buf)} bytes, fewer than a GGUF header's")
     if bytes(buf[:4]) != _MAGIC:
-        raise ValueError(f"{path} is not a GGUF file")
-    order = "<"
-    version = struct.unpack_from("<I", buf, 4)[0]
+        raise GGUFFormatError(f"{path} is not a GGUF file")
+    cursor = _Cursor(buf, 4, "<", path)
+    version = cursor.unpack("I")
     if version & 0xFFFF == 0:  # a big-endian file reads as 0x0300_0000 here
-        order, version = ">", struct.unpack_from(">I", buf, 4)[0]
+        cursor.order, version = ">", struct.unpack_from(">I", buf, 4)[0]
     if version not in (2, 3):
-        raise ValueError(f"{path}: GGUF version {version} is not supported")
-    cursor = _Cursor(buf, 8, order)
+        raise GGUFFormatError(f"{path}: GGUF version {version} is not supported")
     return cursor, cursor.unpack("Q"), cursor.unpack("Q")
 
 
 class GGUFFile:
-    """An opened GGUF file: `metadata` (dict of plain values) and `tensors` (list)."""
+    """An opened GGUF file: `metadata` (dict of plain values) and `tensors` (list).
+
+    A file cut short (an interrupted copy or download) or not laid out as GGUF raises
+    GGUFFormatError naming the file and what is missing, before any tensor is read."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._map = np.memmap(self.path, mode="r", dtype=np.uint8)
+        self._map = _map(self.path)
         cursor, n_tensors, n_kv = _header(memoryview(self._map), self.path)
         self.byte_order = "I" if cursor.order == "<" else "S"  # as gguf.GGUFReader says it
         self.metadata: dict[str, Any] = {}
@@ -123,19 +157,41 @@ class GGUFFile:
         for _ in range(n_tensors):
             name = cursor.string()
             dims = tuple(cursor.unpack("Q") for _ in range(cursor.unpack("I")))
-            kind = GGMLQuantizationType(cursor.unpack("I"))
+            code = cursor.unpack("I")
+            try:
+                kind = GGMLQuantizationType(code)
+            except ValueError:
+                raise _not_gguf(self.path, f"tensor {name!r} has unknown type {code}") from None
             infos.append((name, dims, kind, cursor.unpack("Q")))
-        alignment = int(self.metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
+        alignment = self.metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment < 1:
+            raise _not_gguf(self.path, f"general.alignment is {alignment!r}")
         start = -(-cursor.pos // alignment) * alignment
+        self._check_data_ranges(start, infos)
         self.tensors = [self._tensor(start, *info) for info in infos]
 
+    def _check_data_ranges(self, start: int, infos: list) -> None:
+        """Every tensor's bytes must lie within the file: a cut inside the tensor data would
+        otherwise surface as a reshape error, or as zeros read from the mapped page."""
+        size = len(self._map)
+        beyond = []  # (name, first byte, end) of tensors not wholly in the file
+        for name, dims, kind, offset in infos:
+            begin = start + offset
+            end = begin + _n_bytes(dims, kind)
+            if end > size:
+                beyond.append((name, begin, end))
+        if beyond:
+            name, begin, end = beyond[0]
+            needed = max(end for _, _, end in beyond)
+            raise GGUFFormatError(
+                f"{self.path} is truncated: it has {size:,} bytes and its tensor data needs {needed:,} "
+                f"({needed - size:,} missing); {len(beyond)} of its {len(infos)} tensors are cut off, "
+                f"the first being {name!r} (bytes {begin:,}-{end:,})")
+
     def _tensor(self, start: int, name: str, dims: tuple, kind: GGMLQuantizationType, offset: int) -> GGUFTensor:
-        n_elems = int(np.prod(dims)) if dims else 1
         np_dims = tuple(reversed(dims))
-        block, type_size = GGML_QUANT_SIZES[kind]
-        n_bytes = n_elems * type_size // block
         begin = start + offset
-        raw = self._map[begin : begin + n_bytes]
+        raw = self._map[begin : begin + _n_bytes(dims, kind)]
         if kind in _PLAIN_DTYPES:
             data = raw.view(_PLAIN_DTYPES[kind]).reshape(np_dims)
         else:
@@ -143,12 +199,17 @@ class GGUFFile:
         return GGUFTensor(name, kind, tuple(dims), data)
 
 
+def _n_bytes(dims: tuple, kind: GGMLQuantizationType) -> int:
+    block, type_size = GGML_QUANT_SIZES[kind]
+    return math.prod(dims) * type_size // block  # Python integers: no overflow on garbage dims
+
+
 def read_gguf_keys(path: str | Path, keys) -> dict[str, Any]:
     """Only the named metadata keys, stopping as soon as all are found: milliseconds, where
     reading all metadata walks the whole vocabulary. Missing keys are absent from the result."""
     path = Path(path)
     wanted, found = set(keys), {}
-    cursor, _, n_kv = _header(memoryview(np.memmap(path, mode="r", dtype=np.uint8)), path)
+    cursor, _, n_kv = _header(memoryview(_map(path)), path)
     for _ in range(n_kv):
         if wanted <= found.keys():
             break
