@@ -389,6 +389,17 @@ def test_garbage_after_the_magic_is_not_a_valid_gguf_file(tmp_path):
             open_gguf(path)
 
 
+def test_a_file_without_tensors_says_the_embedding_is_missing(tmp_path):
+    """A valid header and metadata but no tensors said only "cannot load ...: 'token_embd.weight'"."""
+    from mlxserve.loader import ModelLoadError, load_model
+
+    path = write_gguf(tmp_path / "empty.gguf", "llama", model_metadata("llama", H // HEADS), {})
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(path), progress=False)
+    assert str(err.value) == (f"cannot load {path}: tensor 'token_embd.weight' (the token embedding) "
+                              "is missing: the file holds no tensors")
+
+
 def minimal_file(path: Path, arch: str, kv: dict, extra_tensors: dict | None = None) -> Path:
     """Metadata plus a token embedding: enough for load_gguf to build a config."""
     embed = np.zeros((VOCAB, H), dtype=np.float32)

@@ -135,6 +135,9 @@ def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
     vocab = _meta(metadata, f"{arch}.vocab_size", None)
     if vocab is None:
         vocab = len(_meta(metadata, "tokenizer.ggml.tokens"))
+    if "token_embd.weight" not in tensors:
+        raise UnsupportedGGUF("tensor 'token_embd.weight' (the token embedding) is missing"
+                              + ("" if tensors else ": the file holds no tensors"))
     embed_rows = int(tensors["token_embd.weight"].shape[1])  # GGUF shape is [cols, rows]
     if vocab != embed_rows:
         raise UnsupportedGGUF(f"vocab size {vocab} != token_embd rows {embed_rows}")
