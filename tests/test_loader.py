@@ -88,6 +88,58 @@ def test_missing_and_broken_models_fail_in_one_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def _broken_folder(folder, config: str | None, weights: bytes | None):
+    """A working tiny model folder whose config.json and weights, where given, are replaced."""
+    make_tiny_model(folder, "llama")
+    if config is not None:
+        (folder / "config.json").write_text(config)
+    if weights is not None:
+        (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+@pytest.mark.parametrize("config,weights,message", [
+    # mx.load's RuntimeError, a traceback
+    (None, np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes(),
+     "{folder}/model.safetensors: not a readable safetensors file (Invalid json header length)"),
+    (None, b"", "{folder}/model.safetensors: not a readable safetensors file"),
+    # ModelArgs.__init__() missing 5 required positional arguments: a TypeError traceback
+    ('{"model_type": "llama"}', None,
+     "{folder}/config.json lacks settings 'hidden_size', 'num_hidden_layers', 'intermediate_size', "
+     "'num_attention_heads', 'vocab_size', which model_type 'llama' needs"),
+    # 'list' object has no attribute 'get': an AttributeError traceback
+    ("[1]", None, "{folder}/config.json: expected a JSON object of settings, not an array"),
+    ('{"model_type": ', None, "{folder}/config.json: not valid JSON (Expecting value"),
+])
+def test_a_broken_model_folder_is_one_line_naming_the_file(tmp_path, capsys, config, weights, message):
+    from mlxserve import cli
+
+    folder = _broken_folder(tmp_path / "m", config, weights)
+    expected = message.format(folder=folder)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(folder), progress=False)
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value), str(err.value)
+    assert cli.main(["run", "--model", str(folder), "hi"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mlxserve: error: {expected}"), lines
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("num_hidden_layers", "2", "{folder}/config.json does not fit model_type 'llama' "
+                               "(TypeError: 'str' object cannot be interpreted as an integer)"),
+    # one no check foresaw: the loader's last resort, the exception's type and message
+    ("quantization", 4, "cannot load {folder}: AttributeError: 'int' object has no attribute 'get'"),
+])
+def test_a_config_setting_of_the_wrong_type_is_one_line(tmp_path, key, value, message):
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    config = json.loads((folder / "config.json").read_text())
+    config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(folder), progress=False)
+    assert str(err.value) == message.format(folder=folder)
+
+
 def test_unsupported_architecture_is_named(tmp_path):
     folder = make_tiny_model(tmp_path / "m", "qwen3")
     config = json.loads((folder / "config.json").read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,11 @@ def load_model(spec: str, *, dtype: mx.Dtype | None = None, progress: bool = Tru
         raise
     except (ValueError, KeyError, OSError) as exc:
         raise ModelLoadError(f"cannot load {path}: {exc}") from exc
+    except (TypeError, AttributeError, IndexError, ZeroDivisionError, RuntimeError) as exc:
+        # A file whose content none of the checks above foresaw (a setting of the wrong type
+        # deep in a config, MLX refusing a weight file): still one line, not a traceback.
+        log.debug("loading %s failed", path, exc_info=True)
+        raise ModelLoadError(f"cannot load {path}: {type(exc).__name__}: {_one_line(str(exc))}") from exc
     loaded.name = spec
     loaded.load_seconds = time.perf_counter() - start
     return loaded
@@ -95,9 +101,13 @@ def build_model(config: dict, weights: dict[str, mx.array], quantization: dict |
     (`half_experts_on_cpu="float32"`, with a warning) or refused ("refuse": the caller asked
     for that dtype).
     """
-    family = get_family(config.get("model_type", "?"))
-    args = family.ModelArgs.from_config(config)
-    model = family.Model(args)
+    model_type = config.get("model_type", "?")
+    family = get_family(model_type)
+    try:
+        args = family.ModelArgs.from_config(config)
+        model = family.Model(args)
+    except (TypeError, AttributeError, IndexError, KeyError, ZeroDivisionError) as exc:
+        raise ConfigError(_config_problem(model_type, exc)) from exc
     weights = model.sanitize(weights)
     if quantization:
         defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
@@ -134,17 +144,60 @@ def build_model(config: dict, weights: dict[str, mx.array], quantization: dict |
     return model
 
 
+class ConfigError(ValueError):
+    """A model config (config.json, or the one built from GGUF metadata) that the model
+    class cannot be built from; the message says what is wrong with it."""
+
+
+_MISSING_ARGS = re.compile(r"missing \d+ required (?:positional |keyword-only )?arguments?: (.+)")
+
+
+def _config_problem(model_type: str, exc: Exception) -> str:
+    missing = _MISSING_ARGS.search(str(exc))
+    if missing:  # the dataclass's own message: "ModelArgs.__init__() missing 5 required ..."
+        names = re.sub(r",? and ", ", ", missing[1])
+        return f"lacks {'settings' if ',' in names else 'the setting'} {names}, which model_type '{model_type}' needs"
+    return f"does not fit model_type '{model_type}' ({type(exc).__name__}: {_one_line(str(exc))})"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _read_config(config_file: Path) -> dict:
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{config_file}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_file}: expected a JSON object of settings, not {_json_kind(config)}")
+    return config
+
+
+def _json_kind(value) -> str:
+    kinds = {list: "an array", str: "a string", bool: "true/false", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _load_weights_file(f: str) -> dict[str, mx.array]:
+    try:
+        return mx.load(f)
+    except (RuntimeError, ValueError) as exc:  # MLX: "[load_safetensors] Invalid json header length file …"
+        detail = re.sub(r"^\[\w+\]\s*", "", _one_line(str(exc))).removesuffix(f" file {f}")
+        raise ModelLoadError(f"{f}: not a readable safetensors file ({detail})") from None
+
+
 def _load_folder(path: Path, dtype: mx.Dtype | None) -> LoadedModel:
     config_file = path / "config.json"
     if not config_file.exists():
         raise ModelLoadError(f"{path}: no config.json (not a Hugging Face / MLX model folder)")
-    config = json.loads(config_file.read_text())
+    config = _read_config(config_file)
     files = sorted(glob.glob(str(path / "*.safetensors")))
     if not files:
         raise ModelLoadError(f"{path}: no *.safetensors weight files")
     weights: dict[str, mx.array] = {}
     for f in files:
-        weights.update(mx.load(f))
+        weights.update(_load_weights_file(f))
     if dtype is not None:
         # Quantization scales/biases are cast too: they set the compute dtype of their layer.
         weights = {k: v.astype(dtype) if _is_float(v) else v for k, v in weights.items()}
@@ -154,8 +207,11 @@ def _load_folder(path: Path, dtype: mx.Dtype | None) -> LoadedModel:
             f"{path}: quantization method '{quantization.get('quant_method')}' is not supported "
             "(use an MLX-quantized, bf16/fp16/fp32 or GGUF model)"
         )
-    model = build_model(config, weights, quantization,
-                        half_experts_on_cpu="float32" if dtype is None else "refuse")
+    try:
+        model = build_model(config, weights, quantization,
+                            half_experts_on_cpu="float32" if dtype is None else "refuse")
+    except ConfigError as exc:
+        raise ModelLoadError(f"{config_file} {exc}") from exc
     tokenizer = Tokenizer.from_folder(path)
     return LoadedModel(
         model=model,
@@ -179,8 +235,11 @@ def _load_gguf(path: Path, dtype: mx.Dtype | None, mode: str) -> LoadedModel:
         gguf = load_gguf(path, dtype=dtype or default_gguf_dtype(), mode=mode)
     except GGUFFormatError as exc:  # a truncated or garbled file: the message names it already
         raise ModelLoadError(str(exc)) from None
-    model = build_model(gguf.config, gguf.weights, gguf.quantization,
-                        half_experts_on_cpu="float32" if dtype is None else "refuse")
+    try:
+        model = build_model(gguf.config, gguf.weights, gguf.quantization,
+                            half_experts_on_cpu="float32" if dtype is None else "refuse")
+    except ConfigError as exc:
+        raise ModelLoadError(f"{path}: the model config its metadata gives {exc}") from exc
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
     return LoadedModel(
         model=model,
