@@ -323,3 +323,59 @@ def test_compare_refuses_a_model_mlx_lm_builds_differently_in_one_line(tiny_mode
     assert status == 2
     assert err[-1].startswith("mlxserve: error: --compare mlx-lm: cannot build mlx-lm's 'qwen3_5' model: "
                               "its parameters differ from mlxserve's (language_model.model.layers."), err
+
+
+# ---- an interrupted bench ------------------------------------------------------------------------
+def _interrupt_after(monkeypatch, measured_calls: int) -> None:
+    """Ctrl-C in the closed loop call after `measured_calls` of them (warm-up calls included)."""
+    original, calls = OurBackend.closed_loop, []
+
+    def closed_loop(self, *args):
+        calls.append(args)
+        if len(calls) > measured_calls:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(OurBackend, "closed_loop", closed_loop)
+
+
+def _interrupted_bench(tmp_path, capsys, *flags) -> tuple[str, dict]:
+    out = tmp_path / "b.json"
+    status = cli.main(["bench", *TINY, "--concurrency", "1,2", "--prompt-tokens", "16", "--gen-tokens", "4",
+                       "--runs", "3", "--json", str(out), *flags])
+    assert status == 130
+    captured = capsys.readouterr()
+    assert "bench: interrupted; reporting what was measured" in captured.err
+    return " ".join(captured.out.split()), json.loads(out.read_text())
+
+
+def test_an_interrupted_bench_gives_the_runs_it_measured(tmp_path, capsys, monkeypatch):
+    """Interrupted in run 2 of 3, the caption said "medians of 3 run(s)" over the 1 run the
+    JSON held."""
+    _interrupt_after(monkeypatch, 1)
+    out, result = _interrupted_bench(tmp_path, capsys, "--warmup", "0")
+    assert "(partial: interrupted)" in out
+    assert "medians of 1 run(s) (3 asked for);" in out, out
+    assert result["partial"] is True
+    assert [len(e["runs"]) for e in result["results"]["mlxserve"]["concurrency"]] == [1]  # C=2 never began
+
+
+def test_rows_of_an_interrupted_bench_say_their_own_number_of_runs(tmp_path, capsys, monkeypatch):
+    _interrupt_after(monkeypatch, 4)  # C=1: runs 1-3; C=2: run 1, interrupted in run 2
+    out, result = _interrupted_bench(tmp_path, capsys, "--warmup", "0")
+    assert "medians of each row's measured runs (column 'runs'; 3 asked for)" in out, out
+    assert [len(e["runs"]) for e in result["results"]["mlxserve"]["concurrency"]] == [3, 1]
+    import re
+
+    rows = re.findall(r"│ (\d) │ (\d+) │ (\d) │ mlxserve │", out)
+    assert rows == [("1", "4", "3"), ("2", "4", "1")], out
+
+
+def test_a_bench_interrupted_in_its_warm_up_prints_no_empty_table(tmp_path, capsys, monkeypatch):
+    """It printed an empty table captioned "medians of 3 run(s)"."""
+    _interrupt_after(monkeypatch, 1)
+    out, result = _interrupted_bench(tmp_path, capsys, "--warmup", "2")
+    assert "(partial: interrupted): no run was measured" in out, out
+    assert "TTFT p50" not in out and "medians" not in out
+    assert result["partial"] is True
+    assert all(not e["runs"] for e in result["results"]["mlxserve"]["concurrency"])

@@ -822,55 +822,77 @@ def render(results: BenchResults, console) -> None:
     from rich.table import Table
 
     engines = [OURS] + ([results.config["compare"]] if results.config.get("compare") else [])
-    runs = results.config["runs"]
     title = f"mlxserve bench: {results.config['model']} ({results.config['quantization']})" + (
         " (partial: interrupted)" if results.partial else "")
-    caption = (f"medians of {runs} run(s); prompt {results.config['prompt_tokens']} tokens, "
+    shown = [e for engine in engines for e in results.entries(engine).values()]
+    shown += [e for e in [*(results.long_prompt(engine) for engine in engines),
+                          results.scenario(OURS, "prefix_reuse")] if e]
+    if not shown:  # interrupted before a run was measured (in a warm-up run, say): no empty table
+        console.print(f"{title}: no run was measured", highlight=False)
+        return
+    # Medians of the runs measured, which an interrupted bench has fewer of than it was asked
+    # for, and not necessarily as many in every row: then each row says how many.
+    counts = {len(e["runs"]) for e in shown}
+    per_row = len(counts) > 1
+    asked = results.config["runs"]
+    if per_row:
+        medians = f"medians of each row's measured runs (column 'runs'; {asked} asked for)"
+    else:
+        [measured] = counts
+        medians = f"medians of {measured} run(s)" + (f" ({asked} asked for)" if measured != asked else "")
+    caption = (f"{medians}; prompt {results.config['prompt_tokens']} tokens, "
                f"{results.config['gen_tokens']} generated per request; prefill tok/s counts the prompt "
                f"tokens not taken from the prefix cache")
     if len(engines) > 1:
         caption += "; speedup > 1 means mlxserve is better (latency and memory: theirs/ours, throughput: ours/theirs)"
     table = Table(title=title, caption=caption)
-    for column in ("C", "requests", "engine", *(f.label for f in CLOSED_LOOP_FIGURES)):
+    for column in ("C", "requests", *(["runs"] if per_row else []), "engine", *(f.label for f in CLOSED_LOOP_FIGURES)):
         table.add_column(column, justify="right")
     ratios = {r["concurrency"]: r for r in results.ratios().get("concurrency", [])}
     for concurrency in results.config["concurrency"]:
         for engine in engines:
             entry = results.entries(engine).get(concurrency)
             if entry:
-                table.add_row(str(concurrency), str(entry["requests"]), engine,
+                table.add_row(str(concurrency), str(entry["requests"]), *_runs_cell(entry, per_row), engine,
                               *(f.format(entry["median"].get(f.key)) for f in CLOSED_LOOP_FIGURES))
         if concurrency in ratios:
-            table.add_row("", "", "speedup", *(_format_speedup(ratios[concurrency][f.key]) for f in CLOSED_LOOP_FIGURES))
+            table.add_row("", "", *([""] if per_row else []), "speedup",
+                          *(_format_speedup(ratios[concurrency][f.key]) for f in CLOSED_LOOP_FIGURES))
         table.add_section()
     console.print(table)
     if any(results.long_prompt(e) for e in engines):
-        console.print(_long_prompt_table(results, engines))
+        console.print(_long_prompt_table(results, engines, per_row))
     reuse = results.scenario(OURS, "prefix_reuse")
     if reuse:
         reuse_table = Table(title=f"chat second turn after {reuse['history_tokens']} tokens of history "
                                   f"(+{results.config['gen_tokens']} answer, +{CHAT_FOLLOW_UP_TOKENS} follow-up)")
-        for f in PREFIX_REUSE_FIGURES:
-            reuse_table.add_column(f.label, justify="right")
-        reuse_table.add_row(*(f.format(reuse["median"].get(f.key)) for f in PREFIX_REUSE_FIGURES))
+        for label in [*(["runs"] if per_row else []), *(f.label for f in PREFIX_REUSE_FIGURES)]:
+            reuse_table.add_column(label, justify="right")
+        reuse_table.add_row(*_runs_cell(reuse, per_row), *(f.format(reuse["median"].get(f.key)) for f in PREFIX_REUSE_FIGURES))
         console.print(reuse_table)
 
 
-def _long_prompt_table(results: BenchResults, engines: list[str]):
+def _runs_cell(entry: dict, per_row: bool) -> list[str]:
+    return [str(len(entry["runs"]))] if per_row else []
+
+
+def _long_prompt_table(results: BenchResults, engines: list[str], per_row: bool = False):
     from rich.table import Table
 
     table = Table(title=f"long prompt ({results.config['long_prompt_tokens']} tokens) admitted while "
                         f"{results.config['long_prompt_streams']} streams decode",
                   caption="admission: from the long prompt's submit to its first token; stall = admission ITL p99 / steady ITL p50")
-    for column in ("engine", *(f.label for f in LONG_PROMPT_FIGURES)):
+    for column in ("engine", *(["runs"] if per_row else []), *(f.label for f in LONG_PROMPT_FIGURES)):
         table.add_column(column, justify="right")
     for engine in engines:
         entry = results.long_prompt(engine)
         if entry:
-            table.add_row(engine, *(f.format(entry["median"].get(f.key)) for f in LONG_PROMPT_FIGURES))
+            table.add_row(engine, *_runs_cell(entry, per_row),
+                          *(f.format(entry["median"].get(f.key)) for f in LONG_PROMPT_FIGURES))
     speedups = results.ratios().get("long_prompt")
     if speedups:
-        table.add_row("speedup", *(_format_speedup(speedups[f.key]) for f in LONG_PROMPT_FIGURES))
+        table.add_row("speedup", *([""] if per_row else []),
+                      *(_format_speedup(speedups[f.key]) for f in LONG_PROMPT_FIGURES))
     return table
 
 
