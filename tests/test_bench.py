@@ -379,3 +379,12 @@ def test_a_bench_interrupted_in_its_warm_up_prints_no_empty_table(tmp_path, caps
     assert "TTFT p50" not in out and "medians" not in out
     assert result["partial"] is True
     assert all(not e["runs"] for e in result["results"]["mlxserve"]["concurrency"])
+
+
+def test_the_json_records_the_context_length_the_engine_runs_with():
+    """config.engine.context_length said 4096 (SchedulerConfig's default) while the engine
+    ran with the model's context (make_scheduler gives it the loaded model's)."""
+    loaded = types.SimpleNamespace(name="m", format="gguf", quantization="Q4_1", config={}, context_length=8192)
+    cfg = BenchConfig()
+    assert cfg.engine.context_length != 8192
+    assert bench.describe_run(loaded, cfg, None)["engine"]["context_length"] == 8192

@@ -397,7 +397,8 @@ def describe_run(loaded: LoadedModel, cfg: BenchConfig, random_shape: str | None
         "runs": cfg.runs,
         "seed": cfg.seed,
         "compare": cfg.compare,
-        "engine": asdict(cfg.engine),
+        # What the engine runs with: make_scheduler gives it the model's context length.
+        "engine": {**asdict(cfg.engine), "context_length": loaded.context_length},
         "versions": {"mlxserve": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
                      "python": platform.python_version()},
         "device": {"default": str(mx.default_device()), **mx.device_info()},
