@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pexpect
@@ -294,6 +295,16 @@ def test_model_stats_and_models(chat, tiny, tiny_model_dir):
     assert chat.run(f"/model {tiny}").startswith("Loaded")
 
 
+def test_a_pasted_code_block_keeps_its_first_line_indented(chat, tmp_path):
+    """The first line's indentation was stripped with the blank lines around the message."""
+    chat.run("/reset")
+    chat.run("/max_tokens 1")
+    chat.child.send("\x1b[200~\n    def f(self):\n        return 1\n\x1b[201~")
+    chat.ask("")
+    saved = chat.save(tmp_path / "code.json")
+    assert saved["messages"][0]["content"] == "    def f(self):\n        return 1"
+
+
 def test_save_load_and_export_restore_the_conversation(chat, tmp_path):
     chat.run("/reset")
     chat.run(f"/system {SYSTEM}")
@@ -562,6 +573,56 @@ def test_ctrl_c_before_the_first_token_drops_the_question():
     session = ChatSession()
     Repl(Backend(), session, Console(file=io.StringIO())).ask("Write a long story.")
     assert session.messages == []  # as if never asked: the next question is answered, not this one
+
+
+def test_what_is_sent_of_a_line_typed_or_pasted(tmp_path, monkeypatch):
+    """Blank lines before and whitespace after a message go; its indentation stays. A line
+    that starts, after blanks, with one / is a command; // sends a leading /."""
+    from rich.console import Console
+
+    from mlxserve.chat_session import ChatSession
+    from mlxserve.repl import Repl, message_text
+
+    assert message_text(" \n\t\n    def f(self):\n        return 1  \n\n") == "    def f(self):\n        return 1"
+    assert message_text("  x  ") == "  x"
+    assert message_text(" \n \t\n ") == ""
+
+    class Backend:
+        def describe(self):
+            return "fake"
+
+    monkeypatch.setenv("MLXSERVE_HOME", str(tmp_path))
+    repl = Repl(Backend(), ChatSession(), Console(file=io.StringIO()))
+    typed = iter(["\n    indented\n  more\n", "  \n\t", "  /reset", "//etc/hosts?", "  //x"])
+
+    class Prompt:
+        def prompt(self, _):
+            line = next(typed, None)
+            if line is None:
+                raise EOFError
+            return line
+
+    repl._prompt = Prompt()
+    sent = []
+    monkeypatch.setattr(repl, "ask", lambda text: sent.append(("ask", text)))
+    monkeypatch.setattr(repl, "command", lambda line: sent.append(("command", line)))
+    assert repl.run() == 0
+    assert sent == [("ask", "    indented\n  more"), ("command", "/reset"), ("ask", "/etc/hosts?"), ("ask", "  /x")]
+
+    # A question piped in (`mlxserve chat < snippet.py`) is taken the same way.
+    from mlxserve import repl as repl_module
+
+    class Closable:
+        def close(self):
+            pass
+
+    piped = []
+    monkeypatch.setattr(repl_module, "open_backend", lambda args: Closable())
+    monkeypatch.setattr(repl_module, "one_shot", lambda backend, session, question: piped.append(question) or 0)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n    def f(self):\n        return 1\n"))
+    args = types.SimpleNamespace(temperature=None, no_think=False, system=None)
+    assert repl_module.run_chat(args) == 0
+    assert piped == ["    def f(self):\n        return 1"]
 
 
 def test_text_from_a_loaded_file_cannot_send_terminal_escapes(tmp_path):

@@ -57,7 +57,7 @@ def run_chat(args) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     question = None
     if not interactive:
-        question = sys.stdin.read().strip()
+        question = message_text(sys.stdin.read())
         if not question:
             raise CLIError("no question on stdin")
     settings = Settings(think=not args.no_think)
@@ -115,6 +115,16 @@ def one_shot(backend, session: ChatSession, question: str) -> int:
         raise
     print(format_stats(generation.stats), file=sys.stderr)
     return 0
+
+
+def message_text(text: str) -> str:
+    """A message as typed or pasted, to send: without the blank lines before it and the
+    whitespace after it, but with the indentation of its first line (pasted code: the
+    first line's indentation is as much part of it as the others'). "" for whitespace only."""
+    lines = text.rstrip().split("\n")
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    return "\n".join(lines)
 
 
 # ---- slash commands -----------------------------------------------------------------------------
@@ -298,15 +308,16 @@ class Repl:
                 continue
             except EOFError:  # Ctrl-D
                 return 0
-            text = text.strip()
+            text = message_text(text)
             if not text:
                 continue
+            head = text.lstrip()  # "  /help" is still a command
             try:
-                if text.startswith("/") and not text.startswith("//"):
-                    if self.command(text) is QUIT:
+                if head.startswith("/") and not head.startswith("//"):
+                    if self.command(head) is QUIT:
                         return 0
                 else:
-                    self.ask(text[1:] if text.startswith("//") else text)
+                    self.ask(text.replace("/", "", 1) if head.startswith("//") else text)
             except KeyboardInterrupt:  # e.g. while loading a model: back to the prompt
                 self.error("interrupted")
 
