@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -19,6 +20,71 @@ def mlxserve(*args, env=None, stdin=None, timeout=300):
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     return str(tiny_model_dir("qwen3", "float32"))
+
+
+# `python -c BLOCKING_STEP ARGS...` is `mlxserve ARGS...` whose engine blocks in one step, as if
+# that step were a long prompt chunk on the CPU back-end: the BLOCK_STEP-th step after the first
+# request is submitted prints "[step blocked]" on stderr, then waits until a byte is written to
+# the FIFO named by RELEASE_FIFO (without it: for ever), then prints "[step released]".
+# Before it says so it lets MLX finish the work already queued: MLX's CPU back-end builds new
+# kernels with the C++ compiler through system(), which ignores SIGINT (process-wide) while
+# it runs, so a Ctrl-C sent then would be lost.
+BLOCKING_STEP = r"""
+import os, sys, threading
+import mlx.core as mx
+from mlxserve import cli, engine, scheduler
+
+block_at, release = int(os.environ["BLOCK_STEP"]), os.environ.get("RELEASE_FIFO")
+submitted, steps = threading.Event(), []
+_submit, _step = engine.Engine.submit, scheduler.Scheduler.step
+
+def submit(self, *args, **kwargs):
+    submitted.set()
+    return _submit(self, *args, **kwargs)
+
+def step(self):
+    if submitted.is_set():
+        steps.append(None)
+        if len(steps) == block_at:
+            mx.synchronize()
+            os.write(2, b"[step blocked]\n")
+            if release:
+                with open(release) as fifo:
+                    fifo.read(1)
+            else:
+                threading.Event().wait()
+            os.write(2, b"[step released]\n")
+    return _step(self)
+
+engine.Engine.submit, scheduler.Scheduler.step = submit, step
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("block_step", [1, 4])  # the prompt's prefill; a step after some text came
+def test_ctrl_c_in_run_exits_without_waiting_for_the_engine_step(tiny, block_step):
+    """Ctrl-C waited for the engine's step to end: some 40 s for a 512-token chunk on the CPU.
+    Here the step never ends, so the process can only exit if it does not wait for it."""
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKING_STEP, "run", "--model", tiny, "--no-chat",
+                             "--ignore-eos", "--max-tokens", "100", "Once upon a time"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, BLOCK_STEP=str(block_step)))
+    try:
+        before = []
+        for line in proc.stderr:
+            before.append(line)
+            if line == "[step blocked]\n":
+                break
+        assert before[-1:] == ["[step blocked]\n"], before
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)  # a bound for a failing test, not a wait for anything
+    finally:
+        proc.kill()  # (the blocked step never ends: a process that waits for it is left behind)
+        proc.wait()
+    assert proc.returncode == 130, err
+    assert err == "\n"  # the usual newline after ^C, nothing else: no traceback, no stats, no abort
+    if block_step == 1:
+        assert out == ""  # nothing generated yet
 
 
 def test_run_json(tiny):

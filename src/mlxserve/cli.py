@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager, nullcontext
+from typing import NoReturn
 
 from . import __version__
 from .spec import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
@@ -227,7 +228,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     final = event
         except KeyboardInterrupt:
             stream.cancel()
-            raise
+            _exit_at_once(130)
         stats = engine.stats()
     if final.finish_reason == "error":
         raise CLIError(final.error or "generation failed")
@@ -252,6 +253,26 @@ def cmd_run(args: argparse.Namespace) -> int:
             + (f", drafts: {stats['accepted_tokens']} of {stats['drafted_tokens']} tokens accepted" if args.speculative else "")
         )
     return 0
+
+
+def _exit_at_once(status: int) -> NoReturn:
+    """Ctrl-C in `run`: end the process now, as main() does after a Ctrl-C (a newline on
+    stderr, then the status), without waiting for the engine's step in flight: on the CPU one
+    prompt chunk of 512 tokens takes tens of seconds, and Engine.stop waits for it. Not a
+    normal exit: Python's and MLX's teardown while the engine thread is still inside MLX
+    aborts the process (see Engine.stop). os._exit ends every thread where it is; the step's
+    work is thrown away with the process, and nothing of it was to be kept (the request is
+    cancelled, no file is being written)."""
+    for out in (sys.stdout, sys.stderr):
+        try:
+            out.flush()
+        except (OSError, ValueError):  # a reader that went away, a closed stream
+            pass
+    try:
+        print("", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+    os._exit(status)
 
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool | None, system: str | None) -> list[int]:
