@@ -51,13 +51,14 @@ def plain(text: str) -> str:
 class Chat:
     """One `mlxserve chat` process in a pseudo-terminal."""
 
-    def __init__(self, *args: str, home: Path, sigint_ignored: bool = False):
+    def __init__(self, *args: str, home: Path, sigint_ignored: bool = False,
+                 program: tuple[str, ...] = ("-m", "mlxserve"), env: dict | None = None):
         env = {**os.environ, "NO_COLOR": "1", "MLXSERVE_HOME": str(home), "TERM": "xterm-256color",
-               "PROMPT_TOOLKIT_NO_CPR": "1", "COLUMNS": "80", "LINES": "24"}
+               "PROMPT_TOOLKIT_NO_CPR": "1", "COLUMNS": "80", "LINES": "24", **(env or {})}
         env.pop("FORCE_COLOR", None)
         # sigint_ignored: started as by a parent that ignores SIGINT (children inherit that)
         ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
-        self.child = pexpect.spawn(sys.executable, ["-m", "mlxserve", "chat", *args], env=env,
+        self.child = pexpect.spawn(sys.executable, [*program, "chat", *args], env=env,
                                    dimensions=(24, 80), encoding="utf-8", timeout=90, preexec_fn=ignore)
         self.transcript = io.StringIO()
         self.child.logfile_read = self.transcript
@@ -199,6 +200,41 @@ def test_ctrl_c_cuts_the_answer_and_the_chat_goes_on(chat, long_question, tmp_pa
     roles = [(m["role"], m.get("cut", False)) for m in saved["messages"]]
     assert roles == [("user", False), ("assistant", True), ("user", False), ("assistant", False)]
     assert saved["messages"][0]["content"] == long_question
+
+
+def test_ctrl_c_gives_the_prompt_back_while_the_engine_finishes_its_step(tiny, long_question, tmp_path):
+    """Ctrl-C waited for the engine's step to end before the prompt came back: some 40 s for
+    a 512-token prompt chunk on the CPU back-end. Here a step blocks until the test lets it
+    go, so the prompt, the cut answer's line and the next question's wait all come while the
+    step is still under way; the next answer comes once it has ended."""
+    from test_cli import BLOCKING_STEP
+
+    release = tmp_path / "release"
+    os.mkfifo(release)
+    chat = Chat("--model", tiny, "--system", SYSTEM, home=tmp_path, program=("-c", BLOCKING_STEP),
+                env={"BLOCK_STEP": "12", "RELEASE_FIFO": str(release)})
+    try:
+        chat.run("/temp 0")
+        chat.child.send(long_question + "\r")
+        chat.child.expect_exact("[step blocked]")
+        chat.child.sendintr()
+        out = chat.ready()  # the prompt is back: the step has not ended (it cannot yet)
+        assert "[step released]" not in out
+        assert re.search(r"\d+ generated \(cut\)", out), out
+        chat.run("/max_tokens 8")
+        chat.child.send("Thanks. Now a short one?\r")
+        chat.child.expect_exact("Stopping the previous answer")  # the next question waits, and says why
+        assert "[step released]" not in chat.child.before
+        release.write_text("x")  # the step ends; the cut request goes, then the question is answered
+        out = chat.ready()
+        assert out.index("[step released]") < STATS.search(out).start(), out
+        saved = chat.save(tmp_path / "cut.json")
+        roles = [(m["role"], m.get("cut", False)) for m in saved["messages"]]
+        assert roles == [("user", False), ("assistant", True), ("user", False), ("assistant", False)]
+        assert chat.quit_with_ctrl_d() == 0
+    finally:
+        if chat.child.isalive():
+            chat.child.terminate(force=True)
 
 
 def test_ctrl_c_at_the_prompt_clears_the_line(chat, tmp_path):

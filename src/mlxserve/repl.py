@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .chat_backend import BackendError, Delta
+from .chat_backend import BackendError, Delta, Stats
 from .chat_render import AnswerView, format_stats, printable
 from .chat_session import ChatSession, Settings, UsageError
 
@@ -298,6 +299,8 @@ class Repl:
         self.session = session
         self.console = console
         self._prompt = _prompt_session(self)
+        # A cut answer's cancellation, still waiting for the engine's step in flight.
+        self._stopping: threading.Thread | None = None
 
     def run(self) -> int:
         self.banner()
@@ -307,6 +310,7 @@ class Repl:
             except KeyboardInterrupt:  # Ctrl-C at the prompt: the line is dropped
                 continue
             except EOFError:  # Ctrl-D
+                self._wait_for_stop()
                 return 0
             text = message_text(text)
             if not text:
@@ -315,6 +319,7 @@ class Repl:
             try:
                 if head.startswith("/") and not head.startswith("//"):
                     if self.command(head) is QUIT:
+                        self._wait_for_stop()
                         return 0
                 else:
                     self.ask(text.replace("/", "", 1) if head.startswith("//") else text)
@@ -356,6 +361,7 @@ class Repl:
         Ctrl-C stops the answer: what came so far is kept, marked as cut."""
         settings = self.session.settings
         try:
+            self._wait_for_stop()
             generation = self.backend.generate(self.session.model_messages(), settings)
         except BackendError as exc:
             self.error(str(exc))
@@ -370,7 +376,7 @@ class Repl:
                     view.add(delta)
             except KeyboardInterrupt:
                 cut = True
-                _stop(generation)
+                self._stop(generation)
             except BackendError as exc:
                 failure = exc
         if failure is not None:
@@ -379,8 +385,37 @@ class Repl:
         if cut and not (view.content or view.reasoning):
             return False  # stopped before anything came: as if never asked
         self.session.add_answer(view.content, view.reasoning, cut=cut)
-        self.say(format_stats(generation.stats, cut=cut), style="dim")
+        stats = generation.stats
+        if stats is None and cut:  # the engine is still in its step: the figures we have
+            stats = Stats(view.tokens, "cancelled")
+        self.say(format_stats(stats, cut=cut), style="dim")
         return True
+
+    def _stop(self, generation) -> None:
+        """Ctrl-C during an answer: cancel it without holding up the prompt. The engine drops
+        the request only when its current step ends, which on the CPU back-end can be a prompt
+        chunk of tens of seconds; the cancellation waits for that in the background. Its
+        figures are shown if they come within CUT_FIGURES_WAIT_S (a GPU's step: milliseconds)."""
+        stopper = threading.Thread(target=_cancel, args=(generation,), name="mlxserve-chat-stop", daemon=True)
+        stopper.start()
+        self._stopping = stopper
+        try:
+            stopper.join(CUT_FIGURES_WAIT_S)
+        except KeyboardInterrupt:  # an impatient second Ctrl-C: show the prompt without them
+            pass
+
+    def _wait_for_stop(self) -> None:
+        """Before the next answer (or leaving): let a cut answer's cancellation end, saying
+        why there is a wait. Ctrl-C stops waiting (KeyboardInterrupt): the engine still takes
+        the cancellation before any later request, so nothing waits on it again."""
+        stopper = self._stopping
+        if stopper is None or not stopper.is_alive():
+            self._stopping = None
+            return
+        self._stopping = None
+        with self.console.status("Stopping the previous answer: the engine is finishing its current step …",
+                                 spinner="dots"):
+            stopper.join()
 
     def replay(self) -> None:
         """Show a loaded conversation the way it was shown live."""
@@ -402,15 +437,15 @@ class Repl:
         self.console.print(Text(f"error: {text}", style="red"), soft_wrap=True)
 
 
-def _stop(generation) -> None:
-    """Cancel a generation, even through an impatient second Ctrl-C: the request must not
-    go on in the background, and its figures are wanted."""
-    while True:
-        try:
-            generation.cancel()
-            return
-        except KeyboardInterrupt:
-            continue
+CUT_FIGURES_WAIT_S = 0.5  # how long a cut answer's figures are waited for before the prompt returns
+
+
+def _cancel(generation) -> None:
+    """Cancel a generation (in a thread of its own: see Repl._stop)."""
+    try:
+        generation.cancel()
+    except Exception:  # e.g. a server connection that fails as it closes: the answer is cut anyway
+        pass
 
 
 # ---- input ------------------------------------------------------------------------------------------
