@@ -121,6 +121,32 @@ def test_gated_delta_forms_agree(T):
         assert mx.abs(s - s_ref).max().item() < 1e-5
 
 
+@pytest.mark.parametrize("beta_value", [0.5, 0.9, 1.0])
+def test_chunked_form_holds_on_a_run_of_identical_keys(beta_value):
+    """A repeated token gives identical unit keys (k.k = 1): the chunk's triangular system then
+    has entries of order one, where an inverse built from a Neumann product cancelled
+    catastrophically (outputs off by 1e9)."""
+    rng = np.random.default_rng(1)
+    B, T, H, D = 1, 130, 2, 16
+    k = mx.full((B, T, H, D), 0.25)  # unit length
+    q = mx.array(rng.standard_normal((B, T, H, D)), dtype=mx.float32)
+    v = mx.array(rng.standard_normal((B, T, H, D)), dtype=mx.float32)
+    g, beta = mx.full((B, T, H), 0.99), mx.full((B, T, H), beta_value)
+    state = mx.zeros((B, H, D, D))
+    y_ref, s_ref = gated_delta_reference(q, k, v, g, beta, state)
+    y, s = gated_delta_chunked(q, k, v, g, beta, state)
+    assert mx.abs(y - y_ref).max().item() < 1e-4
+    assert mx.abs(s - s_ref).max().item() < 1e-4
+
+
+def test_a_prompt_of_one_repeated_token_gives_the_same_ids_at_any_chunk_size(hybrid):
+    _, loaded = hybrid
+    ids = [10] * 99
+    expected = generate(loaded, [ids], block_size=16, max_batch_tokens=1)[0][0]
+    for chunk in (16, 55, 64, 512):
+        assert generate(loaded, [ids], block_size=16, max_batch_tokens=chunk)[0][0] == expected, chunk
+
+
 def test_the_one_token_step_matches_the_reference_compiled():
     """gated_delta_step, as the decode path runs it (compiled; g and beta already in their
     broadcast shape), against the token-by-token definition, with two value heads per key

@@ -94,8 +94,8 @@ def gated_delta_chunked(q, k, v, g, beta, state):
     The system is linear in S0, so D = U - W S0^T with U = (I+L)^-1 (beta v) and
     W = (I+L)^-1 (beta G k) independent of the state: everything but the chunk-to-chunk
     state hand-over is computed for all chunks at once, and the sequential part is two
-    matrix products per chunk. The unit lower-triangular system is inverted by repeated
-    squaring (I+L)^-1 = (I-L)(I+L^2)(I+L^4)... (L is nilpotent): only matrix products.
+    matrix products per chunk. The unit lower-triangular system is inverted by recursive
+    block inversion (_unit_lower_solve): only matrix products.
     """
     B, T, Hk, _ = q.shape
     Hv, Dv = v.shape[2], v.shape[3]
@@ -143,16 +143,31 @@ def gated_delta_chunked(q, k, v, g, beta, state):
 
 
 def _unit_lower_solve(L, rhs):
-    """x with (I + L) x = rhs for strictly lower-triangular L [..., C, C]."""
+    """x with (I + L) x = rhs for strictly lower-triangular L [..., C, C], C a power of two.
+
+    (I + L)^-1 is built by recursive 2x2 block inversion, all blocks of a level at once:
+    [[A, 0], [X, B]]^-1 = [[A^-1, 0], [-B^-1 X A^-1, B^-1]], from 1x1 blocks (whose inverse
+    is 1) up to C x C. Every intermediate is a block of the true inverse. (The Neumann
+    product (I - L)(I + L^2)(I + L^4)... is as exact on paper, but its partial products
+    cancel hugely when L is of order one: a run of identical keys (a repeated token) gave
+    outputs off by 1e9 in float32.)
+    """
     C = L.shape[-1]
-    x = rhs - L @ rhs
-    power = L @ L
-    span = 2
-    while span < C:
-        x = x + power @ x
-        power = power @ power
-        span *= 2
-    return x
+    batch = L.shape[:-2]
+    inverse = mx.ones(batch + (C, 1, 1), dtype=L.dtype)  # the 1x1 diagonal blocks' inverses
+    size = 1
+    while size < C:
+        pairs = C // (2 * size)
+        # X: the lower-left size x size block of each 2size x 2size diagonal block of L.
+        grid = L.reshape(batch + (pairs, 2, size, pairs, 2, size))[..., :, 1, :, :, 0, :]
+        X = mx.moveaxis(mx.diagonal(grid, axis1=-4, axis2=-2), -1, -3)  # [..., pairs, size, size]
+        A_inv, B_inv = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
+        corner = -(B_inv @ (X @ A_inv))
+        top = mx.concatenate([A_inv, mx.zeros_like(A_inv)], axis=-1)
+        bottom = mx.concatenate([corner, B_inv], axis=-1)
+        inverse = mx.concatenate([top, bottom], axis=-2)  # [..., pairs, 2size, 2size]
+        size *= 2
+    return inverse.reshape(batch + (C, C)) @ rhs
 
 
 def gated_delta_reference(q, k, v, g, beta, state):
