@@ -608,3 +608,39 @@ def test_abort_all_ends_streams_while_the_engine_is_inside_a_step(loaded, monkey
         assert rest[-1].finish_reason == "error" and rest[-1].error == "server is shutting down"
     # The engine freed the row after that step: stop() returned, so it has handled the abort.
     assert engine.stats()["running"] == 0 and engine.stats()["kv_bytes_in_use"] == 0
+
+
+def test_a_preempted_scoring_request_scores_each_prompt_token_once(loaded):
+    """Preempted and recomputed, a request with prompt_logprobs keeps one entry per prompt
+    token (the recompute scored the prompt again, appending a second copy)."""
+    budget = _token_bytes(loaded) * 80
+    sched = make_scheduler(loaded, EngineConfig(block_size=4, memory_budget_bytes=budget))
+    first = Request(list(range(10, 20)), SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
+    scored = Request(list(range(30, 44)), SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+                     prompt_logprobs=0)
+    sched.add(first)
+    sched.add(scored)
+    finals = {}
+    while sched.has_work():
+        finals.update({e.request_id: e for e in sched.step() if e.finish_reason})
+    assert sched.stats.preemptions > 0
+    entries = finals[scored.id].prompt_logprobs
+    assert [None if e is None else e.token_id for e in entries] == [None] + scored.prompt_ids[1:]
+    expected = reference_prompt_logprobs(loaded, scored.prompt_ids)
+    for i, entry in enumerate(entries[1:]):
+        assert abs(entry.logprob - expected[i, scored.prompt_ids[i + 1]].item()) < 1e-4
+
+
+def test_a_request_preempted_in_its_prefill_counts_once_in_the_prefix_stats(loaded):
+    budget = _token_bytes(loaded) * 96
+    sched = make_scheduler(loaded, EngineConfig(block_size=4, max_batch_tokens=4, memory_budget_bytes=budget))
+    a = Request(list(range(10, 22)), SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    sched.add(a)
+    sched.step()  # a decodes
+    b = Request(list(range(100, 140)), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    sched.add(b)  # b prefills 4 tokens a step while a outgrows its slot
+    while sched.has_work():
+        sched.step()
+    stats = sched.snapshot_stats()
+    assert stats["preemptions"] > 0
+    assert stats["prefix_queried_tokens"] == len(a.prompt_ids) + len(b.prompt_ids)

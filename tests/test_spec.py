@@ -9,7 +9,7 @@ a hybrid row's recurrent state restored and its accepted tokens fed again), reje
 import pytest
 
 from mlxserve import scheduler as scheduler_module
-from mlxserve.engine import Engine, EngineConfig
+from mlxserve.engine import Engine, EngineConfig, make_scheduler
 from mlxserve.loader import load_model
 from mlxserve.sampling import SamplingParams
 from mlxserve.scheduler import Request
@@ -219,3 +219,28 @@ def test_a_row_backs_off_after_failed_drafts(tiny_model_dir, monkeypatch):
     # After the m-th miss in a row, at generated token g, the next draft is at g + 2 ** m
     # (at most g + 17).
     assert checked == [1, 3, 7, 15, 31, 48]
+
+
+def test_a_lone_row_whose_draft_outgrows_the_budget_ends_at_it(tiny_model_dir, monkeypatch):
+    """Memory goes to a row's own tokens before its draft: a lone row whose draft does not fit
+    drops the draft (it was preempting itself to recompute, then drafting again, for ever) and
+    ends with "length" where the budget stops it, its tokens those of decoding alone."""
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    prompt = _prompts(loaded.tokenizer)[2]
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    alone = _tokens(_events_alone(loaded, prompt, params))
+    _script(monkeypatch, [prompt + alone], None)
+    layers, heads, dim = loaded.model.kv_shape()
+    budget = 32 * 2 * layers * heads * dim * 4  # one 32-token slot
+    sched = make_scheduler(loaded, EngineConfig(block_size=4, speculative="ngram", memory_budget_bytes=budget))
+    sched.add(Request(prompt, params))
+    events = []
+    for _ in range(200):
+        if not sched.has_work():
+            break
+        events += sched.step()
+    assert not sched.has_work()
+    assert events[-1].finish_reason == "length" and sched.stats.accepted_tokens > 0
+    tokens = _tokens(events)
+    # (the last token is never fed, so it needs no place in the slot)
+    assert len(prompt) + len(tokens) <= 32 + 1 and tokens == alone[: len(tokens)]

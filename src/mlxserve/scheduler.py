@@ -140,6 +140,7 @@ class Row:
         self.arrival = arrival
         self.first_token_time: float | None = None
         self.cached_tokens = 0
+        self.admitted = False  # once admitted, a preempted row's return is a recompute
         self.finished = False
         # Tokens sampled on the device whose values the host has not read yet (steps are
         # pipelined): at most one per step in flight.
@@ -399,9 +400,12 @@ class Scheduler:
     def _score_prompt(self, row: Row, feed: Feed, logits: mx.array) -> None:
         """Log-probs of the prompt tokens that follow each fed position (read back at once:
         scoring requests are rare and want every number)."""
-        nxt = row.tokens[feed.start + 1 : min(feed.start + len(feed.tokens) + 1, row.prompt_len)]
+        # A preempted row recomputes positions it has scored already: score the rest.
+        first = max(feed.start + 1, len(row.prompt_scores))
+        nxt = row.tokens[first : min(feed.start + len(feed.tokens) + 1, row.prompt_len)]
         if not nxt:
             return
+        logits = logits[first - feed.start - 1 :]
         logprobs = logits[: len(nxt)].astype(mx.float32)
         logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
         chosen = mx.take_along_axis(logprobs, mx.array(nxt)[:, None], axis=-1)[:, 0]
@@ -499,7 +503,8 @@ class Scheduler:
                 break
             row.fresh_slot = False
             self.waiting.popleft()
-            if row.first_token_time is None:  # first admission, not a recompute
+            if not row.admitted:  # first admission, not a recompute
+                row.admitted = True
                 row.cached_tokens = match.length
                 if self.prefix is not None and row.prompt_scores is None:
                     self.prefix.record(len(row.tokens), match.length)
@@ -669,6 +674,13 @@ class Scheduler:
                     row.cache.reserve(n)
                 return plan
             except OutOfKVMemory:
+                if any(row.draft for row, _ in plan):
+                    # Drafts are optional: memory goes to the rows' own tokens first, and no
+                    # one is preempted to make room for a draft.
+                    plan = [(row, n - len(row.draft)) for row, n in plan]
+                    for row, _ in plan:
+                        row.draft = []
+                    continue
                 victim = self.running[-1]
                 if len(self.running) > 1:
                     self._preempt(victim)
