@@ -644,3 +644,28 @@ def test_a_request_preempted_in_its_prefill_counts_once_in_the_prefix_stats(load
     stats = sched.snapshot_stats()
     assert stats["preemptions"] > 0
     assert stats["prefix_queried_tokens"] == len(a.prompt_ids) + len(b.prompt_ids)
+
+
+def test_a_chat_turn_that_fits_alone_runs_when_its_cached_prefix_and_its_slot_do_not_fit_together(loaded):
+    """A budget of one 256-token slot: turn 2 (188 tokens) cannot take over turn 1's kept
+    128-token slot and grow into a 256-token one beside it, so it starts in a fresh slot and
+    recomputes the prefix, as it does without the cache (it was failed as "does not fit")."""
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    outputs = {}
+    for prefix_cache in (False, True):
+        sched = make_scheduler(loaded, EngineConfig(block_size=4, prefix_cache=prefix_cache,
+                                                    memory_budget_bytes=_token_bytes(loaded) * 256))
+
+        def run(prompt):
+            sched.add(Request(prompt, params))
+            events = []
+            while sched.has_work():
+                events += sched.step()
+            return [t for e in events for t in e.token_ids], events[-1]
+
+        turn1 = list(range(10, 110))
+        answer, _ = run(turn1)
+        outputs[prefix_cache] = run(turn1 + answer + list(range(120, 200)))
+    tokens, final = outputs[True]
+    assert final.finish_reason == "length" and final.error is None
+    assert tokens == outputs[False][0]
