@@ -669,3 +669,59 @@ def test_a_chat_turn_that_fits_alone_runs_when_its_cached_prefix_and_its_slot_do
     tokens, final = outputs[True]
     assert final.finish_reason == "length" and final.error is None
     assert tokens == outputs[False][0]
+
+
+def test_a_request_submitted_while_the_engine_stops_gets_a_final_event(loaded, monkeypatch):
+    """stop() waits for the step in progress; a submit() in that time was accepted and its
+    stream never ended. One step is held so that the order is certain."""
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+    step = scheduler_module.Scheduler.step
+
+    def held_step(self):
+        if not release.is_set():
+            inside.set()
+            release.wait()
+        return step(self)
+
+    monkeypatch.setattr(scheduler_module.Scheduler, "step", held_step)
+    release.set()
+    engine = Engine(loaded, EngineConfig(block_size=4)).start()
+    first = engine.submit(Request([5, 6, 7], SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)))
+    first._queue.get(timeout=60)  # it runs
+    release.clear()
+    assert inside.wait(60)  # the engine is inside a step
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    while not engine._stopping:
+        pass
+    try:
+        late = engine.submit(Request([8, 9], SamplingParams(max_tokens=2, temperature=0.0)))
+    except RuntimeError as exc:  # refused: as good as an ending stream
+        late = None
+        assert "not running" in str(exc)
+    release.set()
+    stopper.join(60)
+    if late is not None:
+        final = late._queue.get(timeout=60)
+        assert final.finish_reason == "error"
+    with pytest.raises(RuntimeError, match="not running"):
+        engine.submit(Request([8, 9], SamplingParams(max_tokens=2, temperature=0.0)))
+
+
+def test_abort_all_ends_every_stream_when_one_belongs_to_a_closed_event_loop(loaded):
+    import asyncio
+
+    with Engine(loaded, EngineConfig(block_size=4)) as engine:
+        long = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
+
+        async def abandon():  # a client's loop goes away while its request runs
+            engine.submit(Request([5, 6, 7], long), asyncio.get_running_loop())
+
+        asyncio.run(abandon())
+        threaded = engine.submit(Request([8, 9, 10], long))
+        threaded._queue.get(timeout=60)
+        engine.abort_all("server is shutting down")  # raised 'Event loop is closed'
+        events = list(threaded)
+    assert events[-1].finish_reason == "error" and events[-1].error == "server is shutting down"

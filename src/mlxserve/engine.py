@@ -86,7 +86,10 @@ class RequestStream:
         if not self._accept(event):
             return
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            try:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            except RuntimeError:  # the loop closed: nobody is listening any more
+                pass
         else:
             self._queue.put(event)
 
@@ -132,6 +135,7 @@ class Engine:
         self._done = threading.Event()  # set when the engine loop has returned
         self._stopping = False
         self._outstanding = 0  # submitted and not finished
+        self._closed = False  # the engine loop has ended: submit refuses
         self._outstanding_lock = threading.Lock()
         self._stats: dict = {}
         self.error: str | None = None
@@ -189,13 +193,15 @@ class Engine:
         if not self.alive:
             raise RuntimeError("engine is not running")
         with self._outstanding_lock:
+            if self._closed:  # the loop has ended, or is ending (stop() while a step ran)
+                raise RuntimeError("engine is not running")
             # Refuse here, in the caller's thread, so that a server can answer 429 at once.
             limit = self.config.max_running + self.config.max_waiting
             if self._outstanding >= limit:
                 raise ServerBusy(f"server busy: {self._outstanding} requests in progress (limit {limit})")
             self._outstanding += 1
-        stream = RequestStream(request, self, loop, on_finish)
-        self._commands.put(("submit", stream))
+            stream = RequestStream(request, self, loop, on_finish)
+            self._commands.put(("submit", stream))  # under the lock: see _run_guarded
         return stream
 
     def cancel(self, request_id: str) -> None:
@@ -225,7 +231,18 @@ class Engine:
         except BaseException:
             log.error("engine loop died: %s", traceback.format_exc())
         finally:
-            # Nobody waits forever: streams still open end with an error.
+            # Nobody waits forever: streams still open end with an error, those the loop
+            # never took from its queue too (submitted while it was ending), and no submit
+            # gets through after this.
+            with self._outstanding_lock:
+                self._closed = True
+            while True:
+                try:
+                    kind, payload = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "submit":
+                    self._streams[payload.id] = payload
             for stream in list(self._streams.values()):
                 stream._push(TokenEvent(stream.id, [], "", finish_reason="error", error="engine stopped",
                                         time=time.perf_counter()))
