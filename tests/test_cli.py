@@ -122,6 +122,7 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("chat", "--temperature", "-3"), "--temperature must be a finite number >= 0"),
     (("chat", "--temperature", "nan"), "--temperature must be a finite number >= 0"),
     (("run", "--memory-budget", "1e400", "hi"), "'1e400' is not a finite size"),
+    (("run", "--memory-budget", "-5GB", "hi"), "--memory-budget: must be positive, got '-5GB'"),
     (("run", "--model", "", "hi"), "no model named"),
     (("run", "--no-chat", "--system", "Be brief.", "hi"), "--system needs the chat template"),
     (("pull", " "), "no model named"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from contextlib import contextmanager, nullcontext
 from typing import NoReturn
@@ -25,6 +26,11 @@ class CLIError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     """argparse, whose mistakes are reported like every other: one line, exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # "-5GB" is a value (refused later with its reason), not an unknown option.
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str):
         print(f"mlxserve: error: {message} (`{self.prog} --help` lists the options)", file=sys.stderr)
