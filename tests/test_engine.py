@@ -580,20 +580,9 @@ def test_a_lone_row_that_outgrows_the_budget_ends_with_length_keeping_its_output
 def test_abort_all_ends_streams_while_the_engine_is_inside_a_step(loaded, monkeypatch):
     """A server shutting down must answer its clients now, not after a step that on a slow
     machine can take many seconds (the engine reads its commands only between steps)."""
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    inside, release = threading.Event(), threading.Event()
-    release.set()
-    step = scheduler_module.Scheduler.step
-
-    def held_step(self):
-        if not release.is_set():
-            inside.set()
-            release.wait()
-        return step(self)
-
-    monkeypatch.setattr(scheduler_module.Scheduler, "step", held_step)
+    inside, release = _hold_steps(monkeypatch)
     with Engine(loaded, EngineConfig(block_size=4)) as engine, ThreadPoolExecutor(1) as pool:
         params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
         events = iter(engine.submit(Request(loaded.tokenizer.encode("Hello"), params)))
@@ -676,17 +665,7 @@ def test_a_request_submitted_while_the_engine_stops_gets_a_final_event(loaded, m
     stream never ended. One step is held so that the order is certain."""
     import threading
 
-    inside, release = threading.Event(), threading.Event()
-    step = scheduler_module.Scheduler.step
-
-    def held_step(self):
-        if not release.is_set():
-            inside.set()
-            release.wait()
-        return step(self)
-
-    monkeypatch.setattr(scheduler_module.Scheduler, "step", held_step)
-    release.set()
+    inside, release = _hold_steps(monkeypatch)
     engine = Engine(loaded, EngineConfig(block_size=4)).start()
     first = engine.submit(Request([5, 6, 7], SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)))
     first._queue.get(timeout=60)  # it runs
@@ -725,3 +704,22 @@ def test_abort_all_ends_every_stream_when_one_belongs_to_a_closed_event_loop(loa
         engine.abort_all("server is shutting down")  # raised 'Event loop is closed'
         events = list(threaded)
     assert events[-1].finish_reason == "error" and events[-1].error == "server is shutting down"
+
+
+def _hold_steps(monkeypatch):
+    """(inside, release): while `release` is clear, the engine's next step waits for it,
+    setting `inside` first. Released to begin with."""
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+    release.set()
+    step = scheduler_module.Scheduler.step
+
+    def held_step(self):
+        if not release.is_set():
+            inside.set()
+            release.wait()
+        return step(self)
+
+    monkeypatch.setattr(scheduler_module.Scheduler, "step", held_step)
+    return inside, release
