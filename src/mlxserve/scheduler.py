@@ -491,12 +491,12 @@ class Scheduler:
                 row.cache.reserve(row.unfed)
             except OutOfKVMemory:
                 self._release(row)  # a taken-over slot goes back to the prefix cache
-                if match.length and not row.fresh_slot:
-                    # The matched slot and the room the rest needs do not fit side by side:
-                    # try again in a fresh slot, recomputing the prefix (as without a cache).
-                    row.fresh_slot = True
-                    continue
                 if not self.running and self._inflight is None:
+                    if match.length and not row.fresh_slot:
+                        # Alone, the matched slot and the room the rest needs do not fit side
+                        # by side: try a fresh slot, recomputing the prefix (as without a cache).
+                        row.fresh_slot = True
+                        continue
                     # Nothing will ever free memory for it: it can never fit. (Prompts are
                     # checked at submit, so this is a preempted row grown past the budget:
                     # it ends where it got to.)
