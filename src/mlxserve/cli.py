@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--system", help="system message (chat mode)")
     run.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    _add_memory_budget(run)
+    _add_engine_args(run)
 
     pull = sub.add_parser("pull", help="download a model into the local cache")
     pull.add_argument("model", nargs="?", help=f"alias or Hugging Face repo id (default {DEFAULT_MODEL})")
@@ -86,14 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN", help="allow browser requests from ORIGIN (repeatable; none by default)")
     serve.add_argument("--max-running", type=int, default=64, help="requests decoding at once (default 64)")
     serve.add_argument("--served-model-name", help="the model name clients use (default: --model)")
-    _add_memory_budget(serve)
+    _add_engine_args(serve)
 
     _add_chat_parser(sub, DEFAULT_MODEL)
     _add_bench_parser(sub, DEFAULT_MODEL)
     return parser
 
 
-def _add_memory_budget(p: argparse.ArgumentParser) -> None:
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
     """The engine's flags: the KV memory budget and speculative decoding."""
     from .spec import DRAFTERS
 
@@ -342,7 +342,7 @@ def _add_chat_parser(sub, default_model: str) -> None:
     chat.add_argument("--no-think", action="store_true", help="ask the model not to think, and hide any thinking")
     chat.add_argument("--temperature", type=float, default=None,
                       help="sampling temperature to start with (default 0.7; 0 = greedy; /temp changes it)")
-    _add_memory_budget(chat)
+    _add_engine_args(chat)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -419,7 +419,7 @@ def _add_bench_parser(sub, default_model: str) -> None:
                     "in flight until --requests are done (greedy, EOS ignored, exactly --gen-tokens each). "
                     "Prints a table of medians over --runs and optionally writes every figure as JSON.")
     _add_model_args(bench, default_model)
-    _add_memory_budget(bench)
+    _add_engine_args(bench)
     bench.add_argument("--random-weights", metavar="SHAPE",
                        help="ignore --model: real shapes with random weights (qwen3-0.6b, qwen3-4b, qwen3.5-0.8b, qwen3.5-4b, tiny, tiny-256, tiny-qwen3.5; bfloat16 unless --dtype)")
     bench.add_argument("--quantize", type=int, metavar="BITS", help="with --random-weights: quantize to 4 or 8 bits (MLX affine, group 64)")
