@@ -79,6 +79,10 @@ class StepBatch:
     max_tokens_per_row: int  # 1 when every row decodes
     padding: int  # tokens at the end of `tokens` that belong to no row: they only make up a bucket size
     compile: bool  # the model may run its per-layer pieces compiled (see models/compiled.py)
+    # Layers whose outputs the model hands back (llama.run_layers), and those outputs, concatenated
+    # per flat token: a DFlash draft's context (spec/dflash.py).
+    capture: tuple[int, ...] = ()
+    captured: mx.array | None = None
 
 
 def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int = 64,

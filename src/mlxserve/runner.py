@@ -27,9 +27,11 @@ class Feed:
 
 
 class Runner:
-    def __init__(self, model: nn.Module, kv: KVStore):
+    def __init__(self, model: nn.Module, kv: KVStore, capture: tuple[int, ...] = ()):
         self.model = model
         self.kv = kv
+        # Layers whose outputs every step hands back as StepBatch.captured (a DFlash draft's context).
+        self.capture = capture
 
     def forward(self, feeds: list[Feed], previous: mx.array | None = None) -> tuple[mx.array | None, StepBatch]:
         """Returns (logits [rows asked for, vocab] in the batch's flat order, or None when no
@@ -42,6 +44,7 @@ class Runner:
         # Steps with prefill chunks are padded to a bucket size only to be run compiled.
         batch = build_batch(feeds, self.kv.dtype, self.kv.block_size, compiled.multi_token_bucket(),
                             compiled.MAX_TOKENS_PER_ROW)
+        batch.capture = self.capture
         patches = [(batch.row_offsets[f.key], f.from_previous) for f in feeds if f.from_previous is not None]
         if len(patches) == batch.tokens.size:
             # Every row decodes its token from last step (the steady state): the step's input

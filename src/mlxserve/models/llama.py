@@ -414,12 +414,18 @@ def run_layers(layers: list, h: mx.array, batch: StepBatch, cache: KVStore) -> t
       step) has it inside the piece, with its `after` and the next layer's `before`: a
       piece then spans layers up to the next eager mix (a hybrid model's three linear
       layers and the next full-attention layer's projections).
+    The outputs of the layers in `batch.capture` (a DFlash draft's context, spec/dflash.py)
+    are set, concatenated in that order, as `batch.captured` [T, len(capture) x hidden]:
+    layer j's output is what enters layer j + 1, taken inside the piece that computes it.
     """
     whole = cache.whole_write(batch)
     tracing = active(batch.compile)  # else every mix runs eagerly (for comparisons)
+    wanted = set(batch.capture)
+    captured: dict[int, mx.array] = {}
     previous, carry = None, ()
     i = 0
     while i < len(layers):
+        first = i
         span, states = [], []
         while True:  # layers up to an eager mix or the last layer
             layer = layers[i]
@@ -437,29 +443,39 @@ def run_layers(layers: list, h: mx.array, batch: StepBatch, cache: KVStore) -> t
         # traced mix, is named by its length: a layer starts spans of one extent only
         # (decoding steps), and the compiled function keeps the span it was made with.
         name = "joint" if len(span) == 1 and states[0] is None else f"span{len(span)}"
-        piece = compiled(span[0], name, partial(_span, previous, tuple(span)), batch.compile)
-        h, out, new_states, written = piece(h, carry, inputs, tuple(states), shelf, rows)
+        # Per layer of the span: whether what enters it (the previous layer's output) is wanted.
+        taps = tuple(j - 1 in wanted for j in range(first, i))
+        if any(taps):
+            name += "_taps" + "".join("1" if t else "0" for t in taps)
+        piece = compiled(span[0], name, partial(_span, previous, tuple(span), taps), batch.compile)
+        h, out, new_states, written, tapped = piece(h, carry, inputs, tuple(states), shelf, rows)
+        captured.update(zip([j - 1 for j, t in zip(range(first, i), taps) if t], tapped))
         for layer, state in zip(span, new_states):
             layer.traced_mix_done(batch, state)
         if shelf is not None:
             cache.put(last.kv_layer, whole, written)
         carry = out if states[-1] is not None else last.mix(out, batch, cache, shelf is not None)
         previous = last
+    if wanted:
+        batch.captured = mx.concatenate([captured[j] for j in batch.capture], axis=-1)
     return h, previous, carry
 
 
-def _span(previous, span: tuple, x: mx.array, carry: tuple, inputs: tuple, states: tuple,
+def _span(previous, span: tuple, taps: tuple, x: mx.array, carry: tuple, inputs: tuple, states: tuple,
           shelf: mx.array | None, rows: mx.array | None) -> tuple:
     """previous.after, then for each layer of the span its before, traced mix and after,
     but for the last layer: its before, and its traced mix (states[-1] given) or the K/V
     write (a shelf given); see run_layers. A span of one layer with an eager mix is the
     pure work between two mixes: previous.after, layer.before, the K/V write. Returns (the residual stream before the last
     layer's after, what comes next of the last layer: its traced mix's output or what its
-    eager mix needs, the traced mixes' new states, the written shelf)."""
+    eager mix needs, the traced mixes' new states, the written shelf, the hidden states
+    entering the layers that `taps` marks)."""
     if previous is not None:
         x = previous.after(x, *carry)
-    new_states = []
-    for layer, layer_inputs, state in zip(span, inputs, states):
+    new_states, tapped = [], []
+    for layer, layer_inputs, state, tap in zip(span, inputs, states, taps):
+        if tap:
+            tapped.append(x)
         projected = layer.before(x, *layer_inputs)
         if state is None:
             break  # the last layer's mix is eager
@@ -468,13 +484,13 @@ def _span(previous, span: tuple, x: mx.array, carry: tuple, inputs: tuple, state
         if layer is not span[-1]:
             x = layer.after(x, *out)
     else:
-        return x, out, tuple(new_states), ()
+        return x, out, tuple(new_states), (), tuple(tapped)
     written = ()
     if shelf is not None:
         q, kv, *rest = projected
         written = scatter_kv(shelf, kv, rows)
         projected = (q, *rest)
-    return x, projected, tuple(new_states), written
+    return x, projected, tuple(new_states), written, tuple(tapped)
 
 
 def causal_lm_forward(lm: nn.Module, batch: StepBatch, cache: KVStore) -> mx.array | None:
