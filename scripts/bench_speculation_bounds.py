@@ -4,7 +4,12 @@ decoding of 256 tokens after a 512-token prompt, plain, then with drafts that ar
 and 7 draft tokens. The back-off after failed drafts is switched off, so that every step of the
 "wrong" runs verifies a draft: real drafts land between the two bounds.
 
+With --drafter dflash, every draft also runs a DFlash draft model (random weights at the
+target's shape, spec/dflash.py) whose tokens are then replaced by the right or wrong ones: the
+bounds include the draft model's cost, for K = 3, 7 and 15 (a z-lab draft's block).
+
     PYTHONPATH=src python3 scripts/bench_speculation_bounds.py qwen3-0.6b [--quantize 4]
+    PYTHONPATH=src python3 scripts/bench_speculation_bounds.py qwen3-4b --drafter dflash
     PYTHONPATH=src python3 scripts/bench_speculation_bounds.py --model smollm2-135m
 
 Prints generated tokens per second of each run, the ratio to plain, the draft tokens accepted,
@@ -14,6 +19,8 @@ rounds differently and may flip a near-tie).
 
 import argparse
 import time
+
+import mlx.core as mx
 
 from mlxserve import scheduler
 from mlxserve.bench import prompt_vocab_size
@@ -34,6 +41,21 @@ class OracleDrafter:
         return [(t + 1) % self.vocab for t in draft] if self.wrong else draft
 
 
+def dflash_oracle(draft, reference: list[int], wrong: bool, vocab: int):
+    """A DFlash drafter that runs its draft model, then proposes the oracle's tokens."""
+    from mlxserve.spec.dflash import DFlashDrafter
+
+    oracle = OracleDrafter(reference, wrong, vocab)
+
+    class Oracle(DFlashDrafter):
+        def propose(self, tokens: list[int], k: int) -> mx.array:
+            computed = super().propose(tokens, k)
+            # (its draft is computed, with the step's others, though its tokens are not used)
+            return mx.array(oracle.propose(tokens, k), dtype=mx.int32) + 0 * computed
+
+    return Oracle(draft)
+
+
 def timed(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[list[int], float]:
     engine.generate(prompt, params)  # warm: every shape this run meets is built
     start = time.perf_counter()
@@ -47,6 +69,8 @@ def main() -> None:
     parser.add_argument("--model", help="a model instead: alias, folder or .gguf")
     parser.add_argument("--quantize", type=int, choices=[4, 8])
     parser.add_argument("--dtype", help="random weights' dtype (default bfloat16)")
+    parser.add_argument("--drafter", choices=["ngram", "dflash"], default="ngram",
+                        help="dflash: also run a random DFlash draft model for every draft")
     args = parser.parse_args()
     if args.model:
         from mlxserve.loader import load_model
@@ -66,15 +90,20 @@ def main() -> None:
         reference, plain = timed(engine, prompt, params)
     print(f"{name}: plain {GEN_TOKENS / plain:.1f} tok/s", flush=True)
     scheduler.MAX_DRAFT_BACKOFF = 0
-    for k in (3, 7):
+    for k in (3, 7, 15) if args.drafter == "dflash" else (3, 7):
         for wrong in (False, True):
             # In bf16 a step verifying a draft rounds differently from one decoding a token,
             # which can flip a near-tie and take the text elsewhere; the right drafts are then
             # the speculating run's own continuation, found by running it until it repeats.
             drafts = reference
             for _ in range(4):
-                scheduler.make_drafter = lambda _name, d=drafts, w=wrong: OracleDrafter(prompt + d, w, vocab)
-                with Engine(loaded, EngineConfig(speculative="ngram", draft_tokens=k)) as engine:
+                if args.drafter == "dflash":
+                    scheduler.make_drafter = lambda _name, draft, d=drafts, w=wrong: dflash_oracle(draft, prompt + d, w, vocab)
+                    config = EngineConfig(speculative="dflash", draft_model="random", draft_tokens=k)
+                else:
+                    scheduler.make_drafter = lambda _name, _draft=None, d=drafts, w=wrong: OracleDrafter(prompt + d, w, vocab)
+                    config = EngineConfig(speculative="ngram", draft_tokens=k)
+                with Engine(loaded, config) as engine:
                     ids, seconds = timed(engine, prompt, params)
                     stats = engine.stats()
                 if wrong or ids == drafts:

@@ -100,11 +100,18 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", metavar="SIZE",
                    help="most memory the KV cache may use, e.g. 8GB (default: 60%% of device memory minus the weights)")
     p.add_argument("--speculative", choices=DRAFTERS, default=None,
-                   help="speculative decoding: 'ngram' drafts the tokens that followed the latest earlier "
-                        "occurrence of the last few tokens (prompt lookup), and the model checks them in its "
-                        "next step; the output is the same, faster where it repeats its context (default off)")
+                   help="speculative decoding: draft tokens that the model checks in its next step; the "
+                        "output is the same. 'ngram' drafts the tokens that followed the latest earlier "
+                        "occurrence of the last few tokens (prompt lookup): faster where the answer repeats "
+                        "its context. 'dflash' drafts a block with a DFlash draft model (--draft-model) "
+                        "(default off)")
+    p.add_argument("--draft-model", metavar="MODEL",
+                   help="with --speculative dflash: the DFlash draft trained for this model (folder, alias or "
+                        "Hugging Face repo id, e.g. z-lab/Qwen3-4B-DFlash-b16); 'random' gives random weights "
+                        "at the model's shape, for benchmarks")
     p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
-                   help=f"most draft tokens a row checks in one step (default {DEFAULT_DRAFT_TOKENS})")
+                   help=f"most draft tokens a row checks in one step (default {DEFAULT_DRAFT_TOKENS}; "
+                        "dflash: the draft's block size minus one)")
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
@@ -464,6 +471,14 @@ def engine_config(args: argparse.Namespace, **overrides):
         overrides["memory_budget_bytes"] = parse_size(budget)
     if getattr(args, "speculative", None):
         overrides["speculative"] = args.speculative
+    draft_model = getattr(args, "draft_model", None)
+    if draft_model is not None and getattr(args, "speculative", None) != "dflash":
+        raise CLIError("--draft-model needs --speculative dflash")
+    if getattr(args, "speculative", None) == "dflash":
+        if not draft_model:
+            raise CLIError("--speculative dflash needs --draft-model: a DFlash draft trained for this model "
+                           "(e.g. z-lab/Qwen3-4B-DFlash-b16 for Qwen3-4B)")
+        overrides["draft_model"] = draft_model
     draft_tokens = getattr(args, "draft_tokens", None)
     if draft_tokens is not None:
         if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:

@@ -22,7 +22,7 @@ from rich.filesize import decimal as human_size
 
 from .cache import KVStore
 from .loader import LoadedModel
-from .memory import default_kv_budget
+from .memory import default_kv_budget, weight_bytes
 from .runner import Runner
 from .scheduler import Request, Scheduler, SchedulerConfig, ServerBusy, TokenEvent, check_fits, check_memory
 
@@ -398,10 +398,19 @@ def _release_worker(worker: _MLXWorker) -> None:
 
 
 def make_scheduler(loaded: LoadedModel, config: EngineConfig) -> Scheduler:
-    """Build the KV pools, runner and scheduler for a loaded model (on the engine thread)."""
+    """Build the KV pools, runner and scheduler for a loaded model (on the engine thread),
+    and the DFlash draft if speculation asks for one."""
     model = loaded.model
     layers, kv_heads, head_dim = model.kv_shape()
+    draft = load_draft(loaded, config.draft_model) if config.speculative == "dflash" else None
     budget = config.memory_budget_bytes if config.memory_budget_bytes is not None else default_kv_budget(model)
+    if draft is not None:
+        if config.memory_budget_bytes is None:
+            budget -= weight_bytes(draft)
+        # The budget holds the draft's context too (spec/dflash.py: K/V of every position,
+        # per row): the KV gets its share of each position's bytes.
+        kv_bytes = layers * 2 * kv_heads * head_dim * _compute_dtype(model).size
+        budget = budget * kv_bytes // (kv_bytes + draft.context_bytes_per_token())
     kv = KVStore(layers, kv_heads, head_dim, _compute_dtype(model), block_size=config.block_size,
                  max_bytes=budget, max_row_tokens=loaded.context_length,
                  state_bytes_per_row=model.state_bytes_per_row() if hasattr(model, "state_bytes_per_row") else 0)
@@ -409,7 +418,24 @@ def make_scheduler(loaded: LoadedModel, config: EngineConfig) -> Scheduler:
         smallest = kv.capacity_for(1)
         raise ValueError(f"the KV memory budget of {human_size(budget)} is smaller than one {smallest}-token "
                          f"slot of this model ({human_size(kv.slot_bytes_for(1))}): raise --memory-budget")
-    return Scheduler(Runner(model, kv), loaded.tokenizer, replace(config, context_length=loaded.context_length))
+    capture = draft.target_layer_ids if draft is not None else ()
+    return Scheduler(Runner(model, kv, capture), loaded.tokenizer, replace(config, context_length=loaded.context_length),
+                     draft=draft)
+
+
+def load_draft(loaded: LoadedModel, spec: str | None):
+    """The DFlash draft for `loaded`'s model: a checkpoint (folder, alias or Hugging Face repo
+    id), or "random" (random weights at the target's shape, for benchmarks)."""
+    from .spec.dflash import load_dflash_draft, random_dflash_draft
+
+    if not spec:
+        raise ValueError("--speculative dflash needs --draft-model (a DFlash draft trained for this model)")
+    dtype = _compute_dtype(loaded.model)
+    if spec == "random":
+        return random_dflash_draft(loaded.model, dtype)
+    from .registry import resolve
+
+    return load_dflash_draft(resolve(spec, progress=True), loaded.model, dtype)
 
 
 def _compute_dtype(model) -> mx.Dtype:

@@ -19,7 +19,10 @@ tokens, and samples after each of those k + 1 positions with the random keys dec
 use (sampling.SamplingAhead). It keeps the draft's longest prefix that matches its own
 samples, plus the sample after it, and rolls the rest back: attention K/V is trimmed; a
 hybrid model's recurrent state goes back to its snapshot from before the step, and the
-accepted tokens are fed again with the next step's (Scheduler._accept_draft).
+accepted tokens are fed again with the next step's (Scheduler._accept_draft). A DFlash
+drafter (spec/dflash.py) drafts from the target's hidden states: every step hands each such
+row the ones its feed produced (StepBatch.captured), and the drafts of a step's rows are
+computed together, in one evaluation, before the step is planned further.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .prefix_cache import Match, PrefixCache, PrefixStats
 from .runner import Feed, Runner
 from .sampling import RowSamplingState, SampleResult, Sampler, SamplingParams
-from .spec import DEFAULT_DRAFT_TOKENS, make_drafter
+from .spec import default_draft_tokens, make_drafter
 
 _request_counter = itertools.count()
 
@@ -116,9 +119,12 @@ class SchedulerConfig:
     context_length: int = 4096  # the engine sets the model's
     prefix_cache: bool = True
     # Speculative decoding: a drafter from spec.DRAFTERS (None: off), and the most draft tokens
-    # a row verifies in one step.
+    # a row verifies in one step (None: the drafter's default, spec.default_draft_tokens).
     speculative: str | None = None
-    draft_tokens: int = DEFAULT_DRAFT_TOKENS
+    draft_tokens: int | None = None
+    # A DFlash draft: its checkpoint (folder, alias or Hugging Face repo id), or "random" (a
+    # random draft at the target's shape, for benchmarks).
+    draft_model: str | None = None
 
 
 class Row:
@@ -227,7 +233,9 @@ def check_memory(prompt_tokens: int, kv: KVStore) -> None:
 
 
 class Scheduler:
-    def __init__(self, runner: Runner, tokenizer, config: SchedulerConfig):
+    def __init__(self, runner: Runner, tokenizer, config: SchedulerConfig, draft=None):
+        """`draft`: the DFlash draft model (spec.dflash.DFlashDraft) when config.speculative
+        is "dflash"; the runner must then capture its target layers."""
         self.runner = runner
         self.kv: KVStore = runner.kv
         self.tokenizer = tokenizer
@@ -243,6 +251,10 @@ class Scheduler:
         self._queued = False  # work queued on the device since the last _wait_for_device
         # A hybrid model (Qwen3.5) keeps per-row recurrent state beside the KV.
         self.hybrid = self.kv.state_bytes_per_row > 0
+        self.draft = draft
+        self._lazy_drafts: list[Row] = []  # rows whose draft of this step is still on the device (_plan)
+        self.draft_tokens = (config.draft_tokens or default_draft_tokens(config.speculative, draft)
+                             if config.speculative else 0)
 
     def warm_up(self) -> None:
         """Run a two-token request through a prefill and a decode step before any real one,
@@ -250,7 +262,7 @@ class Scheduler:
         answer; with speculation on, a step verifying a whole draft too. (On the CPU back-end
         that build runs the C++ compiler through system(), which ignores Ctrl-C while it
         runs.) Too short to leave anything in the prefix cache."""
-        k = self.config.draft_tokens if self.config.speculative else 0
+        k = self.draft_tokens
         self.add(Request([0, 0], SamplingParams(max_tokens=2 + k, temperature=0.0, ignore_eos=True), id="warm-up"))
         if k:
             # ...and a step verifying a whole draft (and rolling it back, unless the model
@@ -273,7 +285,7 @@ class Scheduler:
         if (self.config.speculative and not request.params.has_penalties
                 and request.prompt_logprobs is None and not request.score_only):
             # (Penalties depend on every token before the one drawn, drafts included.)
-            row.drafter = make_drafter(self.config.speculative)
+            row.drafter = make_drafter(self.config.speculative, self.draft)
         self.waiting.append(row)
 
     def cancel(self, request_id: str) -> TokenEvent | None:
@@ -348,13 +360,18 @@ class Scheduler:
                     row.before_draft = row.cache.snapshot()
         logits, batch = self.runner.forward(feeds, previous)
         kept: list[mx.array] = []
+        captured = [batch.captured] if batch.captured is not None else []
         for row, feed in zip(rows, feeds):
+            if captured and hasattr(row.drafter, "observe"):
+                first = batch.row_offsets[feed.key]
+                row.drafter.observe(feed.start, batch.captured[first : first + len(feed.tokens)])
             row.cache.extend(len(feed.tokens))
             if self.hybrid:
                 kept += self._keep_state(row)
             if len(feed.tokens) > 1 or feed.from_previous is None:
                 self._remember(row)
         states = state_arrays([row.cache for row in rows]) + kept if self.hybrid else []
+        states += captured  # evaluated with the step: the drafts read them after it
         # Logits come in the batch's flat order (rows grouped by token count).
         by_id = {row.id: row for row in rows}
         feed_of = {feed.key: feed for feed in feeds}
@@ -563,6 +580,7 @@ class Scheduler:
         # counting decode tokens in it would cut a budget-sized prompt in two (next to 8
         # decoding rows, a 512-token prompt went in chunks of 256 and 128 and 64...), while
         # a decode token costs the device about nothing next to a chunk's token.
+        self._lazy_drafts: list[Row] = []
         plan += [(row, 1 + self._draft(row)) for row in active if row.is_decoding]
         decoding = bool(plan)
         budget = full_budget = self._prefill_budget(len(plan))
@@ -600,6 +618,11 @@ class Scheduler:
             plan.append((row, n))
             budget -= n
             chunks += 1
+        if self._lazy_drafts:
+            # Drafts still on the device (a draft model's): computed together, read back once.
+            mx.eval([row.draft for row in self._lazy_drafts])
+            for row in self._lazy_drafts:
+                row.draft = row.draft.tolist()
         plan = self._reserve(plan)
         feeds, rows = [], []
         for row, n in plan:
@@ -633,13 +656,16 @@ class Scheduler:
             return 0
         if row.pending:
             return 0
-        room = min(self.config.draft_tokens,
+        room = min(self.draft_tokens,
                    row.params.max_tokens - row.num_generated - 1,  # the row's next token comes too
                    self.config.context_length - len(row.tokens) - 1)
         if room > 0:
-            row.draft = row.drafter.propose(row.tokens, room)
-            if not row.draft:
+            draft = row.drafter.propose(row.tokens, room)
+            if isinstance(draft, mx.array):  # a draft model's, evaluated with the others (_plan)
+                self._lazy_drafts.append(row)
+            elif not draft:
                 self._draft_missed(row)
+            row.draft = draft
         return len(row.draft)
 
     @staticmethod

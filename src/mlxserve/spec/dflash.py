@@ -1,0 +1,384 @@
+"""DFlash drafting: a small block-diffusion model that drafts a whole block in one forward pass.
+
+A DFlash draft (z-lab, "DFlash: Block Diffusion for Flash Speculative Decoding") is a few
+Qwen3-style decoder layers that borrow the target model's token embedding and LM head. Its
+input is a block: the row's newest token (the anchor) followed by k mask tokens. Its
+context is the target's own hidden states: the outputs of a few target layers
+(`target_layer_ids`), concatenated per position, projected by `fc` and normed
+(`hidden_norm`). Every draft layer attends, without a causal mask, over the context's keys
+and values (that layer's K/V projections of the projected context) followed by the block's
+own; the logits at the k mask positions are the draft.
+
+The target computes those hidden states anyway, in the step that feeds the tokens: the
+runner captures them (StepBatch.capture), the scheduler hands each row's slice to its
+drafter (`observe`), and the drafter keeps the projected K/V of every position whose token is
+committed. Positions whose token was a rejected draft token are dropped when the next draft
+is made (`propose`): their hidden states came from the wrong token.
+
+A position the target never computed (a prompt prefix taken from the prefix cache) has no
+context: the draft attends over the positions it has. That costs draft quality, never
+correctness: every draft is verified by the target.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.rope_utils import initialize_rope
+
+from ..cache import chunk_attention
+
+
+@dataclass
+class DFlashConfig:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    target_layer_ids: tuple[int, ...]
+    mask_token_id: int
+    block_size: int = 16
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 40960
+    attention_bias: bool = False
+    # Per layer: the keys a query sees reach back at most `sliding_window` positions
+    # ("sliding_attention"), or all of them ("full_attention").
+    layer_types: tuple[str, ...] = field(default_factory=tuple)
+    sliding_window: int | None = None
+
+    @classmethod
+    def from_config(cls, config: dict) -> "DFlashConfig":
+        """From a draft checkpoint's config.json (z-lab's layout: the DFlash settings under
+        `dflash_config`; some checkpoints put them at the top level)."""
+        extra = config.get("dflash_config") or {}
+        ids = extra.get("target_layer_ids", config.get("target_layer_ids"))
+        mask = extra.get("mask_token_id", config.get("mask_token_id"))
+        if ids is None or mask is None:
+            raise ValueError("not a DFlash draft: its config.json names no target_layer_ids and mask_token_id "
+                             "(under dflash_config)")
+        layers = config["num_hidden_layers"]
+        heads = config["num_attention_heads"]
+        layer_types = tuple(config.get("layer_types") or ["full_attention"] * layers)
+        if len(layer_types) != layers or set(layer_types) - {"full_attention", "sliding_attention"}:
+            raise ValueError(f"DFlash draft: layer_types must be {layers} of full_attention/sliding_attention, "
+                             f"got {list(layer_types)}")
+        window = config.get("sliding_window")
+        if "sliding_attention" in layer_types and not window:
+            raise ValueError("DFlash draft: sliding_attention layers need a sliding_window")
+        return cls(
+            hidden_size=config["hidden_size"],
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=config.get("num_key_value_heads", heads),
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            intermediate_size=config["intermediate_size"],
+            vocab_size=config["vocab_size"],
+            target_layer_ids=tuple(int(i) for i in ids),
+            mask_token_id=int(mask),
+            block_size=int(config.get("block_size", 16)),
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=config.get("rope_theta", 1_000_000.0),
+            rope_scaling=config.get("rope_scaling"),
+            max_position_embeddings=config.get("max_position_embeddings", 40960),
+            attention_bias=bool(config.get("attention_bias", False)),
+            layer_types=layer_types,
+            sliding_window=window if "sliding_attention" in layer_types else None,
+        )
+
+
+def default_target_layer_ids(target_layers: int, draft_layers: int) -> tuple[int, ...]:
+    """Target layers whose outputs a draft of `draft_layers` layers reads, spread from layer 1
+    to the fourth-last: the choice of z-lab's training code, for random drafts."""
+    if draft_layers == 1:
+        return (target_layers // 2,)
+    start, end = 1, target_layers - 3
+    return tuple(int(round(start + i * (end - start) / (draft_layers - 1))) for i in range(draft_layers))
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, config: DFlashConfig):
+        super().__init__()
+        dim, d = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        self.scale = d**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * d, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * d, dim, bias=bias)
+        self.q_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
+
+    def keys_values(self, x: mx.array, rope, start: int) -> tuple[mx.array, mx.array]:
+        """Keys and values [1, kv heads, n, head_dim] of x [n, hidden] at positions start..."""
+        n = x.shape[0]
+        k = self.k_norm(self.k_proj(x).reshape(1, n, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(1, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        return rope(k, offset=start), v
+
+    def __call__(self, x: mx.array, context: tuple[mx.array, mx.array], rope, start: int,
+                 mask: mx.array) -> mx.array:
+        """The block x [n, hidden] at positions start.., attending over the context's keys
+        and values, then its own, with no causal mask (`mask`: additive, [1, 1, n, keys]).
+        Through cache.chunk_attention, whose kernels are not built per shape: the keys grow
+        at every step."""
+        n = x.shape[0]
+        q = self.q_norm(self.q_proj(x).reshape(1, n, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        q = rope(q, offset=start).transpose(0, 2, 1, 3)
+        k, v = self.keys_values(x, rope, start)
+        keys = mx.concatenate([context[0], k], axis=2)
+        values = mx.concatenate([context[1], v], axis=2)
+        out = chunk_attention(q, keys, values, mask, self.scale)
+        return self.o_proj(out.reshape(n, -1))
+
+
+class DraftMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, config: DFlashConfig, sliding: bool):
+        super().__init__()
+        self.self_attn = DraftAttention(config)
+        self.mlp = DraftMLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.window = config.sliding_window if sliding else None
+
+    def __call__(self, x, context, rope, start, mask):
+        h = x + self.self_attn(self.input_layernorm(x), context, rope, start, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DFlashDraft(nn.Module):
+    """The draft's own weights; `bind` lends it the target's embedding and LM head."""
+
+    def __init__(self, config: DFlashConfig):
+        super().__init__()
+        self.config = config
+        self.fc = nn.Linear(len(config.target_layer_ids) * config.hidden_size, config.hidden_size, bias=False)
+        self.hidden_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.layers = [DraftLayer(config, kind == "sliding_attention") for kind in config.layer_types]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # Not parameters (set through object.__setattr__): the target's, see bind.
+        object.__setattr__(self, "_rope", initialize_rope(config.head_dim, config.rope_theta, False,
+                                                          config.rope_scaling, config.max_position_embeddings))
+        object.__setattr__(self, "_embed", None)
+        object.__setattr__(self, "_head", None)
+
+    @property
+    def target_layer_ids(self) -> tuple[int, ...]:
+        return self.config.target_layer_ids
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    def bind(self, target: nn.Module) -> "DFlashDraft":
+        """Use the target's token embedding and LM head (the draft has neither), after
+        checking that the two fit together."""
+        self.check_fits(target)
+        embed = target.model.embed_tokens
+        object.__setattr__(self, "_embed", embed)
+        object.__setattr__(self, "_head", embed.as_linear if target.args.tie_word_embeddings else target.lm_head)
+        return self
+
+    def check_fits(self, target: nn.Module) -> None:
+        """Raise ValueError unless the draft was made for a model of the target's shape."""
+        args, config = target.args, self.config
+        layers = len(target.model.layers)
+        if config.hidden_size != args.hidden_size:
+            raise ValueError(f"DFlash draft: its hidden size {config.hidden_size} is not the target's "
+                             f"{args.hidden_size}: it was trained for another model")
+        bad = [i for i in config.target_layer_ids if not 0 <= i < layers - 1]
+        if bad:
+            raise ValueError(f"DFlash draft: it reads target layers {list(config.target_layer_ids)}, but the target "
+                             f"has {layers} (the last one's output cannot be read): it was trained for another model")
+        if not 0 <= config.mask_token_id < args.vocab_size:
+            raise ValueError(f"DFlash draft: its mask token {config.mask_token_id} is outside the target's vocabulary "
+                             f"of {args.vocab_size}: it was trained for another model")
+
+    def context_bytes_per_token(self) -> int:
+        """Memory a row's draft context takes per position: every layer's K and V."""
+        c = self.config
+        return c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * self.norm.weight.dtype.size
+
+    def project_context(self, features: mx.array, start: int) -> list[tuple[mx.array, mx.array]]:
+        """Per layer, the keys and values of target features [n, layers x hidden] at
+        positions start..start + n - 1."""
+        h = self.hidden_norm(self.fc(features.astype(self.norm.weight.dtype)))
+        return [layer.self_attn.keys_values(h, self._rope, start) for layer in self.layers]
+
+    def block_logits(self, anchor: int, position: int, k: int, context: list[tuple[mx.array, mx.array]],
+                     key_positions: mx.array | None) -> mx.array:
+        """Logits [k, vocab] (lazy) of the k tokens to follow `anchor`, the token at
+        `position`, given per layer the context's keys and values (`key_positions`: their
+        positions, needed by sliding-window layers only)."""
+        block = mx.array([anchor] + [self.config.mask_token_id] * k)
+        dtype = self.norm.weight.dtype
+        x = self._embed(block).astype(dtype)
+        n, keys = k + 1, context[0][0].shape[2] + k + 1
+        full = mx.zeros((1, 1, n, keys), dtype)  # every key visible
+        for layer, kv in zip(self.layers, context):
+            mask = full if layer.window is None else self._window_mask(layer.window, position, n, key_positions, dtype)
+            x = layer(x, kv, self._rope, position, mask)
+        return self._head(self.norm(x[1:]))
+
+    @staticmethod
+    def _window_mask(window: int, position: int, n: int, key_positions: mx.array, dtype: mx.Dtype) -> mx.array:
+        """A sliding layer's additive mask [1, 1, n, keys]: the query at position p sees the
+        context keys at positions above p - window, and the whole block."""
+        queries = mx.arange(position, position + n)[:, None]
+        visible = mx.concatenate([key_positions[None, :] > queries - window, mx.ones((n, n), dtype=mx.bool_)], axis=1)
+        return mx.where(visible, mx.array(0.0, dtype), mx.array(-float("inf"), dtype))[None, None]
+
+
+class DFlashDrafter:
+    """One row's drafter: the projected K/V of its committed positions, and the target
+    features still to project (see the module docstring)."""
+
+    def __init__(self, draft: DFlashDraft):
+        self.draft = draft
+        self.context: list[tuple[mx.array, mx.array]] | None = None  # per layer, [1, kv heads, n, head_dim]
+        self.positions: list[int] = []  # the position of each context entry, ascending
+        self.pending: list[tuple[int, mx.array]] = []  # (first position, features [n, ...]) to project
+
+    def observe(self, start: int, features: mx.array) -> None:
+        """Target features [n, ...] of positions start..start + n - 1, just computed (lazily)
+        by the step that fed them; whatever was known from `start` on is replaced."""
+        self._truncate(start)
+        self.pending.append((start, features))
+
+    def propose(self, tokens: list[int], k: int) -> mx.array:
+        """k greedy draft tokens (lazy, [k] int32) to follow `tokens`, a row's sequence, whose
+        last token is not fed yet."""
+        return mx.argmax(self.logits(tokens, k), axis=-1).astype(mx.int32)
+
+    def logits(self, tokens: list[int], k: int) -> mx.array:
+        """The draft's logits [k, vocab] (lazy) for the k tokens to follow `tokens`: its
+        context is the features of the positions before the last token."""
+        anchor = len(tokens) - 1
+        self._truncate(anchor)  # later positions held rejected draft tokens
+        self._project()
+        if self.context is None:
+            c = self.draft.config
+            dtype = self.draft.norm.weight.dtype
+            empty = mx.zeros((1, c.num_key_value_heads, 0, c.head_dim), dtype=dtype)
+            context = [(empty, empty)] * c.num_hidden_layers
+        else:
+            context = self.context
+        key_positions = mx.array(self.positions, dtype=mx.int32) if self.draft.config.sliding_window else None
+        return self.draft.block_logits(tokens[-1], anchor, k, context, key_positions)
+
+    def _truncate(self, end: int) -> None:
+        """Forget every position from `end` on."""
+        self.pending = [(s, f[: end - s]) for s, f in self.pending if s < end]
+        if self.positions and self.positions[-1] >= end:
+            keep = next(i for i, p in enumerate(self.positions) if p >= end)
+            self.positions = self.positions[:keep]
+            self.context = [(k[:, :, :keep], v[:, :, :keep]) for k, v in self.context] if keep else None
+
+    def _project(self) -> None:
+        for start, features in self.pending:
+            n = features.shape[0]
+            if n == 0:
+                continue
+            new = self.draft.project_context(features, start)
+            if self.context is None:
+                self.context = new
+            else:
+                self.context = [(mx.concatenate([k, nk], axis=2), mx.concatenate([v, nv], axis=2))
+                                for (k, v), (nk, nv) in zip(self.context, new)]
+            self.positions += range(start, start + n)
+        self.pending = []
+
+
+def load_dflash_draft(path: Path, target: nn.Module, dtype: mx.Dtype) -> DFlashDraft:
+    """A DFlash draft from a checkpoint folder (config.json and *.safetensors, z-lab's
+    layout), in `dtype`, bound to `target`."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"DFlash draft: {path} has no config.json")
+    try:
+        raw = json.loads(config_file.read_text())
+        config = DFlashConfig.from_config(raw)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"DFlash draft: {config_file} is not a DFlash config ({exc})") from None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"DFlash draft: {path} has no .safetensors weights")
+    weights = {}
+    for file in files:
+        weights.update(mx.load(str(file)))
+    draft = DFlashDraft(config)
+    draft.check_fits(target)  # (before its weights: a mismatch says which model it is for)
+    try:
+        draft.load_weights(list(_sanitize(weights).items()), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"DFlash draft: {path}: its weights do not match its config.json ({exc})") from None
+    draft.set_dtype(dtype)
+    mx.eval(draft.parameters())
+    return draft.bind(target)
+
+
+def _sanitize(weights: dict) -> dict:
+    """The draft's own parameters: an optional `model.` prefix dropped, and the embedding or
+    LM head that some checkpoints carry left out (the target's are used)."""
+    out = {}
+    for key, value in weights.items():
+        key = key.removeprefix("model.")
+        if key.startswith(("embed_tokens.", "lm_head.")) or "rotary_emb" in key:
+            continue
+        out[key] = value
+    return out
+
+
+def random_dflash_draft(target: nn.Module, dtype: mx.Dtype, layers: int = 5, seed: int = 0) -> DFlashDraft:
+    """A draft with random weights at the shape z-lab trains for a target of this size (5
+    layers; the target's hidden, MLP and attention sizes), for benchmarks: its drafts are
+    as costly as a trained one's, and almost never right."""
+    args = target.args
+    target_layers = len(target.model.layers)
+    # (A tiny test model has too few layers to spread five over: it gives all but its last.)
+    ids = default_target_layer_ids(target_layers, layers) if target_layers >= 8 else tuple(range(max(1, target_layers - 1)))
+    heads = args.num_attention_heads
+    config = DFlashConfig(
+        hidden_size=args.hidden_size, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=args.num_key_value_heads or heads,
+        head_dim=args.head_dim or args.hidden_size // heads,
+        # (a mixture-of-experts target has no dense MLP size: three times its hidden size)
+        intermediate_size=args.intermediate_size or 3 * args.hidden_size, vocab_size=args.vocab_size,
+        target_layer_ids=ids,
+        mask_token_id=args.vocab_size - 1, rms_norm_eps=args.rms_norm_eps,
+        layer_types=("full_attention",) * layers,
+    )
+    draft = DFlashDraft(config)
+    mx.random.seed(seed)
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    params = []
+    for name, value in tree_flatten(draft.parameters()):
+        if name.endswith("norm.weight"):
+            params.append((name, mx.ones(value.shape, dtype)))
+        else:
+            params.append((name, (mx.random.normal(value.shape) * 0.02).astype(dtype)))
+    draft.update(tree_unflatten(params))
+    mx.eval(draft.parameters())
+    return draft.bind(target)
