@@ -230,6 +230,7 @@ def test_bench_end_to_end_against_mlx_lm(tmp_path):
             [run] = entry["runs"]
             assert run["requests"] == entry["requests"] == bench.default_requests(entry["concurrency"])
             assert run["generated_tokens"] == run["requests"] * 8
+    assert [e["engine_stats"]["max_running"] for e in result["results"]["mlxserve"]["concurrency"]] == [64, 64]
     speedups = result["speedups"]["concurrency"]
     assert [s["concurrency"] for s in speedups] == [1, 2]
     assert all(s[f.key] > 0 for s in speedups for f in CLOSED_LOOP_FIGURES)

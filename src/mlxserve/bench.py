@@ -434,7 +434,8 @@ class OurBackend:
         config = replace(self.engine_config, max_running=max(self.engine_config.max_running, rows))
         with Engine(self.loaded, config) as self.engine:
             yield
-            self.last_stats = self.engine.stats()
+            # (max_running as run: raised to the concurrency where the flag's is lower)
+            self.last_stats = {**self.engine.stats(), "max_running": config.max_running}
 
     def closed_loop(self, prompts: list[list[int]], gen_tokens: int, concurrency: int, on_done) -> list[RequestTrace]:
         with self._engine(concurrency):
