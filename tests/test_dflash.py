@@ -242,15 +242,41 @@ def test_speculating_rows_keep_the_context_of_their_committed_tokens(target, mon
     if oracle:
         assert 0 < stats.accepted_tokens < stats.drafted_tokens
     for row in rows:
-        drafter = row.drafter
-        committed = len(row.tokens) - 1  # the last token was never fed
-        drafter.logits(row.tokens, 1)  # brings the context up to date, as the next draft would
-        assert drafter.positions == list(range(committed))
-        features = mlx_lm_layer_outputs(folder, row.tokens[:committed], draft.target_layer_ids)
-        expected = draft.project_context(mx.array(features), 0)
-        for (k, v), (ek, ev) in zip(drafter.context, expected):
-            np.testing.assert_allclose(np.array(k), np.array(ek), atol=2e-4)
-            np.testing.assert_allclose(np.array(v), np.array(ev), atol=2e-4)
+        _assert_context_is_the_committed_positions(row.drafter, row.tokens, folder, draft)
+
+
+def _assert_context_is_the_committed_positions(drafter, tokens, folder, draft):
+    committed = len(tokens) - 1  # the last token was never fed
+    drafter.logits(tokens, 1)  # brings the context up to date, as the next draft would
+    assert drafter.positions == list(range(committed))
+    features = mlx_lm_layer_outputs(folder, tokens[:committed], draft.target_layer_ids)
+    for (k, v), (ek, ev) in zip(drafter.context, draft.project_context(mx.array(features), 0)):
+        np.testing.assert_allclose(np.array(k), np.array(ek), atol=2e-4)
+        np.testing.assert_allclose(np.array(v), np.array(ev), atol=2e-4)
+
+
+def test_a_chats_next_turn_takes_over_the_draft_context_of_its_history(target, monkeypatch):
+    """The second turn's history comes from the prefix cache, so the target never computes
+    its hidden states again: the draft context of the first turn is taken over instead."""
+    loaded, folder = target
+    tok = loaded.tokenizer
+    draft = _random_draft(loaded.model)
+    import mlxserve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "load_draft", lambda loaded, spec: draft)
+    scheduler = make_scheduler(loaded, EngineConfig(block_size=8, speculative="dflash", draft_model="test"))
+    first = tok.encode("Once upon a time there was a tiny model that generated text")
+    scheduler.add(Request(first, GREEDY, id="turn-1"))
+    answer = []
+    while scheduler.has_work():
+        answer += [t for e in scheduler.step() for t in e.token_ids]
+    second = first + answer + tok.encode(" Hello world! How are you today?")
+    scheduler.add(Request(second, GREEDY, id="turn-2"))
+    row = scheduler.waiting[-1]
+    while scheduler.has_work():
+        scheduler.step()
+    assert row.cached_tokens >= 16
+    _assert_context_is_the_committed_positions(row.drafter, row.tokens, folder, draft)
 
 
 def test_dflash_changes_no_output_through_the_engine(target):
@@ -378,3 +404,27 @@ def test_the_bench_runs_a_random_draft(tmp_path):
     data = json.loads(out.read_text())
     assert data["config"]["engine"]["speculative"] == "dflash"
     assert data["results"]["mlxserve"]["concurrency"][0]["engine_stats"]["drafted_tokens"] > 0
+
+
+def test_kept_contexts_hold_at_most_their_positions_oldest_out_first(target):
+    from mlxserve.spec.dflash import DraftContexts
+
+    model = target[0].model
+    draft = _random_draft(model)
+    width = 2 * model.args.hidden_size
+
+    def finished(tokens):
+        d = DFlashDrafter(draft)
+        d.observe(0, mx.zeros((len(tokens) - 1, width)))
+        return d
+
+    kept = DraftContexts(max_positions=20)
+    a, b, c = [1] * 9, [2] * 9, [3] * 9  # 8 positions each
+    for tokens in (a, b, c):
+        kept.keep(tokens, finished(tokens), room=20)
+    assert [t for t, _ in kept.entries.values()] == [b, c]  # 24 > 20: the oldest went
+    kept.keep(a, finished(a), room=10)  # running rows hold the rest: only the newest fits
+    assert [t for t, _ in kept.entries.values()] == [a]
+    fresh = DFlashDrafter(draft)
+    assert kept.seed(fresh, a[:5] + [7, 7]) == 5 and fresh.positions == list(range(5))
+    assert kept.seed(DFlashDrafter(draft), [9, 9, 9]) == 0

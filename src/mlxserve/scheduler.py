@@ -253,6 +253,14 @@ class Scheduler:
         self.hybrid = self.kv.state_bytes_per_row > 0
         self.draft = draft
         self._lazy_drafts: list[Row] = []  # rows whose draft of this step is still on the device (_plan)
+        # DFlash: finished rows' draft contexts, for later rows that start the same way. They
+        # share the memory the KV budget left to draft contexts: as many positions as it
+        # holds tokens (see engine.make_scheduler).
+        self.draft_contexts = None
+        if draft is not None:
+            from .spec.dflash import DraftContexts
+
+            self.draft_contexts = DraftContexts(self.kv.max_bytes // self.kv.bytes_per_token)
         self.draft_tokens = (config.draft_tokens or default_draft_tokens(config.speculative, draft)
                              if config.speculative else 0)
 
@@ -528,6 +536,10 @@ class Scheduler:
             if not row.admitted:  # first admission, not a recompute
                 row.admitted = True
                 row.cached_tokens = match.length
+                if match.length and self.draft_contexts is not None and row.drafter is not None:
+                    # The matched prefix is not computed again: its draft context comes from
+                    # an earlier row's, if one is kept.
+                    self.draft_contexts.seed(row.drafter, row.tokens)
                 if self.prefix is not None and row.prompt_scores is None:
                     self.prefix.record(len(row.tokens), match.length)
             self.running.append(row)
@@ -764,6 +776,10 @@ class Scheduler:
         if reason != "error":
             self._remember(row)
             self._release(row)
+            if self.draft_contexts is not None and hasattr(row.drafter, "settle"):
+                running = sum(len(r.drafter.positions) for r in self.running
+                              if r is not row and hasattr(r.drafter, "positions"))
+                self.draft_contexts.keep(row.tokens, row.drafter, self.draft_contexts.max_positions - running)
         else:
             row.cache.release()
         if row in self.running:

@@ -16,13 +16,16 @@ committed. Positions whose token was a rejected draft token are dropped when the
 is made (`propose`): their hidden states came from the wrong token.
 
 A position the target never computed (a prompt prefix taken from the prefix cache) has no
-context: the draft attends over the positions it has. That costs draft quality, never
-correctness: every draft is verified by the target.
+features. So the contexts of finished requests are kept for a while (DraftContexts): a request
+that starts as one of them did (a chat's next turn) takes over its context for the positions
+they share. Where none is found the draft attends over the positions it has: that costs draft
+quality, never correctness, since every draft is verified by the target.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -286,6 +289,21 @@ class DFlashDrafter:
         key_positions = mx.array(self.positions, dtype=mx.int32) if self.draft.config.sliding_window else None
         return self.draft.block_logits(tokens[-1], anchor, k, context, key_positions)
 
+    def settle(self, committed: int) -> int:
+        """Project what is pending and forget positions from `committed` on; returns how
+        many positions the context holds."""
+        self._truncate(committed)
+        self._project()
+        return len(self.positions)
+
+    def adopt(self, other: "DFlashDrafter", end: int) -> None:
+        """Take over `other`'s context for positions before `end` (its tokens there are
+        this row's), in place of anything known here."""
+        keep = sum(1 for p in other.positions if p < end)
+        self.positions = other.positions[:keep]
+        self.context = [(k[:, :, :keep], v[:, :, :keep]) for k, v in other.context] if keep else None
+        self.pending = []
+
     def _truncate(self, end: int) -> None:
         """Forget every position from `end` on."""
         self.pending = [(s, f[: end - s]) for s, f in self.pending if s < end]
@@ -307,6 +325,58 @@ class DFlashDrafter:
                                 for (k, v), (nk, nv) in zip(self.context, new)]
             self.positions += range(start, start + n)
         self.pending = []
+
+
+class DraftContexts:
+    """The draft contexts of recently finished requests, newest last, holding at most
+    `max_positions` positions together (the oldest go first): a request whose prompt begins
+    as one of their sequences did, a chat's next turn above all, takes over the context of
+    the longest such beginning (its prefix comes from the prefix cache, so the target never
+    computes its features again)."""
+
+    MAX_ENTRIES = 16  # (each admission compares its prompt with every entry)
+
+    def __init__(self, max_positions: int):
+        self.max_positions = max_positions
+        self.entries: OrderedDict[int, tuple[list[int], DFlashDrafter]] = OrderedDict()
+        self._held = 0
+        self._next = 0
+
+    def keep(self, tokens: list[int], drafter: DFlashDrafter, room: int) -> None:
+        """Keep a finished row's context (its sequence `tokens`), within `room` positions
+        (what running rows' contexts leave of max_positions)."""
+        held = drafter.settle(len(tokens) - 1)  # its last token was never fed
+        if not held:
+            return
+        self.entries[self._next] = (list(tokens), drafter)
+        self._next += 1
+        self._held += held
+        while self.entries and (self._held > min(room, self.max_positions) or len(self.entries) > self.MAX_ENTRIES):
+            _, (_, old) = self.entries.popitem(last=False)
+            self._held -= len(old.positions)
+
+    def seed(self, drafter: DFlashDrafter, tokens: list[int]) -> int:
+        """Give a new row's drafter the context of the kept sequence that shares the longest
+        beginning with `tokens`; returns how many positions it got."""
+        best, best_len = None, 0
+        for key, (kept, _) in self.entries.items():
+            n = _common_prefix(kept, tokens)
+            if n > best_len:
+                best, best_len = key, n
+        if best is None:
+            return 0
+        _, source = self.entries[best]
+        self.entries.move_to_end(best)
+        drafter.adopt(source, best_len)
+        return len(drafter.positions)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def load_dflash_draft(path: Path, target: nn.Module, dtype: mx.Dtype) -> DFlashDraft:
