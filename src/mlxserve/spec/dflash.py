@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -34,6 +35,7 @@ import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
 from ..cache import chunk_attention
+from ..models.compiled import compiled
 
 
 @dataclass
@@ -128,20 +130,23 @@ class DraftAttention(nn.Module):
         v = self.v_proj(x).reshape(1, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         return rope(k, offset=start), v
 
-    def __call__(self, x: mx.array, context: tuple[mx.array, mx.array], rope, start: int,
-                 mask: mx.array) -> mx.array:
-        """The block x [n, hidden] at positions start.., attending over the context's keys
-        and values, then its own, with no causal mask (`mask`: additive, [1, 1, n, keys]).
-        Through cache.chunk_attention, whose kernels are not built per shape: the keys grow
-        at every step."""
+    def project(self, x: mx.array, rope, start: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries [1, n, heads, head_dim], keys and values [1, kv heads, n, head_dim] of the
+        block x [n, hidden] at positions start.. (a scalar array: traced once for all)."""
         n = x.shape[0]
         q = self.q_norm(self.q_proj(x).reshape(1, n, self.n_heads, -1)).transpose(0, 2, 1, 3)
-        q = rope(q, offset=start).transpose(0, 2, 1, 3)
         k, v = self.keys_values(x, rope, start)
+        return rope(q, offset=start).transpose(0, 2, 1, 3), k, v
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, context: tuple[mx.array, mx.array],
+               mask: mx.array) -> mx.array:
+        """The block's queries over the context's keys and values, then its own, with no
+        causal mask (`mask`: additive, [1, 1, n, keys]); [n, heads x head_dim]. Through
+        cache.chunk_attention, whose kernels are not built per shape: the keys grow at every
+        step."""
         keys = mx.concatenate([context[0], k], axis=2)
         values = mx.concatenate([context[1], v], axis=2)
-        out = chunk_attention(q, keys, values, mask, self.scale)
-        return self.o_proj(out.reshape(n, -1))
+        return chunk_attention(q, keys, values, mask, self.scale).reshape(q.shape[1], -1)
 
 
 class DraftMLP(nn.Module):
@@ -164,9 +169,19 @@ class DraftLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.window = config.sliding_window if sliding else None
 
-    def __call__(self, x, context, rope, start, mask):
-        h = x + self.self_attn(self.input_layernorm(x), context, rope, start, mask)
+    # A draft step runs each layer as before (compiled), attend (eager: the keys grow at every
+    # step), after (compiled): the host's cost of a draft is a few calls per layer instead of
+    # some thirty operations (see models/compiled.py).
+    def before(self, rope, x: mx.array, start: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        return self.self_attn.project(self.input_layernorm(x), rope, start)
+
+    def after(self, x: mx.array, attention: mx.array) -> mx.array:
+        h = x + self.self_attn.o_proj(attention)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def __call__(self, x, context, rope, start: mx.array, mask):
+        q, k, v = compiled(self, "draft_before", partial(self.before, rope), True)(x, start)
+        return compiled(self, "draft_after", self.after, True)(x, self.self_attn.attend(q, k, v, context, mask))
 
 
 class DFlashDraft(nn.Module):
@@ -238,9 +253,13 @@ class DFlashDraft(nn.Module):
         x = self._embed(block).astype(dtype)
         n, keys = k + 1, context[0][0].shape[2] + k + 1
         full = mx.zeros((1, 1, n, keys), dtype)  # every key visible
+        start = mx.array(position, dtype=mx.int32)
         for layer, kv in zip(self.layers, context):
             mask = full if layer.window is None else self._window_mask(layer.window, position, n, key_positions, dtype)
-            x = layer(x, kv, self._rope, position, mask)
+            x = layer(x, kv, self._rope, start, mask)
+        return compiled(self, "draft_head", self._logits, True)(x)
+
+    def _logits(self, x: mx.array) -> mx.array:
         return self._head(self.norm(x[1:]))
 
     @staticmethod
