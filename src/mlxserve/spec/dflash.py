@@ -25,6 +25,7 @@ quality, never correctness, since every draft is verified by the target.
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
@@ -318,7 +319,7 @@ class DFlashDrafter:
     def adopt(self, other: "DFlashDrafter", end: int) -> None:
         """Take over `other`'s context for positions before `end` (its tokens there are
         this row's), in place of anything known here."""
-        keep = sum(1 for p in other.positions if p < end)
+        keep = bisect_left(other.positions, end)
         self.positions = other.positions[:keep]
         self.context = [(k[:, :, :keep], v[:, :, :keep]) for k, v in other.context] if keep else None
         self.pending = []
@@ -327,7 +328,7 @@ class DFlashDrafter:
         """Forget every position from `end` on."""
         self.pending = [(s, f[: end - s]) for s, f in self.pending if s < end]
         if self.positions and self.positions[-1] >= end:
-            keep = next(i for i, p in enumerate(self.positions) if p >= end)
+            keep = bisect_left(self.positions, end)
             self.positions = self.positions[:keep]
             self.context = [(k[:, :, :keep], v[:, :, :keep]) for k, v in self.context] if keep else None
 
