@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from mlxserve.engine import Engine, EngineConfig
+from mlxserve.engine import Engine, EngineConfig, EngineStopped
 from mlxserve.loader import load_model
 from mlxserve.sampling import SamplingParams
 from live_server import SCRIPT, LiveServer, ScriptedEngine, ScriptedStream, free_port
@@ -419,6 +419,13 @@ def test_a_bug_is_an_openai_shaped_500_and_the_server_goes_on(tiny_model_dir):
         engine.submit = runtime_error  # a RuntimeError while the engine runs is a bug, not a 503
         status, body = raw(live.url + "/completions", {"prompt": "hi"}, key=None)
         assert status == 500 and body["error"]["type"] == "server_error"
+
+        def stopping(request, loop, **_):
+            raise EngineStopped("engine is not running")
+
+        engine.submit = stopping  # the loop is ending while `alive` still says true: a 503
+        status, body = raw(live.url + "/completions", {"prompt": "hi"}, key=None)
+        assert status == 503 and body["error"]["type"] == "server_error"
 
         class BreaksMidStream(ScriptedStream):
             async def __aiter__(self):

@@ -32,6 +32,10 @@ STATS_REFRESH_S = 0.5  # how stale the published stats may get while the engine 
 SHUTTING_DOWN = "server is shutting down"  # the error of requests that abort_all ends
 
 
+class EngineStopped(RuntimeError):
+    """submit() after the engine loop has ended, or while it ends."""
+
+
 @dataclass
 class EngineConfig(SchedulerConfig):
     """The scheduler's settings plus the KV memory budget."""
@@ -191,10 +195,10 @@ class Engine:
         if self._kv is not None:
             check_memory(len(request.prompt_ids), self._kv)  # its sizes never change: safe here
         if not self.alive:
-            raise RuntimeError("engine is not running")
+            raise EngineStopped("engine is not running")
         with self._outstanding_lock:
             if self._closed:  # the loop has ended, or is ending (stop() while a step ran)
-                raise RuntimeError("engine is not running")
+                raise EngineStopped("engine is not running")
             # Refuse here, in the caller's thread, so that a server can answer 429 at once.
             limit = self.config.max_running + self.config.max_waiting
             if self._outstanding >= limit:

@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from . import openai_api as wire
 from .chat_output import Parsed, merge_parts, parser_for
-from .engine import SHUTTING_DOWN, Engine
+from .engine import SHUTTING_DOWN, Engine, EngineStopped
 from .metrics import Metrics
 from .scheduler import Request, ServerBusy
 
@@ -111,7 +111,7 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
                 return error(wire.APIError(429, str(exc), type="rate_limit_error", code="server_busy"))
             if isinstance(exc, ValueError):  # the prompt cannot fit the engine's KV budget
                 return error(wire.APIError(400, str(exc), param="messages" if kind == "chat" else "prompt"))
-            if isinstance(exc, RuntimeError) and not engine.alive:  # the engine has stopped
+            if isinstance(exc, EngineStopped):  # (alive may still be true while the loop ends)
                 return error(wire.APIError(503, str(exc), type="server_error"))
             return internal_error()
         if c.stream:
