@@ -139,16 +139,6 @@ class DraftAttention(nn.Module):
         k, v = self.keys_values(x, rope, start)
         return rope(q, offset=start).transpose(0, 2, 1, 3), k, v
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, context: tuple[mx.array, mx.array],
-               mask: mx.array) -> mx.array:
-        """The block's queries over the context's keys and values, then its own, with no
-        causal mask (`mask`: additive, [1, 1, n, keys]); [n, heads x head_dim]. Through
-        cache.chunk_attention, whose kernels are not built per shape: the keys grow at every
-        step."""
-        keys = mx.concatenate([context[0], k], axis=2)
-        values = mx.concatenate([context[1], v], axis=2)
-        return chunk_attention(q, keys, values, mask, self.scale).reshape(q.shape[1], -1)
-
 
 class DraftMLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -162,27 +152,35 @@ class DraftMLP(nn.Module):
 
 
 class DraftLayer(nn.Module):
-    def __init__(self, config: DFlashConfig, sliding: bool):
+    def __init__(self, config: DFlashConfig, index: int, sliding: bool):
         super().__init__()
         self.self_attn = DraftAttention(config)
         self.mlp = DraftMLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.index = index  # its keys and values in a drafter's context buffers
         self.window = config.sliding_window if sliding else None
 
-    # A draft step runs each layer as before (compiled), attend (eager: the keys grow at every
-    # step), after (compiled): the host's cost of a draft is a few calls per layer instead of
-    # some thirty operations (see models/compiled.py).
-    def before(self, rope, x: mx.array, start: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        return self.self_attn.project(self.input_layernorm(x), rope, start)
-
-    def after(self, x: mx.array, attention: mx.array) -> mx.array:
-        h = x + self.self_attn.o_proj(attention)
+    def step(self, rope, x: mx.array, keys: mx.array, values: mx.array, key_positions: mx.array,
+             length: mx.array, start: mx.array) -> mx.array:
+        """The layer over the block x [n, hidden] at positions start..: attention, with no
+        causal mask, over the first `length` context entries of the buffers (keys, values
+        [layers, kv heads, capacity, head_dim]; key_positions [capacity]), then the block's
+        own keys, and the MLP. Run compiled: its shapes change only with the capacity."""
+        attn = self.self_attn
+        n, capacity = x.shape[0], keys.shape[2]
+        q, k, v = attn.project(self.input_layernorm(x), rope, start)
+        keys = mx.concatenate([keys[self.index : self.index + 1], k], axis=2)
+        values = mx.concatenate([values[self.index : self.index + 1], v], axis=2)
+        visible = (mx.arange(capacity) < length)[None, :]
+        if self.window is not None:
+            queries = start + mx.arange(n)
+            visible = visible & (key_positions[None, :] > queries[:, None] - self.window)
+        visible = mx.concatenate([mx.broadcast_to(visible, (n, capacity)), mx.ones((n, n), dtype=mx.bool_)], axis=1)
+        mask = mx.where(visible, mx.array(0.0, x.dtype), mx.array(-float("inf"), x.dtype))[None, None]
+        out = chunk_attention(q, keys, values, mask, attn.scale).reshape(n, -1)
+        h = x + attn.o_proj(out)
         return h + self.mlp(self.post_attention_layernorm(h))
-
-    def __call__(self, x, context, rope, start: mx.array, mask):
-        q, k, v = compiled(self, "draft_before", partial(self.before, rope), True)(x, start)
-        return compiled(self, "draft_after", self.after, True)(x, self.self_attn.attend(q, k, v, context, mask))
 
 
 class DFlashDraft(nn.Module):
@@ -193,7 +191,7 @@ class DFlashDraft(nn.Module):
         self.config = config
         self.fc = nn.Linear(len(config.target_layer_ids) * config.hidden_size, config.hidden_size, bias=False)
         self.hidden_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.layers = [DraftLayer(config, kind == "sliding_attention") for kind in config.layer_types]
+        self.layers = [DraftLayer(config, i, kind == "sliding_attention") for i, kind in enumerate(config.layer_types)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         # Not parameters (set through object.__setattr__): the target's, see bind.
         object.__setattr__(self, "_rope", initialize_rope(config.head_dim, config.rope_theta, False,
@@ -208,6 +206,10 @@ class DFlashDraft(nn.Module):
     @property
     def block_size(self) -> int:
         return self.config.block_size
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.norm.weight.dtype
 
     def bind(self, target: nn.Module) -> "DFlashDraft":
         """Use the target's token embedding and LM head (the draft has neither), after
@@ -236,51 +238,69 @@ class DFlashDraft(nn.Module):
     def context_bytes_per_token(self) -> int:
         """Memory a row's draft context takes per position: every layer's K and V."""
         c = self.config
-        return c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * self.norm.weight.dtype.size
+        return c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * self.dtype.size
 
-    def project_context(self, features: mx.array, start: int) -> list[tuple[mx.array, mx.array]]:
-        """Per layer, the keys and values of target features [n, layers x hidden] at
-        positions start..start + n - 1."""
-        h = self.hidden_norm(self.fc(features.astype(self.norm.weight.dtype)))
+    def project_context(self, features: mx.array, start) -> list[tuple[mx.array, mx.array]]:
+        """Per layer, the keys and values [1, kv heads, n, head_dim] of target features
+        [n, layers x hidden] at positions start..start + n - 1."""
+        h = self.hidden_norm(self.fc(features.astype(self.dtype)))
         return [layer.self_attn.keys_values(h, self._rope, start) for layer in self.layers]
 
-    def block_logits(self, anchor: int, position: int, k: int, context: list[tuple[mx.array, mx.array]],
-                     key_positions: mx.array | None) -> mx.array:
+    def _stacked_context(self, features: mx.array, start: mx.array) -> tuple[mx.array, mx.array]:
+        """project_context's keys and values stacked over the layers: [layers, kv heads, n, head_dim]."""
+        pairs = self.project_context(features, start)
+        return mx.concatenate([k for k, _ in pairs]), mx.concatenate([v for _, v in pairs])
+
+    def stacked_context(self, features: mx.array, start: int) -> tuple[mx.array, mx.array]:
+        """_stacked_context, compiled (traced once per number of positions)."""
+        fn = compiled(self, "draft_context", self._stacked_context, True)
+        return fn(features, mx.array(start, dtype=mx.int32))
+
+    def block_logits(self, anchor: int, position: int, k: int, keys: mx.array, values: mx.array,
+                     key_positions: mx.array, length: int) -> mx.array:
         """Logits [k, vocab] (lazy) of the k tokens to follow `anchor`, the token at
-        `position`, given per layer the context's keys and values (`key_positions`: their
-        positions, needed by sliding-window layers only)."""
+        `position`, given the context: the first `length` entries of the buffers (see
+        DraftLayer.step)."""
         block = mx.array([anchor] + [self.config.mask_token_id] * k)
-        dtype = self.norm.weight.dtype
-        x = self._embed(block).astype(dtype)
-        n, keys = k + 1, context[0][0].shape[2] + k + 1
-        full = mx.zeros((1, 1, n, keys), dtype)  # every key visible
-        start = mx.array(position, dtype=mx.int32)
-        for layer, kv in zip(self.layers, context):
-            mask = full if layer.window is None else self._window_mask(layer.window, position, n, key_positions, dtype)
-            x = layer(x, kv, self._rope, start, mask)
+        x = self._embed(block).astype(self.dtype)
+        start, length = mx.array(position, dtype=mx.int32), mx.array(length, dtype=mx.int32)
+        for layer in self.layers:
+            step = compiled(layer, "draft_step", partial(layer.step, self._rope), True)
+            x = step(x, keys, values, key_positions, length, start)
         return compiled(self, "draft_head", self._logits, True)(x)
 
     def _logits(self, x: mx.array) -> mx.array:
         return self._head(self.norm(x[1:]))
 
-    @staticmethod
-    def _window_mask(window: int, position: int, n: int, key_positions: mx.array, dtype: mx.Dtype) -> mx.array:
-        """A sliding layer's additive mask [1, 1, n, keys]: the query at position p sees the
-        context keys at positions above p - window, and the whole block."""
-        queries = mx.arange(position, position + n)[:, None]
-        visible = mx.concatenate([key_positions[None, :] > queries - window, mx.ones((n, n), dtype=mx.bool_)], axis=1)
-        return mx.where(visible, mx.array(0.0, dtype), mx.array(-float("inf"), dtype))[None, None]
-
 
 class DFlashDrafter:
-    """One row's drafter: the projected K/V of its committed positions, and the target
-    features still to project (see the module docstring)."""
+    """One row's drafter: the keys and values of its committed positions, in every draft
+    layer, and the target features still to project (see the module docstring).
+
+    The keys and values live in buffers of a capacity in whole CONTEXT_UNITs, of which the
+    first `length` entries count: a draft step's shapes change only when the capacity
+    grows, so its compiled layers are traced once per capacity, and forgetting positions
+    (a rejected draft's) is a matter of lowering `length`."""
+
+    CONTEXT_UNIT = 256
 
     def __init__(self, draft: DFlashDraft):
         self.draft = draft
-        self.context: list[tuple[mx.array, mx.array]] | None = None  # per layer, [1, kv heads, n, head_dim]
-        self.positions: list[int] = []  # the position of each context entry, ascending
+        self.keys: mx.array | None = None  # [layers, kv heads, capacity, head_dim]
+        self.values: mx.array | None = None
+        self.key_positions: mx.array | None = None  # [capacity] int32: each entry's position
+        self.positions: list[int] = []  # the position of each entry that counts, ascending
         self.pending: list[tuple[int, mx.array]] = []  # (first position, features [n, ...]) to project
+
+    @property
+    def length(self) -> int:
+        return len(self.positions)
+
+    @property
+    def context(self) -> list[tuple[mx.array, mx.array]]:
+        """Per layer, the keys and values [1, kv heads, length, head_dim] that count."""
+        n = self.length
+        return [(self.keys[i : i + 1, :, :n], self.values[i : i + 1, :, :n]) for i in range(len(self.draft.layers))]
 
     def observe(self, start: int, features: mx.array) -> None:
         """Target features [n, ...] of positions start..start + n - 1, just computed (lazily)
@@ -299,52 +319,63 @@ class DFlashDrafter:
         anchor = len(tokens) - 1
         self._truncate(anchor)  # later positions held rejected draft tokens
         self._project()
-        if self.context is None:
-            c = self.draft.config
-            dtype = self.draft.norm.weight.dtype
-            empty = mx.zeros((1, c.num_key_value_heads, 0, c.head_dim), dtype=dtype)
-            context = [(empty, empty)] * c.num_hidden_layers
-        else:
-            context = self.context
-        key_positions = mx.array(self.positions, dtype=mx.int32) if self.draft.config.sliding_window else None
-        return self.draft.block_logits(tokens[-1], anchor, k, context, key_positions)
+        if self.keys is None:
+            self._grow(1)
+        return self.draft.block_logits(tokens[-1], anchor, k, self.keys, self.values, self.key_positions, self.length)
 
     def settle(self, committed: int) -> int:
         """Project what is pending and forget positions from `committed` on; returns how
         many positions the context holds."""
         self._truncate(committed)
         self._project()
-        return len(self.positions)
+        return self.length
 
     def adopt(self, other: "DFlashDrafter", end: int) -> None:
         """Take over `other`'s context for positions before `end` (its tokens there are
-        this row's), in place of anything known here."""
+        this row's), in place of anything known here. (The buffers are shared: writes
+        make new arrays.)"""
         keep = bisect_left(other.positions, end)
+        self.keys, self.values, self.key_positions = other.keys, other.values, other.key_positions
         self.positions = other.positions[:keep]
-        self.context = [(k[:, :, :keep], v[:, :, :keep]) for k, v in other.context] if keep else None
         self.pending = []
 
     def _truncate(self, end: int) -> None:
         """Forget every position from `end` on."""
         self.pending = [(s, f[: end - s]) for s, f in self.pending if s < end]
         if self.positions and self.positions[-1] >= end:
-            keep = bisect_left(self.positions, end)
-            self.positions = self.positions[:keep]
-            self.context = [(k[:, :, :keep], v[:, :, :keep]) for k, v in self.context] if keep else None
+            self.positions = self.positions[: bisect_left(self.positions, end)]
 
     def _project(self) -> None:
         for start, features in self.pending:
             n = features.shape[0]
             if n == 0:
                 continue
-            new = self.draft.project_context(features, start)
-            if self.context is None:
-                self.context = new
-            else:
-                self.context = [(mx.concatenate([k, nk], axis=2), mx.concatenate([v, nv], axis=2))
-                                for (k, v), (nk, nv) in zip(self.context, new)]
+            self._grow(self.length + n)
+            keys, values = self.draft.stacked_context(features, start)
+            at = mx.array([self.length])
+            self.keys = mx.slice_update(self.keys, keys, at, axes=(2,))
+            self.values = mx.slice_update(self.values, values, at, axes=(2,))
+            self.key_positions = mx.slice_update(self.key_positions, mx.arange(start, start + n, dtype=mx.int32),
+                                                 at, axes=(0,))
             self.positions += range(start, start + n)
         self.pending = []
+
+    def _grow(self, needed: int) -> None:
+        """Make the buffers hold at least `needed` entries (in whole units, doubling)."""
+        capacity = 0 if self.keys is None else self.keys.shape[2]
+        if needed <= capacity:
+            return
+        unit = self.CONTEXT_UNIT
+        new = max(2 * capacity, -(-needed // unit) * unit)
+        c = self.draft.config
+        more = mx.zeros((c.num_hidden_layers, c.num_key_value_heads, new - capacity, c.head_dim), self.draft.dtype)
+        extra = mx.zeros((new - capacity,), mx.int32)
+        if self.keys is None:
+            self.keys, self.values, self.key_positions = more, more, extra
+        else:
+            self.keys = mx.concatenate([self.keys, more], axis=2)
+            self.values = mx.concatenate([self.values, more], axis=2)
+            self.key_positions = mx.concatenate([self.key_positions, extra])
 
 
 class DraftContexts:
