@@ -384,6 +384,17 @@ def test_the_kv_budget_leaves_room_for_the_draft_context(target, monkeypatch):
     assert spec.max_bytes == budget * kv_bytes // (kv_bytes + draft.context_bytes_per_token())
 
 
+def test_a_drafts_block_sets_the_default_draft_tokens(target, monkeypatch):
+    loaded, _ = target
+    import mlxserve.engine as engine_module
+
+    draft = _random_draft(loaded.model)  # block_size 16
+    monkeypatch.setattr(engine_module, "load_draft", lambda loaded, spec: draft)
+    assert make_scheduler(loaded, EngineConfig(speculative="dflash", draft_model="x")).draft_tokens == 15
+    assert make_scheduler(loaded, EngineConfig(speculative="dflash", draft_model="x", draft_tokens=4)).draft_tokens == 4
+    assert make_scheduler(loaded, EngineConfig(speculative="ngram")).draft_tokens == 3
+
+
 def test_random_drafts_have_zlab_shapes():
     assert default_target_layer_ids(36, 5) == (1, 9, 17, 25, 33)
     assert default_target_layer_ids(28, 1) == (14,)
