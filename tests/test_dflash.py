@@ -439,3 +439,18 @@ def test_kept_contexts_hold_at_most_their_positions_oldest_out_first(target):
     fresh = DFlashDrafter(draft)
     assert kept.seed(fresh, a[:5] + [7, 7]) == 5 and fresh.positions == list(range(5))
     assert kept.seed(DFlashDrafter(draft), [9, 9, 9]) == 0
+
+
+def test_the_warm_up_runs_a_draft_and_keeps_no_context(target, monkeypatch):
+    loaded, _ = target
+    import mlxserve.engine as engine_module
+
+    draft = _random_draft(loaded.model)
+    monkeypatch.setattr(engine_module, "load_draft", lambda loaded, spec: draft)
+    drafted = []
+    propose = DFlashDrafter.propose
+    monkeypatch.setattr(DFlashDrafter, "propose", lambda self, tokens, k: drafted.append(k) or propose(self, tokens, k))
+    scheduler = make_scheduler(loaded, EngineConfig(speculative="dflash", draft_model="x"))
+    scheduler.warm_up()
+    assert drafted[:1] == [15]  # a whole block first, as a single stream's drafts are
+    assert not scheduler.draft_contexts.entries and scheduler.stats.drafted_tokens == 0

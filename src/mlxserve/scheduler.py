@@ -267,20 +267,24 @@ class Scheduler:
     def warm_up(self) -> None:
         """Run a two-token request through a prefill and a decode step before any real one,
         so that compiled functions and kernels are built at start-up, not during the first
-        answer; with speculation on, a step verifying a whole draft too. (On the CPU back-end
+        answer; with speculation on, a step verifying a whole draft too (with a draft model,
+        one of its drafts as well). (On the CPU back-end
         that build runs the C++ compiler through system(), which ignores Ctrl-C while it
         runs.) Too short to leave anything in the prefix cache."""
         k = self.draft_tokens
         self.add(Request([0, 0], SamplingParams(max_tokens=2 + k, temperature=0.0, ignore_eos=True), id="warm-up"))
-        if k:
+        if k and self.draft is None:
             # ...and a step verifying a whole draft (and rolling it back, unless the model
-            # happens to agree), the shape a speculating single stream has.
+            # happens to agree), the shape a speculating single stream has. (A draft model's
+            # first draft always has k tokens: the row keeps its own drafter.)
             self.waiting[-1].drafter = _ZerosDrafter()
         while self.has_work():
             self.step()
         self.stats = SchedulerStats()
         if self.prefix is not None:
             self.prefix.stats = PrefixStats()  # its lookup is not a request anyone made
+        if self.draft_contexts is not None:
+            self.draft_contexts.clear()  # (nor is its draft context anyone's)
 
     # ---- requests in and out ---------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -592,7 +596,7 @@ class Scheduler:
         # counting decode tokens in it would cut a budget-sized prompt in two (next to 8
         # decoding rows, a 512-token prompt went in chunks of 256 and 128 and 64...), while
         # a decode token costs the device about nothing next to a chunk's token.
-        self._lazy_drafts: list[Row] = []
+        self._lazy_drafts = []
         plan += [(row, 1 + self._draft(row)) for row in active if row.is_decoding]
         decoding = bool(plan)
         budget = full_budget = self._prefill_budget(len(plan))

@@ -406,6 +406,10 @@ class DraftContexts:
             _, (_, old) = self.entries.popitem(last=False)
             self._held -= len(old.positions)
 
+    def clear(self) -> None:
+        self.entries.clear()
+        self._held = 0
+
     def seed(self, drafter: DFlashDrafter, tokens: list[int]) -> int:
         """Give a new row's drafter the context of the kept sequence that shares the longest
         beginning with `tokens`; returns how many positions it got."""
