@@ -241,6 +241,10 @@ def test_speculating_rows_keep_the_context_of_their_committed_tokens(target, mon
     assert stats.drafted_tokens > 0
     if oracle:
         assert 0 < stats.accepted_tokens < stats.drafted_tokens
+    # Prompt tokens count as prefill and generated ones (but each request's first) as
+    # decoded, however often a hybrid row feeds accepted tokens again.
+    assert stats.prefill_tokens == sum(map(len, prompts))
+    assert stats.decode_tokens == len(prompts) * (GREEDY.max_tokens - 1)
     for row in rows:
         _assert_context_is_the_committed_positions(row.drafter, row.tokens, folder, draft)
 

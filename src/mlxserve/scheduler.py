@@ -332,7 +332,7 @@ class Scheduler:
         feeds, rows = self._plan()
         events, self._events = self._events, []
         decode = sum(1 for row in rows if row.is_decoding)
-        drafted = sum(len(row.draft) for row in rows)  # counted when accepted (record_draft)
+        prompt_tokens, generated = self._step_counts(feeds, rows)
         outputs, queued = self._launch(feeds, rows) if feeds else ([], None)
         self._wait_for_device()
         if outputs:
@@ -348,11 +348,24 @@ class Scheduler:
             # next drafts from its tokens, which must be known before the next step is planned.
             events += self._read_back(queued)
             self._inflight = None
-        self.stats.record_step(prefill=sum(len(f.tokens) for f in feeds) - decode - drafted, decode=decode,
-                               seconds=time.perf_counter() - started)
+        self.stats.record_step(prefill=prompt_tokens, decode=generated, seconds=time.perf_counter() - started)
         events += self._events  # e.g. scoring requests that finished in this step
         self._events = []
         return events
+
+    @staticmethod
+    def _step_counts(feeds: list[Feed], rows: list[Row]) -> tuple[int, int]:
+        """(prompt tokens fed, tokens the step generates) for the stats: a row's generated
+        tokens fed again (a preempted row's recompute, a hybrid row's accepted draft) count
+        as neither, and a draft's accepted tokens are counted as they are accepted
+        (SchedulerStats.record_draft)."""
+        prompt = generated = 0
+        for feed, row in zip(feeds, rows):
+            prompt += max(0, min(feed.start + len(feed.tokens), row.prompt_len) - feed.start)
+            ends = feed.start + len(feed.tokens) - len(row.draft) == row.total
+            if ends and row.num_generated + row.pending and not row.request.score_only:
+                generated += 1  # (a row's first token is its prompt's: TTFT, not decoding)
+        return prompt, generated
 
     def _wait_for_device(self) -> None:
         """Block until the device has run everything queued so far, so that MLX has let go
