@@ -125,14 +125,17 @@ def test_draft_logits_match_a_numpy_forward_pass(target, layer_types, window):
     ours = np.array(drafter.logits(tokens, 4))
     embed = _np(model.model.embed_tokens.weight)
     head = embed if model.args.tie_word_embeddings else _np(model.lm_head.weight)
-    ref = numpy_block_logits(draft, embed, head, features.astype(np.float64), list(range(11)), tokens[-1], 11, 4)
-    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    # Four draft tokens come from the whole block the draft was made for: 15 mask tokens.
+    ref = numpy_block_logits(draft, embed, head, features.astype(np.float64), list(range(11)), tokens[-1], 11, 15)
+    np.testing.assert_allclose(ours, ref[:4], atol=1e-4, rtol=1e-4)
+    short = numpy_block_logits(draft, embed, head, features.astype(np.float64), list(range(11)), tokens[-1], 11, 4)
+    assert np.abs(short - ref[:4]).max() > 1e-2  # (a shorter block is another computation)
     if window:
         # The window hides part of the context: the same weights without it give other logits.
         full = DFlashDraft(_draft_config(model))
         full.load_weights(list(tree_flatten(draft.parameters())))
         unwindowed = numpy_block_logits(full.bind(model), embed, head, features.astype(np.float64), list(range(11)),
-                                        tokens[-1], 11, 4)
+                                        tokens[-1], 11, 15)
         assert np.abs(unwindowed - ref).max() > 1e-2
 
 
@@ -350,6 +353,33 @@ def test_a_draft_for_another_model_is_refused_with_the_reason(target, tmp_path, 
         load_dflash_draft(tmp_path / "d", model, mx.float32)
 
 
+def test_settings_in_the_newer_config_layout_are_read(target, tmp_path):
+    """RoPE under rope_parameters (transformers 5) and the block under dflash_config."""
+    model = target[0].model
+    draft = _random_draft(model)
+    config = _zlab_config(draft.config)
+    del config["rope_theta"], config["block_size"]
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10_000_000}
+    config["dflash_config"]["block_size"] = 8
+    _write_checkpoint(tmp_path / "d", draft, config)
+    loaded = load_dflash_draft(tmp_path / "d", model, mx.float32)
+    assert loaded.config.rope_theta == 10_000_000 and loaded.block_size == 8
+
+
+@pytest.mark.parametrize("config,message", [
+    ([1, 2], "not a JSON object"),
+    ({"dflash_config": {"target_layer_ids": [], "mask_token_id": 5}}, "non-empty list"),
+    ({"dflash_config": {"target_layer_ids": [0, "x"], "mask_token_id": 5}}, "non-empty list"),
+    ({"dflash_config": {"target_layer_ids": [0], "mask_token_id": 5}, "hidden_size": 64, "num_hidden_layers": "2",
+      "num_attention_heads": 4, "intermediate_size": 8, "vocab_size": 448}, "num_hidden_layers .* positive whole"),
+    ({"dflash_config": {"target_layer_ids": [0], "mask_token_id": 5}}, "hidden_size .* positive whole"),
+])
+def test_a_malformed_draft_config_is_refused_with_the_reason(target, tmp_path, config, message):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        load_dflash_draft(tmp_path, target[0].model, mx.float32)
+
+
 def test_a_folder_without_a_draft_is_refused(target, tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
         load_dflash_draft(tmp_path, target[0].model, mx.float32)
@@ -458,3 +488,17 @@ def test_the_warm_up_runs_a_draft_and_keeps_no_context(target, monkeypatch):
     scheduler.warm_up()
     assert drafted[:1] == [15]  # a whole block first, as a single stream's drafts are
     assert not scheduler.draft_contexts.entries and scheduler.stats.drafted_tokens == 0
+
+
+def test_memory_errors_name_the_budget_given_and_the_drafts_share(target, monkeypatch):
+    loaded, _ = target
+    import mlxserve.engine as engine_module
+    from mlxserve.scheduler import PromptExceedsMemory, check_memory
+
+    draft = _random_draft(loaded.model)
+    monkeypatch.setattr(engine_module, "load_draft", lambda loaded, spec: draft)
+    with pytest.raises(ValueError, match=r"KV cache's share of the 1.0 kB memory budget is .* DFlash draft's context"):
+        make_scheduler(loaded, EngineConfig(memory_budget_bytes=1000, speculative="dflash", draft_model="x"))
+    kv = make_scheduler(loaded, EngineConfig(memory_budget_bytes=2_000_000, speculative="dflash", draft_model="x")).kv
+    with pytest.raises(PromptExceedsMemory, match=r"share of the 2.0 MB memory budget is 1\.\d MB \(the DFlash"):
+        check_memory(2000, kv)

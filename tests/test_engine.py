@@ -535,7 +535,7 @@ def test_a_budget_below_one_slot_is_refused_at_start(loaded):
     with pytest.raises(RuntimeError, match="smaller than one 16-token slot"):
         Engine(loaded, EngineConfig(block_size=4, memory_budget_bytes=_slot_bytes(loaded, 16) - 1)).start()
     # Sizes as doctor and pull write them: a 1KB budget reads 1.0 kB, not 0.00 MB.
-    with pytest.raises(ValueError, match=r"budget of 1\.0 kB is smaller"):
+    with pytest.raises(ValueError, match=r"budget is 1\.0 kB, smaller"):
         make_scheduler(loaded, EngineConfig(block_size=4, memory_budget_bytes=1000))
 
 

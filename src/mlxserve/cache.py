@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import mlx.core as mx
+from rich.filesize import decimal as human_size
 
 from .batch import ShelfWrite, StepBatch
 
@@ -162,6 +163,8 @@ class KVStore:
         self.dtype = dtype
         self.block_size = block_size  # the prefix cache's unit; shelves are multiples of it
         self.max_bytes = max_bytes
+        # What error messages say of the budget: make_scheduler says so when a draft model shares it.
+        self.budget_text = f"the KV memory budget is {human_size(max_bytes)}"
         self.max_row_tokens = max_row_tokens
         self.shelves: dict[int, Shelf] = {}
         # Hybrid models: every slot also pays for its row's recurrent state, as live state

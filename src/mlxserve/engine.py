@@ -408,20 +408,25 @@ def make_scheduler(loaded: LoadedModel, config: EngineConfig) -> Scheduler:
     layers, kv_heads, head_dim = model.kv_shape()
     draft = load_draft(loaded, config.draft_model) if config.speculative == "dflash" else None
     budget = config.memory_budget_bytes if config.memory_budget_bytes is not None else default_kv_budget(model)
+    shared = None
     if draft is not None:
         if config.memory_budget_bytes is None:
             budget -= weight_bytes(draft)
         # The budget holds the draft's context too (spec/dflash.py: K/V of every position,
         # per row): the KV gets its share of each position's bytes.
         kv_bytes = layers * 2 * kv_heads * head_dim * _compute_dtype(model).size
+        shared = budget
         budget = budget * kv_bytes // (kv_bytes + draft.context_bytes_per_token())
     kv = KVStore(layers, kv_heads, head_dim, _compute_dtype(model), block_size=config.block_size,
                  max_bytes=budget, max_row_tokens=loaded.context_length,
                  state_bytes_per_row=model.state_bytes_per_row() if hasattr(model, "state_bytes_per_row") else 0)
+    if shared is not None:
+        kv.budget_text = (f"the KV cache's share of the {human_size(shared)} memory budget is {human_size(budget)} "
+                          f"(the DFlash draft's context takes the rest)")
     if not kv.fits_alone(1):
         smallest = kv.capacity_for(1)
-        raise ValueError(f"the KV memory budget of {human_size(budget)} is smaller than one {smallest}-token "
-                         f"slot of this model ({human_size(kv.slot_bytes_for(1))}): raise --memory-budget")
+        raise ValueError(f"{kv.budget_text}, smaller than one {smallest}-token slot of this model "
+                         f"({human_size(kv.slot_bytes_for(1))}): raise --memory-budget")
     capture = draft.target_layer_ids if draft is not None else ()
     return Scheduler(Runner(model, kv, capture), loaded.tokenizer, replace(config, context_length=loaded.context_length),
                      draft=draft)

@@ -229,7 +229,7 @@ def check_memory(prompt_tokens: int, kv: KVStore) -> None:
     if not kv.fits_alone(prompt_tokens):
         raise PromptExceedsMemory(
             f"the prompt has {prompt_tokens} tokens, whose KV cache needs {human_size(kv.slot_bytes_for(prompt_tokens))}; "
-            f"the KV memory budget is {human_size(kv.max_bytes)} (--memory-budget)")
+            f"{kv.budget_text} (--memory-budget)")
 
 
 class Scheduler:

@@ -64,41 +64,67 @@ class DFlashConfig:
     @classmethod
     def from_config(cls, config: dict) -> "DFlashConfig":
         """From a draft checkpoint's config.json (z-lab's layout: the DFlash settings under
-        `dflash_config`; some checkpoints put them at the top level)."""
+        `dflash_config`, some at the top level in older checkpoints; RoPE settings at the top
+        level or, from transformers 5, under `rope_parameters`). Raises ValueError saying
+        what is wrong."""
+        if not isinstance(config, dict):
+            raise ValueError("DFlash draft: its config.json is not a JSON object")
         extra = config.get("dflash_config") or {}
-        ids = extra.get("target_layer_ids", config.get("target_layer_ids"))
-        mask = extra.get("mask_token_id", config.get("mask_token_id"))
+        if not isinstance(extra, dict):
+            raise ValueError("DFlash draft: dflash_config in its config.json is not a JSON object")
+
+        def setting(key, default=None):
+            return extra.get(key, config.get(key, default))
+
+        ids, mask = setting("target_layer_ids"), setting("mask_token_id")
         if ids is None or mask is None:
             raise ValueError("not a DFlash draft: its config.json names no target_layer_ids and mask_token_id "
                              "(under dflash_config)")
-        layers = config["num_hidden_layers"]
-        heads = config["num_attention_heads"]
-        layer_types = tuple(config.get("layer_types") or ["full_attention"] * layers)
-        if len(layer_types) != layers or set(layer_types) - {"full_attention", "sliding_attention"}:
+        if not isinstance(ids, list) or not ids or not all(_is_int(i) for i in ids):
+            raise ValueError(f"DFlash draft: target_layer_ids must be a non-empty list of layer numbers, got {ids!r}")
+        if not _is_int(mask):
+            raise ValueError(f"DFlash draft: mask_token_id must be a token id, got {mask!r}")
+        sizes = {key: config.get(key) for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                    "intermediate_size", "vocab_size")}
+        heads = sizes["num_attention_heads"]
+        sizes["num_key_value_heads"] = config.get("num_key_value_heads", heads)
+        sizes["block_size"] = setting("block_size", 16)
+        hidden = sizes["hidden_size"]
+        sizes["head_dim"] = config.get("head_dim") or (hidden // heads if _is_int(hidden) and _is_int(heads) and heads > 0
+                                                       else None)
+        for key, value in sizes.items():
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"DFlash draft: {key} in its config.json must be a positive whole number, got {value!r}")
+        layers = sizes["num_hidden_layers"]
+        layer_types = config.get("layer_types") or ["full_attention"] * layers
+        if (not isinstance(layer_types, list) or len(layer_types) != layers
+                or set(layer_types) - {"full_attention", "sliding_attention"}):
             raise ValueError(f"DFlash draft: layer_types must be {layers} of full_attention/sliding_attention, "
-                             f"got {list(layer_types)}")
+                             f"got {layer_types!r}")
         window = config.get("sliding_window")
-        if "sliding_attention" in layer_types and not window:
+        if "sliding_attention" in layer_types and not (_is_int(window) and window > 0):
             raise ValueError("DFlash draft: sliding_attention layers need a sliding_window")
+        rope = config.get("rope_parameters") or {}
+        theta = config.get("rope_theta", rope.get("rope_theta", 1_000_000.0))
+        scaling = config.get("rope_scaling")
+        if scaling is None and rope.get("rope_type", "default") != "default":
+            scaling = rope
         return cls(
-            hidden_size=config["hidden_size"],
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=config.get("num_key_value_heads", heads),
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            intermediate_size=config["intermediate_size"],
-            vocab_size=config["vocab_size"],
+            **sizes,
             target_layer_ids=tuple(int(i) for i in ids),
             mask_token_id=int(mask),
-            block_size=int(config.get("block_size", 16)),
-            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=config.get("rope_theta", 1_000_000.0),
-            rope_scaling=config.get("rope_scaling"),
-            max_position_embeddings=config.get("max_position_embeddings", 40960),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=int(config.get("max_position_embeddings") or 40960),
             attention_bias=bool(config.get("attention_bias", False)),
-            layer_types=layer_types,
+            layer_types=tuple(layer_types),
             sliding_window=window if "sliding_attention" in layer_types else None,
         )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def default_target_layer_ids(target_layers: int, draft_layers: int) -> tuple[int, ...]:
@@ -321,7 +347,12 @@ class DFlashDrafter:
         self._project()
         if self.keys is None:
             self._grow(1)
-        return self.draft.block_logits(tokens[-1], anchor, k, self.keys, self.values, self.key_positions, self.length)
+        # The whole block the draft was trained on, whatever k: its positions attend to each
+        # other, so fewer mask tokens would change every logit.
+        width = max(k, self.draft.block_size - 1)
+        logits = self.draft.block_logits(tokens[-1], anchor, width, self.keys, self.values, self.key_positions,
+                                         self.length)
+        return logits[:k]
 
     def settle(self, committed: int) -> int:
         """Project what is pending and forget positions from `committed` on; returns how
@@ -443,9 +474,9 @@ def load_dflash_draft(path: Path, target: nn.Module, dtype: mx.Dtype) -> DFlashD
         raise ValueError(f"DFlash draft: {path} has no config.json")
     try:
         raw = json.loads(config_file.read_text())
-        config = DFlashConfig.from_config(raw)
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"DFlash draft: {config_file} is not a DFlash config ({exc})") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"DFlash draft: cannot read {config_file} ({exc})") from None
+    config = DFlashConfig.from_config(raw)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"DFlash draft: {path} has no .safetensors weights")
