@@ -441,14 +441,18 @@ def test_a_random_draft_fits_its_target(target):
     assert max(draft.target_layer_ids) < len(model.model.layers) - 1
 
 
-def test_the_bench_runs_a_random_draft(tmp_path):
+def test_the_bench_runs_a_random_draft(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert cli_main(["bench", "--random-weights", "tiny", "--dtype", "float32", "--concurrency", "1",
                      "--prompt-tokens", "16", "--gen-tokens", "8", "--runs", "1", "--warmup", "0",
                      "--speculative", "dflash", "--draft-model", "random", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["config"]["engine"]["speculative"] == "dflash"
-    assert data["results"]["mlxserve"]["concurrency"][0]["engine_stats"]["drafted_tokens"] > 0
+    stats = data["results"]["mlxserve"]["concurrency"][0]["engine_stats"]
+    assert stats["drafted_tokens"] > 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"speculates (dflash): draft tokens accepted in the last run, C=1 {stats['accepted_tokens']} of " \
+           f"{stats['drafted_tokens']}" in shown
 
 
 def test_kept_contexts_hold_at_most_their_positions_oldest_out_first(target):

@@ -847,6 +847,12 @@ def render(results: BenchResults, console) -> None:
                f"tokens not taken from the prefix cache")
     if len(engines) > 1:
         caption += "; speedup > 1 means mlxserve is better (latency and memory: theirs/ours, throughput: ours/theirs)"
+    speculative = results.config["engine"].get("speculative")
+    if speculative:
+        drafts = [f"C={c} {stats['accepted_tokens']:,} of {stats['drafted_tokens']:,}"
+                  for c, e in results.entries(OURS).items() if (stats := e.get("engine_stats"))]
+        caption += (f"; mlxserve speculates ({speculative}): draft tokens accepted in the last run, "
+                    f"{', '.join(drafts) or 'none measured'}")
     table = Table(title=title, caption=caption)
     for column in ("C", "requests", *(["runs"] if per_row else []), "engine", *(f.label for f in CLOSED_LOOP_FIGURES)):
         table.add_column(column, justify="right")
