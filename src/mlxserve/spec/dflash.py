@@ -12,8 +12,10 @@ own; the logits at the k mask positions are the draft.
 The target computes those hidden states anyway, in the step that feeds the tokens: the
 runner captures them (StepBatch.capture), the scheduler hands each row's slice to its
 drafter (`observe`), and the drafter keeps the projected K/V of every position whose token is
-committed. Positions whose token was a rejected draft token are dropped when the next draft
-is made (`propose`): their hidden states came from the wrong token.
+committed, in buffers of whole units (DFlashDrafter). Positions whose token was a rejected
+draft token are dropped when the next draft is made (`propose`): their hidden states came from
+the wrong token. A draft always runs the whole block the draft was trained on; the scheduler
+keeps as many of its tokens as it verifies.
 
 A position the target never computed (a prompt prefix taken from the prefix cache) has no
 features. So the contexts of finished requests are kept for a while (DraftContexts): a request
@@ -125,6 +127,11 @@ class DFlashConfig:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Context positions a step adds that are projected by a compiled function: a verifying step's
+# accepted tokens (at most MAX_DRAFT_TOKENS + 1), not a prompt chunk's.
+COMPILED_CONTEXT_POSITIONS = 32
 
 
 def default_target_layer_ids(target_layers: int, draft_layers: int) -> tuple[int, ...]:
@@ -278,8 +285,11 @@ class DFlashDraft(nn.Module):
         return mx.concatenate([k for k, _ in pairs]), mx.concatenate([v for _, v in pairs])
 
     def stacked_context(self, features: mx.array, start: int) -> tuple[mx.array, mx.array]:
-        """_stacked_context, compiled (traced once per number of positions)."""
-        fn = compiled(self, "draft_context", self._stacked_context, True)
+        """_stacked_context; compiled for the few positions a decoding step adds (traced once
+        per count), eager for a prompt chunk (whose lengths are too many to trace each)."""
+        fn = self._stacked_context
+        if features.shape[0] <= COMPILED_CONTEXT_POSITIONS:
+            fn = compiled(self, "draft_context", fn, True)
         return fn(features, mx.array(start, dtype=mx.int32))
 
     def block_logits(self, anchor: int, position: int, k: int, keys: mx.array, values: mx.array,
