@@ -308,3 +308,22 @@ def test_mlx_without_a_back_end_library_is_one_line_naming_the_extras(monkeypatc
     assert cli.main(["models"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "mlxserve[cpu]" in err and "libmlx.so" in err
+
+
+def test_run_no_think_reaches_the_chat_template(tiny_model_dir, tmp_path):
+    """`--no-think` sets the template's enable_thinking to false, as Qwen3's template reads it."""
+    import shutil
+
+    folder = tmp_path / "thinker"
+    shutil.copytree(tiny_model_dir("qwen3", "float32"), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] += "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    counts = []
+    for extra in ([], ["--no-think"]):
+        r = mlxserve("run", "hi", "--model", str(folder), "--max-tokens", "1", "--json", *extra)
+        assert r.returncode == 0, r.stderr
+        counts.append(json.loads(r.stdout)["prompt_tokens"])
+    assert counts[1] > counts[0]
+    r = mlxserve("run", "hi", "--model", str(folder), "--no-chat", "--no-think")
+    assert r.returncode != 0 and "--no-think needs the chat template" in r.stderr

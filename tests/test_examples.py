@@ -119,3 +119,19 @@ def test_bench_example(tmp_path):
             assert level["median"]["total_tok_s"] > 0
     reuse = data["results"]["mlxserve"]["prefix_reuse"]["median"]
     assert reuse["cached_tokens"] >= 256 - 64
+
+
+def test_dflash_example_prints_both_runs_and_the_same_text(tmp_path, tiny_model_dir):
+    from tiny_models import make_tiny_dflash_draft
+
+    folder = tiny_model_dir("qwen3", "float32")
+    draft = make_tiny_dflash_draft(tmp_path / "draft", load_model(str(folder), progress=False).model)
+    env = dict(_cli_env(tmp_path), MLXSERVE_MODEL=str(folder), MLXSERVE_DRAFT_MODEL=str(draft))
+    r = subprocess.run(["bash", str(EXAMPLES / "dflash.sh"), "--max-tokens", "40", "--ignore-eos"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    *answer, plain, speculative, same = r.stdout.rstrip("\n").splitlines()
+    assert plain.startswith("plain ") and "40 tokens" in plain and "draft" not in plain
+    assert speculative.startswith("--speculative dflash") and "40 tokens" in speculative
+    assert re.search(r"\d+ of \d+ draft tokens accepted", speculative)
+    assert same == "same text: yes"

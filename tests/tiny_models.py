@@ -346,3 +346,31 @@ def reference_prompt_logprobs(loaded, prompt):
 
     logits = prompt_logits(loaded, prompt)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def make_tiny_dflash_draft(folder: Path, target, *, layer_ids=(0,), block_size: int = 8, seed: int = 3) -> Path:
+    """Write a random DFlash draft for `target` (a loaded model module) into `folder`, in
+    z-lab's checkpoint layout (config.json with dflash_config, model.safetensors)."""
+    from mlxserve.spec.dflash import DFlashConfig, DFlashDraft
+
+    args = target.args
+    config = DFlashConfig(hidden_size=args.hidden_size, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, intermediate_size=96, vocab_size=args.vocab_size,
+                          target_layer_ids=tuple(layer_ids), mask_token_id=args.vocab_size - 1,
+                          block_size=block_size, rope_theta=10000.0, layer_types=("full_attention",) * 2)
+    draft = DFlashDraft(config)
+    rng = np.random.default_rng(seed)
+    weights = {name: mx.array(rng.normal(1.0 if name.endswith("norm.weight") else 0.0,
+                                         0.1 if name.endswith("norm.weight") else 0.2, value.shape).astype(np.float32))
+               for name, value in tree_flatten(draft.parameters())}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["DFlashDraftModel"], "model_type": "qwen3", "block_size": block_size,
+        "hidden_size": config.hidden_size, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96, "vocab_size": config.vocab_size,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+        "num_target_layers": len(target.model.layers), "layer_types": ["full_attention"] * 2,
+        "dflash_config": {"mask_token_id": config.mask_token_id, "target_layer_ids": list(layer_ids)}}))
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    return folder

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chat", dest="chat", action="store_true", default=None, help="wrap the prompt in the model's chat template (default when it has one)")
     run.add_argument("--no-chat", dest="chat", action="store_false", help="send the prompt as plain text")
     run.add_argument("--system", help="system message (chat mode)")
+    run.add_argument("--no-think", dest="think", action="store_false",
+                     help="chat mode: ask the model to answer without reasoning first (Qwen3's enable_thinking=False; "
+                          "templates without the switch ignore it)")
     run.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _add_engine_args(run)
@@ -222,9 +225,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     params.validate()
     if args.system is not None and args.chat is False:  # before loading the model
         raise CLIError("--system needs the chat template: leave out --no-chat")
+    if not args.think and args.chat is False:
+        raise CLIError("--no-think needs the chat template: leave out --no-chat")
     engine_config(args)  # reject a bad --memory-budget before loading the model
     loaded = _load(args.model, args.dtype, args.gguf_mode)
-    prompt_ids = _prompt_ids(loaded.tokenizer, prompt, args.chat, args.system)
+    prompt_ids = _prompt_ids(loaded.tokenizer, prompt, args.chat, args.system, args.think)
     from .scheduler import Request
 
     text_parts, token_ids, final = [], [], None
@@ -288,18 +293,21 @@ def _exit_at_once(status: int) -> NoReturn:
     os._exit(status)
 
 
-def _prompt_ids(tokenizer, prompt: str, chat: bool | None, system: str | None) -> list[int]:
+def _prompt_ids(tokenizer, prompt: str, chat: bool | None, system: str | None, think: bool = True) -> list[int]:
     if chat is None:
         chat = tokenizer.chat_template is not None
     if not chat:
         if system is not None:
             raise CLIError("--system needs a chat template, which this model has not")
+        if not think:
+            raise CLIError("--no-think needs a chat template, which this model has not")
         return tokenizer.encode(prompt, add_special_tokens=True)
     if tokenizer.chat_template is None:
         raise CLIError("this model has no chat template; use --no-chat")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
+    from .chat_backend import chat_prompt_ids
+
+    return chat_prompt_ids(tokenizer, messages, think)
 
 
 def _load(spec: str, dtype_name: str | None, gguf_mode: str = "exact"):
