@@ -22,7 +22,7 @@ hybrid model's recurrent state goes back to its snapshot from before the step, a
 accepted tokens are fed again with the next step's (Scheduler._accept_draft). A DFlash
 drafter (spec/dflash.py) drafts from the target's hidden states: every step hands each such
 row the ones its feed produced (StepBatch.captured), and the drafts of a step's rows are
-computed together, in one evaluation, before the step is planned further.
+computed together, in one forward pass of the draft model, before the step is queued.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .prefix_cache import Match, PrefixCache, PrefixStats
 from .runner import Feed, Runner
 from .sampling import RowSamplingState, SampleResult, Sampler, SamplingParams
-from .spec import default_draft_tokens, make_drafter
+from .spec import default_draft_tokens, make_drafter, resolve_drafts
 
 _request_counter = itertools.count()
 
@@ -252,7 +252,7 @@ class Scheduler:
         # A hybrid model (Qwen3.5) keeps per-row recurrent state beside the KV.
         self.hybrid = self.kv.state_bytes_per_row > 0
         self.draft = draft
-        self._lazy_drafts: list[Row] = []  # rows whose draft of this step is still on the device (_plan)
+        self._lazy_drafts: list[Row] = []  # rows whose draft of this step a draft model computes (_plan)
         # DFlash: finished rows' draft contexts, for later rows that start the same way. They
         # share the memory the KV budget left to draft contexts: as many positions as it
         # holds tokens (see engine.make_scheduler).
@@ -648,10 +648,9 @@ class Scheduler:
             budget -= n
             chunks += 1
         if self._lazy_drafts:
-            # Drafts still on the device (a draft model's): computed together, read back once.
-            mx.eval([row.draft for row in self._lazy_drafts])
-            for row in self._lazy_drafts:
-                row.draft = row.draft.tolist()
+            # A draft model's drafts: computed together, read back once.
+            for row, draft in zip(self._lazy_drafts, resolve_drafts([row.draft for row in self._lazy_drafts])):
+                row.draft = draft
         plan = self._reserve(plan)
         feeds, rows = [], []
         for row, n in plan:
@@ -690,7 +689,7 @@ class Scheduler:
                    self.config.context_length - len(row.tokens) - 1)
         if room > 0:
             draft = row.drafter.propose(row.tokens, room)
-            if isinstance(draft, mx.array):  # a draft model's, evaluated with the others (_plan)
+            if not isinstance(draft, list):  # a draft model's, computed with the others (_plan)
                 self._lazy_drafts.append(row)
             elif not draft:
                 self._draft_missed(row)

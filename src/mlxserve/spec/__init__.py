@@ -42,5 +42,13 @@ def make_drafter(name: str, draft=None):
     raise ValueError(f"speculative: unknown drafter {name!r} (known: {', '.join(DRAFTERS)})")
 
 
+def resolve_drafts(pending: list) -> list[list[int]]:
+    """The tokens of drafts a drafter left pending (a draft model's, spec.dflash): computed
+    together, in one evaluation."""
+    from .dflash import resolve_drafts as resolve
+
+    return resolve(pending)
+
+
 __all__ = ["DEFAULT_DRAFT_TOKENS", "DRAFTERS", "MAX_DRAFT_TOKENS", "NgramDrafter", "default_draft_tokens",
-           "make_drafter"]
+           "make_drafter", "resolve_drafts"]

@@ -164,13 +164,14 @@ class DraftAttention(nn.Module):
         v = self.v_proj(x).reshape(1, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         return rope(k, offset=start), v
 
-    def project(self, x: mx.array, rope, start: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Queries [1, n, heads, head_dim], keys and values [1, kv heads, n, head_dim] of the
-        block x [n, hidden] at positions start.. (a scalar array: traced once for all)."""
-        n = x.shape[0]
-        q = self.q_norm(self.q_proj(x).reshape(1, n, self.n_heads, -1)).transpose(0, 2, 1, 3)
-        k, v = self.keys_values(x, rope, start)
-        return rope(q, offset=start).transpose(0, 2, 1, 3), k, v
+    def project(self, x: mx.array, rope, starts: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries [rows, n, heads, head_dim], keys and values [rows, kv heads, n, head_dim]
+        of the blocks x [rows, n, hidden], row i's at positions starts[i].."""
+        rows, n, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(rows, n, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(rows, n, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(rows, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        return rope(q, offset=starts).transpose(0, 2, 1, 3), rope(k, offset=starts), v
 
 
 class DraftMLP(nn.Module):
@@ -195,23 +196,26 @@ class DraftLayer(nn.Module):
         self.window = config.sliding_window if sliding else None
 
     def step(self, rope, x: mx.array, keys: mx.array, values: mx.array, key_positions: mx.array,
-             length: mx.array, start: mx.array) -> mx.array:
-        """The layer over the block x [n, hidden] at positions start..: attention, with no
-        causal mask, over the first `length` context entries of the buffers (keys, values
-        [layers, kv heads, capacity, head_dim]; key_positions [capacity]), then the block's
-        own keys, and the MLP. Run compiled: its shapes change only with the capacity."""
+             lengths: mx.array, starts: mx.array) -> mx.array:
+        """The layer over the blocks x [rows, n, hidden], row i's at positions starts[i]..:
+        attention, with no causal mask, over the first lengths[i] context entries of row i's
+        buffers (keys, values [rows, layers, kv heads, capacity, head_dim]; key_positions
+        [rows, capacity]), then the block's own keys, and the MLP. Run compiled: its shapes
+        change only with the rows and the capacity."""
         attn = self.self_attn
-        n, capacity = x.shape[0], keys.shape[2]
-        q, k, v = attn.project(self.input_layernorm(x), rope, start)
-        keys = mx.concatenate([keys[self.index : self.index + 1], k], axis=2)
-        values = mx.concatenate([values[self.index : self.index + 1], v], axis=2)
-        visible = (mx.arange(capacity) < length)[None, :]
+        rows, n, _ = x.shape
+        capacity = keys.shape[3]
+        q, k, v = attn.project(self.input_layernorm(x), rope, starts)
+        keys = mx.concatenate([keys[:, self.index], k], axis=2)
+        values = mx.concatenate([values[:, self.index], v], axis=2)
+        visible = (mx.arange(capacity)[None, :] < lengths[:, None])[:, None, :]  # [rows, 1, capacity]
         if self.window is not None:
-            queries = start + mx.arange(n)
-            visible = visible & (key_positions[None, :] > queries[:, None] - self.window)
-        visible = mx.concatenate([mx.broadcast_to(visible, (n, capacity)), mx.ones((n, n), dtype=mx.bool_)], axis=1)
-        mask = mx.where(visible, mx.array(0.0, x.dtype), mx.array(-float("inf"), x.dtype))[None, None]
-        out = chunk_attention(q, keys, values, mask, attn.scale).reshape(n, -1)
+            queries = starts[:, None] + mx.arange(n)[None, :]
+            visible = visible & (key_positions[:, None, :] > queries[:, :, None] - self.window)
+        visible = mx.concatenate([mx.broadcast_to(visible, (rows, n, capacity)), mx.ones((rows, n, n), dtype=mx.bool_)],
+                                 axis=2)
+        mask = mx.where(visible, mx.array(0.0, x.dtype), mx.array(-float("inf"), x.dtype))[:, None]
+        out = chunk_attention(q, keys, values, mask, attn.scale).reshape(rows, n, -1)
         h = x + attn.o_proj(out)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -292,21 +296,31 @@ class DFlashDraft(nn.Module):
             fn = compiled(self, "draft_context", fn, True)
         return fn(features, mx.array(start, dtype=mx.int32))
 
-    def block_logits(self, anchor: int, position: int, k: int, keys: mx.array, values: mx.array,
-                     key_positions: mx.array, length: int) -> mx.array:
-        """Logits [k, vocab] (lazy) of the k tokens to follow `anchor`, the token at
-        `position`, given the context: the first `length` entries of the buffers (see
-        DraftLayer.step)."""
-        block = mx.array([anchor] + [self.config.mask_token_id] * k)
+    def block_logits(self, drafters: list["DFlashDrafter"], anchors: list[int], positions: list[int],
+                     k: int) -> mx.array:
+        """Logits [rows, k, vocab] (lazy) of the k tokens to follow each row's anchor token
+        (at its position), given each drafter's context, in one forward pass over every
+        row's block. Buffers smaller than the largest are padded to it (the padding is
+        masked: it lies past the row's length)."""
+        capacity = max(d.capacity for d in drafters)
+        if len(drafters) == 1:
+            d = drafters[0]
+            keys, values, key_positions = d.keys[None], d.values[None], d.key_positions[None]
+        else:
+            keys = mx.stack([d.padded(d.keys, capacity, axis=2) for d in drafters])
+            values = mx.stack([d.padded(d.values, capacity, axis=2) for d in drafters])
+            key_positions = mx.stack([d.padded(d.key_positions, capacity, axis=0) for d in drafters])
+        lengths = mx.array([d.length for d in drafters], dtype=mx.int32)
+        starts = mx.array(positions, dtype=mx.int32)
+        block = mx.array([[a] + [self.config.mask_token_id] * k for a in anchors])
         x = self._embed(block).astype(self.dtype)
-        start, length = mx.array(position, dtype=mx.int32), mx.array(length, dtype=mx.int32)
         for layer in self.layers:
             step = compiled(layer, "draft_step", partial(layer.step, self._rope), True)
-            x = step(x, keys, values, key_positions, length, start)
+            x = step(x, keys, values, key_positions, lengths, starts)
         return compiled(self, "draft_head", self._logits, True)(x)
 
     def _logits(self, x: mx.array) -> mx.array:
-        return self._head(self.norm(x[1:]))
+        return self._head(self.norm(x[:, 1:]))
 
 
 class DFlashDrafter:
@@ -344,25 +358,38 @@ class DFlashDrafter:
         self._truncate(start)
         self.pending.append((start, features))
 
-    def propose(self, tokens: list[int], k: int) -> mx.array:
-        """k greedy draft tokens (lazy, [k] int32) to follow `tokens`, a row's sequence, whose
-        last token is not fed yet."""
-        return mx.argmax(self.logits(tokens, k), axis=-1).astype(mx.int32)
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def propose(self, tokens: list[int], k: int) -> "PendingDraft":
+        """k greedy draft tokens to follow `tokens`, a row's sequence, whose last token is not
+        fed yet: computed with the step's other drafts (resolve_drafts)."""
+        self._prepare(len(tokens) - 1)
+        return PendingDraft(self, tokens[-1], len(tokens) - 1, k)
 
     def logits(self, tokens: list[int], k: int) -> mx.array:
-        """The draft's logits [k, vocab] (lazy) for the k tokens to follow `tokens`: its
-        context is the features of the positions before the last token."""
-        anchor = len(tokens) - 1
+        """The draft's logits [k, vocab] (lazy) for the k tokens to follow `tokens` (this row
+        alone)."""
+        self._prepare(len(tokens) - 1)
+        return self.draft.block_logits([self], [tokens[-1]], [len(tokens) - 1], _block_width(self.draft, k))[0, :k]
+
+    def _prepare(self, anchor: int) -> None:
+        """The context for a draft whose anchor token is at `anchor`: the positions before it."""
         self._truncate(anchor)  # later positions held rejected draft tokens
         self._project()
         if self.keys is None:
             self._grow(1)
-        # The whole block the draft was trained on, whatever k: its positions attend to each
-        # other, so fewer mask tokens would change every logit.
-        width = max(k, self.draft.block_size - 1)
-        logits = self.draft.block_logits(tokens[-1], anchor, width, self.keys, self.values, self.key_positions,
-                                         self.length)
-        return logits[:k]
+
+    @staticmethod
+    def padded(array: mx.array, capacity: int, axis: int) -> mx.array:
+        """`array` with zeros after its entries along `axis`, up to `capacity`."""
+        missing = capacity - array.shape[axis]
+        if not missing:
+            return array
+        shape = list(array.shape)
+        shape[axis] = missing
+        return mx.concatenate([array, mx.zeros(shape, array.dtype)], axis=axis)
 
     def settle(self, committed: int) -> int:
         """Project what is pending and forget positions from `committed` on; returns how
@@ -417,6 +444,45 @@ class DFlashDrafter:
             self.keys = mx.concatenate([self.keys, more], axis=2)
             self.values = mx.concatenate([self.values, more], axis=2)
             self.key_positions = mx.concatenate([self.key_positions, extra])
+
+
+def _block_width(draft: DFlashDraft, k: int) -> int:
+    """Mask tokens of a draft asked for k tokens: the whole block the draft was trained on,
+    whatever k (its positions attend to each other, so fewer would change every logit)."""
+    return max(k, draft.block_size - 1)
+
+
+@dataclass
+class PendingDraft:
+    """A row's draft, computed with the step's others (resolve_drafts). `override`: tokens to
+    propose instead of the draft's own (benchmarks and tests: the draft still runs)."""
+
+    drafter: DFlashDrafter
+    anchor: int
+    position: int
+    k: int
+    override: list[int] | None = None
+
+    def __len__(self) -> int:
+        return self.k
+
+
+def resolve_drafts(pending: list[PendingDraft]) -> list[list[int]]:
+    """Every pending draft's tokens: one forward pass per draft model (and block width)
+    for all its rows, one evaluation for all of them."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(pending):
+        groups.setdefault((id(p.drafter.draft), _block_width(p.drafter.draft, p.k)), []).append(i)
+    tokens: list[mx.array | None] = [None] * len(pending)
+    for (_, width), members in groups.items():
+        draft = pending[members[0]].drafter.draft
+        logits = draft.block_logits([pending[i].drafter for i in members], [pending[i].anchor for i in members],
+                                    [pending[i].position for i in members], width)
+        best = mx.argmax(logits, axis=-1)
+        for row, i in enumerate(members):
+            tokens[i] = best[row, : pending[i].k]
+    mx.eval(tokens)
+    return [p.override if p.override is not None else t.tolist() for p, t in zip(pending, tokens)]
 
 
 class DraftContexts:
