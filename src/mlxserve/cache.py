@@ -163,8 +163,9 @@ class KVStore:
         self.dtype = dtype
         self.block_size = block_size  # the prefix cache's unit; shelves are multiples of it
         self.max_bytes = max_bytes
-        # What error messages say of the budget: make_scheduler says so when a draft model shares it.
-        self.budget_text = f"the KV memory budget is {human_size(max_bytes)}"
+        # What error messages say of the budget, when make_scheduler has more to say (a draft
+        # model's context shares it).
+        self.budget_note: str | None = None
         self.max_row_tokens = max_row_tokens
         self.shelves: dict[int, Shelf] = {}
         # Hybrid models: every slot also pays for its row's recurrent state, as live state
@@ -176,6 +177,10 @@ class KVStore:
         self.reclaim: Callable[[Shelf | None], bool] | None = None
 
     # ---- memory -------------------------------------------------------------------------
+    @property
+    def budget_text(self) -> str:
+        return self.budget_note or f"the KV memory budget is {human_size(self.max_bytes)}"
+
     @property
     def bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.kv_heads * self.head_dim * self.dtype.size

@@ -421,7 +421,7 @@ def make_scheduler(loaded: LoadedModel, config: EngineConfig) -> Scheduler:
                  max_bytes=budget, max_row_tokens=loaded.context_length,
                  state_bytes_per_row=model.state_bytes_per_row() if hasattr(model, "state_bytes_per_row") else 0)
     if shared is not None:
-        kv.budget_text = (f"the KV cache's share of the {human_size(shared)} memory budget is {human_size(budget)} "
+        kv.budget_note = (f"the KV cache's share of the {human_size(shared)} memory budget is {human_size(budget)} "
                           f"(the DFlash draft's context takes the rest)")
     if not kv.fits_alone(1):
         smallest = kv.capacity_for(1)
