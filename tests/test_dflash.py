@@ -491,12 +491,12 @@ def test_kept_contexts_hold_at_most_their_positions_oldest_out_first(target):
         d.observe(0, mx.zeros((len(tokens) - 1, width)))
         return d
 
-    kept = DraftContexts(max_positions=20)
-    a, b, c = [1] * 9, [2] * 9, [3] * 9  # 8 positions each
+    kept = DraftContexts(max_positions=600)
+    a, b, c = [1] * 9, [2] * 9, [3] * 9  # 8 positions each, in buffers of 256 entries
     for tokens in (a, b, c):
-        kept.keep(tokens, finished(tokens), room=20)
-    assert [t for t, _ in kept.entries.values()] == [b, c]  # 24 > 20: the oldest went
-    kept.keep(a, finished(a), room=10)  # running rows hold the rest: only the newest fits
+        kept.keep(tokens, finished(tokens), room=600)
+    assert [t for t, _ in kept.entries.values()] == [b, c]  # 768 > 600 entries: the oldest went
+    kept.keep(a, finished(a), room=300)  # running rows hold the rest: only the newest fits
     assert [t for t, _ in kept.entries.values()] == [a]
     fresh = DFlashDrafter(draft)
     assert kept.seed(fresh, a[:5] + [7, 7]) == 5 and fresh.positions == list(range(5))

@@ -793,8 +793,8 @@ class Scheduler:
             self._remember(row)
             self._release(row)
             if self.draft_contexts is not None and hasattr(row.drafter, "settle"):
-                running = sum(len(r.drafter.positions) for r in self.running
-                              if r is not row and hasattr(r.drafter, "positions"))
+                running = sum(r.drafter.capacity for r in self.running
+                              if r is not row and hasattr(r.drafter, "capacity"))
                 self.draft_contexts.keep(row.tokens, row.drafter, self.draft_contexts.max_positions - running)
         else:
             row.cache.release()

@@ -360,7 +360,8 @@ class DFlashDrafter:
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[2]
+        """Entries its buffers hold (0 before any): the memory it takes, in positions."""
+        return 0 if self.keys is None else self.keys.shape[2]
 
     def propose(self, tokens: list[int], k: int) -> "PendingDraft":
         """k greedy draft tokens to follow `tokens`, a row's sequence, whose last token is not
@@ -429,8 +430,10 @@ class DFlashDrafter:
         self.pending = []
 
     def _grow(self, needed: int) -> None:
-        """Make the buffers hold at least `needed` entries (in whole units, doubling)."""
-        capacity = 0 if self.keys is None else self.keys.shape[2]
+        """Make the buffers hold at least `needed` entries: in whole units, doubling, as a
+        row's KV slot grows (cache.KVStore), so that the KV budget's share for draft
+        contexts (engine.make_scheduler) covers the buffers of the rows it holds."""
+        capacity = self.capacity
         if needed <= capacity:
             return
         unit = self.CONTEXT_UNIT
@@ -486,8 +489,8 @@ def resolve_drafts(pending: list[PendingDraft]) -> list[list[int]]:
 
 
 class DraftContexts:
-    """The draft contexts of recently finished requests, newest last, holding at most
-    `max_positions` positions together (the oldest go first): a request whose prompt begins
+    """The draft contexts of recently finished requests, newest last, whose buffers hold at
+    most `max_positions` entries together (the oldest go first): a request whose prompt begins
     as one of their sequences did, a chat's next turn above all, takes over the context of
     the longest such beginning (its prefix comes from the prefix cache, so the target never
     computes its features again)."""
@@ -501,17 +504,16 @@ class DraftContexts:
         self._next = 0
 
     def keep(self, tokens: list[int], drafter: DFlashDrafter, room: int) -> None:
-        """Keep a finished row's context (its sequence `tokens`), within `room` positions
-        (what running rows' contexts leave of max_positions)."""
-        held = drafter.settle(len(tokens) - 1)  # its last token was never fed
-        if not held:
+        """Keep a finished row's context (its sequence `tokens`), within `room` entries
+        (what running rows' buffers leave of max_positions)."""
+        if not drafter.settle(len(tokens) - 1):  # (its last token was never fed)
             return
         self.entries[self._next] = (list(tokens), drafter)
         self._next += 1
-        self._held += held
+        self._held += drafter.capacity
         while self.entries and (self._held > min(room, self.max_positions) or len(self.entries) > self.MAX_ENTRIES):
             _, (_, old) = self.entries.popitem(last=False)
-            self._held -= len(old.positions)
+            self._held -= old.capacity
 
     def clear(self) -> None:
         self.entries.clear()
