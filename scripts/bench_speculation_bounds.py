@@ -39,7 +39,7 @@ class OracleDrafter:
         return [(t + 1) % self.vocab for t in draft] if self.wrong else draft
 
 
-def dflash_oracle(draft, reference: list[int], wrong: bool, vocab: int):
+def dflash_oracle(draft, capacity_for, reference: list[int], wrong: bool, vocab: int):
     """A DFlash drafter that runs its draft model, then proposes the oracle's tokens."""
     from mlxserve.spec.dflash import DFlashDrafter
 
@@ -51,7 +51,7 @@ def dflash_oracle(draft, reference: list[int], wrong: bool, vocab: int):
             pending.override = oracle.propose(tokens, k)  # (the draft still runs, with the step's others)
             return pending
 
-    return Oracle(draft)
+    return Oracle(draft, capacity_for)
 
 
 def timed(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[list[int], float]:
@@ -96,10 +96,10 @@ def main() -> None:
             drafts = reference
             for _ in range(4):
                 if args.drafter == "dflash":
-                    scheduler.make_drafter = lambda _name, draft, d=drafts, w=wrong: dflash_oracle(draft, prompt + d, w, vocab)
+                    scheduler.make_drafter = lambda _name, draft, capacity_for=None, d=drafts, w=wrong: dflash_oracle(draft, capacity_for, prompt + d, w, vocab)
                     config = EngineConfig(speculative="dflash", draft_model="random", draft_tokens=k)
                 else:
-                    scheduler.make_drafter = lambda _name, _draft=None, d=drafts, w=wrong: OracleDrafter(prompt + d, w, vocab)
+                    scheduler.make_drafter = lambda _name, _draft=None, _capacity_for=None, d=drafts, w=wrong: OracleDrafter(prompt + d, w, vocab)
                     config = EngineConfig(speculative="ngram", draft_tokens=k)
                 with Engine(loaded, config) as engine:
                     ids, seconds = timed(engine, prompt, params)

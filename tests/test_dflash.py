@@ -216,8 +216,8 @@ class Oracle(DFlashDrafter):
     reference continuation instead, wrong at a position that cycles with the row's length:
     drafts accepted whole, cut short, and rejected whole."""
 
-    def __init__(self, draft, reference):
-        super().__init__(draft)
+    def __init__(self, draft, reference, capacity_for=None):
+        super().__init__(draft, capacity_for)
         self.reference = reference
 
     def propose(self, tokens, k):
@@ -260,7 +260,7 @@ def test_speculating_rows_keep_the_context_of_their_committed_tokens(target, mon
     if oracle:
         references = [p + plain[f"r{i}"] for i, p in enumerate(prompts)]
         made = iter(references)
-        monkeypatch.setattr(scheduler_module, "make_drafter", lambda name, d=None: Oracle(d, next(made)))
+        monkeypatch.setattr(scheduler_module, "make_drafter", lambda name, d=None, capacity_for=None: Oracle(d, next(made), capacity_for))
     out, rows, scheduler = _run(loaded, EngineConfig(**base, speculative="dflash", draft_model="test", draft_tokens=3),
                                 prompts)
     assert out == plain
@@ -274,6 +274,8 @@ def test_speculating_rows_keep_the_context_of_their_committed_tokens(target, mon
     assert stats.decode_tokens == len(prompts) * (GREEDY.max_tokens - 1)
     for row in rows:
         _assert_context_is_the_committed_positions(row.drafter, row.tokens, folder, draft)
+        # Its buffers grow as its KV slot does: the budget's share for draft contexts covers them.
+        assert row.drafter.capacity <= scheduler.kv.capacity_for(len(row.tokens))
 
 
 def _assert_context_is_the_committed_positions(drafter, tokens, folder, draft):
@@ -530,3 +532,52 @@ def test_memory_errors_name_the_budget_given_and_the_drafts_share(target, monkey
     kv = make_scheduler(loaded, EngineConfig(memory_budget_bytes=2_000_000, speculative="dflash", draft_model="x")).kv
     with pytest.raises(PromptExceedsMemory, match=r"share of the 2.0 MB memory budget is 1\.\d MB \(the DFlash"):
         check_memory(2000, kv)
+
+
+def test_draft_contexts_stay_within_their_share_of_memory_under_preemption(target, monkeypatch):
+    """Waves of requests on a budget that forces preemption: after every step the draft
+    contexts of running rows and kept ones hold at most the positions the share allows, a
+    preempted row holds none, the output is what decoding without drafts gives, and every
+    prompt token counts once as prefilled."""
+    loaded, _ = target
+    import mlxserve.engine as engine_module
+
+    draft = _random_draft(loaded.model)
+    monkeypatch.setattr(engine_module, "load_draft", lambda loaded, spec: draft)
+    tok = loaded.tokenizer
+    waves = [[tok.encode(f"{i} {text}") for i, text in enumerate(("The sky is blue", "def add(a, b):", "Hello"))],
+             [tok.encode(f"{i} Once upon a time, {i}") for i in range(3)]]
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    budget = 3 * _slot_bytes(loaded)
+
+    def run(config):
+        scheduler = make_scheduler(loaded, config)
+        out, preempted_seen = {}, 0
+        for w, wave in enumerate(waves):
+            for i, prompt in enumerate(wave):
+                scheduler.add(Request(prompt, params, id=f"{w}-{i}"))
+            while scheduler.has_work():
+                for event in scheduler.step():
+                    out.setdefault(event.request_id, []).extend(event.token_ids)
+                kept = scheduler.draft_contexts
+                if kept is not None:
+                    assert scheduler._draft_buffers() + kept._held <= kept.max_positions
+                    assert all(row.drafter.capacity == 0 for row in scheduler.waiting if row.admitted)
+                    preempted_seen += sum(1 for row in scheduler.waiting if row.admitted)
+        return out, scheduler.stats, preempted_seen
+
+    plain, _, _ = run(EngineConfig(block_size=8, memory_budget_bytes=budget))
+    # The same KV memory, plus the draft contexts' share: the same rows fit, and are preempted.
+    layers, heads, dim = loaded.model.kv_shape()
+    kv_bytes = 2 * layers * heads * dim * 4
+    shared = -(-budget * (kv_bytes + draft.context_bytes_per_token()) // kv_bytes)
+    spec, stats, preempted_seen = run(EngineConfig(block_size=8, memory_budget_bytes=shared, speculative="dflash",
+                                                   draft_model="x"))
+    assert spec == plain
+    assert stats.preemptions > 0 and preempted_seen > 0
+    assert stats.prefill_tokens == sum(len(p) for wave in waves for p in wave)
+
+
+def _slot_bytes(loaded) -> int:
+    layers, heads, dim = loaded.model.kv_shape()
+    return 64 * 2 * layers * heads * dim * 4

@@ -71,7 +71,7 @@ class Scripted:
 
 
 def _script(monkeypatch, references, wrong_at):
-    monkeypatch.setattr(scheduler_module, "make_drafter", lambda name, draft=None: Scripted(references, wrong_at))
+    monkeypatch.setattr(scheduler_module, "make_drafter", lambda name, draft=None, capacity_for=None: Scripted(references, wrong_at))
 
 
 @pytest.fixture(scope="module", params=["qwen3", "qwen3_5"])
@@ -213,7 +213,7 @@ def test_a_row_backs_off_after_failed_drafts(tiny_model_dir, monkeypatch):
             checked.append(len(tokens) - len(prompt))
             return super().propose(tokens, k)
 
-    monkeypatch.setattr(scheduler_module, "make_drafter", lambda name, draft=None: Counting([prompt + alone], -1))
+    monkeypatch.setattr(scheduler_module, "make_drafter", lambda name, draft=None, capacity_for=None: Counting([prompt + alone], -1))
     with Engine(loaded, EngineConfig(block_size=8, speculative="ngram", draft_tokens=1)) as engine:
         assert _tokens(_events(engine, prompt, params)) == alone
     # After the m-th miss in a row, at generated token g, the next draft is at g + 2 ** m

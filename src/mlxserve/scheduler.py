@@ -146,6 +146,7 @@ class Row:
         self.arrival = arrival
         self.first_token_time: float | None = None
         self.cached_tokens = 0
+        self.prompt_counted = 0  # prompt positions counted as prefilled (stats): a recompute is not again
         self.admitted = False  # once admitted, a preempted row's return is a recompute
         self.finished = False
         # Tokens sampled on the device whose values the host has not read yet (steps are
@@ -297,7 +298,7 @@ class Scheduler:
         if (self.config.speculative and not request.params.has_penalties
                 and request.prompt_logprobs is None and not request.score_only):
             # (Penalties depend on every token before the one drawn, drafts included.)
-            row.drafter = make_drafter(self.config.speculative, self.draft)
+            row.drafter = make_drafter(self.config.speculative, self.draft, self.kv.capacity_for)
         self.waiting.append(row)
 
     def cancel(self, request_id: str) -> TokenEvent | None:
@@ -330,6 +331,9 @@ class Scheduler:
         started = time.perf_counter()
         self._admit()
         feeds, rows = self._plan()
+        if self.draft_contexts is not None and self.draft_contexts.entries:
+            # Running rows' draft contexts grew (as they drafted): kept ones make way, oldest first.
+            self.draft_contexts.fit(self.draft_contexts.max_positions - self._draft_buffers())
         events, self._events = self._events, []
         decode = sum(1 for row in rows if row.is_decoding)
         prompt_tokens, generated = self._step_counts(feeds, rows)
@@ -353,15 +357,20 @@ class Scheduler:
         self._events = []
         return events
 
+    def _draft_buffers(self, leaving: Row | None = None) -> int:
+        """Entries the running rows' draft contexts hold (but `leaving`'s)."""
+        return sum(r.drafter.capacity for r in self.running if r is not leaving and hasattr(r.drafter, "capacity"))
+
     @staticmethod
     def _step_counts(feeds: list[Feed], rows: list[Row]) -> tuple[int, int]:
-        """(prompt tokens fed, tokens the step generates) for the stats: a row's generated
-        tokens fed again (a preempted row's recompute, a hybrid row's accepted draft) count
-        as neither, and a draft's accepted tokens are counted as they are accepted
-        (SchedulerStats.record_draft)."""
+        """(prompt tokens fed, tokens the step generates) for the stats. Tokens fed again (a
+        preempted row's recompute, a hybrid row's accepted draft) count once, the first time,
+        and a draft's accepted tokens as they are accepted (SchedulerStats.record_draft)."""
         prompt = generated = 0
         for feed, row in zip(feeds, rows):
-            prompt += max(0, min(feed.start + len(feed.tokens), row.prompt_len) - feed.start)
+            end = min(feed.start + len(feed.tokens), row.prompt_len)
+            prompt += max(0, end - max(feed.start, row.prompt_counted))
+            row.prompt_counted = max(row.prompt_counted, end)
             ends = feed.start + len(feed.tokens) - len(row.draft) == row.total
             if ends and row.num_generated + row.pending and not row.request.score_only:
                 generated += 1  # (a row's first token is its prompt's: TTFT, not decoding)
@@ -550,13 +559,13 @@ class Scheduler:
                 break
             row.fresh_slot = False
             self.waiting.popleft()
+            if match.length and self.draft_contexts is not None and getattr(row.drafter, "capacity", None) == 0:
+                # The matched prefix is not computed again: its draft context comes from an
+                # earlier row's, if one is kept.
+                self.draft_contexts.seed(row.drafter, row.tokens)
             if not row.admitted:  # first admission, not a recompute
                 row.admitted = True
                 row.cached_tokens = match.length
-                if match.length and self.draft_contexts is not None and row.drafter is not None:
-                    # The matched prefix is not computed again: its draft context comes from
-                    # an earlier row's, if one is kept.
-                    self.draft_contexts.seed(row.drafter, row.tokens)
                 if self.prefix is not None and row.prompt_scores is None:
                     self.prefix.record(len(row.tokens), match.length)
             self.running.append(row)
@@ -758,6 +767,8 @@ class Scheduler:
         """Free a row's memory and send it back to the front of the queue; its tokens are
         kept, and recomputed when it is admitted again unless its slot is still cached."""
         row.draft, row.before_draft = [], None
+        if hasattr(row.drafter, "forget"):
+            row.drafter.forget()  # a draft context is memory too; the recompute rebuilds it
         self._remember(row)
         self._release(row)
         self.running.remove(row)
@@ -793,9 +804,8 @@ class Scheduler:
             self._remember(row)
             self._release(row)
             if self.draft_contexts is not None and hasattr(row.drafter, "settle"):
-                running = sum(r.drafter.capacity for r in self.running
-                              if r is not row and hasattr(r.drafter, "capacity"))
-                self.draft_contexts.keep(row.tokens, row.drafter, self.draft_contexts.max_positions - running)
+                room = self.draft_contexts.max_positions - self._draft_buffers(leaving=row)
+                self.draft_contexts.keep(row.tokens, row.drafter, room)
         else:
             row.cache.release()
         if row in self.running:

@@ -28,9 +28,9 @@ def default_draft_tokens(name: str, draft=None) -> int:
     return DEFAULT_DRAFT_TOKENS
 
 
-def make_drafter(name: str, draft=None):
+def make_drafter(name: str, draft=None, capacity_for=None):
     """A fresh per-row drafter by name (see DRAFTERS); "dflash" drafts with `draft`, a
-    spec.dflash.DFlashDraft."""
+    spec.dflash.DFlashDraft, its context buffers growing by `capacity_for` (the KV's rule)."""
     if name == "ngram":
         return NgramDrafter()
     if name == "dflash":
@@ -38,7 +38,7 @@ def make_drafter(name: str, draft=None):
             raise ValueError("speculative: dflash needs a draft model (--draft-model)")
         from .dflash import DFlashDrafter
 
-        return DFlashDrafter(draft)
+        return DFlashDrafter(draft, capacity_for)
     raise ValueError(f"speculative: unknown drafter {name!r} (known: {', '.join(DRAFTERS)})")
 
 

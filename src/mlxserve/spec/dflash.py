@@ -327,15 +327,16 @@ class DFlashDrafter:
     """One row's drafter: the keys and values of its committed positions, in every draft
     layer, and the target features still to project (see the module docstring).
 
-    The keys and values live in buffers of a capacity in whole CONTEXT_UNITs, of which the
-    first `length` entries count: a draft step's shapes change only when the capacity
-    grows, so its compiled layers are traced once per capacity, and forgetting positions
-    (a rejected draft's) is a matter of lowering `length`."""
+    The keys and values live in buffers of which the first `length` entries count: a draft
+    step's shapes change only when a buffer grows, so its compiled layers are traced once
+    per capacity, and forgetting positions (a rejected draft's) is a matter of lowering
+    `length`. A buffer grows as the row's KV slot does (`capacity_for`, cache.KVStore's), so
+    that the share of the memory budget the engine leaves to draft contexts covers it."""
 
-    CONTEXT_UNIT = 256
-
-    def __init__(self, draft: DFlashDraft):
+    def __init__(self, draft: DFlashDraft, capacity_for=None):
         self.draft = draft
+        # entries -> buffer capacity; by default the KV's rule for 64-token blocks, unbounded
+        self.capacity_for = capacity_for or _doubling_from(256)
         self.keys: mx.array | None = None  # [layers, kv heads, capacity, head_dim]
         self.values: mx.array | None = None
         self.key_positions: mx.array | None = None  # [capacity] int32: each entry's position
@@ -399,6 +400,11 @@ class DFlashDrafter:
         self._project()
         return self.length
 
+    def forget(self) -> None:
+        """Drop the whole context and its buffers (a preempted row: its memory goes back)."""
+        self.keys = self.values = self.key_positions = None
+        self.positions, self.pending = [], []
+
     def adopt(self, other: "DFlashDrafter", end: int) -> None:
         """Take over `other`'s context for positions before `end` (its tokens there are
         this row's), in place of anything known here. (The buffers are shared: writes
@@ -430,14 +436,11 @@ class DFlashDrafter:
         self.pending = []
 
     def _grow(self, needed: int) -> None:
-        """Make the buffers hold at least `needed` entries: in whole units, doubling, as a
-        row's KV slot grows (cache.KVStore), so that the KV budget's share for draft
-        contexts (engine.make_scheduler) covers the buffers of the rows it holds."""
+        """Make the buffers hold at least `needed` entries (see capacity_for)."""
         capacity = self.capacity
         if needed <= capacity:
             return
-        unit = self.CONTEXT_UNIT
-        new = max(2 * capacity, -(-needed // unit) * unit)
+        new = self.capacity_for(needed)
         c = self.draft.config
         more = mx.zeros((c.num_hidden_layers, c.num_key_value_heads, new - capacity, c.head_dim), self.draft.dtype)
         extra = mx.zeros((new - capacity,), mx.int32)
@@ -447,6 +450,16 @@ class DFlashDrafter:
             self.keys = mx.concatenate([self.keys, more], axis=2)
             self.values = mx.concatenate([self.values, more], axis=2)
             self.key_positions = mx.concatenate([self.key_positions, extra])
+
+
+def _doubling_from(first: int):
+    def capacity_for(entries: int) -> int:
+        capacity = first
+        while capacity < entries:
+            capacity *= 2
+        return capacity
+
+    return capacity_for
 
 
 def _block_width(draft: DFlashDraft, k: int) -> int:
@@ -471,13 +484,16 @@ class PendingDraft:
 
 
 def resolve_drafts(pending: list[PendingDraft]) -> list[list[int]]:
-    """Every pending draft's tokens: one forward pass per draft model (and block width)
-    for all its rows, one evaluation for all of them."""
+    """Every pending draft's tokens: one forward pass per draft model, block width and
+    buffer capacity for all its rows (rows of one capacity are stacked as they are: no
+    padding, so the step's copy of their buffers is no bigger than the buffers), one
+    evaluation for all of them."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(pending):
-        groups.setdefault((id(p.drafter.draft), _block_width(p.drafter.draft, p.k)), []).append(i)
+        key = (id(p.drafter.draft), _block_width(p.drafter.draft, p.k), p.drafter.capacity)
+        groups.setdefault(key, []).append(i)
     tokens: list[mx.array | None] = [None] * len(pending)
-    for (_, width), members in groups.items():
+    for (_, width, _), members in groups.items():
         draft = pending[members[0]].drafter.draft
         logits = draft.block_logits([pending[i].drafter for i in members], [pending[i].anchor for i in members],
                                     [pending[i].position for i in members], width)
@@ -511,13 +527,18 @@ class DraftContexts:
         self.entries[self._next] = (list(tokens), drafter)
         self._next += 1
         self._held += drafter.capacity
-        while self.entries and (self._held > min(room, self.max_positions) or len(self.entries) > self.MAX_ENTRIES):
-            _, (_, old) = self.entries.popitem(last=False)
-            self._held -= old.capacity
+        self.fit(room)
 
     def clear(self) -> None:
         self.entries.clear()
         self._held = 0
+
+    def fit(self, room: int) -> None:
+        """Drop the oldest kept contexts until they hold at most `room` entries (what the
+        running rows' buffers leave of max_positions), or MAX_ENTRIES contexts."""
+        while self.entries and (self._held > min(room, self.max_positions) or len(self.entries) > self.MAX_ENTRIES):
+            _, (_, old) = self.entries.popitem(last=False)
+            self._held -= old.capacity
 
     def seed(self, drafter: DFlashDrafter, tokens: list[int]) -> int:
         """Give a new row's drafter the context of the kept sequence that shares the longest
