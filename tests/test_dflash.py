@@ -141,14 +141,14 @@ def test_draft_logits_match_a_numpy_forward_pass(target, layer_types, window):
 
 @pytest.mark.parametrize("window", [None, 40])
 def test_rows_drafted_together_get_their_own_drafts(target, window):
-    """One forward pass for several rows (contexts of different lengths and buffer sizes,
-    anchors at different positions) gives each row the logits it gets alone."""
+    """One forward pass for several rows (contexts of different lengths in buffers of one
+    size, anchors at different positions) gives each row the logits it gets alone."""
     model = target[0].model
     kw = {"layer_types": ("sliding_attention", "full_attention"), "sliding_window": window} if window else {}
     draft = _random_draft(model, **kw)
     rng = np.random.default_rng(2)
     drafters, sequences = [], []
-    for n in (300, 7, 0):  # a second buffer unit, a first one, and no context at all
+    for n in (200, 7, 0):  # (no context at all for the last)
         d = DFlashDrafter(draft)
         if n:
             d.observe(0, mx.array(rng.normal(0, 1, (n, 2 * model.args.hidden_size)).astype(np.float32)))
@@ -156,11 +156,26 @@ def test_rows_drafted_together_get_their_own_drafts(target, window):
         sequences.append([int(t) for t in rng.integers(5, 60, n + 1)])
     alone = [np.array(d.logits(tokens, 15)) for d, tokens in zip(drafters, sequences)]
     together = draft.block_logits(drafters, [t[-1] for t in sequences], [len(t) - 1 for t in sequences], 15)
-    assert drafters[0].capacity > drafters[1].capacity
+    with pytest.raises(ValueError, match="differ in capacity"):
+        draft.block_logits([drafters[0], _grown(draft, 300, model)], [1, 1], [200, 300], 15)
     for i, logits in enumerate(alone):
         np.testing.assert_allclose(np.array(together[i]), logits, atol=1e-4, rtol=1e-4)
     pending = [d.propose(tokens, k) for d, tokens, k in zip(drafters, sequences, (15, 4, 9))]
     assert resolve_drafts(pending) == [a.argmax(-1)[:k].tolist() for a, k in zip(alone, (15, 4, 9))]
+    # A row with a bigger buffer drafts in a forward pass of its own, in the same call.
+    big = _grown(draft, 300, model)
+    tokens = list(range(301))
+    assert big.capacity > drafters[1].capacity
+    big_alone = np.array(big.logits(tokens, 15)).argmax(-1).tolist()
+    assert resolve_drafts([big.propose(tokens, 15), drafters[1].propose(sequences[1], 4)]) == \
+        [big_alone, alone[1].argmax(-1)[:4].tolist()]
+
+
+def _grown(draft, n, model):
+    d = DFlashDrafter(draft)
+    d.observe(0, mx.zeros((n, 2 * model.args.hidden_size)))
+    d.logits(list(range(n + 1)), 1)
+    return d
 
 
 def test_the_context_forgets_replaced_and_rejected_positions(target):

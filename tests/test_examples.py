@@ -89,14 +89,21 @@ def _cli_env(tmp_path) -> dict:
                 PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
 
 
-def test_speculative_example_prints_both_runs_and_the_same_text(tmp_path, tiny_model_dir):
-    env = dict(_cli_env(tmp_path), MLXSERVE_MODEL=str(tiny_model_dir("qwen3", "float32")))
-    r = subprocess.run(["bash", str(EXAMPLES / "speculative.sh"), "--max-tokens", "40", "--ignore-eos"],
+@pytest.mark.parametrize("script,drafter", [("speculative.sh", "ngram"), ("dflash.sh", "dflash")])
+def test_speculative_examples_print_both_runs_and_the_same_text(tmp_path, tiny_model_dir, script, drafter):
+    folder = tiny_model_dir("qwen3", "float32")
+    env = dict(_cli_env(tmp_path), MLXSERVE_MODEL=str(folder))
+    if drafter == "dflash":
+        from tiny_models import make_tiny_dflash_draft
+
+        draft = make_tiny_dflash_draft(tmp_path / "draft", load_model(str(folder), progress=False).model)
+        env["MLXSERVE_DRAFT_MODEL"] = str(draft)
+    r = subprocess.run(["bash", str(EXAMPLES / script), "--max-tokens", "40", "--ignore-eos"],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     *answer, plain, speculative, same = r.stdout.rstrip("\n").splitlines()
     assert plain.startswith("plain ") and "40 tokens" in plain and "draft" not in plain
-    assert speculative.startswith("--speculative ngram") and "40 tokens" in speculative
+    assert speculative.startswith(f"--speculative {drafter}") and "40 tokens" in speculative
     assert re.search(r"\d+ of \d+ draft tokens accepted", speculative)
     assert same == "same text: yes"
 
@@ -120,18 +127,3 @@ def test_bench_example(tmp_path):
     reuse = data["results"]["mlxserve"]["prefix_reuse"]["median"]
     assert reuse["cached_tokens"] >= 256 - 64
 
-
-def test_dflash_example_prints_both_runs_and_the_same_text(tmp_path, tiny_model_dir):
-    from tiny_models import make_tiny_dflash_draft
-
-    folder = tiny_model_dir("qwen3", "float32")
-    draft = make_tiny_dflash_draft(tmp_path / "draft", load_model(str(folder), progress=False).model)
-    env = dict(_cli_env(tmp_path), MLXSERVE_MODEL=str(folder), MLXSERVE_DRAFT_MODEL=str(draft))
-    r = subprocess.run(["bash", str(EXAMPLES / "dflash.sh"), "--max-tokens", "40", "--ignore-eos"],
-                       capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr
-    *answer, plain, speculative, same = r.stdout.rstrip("\n").splitlines()
-    assert plain.startswith("plain ") and "40 tokens" in plain and "draft" not in plain
-    assert speculative.startswith("--speculative dflash") and "40 tokens" in speculative
-    assert re.search(r"\d+ of \d+ draft tokens accepted", speculative)
-    assert same == "same text: yes"

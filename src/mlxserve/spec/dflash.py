@@ -300,16 +300,17 @@ class DFlashDraft(nn.Module):
                      k: int) -> mx.array:
         """Logits [rows, k, vocab] (lazy) of the k tokens to follow each row's anchor token
         (at its position), given each drafter's context, in one forward pass over every
-        row's block. Buffers smaller than the largest are padded to it (the padding is
-        masked: it lies past the row's length)."""
-        capacity = max(d.capacity for d in drafters)
+        row's block. The drafters' buffers have one capacity (resolve_drafts groups them so):
+        stacked as they are, entries past each row's length masked."""
+        if len({d.capacity for d in drafters}) != 1:
+            raise ValueError("block_logits: the drafters' buffers differ in capacity")
         if len(drafters) == 1:
             d = drafters[0]
             keys, values, key_positions = d.keys[None], d.values[None], d.key_positions[None]
         else:
-            keys = mx.stack([d.padded(d.keys, capacity, axis=2) for d in drafters])
-            values = mx.stack([d.padded(d.values, capacity, axis=2) for d in drafters])
-            key_positions = mx.stack([d.padded(d.key_positions, capacity, axis=0) for d in drafters])
+            keys = mx.stack([d.keys for d in drafters])
+            values = mx.stack([d.values for d in drafters])
+            key_positions = mx.stack([d.key_positions for d in drafters])
         lengths = mx.array([d.length for d in drafters], dtype=mx.int32)
         starts = mx.array(positions, dtype=mx.int32)
         block = mx.array([[a] + [self.config.mask_token_id] * k for a in anchors])
@@ -382,16 +383,6 @@ class DFlashDrafter:
         self._project()
         if self.keys is None:
             self._grow(1)
-
-    @staticmethod
-    def padded(array: mx.array, capacity: int, axis: int) -> mx.array:
-        """`array` with zeros after its entries along `axis`, up to `capacity`."""
-        missing = capacity - array.shape[axis]
-        if not missing:
-            return array
-        shape = list(array.shape)
-        shape[axis] = missing
-        return mx.concatenate([array, mx.zeros(shape, array.dtype)], axis=axis)
 
     def settle(self, committed: int) -> int:
         """Project what is pending and forget positions from `committed` on; returns how
@@ -485,9 +476,8 @@ class PendingDraft:
 
 def resolve_drafts(pending: list[PendingDraft]) -> list[list[int]]:
     """Every pending draft's tokens: one forward pass per draft model, block width and
-    buffer capacity for all its rows (rows of one capacity are stacked as they are: no
-    padding, so the step's copy of their buffers is no bigger than the buffers), one
-    evaluation for all of them."""
+    buffer capacity for all its rows (rows of one capacity are stacked as they are, so the
+    step's copy of their buffers is no bigger than the buffers), one evaluation for all."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(pending):
         key = (id(p.drafter.draft), _block_width(p.drafter.draft, p.k), p.drafter.capacity)
