@@ -1,0 +1,31 @@
+"""`mlxserve` with one of the scheduler's tunings changed, for A/B runs on the GPU machine:
+the same command with and without the environment variable, on the same warm machine.
+
+    NO_DEVICE_WAIT=1  the scheduler queues a step without waiting for the device to finish
+                      the previous one (Scheduler._wait_for_device: K/V shelves are then
+                      copied instead of written in place; the host's graph building overlaps
+                      the device's work)
+    CHUNK_ATTENTION_MAX_TOKENS=N  batch.CHUNK_ATTENTION_MAX_TOKENS (0: short chunks over long
+                      histories go through MLX's fused attention)
+    FULL_CHUNK_KEYS=N scheduler.FULL_CHUNK_KEYS (a chunk next to decoding rows shrinks beyond
+                      this many keys)
+
+    NO_DEVICE_WAIT=1 PYTHONPATH=src python3 scripts/bench_variant.py bench --random-weights qwen3-4b \\
+        --quantize 4 --concurrency 1 --compare mlx-lm
+"""
+
+import os
+import sys
+
+from mlxserve import batch, scheduler
+from mlxserve.cli import main
+
+if os.environ.get("NO_DEVICE_WAIT"):
+    scheduler.Scheduler._wait_for_device = lambda self: None
+if "CHUNK_ATTENTION_MAX_TOKENS" in os.environ:
+    batch.CHUNK_ATTENTION_MAX_TOKENS = int(os.environ["CHUNK_ATTENTION_MAX_TOKENS"])
+if "FULL_CHUNK_KEYS" in os.environ:
+    scheduler.FULL_CHUNK_KEYS = int(os.environ["FULL_CHUNK_KEYS"])
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
