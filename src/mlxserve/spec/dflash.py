@@ -157,21 +157,20 @@ class DraftAttention(nn.Module):
         self.q_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
         self.k_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
 
-    def keys_values(self, x: mx.array, rope, start: int) -> tuple[mx.array, mx.array]:
-        """Keys and values [1, kv heads, n, head_dim] of x [n, hidden] at positions start..."""
-        n = x.shape[0]
-        k = self.k_norm(self.k_proj(x).reshape(1, n, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(1, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        return rope(k, offset=start), v
-
-    def project(self, x: mx.array, rope, starts: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Queries [rows, n, heads, head_dim], keys and values [rows, kv heads, n, head_dim]
-        of the blocks x [rows, n, hidden], row i's at positions starts[i].."""
+    def keys_values(self, x: mx.array, rope, starts) -> tuple[mx.array, mx.array]:
+        """Keys and values [rows, kv heads, n, head_dim] of x [rows, n, hidden], row i's at
+        positions starts[i].. (`starts`: an int for one row, or an array)."""
         rows, n, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(rows, n, self.n_heads, -1)).transpose(0, 2, 1, 3)
         k = self.k_norm(self.k_proj(x).reshape(rows, n, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(rows, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        return rope(q, offset=starts).transpose(0, 2, 1, 3), rope(k, offset=starts), v
+        return rope(k, offset=starts), v
+
+    def project(self, x: mx.array, rope, starts: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries [rows, n, heads, head_dim], and keys_values, of the blocks x [rows, n,
+        hidden]."""
+        rows, n, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(rows, n, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        return (rope(q, offset=starts).transpose(0, 2, 1, 3), *self.keys_values(x, rope, starts))
 
 
 class DraftMLP(nn.Module):
@@ -281,7 +280,7 @@ class DFlashDraft(nn.Module):
         """Per layer, the keys and values [1, kv heads, n, head_dim] of target features
         [n, layers x hidden] at positions start..start + n - 1."""
         h = self.hidden_norm(self.fc(features.astype(self.dtype)))
-        return [layer.self_attn.keys_values(h, self._rope, start) for layer in self.layers]
+        return [layer.self_attn.keys_values(h[None], self._rope, start) for layer in self.layers]
 
     def _stacked_context(self, features: mx.array, start: mx.array) -> tuple[mx.array, mx.array]:
         """project_context's keys and values stacked over the layers: [layers, kv heads, n, head_dim]."""
