@@ -34,6 +34,8 @@ class ScriptedEngine:
     """Stands in for the engine in the server: each request streams the scripted text pieces
     (the model's output as the detokenizer would deliver it)."""
 
+    grammars = None  # (a response_format's grammar is then checked for its form only)
+
     def __init__(self, loaded, pieces):
         self.loaded, self.pieces, self.alive = loaded, pieces, True
 

@@ -327,3 +327,33 @@ def test_run_no_think_reaches_the_chat_template(tiny_model_dir, tmp_path):
     assert counts[1] > counts[0]
     r = mlxserve("run", "hi", "--model", str(folder), "--no-chat", "--no-think")
     assert r.returncode != 0 and "--no-think needs the chat template" in r.stderr
+
+
+def test_run_format_holds_the_answer_to_a_schema(tiny_model_dir, tmp_path):
+    """`run --format SCHEMA`: the answer is JSON of that schema, and the chat template is asked
+    to leave thinking out, as with --no-think; a schema that cannot be used is one line."""
+    import shutil
+
+    folder = tmp_path / "thinker"
+    shutil.copytree(tiny_model_dir("qwen3", "float32"), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] += "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                                                   "ok": {"type": "boolean"}},
+                                  "required": ["n", "ok"], "additionalProperties": False}))
+    runs = []
+    for extra in (["--no-think"], ["--format", str(schema)]):
+        r = mlxserve("run", "hi", "--model", str(folder), "--max-tokens", "30", "--temperature", "0", "--json", *extra)
+        assert r.returncode == 0, r.stderr
+        runs.append(json.loads(r.stdout))
+    assert runs[1]["prompt_tokens"] == runs[0]["prompt_tokens"]
+    answer = json.loads(runs[1]["text"])
+    assert set(answer) == {"n", "ok"} and answer["n"] in range(10) and isinstance(answer["ok"], bool)
+    assert runs[1]["finish_reason"] == "stop"
+    for value, says in [('{"type": "foo"}', "--format: the grammar cannot be used: Invalid type: foo"),
+                        (str(tmp_path / "missing.json"), "--format: cannot read the schema file"),
+                        ("[1, 2]", "--format: a JSON schema must be a JSON object")]:
+        r = mlxserve("run", "hi", "--model", str(folder), "--format", value)
+        assert r.returncode == 2 and says in r.stderr and r.stderr.strip().count("\n") <= 1, r.stderr

@@ -73,6 +73,44 @@ def test_chat_streaming_equals_non_streaming_and_reports_usage(client):
     assert chunks[-1].usage.completion_tokens == 12
 
 
+def test_structured_output_parsed_by_the_openai_sdk(client):
+    """response_format json_schema (here from a pydantic model, as the SDK's `parse` sends
+    it): the answer is JSON of that schema, streamed or not."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        name: str = Field(max_length=6)
+        age: int = Field(ge=0, le=30)
+        kind: Literal["cat", "dog"]
+
+    messages = [{"role": "user", "content": "Describe a pet."}]
+    r = client.chat.completions.parse(model=MODEL, messages=messages, response_format=Pet, max_tokens=80,
+                                      temperature=0)
+    pet = r.choices[0].message.parsed
+    assert isinstance(pet, Pet) and r.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=80, temperature=0,
+                                                 stream=True, response_format={"type": "json_schema", "json_schema": {
+                                                     "name": "Pet", "schema": {**Pet.model_json_schema(), "additionalProperties": False}}}))
+    assert Pet.model_validate_json("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)) == pet
+
+
+def test_json_object_mode_on_both_endpoints(server):
+    url, _ = server
+    for path, body in [("/v1/chat/completions", {"messages": [{"role": "user", "content": "JSON please"}]}),
+                       ("/v1/completions", {"prompt": "Once upon a time"})]:
+        status, answer = raw(url + path, {**body, "response_format": {"type": "json_object"}, "max_tokens": 400,
+                                          "temperature": 0.7, "seed": 5})
+        assert status == 200, answer
+        choice = answer["choices"][0]
+        text = choice["message"]["content"] if "message" in choice else choice["text"]
+        if choice["finish_reason"] == "stop":
+            assert isinstance(json.loads(text), dict), text
+        else:  # cut short by max_tokens: still the start of an object
+            assert choice["finish_reason"] == "length" and text.startswith("{")
+
+
 def test_every_chunk_of_a_stream_has_the_same_created(server, monkeypatch):
     from types import SimpleNamespace
 
@@ -243,10 +281,17 @@ BAD = [
 ]
 X = [{"role": "user", "content": "x"}]
 BAD += [
-    ("response_format json_object", dict(body={"messages": X, "response_format": {"type": "json_object"}}), 400,
-     "response_format"),
-    ("response_format json_schema", dict(body={"messages": X, "response_format": {
-        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}), 400, "response_format"),
+    ("response_format json_schema without a schema", dict(body={"messages": X, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x"}}}), 400, "response_format"),
+    ("response_format json_schema a string", dict(body={"messages": X, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}}}), 400, "response_format"),
+    ("response_format schema of an unknown type", dict(body={"messages": X, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}}), 400, "response_format"),
+    ("response_format unsatisfiable schema", dict(body={"messages": X, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "minLength": 5,
+                                                                        "maxLength": 2}}}}), 400, "response_format"),
+    ("response_format with tools", dict(body={"messages": X, "tools": TOOLS,
+                                              "response_format": {"type": "json_object"}}), 400, "response_format"),
     ("response_format unknown type", dict(body={"messages": X, "response_format": {"type": "xml"}}), 400,
      "response_format"),
     ("response_format no type", dict(body={"messages": X, "response_format": {}}), 400, "response_format"),
@@ -269,8 +314,7 @@ BAD_COMPLETIONS = [
     ("suffix not a string", {"prompt": "x", "suffix": 5}, 400, "suffix"),
     ("best_of three", {"prompt": "x", "best_of": 3}, 400, "best_of"),
     ("best_of zero", {"prompt": "x", "best_of": 0}, 400, "best_of"),
-    ("response_format json_object", {"prompt": "x", "response_format": {"type": "json_object"}}, 400,
-     "response_format"),
+    ("response_format unknown type", {"prompt": "x", "response_format": {"type": "yaml"}}, 400, "response_format"),
     ("logit_bias out of range", {"prompt": "x", "logit_bias": {"1": -101}}, 400, "logit_bias"),
     ("logprobs true", {"prompt": "x", "logprobs": True}, 400, "logprobs"),
     ("logprobs false", {"prompt": "x", "logprobs": False}, 400, "logprobs"),
@@ -294,8 +338,8 @@ def test_bad_chat_requests(server, name, kwargs, status, param):
         assert body["error"]["param"] == param
     if name == "over context":
         assert body["error"]["code"] == "context_length_exceeded"
-    if name.startswith("response_format json"):
-        assert "is not supported by this server" in body["error"]["message"]
+    if name == "response_format schema of an unknown type":
+        assert body["error"]["message"] == "response_format: the grammar cannot be used: Invalid type: foo"
     if name == "logit_bias value a string":
         assert 'got "1" for token 5' in body["error"]["message"]
 

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "templates without the switch ignore it)")
     run.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    run.add_argument("--format", metavar="json|SCHEMA",
+                     help="hold the answer to JSON: 'json' for any JSON object, or a JSON schema (a file, or the "
+                          "schema itself as JSON text); chat mode then asks the model not to think")
     _add_engine_args(run)
 
     pull = sub.add_parser("pull", help="download a model into the local cache")
@@ -210,6 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not prompt or not prompt.strip():
         raise CLIError("no prompt: give one as an argument, with --prompt, or on stdin")
     params = SamplingParams(
+        grammar=_format_grammar(args.format),
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -229,11 +234,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CLIError("--no-think needs the chat template: leave out --no-chat")
     engine_config(args)  # reject a bad --memory-budget before loading the model
     loaded = _load(args.model, args.dtype, args.gguf_mode)
-    prompt_ids = _prompt_ids(loaded.tokenizer, prompt, args.chat, args.system, args.think)
+    prompt_ids = _prompt_ids(loaded.tokenizer, prompt, args.chat, args.system, args.think,
+                             constrained=params.grammar is not None)
+    from .grammar import GrammarError
     from .scheduler import Request
 
     text_parts, token_ids, final = [], [], None
     with _running_engine(loaded, engine_config(args)) as engine:
+        if params.grammar:
+            try:
+                engine.grammars.check(params.grammar)
+            except GrammarError as exc:
+                raise CLIError(f"--format: {exc}") from None
         stream = engine.submit(Request(prompt_ids, params))
         try:
             for event in stream:
@@ -293,7 +305,37 @@ def _exit_at_once(status: int) -> NoReturn:
     os._exit(status)
 
 
-def _prompt_ids(tokenizer, prompt: str, chat: bool | None, system: str | None, think: bool = True) -> list[int]:
+def _format_grammar(value: str | None) -> str | None:
+    """`run --format`: 'json', a JSON schema's file, or the schema as JSON text -> a grammar."""
+    if value is None:
+        return None
+    from .grammar import GrammarError, json_schema_grammar
+
+    if value == "json":
+        schema = {"type": "object"}
+    else:
+        text = value
+        if not value.lstrip().startswith(("{", "[")):
+            try:
+                text = Path(value).read_text()
+            except OSError as exc:
+                raise CLIError(f"--format: cannot read the schema file {value}: {exc.strerror or exc}") from None
+        try:
+            schema = json.loads(text)
+        except ValueError as exc:
+            raise CLIError(f"--format: the schema is not valid JSON: {exc}") from None
+        if not isinstance(schema, dict):
+            raise CLIError("--format: a JSON schema must be a JSON object")
+    try:
+        return json_schema_grammar(schema)
+    except GrammarError as exc:
+        raise CLIError(f"--format: {exc}") from None
+
+
+def _prompt_ids(tokenizer, prompt: str, chat: bool | None, system: str | None, think: bool = True,
+                constrained: bool = False) -> list[int]:
+    """`think` False: --no-think. `constrained` (--format): the answer starts as its grammar
+    says, so the chat template is asked to leave thinking out as --no-think does."""
     if chat is None:
         chat = tokenizer.chat_template is not None
     if not chat:
@@ -307,7 +349,7 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool | None, system: str | None, t
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     from .chat_backend import chat_prompt_ids
 
-    return chat_prompt_ids(tokenizer, messages, think)
+    return chat_prompt_ids(tokenizer, messages, think and not constrained)
 
 
 def _load(spec: str, dtype_name: str | None, gguf_mode: str = "exact"):

@@ -21,6 +21,7 @@ import mlx.core as mx
 from rich.filesize import decimal as human_size
 
 from .cache import KVStore
+from .grammar import Grammars
 from .loader import LoadedModel
 from .memory import default_kv_budget, weight_bytes
 from .runner import Runner
@@ -145,6 +146,10 @@ class Engine:
         self.error: str | None = None
         self._ready = threading.Event()
         self._kv = None  # the scheduler's KV store, once built: its budget checks prompts at submit
+        # Constrained decoding over this model's vocabulary: front ends check a request's
+        # grammar here (Grammars.check, off their event loop: its first call takes ~1 s)
+        # before submitting it; the scheduler compiles it for the row.
+        self.grammars = Grammars(loaded.tokenizer)
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -257,7 +262,7 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            scheduler = make_scheduler(self.loaded, self.config)
+            scheduler = make_scheduler(self.loaded, self.config, self.grammars)
             self._kv = scheduler.kv
             scheduler.warm_up()
         except Exception as exc:  # surfaced by start()
@@ -401,9 +406,9 @@ def _release_worker(worker: _MLXWorker) -> None:
         _idle_workers.append(worker)
 
 
-def make_scheduler(loaded: LoadedModel, config: EngineConfig) -> Scheduler:
+def make_scheduler(loaded: LoadedModel, config: EngineConfig, grammars: Grammars | None = None) -> Scheduler:
     """Build the KV pools, runner and scheduler for a loaded model (on the engine thread),
-    and the DFlash draft if speculation asks for one."""
+    and the DFlash draft if speculation asks for one. `grammars`: see Scheduler."""
     model = loaded.model
     layers, kv_heads, head_dim = model.kv_shape()
     draft = load_draft(loaded, config.draft_model) if config.speculative == "dflash" else None
@@ -429,7 +434,7 @@ def make_scheduler(loaded: LoadedModel, config: EngineConfig) -> Scheduler:
                          f"({human_size(kv.slot_bytes_for(1))}): raise --memory-budget")
     capture = draft.target_layer_ids if draft is not None else ()
     return Scheduler(Runner(model, kv, capture), loaded.tokenizer, replace(config, context_length=loaded.context_length),
-                     draft=draft)
+                     draft=draft, grammars=grammars)
 
 
 def load_draft(loaded: LoadedModel, spec: str | None):

@@ -10,6 +10,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
+from .grammar import GrammarError, Grammars, response_format_grammar
 from .sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 
@@ -52,8 +53,11 @@ _FIELD_TYPES = {
 }
 
 
-def parse_request(body: object, kind: str, tokenizer, context_length: int, served_model: str) -> Completion:
-    """Validate an /v1/chat/completions (kind "chat") or /v1/completions ("text") body."""
+def parse_request(body: object, kind: str, tokenizer, context_length: int, served_model: str,
+                  grammars: Grammars | None = None) -> Completion:
+    """Validate an /v1/chat/completions (kind "chat") or /v1/completions ("text") body.
+    `grammars` (the engine's) checks a response_format's grammar against the model's
+    vocabulary; without it, only its form is checked."""
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     # An explicit null means "the default", as in OpenAI's API (its SDKs send them).
@@ -73,13 +77,17 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
     if body.get("suffix"):
         raise APIError(400, "suffix (text to follow the completion, for insertion) is not supported by this "
                             "server", param="suffix")
-    _check_response_format(body.get("response_format"))
+    grammar = _response_format(body.get("response_format"), grammars)
 
     tools_enabled = False
     if kind == "chat":
         tools = _tools(body)
         tools_enabled = bool(tools)
-        prompts = [_chat_prompt(body, tokenizer, tools)]
+        if tools and grammar:
+            raise APIError(400, "response_format json_object or json_schema cannot be combined with tools here: "
+                                "the answer would have to be both a tool call and JSON of that format",
+                           param="response_format")
+        prompts = [_chat_prompt(body, tokenizer, tools, think=grammar is None)]
         top_logprobs = body.get("top_logprobs") or 0
         logprobs = bool(body.get("logprobs"))
     else:
@@ -134,6 +142,7 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         logit_bias=_logit_bias(body.get("logit_bias"), tokenizer.vocab_size),
+        grammar=grammar,
     )
     try:
         params.validate()
@@ -150,18 +159,15 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
                       bool(options.get("include_usage")), model, tools_enabled, echo, score_only)
 
 
-def _check_response_format(value: dict | None) -> None:
-    """Plain text is all this server writes: a JSON mode would need constrained decoding."""
-    if value is None:
-        return
-    kind = value.get("type")
-    if kind == "text":
-        return
-    if kind in ("json_object", "json_schema"):
-        raise APIError(400, f"response_format {kind!r} is not supported by this server (it has no constrained "
-                            "decoding); leave response_format out or use {'type': 'text'}", param="response_format")
-    raise APIError(400, "response_format must be {'type': 'text'} (json_object and json_schema are not supported "
-                        "by this server)", param="response_format")
+def _response_format(value: dict | None, grammars: Grammars | None) -> str | None:
+    """The grammar that `response_format` holds the answer to (grammar.py), or None."""
+    try:
+        grammar = response_format_grammar(value)
+        if grammar is not None and grammars is not None:
+            grammars.check(grammar)
+    except GrammarError as exc:
+        raise APIError(400, f"response_format: {exc}", param="response_format") from None
+    return grammar
 
 
 def _logit_bias(value: dict | None, vocab: int) -> tuple[tuple[int, float], ...]:
@@ -229,7 +235,10 @@ def _tools(body: dict) -> list | None:
     return None if choice == "none" else tools
 
 
-def _chat_prompt(body: dict, tokenizer, tools: list | None) -> list[int]:
+def _chat_prompt(body: dict, tokenizer, tools: list | None, think: bool = True) -> list[int]:
+    """The chat's prompt ids. `think` False (a constrained answer, which must start as its
+    grammar says) renders the template with enable_thinking=False unless the request sets it:
+    a reasoning model's template then leaves the thinking out (Qwen3: an empty think block)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
@@ -247,6 +256,8 @@ def _chat_prompt(body: dict, tokenizer, tools: list | None) -> list[int]:
     for name in _RESERVED_TEMPLATE_VARIABLES.intersection(variables):
         raise APIError(400, f"chat_template_kwargs cannot set '{name}' (it comes from the request's own "
                             "fields)", param="chat_template_kwargs")
+    if not think:
+        variables.setdefault("enable_thinking", False)
     add_generation_prompt = variables.pop("add_generation_prompt", True)
     if not isinstance(add_generation_prompt, bool):
         raise APIError(400, "chat_template_kwargs.add_generation_prompt must be true or false",

@@ -7,10 +7,11 @@ Processing order, per row:
 
 1. penalties on the raw logits (repetition, then frequency and presence);
 2. ``logit_bias`` (OpenAI): each listed token's bias is added to its logit;
-3. greedy rows (temperature 0) take the argmax here;
-4. temperature;
-5. top-k, then top-p (on the renormalised top-k distribution), then min-p;
-6. one draw by the Gumbel-max trick: ``argmax(logits + Gumbel noise)`` is an exact sample of
+3. a constrained row's (grammar.py) disallowed tokens get -inf;
+4. greedy rows (temperature 0) take the argmax here;
+5. temperature;
+6. top-k, then top-p (on the renormalised top-k distribution), then min-p;
+7. one draw by the Gumbel-max trick: ``argmax(logits + Gumbel noise)`` is an exact sample of
    ``softmax(logits)`` and lets every row use its own random key in one batched op.
 
 Penalty windows:
@@ -28,7 +29,7 @@ so replays the same draws. Unseeded rows get a random seed from a process-level 
 their state is created and are then handled exactly like seeded rows.
 
 Log-probabilities are taken from the raw model distribution, ``log_softmax(logits)`` before
-penalties, logit bias and temperature, as OpenAI-compatible servers report them.
+penalties, logit bias, a grammar's mask and temperature, as OpenAI-compatible servers report them.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class SamplingParams:
     # (token id, bias) pairs, each bias in [-100, 100] added to that token's logit (OpenAI's
     # logit_bias); ids beyond the model's logits are ignored.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Constrained decoding: a grammar (grammar.py; e.g. from OpenAI's response_format) that
+    # the answer must follow, or None.
+    grammar: str | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError("<field>: <reason>")`` for the first out-of-range field."""
@@ -118,6 +122,8 @@ class SamplingParams:
                    and isinstance(pair[1], (int, float)) and -100.0 <= pair[1] <= 100.0
                    for pair in self.logit_bias):
             fail("logit_bias", "must be (token id >= 0, bias in [-100, 100]) pairs")
+        if self.grammar is not None and not (isinstance(self.grammar, str) and self.grammar):
+            fail("grammar", "must be a non-empty string (see grammar.py)")
 
     @property
     def is_greedy(self) -> bool:
@@ -143,8 +149,11 @@ class SampleResult:
 class RowSamplingState:
     """Per-request sampling state kept by the scheduler: params, RNG, token history for penalties."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int]):
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], constraint=None):
         self.params = params
+        # The row's grammar.Constraint (params.grammar), fed every committed token: the
+        # sampler masks each draw to the tokens it allows next.
+        self.constraint = constraint
         seed = params.seed if params.seed is not None else _process_rng.getrandbits(64)
         self._stream = _mix64(seed & _MASK64)
         # Only the distinct prompt ids matter, and only to the repetition penalty.
@@ -164,6 +173,11 @@ class RowSamplingState:
 
     def record(self, token_id: int) -> None:
         """Call after each emitted token."""
+        self._append(token_id)
+        if self.constraint is not None:
+            self.constraint.consume(token_id)
+
+    def _append(self, token_id: int) -> None:
         if self._num_generated == len(self._generated):
             self._generated = np.resize(self._generated, 2 * len(self._generated))
         self._generated[self._num_generated] = token_id
@@ -172,13 +186,15 @@ class RowSamplingState:
     def record_pending(self) -> int:
         """Advance past a token that was sampled on the device but not read back yet (the
         engine pipelines steps); returns its index for `fill`. Only rows without penalties
-        are pipelined, so the placeholder never enters a penalty."""
-        self.record(-1)
+        or a constraint are pipelined, so the placeholder never enters a penalty or a mask."""
+        self._append(-1)
         return self._num_generated - 1
 
     def fill(self, index: int, token_id: int) -> None:
         """Replace the placeholder at `index` with the token once it is known."""
         self._generated[index] = token_id
+        if self.constraint is not None:
+            self.constraint.consume(token_id)
 
     def rollback(self, n: int) -> None:
         """Forget the last ``n`` recorded tokens; the next draws are the ones that followed them."""
@@ -211,6 +227,8 @@ class SamplingAhead:
     parameters, and the random key that token t = num_generated + i would get, so a draft's
     verification draws exactly what decoding token by token would draw."""
 
+    constraint = None  # (constrained rows do not speculate)
+
     def __init__(self, state: RowSamplingState, i: int):
         self.params = state.params
         self._prompt_ids = state._prompt_ids
@@ -238,7 +256,9 @@ class Sampler:
         want_logprobs = any(p.logprobs for p in params)
         penalised = any(p.has_penalties for p in params)
         biased = any(p.logit_bias for p in params)
-        if not want_logprobs and not penalised and not biased and all(p.is_greedy for p in params):
+        constrained = any(r.constraint is not None for r in rows)
+        if (not want_logprobs and not penalised and not biased and not constrained
+                and all(p.is_greedy for p in params)):
             return SampleResult(mx.argmax(logits, axis=-1).astype(mx.int32), None, None, None)
 
         x = logits.astype(mx.float32)
@@ -246,6 +266,8 @@ class Sampler:
             x = _apply_penalties(x, rows)
         if biased:
             x = _apply_logit_bias(x, params)
+        if constrained:
+            x = mx.where(_allowed_tokens(rows, x.shape[1]), x, -mx.inf)
 
         sampled = [i for i, p in enumerate(params) if not p.is_greedy]
         if len(sampled) == len(rows):
@@ -341,6 +363,20 @@ def _apply_logit_bias(x: mx.array, params: list[SamplingParams]) -> mx.array:
     bias = bias.at[mx.array(np.concatenate(rows)), mx.array(cols)].add(
         mx.array(np.concatenate(values)))
     return x + bias
+
+
+def _allowed_tokens(rows: list[RowSamplingState], vocab: int) -> mx.array:
+    """[n, vocab] bool: the tokens each row's constraint allows next (every token for a row
+    without one). Token ids past a constraint's vocabulary (a model's padded logits) are never
+    allowed to a constrained row."""
+    words = max(r.constraint.mask_words for r in rows if r.constraint is not None)
+    masks = np.full((len(rows), max(words, (vocab + 31) // 32)), -1, dtype=np.int32)
+    for i, row in enumerate(rows):
+        if row.constraint is not None:
+            masks[i] = 0
+            row.constraint.fill_mask(masks[i, : row.constraint.mask_words])
+    bits = (mx.array(masks.view(np.uint32))[:, :, None] >> mx.arange(32, dtype=mx.uint32)) & 1
+    return bits.reshape(len(rows), -1)[:, :vocab].astype(mx.bool_)
 
 
 def _draw(x: mx.array, rows: list[RowSamplingState]) -> mx.array:

@@ -37,6 +37,7 @@ from rich.filesize import decimal as human_size
 
 from .cache import KVStore, OutOfKVMemory, RowCache, Snapshot, state_arrays
 from .detokenizer import IncrementalDetokenizer, StopMatcher
+from .grammar import Grammars
 from .prefix_cache import Match, PrefixCache, PrefixStats
 from .runner import Feed, Runner
 from .sampling import RowSamplingState, SampleResult, Sampler, SamplingParams
@@ -130,13 +131,14 @@ class SchedulerConfig:
 class Row:
     """A request inside the scheduler."""
 
-    def __init__(self, request: Request, cache: RowCache, eos_ids: frozenset[int], decode, arrival: float):
+    def __init__(self, request: Request, cache: RowCache, eos_ids: frozenset[int], decode, arrival: float,
+                 constraint=None):
         self.request = request
         self.params = request.params
         self.cache = cache
         self.prompt_len = len(request.prompt_ids)
         self.tokens: list[int] = list(request.prompt_ids)  # prompt + generated
-        self.sampling = RowSamplingState(request.params, request.prompt_ids)
+        self.sampling = RowSamplingState(request.params, request.prompt_ids, constraint)
         self.detokenizer = IncrementalDetokenizer(decode, prompt_tail=request.prompt_ids[-4:])
         self.stops = StopMatcher(request.params.stop)
         stop_ids = set(request.params.stop_token_ids)
@@ -234,14 +236,17 @@ def check_memory(prompt_tokens: int, kv: KVStore) -> None:
 
 
 class Scheduler:
-    def __init__(self, runner: Runner, tokenizer, config: SchedulerConfig, draft=None):
+    def __init__(self, runner: Runner, tokenizer, config: SchedulerConfig, draft=None, grammars: Grammars | None = None):
         """`draft`: the DFlash draft model (spec.dflash.DFlashDraft) when config.speculative
-        is "dflash"; the runner must then capture its target layers."""
+        is "dflash"; the runner must then capture its target layers. `grammars`: where
+        constrained requests' grammars are compiled (the engine shares its own with the front
+        ends, which check grammars before submitting them)."""
         self.runner = runner
         self.kv: KVStore = runner.kv
         self.tokenizer = tokenizer
         self.config = config
         self.sampler = Sampler()
+        self.grammars = grammars or Grammars(tokenizer)
         self.waiting: deque[Row] = deque()
         self.running: list[Row] = []  # admission order: oldest first
         self.eos_ids = frozenset(tokenizer.eos_token_ids)
@@ -294,10 +299,13 @@ class Scheduler:
         limit = self.config.max_running + self.config.max_waiting
         if len(self.waiting) + len(self.running) >= limit:
             raise ServerBusy(f"server busy: {len(self.waiting) + len(self.running)} requests in progress (limit {limit})")
-        row = Row(request, RowCache(self.kv), self.eos_ids, self.tokenizer.decode, time.perf_counter())
-        if (self.config.speculative and not request.params.has_penalties
+        grammar = request.params.grammar
+        constraint = self.grammars.constraint(grammar) if grammar and not request.score_only else None
+        row = Row(request, RowCache(self.kv), self.eos_ids, self.tokenizer.decode, time.perf_counter(), constraint)
+        if (self.config.speculative and not request.params.has_penalties and constraint is None
                 and request.prompt_logprobs is None and not request.score_only):
-            # (Penalties depend on every token before the one drawn, drafts included.)
+            # (Penalties and a grammar's masks depend on every token before the one drawn,
+            # drafts included.)
             row.drafter = make_drafter(self.config.speculative, self.draft, self.kv.capacity_for)
         self.waiting.append(row)
 
@@ -345,11 +353,13 @@ class Scheduler:
         if self._inflight is not None:
             events += self._read_back(self._inflight)
         self._inflight = queued
-        if queued is not None and (not decode or any(row.params.has_penalties or row.draft or row.wants_draft for row in queued.rows)):
+        if queued is not None and (not decode or any(row.params.has_penalties or row.sampling.constraint is not None
+                                                     or row.draft or row.wants_draft for row in queued.rows)):
             # First tokens only: waiting for them now costs little overlap (no stream is
             # decoding), while pipelining would hold them back until the next step is built.
             # A row verifying a draft commits what it accepted now, and a row that may draft
-            # next drafts from its tokens, which must be known before the next step is planned.
+            # next drafts from its tokens, which must be known before the next step is planned;
+            # so must a penalised or constrained row's, whose next draw depends on them.
             events += self._read_back(queued)
             self._inflight = None
         self.stats.record_step(prefill=prompt_tokens, decode=generated, seconds=time.perf_counter() - started)
@@ -787,6 +797,9 @@ class Scheduler:
         text, stopped = row.stops.feed(row.detokenizer.add(token))
         if stopped:
             return self._finish(row, "stop", token_ids=[token], text=text, logprobs=lps)
+        if row.sampling.constraint is not None and row.sampling.constraint.finished:
+            # The grammar is complete (a JSON value closed): nothing may follow it.
+            return self._finish(row, "stop", token_ids=[token], text=text + self._flush_text(row), logprobs=lps)
         if row.num_generated >= row.params.max_tokens or len(row.tokens) >= self.config.context_length:
             return self._finish(row, "length", token_ids=[token], text=text + self._flush_text(row), logprobs=lps)
         return TokenEvent(row.id, [token], text, lps, time=now)

@@ -59,7 +59,8 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         """The request in a body: JSON, then chat template and tokenization. Runs in a worker
         thread, so that the event loop (every other stream) goes on while a body of megabytes
         is read."""
-        return wire.parse_request(read_json(body), kind, tokenizer, loaded.context_length, served_model)
+        return wire.parse_request(read_json(body), kind, tokenizer, loaded.context_length, served_model,
+                                  engine.grammars)
 
     def read_json(body: bytes) -> object:
         try:

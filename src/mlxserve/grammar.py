@@ -1,0 +1,133 @@
+"""Constrained decoding: a request's answer held to a JSON schema (OpenAI's `response_format`).
+
+At every step a constrained row may only sample tokens that keep its answer a prefix of some
+text the grammar accepts. The grammar work is llguidance's (a Rust library, no dependencies):
+`LLMatcher` follows the tokens a row commits and computes, per step, a bitmask over the
+vocabulary (one bit per token id); `sampling.Sampler` sets every logit outside the mask to -inf
+before sampling, with plain MLX operations. Once the grammar is complete its mask allows only
+the end-of-turn tokens, and the scheduler finishes the row when the matcher stops.
+
+Three parties:
+- the front end turns `response_format` into a grammar string (`response_format_grammar`) and
+  checks it against the model's vocabulary (`Grammars.check`, in a worker thread: the first
+  call builds the vocabulary's index, ~0.4 s for 49k tokens);
+- the scheduler builds a row's `Constraint` when the request arrives (`Grammars.constraint`)
+  and reads each step of a constrained row back at once, so that its next mask is computed
+  from every token it committed;
+- the sampler applies the masks.
+
+JSON is generated without free whitespace (`{"a": 1, "b": [2, 3]}`): a small model allowed
+optional whitespace can fill its whole answer with it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+
+# Compact separators, no optional whitespace (see the module docstring).
+_JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+class GrammarError(ValueError):
+    """A response format or grammar that cannot be used (the message says why)."""
+
+
+def _llguidance():
+    import llguidance  # (imported on first use: ~0.1 s that plain requests never pay)
+
+    return llguidance
+
+
+def json_schema_grammar(schema: dict) -> str:
+    """The grammar of JSON texts valid under `schema` (a JSON Schema)."""
+    try:
+        return _llguidance().LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+    except (ValueError, TypeError) as exc:
+        raise GrammarError(f"the JSON schema cannot be used: {exc}") from None
+
+
+def response_format_grammar(value: object) -> str | None:
+    """OpenAI's `response_format` as a grammar: None for {"type": "text"} (or no value);
+    any JSON object for {"type": "json_object"}; JSON valid under the schema for
+    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise GrammarError("response_format must be an object such as {'type': 'json_object'}")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_schema_grammar({"type": "object"})
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise GrammarError("response_format json_schema needs 'json_schema': {'name': ..., 'schema': {...}} "
+                               "with the schema as a JSON object")
+        return json_schema_grammar(spec["schema"])
+    raise GrammarError(f"response_format type must be 'text', 'json_object' or 'json_schema', got "
+                       f"{json.dumps(kind)[:40]}")
+
+
+class Grammars:
+    """Grammars over one model's vocabulary. Thread-safe: front ends check grammars in their
+    threads while the engine thread builds constraints."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer  # a mlxserve.tokenizer.Tokenizer
+        self._index = None  # the llguidance.LLTokenizer, built on first use
+        self._lock = threading.Lock()
+
+    def _vocabulary(self):
+        with self._lock:
+            if self._index is None:
+                llg = _llguidance()
+                try:
+                    self._index = llg.LLTokenizer(self._tokenizer.backend.to_str(),
+                                                  eos_token=sorted(self._tokenizer.eos_token_ids))
+                except Exception as exc:  # (llguidance raises plain exceptions for tokenizers it cannot read)
+                    raise GrammarError(f"constrained decoding cannot use this model's tokenizer: {exc}") from None
+            return self._index
+
+    def check(self, grammar: str) -> None:
+        """Raise GrammarError if `grammar` cannot constrain this model's output."""
+        message = _llguidance().LLMatcher.validate_grammar(grammar, self._vocabulary())
+        if message:
+            raise GrammarError(f"the grammar cannot be used: {_one_line(message)}")
+
+    def constraint(self, grammar: str) -> Constraint:
+        vocabulary = self._vocabulary()
+        return Constraint(_llguidance().LLMatcher(vocabulary, grammar, log_level=0), vocabulary.vocab_size)
+
+
+class Constraint:
+    """One row's grammar state: which tokens may come next, given the tokens it committed."""
+
+    def __init__(self, matcher, vocab_size: int):
+        if matcher.is_error():
+            raise GrammarError(f"the grammar cannot be used: {_one_line(matcher.get_error())}")
+        self._matcher = matcher
+        self.mask_words = (vocab_size + 31) // 32  # the mask's length in int32 words
+
+    def fill_mask(self, out: np.ndarray) -> None:
+        """Write the allowed next tokens into `out` (`mask_words` contiguous int32: one bit per
+        token id, id i at bit i % 32 of word i // 32)."""
+        self._matcher.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
+
+    def consume(self, token: int) -> None:
+        """Follow a committed token (one the mask allowed)."""
+        if not self._matcher.consume_token(token):
+            raise GrammarError(f"the grammar rejected token {token}: {self._matcher.get_error()}")
+
+    @property
+    def finished(self) -> bool:
+        """The answer is complete: nothing may follow (but an end-of-turn token)."""
+        return self._matcher.is_stopped()
+
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())

@@ -1,0 +1,231 @@
+"""Constrained decoding (grammar.py): answers held to a JSON schema, in the sampler, the
+scheduler, the engine and the server, on a tiny float32 model."""
+
+import json
+
+import llguidance
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxserve.engine import Engine, EngineConfig
+from mlxserve.grammar import GrammarError, Grammars, json_schema_grammar, response_format_grammar
+from mlxserve.loader import load_model
+from mlxserve.sampling import RowSamplingState, Sampler, SamplingParams
+from mlxserve.scheduler import Request
+from tiny_models import prompt_logits
+
+# Bounded answers: a random tiny model completes any of them within a few dozen tokens.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tag": {"type": "string", "enum": ["red", "green", "blue"]},
+        "name": {"type": "string", "maxLength": 6},
+    },
+    "required": ["ok", "n", "tag", "name"],
+    "additionalProperties": False,
+}
+GRAMMAR = json_schema_grammar(SCHEMA)
+
+
+def follows_schema(text: str) -> bool:
+    value = json.loads(text)
+    return (set(value) == {"ok", "n", "tag", "name"} and isinstance(value["ok"], bool)
+            and isinstance(value["n"], int) and 0 <= value["n"] <= 99 and value["tag"] in ("red", "green", "blue")
+            and isinstance(value["name"], str) and len(value["name"]) <= 6)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+
+
+def constrained(max_tokens=80, **kw):
+    return SamplingParams(max_tokens=max_tokens, temperature=kw.pop("temperature", 0.0), grammar=GRAMMAR, **kw)
+
+
+def generate(engine, prompt, params):
+    events = engine.generate(prompt, params)
+    return [t for e in events for t in e.token_ids], "".join(e.text for e in events), events[-1]
+
+
+def allowed_by_llguidance(matcher, vocab: int) -> np.ndarray:
+    """llguidance's own mask (compute_bitmask), unpacked by numpy: the reference for ours."""
+    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+    allowed = np.zeros(vocab, dtype=bool)
+    allowed[: min(vocab, len(bits))] = bits[:vocab].astype(bool)
+    return allowed
+
+
+def reference_matcher(tokenizer, grammar, consumed=()):
+    """An llguidance matcher of its own (not mlxserve's), after `consumed`."""
+    vocabulary = llguidance.LLTokenizer(tokenizer.backend.to_str(), eos_token=sorted(tokenizer.eos_token_ids))
+    matcher = llguidance.LLMatcher(vocabulary, grammar)
+    assert matcher.consume_tokens(list(consumed))
+    return matcher
+
+
+def reference_greedy(loaded, prompt, grammar, max_tokens):
+    """Greedy constrained decoding the slow way: a whole forward pass per token, the argmax
+    over the tokens llguidance allows, until its matcher stops or an end-of-turn token."""
+    tokenizer = loaded.tokenizer
+    matcher = reference_matcher(tokenizer, grammar)
+    ids = list(prompt)
+    out = []
+    for _ in range(max_tokens):
+        logits = np.array(prompt_logits(loaded, ids)[-1])
+        logits[~allowed_by_llguidance(matcher, logits.shape[0])] = -np.inf
+        token = int(np.argmax(logits))
+        out.append(token)
+        if token in tokenizer.eos_token_ids:
+            break
+        assert matcher.consume_token(token)
+        ids.append(token)
+        if matcher.is_stopped():
+            break
+    return out
+
+
+# ---- the front end's grammars ------------------------------------------------------------
+def test_response_format_forms():
+    assert response_format_grammar(None) is None
+    assert response_format_grammar({"type": "text"}) is None
+    assert response_format_grammar({"type": "json_object"}) == json_schema_grammar({"type": "object"})
+    assert response_format_grammar({"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}) == GRAMMAR
+    for bad, says in [
+        ("json", "must be an object"),
+        ({"type": "xml"}, "'text', 'json_object' or 'json_schema', got \"xml\""),
+        ({}, "got null"),
+        ({"type": "json_schema"}, "needs 'json_schema'"),
+        ({"type": "json_schema", "json_schema": {"name": "p", "schema": True}}, "schema as a JSON object"),
+    ]:
+        with pytest.raises(GrammarError, match=says):
+            response_format_grammar(bad)
+
+
+def test_grammars_check_against_the_vocabulary(loaded):
+    grammars = Grammars(loaded.tokenizer)
+    grammars.check(GRAMMAR)
+    for schema, says in [({"type": "foo"}, "Invalid type: foo"),
+                         ({"$ref": "#/nowhere"}, "does not exist"),
+                         ({"type": "string", "minLength": 5, "maxLength": 2}, "Unsatisfiable")]:
+        with pytest.raises(GrammarError, match=says):
+            grammars.check(json_schema_grammar(schema))
+    with pytest.raises(GrammarError, match="cannot be used"):
+        grammars.constraint("this is not a grammar {")
+
+
+# ---- the sampler ---------------------------------------------------------------------------
+def test_sampler_draws_only_allowed_tokens(loaded):
+    """Greedy rows take the best allowed token, sampled rows (top-k, top-p, plain) draw only
+    allowed ones, and a row without a constraint beside them is left alone."""
+    grammars = Grammars(loaded.tokenizer)
+    vocab = loaded.config["vocab_size"]
+    logits = mx.random.normal((5, vocab), key=mx.random.key(0)) * 4
+    specs = [dict(temperature=0.0), dict(temperature=1.0, seed=1), dict(temperature=1.5, top_k=5, seed=2),
+             dict(temperature=1.0, top_p=0.5, seed=3)]
+    for consumed in ([], loaded.tokenizer.encode('{"ok":', add_special_tokens=False)):
+        allowed = allowed_by_llguidance(reference_matcher(loaded.tokenizer, GRAMMAR, consumed), vocab)
+        assert 0 < allowed.sum() < vocab
+        masked = np.where(allowed, np.array(logits[0]), -np.inf)
+        for trial in range(8):
+            rows = []
+            for spec in specs:
+                constraint = grammars.constraint(GRAMMAR)
+                for token in consumed:
+                    constraint.consume(token)
+                spec = {**spec, "seed": spec["seed"] + 10 * trial} if "seed" in spec else spec
+                rows.append(RowSamplingState(SamplingParams(grammar=GRAMMAR, **spec), [1], constraint))
+            rows.append(RowSamplingState(SamplingParams(temperature=0.0), [1]))
+            tokens = Sampler().sample(logits, rows).tokens.tolist()
+            assert tokens[0] == int(np.argmax(masked))
+            assert all(allowed[t] for t in tokens[1:4]), tokens
+            assert tokens[4] == int(np.argmax(np.array(logits[4])))  # unconstrained
+
+
+# ---- the engine ----------------------------------------------------------------------------
+def test_greedy_constrained_answer_matches_a_reference(loaded):
+    """The engine's constrained greedy answer is token for token the slow reference's, ends
+    when the JSON closes, and follows the schema."""
+    prompt = loaded.tokenizer.encode("Once upon a time")
+    expected = reference_greedy(loaded, prompt, GRAMMAR, 80)
+    with Engine(loaded, EngineConfig(block_size=8)) as engine:
+        ids, text, last = generate(engine, prompt, constrained())
+    assert ids == expected
+    assert last.finish_reason == "stop" and follows_schema(text), text
+
+
+def test_constrained_rows_beside_others(loaded):
+    """Constrained rows (greedy and seeded sampling) batched with plain ones: every answer is
+    what it is alone, under chunked prefill and preemption alike."""
+    tok = loaded.tokenizer
+    plain = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    work = [(tok.encode("Hello"), plain),
+            (tok.encode("The capital of France is"), constrained()),
+            (tok.encode("def add(a, b):"), plain),
+            (tok.encode("Numbers: 0 1 2 3"), constrained(temperature=1.0, seed=7)),
+            (tok.encode("Once upon a time"), constrained(temperature=0.8, top_k=20, seed=3))]
+    with Engine(loaded, EngineConfig(block_size=8)) as engine:
+        alone = [generate(engine, p, params)[:2] for p, params in work]
+    for text, (_, params) in zip([t for _, t in alone], work):
+        if params.grammar:
+            assert follows_schema(text), text
+    for config in (EngineConfig(block_size=8, max_batch_tokens=7),
+                   # room for few rows: the youngest are preempted and recompute
+                   EngineConfig(block_size=4, max_batch_tokens=64, memory_budget_bytes=_kv_bytes(loaded, 128 + 64))):
+        with Engine(loaded, config) as engine:
+            streams = [engine.submit(Request(p, params)) for p, params in work]
+            together = [([t for e in events for t in e.token_ids], "".join(e.text for e in events))
+                        for events in map(list, streams)]
+            preempted = engine.stats()["preemptions"]
+        assert together == alone, config
+        if config.memory_budget_bytes:
+            assert preempted > 0
+
+
+def _kv_bytes(loaded, tokens: int) -> int:
+    layers, heads, dim = loaded.model.kv_shape()
+    return tokens * layers * 2 * heads * dim * 4
+
+
+def test_constrained_rows_do_not_speculate(loaded, monkeypatch):
+    """With speculation on (every row that may draft always does), a constrained row decodes
+    token by token (its masks follow every token) and answers as without speculation; a
+    plain row still drafts."""
+    from mlxserve import scheduler
+
+    tok = loaded.tokenizer
+    prompt = tok.encode("Numbers: 0 1 2 3 4 5 6 7 8 9")
+    with Engine(loaded, EngineConfig(block_size=8)) as engine:
+        expected = generate(engine, prompt, constrained())[:2]
+    monkeypatch.setattr(scheduler, "make_drafter", lambda *args: scheduler._ZerosDrafter())
+    with Engine(loaded, EngineConfig(block_size=8, speculative="ngram")) as engine:
+        assert generate(engine, prompt, constrained())[:2] == expected
+        assert engine.stats()["drafted_tokens"] == 0
+        generate(engine, prompt, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+        assert engine.stats()["drafted_tokens"] > 0
+
+
+def test_grammar_complete_before_max_tokens_and_ignore_eos(loaded):
+    """The row ends when its grammar is complete, even with ignore_eos; cut short by
+    max_tokens it ends with "length" (and an unfinished JSON text)."""
+    prompt = loaded.tokenizer.encode("Hello")
+    with Engine(loaded, EngineConfig(block_size=8)) as engine:
+        ids, text, last = generate(engine, prompt, constrained(ignore_eos=True))
+        assert last.finish_reason == "stop" and follows_schema(text)
+        short, text, last = generate(engine, prompt, constrained(max_tokens=3))
+        assert last.finish_reason == "length" and short == ids[:3]
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(text)
+
+
+def test_an_unusable_grammar_fails_its_request_only(loaded):
+    tok = loaded.tokenizer
+    with Engine(loaded, EngineConfig(block_size=8)) as engine:
+        bad = engine.submit(Request(tok.encode("Hello"), SamplingParams(max_tokens=5, grammar="not a grammar {")))
+        good = engine.submit(Request(tok.encode("Hello"), SamplingParams(max_tokens=5, temperature=0.0)))
+        events = list(bad)
+        assert events[-1].finish_reason == "error" and "the grammar cannot be used" in events[-1].error
+        assert list(good)[-1].finish_reason == "length"
