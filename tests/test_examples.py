@@ -38,7 +38,8 @@ def run_example(name: str, url: str, model: str | None = MODEL) -> subprocess.Co
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
 
 
-@pytest.mark.parametrize("name", ["curl_chat.sh", "curl_stream.sh", "openai_sync.py", "openai_stream.py", "openai_async.py"])
+@pytest.mark.parametrize("name", ["curl_chat.sh", "curl_stream.sh", "openai_sync.py", "openai_stream.py", "openai_async.py",
+                                  "openai_structured.py"])
 def test_example_runs(live, name):
     r = run_example(name, live.url)
     assert r.returncode == 0, r.stderr
@@ -47,6 +48,8 @@ def test_example_runs(live, name):
         assert r.stdout.rstrip().endswith("data: [DONE]")
     if name == "curl_chat.sh":
         assert '"object":"chat.completion"' in r.stdout.replace(" ", "")
+    if name == "openai_structured.py":
+        assert r.stdout.startswith("City(name=") and "population" in r.stdout
 
 
 def test_tools_example_runs_the_tool(tiny_model_dir):
