@@ -111,6 +111,34 @@ def test_json_object_mode_on_both_endpoints(server):
             assert choice["finish_reason"] == "length" and text.startswith("{")
 
 
+def test_n_choices(client):
+    """n choices per request: seeded, choice i draws with seed + i (so n=3 gives the answers
+    of three n=1 requests with seeds s, s+1, s+2, and again the same next time); greedy
+    choices are all the same; streamed, each chunk names its choice."""
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    sampled = dict(model=MODEL, messages=messages, max_tokens=10, temperature=1.0, seed=11,
+                   extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(n=3, **sampled)
+    texts = [c.message.content for c in r.choices]
+    assert [c.index for c in r.choices] == [0, 1, 2] and len(set(texts)) == 3
+    assert r.usage.completion_tokens == 30
+    assert texts == [client.chat.completions.create(**{**sampled, "seed": 11 + i}).choices[0].message.content
+                     for i in range(3)]
+    chunks = list(client.chat.completions.create(n=3, stream=True, **sampled))
+    assert ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+            for i in range(3)] == texts
+    greedy = client.chat.completions.create(messages=messages, n=2, **GREEDY)
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+
+
+def test_n_choices_of_several_prompts(client):
+    """/v1/completions with two prompts and n=2: prompt i's choices are at 2i and 2i + 1."""
+    r = client.completions.create(prompt=["Hello", "The capital of France is"], n=2, **GREEDY)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    alone = [client.completions.create(prompt=p, **GREEDY).choices[0].text for p in ("Hello", "The capital of France is")]
+    assert [c.text for c in r.choices] == [alone[0], alone[0], alone[1], alone[1]]
+
+
 def test_every_chunk_of_a_stream_has_the_same_created(server, monkeypatch):
     from types import SimpleNamespace
 
@@ -243,7 +271,10 @@ BAD = [
     ("frequency huge", dict(body={"messages": [{"role": "user", "content": "x"}], "frequency_penalty": -9}), 400, "frequency_penalty"),
     ("repetition zero", dict(body={"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}), 400, "repetition_penalty"),
     ("seed float", dict(body={"messages": [{"role": "user", "content": "x"}], "seed": 1.5}), 400, "seed"),
-    ("n two", dict(body={"messages": [{"role": "user", "content": "x"}], "n": 2}), 400, "n"),
+    ("n zero", dict(body={"messages": [{"role": "user", "content": "x"}], "n": 0}), 400, "n"),
+    ("n over 16", dict(body={"messages": [{"role": "user", "content": "x"}], "n": 17}), 400, "n"),
+    ("best_of under n", dict(body={"messages": [{"role": "user", "content": "x"}], "n": 3, "best_of": 2}), 400,
+     "best_of"),
     ("stop number", dict(body={"messages": [{"role": "user", "content": "x"}], "stop": 5}), 400, "stop"),
     ("stop list of numbers", dict(body={"messages": [{"role": "user", "content": "x"}], "stop": [1]}), 400, "stop"),
     ("too many stops", dict(body={"messages": [{"role": "user", "content": "x"}], "stop": list("abcdefghijklmnopq")}), 400, "stop"),

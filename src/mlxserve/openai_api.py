@@ -8,7 +8,7 @@ import json
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .grammar import GrammarError, Grammars, response_format_grammar
 from .sampling import MAX_TOP_LOGPROBS, SamplingParams
@@ -31,8 +31,8 @@ class Completion:
     """One parsed request: what to generate and how to answer."""
 
     kind: str  # "chat" | "text"
-    prompts: list[list[int]]  # one per choice
-    params: SamplingParams
+    prompts: list[list[int]]  # one per choice: each prompt n times in a row
+    params: SamplingParams  # the first choice's (see choice_params)
     stream: bool
     include_usage: bool
     model: str
@@ -41,7 +41,20 @@ class Completion:
     score_only: bool = False  # echo with max_tokens 0: score the prompt, generate nothing
     # When the answer was made: the same in every chunk of a stream, as OpenAI's `created`.
     created: int = field(default_factory=lambda: int(time.time()))
+    n: int = 1  # choices per prompt
 
+    def choice_params(self, index: int) -> SamplingParams:
+        """Choice `index`'s parameters: with a seed, the i-th choice of a prompt draws with
+        seed + i, so that n choices differ and the same request gives the same n answers."""
+        i = index % self.n
+        if not i or self.params.seed is None:
+            return self.params
+        return replace(self.params, seed=self.params.seed + i)
+
+
+# Choices one request may ask for (`n`): each is a request of its own in the engine, and at
+# most this many let one client's request take only a quarter of the 64 rows that run at once.
+MAX_CHOICES = 16
 
 _FIELD_TYPES = {
     "model": str, "max_tokens": int, "max_completion_tokens": int, "temperature": (int, float),
@@ -70,10 +83,12 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
     if model != served_model:
         raise APIError(404, f"model '{model}' does not exist (this server serves '{served_model}')",
                        type="invalid_request_error", param="model", code="model_not_found")
-    if body.get("n", 1) != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
-    if body.get("best_of", 1) != 1:  # the best of several answers: n is 1, so best_of can only be 1
-        raise APIError(400, "only best_of=1 is supported", param="best_of")
+    n = body.get("n", 1)
+    if not 1 <= n <= MAX_CHOICES:
+        raise APIError(400, f"'n' must be from 1 to {MAX_CHOICES}, got {_short(n)}", param="n")
+    if body.get("best_of", n) != n:  # (best_of == n: every answer made is returned, none chosen)
+        raise APIError(400, "best_of (returning the best n of more answers) is not supported: leave it out or "
+                            "make it equal to n", param="best_of")
     if body.get("suffix"):
         raise APIError(400, "suffix (text to follow the completion, for insertion) is not supported by this "
                             "server", param="suffix")
@@ -155,8 +170,9 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
                                 f"{len(prompt)} and max_tokens asks for {params.max_tokens}",
                            param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
     options = body.get("stream_options") or {}
+    prompts = [prompt for prompt in prompts for _ in range(n)]
     return Completion(kind, prompts, params, bool(body.get("stream", False)),
-                      bool(options.get("include_usage")), model, tools_enabled, echo, score_only)
+                      bool(options.get("include_usage")), model, tools_enabled, echo, score_only, n=n)
 
 
 def _response_format(value: dict | None, grammars: Grammars | None) -> str | None:

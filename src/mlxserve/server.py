@@ -99,9 +99,9 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         try:
             loop = asyncio.get_running_loop()
             scoring = c.params.top_logprobs if c.echo and c.params.logprobs else None
-            for prompt in c.prompts:
+            for index, prompt in enumerate(c.prompts):
                 # Metrics are counted as the engine ends each request, read to its end or not.
-                streams.append(engine.submit(Request(prompt, c.params, prompt_logprobs=scoring,
+                streams.append(engine.submit(Request(prompt, c.choice_params(index), prompt_logprobs=scoring,
                                                      score_only=c.score_only), loop, on_finish=metrics.record))
         except Exception as exc:
             # Only the engine's own refusals are the client's or the server's state; anything
