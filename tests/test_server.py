@@ -131,6 +131,42 @@ def test_n_choices(client):
     assert greedy.choices[0].message.content == greedy.choices[1].message.content
 
 
+def test_streamed_choices_are_interleaved():
+    """Several choices stream as their events come: one waiting for its next token does not
+    hold back another's (here `a` cannot go on until `b` has sent), and an error in one
+    reaches the response."""
+    import asyncio
+
+    from mlxserve.server import _interleaved
+
+    async def merged():
+        b_sent = asyncio.Event()
+
+        async def a():
+            yield "a1"
+            await b_sent.wait()
+            yield "a2"
+
+        async def b():
+            yield "b1"
+            b_sent.set()
+
+        return [item async for item in _interleaved([a(), b()])]
+
+    got = asyncio.run(asyncio.wait_for(merged(), 30))
+    assert sorted(got) == ["a1", "a2", "b1"] and got.index("b1") < got.index("a2")
+
+    async def failing():
+        yield "x"
+        raise RuntimeError("boom")
+
+    async def drain():
+        return [item async for item in _interleaved([failing(), failing()])]
+
+    with pytest.raises(RuntimeError, match="boom"):
+        asyncio.run(asyncio.wait_for(drain(), 30))
+
+
 def test_n_choices_of_several_prompts(client):
     """/v1/completions with two prompts and n=2: prompt i's choices are at 2i and 2i + 1."""
     r = client.completions.create(prompt=["Hello", "The capital of France is"], n=2, **GREEDY)

@@ -292,43 +292,82 @@ async def _stream(c: wire.Completion, streams, tokenizer):
 
 
 async def _stream_pieces(c: wire.Completion, streams, tokenizer):
-    """The SSE chunks of the streams' events, usage, then [DONE]; an error event ends it."""
+    """The SSE chunks of the streams' events, usage, then [DONE]; an error event ends it.
+    Several choices (n, or several prompts) are interleaved as their events come."""
     rid = wire.new_id(c.kind)
-    prompt_tokens = completion_tokens = cached = 0
-    for index, stream in enumerate(streams):
-        if c.kind == "chat":
-            yield _sse(wire.chunk(c, rid, [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}]))
-        parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True) if c.kind == "chat" else None
-        answer, offsets = wire.AnswerLogprobs(tokenizer, c.params), wire.TextOffsets(tokenizer)
-        async for event in stream:
-            if event.finish_reason == "error":
-                status = _error_status(event.error)
-                yield _sse(wire.APIError(status, event.error or "generation failed",
-                                         type="rate_limit_error" if status == 429 else "server_error").body())
-                return
-            lp, entries = None, answer.feed(event) if c.params.logprobs else []
-            if entries:
-                lp = wire.logprobs_json(c.kind, entries, tokenizer,
-                                        offsets.take([e.token_id for e in entries]) if c.kind == "text" else None)
-            reason = event.finish_reason
-            if parser is None:
-                piece = {"text": event.text}
-            else:
-                parsed = parser.feed(event.text)
-                if reason:
-                    parsed = _merge(parsed, parser.flush())
-                    reason = parser.finish_reason(reason)
-                piece = {"delta": _delta(parsed)}
-            if (piece.get("text") or piece.get("delta")) or reason or lp:
-                yield _sse(wire.chunk(c, rid, [{"index": index, **piece, "logprobs": lp, "finish_reason": reason}]))
-            if event.finish_reason:
-                prompt_tokens += event.prompt_tokens
-                completion_tokens += event.completion_tokens
-                cached += event.cached_tokens
+    totals = [0, 0, 0]  # prompt, completion and cached tokens of the finished choices
+    pieces = [_choice_pieces(c, rid, index, stream, tokenizer, totals) for index, stream in enumerate(streams)]
+    async for sse, failed in (pieces[0] if len(pieces) == 1 else _interleaved(pieces)):
+        yield sse
+        if failed:
+            return
     if c.include_usage:
-        yield _sse(wire.chunk(c, rid, [], wire.usage(prompt_tokens, completion_tokens, cached)))
+        yield _sse(wire.chunk(c, rid, [], wire.usage(*totals)))
     yield "data: [DONE]\n\n"
+
+
+async def _choice_pieces(c: wire.Completion, rid: str, index: int, stream, tokenizer, totals: list[int]):
+    """(SSE chunk, whether it is an error that ends the response) for one choice's events;
+    adds its token counts to `totals` when it finishes."""
+    if c.kind == "chat":
+        yield _sse(wire.chunk(c, rid, [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}])), False
+    parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True) if c.kind == "chat" else None
+    answer, offsets = wire.AnswerLogprobs(tokenizer, c.params), wire.TextOffsets(tokenizer)
+    async for event in stream:
+        if event.finish_reason == "error":
+            status = _error_status(event.error)
+            yield _sse(wire.APIError(status, event.error or "generation failed",
+                                     type="rate_limit_error" if status == 429 else "server_error").body()), True
+            return
+        lp, entries = None, answer.feed(event) if c.params.logprobs else []
+        if entries:
+            lp = wire.logprobs_json(c.kind, entries, tokenizer,
+                                    offsets.take([e.token_id for e in entries]) if c.kind == "text" else None)
+        reason = event.finish_reason
+        if parser is None:
+            piece = {"text": event.text}
+        else:
+            parsed = parser.feed(event.text)
+            if reason:
+                parsed = _merge(parsed, parser.flush())
+                reason = parser.finish_reason(reason)
+            piece = {"delta": _delta(parsed)}
+        if (piece.get("text") or piece.get("delta")) or reason or lp:
+            yield _sse(wire.chunk(c, rid, [{"index": index, **piece, "logprobs": lp, "finish_reason": reason}])), False
+        if event.finish_reason:
+            totals[0] += event.prompt_tokens
+            totals[1] += event.completion_tokens
+            totals[2] += event.cached_tokens
+
+
+async def _interleaved(generators: list):
+    """The items of several async generators, each in its own order, as they come."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(generator):
+        try:
+            async for item in generator:
+                await queue.put(item)
+            await queue.put(done)
+        except Exception as exc:  # handed to the consumer, which raises it
+            await queue.put(exc)
+
+    tasks = [asyncio.ensure_future(pump(g)) for g in generators]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is done:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _merge(a: Parsed, b: Parsed) -> Parsed:
