@@ -147,8 +147,9 @@ class Engine:
         self._ready = threading.Event()
         self._kv = None  # the scheduler's KV store, once built: its budget checks prompts at submit
         # Constrained decoding over this model's vocabulary: front ends check a request's
-        # grammar here (Grammars.check, off their event loop: its first call takes ~1 s)
-        # before submitting it; the scheduler compiles it for the row.
+        # grammar here before submitting it (Grammars.check, off their event loop: its first
+        # call indexes the vocabulary, 0.4 s for 49k tokens on a 2-core x86 CPU); the
+        # scheduler compiles it for the row.
         self.grammars = Grammars(loaded.tokenizer)
 
     # ---- lifecycle ---------------------------------------------------------------------
