@@ -352,8 +352,11 @@ def test_run_format_holds_the_answer_to_a_schema(tiny_model_dir, tmp_path):
     answer = json.loads(runs[1]["text"])
     assert set(answer) == {"n", "ok"} and answer["n"] in range(10) and isinstance(answer["ok"], bool)
     assert runs[1]["finish_reason"] == "stop"
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)  # deeper than Python's JSON parser goes
     for value, says in [('{"type": "foo"}', "--format: the grammar cannot be used: Invalid type: foo"),
                         (str(tmp_path / "missing.json"), "--format: cannot read the schema file"),
-                        ("[1, 2]", "--format: a JSON schema must be a JSON object")]:
+                        ("[1, 2]", "--format: a JSON schema must be a JSON object"),
+                        (str(deep), "--format: the schema is not valid JSON")]:
         r = mlxserve("run", "hi", "--model", str(folder), "--format", value)
         assert r.returncode == 2 and says in r.stderr and r.stderr.strip().count("\n") <= 1, r.stderr

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from mlxserve.engine import Engine, EngineConfig
-from mlxserve.grammar import GrammarError, Grammars, json_schema_grammar, response_format_grammar
+from mlxserve.grammar import ANSWER_REFUSED, GrammarError, Grammars, json_schema_grammar, response_format_grammar
 from mlxserve.loader import load_model
+from mlxserve.openai_api import AnswerLogprobs
 from mlxserve.sampling import RowSamplingState, Sampler, SamplingParams
 from mlxserve.scheduler import Request
 from tiny_models import prompt_logits
@@ -110,11 +111,37 @@ def test_grammars_check_against_the_vocabulary(loaded):
     grammars.check(GRAMMAR)
     for schema, says in [({"type": "foo"}, "Invalid type: foo"),
                          ({"$ref": "#/nowhere"}, "does not exist"),
-                         ({"type": "string", "minLength": 5, "maxLength": 2}, "Unsatisfiable")]:
+                         ({"type": "string", "minLength": 5, "maxLength": 2}, "Unsatisfiable"),
+                         ({"$ref": "#"}, "no text satisfies it")]:
         with pytest.raises(GrammarError, match=says):
             grammars.check(json_schema_grammar(schema))
     with pytest.raises(GrammarError, match="cannot be used"):
         grammars.constraint("this is not a grammar {")
+
+
+def test_a_grammar_is_compiled_once(loaded, monkeypatch):
+    """The front end's check compiles a grammar; the rows that use it later get copies."""
+    from types import SimpleNamespace
+
+    from mlxserve import grammar as grammar_module
+
+    built = []
+
+    def counting_matcher(*args, **kwargs):
+        built.append(args[1])
+        return llguidance.LLMatcher(*args, **kwargs)
+
+    fake = SimpleNamespace(LLMatcher=counting_matcher, LLTokenizer=llguidance.LLTokenizer)
+    monkeypatch.setattr(grammar_module, "_llguidance", lambda: fake)
+    grammars = Grammars(loaded.tokenizer)
+    grammars.check(GRAMMAR)
+    first, second = grammars.constraint(GRAMMAR), grammars.constraint(GRAMMAR)
+    assert built == [GRAMMAR]
+    first.consume(loaded.tokenizer.encode("{", add_special_tokens=False)[0])  # copies: apart
+    masks = [np.zeros(first.mask_words, dtype=np.int32) for _ in range(2)]
+    first.fill_mask(masks[0])
+    second.fill_mask(masks[1])
+    assert not np.array_equal(masks[0], masks[1])
 
 
 # ---- the sampler ---------------------------------------------------------------------------
@@ -219,6 +246,41 @@ def test_grammar_complete_before_max_tokens_and_ignore_eos(loaded):
         assert last.finish_reason == "length" and short == ids[:3]
         with pytest.raises(json.JSONDecodeError):
             json.loads(text)
+
+
+def test_an_end_of_turn_token_ends_the_answer_without_its_text(loaded):
+    """Where the grammar is complete but could go on (an integer), an end-of-turn token ends
+    the answer, ignore_eos or not, and adds neither text nor a logprob."""
+    eos = min(loaded.tokenizer.eos_token_ids)
+    grammar = json_schema_grammar({"type": "integer", "minimum": 0, "maximum": 1000})
+    with Engine(loaded, EngineConfig(block_size=8)) as engine:
+        for ignore_eos in (False, True):
+            params = SamplingParams(max_tokens=10, temperature=0.0, grammar=grammar, ignore_eos=ignore_eos,
+                                    logit_bias=((eos, 100.0),), logprobs=True)  # EOS as soon as it may come
+            events = engine.generate(loaded.tokenizer.encode("Hello"), params)
+            assert events[-1].finish_reason == "stop" and events[-1].token_ids[-1] == eos
+            text = "".join(e.text for e in events)
+            assert text.isdigit() and len(text) == 1, text
+            answer = AnswerLogprobs(loaded.tokenizer, params)  # the logprobs the server reports
+            assert [lp.token_id for e in events for lp in answer.feed(e)] == loaded.tokenizer.encode(
+                text, add_special_tokens=False)
+
+
+def test_a_token_the_grammar_refuses_fails_its_request_only(loaded):
+    """llguidance's mask may allow a special token that its parser then refuses (fixed text
+    spelling "<|im_end|>"): that request ends with a one-line error, the others go on."""
+    tok = loaded.tokenizer
+    plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    with Engine(loaded, EngineConfig(block_size=8)) as engine:
+        alone = generate(engine, tok.encode("Hello"), plain)[0]
+        bad = engine.submit(Request(tok.encode("Hi"), SamplingParams(
+            max_tokens=20, temperature=0.0, grammar=json_schema_grammar({"const": "a<|im_end|>b"}))))
+        good = engine.submit(Request(tok.encode("Hello"), plain))
+        events = list(bad)
+        assert [t for e in good for t in e.token_ids] == alone
+        assert engine.alive
+    assert events[-1].finish_reason == "error" and events[-1].error.startswith(ANSWER_REFUSED)
+    assert "\n" not in events[-1].error and len(events[-1].error) < 400
 
 
 def test_an_unusable_grammar_fails_its_request_only(loaded):

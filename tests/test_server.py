@@ -131,6 +131,23 @@ def test_n_choices(client):
     assert greedy.choices[0].message.content == greedy.choices[1].message.content
 
 
+def test_a_response_format_the_model_cannot_follow_is_a_400(server):
+    """A schema whose fixed text spells a special token: llguidance refuses the token it
+    allowed, and that request (streamed or not) ends with a 400 naming response_format."""
+    url, _ = server
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 20, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"const": "<|im_end|>"}}}}
+    status, answer = raw(url + "/v1/chat/completions", body)
+    assert status == 400 and answer["error"]["param"] == "response_format"
+    assert answer["error"]["message"].startswith("the answer could not go on under its response_format")
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                 method="POST", headers={"Content-Type": "application/json",
+                                                         "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        events = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+    assert json.loads(events[-1])["error"]["message"] == answer["error"]["message"]
+
+
 def test_streamed_choices_are_interleaved():
     """Several choices stream as their events come: one waiting for its next token does not
     hold back another's (here `a` cannot go on until `b` has sent), and an error in one

@@ -322,7 +322,7 @@ def _format_grammar(value: str | None) -> str | None:
                 raise CLIError(f"--format: cannot read the schema file {value}: {exc.strerror or exc}") from None
         try:
             schema = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # (RecursionError: nested deeper than the parser goes)
             raise CLIError(f"--format: the schema is not valid JSON: {exc}") from None
         if not isinstance(schema, dict):
             raise CLIError("--format: a JSON schema must be a JSON object")

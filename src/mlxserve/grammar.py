@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 
 import numpy as np
 
@@ -45,8 +46,8 @@ def json_schema_grammar(schema: dict) -> str:
     """The grammar of JSON texts valid under `schema` (a JSON Schema)."""
     try:
         return _llguidance().LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
-    except (ValueError, TypeError) as exc:
-        raise GrammarError(f"the JSON schema cannot be used: {exc}") from None
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise GrammarError(f"the JSON schema cannot be used: {_one_line(str(exc))}") from None
 
 
 def response_format_grammar(value: object) -> str | None:
@@ -76,9 +77,14 @@ class Grammars:
     """Grammars over one model's vocabulary. Thread-safe: front ends check grammars in their
     threads while the engine thread builds constraints."""
 
+    # Compiled grammars kept for the next request with the same one (a schema is compiled
+    # once in the front end's check, then only copied on the engine thread).
+    KEPT = 32
+
     def __init__(self, tokenizer):
         self._tokenizer = tokenizer  # a mlxserve.tokenizer.Tokenizer
         self._index = None  # the llguidance.LLTokenizer, built on first use
+        self._compiled: OrderedDict[str, object] = OrderedDict()  # grammar -> fresh LLMatcher
         self._lock = threading.Lock()
 
     def _vocabulary(self):
@@ -92,25 +98,41 @@ class Grammars:
                     raise GrammarError(f"constrained decoding cannot use this model's tokenizer: {exc}") from None
             return self._index
 
+    def _matcher(self, grammar: str):
+        """A fresh matcher of `grammar` (compiled once, then copied); GrammarError if the
+        grammar cannot be used or admits no answer at all."""
+        with self._lock:
+            fresh = self._compiled.get(grammar)
+            if fresh is not None:
+                self._compiled.move_to_end(grammar)
+        if fresh is None:
+            fresh = _llguidance().LLMatcher(self._vocabulary(), grammar, log_level=0)
+            if fresh.is_error():
+                raise GrammarError(f"the grammar cannot be used: {_one_line(fresh.get_error())}")
+            fresh.compute_bitmask()  # the first mask: only then is a grammar that admits nothing stopped
+            if fresh.is_stopped():  # only an end-of-turn token could come: e.g. {"$ref": "#"}
+                raise GrammarError("the grammar cannot be used: no text satisfies it")
+            with self._lock:
+                self._compiled[grammar] = fresh
+                while len(self._compiled) > self.KEPT:
+                    self._compiled.popitem(last=False)
+        return fresh.deep_copy()
+
     def check(self, grammar: str) -> None:
         """Raise GrammarError if `grammar` cannot constrain this model's output."""
-        message = _llguidance().LLMatcher.validate_grammar(grammar, self._vocabulary())
-        if message:
-            raise GrammarError(f"the grammar cannot be used: {_one_line(message)}")
+        self._matcher(grammar)
 
     def constraint(self, grammar: str) -> Constraint:
-        vocabulary = self._vocabulary()
-        return Constraint(_llguidance().LLMatcher(vocabulary, grammar, log_level=0), vocabulary.vocab_size)
+        return Constraint(self._matcher(grammar), self._vocabulary().vocab_size)
 
 
 class Constraint:
     """One row's grammar state: which tokens may come next, given the tokens it committed."""
 
     def __init__(self, matcher, vocab_size: int):
-        if matcher.is_error():
-            raise GrammarError(f"the grammar cannot be used: {_one_line(matcher.get_error())}")
         self._matcher = matcher
         self.mask_words = (vocab_size + 31) // 32  # the mask's length in int32 words
+        self.error: str | None = None  # set when a committed token was refused (see consume)
 
     def fill_mask(self, out: np.ndarray) -> None:
         """Write the allowed next tokens into `out` (`mask_words` contiguous int32: one bit per
@@ -118,9 +140,12 @@ class Constraint:
         self._matcher.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
 
     def consume(self, token: int) -> None:
-        """Follow a committed token (one the mask allowed)."""
-        if not self._matcher.consume_token(token):
-            raise GrammarError(f"the grammar rejected token {token}: {self._matcher.get_error()}")
+        """Follow a committed token. The mask allowed it, yet llguidance may still refuse it
+        (a schema whose fixed text spells a special token such as "<|im_end|>", a pattern
+        too large for its lexer): `error` then says so, and the row ends with that error
+        (Scheduler._commit) while the others go on."""
+        if self.error is None and not self._matcher.consume_token(token):
+            self.error = f"{ANSWER_REFUSED} (token {token}: {_one_line(self._matcher.get_error())})"
 
     @property
     def finished(self) -> bool:
@@ -128,6 +153,12 @@ class Constraint:
         return self._matcher.is_stopped()
 
 
+# The start of the error a row ends with when its grammar refused one of its tokens.
+ANSWER_REFUSED = "the answer could not go on under its response_format"
 
-def _one_line(message: str) -> str:
-    return " ".join(message.split())
+
+def _one_line(message: str, limit: int = 300) -> str:
+    """An llguidance error as one line: without the parser state it may dump after it
+    (pages of it), at most `limit` characters."""
+    line = " ".join(message.split("<state>", 1)[0].split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"

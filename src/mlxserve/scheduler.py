@@ -142,7 +142,9 @@ class Row:
         self.detokenizer = IncrementalDetokenizer(decode, prompt_tail=request.prompt_ids[-4:])
         self.stops = StopMatcher(request.params.stop)
         stop_ids = set(request.params.stop_token_ids)
-        if not request.params.ignore_eos:
+        if not request.params.ignore_eos or constraint is not None:
+            # (A grammar allows an end-of-turn token only where the answer is complete: there
+            # it ends the answer, ignore_eos or not.)
             stop_ids |= eos_ids
         self.stop_ids = frozenset(stop_ids)
         self.arrival = arrival
@@ -789,6 +791,9 @@ class Scheduler:
     def _commit(self, row: Row, token: int, logprob: TokenLogprob | None, now: float) -> TokenEvent:
         if row.first_token_time is None:
             row.first_token_time = now
+        constraint = row.sampling.constraint
+        if constraint is not None and constraint.error:  # its grammar refused the token (see consume)
+            return self._finish(row, "error", error=constraint.error)
         row.tokens.append(token)
         lps = [logprob] if logprob is not None else None
         if token in row.stop_ids:
@@ -797,7 +802,7 @@ class Scheduler:
         text, stopped = row.stops.feed(row.detokenizer.add(token))
         if stopped:
             return self._finish(row, "stop", token_ids=[token], text=text, logprobs=lps)
-        if row.sampling.constraint is not None and row.sampling.constraint.finished:
+        if constraint is not None and constraint.finished:
             # The grammar is complete (a JSON value closed): nothing may follow it.
             return self._finish(row, "stop", token_ids=[token], text=text + self._flush_text(row), logprobs=lps)
         if row.num_generated >= row.params.max_tokens or len(row.tokens) >= self.config.context_length:

@@ -27,6 +27,7 @@ from starlette.routing import Route
 from . import openai_api as wire
 from .chat_output import Parsed, merge_parts, parser_for
 from .engine import SHUTTING_DOWN, Engine, EngineStopped
+from .grammar import ANSWER_REFUSED
 from .metrics import Metrics
 from .scheduler import Request, ServerBusy
 
@@ -219,11 +220,16 @@ async def _until_disconnected(request: HTTPRequest) -> None:
         pass
 
 
-def _error_status(message: str | None) -> int:
-    """The HTTP status of a request the engine ended with an error."""
+def _engine_error(message: str | None) -> wire.APIError:
+    """What to answer for a request the engine ended with an error."""
+    message = message or "generation failed"
     if message == SHUTTING_DOWN:
-        return 503
-    return 429 if "busy" in (message or "") else 500
+        return wire.APIError(503, message, type="server_error")
+    if "busy" in message:
+        return wire.APIError(429, message, type="rate_limit_error")
+    if message.startswith(ANSWER_REFUSED):  # its own response_format's doing
+        return wire.APIError(400, message, param="response_format")
+    return wire.APIError(500, message, type="server_error")
 
 
 async def _collect(c: wire.Completion, streams, tokenizer) -> dict:
@@ -238,9 +244,7 @@ async def _collect(c: wire.Completion, streams, tokenizer) -> dict:
             if event.finish_reason:
                 final = event
         if final.finish_reason == "error":
-            status = _error_status(final.error)
-            raise wire.APIError(status, final.error or "generation failed",
-                                type="rate_limit_error" if status == 429 else "server_error")
+            raise _engine_error(final.error)
         prompt_tokens += final.prompt_tokens
         completion_tokens += final.completion_tokens
         cached += final.cached_tokens
@@ -316,9 +320,7 @@ async def _choice_pieces(c: wire.Completion, rid: str, index: int, stream, token
     answer, offsets = wire.AnswerLogprobs(tokenizer, c.params), wire.TextOffsets(tokenizer)
     async for event in stream:
         if event.finish_reason == "error":
-            status = _error_status(event.error)
-            yield _sse(wire.APIError(status, event.error or "generation failed",
-                                     type="rate_limit_error" if status == 429 else "server_error").body()), True
+            yield _sse(_engine_error(event.error).body()), True
             return
         lp, entries = None, answer.feed(event) if c.params.logprobs else []
         if entries:
