@@ -8,6 +8,7 @@ never stops the server; a client that goes away has its request cancelled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -301,10 +302,12 @@ async def _stream_pieces(c: wire.Completion, streams, tokenizer):
     rid = wire.new_id(c.kind)
     totals = [0, 0, 0]  # prompt, completion and cached tokens of the finished choices
     pieces = [_choice_pieces(c, rid, index, stream, tokenizer, totals) for index, stream in enumerate(streams)]
-    async for sse, failed in (pieces[0] if len(pieces) == 1 else _interleaved(pieces)):
-        yield sse
-        if failed:
-            return
+    merged = pieces[0] if len(pieces) == 1 else _interleaved(pieces)
+    async with contextlib.aclosing(merged):  # (an error ends it early: its tasks end with it)
+        async for sse, failed in merged:
+            yield sse
+            if failed:
+                return
     if c.include_usage:
         yield _sse(wire.chunk(c, rid, [], wire.usage(*totals)))
     yield "data: [DONE]\n\n"
