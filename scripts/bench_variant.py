@@ -1,10 +1,12 @@
 """`mlxserve` with one of the scheduler's tunings changed, for A/B runs on the GPU machine:
 the same command with and without the environment variable, on the same warm machine.
 
-    NO_DEVICE_WAIT=1  the scheduler queues a step without waiting for the device to finish
-                      the previous one (Scheduler._wait_for_device: K/V shelves are then
-                      copied instead of written in place; the host's graph building overlaps
-                      the device's work)
+    NO_DEVICE_WAIT=1  the scheduler queues every step without waiting for the device to
+                      finish the previous one (Scheduler._wait_for_device: K/V shelves are
+                      then copied instead of written in place; the host's graph building
+                      overlaps the device's work)
+    ALWAYS_DEVICE_WAIT=1  every step waits, also where Scheduler._copies_are_cheap would
+                      queue it at once (the behaviour before 2026-12-05's session 19)
     CHUNK_ATTENTION_MAX_TOKENS=N  batch.CHUNK_ATTENTION_MAX_TOKENS (0: short chunks over long
                       histories go through MLX's fused attention)
     FULL_CHUNK_KEYS=N scheduler.FULL_CHUNK_KEYS (a chunk next to decoding rows shrinks beyond
@@ -21,7 +23,9 @@ from mlxserve import batch, scheduler
 from mlxserve.cli import main
 
 if os.environ.get("NO_DEVICE_WAIT"):
-    scheduler.Scheduler._wait_for_device = lambda self: None
+    scheduler.Scheduler._wait_for_device = lambda self, skip=False: None
+if os.environ.get("ALWAYS_DEVICE_WAIT"):
+    scheduler.Scheduler._copies_are_cheap = lambda self, decode, rows: False
 if "CHUNK_ATTENTION_MAX_TOKENS" in os.environ:
     batch.CHUNK_ATTENTION_MAX_TOKENS = int(os.environ["CHUNK_ATTENTION_MAX_TOKENS"])
 if "FULL_CHUNK_KEYS" in os.environ:

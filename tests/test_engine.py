@@ -723,3 +723,51 @@ def _hold_steps(monkeypatch):
 
     monkeypatch.setattr(scheduler_module.Scheduler, "step", held_step)
     return inside, release
+
+
+def test_decoding_steps_skip_the_wait_only_where_copies_are_cheap(loaded, monkeypatch):
+    """Where the scheduler queues a step while the previous one runs (CUDA, small shelves:
+    Scheduler._copies_are_cheap, forced on here), steps of decoding rows only do not wait for
+    the device, other steps (prefill) still do, shelves over the limit bring every wait back,
+    and the output is the same in each case."""
+    plist = prompts(loaded.tokenizer)[:3]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    def run(queue_without_wait: bool, limit: int):
+        monkeypatch.setattr(scheduler_module, "QUEUE_WITHOUT_WAIT_BYTES", limit)
+        sched = make_scheduler(loaded, EngineConfig(block_size=8))
+        sched._queue_without_wait = queue_without_wait
+        waits, decoding_steps = [], 0
+        real = sched._wait_for_device
+
+        def counted(skip=False):
+            waits.append(not skip and sched._queued)
+            real(skip)
+
+        monkeypatch.setattr(sched, "_wait_for_device", counted)
+        requests = [Request(p, params) for p in plist]
+        for r in requests:
+            sched.add(r)
+        out = {r.id: [] for r in requests}
+        while sched.has_work():
+            decoding_steps += all(row.is_decoding for row in sched.running) and not sched.waiting
+            for event in sched.step():
+                out[event.request_id] += event.token_ids
+        return [out[r.id] for r in requests], sum(waits), decoding_steps
+
+    sched = make_scheduler(loaded, EngineConfig(block_size=8))
+    sched._queue_without_wait = True
+    sched.add(Request(plist[0], params))
+    sched.step()  # (the prompt: a slot on a shelf)
+    row = sched.running[0]
+    assert sched._copies_are_cheap(1, [row])  # decoding only
+    assert not sched._copies_are_cheap(0, [row])  # a prefill chunk
+    assert not sched._copies_are_cheap(1, [row, row])  # one decoding row, one prefilling
+    assert not sched._copies_are_cheap(0, [])
+
+    waiting, waited, _ = run(False, 1 << 30)
+    queued, waited_less, decoding_steps = run(True, 1 << 30)
+    over_the_limit, waited_again, _ = run(True, 0)
+    assert queued == waiting == over_the_limit
+    assert decoding_steps >= 8 and waited_less <= waited - decoding_steps + 1
+    assert waited_again == waited
