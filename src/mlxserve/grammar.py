@@ -16,8 +16,8 @@ Three parties:
   from every token it committed;
 - the sampler applies the masks.
 
-JSON is generated without free whitespace (`{"a": 1, "b": [2, 3]}`): a small model allowed
-optional whitespace can fill its whole answer with it.
+JSON is generated without optional whitespace (`{"a":1,"b":[2,3]}`): a small model allowed
+it can fill its whole answer with whitespace.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class GrammarError(ValueError):
 
 
 def _llguidance():
-    import llguidance  # (imported on first use: ~0.1 s that plain requests never pay)
+    import llguidance  # (on first use: plain requests never load it)
 
     return llguidance
 
