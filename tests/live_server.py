@@ -5,6 +5,8 @@ import threading
 
 import uvicorn
 
+from mlxserve.engine import EngineConfig
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -35,6 +37,7 @@ class ScriptedEngine:
     (the model's output as the detokenizer would deliver it)."""
 
     grammars = None  # (a response_format's grammar is then checked for its form only)
+    config = EngineConfig()
 
     def __init__(self, loaded, pieces):
         self.loaded, self.pieces, self.alive = loaded, pieces, True

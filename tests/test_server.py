@@ -112,19 +112,21 @@ def test_json_object_mode_on_both_endpoints(server):
 
 
 def test_n_choices(client):
-    """n choices per request: seeded, choice i draws with seed + i (so n=3 gives the answers
-    of three n=1 requests with seeds s, s+1, s+2, and again the same next time); greedy
-    choices are all the same; streamed, each chunk names its choice."""
+    """n choices per request: seeded, choice i draws with seed + i * 2**32 (so n=3 gives the
+    answers of three n=1 requests with those seeds, and again the same next time); usage
+    counts the prompt once; greedy choices are all the same; streamed, each chunk names its
+    choice."""
     messages = [{"role": "user", "content": "Tell me a story"}]
     sampled = dict(model=MODEL, messages=messages, max_tokens=10, temperature=1.0, seed=11,
                    extra_body={"ignore_eos": True})
     r = client.chat.completions.create(n=3, **sampled)
     texts = [c.message.content for c in r.choices]
     assert [c.index for c in r.choices] == [0, 1, 2] and len(set(texts)) == 3
-    assert r.usage.completion_tokens == 30
-    assert texts == [client.chat.completions.create(**{**sampled, "seed": 11 + i}).choices[0].message.content
-                     for i in range(3)]
-    chunks = list(client.chat.completions.create(n=3, stream=True, **sampled))
+    alone = [client.chat.completions.create(**{**sampled, "seed": 11 + i * 2**32}) for i in range(3)]
+    assert texts == [a.choices[0].message.content for a in alone]
+    assert r.usage.completion_tokens == 30 and r.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    chunks = list(client.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **sampled))
+    assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens and chunks[-1].usage.completion_tokens == 30
     assert ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
             for i in range(3)] == texts
     greedy = client.chat.completions.create(messages=messages, n=2, **GREEDY)
@@ -182,6 +184,42 @@ def test_streamed_choices_are_interleaved():
 
     with pytest.raises(RuntimeError, match="boom"):
         asyncio.run(asyncio.wait_for(drain(), 30))
+
+
+def test_more_choices_than_the_server_holds_is_a_400(server):
+    """prompts × n beyond max_running + max_waiting could never be admitted whole: a 400
+    naming n, not a 429 that a client would retry."""
+    url, engine = server
+    limit = engine.config.max_running + engine.config.max_waiting
+    status, body = raw(url + "/v1/completions", {"prompt": ["hi"] * (limit // 16 + 1), "n": 16, "max_tokens": 1})
+    assert status == 400 and body["error"]["param"] == "n" and f"at most {limit} requests" in body["error"]["message"]
+    assert engine.stats()["running"] == engine.stats()["waiting"] == 0
+
+
+def test_the_first_failing_choice_ends_a_whole_answer_at_once(server):
+    """Not streamed, the choices are read side by side: one that fails ends the request while
+    another has not finished (here, never would)."""
+    import asyncio
+
+    from mlxserve import openai_api
+    from mlxserve.scheduler import TokenEvent
+    from mlxserve.server import _collect
+
+    _, engine = server
+
+    class Stalled:
+        async def __aiter__(self):
+            await asyncio.Event().wait()
+            yield  # (never reached)
+
+    class Failing:
+        async def __aiter__(self):
+            yield TokenEvent("b", [], "", finish_reason="error", error="server busy: test")
+
+    c = openai_api.Completion("text", [[1], [1]], SamplingParams(), False, False, MODEL, n=2)
+    with pytest.raises(openai_api.APIError) as raised:
+        asyncio.run(asyncio.wait_for(_collect(c, [Stalled(), Failing()], engine.loaded.tokenizer), 30))
+    assert raised.value.status == 429
 
 
 def test_n_choices_of_several_prompts(client):

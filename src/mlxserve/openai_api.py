@@ -45,12 +45,15 @@ class Completion:
 
     def choice_params(self, index: int) -> SamplingParams:
         """Choice `index`'s parameters: with a seed, the i-th choice of a prompt draws with
-        seed + i, so that n choices differ and the same request gives the same n answers."""
+        seed + i * 2**32, so that n choices differ, the same request gives the same n answers,
+        and requests with nearby seeds (s, s + 1, ...) share none."""
         i = index % self.n
         if not i or self.params.seed is None:
             return self.params
-        return replace(self.params, seed=self.params.seed + i)
+        return replace(self.params, seed=self.params.seed + i * CHOICE_SEED_STRIDE)
 
+
+CHOICE_SEED_STRIDE = 2**32  # see Completion.choice_params
 
 # Choices one request may ask for (`n`): each is a request of its own in the engine, and at
 # most this many let one client's request take only a quarter of the 64 rows that run at once.

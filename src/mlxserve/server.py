@@ -97,6 +97,11 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             return Response(status_code=499)
         except Exception:
             return internal_error()  # a bug: answered in OpenAI's shape, the server goes on
+        limit = engine.config.max_running + engine.config.max_waiting
+        if len(c.prompts) > limit:  # (it could never be admitted whole: not a 429 to retry)
+            return error(wire.APIError(400, f"this request asks for {len(c.prompts)} answers (prompts × n); this "
+                                            f"server holds at most {limit} requests at once",
+                                       param="n" if c.n > 1 else "prompt"))
         streams = []
         try:
             loop = asyncio.get_running_loop()
@@ -226,55 +231,67 @@ def _engine_error(message: str | None) -> wire.APIError:
     message = message or "generation failed"
     if message == SHUTTING_DOWN:
         return wire.APIError(503, message, type="server_error")
-    if "busy" in message:
-        return wire.APIError(429, message, type="rate_limit_error")
     if message.startswith(ANSWER_REFUSED):  # its own response_format's doing
         return wire.APIError(400, message, param="response_format")
+    if message.startswith("server busy"):
+        return wire.APIError(429, message, type="rate_limit_error")
     return wire.APIError(500, message, type="server_error")
 
 
 async def _collect(c: wire.Completion, streams, tokenizer) -> dict:
-    choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
-    for index, stream in enumerate(streams):
-        text, logprobs, final = [], [], None
-        answer = wire.AnswerLogprobs(tokenizer, c.params)
-        async for event in stream:
-            text.append(event.text)
-            if c.params.logprobs:
-                logprobs.extend(answer.feed(event))
-            if event.finish_reason:
-                final = event
-        if final.finish_reason == "error":
-            raise _engine_error(final.error)
-        prompt_tokens += final.prompt_tokens
-        completion_tokens += final.completion_tokens
-        cached += final.cached_tokens
-        lp = None
-        if c.params.logprobs and c.kind == "chat":
-            lp = wire.logprobs_json(c.kind, logprobs, tokenizer)
-        elif c.params.logprobs:
-            start = len(tokenizer.decode(stream.request.prompt_ids)) if c.echo else 0  # after the echoed prompt
-            lp = wire.logprobs_json(c.kind, logprobs, tokenizer,
-                                    wire.TextOffsets(tokenizer, start).take([e.token_id for e in logprobs]))
-        if c.kind == "chat":
-            parser = parser_for(tokenizer, tools_enabled=c.tools_enabled)
-            parsed = _merge(parser.feed("".join(text)), parser.flush())
-            message = {"role": "assistant", "content": parsed.content or (None if parsed.tool_calls else "")}
-            if parsed.reasoning:
-                message["reasoning_content"] = parsed.reasoning
-            if parsed.tool_calls:
-                message["tool_calls"] = [_tool_call_json(call) for call in parsed.tool_calls]
-            reason = parser.finish_reason(final.finish_reason)
-            choices.append({"index": index, "message": message, "logprobs": lp, "finish_reason": reason})
-        else:
-            body = "".join(text)
-            if c.echo:
-                prompt = stream.request.prompt_ids
-                body = tokenizer.decode(prompt) + body
-                if c.params.logprobs:
-                    lp = wire.echoed_logprobs(prompt, final.prompt_logprobs, logprobs, tokenizer, lp["text_offset"])
-            choices.append({"index": index, "text": body, "logprobs": lp, "finish_reason": final.finish_reason})
-    return wire.response(c, wire.new_id(c.kind), choices, wire.usage(prompt_tokens, completion_tokens, cached))
+    """The whole answer. Choices are read side by side: the first error ends the request at
+    once (the caller cancels the other choices)."""
+    tasks = [asyncio.ensure_future(_collect_choice(c, index, stream, tokenizer)) for index, stream in enumerate(streams)]
+    try:
+        done = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    choices = [choice for choice, _ in done]
+    finals = [final for _, final in done]
+    # The prompt counts once per prompt, however many choices it has (as OpenAI counts it).
+    firsts = finals[:: c.n]
+    return wire.response(c, wire.new_id(c.kind), choices, wire.usage(
+        sum(f.prompt_tokens for f in firsts), sum(f.completion_tokens for f in finals),
+        sum(f.cached_tokens for f in firsts)))
+
+
+async def _collect_choice(c: wire.Completion, index: int, stream, tokenizer) -> tuple[dict, object]:
+    """(choice JSON, final event) of one choice; raises the error it ended with."""
+    text, logprobs, final = [], [], None
+    answer = wire.AnswerLogprobs(tokenizer, c.params)
+    async for event in stream:
+        text.append(event.text)
+        if c.params.logprobs:
+            logprobs.extend(answer.feed(event))
+        if event.finish_reason:
+            final = event
+    if final.finish_reason == "error":
+        raise _engine_error(final.error)
+    lp = None
+    if c.params.logprobs and c.kind == "chat":
+        lp = wire.logprobs_json(c.kind, logprobs, tokenizer)
+    elif c.params.logprobs:
+        start = len(tokenizer.decode(stream.request.prompt_ids)) if c.echo else 0  # after the echoed prompt
+        lp = wire.logprobs_json(c.kind, logprobs, tokenizer,
+                                wire.TextOffsets(tokenizer, start).take([e.token_id for e in logprobs]))
+    if c.kind == "chat":
+        parser = parser_for(tokenizer, tools_enabled=c.tools_enabled)
+        parsed = _merge(parser.feed("".join(text)), parser.flush())
+        message = {"role": "assistant", "content": parsed.content or (None if parsed.tool_calls else "")}
+        if parsed.reasoning:
+            message["reasoning_content"] = parsed.reasoning
+        if parsed.tool_calls:
+            message["tool_calls"] = [_tool_call_json(call) for call in parsed.tool_calls]
+        reason = parser.finish_reason(final.finish_reason)
+        return {"index": index, "message": message, "logprobs": lp, "finish_reason": reason}, final
+    body = "".join(text)
+    if c.echo:
+        prompt = stream.request.prompt_ids
+        body = tokenizer.decode(prompt) + body
+        if c.params.logprobs:
+            lp = wire.echoed_logprobs(prompt, final.prompt_logprobs, logprobs, tokenizer, lp["text_offset"])
+    return {"index": index, "text": body, "logprobs": lp, "finish_reason": final.finish_reason}, final
 
 
 def _sse(obj) -> str:
@@ -341,9 +358,10 @@ async def _choice_pieces(c: wire.Completion, rid: str, index: int, stream, token
         if (piece.get("text") or piece.get("delta")) or reason or lp:
             yield _sse(wire.chunk(c, rid, [{"index": index, **piece, "logprobs": lp, "finish_reason": reason}])), False
         if event.finish_reason:
-            totals[0] += event.prompt_tokens
+            first = index % c.n == 0  # (the prompt counts once per prompt, as in _collect)
+            totals[0] += event.prompt_tokens if first else 0
             totals[1] += event.completion_tokens
-            totals[2] += event.cached_tokens
+            totals[2] += event.cached_tokens if first else 0
 
 
 async def _interleaved(generators: list):
