@@ -309,23 +309,22 @@ def _format_grammar(value: str | None) -> str | None:
     """`run --format`: 'json', a JSON schema's file, or the schema as JSON text -> a grammar."""
     if value is None:
         return None
-    from .grammar import GrammarError, json_schema_grammar
+    from .grammar import GrammarError, json_schema_grammar, response_format_grammar
 
     if value == "json":
-        schema = {"type": "object"}
-    else:
-        text = value
-        if not value.lstrip().startswith(("{", "[")):
-            try:
-                text = Path(value).read_text()
-            except OSError as exc:
-                raise CLIError(f"--format: cannot read the schema file {value}: {exc.strerror or exc}") from None
+        return response_format_grammar({"type": "json_object"})
+    text = value
+    if not value.lstrip().startswith(("{", "[")):
         try:
-            schema = json.loads(text)
-        except (ValueError, RecursionError) as exc:  # (RecursionError: nested deeper than the parser goes)
-            raise CLIError(f"--format: the schema is not valid JSON: {exc}") from None
-        if not isinstance(schema, dict):
-            raise CLIError("--format: a JSON schema must be a JSON object")
+            text = Path(value).read_text()
+        except OSError as exc:
+            raise CLIError(f"--format: cannot read the schema file {value}: {exc.strerror or exc}") from None
+    try:
+        schema = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # (RecursionError: nested deeper than the parser goes)
+        raise CLIError(f"--format: the schema is not valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise CLIError("--format: a JSON schema must be a JSON object")
     try:
         return json_schema_grammar(schema)
     except GrammarError as exc:

@@ -43,6 +43,11 @@ class Completion:
     created: int = field(default_factory=lambda: int(time.time()))
     n: int = 1  # choices per prompt
 
+    def counts_prompt(self, index: int) -> bool:
+        """Whether choice `index`'s prompt tokens count in the usage: a prompt counts once,
+        however many choices it has (as OpenAI counts it)."""
+        return index % self.n == 0
+
     def choice_params(self, index: int) -> SamplingParams:
         """Choice `index`'s parameters: with a seed, the i-th choice of a prompt draws with
         seed + i * 2**32, so that n choices differ, the same request gives the same n answers,

@@ -249,8 +249,7 @@ async def _collect(c: wire.Completion, streams, tokenizer) -> dict:
             task.cancel()
     choices = [choice for choice, _ in done]
     finals = [final for _, final in done]
-    # The prompt counts once per prompt, however many choices it has (as OpenAI counts it).
-    firsts = finals[:: c.n]
+    firsts = [final for index, final in enumerate(finals) if c.counts_prompt(index)]
     return wire.response(c, wire.new_id(c.kind), choices, wire.usage(
         sum(f.prompt_tokens for f in firsts), sum(f.completion_tokens for f in finals),
         sum(f.cached_tokens for f in firsts)))
@@ -358,7 +357,7 @@ async def _choice_pieces(c: wire.Completion, rid: str, index: int, stream, token
         if (piece.get("text") or piece.get("delta")) or reason or lp:
             yield _sse(wire.chunk(c, rid, [{"index": index, **piece, "logprobs": lp, "finish_reason": reason}])), False
         if event.finish_reason:
-            first = index % c.n == 0  # (the prompt counts once per prompt, as in _collect)
+            first = c.counts_prompt(index)
             totals[0] += event.prompt_tokens if first else 0
             totals[1] += event.completion_tokens
             totals[2] += event.cached_tokens if first else 0
