@@ -5,9 +5,11 @@ repeat are the time until done and the host's share.
 On MLX's CUDA back-end a one-row product (decoding one stream) runs MLX's own
 matrix-vector kernel; any other goes through cuBLASLt, which MLX sets up afresh at every
 call (descriptors and an algorithm query). So a step whose products have more than one row
-(prefill chunks, several streams) pays that setup once per product on the host.
+(prefill chunks, several streams) pays that setup once per product on the host. Each case is
+also timed as `mx.gather_mm` with explicit indices, which MLX's CUDA back-end runs with a
+kernel of its own (no cuBLAS), with its largest difference from the plain product.
 
-    PYTHONPATH=src python3 scripts/bench_matmul_host.py [--repeat 200]
+    PYTHONPATH=src:scripts python3 scripts/bench_matmul_host.py [--repeat 200]
 """
 
 import argparse
@@ -27,14 +29,15 @@ def main() -> None:
     timed("add [32,1024] (an elementwise kernel)", lambda: x0 + 1, r)
     shapes = (("Qwen3-0.6B qkv", 1024, 4096), ("Qwen3-0.6B o_proj", 2048, 1024),
               ("Qwen3-0.6B gate_up", 1024, 6144), ("Qwen3-0.6B down", 3072, 1024),
-              ("Qwen3-4B gate_up", 2560, 19456))
+              ("Qwen3-4B gate_up", 2560, 19456), ("Qwen3-0.6B lm_head", 1024, 151936))
     for label, k, n in shapes:
         w = (mx.random.normal((n, k)) * 0.02).astype(DT)
         mx.eval(w)
-        for m in (1, 8, 32, 128, 512):
+        for m in (1, 8, 32, 128, 512) if n < 100_000 else (32,):
             x = mx.random.normal((m, k)).astype(DT)
             mx.eval(x)
             timed(f"{label} [{m},{k}] x [{k},{n}]", lambda: x @ w.T, r)
+            timed("  as gather_mm", lambda: gathered(x, w.T), r, reference=x @ w.T)
     # Attention's batched products (8 KV heads, head_dim 128) as chunk_attention runs them.
     for t, length in ((256, 8192), (64, 1024)):
         q = mx.random.normal((8, t, 128)).astype(DT)
@@ -42,7 +45,19 @@ def main() -> None:
         p = mx.softmax(mx.random.normal((8, t, length)).astype(DT), axis=-1)
         mx.eval(q, keys, p)
         timed(f"scores [8,{t},128] x [8,128,{length}]", lambda: q @ keys.swapaxes(-1, -2), r)
+        timed("  as gather_mm", lambda: gathered(q, keys.swapaxes(-1, -2)), r, reference=q @ keys.swapaxes(-1, -2))
         timed(f"weights [8,{t},{length}] x [8,{length},128]", lambda: p @ keys, r)
+        timed("  as gather_mm", lambda: gathered(p, keys), r, reference=p @ keys)
+
+
+INDICES = {n: mx.array(list(range(n)), dtype=mx.uint32) for n in (1, 8)}  # made once: no kernel per call
+
+
+def gathered(a: mx.array, b: mx.array) -> mx.array:
+    """a @ b through mx.gather_mm: batch i of a times batch i of b (2-D: one batch)."""
+    if a.ndim == 2:
+        return mx.gather_mm(a[None], b[None], INDICES[1], INDICES[1])[0]
+    return mx.gather_mm(a, b, INDICES[a.shape[0]], INDICES[a.shape[0]])
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ from mlxserve.models.qwen3_5 import _depthwise_conv
 DT = mx.bfloat16
 
 
-def timed(name: str, fn, repeat: int) -> None:
+def timed(name: str, fn, repeat: int, reference: mx.array | None = None) -> None:
     """Per repeat: the host's time to build and queue the case, and the time until the
-    device has also finished (the larger of the two bounds a step made of such cases)."""
+    device has also finished (the larger of the two bounds a step made of such cases).
+    With `reference`, also the largest difference of the case's result from it."""
     for _ in range(3):  # build kernels, traces and cuDNN graphs first
         mx.eval(fn())
     mx.synchronize()
@@ -32,7 +33,10 @@ def timed(name: str, fn, repeat: int) -> None:
     queued = time.perf_counter()
     mx.synchronize()
     done = time.perf_counter()
-    print(f"{name:58s} {1e6 * (done - start) / repeat:9.1f} us  (host {1e6 * (queued - start) / repeat:7.1f} us)")
+    diff = ""
+    if reference is not None:
+        diff = f"  max diff {mx.abs(fn().astype(mx.float32) - reference.astype(mx.float32)).max().item():.3g}"
+    print(f"{name:58s} {1e6 * (done - start) / repeat:9.1f} us  (host {1e6 * (queued - start) / repeat:7.1f} us){diff}")
 
 
 def main() -> None:
