@@ -1222,3 +1222,55 @@ def test_a_speculating_server_streams_the_same_text_and_counts_drafts(server, cl
     finally:
         live.stop()
         engine.stop()
+
+
+def test_embeddings_through_the_openai_sdk(server, client):
+    import numpy as np
+
+    from mlxserve.scheduler import Request
+
+    engine = server[1]
+    texts = ["The capital of France", "is Paris, a city on a river"]
+    ids = [engine.loaded.tokenizer.encode(t) for t in texts]
+    hidden = [np.array(list(engine.submit(Request(p, embed=True)))[-1].embedding) for p in ids]
+    unit = [h / np.linalg.norm(h) for h in hidden]
+    floats = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    assert [d.index for d in floats.data] == [0, 1] and floats.model == MODEL
+    assert floats.usage.prompt_tokens == floats.usage.total_tokens == sum(len(p) for p in ids)
+    for d, expected in zip(floats.data, unit):
+        np.testing.assert_allclose(d.embedding, expected, atol=1e-6, rtol=0)
+    # The SDK's default asks for base64 (float32 bytes) and decodes it: the same numbers.
+    by_default = client.embeddings.create(model=MODEL, input=texts)
+    for d, f in zip(by_default.data, floats.data):
+        np.testing.assert_allclose(d.embedding, f.embedding, atol=1e-7, rtol=0)
+    # Token ids in, one input or several.
+    as_ids = client.embeddings.create(model=MODEL, input=ids, encoding_format="float")
+    one = client.embeddings.create(model=MODEL, input=ids[1], encoding_format="float")
+    np.testing.assert_allclose(as_ids.data[0].embedding, floats.data[0].embedding, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(one.data[0].embedding, floats.data[1].embedding, atol=1e-6, rtol=0)
+    # dimensions: the first components, of unit length again.
+    cut = client.embeddings.create(model=MODEL, input=texts[0], dimensions=8, encoding_format="float")
+    np.testing.assert_allclose(cut.data[0].embedding, hidden[0][:8] / np.linalg.norm(hidden[0][:8]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": MODEL}, 400, "input"),
+    ({"input": ""}, 400, "input"),
+    ({"input": []}, 400, "input"),
+    ({"input": [1.5]}, 400, "input"),
+    ({"input": [[1, 2], []]}, 400, "input"),
+    ({"input": [10 ** 9]}, 400, "input"),
+    ({"input": [0] * 2049}, 400, "input"),  # past the tiny model's context (2,048)
+    ({"input": ["a"] * 321}, 400, "input"),  # more than max_running + max_waiting
+    ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+    ({"input": "x", "dimensions": 0}, 400, "dimensions"),
+    ({"input": "x", "dimensions": 65}, 400, "dimensions"),  # the tiny model's hidden size is 64
+    ({"input": "x", "dimensions": True}, 400, "dimensions"),
+    ({"input": "x", "model": "other"}, 404, "model"),
+    ([1, 2], 400, None),
+])
+def test_bad_embedding_requests(server, body, status, param):
+    code, answer = raw(server[0] + "/v1/embeddings", body)
+    assert code == status and answer["error"]["param"] == param, answer
+    code, answer = raw(server[0] + "/v1/embeddings", {"input": "x"}, key=None)
+    assert code == 401 and answer["error"]["code"] == "invalid_api_key"

@@ -83,6 +83,9 @@ class StepBatch:
     # per flat token: a DFlash draft's context (spec/dflash.py).
     capture: tuple[int, ...] = ()
     captured: mx.array | None = None
+    # The final norm's output at the positions that get logits (logit_rows' order), set by the
+    # forward pass: an embedding request reads its prompt's last position here.
+    hidden: mx.array | None = None
 
 
 def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int = 64,

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check this machine and the installation")
     doctor.add_argument("--json", action="store_true", help="print JSON")
 
-    serve = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)")
+    serve = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                                         "/v1/embeddings)")
     _add_model_args(serve, DEFAULT_MODEL)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")

@@ -3,12 +3,15 @@ events -> response JSON and stream chunks. The only place that knows the wire fo
 
 from __future__ import annotations
 
+import base64
 import codecs
 import json
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from .grammar import GrammarError, Grammars, response_format_grammar
 from .sampling import MAX_TOP_LOGPROBS, SamplingParams
@@ -87,10 +90,7 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
         value = body.get(name)
         if value is not None and (not isinstance(value, types) or (types is int and isinstance(value, bool))):
             raise APIError(400, f"'{name}' has the wrong type", param=name)
-    model = body.get("model") or served_model
-    if model != served_model:
-        raise APIError(404, f"model '{model}' does not exist (this server serves '{served_model}')",
-                       type="invalid_request_error", param="model", code="model_not_found")
+    model = _model(body, served_model)
     n = body.get("n", 1)
     if not 1 <= n <= MAX_CHOICES:
         raise APIError(400, f"'n' must be from 1 to {MAX_CHOICES}, got {_short(n)}", param="n")
@@ -181,6 +181,14 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
     prompts = [prompt for prompt in prompts for _ in range(n)]
     return Completion(kind, prompts, params, bool(body.get("stream", False)),
                       bool(options.get("include_usage")), model, tools_enabled, echo, score_only, n=n)
+
+
+def _model(body: dict, served_model: str) -> str:
+    model = body.get("model") or served_model
+    if model != served_model:
+        raise APIError(404, f"model '{model}' does not exist (this server serves '{served_model}')",
+                       type="invalid_request_error", param="model", code="model_not_found")
+    return model
 
 
 def _response_format(value: dict | None, grammars: Grammars | None) -> str | None:
@@ -332,8 +340,9 @@ def _normalize_message(message: dict) -> dict:
     return m
 
 
-def _text_prompts(body: dict, tokenizer) -> list[list[int]]:
-    prompt = body.get("prompt")
+def _text_prompts(body: dict, tokenizer, name: str = "prompt") -> list[list[int]]:
+    """The texts (or token ids) of a request's `name` field, tokenized."""
+    prompt = body.get(name)
     vocab = tokenizer.vocab_size
     if isinstance(prompt, str):
         prompts = [tokenizer.encode(prompt)]
@@ -345,12 +354,69 @@ def _text_prompts(body: dict, tokenizer) -> list[list[int]]:
           and all(isinstance(t, int) and not isinstance(t, bool) for p in prompt for t in p)):
         prompts = [list(p) for p in prompt]
     else:
-        raise APIError(400, "'prompt' must be a string, a list of strings, or token ids", param="prompt")
+        raise APIError(400, f"'{name}' must be a string, a list of strings, or token ids", param=name)
     if any(not p for p in prompts):
-        raise APIError(400, "'prompt' must not be empty", param="prompt")
+        raise APIError(400, f"'{name}' must not be empty", param=name)
     if any(t < 0 or t >= vocab for p in prompts for t in p):
-        raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
+        raise APIError(400, f"token ids must be in [0, {vocab})", param=name)
     return prompts
+
+
+# ---- embeddings ------------------------------------------------------------------------------------
+@dataclass
+class Embeddings:
+    """One parsed /v1/embeddings request."""
+
+    inputs: list[list[int]]  # token ids, one list per input
+    model: str
+    base64: bool  # encoding_format "base64": little-endian float32 bytes, base64-encoded
+    dimensions: int | None  # keep the first this many components (then normalise again)
+
+
+def parse_embeddings(body: object, tokenizer, context_length: int, served_model: str,
+                     hidden_size: int) -> Embeddings:
+    """Validate an /v1/embeddings body: `input` a string, a list of strings, token ids or lists
+    of token ids."""
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    body = {key: value for key, value in body.items() if value is not None}
+    model = _model(body, served_model)
+    if "input" not in body:
+        raise APIError(400, "'input' is required: a string, a list of strings, or token ids", param="input")
+    inputs = _text_prompts(body, tokenizer, "input")
+    form = body.get("encoding_format", "float")
+    if form not in ("float", "base64"):
+        raise APIError(400, f"'encoding_format' must be 'float' or 'base64', got {_short(form)}",
+                       param="encoding_format")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool)
+                                   or not 1 <= dimensions <= hidden_size):
+        raise APIError(400, f"'dimensions' must be an integer from 1 to {hidden_size} (this model's), got "
+                            f"{_short(dimensions)}", param="dimensions")
+    for ids in inputs:
+        if len(ids) > context_length:
+            raise APIError(400, f"this model's context length is {context_length} tokens; an input has {len(ids)}",
+                           param="input", code="context_length_exceeded")
+    return Embeddings(inputs, model, form == "base64", dimensions)
+
+
+def embedding_json(hidden: list[float], request: Embeddings) -> list[float] | str:
+    """An input's embedding as the answer holds it: the model's last hidden state at its last
+    token (cut to `dimensions`), scaled to unit length."""
+    vector = np.asarray(hidden, dtype=np.float32)[: request.dimensions]
+    vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+    if request.base64:
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+def embeddings_response(request: Embeddings, vectors: list, prompt_tokens: int) -> dict:
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+        "model": request.model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
 
 
 # ---- responses -----------------------------------------------------------------------------------

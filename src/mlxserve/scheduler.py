@@ -85,6 +85,13 @@ class Request:
     # top alternatives (the final event carries them). score_only: generate nothing.
     prompt_logprobs: int | None = None
     score_only: bool = False
+    # An embedding: the final hidden state (after the model's last norm) at the prompt's last
+    # position, in float32, on the final event (TokenEvent.embedding). Generates nothing.
+    embed: bool = False
+
+    def __post_init__(self):
+        if self.embed:
+            self.score_only = True
 
 
 @dataclass
@@ -111,6 +118,7 @@ class TokenEvent:
     decode_tok_s: float | None = None
     time: float = 0.0  # time.perf_counter() when the engine produced the event
     prompt_logprobs: list[TokenLogprob | None] | None = None  # on the final event, if asked for
+    embedding: list[float] | None = None  # on the final event of an embedding request (Request.embed)
 
 
 @dataclass
@@ -465,7 +473,11 @@ class Scheduler:
                 last_rows.append(first + count - 1)
                 samplers.append(row.sampling)
             elif row.request.score_only and row.cache.length >= row.prompt_len:
-                self._events.append(self._finish(row, "length"))
+                embedding = None
+                if row.request.embed:
+                    # Read back at once, like a prompt's scores (see _score_prompt).
+                    embedding = batch.hidden[first + count - 1].astype(mx.float32).tolist()
+                self._events.append(self._finish(row, "length", embedding=embedding))
         if sampling_rows and len(last_rows) != logits.shape[0]:
             logits = logits[mx.array(last_rows)]
         if not sampling_rows:
@@ -837,7 +849,8 @@ class Scheduler:
         text, stopped = row.stops.feed(row.detokenizer.flush())
         return text if stopped else text + row.stops.flush()
 
-    def _finish(self, row: Row, reason: str, error: str | None = None, *, token_ids=(), text: str = "", logprobs=None) -> TokenEvent:
+    def _finish(self, row: Row, reason: str, error: str | None = None, *, token_ids=(), text: str = "", logprobs=None,
+                embedding: list[float] | None = None) -> TokenEvent:
         row.finished = True
         row.draft, row.before_draft = [], None
         if reason != "error":
@@ -871,6 +884,7 @@ class Scheduler:
             decode_tok_s=decode_rate,
             time=now,
             prompt_logprobs=row.prompt_scores,
+            embedding=embedding,
         )
 
     def snapshot_stats(self) -> dict:

@@ -30,6 +30,7 @@ from .chat_output import Parsed, merge_parts, parser_for
 from .engine import SHUTTING_DOWN, Engine, EngineStopped
 from .grammar import ANSWER_REFUSED
 from .metrics import Metrics
+from .sampling import SamplingParams
 from .scheduler import Request, ServerBusy
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # requests larger than this get 413
@@ -111,26 +112,33 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
                 streams.append(engine.submit(Request(prompt, c.choice_params(index), prompt_logprobs=scoring,
                                                      score_only=c.score_only), loop, on_finish=metrics.record))
         except Exception as exc:
-            # Only the engine's own refusals are the client's or the server's state; anything
-            # else raised here is a bug.
             for stream in streams:  # a multi-prompt request is refused whole
                 stream.cancel()
-            if isinstance(exc, ServerBusy):
-                return error(wire.APIError(429, str(exc), type="rate_limit_error", code="server_busy"))
-            if isinstance(exc, ValueError):  # the prompt cannot fit the engine's KV budget
-                return error(wire.APIError(400, str(exc), param="messages" if kind == "chat" else "prompt"))
-            if isinstance(exc, EngineStopped):  # (alive may still be true while the loop ends)
-                return error(wire.APIError(503, str(exc), type="server_error"))
-            return internal_error()
+            return refused(exc, "messages" if kind == "chat" else "prompt")
         if c.stream:
             return StreamingResponse(_stream(c, streams, tokenizer), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        collect = asyncio.ensure_future(_collect(c, streams, tokenizer))
+        return await whole_answer(request, _collect(c, streams, tokenizer), streams)
+
+    def refused(exc: Exception, param: str) -> JSONResponse:
+        """The answer to a request the engine would not take. Only the engine's own refusals
+        are the client's or the server's state; anything else raised at submit is a bug."""
+        if isinstance(exc, ServerBusy):
+            return error(wire.APIError(429, str(exc), type="rate_limit_error", code="server_busy"))
+        if isinstance(exc, ValueError):  # the prompt cannot fit the engine's KV budget
+            return error(wire.APIError(400, str(exc), param=param))
+        if isinstance(exc, EngineStopped):  # (alive may still be true while the loop ends)
+            return error(wire.APIError(503, str(exc), type="server_error"))
+        return internal_error()
+
+    async def whole_answer(request: HTTPRequest, collecting, streams) -> Response:
+        """The JSON that `collecting` makes of the streams, unless the client goes away first
+        (then nobody will read the answer, so its requests are stopped)."""
+        collect = asyncio.ensure_future(collecting)
         gone = asyncio.ensure_future(_until_disconnected(request))
         try:
             await asyncio.wait((collect, gone), return_when=asyncio.FIRST_COMPLETED)
             if not collect.done():
-                # The client went away: nobody will read the answer, so stop making it.
                 return Response(status_code=499)
             return JSONResponse(collect.result())
         except wire.APIError as exc:
@@ -143,6 +151,34 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
                 s.cancel()
             if not collect.done():
                 collect.cancel()
+
+    async def embeddings(request: HTTPRequest):
+        try:
+            check_key(request)
+            body = await read_body(request)
+            e = await run_in_threadpool(lambda: wire.parse_embeddings(
+                read_json(body), tokenizer, loaded.context_length, served_model, loaded.model.args.hidden_size))
+        except wire.APIError as exc:
+            return error(exc)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except Exception:
+            return internal_error()
+        limit = engine.config.max_running + engine.config.max_waiting
+        if len(e.inputs) > limit:
+            return error(wire.APIError(400, f"this request has {len(e.inputs)} inputs; this server holds at most "
+                                            f"{limit} requests at once", param="input"))
+        streams = []
+        try:
+            loop = asyncio.get_running_loop()
+            for ids in e.inputs:
+                streams.append(engine.submit(Request(ids, SamplingParams(max_tokens=1), embed=True), loop,
+                                             on_finish=metrics.record))
+        except Exception as exc:
+            for stream in streams:
+                stream.cancel()
+            return refused(exc, "input")
+        return await whole_answer(request, _collect_embeddings(e, streams), streams)
 
     def internal_error() -> JSONResponse:
         log.exception("request failed")
@@ -208,6 +244,7 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         routes=[
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", text, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model:path}", model, methods=["GET"]),  # a model id may hold a "/"
             Route("/v1/stats", stats, methods=["GET"]),
@@ -291,6 +328,26 @@ async def _collect_choice(c: wire.Completion, index: int, stream, tokenizer) -> 
         if c.params.logprobs:
             lp = wire.echoed_logprobs(prompt, final.prompt_logprobs, logprobs, tokenizer, lp["text_offset"])
     return {"index": index, "text": body, "logprobs": lp, "finish_reason": final.finish_reason}, final
+
+
+async def _collect_embeddings(e: wire.Embeddings, streams) -> dict:
+    """The inputs' embeddings, read side by side (the first error ends the request)."""
+
+    async def final(stream):
+        async for event in stream:
+            if event.finish_reason:
+                if event.finish_reason == "error" or event.embedding is None:
+                    raise _engine_error(event.error)
+                return event
+
+    tasks = [asyncio.ensure_future(final(stream)) for stream in streams]
+    try:
+        finals = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    vectors = [wire.embedding_json(f.embedding, e) for f in finals]
+    return wire.embeddings_response(e, vectors, sum(f.prompt_tokens for f in finals))
 
 
 def _sse(obj) -> str:

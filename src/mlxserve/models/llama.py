@@ -506,7 +506,7 @@ def causal_lm_forward(lm: nn.Module, batch: StepBatch, cache: KVStore) -> mx.arr
     h = compiled(last, "last", last.after, batch.compile)(h, *carry)
     if batch.logit_rows.size != h.shape[0]:  # else every token wants logits, in order
         h = h[batch.logit_rows]
-    h = lm.model.norm(h)
+    h = batch.hidden = lm.model.norm(h)
     if lm.args.tie_word_embeddings:
         return lm.model.embed_tokens.as_linear(h)
     return lm.lm_head(h)
