@@ -42,7 +42,7 @@ def test_an_embedding_is_the_last_positions_final_hidden_state(tiny_model_dir, a
     loaded = load_model(str(folder), progress=False)
     ids = loaded.tokenizer.encode(TEXTS[0])
     (final,), _ = embed_all(loaded, [ids])
-    assert final.finish_reason == "length" and final.completion_tokens == 0 and final.token_ids == []
+    assert final.finish_reason == "stop" and final.completion_tokens == 0 and final.token_ids == []
     assert final.prompt_tokens == len(ids)
     np.testing.assert_allclose(final.embedding, reference_hidden(folder, ids)[-1], atol=1e-4, rtol=0)
 
@@ -66,3 +66,48 @@ def test_batching_chunks_and_the_prefix_cache_change_no_embedding(tiny_model_dir
     assert first.cached_tokens == 0 and again.cached_tokens > 0 and longer.cached_tokens > 0
     np.testing.assert_allclose(again.embedding, alone[0], atol=1e-5, rtol=0)
     np.testing.assert_allclose(longer.embedding, alone[2], atol=1e-5, rtol=0)
+
+
+def test_a_text_to_embed_gets_what_its_tokenizer_appends(tiny_model_dir, tmp_path):
+    """Qwen3-Embedding's tokenizer.json appends <|endoftext|> (its post-processor), and its
+    embedding is that token's hidden state; a GGUF says so with add_eos_token. Embedding inputs
+    get it, prompts to answer do not, token ids are taken as given."""
+    import json
+    import shutil
+
+    from mlxserve.openai_api import parse_embeddings
+    from mlxserve.tokenizer import Tokenizer
+    from tiny_models import gguf_tokenizer_metadata, tiny_tokenizer_json
+
+    folder = tmp_path / "embedding-model"
+    shutil.copytree(tiny_model_dir("qwen3"), folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    end = next(a["id"] for a in spec["added_tokens"] if a["content"] == "<|endoftext|>")
+    text, special = {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}
+    spec["post_processor"] = {"type": "TemplateProcessing", "single": [text, special], "pair": [text, special],
+                              "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [end],
+                                                                   "tokens": ["<|endoftext|>"]}}}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    plain = Tokenizer.from_folder(tiny_model_dir("qwen3"))
+    tokenizer = Tokenizer.from_folder(folder)
+    assert plain.appended_ids == () and tokenizer.appended_ids == (end,)
+    ids = plain.encode("Paris is a city")
+    assert tokenizer.encode("Paris is a city") == ids  # a prompt to answer
+    assert parse_embeddings({"input": ["Paris is a city"]}, tokenizer, 2048, "m", 64, 10).inputs == [ids + [end]]
+    assert parse_embeddings({"input": [[5, 6]]}, tokenizer, 2048, "m", 64, 10).inputs == [[5, 6]]
+
+    metadata = gguf_tokenizer_metadata(tiny_tokenizer_json())
+    assert Tokenizer.from_gguf_metadata(metadata).appended_ids == ()
+    metadata["tokenizer.ggml.add_eos_token"] = True
+    assert Tokenizer.from_gguf_metadata(metadata).appended_ids == (2,)  # its eos_token_id
+
+
+def test_a_hidden_state_that_is_not_finite_is_an_error_in_either_format():
+    from mlxserve.openai_api import APIError, Embeddings, embedding_json
+
+    for base64 in (False, True):
+        request = Embeddings([[1]], "m", base64, None)
+        assert len(embedding_json([3.0, 4.0], request, 0)) > 0
+        with pytest.raises(APIError) as caught:
+            embedding_json([float("nan"), 1.0], request, 3)
+        assert caught.value.status == 500 and "input 3" in caught.value.message

@@ -340,14 +340,15 @@ def _normalize_message(message: dict) -> dict:
     return m
 
 
-def _text_prompts(body: dict, tokenizer, name: str = "prompt") -> list[list[int]]:
-    """The texts (or token ids) of a request's `name` field, tokenized."""
+def _text_prompts(body: dict, tokenizer, name: str = "prompt", appended: tuple[int, ...] = ()) -> list[list[int]]:
+    """The texts (or token ids) of a request's `name` field, tokenized (a text's ids followed
+    by `appended`)."""
     prompt = body.get(name)
     vocab = tokenizer.vocab_size
     if isinstance(prompt, str):
-        prompts = [tokenizer.encode(prompt)]
+        prompts = [tokenizer.encode(prompt) + list(appended)]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = [tokenizer.encode(p) for p in prompt]
+        prompts = [tokenizer.encode(p) + list(appended) for p in prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         prompts = [list(prompt)]
     elif (isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt)
@@ -374,16 +375,22 @@ class Embeddings:
 
 
 def parse_embeddings(body: object, tokenizer, context_length: int, served_model: str,
-                     hidden_size: int) -> Embeddings:
+                     hidden_size: int, max_inputs: int) -> Embeddings:
     """Validate an /v1/embeddings body: `input` a string, a list of strings, token ids or lists
-    of token ids."""
+    of token ids (at most `max_inputs` inputs). A text is tokenized as the model's tokenizer
+    would for an embedding: with what its rules append (Tokenizer.appended_ids)."""
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     body = {key: value for key, value in body.items() if value is not None}
     model = _model(body, served_model)
     if "input" not in body:
         raise APIError(400, "'input' is required: a string, a list of strings, or token ids", param="input")
-    inputs = _text_prompts(body, tokenizer, "input")
+    given = body["input"]
+    count = len(given) if isinstance(given, list) and given and not isinstance(given[0], int) else 1
+    if count > max_inputs:  # (before tokenizing them all)
+        raise APIError(400, f"this request has {count} inputs; this server holds at most {max_inputs} requests "
+                            f"at once", param="input")
+    inputs = _text_prompts(body, tokenizer, "input", getattr(tokenizer, "appended_ids", ()))
     form = body.get("encoding_format", "float")
     if form not in ("float", "base64"):
         raise APIError(400, f"'encoding_format' must be 'float' or 'base64', got {_short(form)}",
@@ -393,17 +400,20 @@ def parse_embeddings(body: object, tokenizer, context_length: int, served_model:
                                    or not 1 <= dimensions <= hidden_size):
         raise APIError(400, f"'dimensions' must be an integer from 1 to {hidden_size} (this model's), got "
                             f"{_short(dimensions)}", param="dimensions")
-    for ids in inputs:
+    for index, ids in enumerate(inputs):
         if len(ids) > context_length:
-            raise APIError(400, f"this model's context length is {context_length} tokens; an input has {len(ids)}",
-                           param="input", code="context_length_exceeded")
+            raise APIError(400, f"this model's context length is {context_length} tokens; input {index} has "
+                                f"{len(ids)}", param="input", code="context_length_exceeded")
     return Embeddings(inputs, model, form == "base64", dimensions)
 
 
-def embedding_json(hidden: list[float], request: Embeddings) -> list[float] | str:
-    """An input's embedding as the answer holds it: the model's last hidden state at its last
-    token (cut to `dimensions`), scaled to unit length."""
+def embedding_json(hidden: list[float], request: Embeddings, index: int) -> list[float] | str:
+    """Input `index`'s embedding as the answer holds it: the model's last hidden state at its
+    last token (cut to `dimensions`), scaled to unit length."""
     vector = np.asarray(hidden, dtype=np.float32)[: request.dimensions]
+    if not np.isfinite(vector).all():  # (the model's doing, e.g. float16 overflow: not the client's)
+        raise APIError(500, f"the model's hidden state for input {index} is not finite (NaN or infinity)",
+                       type="server_error")
     vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
     if request.base64:
         return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")

@@ -477,7 +477,8 @@ class Scheduler:
                 if row.request.embed:
                     # Read back at once, like a prompt's scores (see _score_prompt).
                     embedding = batch.hidden[first + count - 1].astype(mx.float32).tolist()
-                self._events.append(self._finish(row, "length", embedding=embedding))
+                # (An embedding is whole: "stop". A prompt's scores end where asked: "length".)
+                self._events.append(self._finish(row, "stop" if embedding is not None else "length", embedding=embedding))
         if sampling_rows and len(last_rows) != logits.shape[0]:
             logits = logits[mx.array(last_rows)]
         if not sampling_rows:

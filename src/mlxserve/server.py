@@ -140,7 +140,8 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             await asyncio.wait((collect, gone), return_when=asyncio.FIRST_COMPLETED)
             if not collect.done():
                 return Response(status_code=499)
-            return JSONResponse(collect.result())
+            result = collect.result()
+            return result if isinstance(result, Response) else JSONResponse(result)
         except wire.APIError as exc:
             return error(exc)
         except Exception:
@@ -156,18 +157,15 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         try:
             check_key(request)
             body = await read_body(request)
+            limit = engine.config.max_running + engine.config.max_waiting
             e = await run_in_threadpool(lambda: wire.parse_embeddings(
-                read_json(body), tokenizer, loaded.context_length, served_model, loaded.model.args.hidden_size))
+                read_json(body), tokenizer, loaded.context_length, served_model, loaded.model.args.hidden_size, limit))
         except wire.APIError as exc:
             return error(exc)
         except ClientDisconnect:
             return Response(status_code=499)
         except Exception:
             return internal_error()
-        limit = engine.config.max_running + engine.config.max_waiting
-        if len(e.inputs) > limit:
-            return error(wire.APIError(400, f"this request has {len(e.inputs)} inputs; this server holds at most "
-                                            f"{limit} requests at once", param="input"))
         streams = []
         try:
             loop = asyncio.get_running_loop()
@@ -177,6 +175,8 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         except Exception as exc:
             for stream in streams:
                 stream.cancel()
+            if isinstance(exc, ValueError):
+                exc = ValueError(f"input {len(streams)}: {exc}")
             return refused(exc, "input")
         return await whole_answer(request, _collect_embeddings(e, streams), streams)
 
@@ -330,8 +330,10 @@ async def _collect_choice(c: wire.Completion, index: int, stream, tokenizer) -> 
     return {"index": index, "text": body, "logprobs": lp, "finish_reason": final.finish_reason}, final
 
 
-async def _collect_embeddings(e: wire.Embeddings, streams) -> dict:
-    """The inputs' embeddings, read side by side (the first error ends the request)."""
+async def _collect_embeddings(e: wire.Embeddings, streams) -> JSONResponse:
+    """The inputs' embeddings, read side by side (the first error ends the request). The
+    answer is made in a worker thread: hundreds of long vectors take the event loop (every
+    stream) a second or more to write."""
 
     async def final(stream):
         async for event in stream:
@@ -346,8 +348,12 @@ async def _collect_embeddings(e: wire.Embeddings, streams) -> dict:
     finally:
         for task in tasks:
             task.cancel()
-    vectors = [wire.embedding_json(f.embedding, e) for f in finals]
-    return wire.embeddings_response(e, vectors, sum(f.prompt_tokens for f in finals))
+
+    def answer() -> JSONResponse:
+        vectors = [wire.embedding_json(f.embedding, e, index) for index, f in enumerate(finals)]
+        return JSONResponse(wire.embeddings_response(e, vectors, sum(f.prompt_tokens for f in finals)))
+
+    return await run_in_threadpool(answer)
 
 
 def _sse(obj) -> str:

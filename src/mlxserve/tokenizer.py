@@ -174,8 +174,12 @@ class Tokenizer:
     def __init__(self, backend: tokenizers.Tokenizer, *, bos_token_id: int | None,
                  eos_token_ids: set[int], add_bos_token: bool, chat_templates: dict[str, str],
                  bos_token: str | None = None, eos_token: str | None = None,
-                 silent_token_ids: frozenset[int] = frozenset()):
-        """`silent_token_ids`: ids that decode to no text at all (a GGUF's UNUSED tokens)."""
+                 silent_token_ids: frozenset[int] = frozenset(), appended_ids: tuple[int, ...] = ()):
+        """`silent_token_ids`: ids that decode to no text at all (a GGUF's UNUSED tokens).
+        `appended_ids`: what the tokenizer's own rules put after a text (an embedding model's
+        end-of-text token, e.g. Qwen3-Embedding's, whose hidden state is the embedding). Only
+        embedding inputs get them (openai_api.parse_embeddings), as Hugging Face and llama.cpp
+        tokenize those; a prompt to answer does not."""
         if add_bos_token and bos_token_id is None:
             raise TokenizerError("the tokenizer asks for a BOS token but defines none")
         self._backend = backend
@@ -195,6 +199,7 @@ class Tokenizer:
         self._bos_token = bos_token
         self._eos_token = eos_token
         self._silent_token_ids = frozenset(silent_token_ids)
+        self.appended_ids = tuple(appended_ids)
         self._added_text = {token_id: token.content
                             for token_id, token in backend.get_added_tokens_decoder().items()}
         self._token_bytes: dict[int, bytes] = {}
@@ -235,12 +240,14 @@ class Tokenizer:
         if add_bos_token is None:
             probe = backend.encode("a", add_special_tokens=True).ids
             add_bos_token = bos_token_id is not None and probe[:1] == [bos_token_id]
+        appended = _appended(backend.encode("a", add_special_tokens=True).ids,
+                             backend.encode("a", add_special_tokens=False).ids)
         backend.post_processor = None
 
         return cls(backend, bos_token_id=bos_token_id, eos_token_ids=eos_token_ids,
                    add_bos_token=bool(add_bos_token),
                    chat_templates=_folder_chat_templates(folder, config),
-                   bos_token=bos_token, eos_token=eos_token)
+                   bos_token=bos_token, eos_token=eos_token, appended_ids=appended)
 
     @classmethod
     def from_gguf_metadata(cls, metadata: dict[str, Any]) -> Tokenizer:
@@ -293,8 +300,9 @@ class Tokenizer:
         # Without the flag, the family's default applies, where the file names a BOS at all.
         add_bos_token = metadata.get("tokenizer.ggml.add_bos_token",
                                      pre.add_bos and bos_token_id is not None)
+        appended = (eos_token_id,) if metadata.get("tokenizer.ggml.add_eos_token") and eos_token_id is not None else ()
         return cls(backend, bos_token_id=bos_token_id, eos_token_ids=eos_token_ids,
-                   add_bos_token=add_bos_token,
+                   add_bos_token=add_bos_token, appended_ids=appended,
                    chat_templates=chat_templates,
                    bos_token=tokens[bos_token_id] if bos_token_id is not None else None,
                    eos_token=tokens[eos_token_id] if eos_token_id is not None else None,
@@ -486,3 +494,11 @@ def _folder_chat_templates(folder: Path, config: dict) -> dict[str, str]:
     if isinstance(template, str):
         return {"default": template}
     return {entry["name"]: entry["template"] for entry in template}
+
+
+def _appended(processed: list[int], plain: list[int]) -> tuple[int, ...]:
+    """The ids a post-processor put after a text (`processed`) whose own ids are `plain`."""
+    for start in range(len(processed) - len(plain) + 1):
+        if processed[start : start + len(plain)] == plain:
+            return tuple(processed[start + len(plain) :])
+    return ()
