@@ -235,13 +235,13 @@ class Tokenizer:
             eos_token_ids.add(eos_token_id)
 
         # BOS: tokenizer_config's add_bos_token when it says; otherwise whatever tokenizer.json's
-        # post-processor does. The post-processor is then dropped so that encode() has one rule.
+        # post-processor does; what it appends is kept for embedding inputs. The post-processor
+        # is then dropped so that encode() has one rule.
+        probe = backend.encode("a", add_special_tokens=True).ids
         add_bos_token = config.get("add_bos_token")
         if add_bos_token is None:
-            probe = backend.encode("a", add_special_tokens=True).ids
             add_bos_token = bos_token_id is not None and probe[:1] == [bos_token_id]
-        appended = _appended(backend.encode("a", add_special_tokens=True).ids,
-                             backend.encode("a", add_special_tokens=False).ids)
+        appended = _appended(probe, backend.encode("a", add_special_tokens=False).ids)
         backend.post_processor = None
 
         return cls(backend, bos_token_id=bos_token_id, eos_token_ids=eos_token_ids,
