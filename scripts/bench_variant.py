@@ -11,6 +11,8 @@ the same command with and without the environment variable, on the same warm mac
                       histories go through MLX's fused attention)
     FULL_CHUNK_KEYS=N scheduler.FULL_CHUNK_KEYS (a chunk next to decoding rows shrinks beyond
                       this many keys)
+    QUEUE_WITHOUT_WAIT_BYTES=N  scheduler.QUEUE_WITHOUT_WAIT_BYTES (decoding steps are queued
+                      without waiting while the shelves hold at most N bytes)
 
     NO_DEVICE_WAIT=1 PYTHONPATH=src python3 scripts/bench_variant.py bench --random-weights qwen3-4b \\
         --quantize 4 --concurrency 1 --compare mlx-lm
@@ -30,6 +32,8 @@ if "CHUNK_ATTENTION_MAX_TOKENS" in os.environ:
     batch.CHUNK_ATTENTION_MAX_TOKENS = int(os.environ["CHUNK_ATTENTION_MAX_TOKENS"])
 if "FULL_CHUNK_KEYS" in os.environ:
     scheduler.FULL_CHUNK_KEYS = int(os.environ["FULL_CHUNK_KEYS"])
+if "QUEUE_WITHOUT_WAIT_BYTES" in os.environ:
+    scheduler.QUEUE_WITHOUT_WAIT_BYTES = int(os.environ["QUEUE_WITHOUT_WAIT_BYTES"])
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

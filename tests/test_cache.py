@@ -299,11 +299,14 @@ def test_kv_write_lands_at_each_rows_slot_and_position_only():
 
 
 def test_growing_a_shelf_holds_the_new_shelf_and_a_few_old_layers_at_most():
-    """A shelf grows (and compacts) layer by layer, waiting for the copies after every
-    quarter of the layers (here 2 of 8), so its peak memory is the new shelf plus a few old
-    layers, never the old shelf and the new one side by side."""
+    """Where the budget has no room for the old shelf beside the new one, a shelf grows (and
+    compacts) layer by layer, waiting for the copies after every quarter of the layers (here
+    2 of 8), so its peak memory is the new shelf plus a few old layers."""
     layers = 8
-    kv = KVStore(layers, 2, 16, mx.float32, block_size=4)
+    # 16-token slots of 2,048 bytes a token: 32 KB a slot. 570 KB holds the 16 slots the
+    # shelf grows to (512 KB) but not the 8 old ones beside them (768 KB), nor the 2 slots
+    # left by the compaction beside the 16 (576 KB).
+    kv = KVStore(layers, 2, 16, mx.float32, block_size=4, max_bytes=570 * 1024)
     rows = [RowCache(kv) for _ in range(8)]
     for r in rows:
         r.reserve(10)  # 16-token slots: the shelf doubles up to 8 slots
@@ -328,6 +331,29 @@ def test_growing_a_shelf_holds_the_new_shelf_and_a_few_old_layers_at_most():
     assert shelf.compact() > 0
     index_bytes = 4 * shelf.num_slots  # the held slots' order, an int32 array
     assert mx.get_peak_memory() - baseline <= 2 * shelf.kv[0].nbytes + index_bytes
+
+
+def test_a_shelf_with_room_in_the_budget_grows_without_waiting_and_keeps_its_rows(monkeypatch):
+    """Where the budget holds the old shelf beside the new one, the copies that grow it are
+    queued without waiting for the device (a wait is a pause for every decoding stream);
+    the rows already there keep their K/V, and the new slots are zeros."""
+    kv = KVStore(8, 2, 16, mx.float32, block_size=4, max_bytes=768 * 1024)
+    rows = [RowCache(kv) for _ in range(8)]
+    for r in rows:
+        r.reserve(10)
+    shelf = rows[0].shelf
+    for layer in range(8):  # each slot's positions hold distinct values
+        shelf.kv[layer] = mx.random.normal(shelf.kv[layer].shape)
+    before = [mx.array(a) for a in shelf.kv]
+    mx.eval(before)
+    waits = []
+    monkeypatch.setattr(mx, "synchronize", lambda *a: waits.append("synchronize"))
+    RowCache(kv).reserve(10)  # a ninth row: 8 slots become 16
+    monkeypatch.undo()
+    assert shelf.num_slots == 16 and waits == []
+    for layer in range(8):
+        assert mx.array_equal(shelf.kv[layer][:, :8], before[layer])
+        assert mx.all(shelf.kv[layer][:, 8:] == 0).item()
 
 
 def test_a_new_shelf_is_queued_without_waiting_for_the_device(monkeypatch):

@@ -83,8 +83,9 @@ class Shelf:
         s = self.store
         shape = (2, n, s.kv_heads, self.capacity, s.head_dim)
         if self.num_slots:
-            pad = mx.zeros(shape, dtype=s.dtype)
-            self._replace_layers(lambda a: mx.concatenate([a, pad], axis=1))
+            # Broadcast zeros: the copy reads one element for the whole pad.
+            pad = mx.broadcast_to(mx.zeros((1,) * len(shape), dtype=s.dtype), shape)
+            self._replace_layers(lambda a: mx.concatenate([a, pad], axis=1), n * self.slot_bytes)
         else:
             # A zeros array per layer, not one shared: each layer's writes replace its own.
             # Queued, not waited for: a prompt admitted while rows decode would otherwise
@@ -96,21 +97,29 @@ class Shelf:
             heapq.heappush(self.free, slot)
         self.num_slots += n
 
-    def _replace_layers(self, new_array: Callable[[mx.array], mx.array]) -> None:
-        """Replace each layer's array by `new_array` of it, layer by layer: an old array goes
-        as soon as its successor exists, so the peak is the new shelf plus the old layers
-        still being copied, not the old shelf and the new one side by side (1.5 times the
-        new shelf when it doubles). The copies are queued, with a wait after every quarter
-        of the layers to bound how many are in flight: waiting after each layer made a
-        Qwen3-0.6B 16k-token shelf's doubling take 5 ms of the host, queueing them all 1.3
-        (H200, scripts/bench_shelf_growth.py), and that is a pause for every stream decoding
-        at the time."""
+    def _replace_layers(self, new_array: Callable[[mx.array], mx.array], added_bytes: int = 0) -> None:
+        """Replace each layer's array by `new_array` of it (a shelf `added_bytes` larger).
+
+        The copies are queued without waiting when the budget has room for the whole old
+        shelf beside the new one. A wait also waits for the step in flight, a pause for every
+        stream decoding at the time (a shelf grows when, say, a new long prompt arrives while
+        the prefix cache keeps the last one's slot). Queueing all of a Qwen3-0.6B 16k-token
+        shelf's copies took the host 1.3 ms, waiting after each layer 5 ms (H200,
+        scripts/bench_shelf_growth.py, the device otherwise idle).
+
+        Without that room, layer by layer: an old array goes as soon as its successor
+        exists, and the host waits after every quarter of the layers, so the peak is the new
+        shelf plus a few old layers, not the old shelf and the new one side by side (1.5
+        times the new shelf when it doubles)."""
+        store = self.store
+        both = store.bytes_allocated + added_bytes + self.bytes  # old and new shelf side by side
+        wait = store.max_bytes is not None and both > store.max_bytes
         stride = max(1, len(self.kv) // 4)
         for layer, old in enumerate(self.kv):
             self.kv[layer] = new_array(old)
             del old
             mx.async_eval(self.kv[layer])
-            if (layer + 1) % stride == 0:
+            if wait and (layer + 1) % stride == 0:
                 mx.synchronize()
 
     def take(self, holder: object) -> int:
@@ -131,7 +140,7 @@ class Shelf:
         kept = sorted(self.holders)
         if kept:
             order = mx.array(kept)
-            self._replace_layers(lambda a: mx.take(a, order, axis=1))
+            self._replace_layers(lambda a: mx.take(a, order, axis=1), (len(kept) - self.num_slots) * self.slot_bytes)
         else:
             self.kv = []
         holders = {new: self.holders[old] for new, old in enumerate(kept)}
