@@ -1,5 +1,8 @@
 """The cache protocol: extend / trim / snapshot / restore, slots and their memory."""
 
+import collections
+import re
+
 import numpy as np
 import mlx.core as mx
 import pytest
@@ -196,7 +199,14 @@ def test_chunk_attention_matches_masked_sdpa(q_heads, kv_heads):
     assert mx.allclose(ours[1, 0], mx.repeat(v[1, :, 0], group, axis=0), atol=1e-6)
 
 
-def test_a_short_chunk_over_many_keys_reads_fewer_padding_keys_and_matches_the_fused_path(setup, monkeypatch):
+def graph_operations(tmp_path, *outputs) -> collections.Counter:
+    """The operations of the (unevaluated) graph that computes `outputs`, by primitive."""
+    path = tmp_path / "graph.dot"
+    mx.export_to_dot(str(path), *outputs)
+    return collections.Counter(re.findall(r'label ="?([A-Za-z]+)', path.read_text()))
+
+
+def test_a_short_chunk_over_many_keys_reads_fewer_padding_keys_and_matches_the_fused_path(setup, monkeypatch, tmp_path):
     """A short chunk deep into its row attends through chunk_attention over its keys rounded
     up to an eighth of the shelf size below, where MLX's fused attention reads a power-of-two
     key length; both give the logits of the whole prompt fed at once."""
@@ -214,12 +224,16 @@ def test_a_short_chunk_over_many_keys_reads_fewer_padding_keys_and_matches_the_f
         row.reserve(10)
         out, batch = runner.forward([Feed("r", prompt[90:], 90, row, "last")])
         row.extend(10)
-        return np.array(out), batch.groups[-1]
+        operations = graph_operations(tmp_path, out)  # (before evaluation detaches the graph)
+        return np.array(out), batch.groups[-1], operations
 
-    chunked, group = chunk_logits(128)
+    chunked, group, chunked_ops = chunk_logits(128)
     assert group.chunked and group.key_length == 104  # 100 keys in units of 128 / 16
-    fused, group = chunk_logits(0)
+    fused, group, fused_ops = chunk_logits(0)
     assert not group.chunked and group.key_length == 128  # a shelf size: 4 blocks doubled
+    # chunk_attention's output goes on as a view: no gather (a copy) per layer beyond the
+    # step's own (the embedding, the logits rows), which the fused path has too.
+    assert chunked_ops["Gather"] == fused_ops["Gather"]
     np.testing.assert_allclose(chunked, fused, atol=1e-5, rtol=0)
     np.testing.assert_allclose(chunked, np.array(expected), atol=1e-4, rtol=0)
 

@@ -336,7 +336,9 @@ class KVStore:
             if g.chunked:
                 q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d)
                 o = chunk_attention_by_kv_head(q, k, v, g.mask, scale)  # [1, kv_heads, t, group, D]
-                outputs.append(o[0].transpose(1, 0, 2, 3))  # one row (AttentionGroup.chunked): a view
+                # One row (AttentionGroup.chunked). squeeze, not o[0]: MLX indexes an array by
+                # a lone integer with a gather, a copy of the whole output in every layer.
+                outputs.append(o.squeeze(0).transpose(1, 0, 2, 3))  # a view
                 continue
             q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d).transpose(0, 2, 1, 3)
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask)
