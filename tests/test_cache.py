@@ -199,6 +199,11 @@ def test_chunk_attention_matches_masked_sdpa(q_heads, kv_heads):
     assert mx.allclose(ours[1, 0], mx.repeat(v[1, :, 0], group, axis=0), atol=1e-6)
 
 
+def buffer_address(array: mx.array) -> int:
+    view = np.asarray(memoryview(array))  # no copy; dropped at return, so it holds nothing
+    return view.__array_interface__["data"][0]
+
+
 def graph_operations(tmp_path, *outputs) -> collections.Counter:
     """The operations of the (unevaluated) graph that computes `outputs`, by primitive."""
     path = tmp_path / "graph.dot"
@@ -368,6 +373,52 @@ def test_a_shelf_with_room_in_the_budget_grows_without_waiting_and_keeps_its_row
     for layer in range(8):
         assert mx.array_equal(shelf.kv[layer][:, :8], before[layer])
         assert mx.all(shelf.kv[layer][:, 8:] == 0).item()
+
+
+def test_a_large_growth_for_a_waiting_row_is_allocated_over_steps_then_used_in_place(monkeypatch):
+    """A row that can wait (a request being admitted) and needs a shelf to grow by more than
+    GROWTH_BYTES_PER_STEP gets GrowthPending while the new arrays are allocated a few layers
+    per call, counted in the budget meanwhile; then the shelf takes those very arrays, with
+    the old slots' K/V copied in, and no wait for the device. A running row's growth (no
+    may_wait) happens at once."""
+    from mlxserve import cache as cache_module
+    from mlxserve.cache import GrowthPending
+
+    layers = 8
+    # 16-token slots, 2,048 bytes a token: 32 KB a slot; a layer's array of two slots is 8 KB.
+    monkeypatch.setattr(cache_module, "GROWTH_BYTES_PER_STEP", 3 * 8192)  # 3 layers a step
+    kv = KVStore(layers, 2, 16, mx.float32, block_size=4, max_bytes=1 << 20)
+    first = RowCache(kv)
+    first.reserve(10)  # not may_wait: one slot at once
+    shelf = first.shelf
+    for layer in range(layers):
+        shelf.kv[layer] = mx.random.normal(shelf.kv[layer].shape)
+    before = [mx.array(a) for a in shelf.kv]
+    mx.eval(before)
+    waits = []
+    monkeypatch.setattr(mx, "synchronize", lambda *a: waits.append("synchronize"))
+    second = RowCache(kv)
+    prepared = []
+    for _ in range(2):  # layers 0-2, then 3-5
+        with pytest.raises(GrowthPending):
+            second.reserve(10, may_wait=True)
+        assert second.shelf is None and shelf.num_slots == 1
+        assert kv.bytes_allocated == 2 * shelf.slot_bytes  # the growth is counted from its start
+        prepared = list(shelf.prepared)
+    mx.eval(prepared)
+    addresses = [buffer_address(a) for a in prepared]
+    second.reserve(10, may_wait=True)  # layers 6-7, and the growth
+    assert waits == []
+    assert second.shelf is shelf and shelf.num_slots == 2 and shelf.prepared == []
+    mx.eval(shelf.kv)
+    # The old K/V went into the buffers allocated at the earlier calls: nothing new now.
+    assert [buffer_address(a) for a in shelf.kv[:6]] == addresses
+    for layer in range(layers):
+        assert mx.array_equal(shelf.kv[layer][:, :1], before[layer])
+        assert mx.all(shelf.kv[layer][:, 1:] == 0).item()
+    third = RowCache(kv)
+    third.reserve(10)  # a running row's way: 2 slots become 4 at once
+    assert shelf.num_slots == 4 and third.shelf is shelf
 
 
 def test_a_new_shelf_is_queued_without_waiting_for_the_device(monkeypatch):

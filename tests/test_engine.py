@@ -99,6 +99,47 @@ def test_long_prompt_is_chunked_while_others_decode(loaded):
     assert sched.kv.bytes_in_use == 0
 
 
+def test_a_long_prompt_waits_while_its_shelf_grows_in_steps_and_no_row_stalls(loaded, monkeypatch):
+    """A new request whose shelf must grow by more than cache.GROWTH_BYTES_PER_STEP waits
+    while the shelf's new arrays are allocated a share per step (here one layer per step);
+    the row already decoding emits a token in every step, and both answers are those of
+    each request alone."""
+    from mlxserve import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "GROWTH_BYTES_PER_STEP", 1)  # one layer's array per step
+    tok = loaded.tokenizer
+    chunk = 8
+    short_ids = tok.encode("Hello")
+    long_prompt = tok.encode(" ".join(["The sky is blue because of Rayleigh scattering."] * 6))
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    expected = [run_alone(loaded, ids, params) for ids in (short_ids, long_prompt)]
+    sched = make_scheduler(loaded, EngineConfig(max_batch_tokens=chunk, block_size=8))
+    short = Request(short_ids, params)
+    sched.add(short)
+    got = {short.id: [], None: []}
+    while not got[short.id]:
+        for e in sched.step():
+            got[e.request_id].extend(e.token_ids)
+    assert not sched.step()  # pipelined from here: each step reads back the one before
+    long = Request(long_prompt, params)
+    got[long.id] = []
+    sched.add(long)
+    steps = 0
+    while not got[long.id]:
+        events = sched.step()
+        steps += 1
+        assert any(e.request_id == short.id for e in events), f"short row stalled at step {steps}"
+        for e in events:
+            got[e.request_id].extend(e.token_ids)
+    layers = len(sched.kv.shelves[sched.running[-1].cache.capacity].kv)
+    # Waiting for all but the last layer's array, then ceil(P / chunk) chunks, then the read-back.
+    assert steps == (layers - 1) + -(-len(long_prompt) // chunk) + 1
+    while sched.has_work():
+        for e in sched.step():
+            got[e.request_id].extend(e.token_ids)
+    assert [got[short.id], got[long.id]] == expected
+
+
 def buffer_address(array: mx.array) -> int:
     view = np.asarray(memoryview(array))  # no copy; dropped at return, so it holds nothing
     return view.__array_interface__["data"][0]

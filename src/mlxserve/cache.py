@@ -42,9 +42,23 @@ from .batch import ShelfWrite, StepBatch
 # copies a whole shelf at every step, so kept slots cost time there, not only memory.
 KEPT_SLOTS_BEFORE_REUSE = 4
 
+# A shelf that grows for a new request (KVStore.acquire with may_wait) while the budget holds
+# it beside its old self gets its new arrays allocated at most this many bytes per step, the
+# request waiting meanwhile. Allocating fresh device memory costs the host about 2-3 ms per
+# GB with MLX's CUDA back-end (28 new arrays of 268 MB took 11.9 ms on an H100's host,
+# 2026-12-05), and the host's time is a pause for every stream decoding at that step: the
+# long-prompt bench's worst step was such a growth (13.1 ms of a 32.5 ms step, against
+# 17.5 ms for its median step; scripts/profile_long_prompt.py, H100).
+GROWTH_BYTES_PER_STEP = 1 << 30
+
 
 class OutOfKVMemory(RuntimeError):
     """No slot is free and the memory budget does not allow another."""
+
+
+class GrowthPending(Exception):
+    """The slot's shelf is being grown over several steps (see GROWTH_BYTES_PER_STEP): ask
+    again at the next step."""
 
 
 class Shelf:
@@ -69,6 +83,9 @@ class Shelf:
         self.kv: list[mx.array] = []
         self.free: list[int] = []  # a heap
         self.holders: dict[int, object] = {}
+        # A growth by `preparing` slots in progress: the first layers' new arrays (see prepare).
+        self.prepared: list[mx.array] = []
+        self.preparing = 0
 
     @property
     def slot_bytes(self) -> int:
@@ -76,13 +93,53 @@ class Shelf:
 
     @property
     def bytes(self) -> int:
-        return self.num_slots * self.slot_bytes
+        return (self.num_slots + self.preparing) * self.slot_bytes
+
+    def _shape(self, slots: int) -> tuple[int, ...]:
+        s = self.store
+        return (2, slots, s.kv_heads, self.capacity, s.head_dim)
+
+    def prepare(self, n: int) -> bool:
+        """One step of a growth by n slots: allocate the next layers' new arrays (zero-filled),
+        GROWTH_BYTES_PER_STEP of them at most. True once every layer has one: `grow(n)` then
+        copies the old arrays into them and allocates nothing."""
+        s = self.store
+        if self.preparing != n:
+            self.drop_prepared()
+            self.preparing = n
+        shape = self._shape(self.num_slots + n)
+        layer_bytes = s.dtype.size
+        for dim in shape:
+            layer_bytes *= dim
+        count = min(max(1, GROWTH_BYTES_PER_STEP // layer_bytes), s.num_layers - len(self.prepared))
+        new = [mx.zeros(shape, dtype=s.dtype) for _ in range(count)]
+        mx.async_eval(new)
+        self.prepared += new
+        return len(self.prepared) == s.num_layers
+
+    def drop_prepared(self) -> int:
+        """Give up a growth in progress; returns the bytes it had reserved."""
+        released = self.preparing * self.slot_bytes
+        self.prepared, self.preparing = [], 0
+        return released
 
     def grow(self, n: int) -> None:
         """Add n slots. Zero-filled: masked-out keys must still be finite numbers."""
         s = self.store
-        shape = (2, n, s.kv_heads, self.capacity, s.head_dim)
-        if self.num_slots:
+        shape = self._shape(n)
+        prepared = self.prepared if self.preparing == n and len(self.prepared) == s.num_layers else None
+        self.drop_prepared()
+        if prepared is not None and self.num_slots:
+            # The old arrays go into the first slots of the prepared ones, in place (MLX
+            # writes into an array no one else holds): no allocation now.
+            for layer, old in enumerate(self.kv):
+                new, prepared[layer] = prepared[layer], None
+                new[:, : self.num_slots] = old
+                self.kv[layer] = new
+            mx.async_eval(self.kv)
+        elif prepared is not None:
+            self.kv = prepared
+        elif self.num_slots:
             # Broadcast zeros: the copy reads one element for the whole pad.
             pad = mx.broadcast_to(mx.zeros((1,) * len(shape), dtype=s.dtype), shape)
             self._replace_layers(lambda a: mx.concatenate([a, pad], axis=1), n * self.slot_bytes)
@@ -132,10 +189,12 @@ class Shelf:
         heapq.heappush(self.free, slot)
 
     def compact(self) -> int:
-        """Drop free slots, moving held ones down (holders learn their new slot). Returns the
-        bytes released. One gather per layer: a pause, so only under memory pressure."""
+        """Drop free slots, moving held ones down (holders learn their new slot), and a growth
+        in progress. Returns the bytes released. One gather per layer: a pause, so only under
+        memory pressure."""
+        released = self.drop_prepared()
         if not self.free:
-            return 0
+            return released
         before = self.bytes
         kept = sorted(self.holders)
         if kept:
@@ -149,7 +208,7 @@ class Shelf:
         self.holders = holders
         self.free = []
         self.num_slots = len(kept)
-        return before - self.bytes
+        return released + before - self.bytes
 
 
 class KVStore:
@@ -227,7 +286,7 @@ class KVStore:
         """Whether a row of `tokens` tokens fits the budget with no other slot held."""
         return self.max_bytes is None or self.slot_bytes_for(tokens) <= self.max_bytes
 
-    def acquire(self, holder: object, tokens: int) -> tuple[Shelf, int]:
+    def acquire(self, holder: object, tokens: int, may_wait: bool = False) -> tuple[Shelf, int]:
         """A slot holding at least `tokens` tokens, for `holder`.
 
         Order of preference: a free slot of the right shelf; a new slot within budget
@@ -235,6 +294,9 @@ class KVStore:
         KEPT_SLOTS_BEFORE_REUSE), in which case its least recently used slot there is reused
         first; then room made elsewhere (kept slots anywhere, free slots of other shelves
         compacted away).
+
+        `may_wait`: the holder can wait (a request being admitted, not a running row), so a
+        large growth is spread over steps (`_grows_in_steps`): GrowthPending until it is done.
         """
         capacity = self.capacity_for(tokens)
         shelf = self.shelves.get(capacity)
@@ -242,15 +304,21 @@ class KVStore:
             shelf = self.shelves[capacity] = Shelf(self, capacity)
         while True:
             if shelf.free:
+                shelf.drop_prepared()
                 return shelf, shelf.take(holder)
             kept = sum(1 for h in shelf.holders.values() if not isinstance(h, RowCache))
             if kept >= max(KEPT_SLOTS_BEFORE_REUSE, (len(shelf.holders) - kept) // 4):
                 if self.reclaim is not None and self.reclaim(shelf):
                     continue
-            room = None if self.max_bytes is None else (self.max_bytes - self.bytes_allocated) // shelf.slot_bytes
+            # (A growth of this shelf in progress is counted as allocated; it is this growth.)
+            available = None if self.max_bytes is None else self.max_bytes - self.bytes_allocated + shelf.preparing * shelf.slot_bytes
+            room = None if available is None else available // shelf.slot_bytes
             if room is None or room >= 1:
                 want = max(1, shelf.num_slots)
-                shelf.grow(want if room is None else min(want, room))
+                n = want if room is None else min(want, room)
+                if may_wait and self._grows_in_steps(shelf, n, available) and not shelf.prepare(n):
+                    raise GrowthPending(f"a shelf of {capacity}-token slots is growing")
+                shelf.grow(n)
                 continue
             # Free slots elsewhere become bytes by compaction; a kept slot elsewhere must be
             # evicted first (one at a time: each is compacted away before the next goes).
@@ -259,6 +327,15 @@ class KVStore:
             if self.reclaim is not None and self.reclaim(None):
                 continue
             raise OutOfKVMemory("KV memory budget reached")
+
+    @staticmethod
+    def _grows_in_steps(shelf: Shelf, n: int, available: int | None) -> bool:
+        """Whether growing `shelf` by n slots allocates more than GROWTH_BYTES_PER_STEP, with
+        room in the budget (`available` bytes) for the old shelf beside the new one, which a
+        growth spread over steps holds at its end."""
+        new_bytes = (shelf.num_slots + n) * shelf.slot_bytes
+        side_by_side = available is None or new_bytes <= available
+        return side_by_side and new_bytes > GROWTH_BYTES_PER_STEP
 
     def _compact_others(self, keep: Shelf) -> bool:
         released = 0
@@ -539,9 +616,10 @@ class RowCache:
     def capacity(self) -> int:
         return self.shelf.capacity if self.shelf is not None else 0
 
-    def reserve(self, n: int) -> None:
+    def reserve(self, n: int, may_wait: bool = False) -> None:
         """Make sure positions [length, length + n) fit: take a slot, or move to a bigger one
-        (a quarter of headroom, so a decoding row does not move again at once)."""
+        (a quarter of headroom, so a decoding row does not move again at once). `may_wait`:
+        see KVStore.acquire (GrowthPending)."""
         needed = self.length + n
         if needed <= self.capacity:
             return
@@ -549,11 +627,11 @@ class RowCache:
         if self.kv.max_row_tokens is not None:
             want = max(needed, min(want, self.kv.max_row_tokens))
         try:
-            shelf, slot = self.kv.acquire(self, want)
+            shelf, slot = self.kv.acquire(self, want, may_wait)
         except OutOfKVMemory:
             if self.kv.capacity_for(needed) == self.kv.capacity_for(want):
                 raise
-            shelf, slot = self.kv.acquire(self, needed)  # the headroom is what did not fit
+            shelf, slot = self.kv.acquire(self, needed, may_wait)  # the headroom is what did not fit
         if self.shelf is not None:
             # acquire() may have compacted other shelves, never ours: self.slot is current.
             if self.length:

@@ -109,7 +109,8 @@ class PrefixCache:
 
     def adopt(self, row: RowCache, match: Match) -> None:
         """Start an empty row from a match: take over a kept slot it covers whole, or copy
-        the holder's positions into a slot of its own (which may raise OutOfKVMemory)."""
+        the holder's positions into a slot of its own (which may raise OutOfKVMemory, or
+        GrowthPending: the row is being admitted and can wait)."""
         assert row.shelf is None and row.length == 0
         blocks = match.length // self.block_size
         source = match.holder
@@ -139,7 +140,7 @@ class PrefixCache:
         if kept:  # not to be evicted to make room for its own copy
             del self.kept[id(source)]
         try:
-            row.reserve(length)
+            row.reserve(length, may_wait=True)
             return True
         except OutOfKVMemory:
             if not kept:

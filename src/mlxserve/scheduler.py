@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from rich.filesize import decimal as human_size
 
-from .cache import KVStore, OutOfKVMemory, RowCache, Snapshot, state_arrays
+from .cache import GrowthPending, KVStore, OutOfKVMemory, RowCache, Snapshot, state_arrays
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .grammar import Grammars
 from .prefix_cache import Match, PrefixCache, PrefixStats
@@ -586,7 +586,12 @@ class Scheduler:
             try:
                 if match.length:
                     self.prefix.adopt(row.cache, match)
-                row.cache.reserve(row.unfed)
+                row.cache.reserve(row.unfed, may_wait=True)
+            except GrowthPending:
+                # Its shelf grows a share per step (cache.GROWTH_BYTES_PER_STEP): the rows
+                # decoding meanwhile are not held up for the whole allocation at once.
+                self._release(row)
+                break
             except OutOfKVMemory:
                 self._release(row)  # a taken-over slot goes back to the prefix cache
                 if not self.running and self._inflight is None:
