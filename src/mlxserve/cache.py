@@ -142,7 +142,7 @@ class Shelf:
         elif self.num_slots:
             # Broadcast zeros: the copy reads one element for the whole pad.
             pad = mx.broadcast_to(mx.zeros((1,) * len(shape), dtype=s.dtype), shape)
-            self._replace_layers(lambda a: mx.concatenate([a, pad], axis=1), n * self.slot_bytes)
+            self._replace_layers(lambda a: mx.concatenate([a, pad], axis=1), self.bytes + n * self.slot_bytes)
         else:
             # A zeros array per layer, not one shared: each layer's writes replace its own.
             # Queued, not waited for: a prompt admitted while rows decode would otherwise
@@ -154,8 +154,8 @@ class Shelf:
             heapq.heappush(self.free, slot)
         self.num_slots += n
 
-    def _replace_layers(self, new_array: Callable[[mx.array], mx.array], added_bytes: int = 0) -> None:
-        """Replace each layer's array by `new_array` of it (a shelf `added_bytes` larger).
+    def _replace_layers(self, new_array: Callable[[mx.array], mx.array], new_bytes: int) -> None:
+        """Replace each layer's array by `new_array` of it (a shelf of `new_bytes`).
 
         The copies are queued without waiting when the budget has room for the whole old
         shelf beside the new one. A wait also waits for the step in flight, a pause for every
@@ -168,9 +168,7 @@ class Shelf:
         exists, and the host waits after every quarter of the layers, so the peak is the new
         shelf plus a few old layers, not the old shelf and the new one side by side (1.5
         times the new shelf when it doubles)."""
-        store = self.store
-        both = store.bytes_allocated + added_bytes + self.bytes  # old and new shelf side by side
-        wait = store.max_bytes is not None and both > store.max_bytes
+        wait = not self.fits_beside_itself(new_bytes)
         stride = max(1, len(self.kv) // 4)
         for layer, old in enumerate(self.kv):
             self.kv[layer] = new_array(old)
@@ -178,6 +176,13 @@ class Shelf:
             mx.async_eval(self.kv[layer])
             if wait and (layer + 1) % stride == 0:
                 mx.synchronize()
+
+    def fits_beside_itself(self, new_bytes: int) -> bool:
+        """Whether the budget holds a new form of this shelf, of `new_bytes`, while the old one
+        still exists (a growth of it in progress is the new form)."""
+        store = self.store
+        held = store.bytes_allocated - self.preparing * self.slot_bytes
+        return store.max_bytes is None or held + new_bytes <= store.max_bytes
 
     def take(self, holder: object) -> int:
         slot = heapq.heappop(self.free)
@@ -199,7 +204,7 @@ class Shelf:
         kept = sorted(self.holders)
         if kept:
             order = mx.array(kept)
-            self._replace_layers(lambda a: mx.take(a, order, axis=1), (len(kept) - self.num_slots) * self.slot_bytes)
+            self._replace_layers(lambda a: mx.take(a, order, axis=1), len(kept) * self.slot_bytes)
         else:
             self.kv = []
         holders = {new: self.holders[old] for new, old in enumerate(kept)}
@@ -310,13 +315,13 @@ class KVStore:
             if kept >= max(KEPT_SLOTS_BEFORE_REUSE, (len(shelf.holders) - kept) // 4):
                 if self.reclaim is not None and self.reclaim(shelf):
                     continue
-            # (A growth of this shelf in progress is counted as allocated; it is this growth.)
-            available = None if self.max_bytes is None else self.max_bytes - self.bytes_allocated + shelf.preparing * shelf.slot_bytes
-            room = None if available is None else available // shelf.slot_bytes
+            room = None if self.max_bytes is None else (self.max_bytes - self.bytes_allocated) // shelf.slot_bytes
+            if room is not None:
+                room += shelf.preparing  # a growth of this shelf in progress is this growth
             if room is None or room >= 1:
                 want = max(1, shelf.num_slots)
                 n = want if room is None else min(want, room)
-                if may_wait and self._grows_in_steps(shelf, n, available) and not shelf.prepare(n):
+                if may_wait and self._grows_in_steps(shelf, n) and not shelf.prepare(n):
                     raise GrowthPending(f"a shelf of {capacity}-token slots is growing")
                 shelf.grow(n)
                 continue
@@ -329,13 +334,12 @@ class KVStore:
             raise OutOfKVMemory("KV memory budget reached")
 
     @staticmethod
-    def _grows_in_steps(shelf: Shelf, n: int, available: int | None) -> bool:
+    def _grows_in_steps(shelf: Shelf, n: int) -> bool:
         """Whether growing `shelf` by n slots allocates more than GROWTH_BYTES_PER_STEP, with
-        room in the budget (`available` bytes) for the old shelf beside the new one, which a
-        growth spread over steps holds at its end."""
+        room in the budget for the old shelf beside the new one, which a growth spread over
+        steps holds at its end."""
         new_bytes = (shelf.num_slots + n) * shelf.slot_bytes
-        side_by_side = available is None or new_bytes <= available
-        return side_by_side and new_bytes > GROWTH_BYTES_PER_STEP
+        return new_bytes > GROWTH_BYTES_PER_STEP and shelf.fits_beside_itself(new_bytes)
 
     def _compact_others(self, keep: Shelf) -> bool:
         released = 0
