@@ -3,7 +3,9 @@
 growth (cache.KVStore.acquire of a second slot), against copying layer by layer with a wait
 after each, with none, and in one evaluation. Peak memory shows what each holds at once.
 A shelf grows while streams decode (a new long prompt when the prefix cache keeps the last
-one's slot), so its host time is a pause for all of them.
+one's slot), so its host time is a pause for all of them. The last variant is how a request
+being admitted grows it (`may_wait`): a GiB of new arrays per call (cache.GROWTH_BYTES_PER_STEP),
+each call's host time listed.
 
     PYTHONPATH=src python3 scripts/bench_shelf_growth.py
 """
@@ -12,7 +14,7 @@ import time
 
 import mlx.core as mx
 
-from mlxserve.cache import KVStore
+from mlxserve.cache import GrowthPending, KVStore
 
 LAYERS, SHAPE = 28, (2, 1, 8, 16384, 128)
 
@@ -23,13 +25,14 @@ def synced() -> float:
 
 
 def main() -> None:
+    _, _, heads, tokens, head_dim = SHAPE
     for variant in ("wait after each layer", "queued, no wait", "one evaluation", "KVStore.acquire"):
         mx.reset_peak_memory()
         if variant == "KVStore.acquire":
-            store = KVStore(LAYERS, 8, 128, mx.bfloat16)
-            store.acquire(object(), 16384)  # the first slot
+            store = KVStore(LAYERS, heads, head_dim, mx.bfloat16)
+            store.acquire(object(), tokens)  # the first slot
             start = synced()
-            store.acquire(object(), 16384)  # the second: the shelf doubles
+            store.acquire(object(), tokens)  # the second: the shelf doubles
         else:
             kv = [mx.zeros(SHAPE, mx.bfloat16) for _ in range(LAYERS)]
             pad = mx.zeros(SHAPE, mx.bfloat16)
@@ -46,6 +49,19 @@ def main() -> None:
         done = synced() - start
         print(f"{variant:24s} host {1e3 * host:7.2f} ms, until done {1e3 * done:7.2f} ms, "
               f"peak {mx.get_peak_memory() / 1e9:.2f} GB")
+    store = KVStore(LAYERS, heads, head_dim, mx.bfloat16)
+    store.acquire(object(), tokens)
+    mx.synchronize()
+    calls = []
+    while True:
+        start = time.perf_counter()
+        try:
+            store.acquire(object(), tokens, may_wait=True)
+            calls.append(time.perf_counter() - start)
+            break
+        except GrowthPending:
+            calls.append(time.perf_counter() - start)
+    print(f"{'KVStore.acquire, may_wait':24s} host per call " + ", ".join(f"{1e3 * t:.2f}" for t in calls) + " ms")
 
 
 if __name__ == "__main__":
