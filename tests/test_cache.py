@@ -403,7 +403,8 @@ def test_a_large_growth_for_a_waiting_row_is_allocated_over_steps_then_used_in_p
         with pytest.raises(GrowthPending):
             second.reserve(10, may_wait=True)
         assert second.shelf is None and shelf.num_slots == 1
-        assert kv.bytes_allocated == 2 * shelf.slot_bytes  # the growth is counted from its start
+        # Counted whole from its start: the old slot, and the new arrays' two beside it.
+        assert kv.bytes_allocated == 3 * shelf.slot_bytes
         prepared = list(shelf.prepared)
     mx.eval(prepared)
     addresses = [buffer_address(a) for a in prepared]
@@ -419,6 +420,38 @@ def test_a_large_growth_for_a_waiting_row_is_allocated_over_steps_then_used_in_p
     third = RowCache(kv)
     third.reserve(10)  # a running row's way: 2 slots become 4 at once
     assert shelf.num_slots == 4 and third.shelf is shelf
+
+
+def test_a_growth_not_carried_on_at_the_next_admission_is_given_up(monkeypatch):
+    """A growth in progress belongs to the request at the head of the queue: an admission
+    that does not carry it on (that request was cancelled, or found a slot elsewhere) gives
+    it up, and its bytes with it. A running row short of memory gives it up too."""
+    from mlxserve import cache as cache_module
+    from mlxserve.cache import GrowthPending
+
+    monkeypatch.setattr(cache_module, "GROWTH_BYTES_PER_STEP", 1)  # one layer a step
+    # 1,024 bytes a token: a 16-token slot is 16 KB, and the budget six of them.
+    kv = KVStore(4, 2, 16, mx.float32, block_size=4, max_bytes=6 * 16 * 1024)
+    first = RowCache(kv)
+    first.reserve(10)
+    shelf, one_slot = first.shelf, first.shelf.slot_bytes
+    assert one_slot == 16 * 1024
+    kv.begin_admission()
+    with pytest.raises(GrowthPending):
+        RowCache(kv).reserve(10, may_wait=True)
+    kv.end_admission()
+    assert shelf.growing_to == 2 and kv.bytes_allocated == 3 * one_slot
+    kv.begin_admission()
+    kv.end_admission()  # nobody asked again
+    assert shelf.growing_to == 0 and shelf.prepared == [] and kv.bytes_allocated == one_slot
+    # Again, then a running row needs more than the budget leaves beside the growth: its
+    # compaction gives the growth up rather than failing.
+    with pytest.raises(GrowthPending):
+        RowCache(kv).reserve(10, may_wait=True)
+    assert kv.bytes_allocated == 3 * one_slot
+    runner = RowCache(kv)
+    runner.reserve(40)  # a 64-token slot, 4 small slots' bytes: it fits only without the growth
+    assert shelf.growing_to == 0 and kv.bytes_allocated == one_slot + 4 * one_slot
 
 
 def test_a_new_shelf_is_queued_without_waiting_for_the_device(monkeypatch):

@@ -140,6 +140,52 @@ def test_a_long_prompt_waits_while_its_shelf_grows_in_steps_and_no_row_stalls(lo
     assert [got[short.id], got[long.id]] == expected
 
 
+def test_a_request_whose_slot_fits_only_without_headroom_is_admitted_while_its_shelf_grows(loaded, monkeypatch):
+    """RowCache.reserve asks for a slot with a quarter of headroom, then, if that does not fit
+    the budget, for the exact one. The first attempt's compaction must not give up the exact
+    slot's growth in progress, or the request would start it again at every step and wait
+    for ever."""
+    from mlxserve import cache as cache_module
+
+    ids = loaded.tokenizer.encode(" ".join(["The sky is blue because of Rayleigh scattering."] * 8))[:110]
+    assert len(ids) == 110  # needs a 128-token slot; with headroom (137) a 256-token one
+    probe = make_scheduler(loaded, EngineConfig(block_size=8)).kv
+    config = EngineConfig(block_size=8, memory_budget_bytes=probe.slot_bytes_for(128) * 3 // 2)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    expected = run_alone(loaded, ids, params, block_size=8, memory_budget_bytes=config.memory_budget_bytes)
+    monkeypatch.setattr(cache_module, "GROWTH_BYTES_PER_STEP", 1)  # one layer a step
+    sched = make_scheduler(loaded, config)
+    request = Request(ids, params)
+    sched.add(request)
+    tokens, steps = [], 0
+    while sched.has_work():
+        steps += 1
+        assert steps <= 50, "the request never got its slot"
+        tokens += [t for e in sched.step() for t in e.token_ids]
+    assert tokens == expected
+
+
+def test_cancelling_a_request_waiting_for_its_shelf_gives_the_growth_up(loaded, monkeypatch):
+    """The bytes of a growth in progress come back when the request it was for is
+    cancelled, even if no step follows."""
+    from mlxserve import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "GROWTH_BYTES_PER_STEP", 1)
+    tok = loaded.tokenizer
+    sched = make_scheduler(loaded, EngineConfig(block_size=8))
+    short = Request(tok.encode("Hello"), SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True))
+    sched.add(short)
+    sched.step()
+    before = sched.kv.bytes_allocated
+    long = Request(tok.encode(" ".join(["The sky is blue because of Rayleigh scattering."] * 6)), GREEDY)
+    sched.add(long)
+    sched.step()
+    assert long in [row.request for row in sched.waiting] and sched.kv.bytes_allocated > before
+    assert sched.cancel(long.id).finish_reason == "cancelled"
+    assert sched.kv.bytes_allocated == before
+    assert all(not shelf.growing_to and not shelf.prepared for shelf in sched.kv.shelves.values())
+
+
 def buffer_address(array: mx.array) -> int:
     view = np.asarray(memoryview(array))  # no copy; dropped at return, so it holds nothing
     return view.__array_interface__["data"][0]

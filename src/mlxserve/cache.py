@@ -58,7 +58,9 @@ class OutOfKVMemory(RuntimeError):
 
 class GrowthPending(Exception):
     """The slot's shelf is being grown over several steps (see GROWTH_BYTES_PER_STEP): ask
-    again at the next step."""
+    again at the next step. Only the request at the head of the queue grows a shelf so (the
+    scheduler admits in order), and a growth it does not carry on at the next step's
+    admission is given up (KVStore.end_admission)."""
 
 
 class Shelf:
@@ -83,17 +85,22 @@ class Shelf:
         self.kv: list[mx.array] = []
         self.free: list[int] = []  # a heap
         self.holders: dict[int, object] = {}
-        # A growth by `preparing` slots in progress: the first layers' new arrays (see prepare).
+        # A growth in progress (see prepare): the first layers' new arrays, of `growing_to` slots.
         self.prepared: list[mx.array] = []
-        self.preparing = 0
+        self.growing_to = 0
 
     @property
     def slot_bytes(self) -> int:
         return self.capacity * self.store.bytes_per_token + self.store.state_bytes_per_slot
 
     @property
+    def preparing_bytes(self) -> int:
+        """What a growth in progress holds at its end: the new arrays whole, beside the old."""
+        return self.growing_to * self.slot_bytes
+
+    @property
     def bytes(self) -> int:
-        return (self.num_slots + self.preparing) * self.slot_bytes
+        return self.num_slots * self.slot_bytes + self.preparing_bytes
 
     def _shape(self, slots: int) -> tuple[int, ...]:
         s = self.store
@@ -102,12 +109,14 @@ class Shelf:
     def prepare(self, n: int) -> bool:
         """One step of a growth by n slots: allocate the next layers' new arrays (zero-filled),
         GROWTH_BYTES_PER_STEP of them at most. True once every layer has one: `grow(n)` then
-        copies the old arrays into them and allocates nothing."""
+        copies the old arrays into them and allocates nothing. From the first call the growth
+        counts in `bytes` as it will be at its end (`preparing_bytes`)."""
         s = self.store
-        if self.preparing != n:
+        if self.growing_to != self.num_slots + n:
             self.drop_prepared()
-            self.preparing = n
-        shape = self._shape(self.num_slots + n)
+            self.growing_to = self.num_slots + n
+        s.advanced.add(self)
+        shape = self._shape(self.growing_to)
         layer_bytes = s.dtype.size
         for dim in shape:
             layer_bytes *= dim
@@ -119,15 +128,16 @@ class Shelf:
 
     def drop_prepared(self) -> int:
         """Give up a growth in progress; returns the bytes it had reserved."""
-        released = self.preparing * self.slot_bytes
-        self.prepared, self.preparing = [], 0
+        released = self.preparing_bytes
+        self.prepared, self.growing_to = [], 0
         return released
 
     def grow(self, n: int) -> None:
         """Add n slots. Zero-filled: masked-out keys must still be finite numbers."""
         s = self.store
         shape = self._shape(n)
-        prepared = self.prepared if self.preparing == n and len(self.prepared) == s.num_layers else None
+        complete = self.growing_to == self.num_slots + n and len(self.prepared) == s.num_layers
+        prepared = self.prepared if complete else None
         self.drop_prepared()
         if prepared is not None and self.num_slots:
             # The old arrays go into the first slots of the prepared ones, in place (MLX
@@ -181,7 +191,7 @@ class Shelf:
         """Whether the budget holds a new form of this shelf, of `new_bytes`, while the old one
         still exists (a growth of it in progress is the new form)."""
         store = self.store
-        held = store.bytes_allocated - self.preparing * self.slot_bytes
+        held = store.bytes_allocated - self.preparing_bytes
         return store.max_bytes is None or held + new_bytes <= store.max_bytes
 
     def take(self, holder: object) -> int:
@@ -193,11 +203,11 @@ class Shelf:
         del self.holders[slot]
         heapq.heappush(self.free, slot)
 
-    def compact(self) -> int:
+    def compact(self, keep_growth: bool = False) -> int:
         """Drop free slots, moving held ones down (holders learn their new slot), and a growth
-        in progress. Returns the bytes released. One gather per layer: a pause, so only under
-        memory pressure."""
-        released = self.drop_prepared()
+        in progress unless `keep_growth` and no slot is free. Returns the bytes released. One
+        gather per layer: a pause, so only under memory pressure."""
+        released = 0 if keep_growth and not self.free else self.drop_prepared()
         if not self.free:
             return released
         before = self.bytes
@@ -248,6 +258,8 @@ class KVStore:
         # Set by the prefix cache: give up one kept slot (on `shelf` if given, else anywhere,
         # least recently used first); False when there is none to give.
         self.reclaim: Callable[[Shelf | None], bool] | None = None
+        # Shelves whose growth in progress was carried on since begin_admission.
+        self.advanced: set[Shelf] = set()
 
     # ---- memory -------------------------------------------------------------------------
     @property
@@ -315,9 +327,8 @@ class KVStore:
             if kept >= max(KEPT_SLOTS_BEFORE_REUSE, (len(shelf.holders) - kept) // 4):
                 if self.reclaim is not None and self.reclaim(shelf):
                     continue
-            room = None if self.max_bytes is None else (self.max_bytes - self.bytes_allocated) // shelf.slot_bytes
-            if room is not None:
-                room += shelf.preparing  # a growth of this shelf in progress is this growth
+            # (A growth of this shelf in progress is this growth: its bytes are not in the way.)
+            room = None if self.max_bytes is None else (self.max_bytes - self.bytes_allocated + shelf.preparing_bytes) // shelf.slot_bytes
             if room is None or room >= 1:
                 want = max(1, shelf.num_slots)
                 n = want if room is None else min(want, room)
@@ -326,8 +337,10 @@ class KVStore:
                 shelf.grow(n)
                 continue
             # Free slots elsewhere become bytes by compaction; a kept slot elsewhere must be
-            # evicted first (one at a time: each is compacted away before the next goes).
-            if self._compact_others(shelf):
+            # evicted first (one at a time: each is compacted away before the next goes). A
+            # growth in progress elsewhere is the waiting request's own (its slot with less
+            # headroom, see RowCache.reserve): given up for a running row, not for it.
+            if self._compact_others(shelf, keep_growths=may_wait):
                 continue
             if self.reclaim is not None and self.reclaim(None):
                 continue
@@ -341,14 +354,30 @@ class KVStore:
         new_bytes = (shelf.num_slots + n) * shelf.slot_bytes
         return new_bytes > GROWTH_BYTES_PER_STEP and shelf.fits_beside_itself(new_bytes)
 
-    def _compact_others(self, keep: Shelf) -> bool:
+    def _compact_others(self, keep: Shelf, keep_growths: bool) -> bool:
         released = 0
         for capacity, shelf in list(self.shelves.items()):
             if shelf is not keep:
-                released += shelf.compact()
-                if not shelf.num_slots:
+                released += shelf.compact(keep_growths)
+                if not shelf.num_slots and not shelf.growing_to:
                     del self.shelves[capacity]
         return released > 0
+
+    def begin_admission(self) -> None:
+        self.advanced = set()
+
+    def end_admission(self) -> None:
+        """Give up the growths in progress that this admission did not carry on: the request
+        that started one was cancelled, or admitted elsewhere (a prefix match changed its
+        slot), or is no longer first in line."""
+        for shelf in self.shelves.values():
+            if shelf.growing_to and shelf not in self.advanced:
+                shelf.drop_prepared()
+
+    def drop_growths(self) -> None:
+        """Give up every growth in progress (the request at the head of the queue is gone)."""
+        for shelf in self.shelves.values():
+            shelf.drop_prepared()
 
     def copy(self, src: Shelf, src_slot: int, dst: Shelf, dst_slot: int, n: int) -> None:
         """Copy the first n positions of a slot into another (lazily, in every layer)."""

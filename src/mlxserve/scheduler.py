@@ -578,6 +578,13 @@ class Scheduler:
 
     # ---- admission and planning ----------------------------------------------------------
     def _admit(self) -> None:
+        self.kv.begin_admission()
+        try:
+            self._admit_in_order()
+        finally:
+            self.kv.end_admission()
+
+    def _admit_in_order(self) -> None:
         while self.waiting and len(self.running) < self.config.max_running:
             row = self.waiting[0]
             # Admission by memory: a slot for the whole prompt must fit without preempting
@@ -870,6 +877,8 @@ class Scheduler:
         if row in self.running:
             self.running.remove(row)
         elif row in self.waiting:
+            if row is self.waiting[0]:
+                self.kv.drop_growths()  # any shelf growing in steps was growing for it
             self.waiting.remove(row)
         now = time.perf_counter()
         ttft = row.first_token_time - row.arrival if row.first_token_time else None
