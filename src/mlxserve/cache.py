@@ -27,6 +27,7 @@ recurrent state (hybrid models) is saved by reference, MLX arrays being immutabl
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -117,9 +118,7 @@ class Shelf:
             self.growing_to = self.num_slots + n
         s.advanced.add(self)
         shape = self._shape(self.growing_to)
-        layer_bytes = s.dtype.size
-        for dim in shape:
-            layer_bytes *= dim
+        layer_bytes = math.prod(shape) * s.dtype.size
         count = min(max(1, GROWTH_BYTES_PER_STEP // layer_bytes), s.num_layers - len(self.prepared))
         new = [mx.zeros(shape, dtype=s.dtype) for _ in range(count)]
         mx.async_eval(new)
@@ -258,7 +257,7 @@ class KVStore:
         # Set by the prefix cache: give up one kept slot (on `shelf` if given, else anywhere,
         # least recently used first); False when there is none to give.
         self.reclaim: Callable[[Shelf | None], bool] | None = None
-        # Shelves whose growth in progress was carried on since begin_admission.
+        # Shelves whose growth in progress was carried on since the last end_admission.
         self.advanced: set[Shelf] = set()
 
     # ---- memory -------------------------------------------------------------------------
@@ -363,16 +362,14 @@ class KVStore:
                     del self.shelves[capacity]
         return released > 0
 
-    def begin_admission(self) -> None:
-        self.advanced = set()
-
     def end_admission(self) -> None:
         """Give up the growths in progress that this admission did not carry on: the request
         that started one was cancelled, or admitted elsewhere (a prefix match changed its
         slot), or is no longer first in line."""
         for shelf in self.shelves.values():
-            if shelf.growing_to and shelf not in self.advanced:
+            if shelf not in self.advanced:
                 shelf.drop_prepared()
+        self.advanced = set()
 
     def drop_growths(self) -> None:
         """Give up every growth in progress (the request at the head of the queue is gone)."""

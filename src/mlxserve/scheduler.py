@@ -578,7 +578,6 @@ class Scheduler:
 
     # ---- admission and planning ----------------------------------------------------------
     def _admit(self) -> None:
-        self.kv.begin_admission()
         try:
             self._admit_in_order()
         finally:
