@@ -45,7 +45,7 @@ KEPT_SLOTS_BEFORE_REUSE = 4
 
 # A shelf that grows for a new request (KVStore.acquire with may_wait) while the budget holds
 # it beside its old self gets its new arrays allocated at most this many bytes per step, the
-# request waiting meanwhile. Allocating fresh device memory costs the host about 2-3 ms per
+# request waiting meanwhile. Allocating fresh device memory cost the host 1.6-3.5 ms per
 # GB with MLX's CUDA back-end (28 new arrays of 268 MB took 11.9 ms on an H100's host,
 # 2026-12-05), and the host's time is a pause for every stream decoding at that step: the
 # long-prompt bench's worst step was such a growth (13.1 ms of a 32.5 ms step, against
