@@ -7,7 +7,9 @@ matrix-vector kernel; any other goes through cuBLASLt, which MLX sets up afresh 
 call (descriptors and an algorithm query). So a step whose products have more than one row
 (prefill chunks, several streams) pays that setup once per product on the host. Each case is
 also timed as `mx.gather_mm` with explicit indices, which MLX's CUDA back-end runs with a
-kernel of its own (no cuBLAS), with its largest difference from the plain product.
+kernel of its own (no cuBLAS), and as `mx.conv1d` with a kernel width of one, which MLX's CUDA
+back-end runs through cuDNN with its execution plan cached by shape, each with its largest
+difference from the plain product.
 
     PYTHONPATH=src:scripts python3 scripts/bench_matmul_host.py [--repeat 200]
 """
@@ -29,7 +31,9 @@ def main() -> None:
     timed("add [32,1024] (an elementwise kernel)", lambda: x0 + 1, r)
     shapes = (("Qwen3-0.6B qkv", 1024, 4096), ("Qwen3-0.6B o_proj", 2048, 1024),
               ("Qwen3-0.6B gate_up", 1024, 6144), ("Qwen3-0.6B down", 3072, 1024),
-              ("Qwen3-4B gate_up", 2560, 19456), ("Qwen3-0.6B lm_head", 1024, 151936))
+              ("Qwen3-4B qkv", 2560, 6144), ("Qwen3-4B o_proj", 4096, 2560),
+              ("Qwen3-4B gate_up", 2560, 19456), ("Qwen3-4B down", 9728, 2560),
+              ("Qwen3-0.6B lm_head", 1024, 151936))
     for label, k, n in shapes:
         w = (mx.random.normal((n, k)) * 0.02).astype(DT)
         mx.eval(w)
@@ -38,6 +42,7 @@ def main() -> None:
             mx.eval(x)
             timed(f"{label} [{m},{k}] x [{k},{n}]", lambda: x @ w.T, r)
             timed("  as gather_mm", lambda: gathered(x, w.T), r, reference=x @ w.T)
+            timed("  as conv1d", lambda: as_conv(x, w), r, reference=x @ w.T)
     # Attention's batched products (8 KV heads, head_dim 128) as chunk_attention runs them.
     for t, length in ((256, 8192), (64, 1024)):
         q = mx.random.normal((8, t, 128)).astype(DT)
@@ -51,6 +56,12 @@ def main() -> None:
 
 
 INDICES = {n: mx.array(list(range(n)), dtype=mx.uint32) for n in (1, 8)}  # made once: no kernel per call
+
+
+def as_conv(x: mx.array, w: mx.array) -> mx.array:
+    """x @ w.T as a width-one convolution: x [M, K] is one sequence of M steps with K channels,
+    w [N, K] is N filters of width one (MLX's layout [out, width, in]: a view, no copy)."""
+    return mx.conv1d(x[None], w[:, None, :])[0]
 
 
 def gathered(a: mx.array, b: mx.array) -> mx.array:

@@ -13,6 +13,9 @@ the same command with and without the environment variable, on the same warm mac
                       this many keys)
     QUEUE_WITHOUT_WAIT_BYTES=N  scheduler.QUEUE_WITHOUT_WAIT_BYTES (decoding steps are queued
                       without waiting while the shelves hold at most N bytes)
+    LINEAR_AS_CONV=1  plain linear layers run their products of several rows as width-one
+                      convolutions (models/products.py: cuDNN's cached plan instead of
+                      cuBLASLt's setup at every call)
 
     NO_DEVICE_WAIT=1 PYTHONPATH=src python3 scripts/bench_variant.py bench --random-weights qwen3-4b \\
         --quantize 4 --concurrency 1 --compare mlx-lm
@@ -23,17 +26,26 @@ import sys
 
 from mlxserve import batch, scheduler
 from mlxserve.cli import main
+from mlxserve.models import products
 
-if os.environ.get("NO_DEVICE_WAIT"):
-    scheduler.Scheduler._wait_for_device = lambda self, skip=False: None
-if os.environ.get("ALWAYS_DEVICE_WAIT"):
-    scheduler.Scheduler._copies_are_cheap = lambda self, decode, rows: False
-if "CHUNK_ATTENTION_MAX_TOKENS" in os.environ:
-    batch.CHUNK_ATTENTION_MAX_TOKENS = int(os.environ["CHUNK_ATTENTION_MAX_TOKENS"])
-if "FULL_CHUNK_KEYS" in os.environ:
-    scheduler.FULL_CHUNK_KEYS = int(os.environ["FULL_CHUNK_KEYS"])
-if "QUEUE_WITHOUT_WAIT_BYTES" in os.environ:
-    scheduler.QUEUE_WITHOUT_WAIT_BYTES = int(os.environ["QUEUE_WITHOUT_WAIT_BYTES"])
+
+def apply_tunings() -> None:
+    """Set the tunings named by the environment variables above (the profile scripts call it
+    too, so that their A/B runs take the same variables)."""
+    if os.environ.get("NO_DEVICE_WAIT"):
+        scheduler.Scheduler._wait_for_device = lambda self, skip=False: None
+    if os.environ.get("ALWAYS_DEVICE_WAIT"):
+        scheduler.Scheduler._copies_are_cheap = lambda self, decode, rows: False
+    if "CHUNK_ATTENTION_MAX_TOKENS" in os.environ:
+        batch.CHUNK_ATTENTION_MAX_TOKENS = int(os.environ["CHUNK_ATTENTION_MAX_TOKENS"])
+    if "FULL_CHUNK_KEYS" in os.environ:
+        scheduler.FULL_CHUNK_KEYS = int(os.environ["FULL_CHUNK_KEYS"])
+    if "QUEUE_WITHOUT_WAIT_BYTES" in os.environ:
+        scheduler.QUEUE_WITHOUT_WAIT_BYTES = int(os.environ["QUEUE_WITHOUT_WAIT_BYTES"])
+    if os.environ.get("LINEAR_AS_CONV"):
+        products.enabled = True
+
 
 if __name__ == "__main__":
+    apply_tunings()
     sys.exit(main(sys.argv[1:]))

@@ -12,7 +12,10 @@ from mlxserve.random_weights import build_random_model
 from mlxserve.sampling import SamplingParams
 from mlxserve.scheduler import Request
 import numpy as np
+from bench_variant import apply_tunings
 from phases import SPENT as PH, timed  # scripts/phases.py
+
+apply_tunings()  # the tunings of scripts/bench_variant.py named by environment variables
 shape = sys.argv[1]; HIST = int(sys.argv[2]) if len(sys.argv) > 2 else 4096
 loaded = build_random_model(shape)
 V = loaded.config["vocab_size"]

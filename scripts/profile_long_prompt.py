@@ -22,7 +22,10 @@ from mlxserve.engine import EngineConfig, make_scheduler
 from mlxserve.random_weights import build_random_model
 from mlxserve.sampling import SamplingParams
 from mlxserve.scheduler import Request
+from bench_variant import apply_tunings
 from phases import SPENT as PHASES, timed
+
+apply_tunings()  # the tunings of scripts/bench_variant.py named by environment variables
 
 
 def synced_step(sched) -> tuple[float, float]:

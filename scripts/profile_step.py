@@ -14,8 +14,12 @@ import mlx.core as mx
 from mlxserve import runner
 from mlxserve.random_weights import build_random_model
 from mlxserve.scheduler import Scheduler
+from bench_variant import apply_tunings
 from phases import SPENT, timed
 from steady_decode import decoding_scheduler
+
+apply_tunings()  # the tunings of scripts/bench_variant.py named by environment variables
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

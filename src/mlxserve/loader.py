@@ -20,7 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import registry
-from .models import get_family
+from .models import get_family, products
 from .quant import GGUF_MODES
 from .tokenizer import Tokenizer
 
@@ -136,6 +136,8 @@ def build_model(config: dict, weights: dict[str, mx.array], quantization: dict |
         model.set_dtype(mx.float32)
     if fuse and hasattr(model, "fuse"):
         model.fuse()
+    if products.enabled:
+        products.use_conv_products(model)
     # Arrays modules keep besides their parameters (mlx-lm's Llama 3 RoPE keeps its
     # frequencies as `_freqs`) too: a lazy array made on this thread cannot be evaluated on
     # the engine's (MLX's streams belong to their thread), which failed its first step.
