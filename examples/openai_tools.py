@@ -1,7 +1,8 @@
-"""Tool calling with the openai SDK. A model that supports tools (Qwen2.5, Qwen3) answers with
-`tool_calls`; this script runs the tool and sends the result back for the final answer. A model
-too small to follow the tool format answers in text instead (Qwen2.5-Coder-0.5B writes the call
-as a JSON code block), and the script says so. Without MLXSERVE_MODEL it asks the server's model."""
+"""Tool calling with the openai SDK: the first request requires a tool call (tool_choice
+"required": the server holds the answer to a call of one of the tools, with arguments valid
+under its schema, so even a model too small to follow the tool format makes one); this script
+runs the tool and sends the result back for the final answer, where the model may answer in
+text. Without MLXSERVE_MODEL it asks the server's model."""
 import json
 import os
 
@@ -15,7 +16,8 @@ TOOLS = [{
     "function": {
         "name": "get_weather",
         "description": "Current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 60}},
+                       "required": ["city"], "additionalProperties": False},
     },
 }]
 
@@ -25,16 +27,14 @@ def get_weather(city: str) -> str:
 
 
 messages = [{"role": "user", "content": "What's the weather in Paris?"}]
-reply = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=128)
+reply = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="required",
+                                       max_tokens=128)
 message = reply.choices[0].message
-if not message.tool_calls:
-    print("the model answered without a tool:", message.content)
-else:
-    messages.append({"role": "assistant", "content": message.content,
-                     "tool_calls": [call.model_dump() for call in message.tool_calls]})
-    for call in message.tool_calls:
-        args = json.loads(call.function.arguments)
-        print(f"tool call: {call.function.name}({args})")
-        messages.append({"role": "tool", "tool_call_id": call.id, "content": get_weather(**args)})
-    final = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=128)
-    print(final.choices[0].message.content)
+messages.append({"role": "assistant", "content": message.content,
+                 "tool_calls": [call.model_dump() for call in message.tool_calls]})
+for call in message.tool_calls:
+    args = json.loads(call.function.arguments)
+    print(f"tool call: {call.function.name}({args})")
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": get_weather(**args)})
+final = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=128)
+print(final.choices[0].message.content)

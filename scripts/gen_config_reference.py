@@ -51,7 +51,7 @@ ENV_DESCRIPTIONS = {
 EXAMPLE_ENV_DESCRIPTIONS = {
     "MLXSERVE_URL": "the server's base URL (default `http://127.0.0.1:8000/v1`)",
     "MLXSERVE_MODEL": "the model name sent in requests (default `smollm2-135m`; "
-                      "`openai_tools.py`: `qwen2.5-coder-0.5b`); the model `speculative.sh` "
+                      "`openai_tools.py`: the server's own model); the model `speculative.sh` "
                       "(default `qwen2.5-coder-0.5b`) and `dflash.sh` (default `Qwen/Qwen3-4B`) run",
     "MLXSERVE_DRAFT_MODEL": "`dflash.sh`: the DFlash draft for that model (default "
                             "`z-lab/Qwen3-4B-DFlash-b16`)",

@@ -68,6 +68,13 @@ def test_tools_example_runs_the_tool(tiny_model_dir):
         assert "tool call: get_weather({'city': 'Paris'})" in r.stdout
 
 
+def test_the_tools_example_makes_a_call_with_a_real_engine(live):
+    """tool_choice "required" makes even a random tiny model call the tool, with a city."""
+    r = run_example("openai_tools.py", live.url)
+    assert r.returncode == 0, r.stderr
+    assert "tool call: get_weather({'city': '" in r.stdout
+
+
 def test_multi_turn_chat_reuses_the_prefix(live):
     r = run_example("multi_turn_chat.py", live.url)
     assert r.returncode == 0, r.stderr

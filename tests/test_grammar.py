@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mlxserve.engine import Engine, EngineConfig
-from mlxserve.grammar import ANSWER_REFUSED, GrammarError, Grammars, json_schema_grammar, response_format_grammar
+from mlxserve.grammar import (ANSWER_REFUSED, GrammarError, Grammars, json_schema_grammar, response_format_grammar,
+                              tool_call_grammar, tool_tags)
 from mlxserve.loader import load_model
 from mlxserve.openai_api import AnswerLogprobs
 from mlxserve.sampling import RowSamplingState, Sampler, SamplingParams
@@ -291,3 +292,81 @@ def test_an_unusable_grammar_fails_its_request_only(loaded):
         events = list(bad)
         assert events[-1].finish_reason == "error" and "the grammar cannot be used" in events[-1].error
         assert list(good)[-1].finish_reason == "length"
+
+
+# ---- tool calls held to their tools (tool_choice "required" or named, or beside a response_format) ----
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"$ref": "#/$defs/city"}}, "required": ["city"],
+    "additionalProperties": False, "$defs": {"city": {"enum": ["Paris", "Rome"]}}}}}
+NOW = {"type": "function", "function": {"name": "now"}}  # no parameters: its arguments are {}
+
+
+def call(name: str, arguments: str) -> str:
+    return '<tool_call>\n{"name": "' + name + '", "arguments": ' + arguments + '}\n</tool_call>'
+
+
+def follows(grammars: Grammars, grammar: str, text: str) -> tuple[bool, bool]:
+    """(whether every token of `text` is allowed, whether the answer is then complete)."""
+    constraint = grammars.constraint(grammar)
+    for token in grammars._tokenizer.encode(text, add_special_tokens=False):
+        constraint.consume(token)
+    return constraint.error is None, constraint.finished
+
+
+def test_tool_call_grammars_hold_calls_to_their_tools(loaded):
+    grammars = Grammars(loaded.tokenizer)
+    tags = tool_tags(loaded.tokenizer)
+    open_id = loaded.tokenizer.backend.token_to_id("<tool_call>")
+    assert tags[0] == f"<[{open_id}]>"  # the tag's own token, not its text
+    calls = tool_call_grammar([WEATHER, NOW], tags)
+    paris, rome, now = call("get_weather", '{"city":"Paris"}'), call("get_weather", '{"city":"Rome"}'), call("now", "{}")
+    assert follows(grammars, calls, paris) == (True, False)  # another call may follow
+    assert follows(grammars, calls, paris + "\n" + now) == (True, False)
+    for wrong in (call("get_weather", '{"city":"Oslo"}'),  # not in the schema's $defs enum
+                  call("get_weather", "{}"),  # a required argument missing
+                  call("now", '{"x":1}'),  # no parameters declared: none allowed
+                  call("get_time", "{}"),  # not a tool
+                  '{"city":"Paris"}',  # not a call
+                  '<tool_call>\n{"arguments": {}, "name": "now"}\n</tool_call>'):  # the name comes first
+        assert follows(grammars, calls, wrong)[0] is False, wrong
+
+    one = tool_call_grammar([WEATHER, NOW], tags, one_call=True)
+    assert follows(grammars, one, rome) == (True, True)
+    assert follows(grammars, one, rome + "\n" + now)[0] is False
+
+    either = tool_call_grammar([WEATHER], tags, answer=SCHEMA)
+    answer = '{"ok":true,"n":3,"tag":"red","name":"x"}'
+    assert follows(grammars, either, answer) == (True, True)
+    assert follows(grammars, either, paris) == (True, False)
+    assert follows(grammars, calls, answer)[0] is False
+
+    with pytest.raises(GrammarError, match="must describe an object"):
+        tool_call_grammar([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}], tags)
+
+
+def test_a_model_without_tag_tokens_makes_calls_the_parser_reads(smollm2_path):
+    """SmolLM2's vocabulary has no <tool_call> token: the grammar spells the tags as text, and
+    the answer's parser reads calls wherever a grammar wrote them (not otherwise: the text
+    alone is no markup of this model's)."""
+    from mlxserve.chat_output import parser_for
+
+    loaded = load_model(str(smollm2_path), progress=False)
+    tokenizer = loaded.tokenizer
+    assert tool_tags(tokenizer) == ('"<tool_call>"', '"</tool_call>"')
+    grammar = tool_call_grammar([WEATHER], tool_tags(tokenizer), one_call=True)
+    grammars = Grammars(tokenizer)
+    assert follows(grammars, grammar, call("get_weather", '{"city":"Rome"}')) == (True, True)
+    assert follows(grammars, grammar, call("get_weather", '{"city":"Bern"}'))[0] is False
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Weather in Rome?"}],
+                                                            tools=[WEATHER]), add_special_tokens=False)
+    with Engine(loaded, EngineConfig(block_size=8)) as engine:
+        _, text, last = generate(engine, prompt, SamplingParams(max_tokens=60, temperature=0.0, grammar=grammar))
+    assert last.finish_reason == "stop"
+    parser = parser_for(tokenizer, tools_enabled=True, calls_constrained=True)
+    parsed = parser.feed(text)
+    parsed.tool_calls += parser.flush().tool_calls
+    (made,) = parsed.tool_calls
+    assert made.name == "get_weather" and json.loads(made.arguments)["city"] in ("Paris", "Rome")
+    assert parser.finish_reason("stop") == "tool_calls"
+    assert not parser_for(tokenizer, tools_enabled=True).tools

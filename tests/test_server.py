@@ -96,6 +96,72 @@ def test_structured_output_parsed_by_the_openai_sdk(client):
     assert Pet.model_validate_json("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)) == pet
 
 
+# Tools whose calls a grammar can hold the answer to: a random tiny model writes them only so.
+FORECAST = {"type": "function", "function": {"name": "forecast", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 1,
+                                                                                   "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "clock"}}
+
+
+def valid_call(call) -> bool:
+    arguments = json.loads(call.function.arguments)
+    if call.function.name == "clock":
+        return arguments == {}
+    return (call.function.name == "forecast" and set(arguments) == {"city", "days"}
+            and arguments["city"] in ("Paris", "Rome") and 1 <= arguments["days"] <= 7)
+
+
+def test_tool_choice_required_and_named_are_enforced(client):
+    """tool_choice "required": the answer is one or more calls of the tools, arguments valid
+    under their schemas, streamed as the whole answer gives them; a named function: one call
+    of it; parallel_tool_calls false: one call, where the same seed made several."""
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    request = dict(model=MODEL, messages=messages, tools=[FORECAST, CLOCK], max_tokens=300, temperature=1.5)
+    several = None
+    for seed in range(30):
+        r = client.chat.completions.create(tool_choice="required", seed=seed, **request)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert choice.message.tool_calls and all(valid_call(c) for c in choice.message.tool_calls)
+        if seed < 3:
+            chunks = list(client.chat.completions.create(tool_choice="required", seed=seed, stream=True, **request))
+            streamed = {}
+            for p in (p for c in chunks if c.choices for p in c.choices[0].delta.tool_calls or []):
+                name, arguments = streamed.get(p.index, (None, ""))
+                streamed[p.index] = (name or p.function.name, arguments + (p.function.arguments or ""))
+            assert [streamed[i] for i in sorted(streamed)] == [(c.function.name, c.function.arguments)
+                                                               for c in choice.message.tool_calls]
+            named = client.chat.completions.create(tool_choice={"type": "function", "function": {"name": "forecast"}},
+                                                   seed=seed, **request)
+            (call,) = named.choices[0].message.tool_calls
+            assert call.function.name == "forecast" and valid_call(call)
+        if len(choice.message.tool_calls) > 1:
+            several = seed
+            break
+    assert several is not None, "no seed made several calls"
+    single = client.chat.completions.create(tool_choice="required", parallel_tool_calls=False, seed=several, **request)
+    (call,) = single.choices[0].message.tool_calls
+    assert valid_call(call)
+
+
+def test_tools_beside_a_response_format_answer_either_way(client, server):
+    """With tools under tool_choice "auto", a response_format lets the answer be calls or
+    JSON of that format. Biased away from the call tag, the answer is the JSON."""
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    schema = {"type": "object", "properties": {"sunny": {"type": "boolean"}}, "required": ["sunny"],
+              "additionalProperties": False}
+    request = dict(model=MODEL, messages=messages, tools=[FORECAST, CLOCK], max_tokens=300, temperature=1.0,
+                   response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}})
+    r = client.chat.completions.create(seed=1, **request)
+    assert r.choices[0].finish_reason == "tool_calls" and all(valid_call(c) for c in r.choices[0].message.tool_calls)
+    call_tag = server[1].tokenizer.backend.token_to_id("<tool_call>")
+    r = client.chat.completions.create(seed=1, logit_bias={str(call_tag): -100}, **request)
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop" and not choice.message.tool_calls
+    assert set(json.loads(choice.message.content)) == {"sunny"}
+
+
 def test_json_object_mode_on_both_endpoints(server):
     url, _ = server
     for path, body in [("/v1/chat/completions", {"messages": [{"role": "user", "content": "JSON please"}]}),
@@ -412,8 +478,17 @@ BAD += [
     ("response_format unsatisfiable schema", dict(body={"messages": X, "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "minLength": 5,
                                                                         "maxLength": 2}}}}), 400, "response_format"),
-    ("response_format with tools", dict(body={"messages": X, "tools": TOOLS,
-                                              "response_format": {"type": "json_object"}}), 400, "response_format"),
+    ("tool parameters a string schema", dict(body={"messages": X, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}), 400, "tools"),
+    ("tool parameters an unusable schema", dict(body={"messages": X, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": {"type": "foo"}}}}}]}),
+     400, "tools"),
+    ("tool_choice required with no tools", dict(body={"messages": X, "tools": [], "tool_choice": "required"}),
+     400, "tool_choice"),
+    ("parallel_tool_calls a string", dict(body={"messages": X, "tools": TOOLS, "parallel_tool_calls": "no"}),
+     400, "parallel_tool_calls"),
+    ("response_format unusable beside tools", dict(body={"messages": X, "tools": TOOLS, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}}), 400, "response_format"),
     ("response_format unknown type", dict(body={"messages": X, "response_format": {"type": "xml"}}), 400,
      "response_format"),
     ("response_format no type", dict(body={"messages": X, "response_format": {}}), 400, "response_format"),

@@ -61,11 +61,15 @@ class Parsed:
 _CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\{)')
 
 
-def parser_for(tokenizer, *, tools_enabled: bool, incremental: bool = False) -> "ChatOutputParser":
+def parser_for(tokenizer, *, tools_enabled: bool, incremental: bool = False,
+               calls_constrained: bool = False) -> "ChatOutputParser":
     """The one place that decides, per model family, which markup to look for: the tags the
-    tokenizer knows as single tokens."""
+    tokenizer knows as single tokens, and tool calls wherever a grammar wrote them
+    (`calls_constrained`: grammar.tool_call_grammar, which writes them as text where the
+    vocabulary has no tag tokens)."""
     vocab = {tokenizer.decode([i]) for i in tokenizer.special_token_ids} | _added_tokens(tokenizer)
-    return ChatOutputParser(reasoning=THINK_OPEN in vocab, tools=tools_enabled and TOOL_OPEN in vocab,
+    return ChatOutputParser(reasoning=THINK_OPEN in vocab,
+                            tools=tools_enabled and (TOOL_OPEN in vocab or calls_constrained),
                             incremental=incremental)
 
 

@@ -28,6 +28,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .chat_output import TOOL_CLOSE, TOOL_OPEN
+
 # Compact separators, no optional whitespace (see the module docstring).
 _JSON_OPTIONS = {"whitespace_flexible": False}
 
@@ -54,6 +56,12 @@ def response_format_grammar(value: object) -> str | None:
     """OpenAI's `response_format` as a grammar: None for {"type": "text"} (or no value);
     any JSON object for {"type": "json_object"}; JSON valid under the schema for
     {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}."""
+    schema = response_format_schema(value)
+    return None if schema is None else json_schema_grammar(schema)
+
+
+def response_format_schema(value: object) -> dict | None:
+    """The JSON Schema that OpenAI's `response_format` holds the answer to, or None (text)."""
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -62,15 +70,74 @@ def response_format_grammar(value: object) -> str | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return json_schema_grammar({"type": "object"})
+        return {"type": "object"}
     if kind == "json_schema":
         spec = value.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
             raise GrammarError("response_format json_schema needs 'json_schema': {'name': ..., 'schema': {...}} "
                                "with the schema as a JSON object")
-        return json_schema_grammar(spec["schema"])
+        return spec["schema"]
     raise GrammarError(f"response_format type must be 'text', 'json_object' or 'json_schema', got "
                        f"{json.dumps(kind)[:40]}")
+
+
+# A function declared without parameters takes none (as in OpenAI's API): its arguments are {}.
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def tool_call_grammar(tools: list[dict], tags: tuple[str, str], *, answer: dict | None = None,
+                      one_call: bool = False) -> str:
+    """The grammar of an answer made of tool calls, as Qwen-style chat templates write them:
+
+        <tool_call>
+        {"name": "get_weather", "arguments": {"city":"Paris"}}
+        </tool_call>
+
+    one call (`one_call`) or several, a newline apart, each naming one of `tools` (OpenAI's
+    tool objects) with arguments valid under that function's `parameters`. With `answer` (a
+    JSON Schema: the request's response_format) the answer may instead be JSON under it.
+    `tags` are the two tags as grammar terms (`tool_tags`). The fixed text around the
+    arguments is the grammar's; each JSON part is its own schema document, so a parameters
+    schema's `$ref`s resolve as they would alone."""
+    open_tag, close_tag = tags
+    rules, names = [], []
+    for i, tool in enumerate(tools):
+        function = tool["function"]
+        parameters = function.get("parameters")
+        parameters = NO_PARAMETERS if parameters is None else parameters
+        if parameters.get("type", "object") != "object":
+            raise GrammarError(f"tools[{i}].function.parameters must describe an object (type 'object'): "
+                               "a call's arguments are a JSON object")
+        head = '\n{"name": ' + json.dumps(function["name"]) + ', "arguments": '
+        rules.append(f"call{i}: {open_tag} {json.dumps(head)} args{i} " + json.dumps("}\n") + f" {close_tag}")
+        rules.append(f"args{i}: %json {json.dumps(_compact({'type': 'object', **parameters}))}")
+        names.append(f"call{i}")
+    calls = "call" if one_call else 'call ("\\n" call)*'
+    start = calls if answer is None else f"{calls} | answer"
+    rules = [f"start: {start}", "call: " + " | ".join(names)] + rules
+    if answer is not None:
+        rules.append(f"answer: %json {json.dumps(_compact(answer))}")
+    try:
+        return _llguidance().LLMatcher.grammar_from_lark("\n".join(rules))
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise GrammarError(f"the tools' schemas cannot be used: {_one_line(str(exc))}") from None
+
+
+def _compact(schema: dict) -> dict:
+    """`schema` generating JSON without optional whitespace (the module docstring says why)."""
+    return {**schema, "x-guidance": {**_JSON_OPTIONS, **schema.get("x-guidance", {})}}
+
+
+def tool_tags(tokenizer) -> tuple[str, str]:
+    """<tool_call> and </tool_call> as grammar terms: the token that the model's vocabulary
+    has for a tag, by id (llguidance keeps added tokens apart from text: it would not let the
+    text "<tool_call>" be written with the tag's own token), else the tag as text."""
+    backend = getattr(tokenizer, "backend", None)
+    terms = []
+    for tag in (TOOL_OPEN, TOOL_CLOSE):
+        token = backend.token_to_id(tag) if backend is not None else None
+        terms.append(f"<[{token}]>" if token is not None else json.dumps(tag))
+    return terms[0], terms[1]
 
 
 class Grammars:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .grammar import GrammarError, Grammars, response_format_grammar
+from .grammar import GrammarError, Grammars, json_schema_grammar, response_format_schema, tool_call_grammar, tool_tags
 from .sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 
@@ -45,6 +45,7 @@ class Completion:
     # When the answer was made: the same in every chunk of a stream, as OpenAI's `created`.
     created: int = field(default_factory=lambda: int(time.time()))
     n: int = 1  # choices per prompt
+    calls_constrained: bool = False  # the answer's grammar writes tool calls (see _grammar)
 
     def counts_prompt(self, index: int) -> bool:
         """Whether choice `index`'s prompt tokens count in the usage: a prompt counts once,
@@ -74,14 +75,16 @@ _FIELD_TYPES = {
     "stream": bool, "logprobs": (bool, int), "top_logprobs": int, "user": str, "stream_options": dict,
     "chat_template_kwargs": dict, "ignore_eos": bool, "tools": list, "echo": bool,
     "response_format": dict, "logit_bias": dict, "suffix": str, "best_of": int,
+    "parallel_tool_calls": bool,
 }
 
 
 def parse_request(body: object, kind: str, tokenizer, context_length: int, served_model: str,
                   grammars: Grammars | None = None) -> Completion:
     """Validate an /v1/chat/completions (kind "chat") or /v1/completions ("text") body.
-    `grammars` (the engine's) checks a response_format's grammar against the model's
-    vocabulary; without it, only its form is checked."""
+    `grammars` (the engine's) checks the answer's grammar (response_format, enforced tool
+    calls: see _grammar) against the model's vocabulary; without it, only its form is
+    checked."""
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     # An explicit null means "the default", as in OpenAI's API (its SDKs send them).
@@ -100,20 +103,16 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
     if body.get("suffix"):
         raise APIError(400, "suffix (text to follow the completion, for insertion) is not supported by this "
                             "server", param="suffix")
-    grammar = _response_format(body.get("response_format"), grammars)
-
-    tools_enabled = False
+    schema = _response_format(body.get("response_format"))
+    tools, choice, grammar = None, "auto", None
     if kind == "chat":
-        tools = _tools(body)
-        tools_enabled = bool(tools)
-        if tools and grammar:
-            raise APIError(400, "response_format json_object or json_schema cannot be combined with tools here: "
-                                "the answer would have to be both a tool call and JSON of that format",
-                           param="response_format")
+        tools, choice = _tools(body)
+        grammar = _grammar(body, tokenizer, tools, choice, schema, grammars)
         prompts = [_chat_prompt(body, tokenizer, tools, think=grammar is None)]
         top_logprobs = body.get("top_logprobs") or 0
         logprobs = bool(body.get("logprobs"))
     else:
+        grammar = _grammar(body, tokenizer, None, "auto", schema, grammars)
         prompts = _text_prompts(body, tokenizer)
         # /v1/completions: `logprobs` is the number of top alternatives (0..5 in OpenAI's API;
         # up to 20 here, as chat's top_logprobs), or null for none.
@@ -180,7 +179,8 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
     options = body.get("stream_options") or {}
     prompts = [prompt for prompt in prompts for _ in range(n)]
     return Completion(kind, prompts, params, bool(body.get("stream", False)),
-                      bool(options.get("include_usage")), model, tools_enabled, echo, score_only, n=n)
+                      bool(options.get("include_usage")), model, bool(tools), echo, score_only, n=n,
+                      calls_constrained=bool(tools) and grammar is not None)
 
 
 def _model(body: dict, served_model: str) -> str:
@@ -191,14 +191,37 @@ def _model(body: dict, served_model: str) -> str:
     return model
 
 
-def _response_format(value: dict | None, grammars: Grammars | None) -> str | None:
-    """The grammar that `response_format` holds the answer to (grammar.py), or None."""
+def _response_format(value: dict | None) -> dict | None:
+    """The JSON Schema that `response_format` holds the answer to (grammar.py), or None."""
     try:
-        grammar = response_format_grammar(value)
-        if grammar is not None and grammars is not None:
-            grammars.check(grammar)
+        return response_format_schema(value)
     except GrammarError as exc:
         raise APIError(400, f"response_format: {exc}", param="response_format") from None
+
+
+def _grammar(body: dict, tokenizer, tools: list | None, choice: str, schema: dict | None,
+             grammars: Grammars | None) -> str | None:
+    """The grammar the answer is held to, or None. With tools, tool_choice "required" or a
+    named function makes the answer tool calls (one, for a named function or
+    parallel_tool_calls false), and a response_format under "auto" makes it either calls or
+    JSON under that format; otherwise the response_format alone, if any. `grammars` (the
+    engine's) checks it against the model's vocabulary."""
+    try:
+        format_grammar = json_schema_grammar(schema) if schema is not None else None
+        if format_grammar is not None and grammars is not None:
+            grammars.check(format_grammar)
+    except GrammarError as exc:
+        raise APIError(400, f"response_format: {exc}", param="response_format") from None
+    if not tools or (choice == "auto" and schema is None):
+        return format_grammar
+    one_call = choice == "named" or body.get("parallel_tool_calls") is False
+    try:
+        grammar = tool_call_grammar(tools, tool_tags(tokenizer), answer=schema if choice == "auto" else None,
+                                    one_call=one_call)
+        if grammars is not None:
+            grammars.check(grammar)
+    except GrammarError as exc:
+        raise APIError(400, f"tools: {exc}", param="tools") from None
     return grammar
 
 
@@ -233,11 +256,9 @@ def _float(body: dict, name: str, default: float) -> float:
                             f"({len(str(body[name]))} digits)", param=name) from None
 
 
-def _tools(body: dict) -> list | None:
-    """The tools to show the model, or None (none given, or tool_choice "none").
-
-    tool_choice "required" or a named function is passed to the template as the tools, but
-    not enforced on the output (no constrained decoding yet)."""
+def _tools(body: dict) -> tuple[list | None, str]:
+    """(The tools to show the model, or None: none given, or tool_choice "none"; the choice:
+    "auto", "required" or "named", which leaves only the named function in the tools)."""
     tools = body.get("tools")
     choice = body.get("tool_choice", "auto")
     named = None
@@ -249,10 +270,10 @@ def _tools(body: dict) -> list | None:
                                 "{'type': 'function', 'function': {'name': …}}", param="tool_choice")
     elif choice not in ("auto", "none", "required"):
         raise APIError(400, "tool_choice must be auto, none, required or a named function", param="tool_choice")
-    if tools is None:
+    if not tools:  # (None, or an empty list)
         if named is not None or choice == "required":
             raise APIError(400, "tool_choice needs tools", param="tool_choice")
-        return None
+        return None, "auto"
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(fn, dict)
@@ -263,8 +284,8 @@ def _tools(body: dict) -> list | None:
     if named is not None:
         if named not in {t["function"]["name"] for t in tools}:
             raise APIError(400, "tool_choice names a function that is not in tools", param="tool_choice")
-        return [t for t in tools if t["function"]["name"] == named]
-    return None if choice == "none" else tools
+        return [t for t in tools if t["function"]["name"] == named], "named"
+    return (None, "auto") if choice == "none" else (tools, choice)
 
 
 def _chat_prompt(body: dict, tokenizer, tools: list | None, think: bool = True) -> list[int]:

@@ -312,7 +312,7 @@ async def _collect_choice(c: wire.Completion, index: int, stream, tokenizer) -> 
         lp = wire.logprobs_json(c.kind, logprobs, tokenizer,
                                 wire.TextOffsets(tokenizer, start).take([e.token_id for e in logprobs]))
     if c.kind == "chat":
-        parser = parser_for(tokenizer, tools_enabled=c.tools_enabled)
+        parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, calls_constrained=c.calls_constrained)
         parsed = _merge(parser.feed("".join(text)), parser.flush())
         message = {"role": "assistant", "content": parsed.content or (None if parsed.tool_calls else "")}
         if parsed.reasoning:
@@ -398,7 +398,8 @@ async def _choice_pieces(c: wire.Completion, rid: str, index: int, stream, token
     if c.kind == "chat":
         yield _sse(wire.chunk(c, rid, [{"index": index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}])), False
-    parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True) if c.kind == "chat" else None
+    parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True,
+                        calls_constrained=c.calls_constrained) if c.kind == "chat" else None
     answer, offsets = wire.AnswerLogprobs(tokenizer, c.params), wire.TextOffsets(tokenizer)
     async for event in stream:
         if event.finish_reason == "error":
