@@ -21,6 +21,9 @@ def conversation() -> ChatSession:
     ("top_p", "0.9", 0.9), ("top_p", "1", 1.0),
     ("max_tokens", "64", 64), ("max_tokens", "auto", None), ("max_tokens", "AUTO", None),
     ("think", "off", False), ("think", "On", True),
+    ("schema", "json", {"type": "object"}), ("schema", "text", None), ("schema", "OFF", None),
+    ("schema", '{"type": "object", "properties": {"a": {"type": "integer"}}}',
+     {"type": "object", "properties": {"a": {"type": "integer"}}}),
 ])
 def test_settings_accept(name, raw, value):
     settings = Settings()
@@ -33,6 +36,7 @@ def test_settings_accept(name, raw, value):
     ("top_p", "0", "/top_p X"), ("top_p", "1.5", "/top_p X"), ("top_p", "", "/top_p X"),
     ("max_tokens", "0", "/max_tokens N"), ("max_tokens", "2.5", "/max_tokens N"),
     ("think", "maybe", "/think on|off"),
+    ("schema", "", "/format text|json|SCHEMA"),
 ])
 def test_settings_refuse_with_one_line_of_usage(name, raw, usage):
     settings = Settings()
@@ -41,6 +45,32 @@ def test_settings_refuse_with_one_line_of_usage(name, raw, usage):
         settings.set(name, raw)
     assert str(err.value).startswith("usage: " + usage) and "\n" not in str(err.value)
     assert getattr(settings, name) == before
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ("/no/such/schema.json", "/format: cannot read the schema file /no/such/schema.json"),
+    ("{not json", "/format: the schema is not valid JSON"),
+    ("[1, 2]", "/format: a JSON schema must be a JSON object"),
+])
+def test_a_bad_format_says_why_in_one_line(raw, needle):
+    settings = Settings(schema={"type": "object"})
+    with pytest.raises(UsageError) as err:
+        settings.set("schema", raw)
+    assert str(err.value).startswith(needle) and "\n" not in str(err.value)
+    assert settings.schema == {"type": "object"}
+
+
+def test_format_from_a_file_and_as_described(tmp_path):
+    path = tmp_path / "city.json"
+    schema = {"title": "City", "type": "object", "properties": {"name": {"type": "string"}, "size": {"type": "integer"}}}
+    path.write_text(json.dumps(schema))
+    settings = Settings()
+    assert settings.describe("schema") == "text"
+    settings.set("schema", str(path))
+    assert settings.schema == schema
+    assert settings.describe("schema") == "JSON under the schema 'City' with name, size"
+    settings.set("schema", "json")
+    assert settings.describe("schema") == "json (any JSON object)"
 
 
 def test_model_messages_leave_reasoning_out():
@@ -69,6 +99,7 @@ def test_save_then_load_gives_the_same_conversation(tmp_path):
     session = conversation()
     session.settings.set("temperature", "0.2")
     session.settings.set("think", "off")
+    session.settings.set("schema", '{"type": "object", "properties": {"sum": {"type": "integer"}}}')
     path = session.save(tmp_path / "chat.json", model="tiny")
     saved = json.loads(path.read_text())
     assert saved["format"] == "mlxserve-chat" and saved["model"] == "tiny"

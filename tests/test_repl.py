@@ -277,6 +277,9 @@ def test_tab_completes_commands(chat):
     ("/system none", "System prompt removed."),
     ("/reset", "New conversation."),
     ("/clear", "New conversation."),
+    ("/format json", "answers: json (any JSON object)"),
+    ("/format", "answers: json (any JSON object)"),
+    ("/format text", "answers: text"),
 ])
 def test_settings_commands(chat, line, answer):
     assert chat.run(line).startswith(answer)
@@ -296,6 +299,8 @@ def test_settings_commands(chat, line, answer):
     ("/load /no/such/chat.json", "cannot read /no/such/chat.json"),
     ("/model /no/such/model", "cannot switch to /no/such/model"),
     ("/frobnicate", "unknown command /frobnicate; /help lists them"),
+    ("/format /no/such/schema.json", "/format: cannot read the schema file /no/such/schema.json"),
+    ('/format {"type": "foo"}', "/format: the grammar cannot be used: Invalid type: foo"),  # the engine's check
 ])
 def test_bad_commands_get_one_line_of_help(chat, line, needle):
     one_error_line(chat.run(line), needle)
@@ -436,6 +441,29 @@ def test_piped_question_prints_only_the_answer(tiny, tmp_path):
     assert "mlxserve chat" not in r.stdout and "generated" not in r.stdout and ">>>" not in r.stdout
     assert STATS.search(r.stderr), r.stderr  # the figures go to stderr
     assert not (tmp_path / "history").exists()  # nothing typed, nothing kept
+
+
+PET = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                       "age": {"type": "integer", "minimum": 0, "maximum": 30}},
+       "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_piped_answers_follow_format_in_process_and_over_http(tiny, served, tmp_path):
+    """`chat --format SCHEMA`: the answer is JSON under it, with the engine in this process and
+    with --url (sent as response_format); a schema the engine cannot use is one line, exit 2."""
+    server, _ = served
+    path = tmp_path / "pet.json"
+    path.write_text(json.dumps(PET))
+    for where in (("--model", tiny), ("--url", server.url, "--api-key", API_KEY)):
+        r = mlxserve("chat", *where, "--format", str(path), "--temperature", "1", stdin="Describe a pet.\n",
+                     env={"MLXSERVE_HOME": str(tmp_path)})
+        assert r.returncode == 0, r.stderr
+        pet = json.loads(r.stdout)
+        assert set(pet) == {"name", "age"} and len(pet["name"]) <= 8 and 0 <= pet["age"] <= 30, r.stdout
+    r = mlxserve("chat", "--model", tiny, "--format", '{"type": "foo"}', stdin="hi", env={"MLXSERVE_HOME": str(tmp_path)})
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert errors[0] == "mlxserve: error: --format: the grammar cannot be used: Invalid type: foo", r.stderr
 
 
 def test_piped_answer_whose_reader_goes_away_is_no_error(tiny, tmp_path):
@@ -656,7 +684,7 @@ def test_what_is_sent_of_a_line_typed_or_pasted(tmp_path, monkeypatch):
     monkeypatch.setattr(repl_module, "open_backend", lambda args: Closable())
     monkeypatch.setattr(repl_module, "one_shot", lambda backend, session, question: piped.append(question) or 0)
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n    def f(self):\n        return 1\n"))
-    args = types.SimpleNamespace(temperature=None, no_think=False, system=None)
+    args = types.SimpleNamespace(temperature=None, no_think=False, system=None, format=None)
     assert repl_module.run_chat(args) == 0
     assert piped == ["    def f(self):\n        return 1"]
 

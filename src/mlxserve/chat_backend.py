@@ -99,7 +99,8 @@ class EngineBackend:
         from .scheduler import Request
 
         tokenizer = self.loaded.tokenizer
-        prompt = chat_prompt_ids(tokenizer, messages, settings.think)
+        # An answer held to a schema starts as the schema says: no thinking first.
+        prompt = chat_prompt_ids(tokenizer, messages, settings.think and settings.schema is None)
         room = self.loaded.context_length - len(prompt)
         if room < 1:
             if sum(m["role"] != "system" for m in messages) == 1:  # /reset would not help
@@ -108,7 +109,8 @@ class EngineBackend:
             raise BackendError(f"the conversation ({len(prompt):,} tokens) fills the model's context "
                                f"({self.loaded.context_length:,}); /reset to start over")
         max_tokens = room if settings.max_tokens is None else min(settings.max_tokens, room)
-        params = SamplingParams(max_tokens=max_tokens, temperature=settings.temperature, top_p=settings.top_p)
+        params = SamplingParams(max_tokens=max_tokens, temperature=settings.temperature, top_p=settings.top_p,
+                                grammar=self._grammar(settings.schema))
         try:
             stream = self.engine.submit(Request(prompt, params))
         except RuntimeError as exc:  # the engine stopped (or the server is busy)
@@ -117,6 +119,23 @@ class EngineBackend:
             alone = sum(m["role"] != "system" for m in messages) == 1
             raise BackendError(f"{exc}; {'shorten the message' if alone else '/reset to start over'}") from None
         return EngineGeneration(stream, parser_for(tokenizer, tools_enabled=False, incremental=True))
+
+    def check_schema(self, schema: dict) -> None:
+        """Raise BackendError if answers cannot be held to `schema` with this model (its
+        vocabulary; the first check builds llguidance's index of it, ~0.4 s)."""
+        self._grammar(schema)
+
+    def _grammar(self, schema: dict | None) -> str | None:
+        from .grammar import GrammarError, json_schema_grammar
+
+        if schema is None:
+            return None
+        try:
+            grammar = json_schema_grammar(schema)
+            self.engine.grammars.check(grammar)
+        except GrammarError as exc:
+            raise BackendError(f"/format: {exc}") from None
+        return grammar
 
     def stats(self) -> dict:
         return self.engine.stats()
@@ -251,6 +270,9 @@ class HTTPBackend:
                 "temperature": settings.temperature, "top_p": settings.top_p}
         if not settings.think:
             body["chat_template_kwargs"] = {"enable_thinking": False}
+        if settings.schema is not None:
+            # (The server asks the template to leave thinking out itself.)
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": settings.schema}}
         if settings.max_tokens is None:
             return HTTPGeneration(self, body)
         try:
@@ -259,6 +281,9 @@ class HTTPBackend:
             # /max_tokens is a cap, as in-process: more than the context leaves means as many
             # as it leaves, which is what the server gives without it.
             return HTTPGeneration(self, body)
+
+    def check_schema(self, schema: dict) -> None:
+        """The server checks a schema with each request (a 400 then says what is wrong)."""
 
     def stats(self) -> dict:
         try:

@@ -26,6 +26,8 @@ class Settings:
     top_p: float = 0.95
     max_tokens: int | None = None  # None: as many as the context leaves (or the server's default)
     think: bool = True  # show the model's reasoning; off also asks the model not to think
+    # The JSON Schema answers are held to (/format), or None: free text.
+    schema: dict | None = None
 
     def set(self, name: str, raw: str) -> None:
         """Set one setting from the text a user typed; UsageError says what is accepted."""
@@ -38,6 +40,8 @@ class Settings:
             return "on" if value else "off"
         if name == "max_tokens" and value is None:
             return "auto (as many as the context leaves)"
+        if name == "schema":
+            return describe_schema(value)
         return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -74,6 +78,35 @@ def _parse_think(raw: str) -> bool:
     raise UsageError("usage: /think on|off")
 
 
+FORMAT_USAGE = "usage: /format text|json|SCHEMA (a JSON schema's file, or the schema as JSON text)"
+
+
+def _parse_schema(raw: str) -> dict | None:
+    from .grammar import GrammarError, read_schema
+
+    if raw.lower() in ("text", "off"):
+        return None
+    if not raw:
+        raise UsageError(FORMAT_USAGE)
+    try:
+        return read_schema(raw)
+    except GrammarError as exc:
+        raise UsageError(f"/format: {exc}") from None
+
+
+def describe_schema(schema: dict | None) -> str:
+    """What /format shows: free text, any JSON object, or a schema by its title and fields."""
+    if schema is None:
+        return "text"
+    if schema == {"type": "object"}:
+        return "json (any JSON object)"
+    fields = schema.get("properties")
+    what = f"'{schema['title']}' " if isinstance(schema.get("title"), str) else ""
+    if isinstance(fields, dict) and fields:
+        return f"JSON under the schema {what}with {', '.join(map(str, fields))}"
+    return f"JSON under the schema {what}".rstrip()
+
+
 def _number(raw: str, usage: str) -> float:
     try:
         value = float(raw)
@@ -85,7 +118,7 @@ def _number(raw: str, usage: str) -> float:
 
 
 _PARSERS = {"temperature": _parse_temperature, "top_p": _parse_top_p,
-            "max_tokens": _parse_max_tokens, "think": _parse_think}
+            "max_tokens": _parse_max_tokens, "think": _parse_think, "schema": _parse_schema}
 
 
 @dataclass
@@ -183,7 +216,7 @@ class ChatSession:
         for name, value in saved_settings.items():
             if name in _PARSERS:
                 try:
-                    settings.set(name, _setting_text(value))
+                    settings.set(name, _setting_text(name, value))
                 except UsageError:
                     raise ValueError(f"settings.{name}: {value!r} is not accepted") from None
         model = data.get("model")
@@ -236,9 +269,12 @@ def _message_json(m: Message) -> dict:
     return out
 
 
-def _setting_text(value: object) -> str:
+def _setting_text(name: str, value: object) -> str:
+    """A saved setting as the text its command takes."""
     if value is None:
-        return "auto"
+        return "text" if name == "schema" else "auto"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
     if isinstance(value, bool):
         return "on" if value else "off"
     return str(value)

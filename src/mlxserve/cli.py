@@ -12,7 +12,6 @@ import os
 import re
 import sys
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
@@ -310,24 +309,10 @@ def _format_grammar(value: str | None) -> str | None:
     """`run --format`: 'json', a JSON schema's file, or the schema as JSON text -> a grammar."""
     if value is None:
         return None
-    from .grammar import GrammarError, json_schema_grammar, response_format_grammar
+    from .grammar import GrammarError, json_schema_grammar, read_schema
 
-    if value == "json":
-        return response_format_grammar({"type": "json_object"})
-    text = value
-    if not value.lstrip().startswith(("{", "[")):
-        try:
-            text = Path(value).read_text()
-        except OSError as exc:
-            raise CLIError(f"--format: cannot read the schema file {value}: {exc.strerror or exc}") from None
     try:
-        schema = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # (RecursionError: nested deeper than the parser goes)
-        raise CLIError(f"--format: the schema is not valid JSON: {exc}") from None
-    if not isinstance(schema, dict):
-        raise CLIError("--format: a JSON schema must be a JSON object")
-    try:
-        return json_schema_grammar(schema)
+        return json_schema_grammar(read_schema(value))
     except GrammarError as exc:
         raise CLIError(f"--format: {exc}") from None
 
@@ -399,6 +384,9 @@ def _add_chat_parser(sub, default_model: str) -> None:
     chat.add_argument("--no-think", action="store_true", help="ask the model not to think, and hide any thinking")
     chat.add_argument("--temperature", type=float, default=None,
                       help="sampling temperature to start with (default 0.7; 0 = greedy; /temp changes it)")
+    chat.add_argument("--format", metavar="json|SCHEMA",
+                      help="hold every answer to JSON: 'json' for any JSON object, or a JSON schema (a file, or the "
+                           "schema itself as JSON text); /format changes it; the model is asked not to think")
     _add_engine_args(chat)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 
@@ -79,6 +80,26 @@ def response_format_schema(value: object) -> dict | None:
         return spec["schema"]
     raise GrammarError(f"response_format type must be 'text', 'json_object' or 'json_schema', got "
                        f"{json.dumps(kind)[:40]}")
+
+
+def read_schema(value: str) -> dict:
+    """A JSON Schema as a user names it on the command line or in the terminal chat: 'json'
+    (any JSON object), a file holding the schema, or the schema itself as JSON text."""
+    if value == "json":
+        return {"type": "object"}
+    text = value
+    if not value.lstrip().startswith(("{", "[")):
+        try:
+            text = Path(value).expanduser().read_text()
+        except OSError as exc:
+            raise GrammarError(f"cannot read the schema file {value}: {exc.strerror or exc}") from None
+    try:
+        schema = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # (RecursionError: nested deeper than the parser goes)
+        raise GrammarError(f"the schema is not valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise GrammarError("a JSON schema must be a JSON object")
+    return schema
 
 
 # A function declared without parameters takes none (as in OpenAI's API): its arguments are {}.

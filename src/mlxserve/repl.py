@@ -64,11 +64,22 @@ def run_chat(args) -> int:
     settings = Settings(think=not args.no_think)
     if args.temperature is not None:
         settings.set("temperature", str(args.temperature))
+    if args.format is not None:
+        try:
+            settings.set("schema", args.format)
+        except UsageError as exc:
+            raise CLIError(str(exc).replace("/format", "--format", 1)) from None
     session = ChatSession(system=args.system or None, settings=settings)
     try:
         backend = open_backend(args)
     except BackendError as exc:
         raise CLIError(str(exc)) from None
+    if settings.schema is not None:
+        try:
+            backend.check_schema(settings.schema)
+        except BackendError as exc:
+            backend.close()
+            raise CLIError(str(exc).replace("/format", "--format", 1)) from None
     try:
         if not interactive:
             return one_shot(backend, session, question)
@@ -181,6 +192,20 @@ def _setting_command(name: str, label: str) -> Callable[[Repl, str], None]:
     return run
 
 
+def _cmd_format(repl: Repl, arg: str) -> None:
+    settings = repl.session.settings
+    if arg:
+        probe = Settings()
+        probe.set("schema", arg)  # UsageError: the argument's form
+        if probe.schema is not None:
+            try:
+                repl.backend.check_schema(probe.schema)
+            except BackendError as exc:  # e.g. a schema no text satisfies
+                raise UsageError(str(exc)) from None
+        settings.schema = probe.schema
+    repl.say(f"answers: {settings.describe('schema')}")
+
+
 def _cmd_retry(repl: Repl, arg: str) -> None:
     previous = repl.session.take_last_answer()
     if not repl.session.awaiting_answer:
@@ -276,6 +301,8 @@ COMMANDS = [
             choices=("auto",)),
     Command("/think", "[on|off]", "show thinking (off: hide it, ask the model not to think)",
             _setting_command("think", "thinking"), choices=("on", "off")),
+    Command("/format", "[text|json|SCHEMA]", "answers as text, any JSON object, or JSON under a schema (a file, "
+            "or inline JSON)", _cmd_format, choices=("text", "json")),
     Command("/retry", "", "answer the last question again", _cmd_retry),
     Command("/model", "[NAME]", "show or switch the model", _cmd_model),
     Command("/models", "", "list models", _cmd_models),
@@ -500,9 +527,10 @@ class SlashCompleter(Completer):
         command = find_command(name)
         if command is None:
             return
-        if command.name in ("/save", "/load", "/export"):
+        if command.name in ("/save", "/load", "/export", "/format"):  # (/format: a schema's file)
             yield from self._paths.get_completions(Document(arg, len(arg)), complete_event)
-            return
+            if command.name != "/format":
+                return
         choices = command.choices
         if command.name == "/model":
             choices = tuple(m.name for m in self._models())
