@@ -14,8 +14,8 @@ ANSWER = (
 )
 
 
-def run(text, pieces, *, reasoning=True, tools=True):
-    parser = ChatOutputParser(reasoning=reasoning, tools=tools)
+def run(text, pieces, *, reasoning=True, tools=True, exact_json=False):
+    parser = ChatOutputParser(reasoning=reasoning, tools=tools, exact_json=exact_json)
     content, thought, calls = "", "", []
     cuts = sorted(random.Random(pieces).sample(range(1, len(text)), min(pieces, len(text) - 1)))
     for a, b in zip([0] + cuts, cuts + [len(text)]):
@@ -33,6 +33,21 @@ def test_reasoning_content_and_two_tool_calls_in_any_split(pieces):
     assert [c.name for c in calls] == ["get_weather", "get_time"]
     assert [json.loads(c.arguments) for c in calls] == [{"city": "Paris"}, {"zone": "CET"}]
     assert len({c.id for c in calls}) == 2 and parser.saw_tool_call
+
+
+@pytest.mark.parametrize("pieces", [1, 4, 30, 200])
+def test_a_closing_tag_inside_an_argument_of_grammar_written_calls(pieces):
+    """Calls a grammar wrote (exact JSON): a closing tag inside a string is the argument's
+    text; the calls around it are read as written. Without `exact_json` the tag ends the
+    call wherever it comes (a model's own JSON may be broken)."""
+    code = "print('</tool_call>')"
+    text = ('<tool_call>\n{"name": "run", "arguments": {"code":' + json.dumps(code) + '}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "clock", "arguments": {}}\n</tool_call>\n')
+    content, _, calls, parser = run(text, pieces, exact_json=True)
+    assert content == "" and [c.name for c in calls] == ["run", "clock"]
+    assert json.loads(calls[0].arguments) == {"code": code} and parser.finish_reason("stop") == "tool_calls"
+    _, _, calls, parser = run(text, pieces)
+    assert calls[0].arguments == '{"code":"print(\'' and parser.finish_reason("stop") == "stop"
 
 
 @pytest.mark.parametrize("pieces", [1, 5, 40])

@@ -314,6 +314,17 @@ def follows(grammars: Grammars, grammar: str, text: str) -> tuple[bool, bool]:
     return constraint.error is None, constraint.finished
 
 
+def may_end_after(grammars: Grammars, grammar: str, text: str) -> bool:
+    """Whether an end-of-turn token is allowed after `text`."""
+    constraint = grammars.constraint(grammar)
+    for token in grammars._tokenizer.encode(text, add_special_tokens=False):
+        constraint.consume(token)
+    mask = np.zeros(constraint.mask_words, dtype=np.int32)
+    constraint.fill_mask(mask)
+    bits = np.unpackbits(mask.view(np.uint8), bitorder="little")
+    return all(bits[i] for i in grammars._tokenizer.eos_token_ids)
+
+
 def test_tool_call_grammars_hold_calls_to_their_tools(loaded):
     grammars = Grammars(loaded.tokenizer)
     tags = tool_tags(loaded.tokenizer)
@@ -323,6 +334,9 @@ def test_tool_call_grammars_hold_calls_to_their_tools(loaded):
     paris, rome, now = call("get_weather", '{"city":"Paris"}'), call("get_weather", '{"city":"Rome"}'), call("now", "{}")
     assert follows(grammars, calls, paris) == (True, False)  # another call may follow
     assert follows(grammars, calls, paris + "\n" + now) == (True, False)
+    # A newline after a call, as models write before ending their turn, may end the answer.
+    assert may_end_after(grammars, calls, paris) and may_end_after(grammars, calls, paris + "\n")
+    assert not may_end_after(grammars, calls, paris + "\n<tool_call>")
     for wrong in (call("get_weather", '{"city":"Oslo"}'),  # not in the schema's $defs enum
                   call("get_weather", "{}"),  # a required argument missing
                   call("now", '{"x":1}'),  # no parameters declared: none allowed
@@ -332,7 +346,8 @@ def test_tool_call_grammars_hold_calls_to_their_tools(loaded):
         assert follows(grammars, calls, wrong)[0] is False, wrong
 
     one = tool_call_grammar([WEATHER, NOW], tags, one_call=True)
-    assert follows(grammars, one, rome) == (True, True)
+    assert follows(grammars, one, rome) == (True, False) and may_end_after(grammars, one, rome)
+    assert follows(grammars, one, rome + "\n") == (True, True)
     assert follows(grammars, one, rome + "\n" + now)[0] is False
 
     either = tool_call_grammar([WEATHER], tags, answer=SCHEMA)
@@ -356,7 +371,7 @@ def test_a_model_without_tag_tokens_makes_calls_the_parser_reads(smollm2_path):
     assert tool_tags(tokenizer) == ('"<tool_call>"', '"</tool_call>"')
     grammar = tool_call_grammar([WEATHER], tool_tags(tokenizer), one_call=True)
     grammars = Grammars(tokenizer)
-    assert follows(grammars, grammar, call("get_weather", '{"city":"Rome"}')) == (True, True)
+    assert follows(grammars, grammar, call("get_weather", '{"city":"Rome"}') + "\n") == (True, True)
     assert follows(grammars, grammar, call("get_weather", '{"city":"Bern"}'))[0] is False
     prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Weather in Rome?"}],
                                                             tools=[WEATHER]), add_special_tokens=False)

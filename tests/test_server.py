@@ -112,37 +112,78 @@ def valid_call(call) -> bool:
             and arguments["city"] in ("Paris", "Rome") and 1 <= arguments["days"] <= 7)
 
 
-def test_tool_choice_required_and_named_are_enforced(client):
+def test_tool_choice_required_and_named_are_enforced(client, server):
     """tool_choice "required": the answer is one or more calls of the tools, arguments valid
     under their schemas, streamed as the whole answer gives them; a named function: one call
-    of it; parallel_tool_calls false: one call, where the same seed made several."""
+    of it; parallel_tool_calls false: one call, where the same seed made several. An answer
+    cut by max_tokens says "length", calls or not."""
     messages = [{"role": "user", "content": "Weather in Paris?"}]
-    request = dict(model=MODEL, messages=messages, tools=[FORECAST, CLOCK], max_tokens=300, temperature=1.5)
-    several = None
-    for seed in range(30):
+    request = dict(model=MODEL, messages=messages, tools=[FORECAST, CLOCK], max_tokens=300, temperature=1.0)
+    for seed in range(3):
         r = client.chat.completions.create(tool_choice="required", seed=seed, **request)
         choice = r.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
         assert choice.message.tool_calls and all(valid_call(c) for c in choice.message.tool_calls)
-        if seed < 3:
-            chunks = list(client.chat.completions.create(tool_choice="required", seed=seed, stream=True, **request))
-            streamed = {}
-            for p in (p for c in chunks if c.choices for p in c.choices[0].delta.tool_calls or []):
-                name, arguments = streamed.get(p.index, (None, ""))
-                streamed[p.index] = (name or p.function.name, arguments + (p.function.arguments or ""))
-            assert [streamed[i] for i in sorted(streamed)] == [(c.function.name, c.function.arguments)
-                                                               for c in choice.message.tool_calls]
-            named = client.chat.completions.create(tool_choice={"type": "function", "function": {"name": "forecast"}},
-                                                   seed=seed, **request)
-            (call,) = named.choices[0].message.tool_calls
-            assert call.function.name == "forecast" and valid_call(call)
-        if len(choice.message.tool_calls) > 1:
+        chunks = list(client.chat.completions.create(tool_choice="required", seed=seed, stream=True, **request))
+        streamed = {}
+        for p in (p for c in chunks if c.choices for p in c.choices[0].delta.tool_calls or []):
+            name, arguments = streamed.get(p.index, (None, ""))
+            streamed[p.index] = (name or p.function.name, arguments + (p.function.arguments or ""))
+        assert [streamed[i] for i in sorted(streamed)] == [(c.function.name, c.function.arguments)
+                                                           for c in choice.message.tool_calls]
+        named = client.chat.completions.create(tool_choice={"type": "function", "function": {"name": "forecast"}},
+                                               seed=seed, **request)
+        (call,) = named.choices[0].message.tool_calls
+        assert call.function.name == "forecast" and valid_call(call)
+    # This random model ends after one call mostly; with its end-of-turn tokens held back,
+    # some seeds make several.
+    held_back = {str(i): -4 for i in server[1].tokenizer.eos_token_ids}
+    several = None
+    for seed in range(30):
+        r = client.chat.completions.create(tool_choice="required", seed=seed, logit_bias=held_back, **request)
+        calls = r.choices[0].message.tool_calls
+        if r.choices[0].finish_reason == "tool_calls" and len(calls) > 1:
+            assert all(valid_call(c) for c in calls)
             several = seed
             break
     assert several is not None, "no seed made several calls"
-    single = client.chat.completions.create(tool_choice="required", parallel_tool_calls=False, seed=several, **request)
+    single = client.chat.completions.create(tool_choice="required", parallel_tool_calls=False, seed=several,
+                                            logit_bias=held_back, **request)
     (call,) = single.choices[0].message.tool_calls
-    assert valid_call(call)
+    assert valid_call(call) and single.choices[0].finish_reason == "tool_calls"
+    cut = client.chat.completions.create(tool_choice="required", seed=0, **{**request, "max_tokens": 40},
+                                         logit_bias={k: -100 for k in held_back})
+    assert cut.choices[0].finish_reason == "length"
+
+
+def test_tool_edge_cases(server):
+    """parameters null is a function without parameters; parallel_tool_calls false under
+    "auto" ends the answer at its first call's closing tag (a token here, adding no text); a
+    token the tools' grammar refused is a 400 naming tools."""
+    from mlxserve import openai_api
+
+    url, engine = server
+    tokenizer = engine.tokenizer
+    body = {"messages": X, "tools": [{"type": "function", "function": {"name": "clock", "parameters": None}}]}
+    status, answer = raw(url + "/v1/chat/completions", {**body, "tool_choice": "required", "max_tokens": 40})
+    assert status == 200 and answer["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == "{}"
+    odd = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "x-guidance": "bad",
+                                                                        "additionalProperties": False}}}
+    status, answer = raw(url + "/v1/chat/completions", {"messages": X, "tools": [odd], "tool_choice": "required",
+                                                         "max_tokens": 40})
+    assert status == 200 and answer["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == "{}"
+    close = tokenizer.backend.token_to_id("</tool_call>")
+    one = openai_api.parse_request({**body, "parallel_tool_calls": False}, "chat", tokenizer, 2048, MODEL)
+    assert one.params.grammar is None and one.params.stop_token_ids == (close,)
+    assert openai_api.parse_request(body, "chat", tokenizer, 2048, MODEL).params.stop_token_ids == ()
+    # The argument's fixed text spells the closing tag, which this model writes as its own
+    # token: llguidance allowed the text but refuses the token.
+    spelled = {"type": "function", "function": {"name": "run", "parameters": {
+        "type": "object", "properties": {"code": {"const": "</tool_call>"}}, "required": ["code"]}}}
+    status, answer = raw(url + "/v1/chat/completions", {"messages": X, "tools": [spelled], "tool_choice": "required",
+                                                         "max_tokens": 40, "temperature": 0})
+    assert status == 400 and answer["error"]["param"] == "tools", answer
+    assert answer["error"]["message"].startswith("the answer could not go on as calls of its tools")
 
 
 def test_tools_beside_a_response_format_answer_either_way(client, server):
@@ -487,6 +528,8 @@ BAD += [
      400, "tool_choice"),
     ("parallel_tool_calls a string", dict(body={"messages": X, "tools": TOOLS, "parallel_tool_calls": "no"}),
      400, "parallel_tool_calls"),
+    ("a tool name with the call tag", dict(body={"messages": X, "tools": [
+        {"type": "function", "function": {"name": "a</tool_call>b"}}]}), 400, "tools"),
     ("response_format unusable beside tools", dict(body={"messages": X, "tools": TOOLS, "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}}), 400, "response_format"),
     ("response_format unknown type", dict(body={"messages": X, "response_format": {"type": "xml"}}), 400,

@@ -70,7 +70,7 @@ def parser_for(tokenizer, *, tools_enabled: bool, incremental: bool = False,
     vocab = {tokenizer.decode([i]) for i in tokenizer.special_token_ids} | _added_tokens(tokenizer)
     return ChatOutputParser(reasoning=THINK_OPEN in vocab,
                             tools=tools_enabled and (TOOL_OPEN in vocab or calls_constrained),
-                            incremental=incremental)
+                            incremental=incremental, exact_json=calls_constrained)
 
 
 def _added_tokens(tokenizer) -> set[str]:
@@ -84,10 +84,14 @@ class ChatOutputParser:
     """`incremental=True` (streaming) reports tool calls as ToolCallParts while the model is
     still writing their arguments; otherwise each call comes whole once closed."""
 
-    def __init__(self, *, reasoning: bool, tools: bool, incremental: bool = False):
+    def __init__(self, *, reasoning: bool, tools: bool, incremental: bool = False, exact_json: bool = False):
         self.reasoning = reasoning
         self.tools = tools
         self.incremental = incremental
+        # A grammar wrote the calls (grammar.tool_call_grammar): their JSON is exact, so a
+        # closing tag inside one of its strings is text of an argument, not the call's end.
+        # Otherwise the tag ends the call wherever it comes (a model's JSON may be broken).
+        self.exact_json = exact_json
         self._buffer = ""
         # start | think | skip_ws | content | tool (before a call's head) | tool_args (in its
         # arguments object) | tool_rest (after it, in the call object) | tool_close (after that)
@@ -103,8 +107,9 @@ class ChatOutputParser:
         self._depth, self._in_string, self._escaped = 0, False, False
 
     def finish_reason(self, reason: str) -> str:
-        """The answer's finish reason: "tool_calls" when it made calls, all of them well-formed."""
-        return "tool_calls" if self.saw_tool_call and not self.broken_tool_call else reason
+        """The answer's finish reason: "tool_calls" when it ended by itself ("stop") after
+        making calls, all of them well-formed; an answer cut short keeps "length"."""
+        return "tool_calls" if reason == "stop" and self.saw_tool_call and not self.broken_tool_call else reason
 
     def feed(self, delta: str) -> Parsed:
         self._buffer += delta
@@ -151,7 +156,7 @@ class ChatOutputParser:
                 self._state = "tool"
             elif self._state in ("tool_args", "tool_rest"):
                 # Scan the call's JSON up to the closing tag or what may be its start.
-                end = self._buffer.find(TOOL_CLOSE)
+                end = self._close_tag()
                 limit = end if end >= 0 else len(self._buffer) - _partial_suffix(self._buffer, TOOL_CLOSE)
                 closed = self._scan(limit)
                 text = self._buffer[: limit if closed is None else closed]
@@ -218,6 +223,27 @@ class ChatOutputParser:
         if self.incremental:
             out.tool_call_parts.append(ToolCallPart(self._calls, "", self._call[0], name))
         return True
+
+    def _close_tag(self) -> int:
+        """Where the closing tag is in the buffer (-1: not there): its first place, or with
+        `exact_json` its first place outside the call's JSON strings."""
+        end = self._buffer.find(TOOL_CLOSE)
+        if not self.exact_json:
+            return end
+        in_string, escaped = self._in_string, self._escaped
+        for i, ch in enumerate(self._buffer):
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif ch == "\\":
+                    escaped = True
+                elif ch == '"':
+                    in_string = False
+            elif ch == '"':
+                in_string = True
+            elif self._buffer.startswith(TOOL_CLOSE, i):
+                return i
+        return -1
 
     def _scan(self, limit: int) -> int | None:
         """Follow the JSON in buffer[:limit] (strings, nesting); the index just after the `}`

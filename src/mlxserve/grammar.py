@@ -133,7 +133,9 @@ def tool_call_grammar(tools: list[dict], tags: tuple[str, str], *, answer: dict 
         rules.append(f"call{i}: {open_tag} {json.dumps(head)} args{i} " + json.dumps("}\n") + f" {close_tag}")
         rules.append(f"args{i}: %json {json.dumps(_compact({'type': 'object', **parameters}))}")
         names.append(f"call{i}")
-    calls = "call" if one_call else 'call ("\\n" call)*'
+    # A newline may follow the last call: models write one before their end-of-turn token,
+    # and a grammar that took it for the start of another call would force one.
+    calls = 'call "\\n"?' if one_call else 'call ("\\n" call)* "\\n"?'
     start = calls if answer is None else f"{calls} | answer"
     rules = [f"start: {start}", "call: " + " | ".join(names)] + rules
     if answer is not None:
@@ -145,8 +147,10 @@ def tool_call_grammar(tools: list[dict], tags: tuple[str, str], *, answer: dict 
 
 
 def _compact(schema: dict) -> dict:
-    """`schema` generating JSON without optional whitespace (the module docstring says why)."""
-    return {**schema, "x-guidance": {**_JSON_OPTIONS, **schema.get("x-guidance", {})}}
+    """`schema` generating JSON without optional whitespace (the module docstring says why);
+    its own `x-guidance` options, if an object, on top."""
+    own = schema.get("x-guidance")
+    return {**schema, "x-guidance": {**_JSON_OPTIONS, **(own if isinstance(own, dict) else {})}}
 
 
 def tool_tags(tokenizer) -> tuple[str, str]:

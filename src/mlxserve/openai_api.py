@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .chat_output import TOOL_CLOSE, TOOL_OPEN
 from .grammar import GrammarError, Grammars, json_schema_grammar, response_format_schema, tool_call_grammar, tool_tags
 from .sampling import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -160,6 +161,7 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
         repetition_penalty=_float(body, "repetition_penalty", 1.0),
         seed=body.get("seed"),
         stop=stop,
+        stop_token_ids=_one_call_stop(body, tokenizer, tools, grammar),
         ignore_eos=bool(body.get("ignore_eos", False)),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
@@ -256,6 +258,18 @@ def _float(body: dict, name: str, default: float) -> float:
                             f"({len(str(body[name]))} digits)", param=name) from None
 
 
+def _one_call_stop(body: dict, tokenizer, tools: list | None, grammar: str | None) -> tuple[int, ...]:
+    """parallel_tool_calls false where no grammar holds the answer (tool_choice "auto" without
+    a response_format): the answer ends with its first call's closing tag, where the model's
+    vocabulary has that tag as a token (else its calls are not read as calls at all). The
+    tag adds no text; the parser takes a call whose tag is missing at the answer's end."""
+    if not tools or grammar is not None or body.get("parallel_tool_calls") is not False:
+        return ()
+    backend = getattr(tokenizer, "backend", None)
+    token = backend.token_to_id(TOOL_CLOSE) if backend is not None else None
+    return () if token is None else (token,)
+
+
 def _tools(body: dict) -> tuple[list | None, str]:
     """(The tools to show the model, or None: none given, or tool_choice "none"; the choice:
     "auto", "required" or "named", which leaves only the named function in the tools)."""
@@ -279,8 +293,11 @@ def _tools(body: dict) -> tuple[list | None, str]:
         if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(fn, dict)
                 and isinstance(fn.get("name"), str)):
             raise APIError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': …}}}}", param="tools")
-        if not isinstance(fn.get("parameters", {}), dict):
+        if not isinstance(fn.get("parameters") or {}, dict):  # (null: no parameters)
             raise APIError(400, f"tools[{i}].function.parameters must be a JSON Schema object", param="tools")
+        if TOOL_OPEN in fn["name"] or TOOL_CLOSE in fn["name"]:
+            raise APIError(400, f"tools[{i}].function.name must not contain {TOOL_OPEN} or {TOOL_CLOSE}: a call "
+                                "naming it could not be read back", param="tools")
     if named is not None:
         if named not in {t["function"]["name"] for t in tools}:
             raise APIError(400, "tool_choice names a function that is not in tools", param="tool_choice")

@@ -34,6 +34,9 @@ from .sampling import SamplingParams
 from .scheduler import Request, ServerBusy
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # requests larger than this get 413
+# What a 400 says when a grammar of tool calls refused a token it had allowed (see grammar.py's
+# Constraint.consume): the start of the engine's ANSWER_REFUSED message, for a tools request.
+TOOLS_REFUSED = "the answer could not go on as calls of its tools"
 
 log = logging.getLogger("mlxserve.server")
 
@@ -263,12 +266,14 @@ async def _until_disconnected(request: HTTPRequest) -> None:
         pass
 
 
-def _engine_error(message: str | None) -> wire.APIError:
-    """What to answer for a request the engine ended with an error."""
+def _engine_error(message: str | None, c: wire.Completion | None = None) -> wire.APIError:
+    """What to answer for a request (`c`, for a completion) the engine ended with an error."""
     message = message or "generation failed"
     if message == SHUTTING_DOWN:
         return wire.APIError(503, message, type="server_error")
-    if message.startswith(ANSWER_REFUSED):  # its own response_format's doing
+    if message.startswith(ANSWER_REFUSED):  # its own grammar's doing
+        if c is not None and c.calls_constrained:  # the grammar of its tools' calls
+            return wire.APIError(400, TOOLS_REFUSED + message[len(ANSWER_REFUSED):], param="tools")
         return wire.APIError(400, message, param="response_format")
     if message.startswith("server busy"):
         return wire.APIError(429, message, type="rate_limit_error")
@@ -303,7 +308,7 @@ async def _collect_choice(c: wire.Completion, index: int, stream, tokenizer) -> 
         if event.finish_reason:
             final = event
     if final.finish_reason == "error":
-        raise _engine_error(final.error)
+        raise _engine_error(final.error, c)
     lp = None
     if c.params.logprobs and c.kind == "chat":
         lp = wire.logprobs_json(c.kind, logprobs, tokenizer)
@@ -403,7 +408,7 @@ async def _choice_pieces(c: wire.Completion, rid: str, index: int, stream, token
     answer, offsets = wire.AnswerLogprobs(tokenizer, c.params), wire.TextOffsets(tokenizer)
     async for event in stream:
         if event.finish_reason == "error":
-            yield _sse(_engine_error(event.error).body()), True
+            yield _sse(_engine_error(event.error, c).body()), True
             return
         lp, entries = None, answer.feed(event) if c.params.logprobs else []
         if entries:
