@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from . import openai_api as wire
+from . import responses_api
 from .chat_output import Parsed, merge_parts, parser_for
 from .engine import SHUTTING_DOWN, Engine, EngineStopped
 from .grammar import ANSWER_REFUSED
@@ -183,6 +184,49 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             return refused(exc, "input")
         return await whole_answer(request, _collect_embeddings(e, streams), streams)
 
+    response_store = responses_api.ResponseStore()
+
+    async def responses(request: HTTPRequest):
+        """OpenAI's Responses API (responses_api.py): one answer, streamed as typed events or whole."""
+        try:
+            check_key(request)
+            body = await read_body(request)
+            r = await run_in_threadpool(lambda: responses_api.parse(
+                read_json(body), tokenizer, loaded.context_length, served_model, engine.grammars, response_store))
+        except wire.APIError as exc:
+            return error(exc)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except Exception:
+            return internal_error()
+        c = r.completion
+        try:
+            stream = engine.submit(Request(c.prompts[0], c.params), asyncio.get_running_loop(), on_finish=metrics.record)
+        except Exception as exc:
+            return refused(exc, "input")
+        events = _response_events(r, stream, tokenizer, response_store, c.model)
+        if c.stream:
+            return StreamingResponse(_response_sse(events, stream), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await whole_answer(request, _last_response(events), [stream])
+
+    async def stored_response(request: HTTPRequest):
+        """GET /v1/responses/{id}: a stored response; DELETE: forget it."""
+        try:
+            check_key(request)
+        except wire.APIError as exc:
+            return error(exc)
+        response_id = request.path_params["response_id"]
+        if request.method == "DELETE":
+            if response_store.delete(response_id):
+                return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+        else:
+            found = response_store.get(response_id)
+            if found is not None:
+                return JSONResponse(found[0])
+        return error(wire.APIError(404, f"no stored response '{response_id[:80]}'", param="response_id",
+                                   code="response_not_found"))
+
     def internal_error() -> JSONResponse:
         log.exception("request failed")
         return error(wire.APIError(500, "internal server error (the server log has the details)",
@@ -248,6 +292,8 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", text, methods=["POST"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
+            Route("/v1/responses/{response_id}", stored_response, methods=["GET", "DELETE"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model:path}", model, methods=["GET"]),  # a model id may hold a "/"
             Route("/v1/stats", stats, methods=["GET"]),
@@ -363,6 +409,66 @@ async def _collect_embeddings(e: wire.Embeddings, streams) -> JSONResponse:
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
+
+
+async def _response_events(r: responses_api.ResponseRequest, stream, tokenizer, store, model: str):
+    """The Responses API events of one answer (responses_api.ResponseBuilder), the last
+    carrying the final response, which is stored (unless store is false). An answer the
+    engine ended with an error raises it (an APIError)."""
+    c = r.completion
+    builder = responses_api.ResponseBuilder(r, model)
+    for event in builder.start():
+        yield event
+    parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True,
+                        calls_constrained=c.calls_constrained)
+    async for step in stream:
+        if step.finish_reason == "error":
+            exc = _engine_error(step.error, c)
+            exc.param = responses_api.param_name(exc.param)
+            raise exc
+        parsed = parser.feed(step.text)
+        if step.finish_reason:
+            parsed = _merge(parsed, parser.flush())
+        for event in builder.add(parsed):
+            yield event
+        if step.finish_reason:
+            usage = responses_api.usage_json(step.prompt_tokens, step.completion_tokens, step.cached_tokens)
+            events, final = builder.finish(parser.finish_reason(step.finish_reason), usage)
+            if r.store:
+                store.put(final, responses_api.conversation_after(r, builder.output))
+            for event in events:
+                yield event
+            return
+
+
+async def _last_response(events) -> dict:
+    """A whole answer: the response object of the last event."""
+    last = None
+    async with contextlib.aclosing(events):
+        async for event in events:
+            last = event
+    return last["response"]
+
+
+async def _response_sse(events, stream):
+    """The events as SSE (`event:` and `data:` lines); an error ends the stream with an error
+    event; the request is cancelled if the client goes away."""
+    sequence = 0
+    try:
+        async with contextlib.aclosing(events):
+            async for event in events:
+                sequence = event["sequence_number"] + 1
+                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+    except wire.APIError as exc:
+        body = {"type": "error", "sequence_number": sequence, **exc.body()["error"]}
+        yield f"event: error\ndata: {json.dumps(body)}\n\n"
+    except Exception:
+        log.exception("stream failed")
+        body = {"type": "error", "sequence_number": sequence, **wire.APIError(
+            500, "internal server error (the server log has the details)", type="server_error").body()["error"]}
+        yield f"event: error\ndata: {json.dumps(body)}\n\n"
+    finally:
+        stream.cancel()
 
 
 async def _stream(c: wire.Completion, streams, tokenizer):

@@ -1,0 +1,363 @@
+"""OpenAI's Responses API (`POST /v1/responses`) on top of the chat completions path.
+
+A Responses request is translated into a chat completion request (messages, tools,
+tool_choice, response_format, max_tokens) and checked and tokenized by the same code
+(openai_api.parse_request), so templates, constrained decoding and errors behave alike; the
+chat answer (content, reasoning, tool calls) is then written as Responses output items:
+a `reasoning` item, a `message` with one `output_text` part, and a `function_call` per call.
+Streaming sends the typed events of that API (`response.created`, `...output_text.delta`,
+`...function_call_arguments.delta`, `response.completed`, ...), each item opened, filled and
+closed in order.
+
+`previous_response_id` continues a stored response's conversation: responses are kept in
+memory (`ResponseStore`, the last STORED_RESPONSES of them, unless `store: false`), so they
+last as long as the server process. Supported input items: messages (text parts),
+`function_call` and `function_call_output` (a tool loop), `reasoning` (skipped: templates drop
+earlier reasoning). Only function tools are served.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from .openai_api import APIError, Completion, parse_request
+
+STORED_RESPONSES = 1000  # responses kept for previous_response_id and GET, oldest dropped first
+
+# Chat request fields as the Responses API names them, for errors raised by the chat parser.
+_PARAM_NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format",
+                "tools": "tools", "tool_choice": "tool_choice"}
+
+
+def param_name(chat_param: str | None) -> str | None:
+    """A chat request field's name (in an error) as the Responses API names it."""
+    return _PARAM_NAMES.get(chat_param, chat_param)
+
+
+@dataclass
+class ResponseRequest:
+    """A parsed Responses request: the chat completion that answers it, and what its answer
+    repeats of the request."""
+
+    completion: Completion
+    messages: list[dict]  # the whole conversation as chat messages (with previous responses')
+    echo: dict  # request fields the response object repeats (instructions, tools, ...)
+    store: bool
+    id: str = field(default_factory=lambda: "resp_" + uuid.uuid4().hex)
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+
+class ResponseStore:
+    """Finished responses by id, with the conversation that led to each (thread-safe)."""
+
+    def __init__(self, capacity: int = STORED_RESPONSES):
+        self.capacity = capacity
+        self._items: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, response: dict, conversation: list[dict]) -> None:
+        with self._lock:
+            self._items[response["id"]] = (response, conversation)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def get(self, response_id: str) -> tuple[dict, list[dict]] | None:
+        with self._lock:
+            return self._items.get(response_id)
+
+    def delete(self, response_id: str) -> bool:
+        with self._lock:
+            return self._items.pop(response_id, None) is not None
+
+
+def parse(body: object, tokenizer, context_length: int, served_model: str, grammars, store: ResponseStore) -> ResponseRequest:
+    """Validate a /v1/responses body and turn it into the chat completion that answers it."""
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    body = {key: value for key, value in body.items() if value is not None}
+    for name in ("background", "conversation", "prompt"):
+        if body.get(name):
+            raise APIError(400, f"'{name}' is not supported by this server", param=name)
+    history: list[dict] = []
+    previous = body.get("previous_response_id")
+    if previous is not None:
+        found = store.get(previous) if isinstance(previous, str) else None
+        if found is None:
+            raise APIError(404, f"no stored response '{str(previous)[:80]}' (responses are kept in this server's "
+                                f"memory, the last {store.capacity}, unless sent with store: false)",
+                           param="previous_response_id", code="response_not_found")
+        history = [m for m in found[1] if m["role"] != "system"]  # instructions are not carried over
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise APIError(400, "'instructions' must be a string", param="instructions")
+    messages = ([{"role": "system", "content": instructions}] if instructions else []) + history + _input_messages(
+        body.get("input"))
+    chat = {"messages": messages, "stream": body.get("stream", False)}
+    if "model" in body:
+        chat["model"] = body["model"]
+    for name in ("temperature", "top_p", "parallel_tool_calls", "top_logprobs"):
+        if name in body:
+            chat[name] = body[name]
+    if "max_output_tokens" in body:
+        chat["max_tokens"] = body["max_output_tokens"]
+    if "tools" in body:
+        chat["tools"] = _tools(body["tools"])
+    if "tool_choice" in body:
+        chat["tool_choice"] = _tool_choice(body["tool_choice"])
+    text_format = _text_format(body.get("text"))
+    if text_format is not None:
+        chat["response_format"] = text_format
+    store_it = body.get("store", True)
+    if not isinstance(store_it, bool):
+        raise APIError(400, "'store' must be true or false", param="store")
+    try:
+        completion = parse_request(chat, "chat", tokenizer, context_length, served_model, grammars)
+    except APIError as exc:
+        exc.param = param_name(exc.param)
+        raise
+    echo = {
+        "instructions": instructions,
+        "tools": body.get("tools", []),
+        "tool_choice": body.get("tool_choice", "auto"),
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "temperature": body.get("temperature", 1.0),
+        "top_p": body.get("top_p", 1.0),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "previous_response_id": previous,
+        "text": body.get("text") or {"format": {"type": "text"}},
+        "metadata": body.get("metadata") or {},
+        "store": store_it,
+    }
+    return ResponseRequest(completion, messages, echo, store_it)
+
+
+def _input_messages(value: object) -> list[dict]:
+    """`input` (a string, or a list of items) as chat messages."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise APIError(400, "'input' must be a string or a non-empty list of items", param="input")
+    messages: list[dict] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise APIError(400, f"input[{i}] must be an object", param="input")
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise APIError(400, f"input[{i}] needs a role of user, system, developer or assistant", param="input")
+            messages.append({"role": role, "content": _text_of(item.get("content"), i)})
+        elif kind == "function_call":
+            call = {"id": _string(item, "call_id", i), "type": "function",
+                    "function": {"name": _string(item, "name", i), "arguments": _string(item, "arguments", i)}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and last.get("tool_calls") is not None:
+                last["tool_calls"].append(call)  # calls made together: one assistant turn
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            if not isinstance(output, str):
+                output = _text_of(output, i)
+            messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", i), "content": output})
+        elif kind == "reasoning":
+            continue  # chat templates drop earlier turns' reasoning
+        else:
+            raise APIError(400, f"input[{i}]: items of type {json.dumps(kind)[:40]} are not supported (messages, "
+                                "function_call, function_call_output and reasoning are)", param="input")
+    return messages
+
+
+def _text_of(content: object, i: int) -> str:
+    """A message's content: a string, or a list of text parts (input_text / output_text)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") in ("input_text", "output_text", "text")
+                    and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else None
+                raise APIError(400, f"input[{i}]: only text content parts are supported, got "
+                                    f"{json.dumps(kind)[:40]}", param="input")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise APIError(400, f"input[{i}].content must be a string or a list of text parts", param="input")
+
+
+def _string(item: dict, name: str, i: int) -> str:
+    value = item.get(name)
+    if not isinstance(value, str):
+        raise APIError(400, f"input[{i}].{name} must be a string", param="input")
+    return value
+
+
+def _tools(tools: object) -> list:
+    """Responses function tools ({type, name, description, parameters}) in the chat shape."""
+    if not isinstance(tools, list):
+        raise APIError(400, "'tools' must be a list", param="tools")
+    out = []
+    for i, tool in enumerate(tools):
+        if not (isinstance(tool, dict) and tool.get("type") == "function"):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            raise APIError(400, f"tools[{i}]: only function tools are supported, got {json.dumps(kind)[:40]}",
+                           param="tools")
+        function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _tool_choice(choice: object) -> object:
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice
+
+
+def _text_format(text: object) -> dict | None:
+    """`text.format` as a chat response_format (None: plain text)."""
+    if text is None:
+        return None
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise APIError(400, "text.format must be an object such as {'type': 'json_object'}", param="text.format")
+    if fmt.get("type") == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "answer"), "schema": fmt.get("schema")}}
+    return {"type": fmt.get("type")}
+
+
+# ---- the answer ---------------------------------------------------------------------------------
+def _item_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class ResponseBuilder:
+    """Builds a response's output items from the answer's parsed pieces (chat_output.Parsed,
+    as the incremental parser gives them), and the Responses streaming events on the way:
+    `add` returns the events for one piece, `finish` those that close the response."""
+
+    def __init__(self, r: ResponseRequest, model: str):
+        self.r, self.model = r, model
+        self.output: list[dict] = []
+        self._open: dict | None = None  # the item being written
+        self._sequence = 0
+
+    def event(self, kind: str, **fields) -> dict:
+        out = {"type": kind, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return out
+
+    def response(self, status: str, usage: dict | None = None, incomplete: str | None = None,
+                 error: dict | None = None) -> dict:
+        return {"id": self.r.id, "object": "response", "created_at": self.r.created_at, "status": status,
+                "model": self.model, "output": list(self.output), "error": error,
+                "incomplete_details": {"reason": incomplete} if incomplete else None,
+                "usage": usage, "user": None, "reasoning": {"effort": None, "summary": None},
+                **self.r.echo}
+
+    def start(self) -> list[dict]:
+        created = self.response("in_progress")
+        return [self.event("response.created", response=created),
+                self.event("response.in_progress", response=created)]
+
+    def add(self, parsed) -> list[dict]:
+        events = []
+        if parsed.reasoning:
+            events += self._text("reasoning", parsed.reasoning)
+        if parsed.content:
+            events += self._text("message", parsed.content)
+        for part in parsed.tool_call_parts:
+            if part.id is not None:  # a new call: its name, then arguments as they come
+                events += self._close()
+                item = {"type": "function_call", "id": _item_id("fc"), "call_id": part.id, "name": part.name,
+                        "arguments": "", "status": "in_progress"}
+                events += self._open_item(item)
+            self._open["arguments"] += part.arguments
+            if part.arguments:
+                events.append(self.event("response.function_call_arguments.delta", item_id=self._open["id"],
+                                         output_index=len(self.output) - 1, delta=part.arguments))
+        for call in parsed.tool_calls:  # (whole calls: a non-incremental parser's)
+            events += self._close()
+            events += self._open_item({"type": "function_call", "id": _item_id("fc"), "call_id": call.id,
+                                       "name": call.name, "arguments": call.arguments, "status": "in_progress"})
+        return events
+
+    def finish(self, finish_reason: str, usage: dict) -> tuple[list[dict], dict]:
+        """The closing events and the final response object."""
+        events = self._close()
+        incomplete = "max_output_tokens" if finish_reason == "length" else None
+        final = self.response("incomplete" if incomplete else "completed", usage, incomplete)
+        events.append(self.event("response.incomplete" if incomplete else "response.completed", response=final))
+        return events, final
+
+    def _text(self, kind: str, text: str) -> list[dict]:
+        events = []
+        if self._open is None or self._open["type"] != kind:
+            events += self._close()
+            if kind == "message":
+                item = {"type": "message", "id": _item_id("msg"), "status": "in_progress", "role": "assistant",
+                        "content": []}
+                part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            else:
+                item = {"type": "reasoning", "id": _item_id("rs"), "summary": [], "content": [],
+                        "status": "in_progress"}
+                part = {"type": "reasoning_text", "text": ""}
+            events += self._open_item(item)
+            item["content"].append(part)
+            events.append(self.event("response.content_part.added", item_id=item["id"],
+                                     output_index=len(self.output) - 1, content_index=0, part=dict(part)))
+        item = self._open
+        item["content"][0]["text"] += text
+        delta = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
+        events.append(self.event(delta, item_id=item["id"], output_index=len(self.output) - 1, content_index=0,
+                                 delta=text))
+        return events
+
+    def _open_item(self, item: dict) -> list[dict]:
+        self.output.append(item)
+        self._open = item
+        return [self.event("response.output_item.added", output_index=len(self.output) - 1, item=dict(item))]
+
+    def _close(self) -> list[dict]:
+        item, self._open = self._open, None
+        if item is None:
+            return []
+        index = len(self.output) - 1
+        item["status"] = "completed"
+        events = []
+        if item["type"] == "function_call":
+            events.append(self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                                     arguments=item["arguments"]))
+        else:
+            part = item["content"][0]
+            done = "response.output_text.done" if item["type"] == "message" else "response.reasoning_text.done"
+            events.append(self.event(done, item_id=item["id"], output_index=index, content_index=0, text=part["text"]))
+            events.append(self.event("response.content_part.done", item_id=item["id"], output_index=index,
+                                     content_index=0, part=part))
+        events.append(self.event("response.output_item.done", output_index=index, item=item))
+        return events
+
+
+def usage_json(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
+            "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def conversation_after(r: ResponseRequest, output: list[dict]) -> list[dict]:
+    """The request's conversation with the response's output as the assistant's turn: what a
+    later request's previous_response_id continues."""
+    content = "".join(item["content"][0]["text"] for item in output if item["type"] == "message")
+    calls = [{"id": item["call_id"], "type": "function", "function": {"name": item["name"],
+                                                                       "arguments": item["arguments"]}}
+             for item in output if item["type"] == "function_call"]
+    turn: dict = {"role": "assistant", "content": content or (None if calls else "")}
+    if calls:
+        turn["tool_calls"] = calls
+    return r.messages + [turn]

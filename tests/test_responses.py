@@ -1,0 +1,151 @@
+"""OpenAI's Responses API (`/v1/responses`, responses_api.py) through the openai SDK and raw
+HTTP, on a live server with a tiny random model."""
+
+import json
+import urllib.request
+
+import openai
+import pytest
+from live_server import LiveServer
+
+from mlxserve.engine import Engine, EngineConfig
+from mlxserve.loader import load_model
+from mlxserve.server import create_app
+
+MODEL = "tiny"
+CLOCK = {"type": "function", "name": "clock", "description": "the time",
+         "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+                        "additionalProperties": False}}
+DIGIT = {"type": "json_schema", "name": "digit", "schema": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"],
+    "additionalProperties": False}}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    engine = Engine(loaded, EngineConfig(block_size=8)).start()
+    live = LiveServer(create_app(engine, MODEL))
+    yield live
+    live.stop()
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base + "/v1", api_key="x", max_retries=0)
+
+
+def raw_events(server, body: dict) -> list[dict]:
+    """The SSE events of a streamed response, checking that each `event:` line names its data's type."""
+    req = urllib.request.Request(server.base + "/v1/responses", data=json.dumps({**body, "stream": True}).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        blocks = [b for b in r.read().decode().split("\n\n") if b.strip()]
+    events = []
+    for block in blocks:
+        kind, data = block.split("\n")
+        assert kind.startswith("event: ") and data.startswith("data: ")
+        events.append(json.loads(data[6:]))
+        assert events[-1]["type"] == kind[7:]
+    return events
+
+
+def test_a_response_answers_as_the_chat_completion_of_the_same_messages(client):
+    """instructions + input are the chat's system and user messages: greedy, the same text and
+    prompt tokens; cut by max_output_tokens, the response is incomplete."""
+    r = client.responses.create(model=MODEL, instructions="Be brief.", input="Hello there", max_output_tokens=12,
+                                temperature=0)
+    chat = client.chat.completions.create(model=MODEL, max_tokens=12, temperature=0, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}])
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == MODEL
+    assert r.output_text == chat.choices[0].message.content
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.input_tokens == chat.usage.prompt_tokens and r.usage.output_tokens == 12
+    assert r.usage.total_tokens == r.usage.input_tokens + 12 and r.instructions == "Be brief."
+    assert [item.type for item in r.output] == ["message"] and r.output[0].role == "assistant"
+
+
+def test_streamed_events_build_the_same_response(client, server):
+    body = {"model": MODEL, "input": "Tell me", "max_output_tokens": 12, "temperature": 0}
+    events = raw_events(server, body)
+    whole = client.responses.create(**body)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in events[:4]] == ["response.created", "response.in_progress",
+                                               "response.output_item.added", "response.content_part.added"]
+    assert [e["type"] for e in events[-4:]] == ["response.output_text.done", "response.content_part.done",
+                                                "response.output_item.done", "response.incomplete"]
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert text == whole.output_text == events[-1]["response"]["output"][0]["content"][0]["text"]
+    assert events[0]["response"]["status"] == "in_progress" and events[-1]["response"]["status"] == "incomplete"
+
+
+def test_structured_output_through_the_sdk_stream_helper(client):
+    with client.responses.stream(model=MODEL, input="A digit", text={"format": DIGIT}, max_output_tokens=100) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert kinds[-1] == "response.completed" and final.status == "completed"
+    assert set(json.loads(final.output_text)) == {"a"}
+
+
+def test_a_tool_loop_with_previous_response_id(client):
+    """Required tool calls come as function_call items; the tool's output goes back as a
+    function_call_output item continuing the stored response, whose conversation the next
+    prompt holds (its first blocks then come from the prefix cache)."""
+    first = client.responses.create(model=MODEL, input="What time is it?", tools=[CLOCK], tool_choice="required",
+                                    max_output_tokens=100, temperature=1.0)
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert first.status == "completed" and calls and all(c.name == "clock" for c in calls)
+    assert all(json.loads(c.arguments)["zone"] in ("UTC", "CET") and c.call_id for c in calls)
+    outputs = [{"type": "function_call_output", "call_id": c.call_id, "output": "12:00"} for c in calls]
+    second = client.responses.create(model=MODEL, previous_response_id=first.id, input=outputs, tools=[CLOCK],
+                                      max_output_tokens=8, temperature=0)
+    # The same conversation written out as chat messages gives the same prompt.
+    chat = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, tools=[
+        {"type": "function", "function": {k: CLOCK[k] for k in ("name", "description", "parameters")}}], messages=[
+        {"role": "user", "content": "What time is it?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]},
+        *({"role": "tool", "tool_call_id": c.call_id, "content": "12:00"} for c in calls)])
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    assert second.output_text == chat.choices[0].message.content
+    assert second.usage.input_tokens_details.cached_tokens > 0 and second.previous_response_id == first.id
+    # The stored responses can be read back and deleted.
+    assert client.responses.retrieve(first.id).output[0].call_id == calls[0].call_id
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+
+
+def test_store_false_keeps_nothing(client):
+    r = client.responses.create(model=MODEL, input="x", max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError) as err:
+        client.responses.create(model=MODEL, input="y", previous_response_id=r.id, max_output_tokens=2)
+    assert err.value.body["param"] == "previous_response_id"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({}, "input"),
+    ({"input": []}, "input"),
+    ({"input": [{"type": "input_image", "image_url": "x"}]}, "input"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input"),
+    ({"input": [{"role": "robot", "content": "x"}]}, "input"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "x", "tool_choice": "required"}, "tool_choice"),
+    ({"input": "x", "max_output_tokens": 10**6}, "input"),  # (context_length_exceeded, as chat names messages)
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format"),
+    ({"input": "x", "instructions": 5}, "instructions"),
+    ({"input": "x", "store": "yes"}, "store"),
+    ({"input": "x", "background": True}, "background"),
+])
+def test_bad_requests_are_400s_naming_the_field(server, body, param):
+    req = urllib.request.Request(server.base + "/v1/responses", data=json.dumps({"model": MODEL, **body}).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=60)
+    answer = json.loads(err.value.read())
+    assert err.value.code == 400 and answer["error"]["param"] == param, answer
