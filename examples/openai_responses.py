@@ -19,8 +19,10 @@ for event in stream:
         first_id = event.response.id
 print()
 
-follow_up = client.responses.create(model=model, previous_response_id=first_id,
-                                    input="And at sunset?", max_output_tokens=80)
+# instructions are not carried over: each request gives its own (the same here, so the
+# follow-up's prompt starts as the first one did, and the prefix cache has that part).
+follow_up = client.responses.create(model=model, instructions="Answer in one sentence.",
+                                    previous_response_id=first_id, input="And at sunset?", max_output_tokens=80)
 print(follow_up.output_text)
 print(f"[{follow_up.usage.input_tokens} input tokens, "
       f"{follow_up.usage.input_tokens_details.cached_tokens} from the prefix cache]")

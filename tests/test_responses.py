@@ -6,7 +6,7 @@ import urllib.request
 
 import openai
 import pytest
-from live_server import LiveServer
+from live_server import SCRIPT, LiveServer, ScriptedEngine
 
 from mlxserve.engine import Engine, EngineConfig
 from mlxserve.loader import load_model
@@ -34,6 +34,18 @@ def server(tiny_model_dir):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.base + "/v1", api_key="x", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny_model_dir):
+    """A server whose every answer is SCRIPT: reasoning, text, then a get_weather call."""
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    live = LiveServer(create_app(ScriptedEngine(loaded, SCRIPT), MODEL))
+    yield live
+    live.stop()
+
+
+WEATHER = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
 
 
 def raw_events(server, body: dict) -> list[dict]:
@@ -126,7 +138,69 @@ def test_store_false_keeps_nothing(client):
     assert err.value.body["param"] == "previous_response_id"
 
 
+def test_reasoning_text_and_a_call_as_items_and_events(scripted):
+    """A thinking model's answer with text and a call: three items, each opened empty (content
+    arrives through its own events), reasoning tokens counted; resending the output items
+    gives the prompt that continuing by previous_response_id gives, system messages of the
+    input included."""
+    client = openai.OpenAI(base_url=scripted.base + "/v1", api_key="x", max_retries=0)
+    body = {"model": MODEL, "input": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}],
+            "tools": [WEATHER]}
+    r = client.responses.create(**body)
+    assert [item.type for item in r.output] == ["reasoning", "message", "function_call"]
+    assert r.output[0].content[0].text == "\nCheck the weather.\n" and r.output_text == "Let me look."
+    assert r.output[2].name == "get_weather" and json.loads(r.output[2].arguments) == {"city": "Paris"}
+    assert 0 < r.usage.output_tokens_details.reasoning_tokens <= r.usage.output_tokens
+    events = raw_events(scripted, body)
+    opened = [e["item"] for e in events if e["type"] == "response.output_item.added"]
+    assert [i["type"] for i in opened] == ["reasoning", "message", "function_call"]
+    assert opened[0]["content"] == [] and opened[1]["content"] == [] and opened[2]["arguments"] == ""
+    assert all("logprobs" in e for e in events if e["type"].startswith("response.output_text."))
+    with client.responses.stream(**body) as stream:
+        snapshots = [e.snapshot for e in stream if e.type == "response.output_text.delta"]
+    assert snapshots[-1] == "Let me look."  # (the SDK's helper adds the deltas to what the added item held)
+    answer = {"type": "function_call_output", "call_id": r.output[2].call_id, "output": "sunny"}
+    chained = client.responses.create(model=MODEL, previous_response_id=r.id, input=[answer], tools=[WEATHER])
+    resent = client.responses.create(model=MODEL, input=[*body["input"], *[i.model_dump() for i in r.output], answer],
+                                     tools=[WEATHER])
+    assert chained.usage.input_tokens == resent.usage.input_tokens
+
+
+def test_a_response_cut_inside_a_call_can_be_continued(client):
+    """Cut by max_output_tokens inside a call: the call is "incomplete" and left out of the
+    stored conversation, which a next request continues."""
+    first = client.responses.create(model=MODEL, input="Time?", tools=[CLOCK], tool_choice="required",
+                                    max_output_tokens=12)
+    assert first.status == "incomplete" and first.output[-1].status == "incomplete"
+    again = client.responses.create(model=MODEL, previous_response_id=first.id, input="again", max_output_tokens=2)
+    assert again.status == "incomplete" and again.usage.output_tokens == 2
+
+
+def test_errors_in_a_stream_end_it_with_an_error_event(server):
+    spelled = {"type": "function", "name": "run", "parameters": {
+        "type": "object", "properties": {"code": {"const": "</tool_call>"}}, "required": ["code"]}}
+    events = raw_events(server, {"model": MODEL, "input": "x", "tools": [spelled], "tool_choice": "required",
+                                 "max_output_tokens": 40, "temperature": 0})
+    assert events[-1]["type"] == "error" and events[-1]["param"] == "tools"
+    assert events[-1]["message"].startswith("the answer could not go on as calls of its tools")
+
+
+def test_request_fields_are_echoed(client):
+    r = client.responses.create(model=MODEL, input="x", max_output_tokens=2, user="bob", metadata={"k": "v"},
+                                text={"verbosity": "low"})
+    assert r.user == "bob" and r.metadata == {"k": "v"} and r.text.format.type == "text"
+
+
 @pytest.mark.parametrize("body,param", [
+    ({"input": "x", "metadata": "m"}, "metadata"),
+    ({"input": "x", "text": "hello"}, "text"),
+    ({"input": "x", "user": 5}, "user"),
+    ({"input": "x", "top_logprobs": 3}, "top_logprobs"),
+    ({"input": "x", "previous_response_id": 5}, "previous_response_id"),
+    ({"input": "x", "tools": [{"type": "function"}]}, "tools"),
+    ({"input": "x", "tool_choice": {"type": "function"}}, "tool_choice"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": 5}]}, "input"),
     ({}, "input"),
     ({"input": []}, "input"),
     ({"input": [{"type": "input_image", "image_url": "x"}]}, "input"),
@@ -137,6 +211,7 @@ def test_store_false_keeps_nothing(client):
     ({"input": "x", "tool_choice": "required"}, "tool_choice"),
     ({"input": "x", "max_output_tokens": 10**6}, "input"),  # (context_length_exceeded, as chat names messages)
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "x", "max_output_tokens": -1}, "max_output_tokens"),
     ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format"),
     ({"input": "x", "instructions": 5}, "instructions"),
     ({"input": "x", "store": "yes"}, "store"),
@@ -149,3 +224,5 @@ def test_bad_requests_are_400s_naming_the_field(server, body, param):
         urllib.request.urlopen(req, timeout=60)
     answer = json.loads(err.value.read())
     assert err.value.code == 400 and answer["error"]["param"] == param, answer
+    message = answer["error"]["message"]
+    assert "max_tokens" not in message and "'function': {" not in message and "response_format" not in message

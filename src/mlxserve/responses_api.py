@@ -18,6 +18,7 @@ earlier reasoning). Only function tools are served.
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -34,9 +35,12 @@ _PARAM_NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "respons
                 "tools": "tools", "tool_choice": "tool_choice"}
 
 
-def param_name(chat_param: str | None) -> str | None:
-    """A chat request field's name (in an error) as the Responses API names it."""
-    return _PARAM_NAMES.get(chat_param, chat_param)
+def in_responses_terms(exc: APIError) -> APIError:
+    """An error of the chat path with the fields named as the Responses API names them."""
+    exc.param = _PARAM_NAMES.get(exc.param, exc.param)
+    for chat_name, name in (("max_tokens", "max_output_tokens"), ("response_format", "text.format")):
+        exc.message = exc.message.replace(chat_name, name)
+    return exc
 
 
 @dataclass
@@ -45,7 +49,7 @@ class ResponseRequest:
     repeats of the request."""
 
     completion: Completion
-    messages: list[dict]  # the whole conversation as chat messages (with previous responses')
+    messages: list[dict]  # the conversation as chat messages (with previous responses'), without instructions
     echo: dict  # request fields the response object repeats (instructions, tools, ...)
     store: bool
     id: str = field(default_factory=lambda: "resp_" + uuid.uuid4().hex)
@@ -86,21 +90,24 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
     history: list[dict] = []
     previous = body.get("previous_response_id")
     if previous is not None:
-        found = store.get(previous) if isinstance(previous, str) else None
+        if not isinstance(previous, str):
+            raise APIError(400, "'previous_response_id' must be a string", param="previous_response_id")
+        found = store.get(previous)
         if found is None:
             raise APIError(404, f"no stored response '{str(previous)[:80]}' (responses are kept in this server's "
                                 f"memory, the last {store.capacity}, unless sent with store: false)",
                            param="previous_response_id", code="response_not_found")
-        history = [m for m in found[1] if m["role"] != "system"]  # instructions are not carried over
+        history = found[1]  # (stored without its instructions: each request gives its own)
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise APIError(400, "'instructions' must be a string", param="instructions")
-    messages = ([{"role": "system", "content": instructions}] if instructions else []) + history + _input_messages(
-        body.get("input"))
-    chat = {"messages": messages, "stream": body.get("stream", False)}
+    _check_fields(body)
+    messages = history + _input_messages(body.get("input"))
+    system = [{"role": "system", "content": instructions}] if instructions else []
+    chat = {"messages": system + messages, "stream": body.get("stream", False)}
     if "model" in body:
         chat["model"] = body["model"]
-    for name in ("temperature", "top_p", "parallel_tool_calls", "top_logprobs"):
+    for name in ("temperature", "top_p", "parallel_tool_calls"):
         if name in body:
             chat[name] = body[name]
     if "max_output_tokens" in body:
@@ -118,8 +125,7 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
     try:
         completion = parse_request(chat, "chat", tokenizer, context_length, served_model, grammars)
     except APIError as exc:
-        exc.param = param_name(exc.param)
-        raise
+        raise in_responses_terms(exc) from None
     echo = {
         "instructions": instructions,
         "tools": body.get("tools", []),
@@ -129,11 +135,32 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
         "top_p": body.get("top_p", 1.0),
         "max_output_tokens": body.get("max_output_tokens"),
         "previous_response_id": previous,
-        "text": body.get("text") or {"format": {"type": "text"}},
-        "metadata": body.get("metadata") or {},
+        "text": {"format": {"type": "text"}, **body.get("text", {})},
+        "metadata": body.get("metadata", {}),
+        "user": body.get("user"),
         "store": store_it,
     }
     return ResponseRequest(completion, messages, echo, store_it)
+
+
+def _check_fields(body: dict) -> None:
+    """The fields whose errors the chat parser would word in its own API's terms."""
+    if body.get("top_logprobs"):
+        raise APIError(400, "top_logprobs is not supported on /v1/responses (/v1/chat/completions has logprobs)",
+                       param="top_logprobs")
+    limit = body.get("max_output_tokens")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise APIError(400, f"'max_output_tokens' must be an integer >= 1, got {json.dumps(limit)[:40]}",
+                       param="max_output_tokens")
+    for name in ("metadata", "text"):
+        if name in body and not isinstance(body[name], dict):
+            raise APIError(400, f"'{name}' must be an object", param=name)
+    if "user" in body and not isinstance(body["user"], str):
+        raise APIError(400, "'user' must be a string", param="user")
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and not (choice.get("type") == "function" and isinstance(choice.get("name"), str)):
+        raise APIError(400, "tool_choice must be auto, none, required or {'type': 'function', 'name': …}",
+                       param="tool_choice")
 
 
 def _input_messages(value: object) -> list[dict]:
@@ -156,13 +183,17 @@ def _input_messages(value: object) -> list[dict]:
             call = {"id": _string(item, "call_id", i), "type": "function",
                     "function": {"name": _string(item, "name", i), "arguments": _string(item, "arguments", i)}}
             last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant" and last.get("tool_calls") is not None:
-                last["tool_calls"].append(call)  # calls made together: one assistant turn
+            if last is not None and last["role"] == "assistant":
+                # Calls after the assistant's text, or beside each other: one assistant turn,
+                # as the response that made them is stored (conversation_after).
+                last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             output = item.get("output")
-            if not isinstance(output, str):
+            if not isinstance(output, (str, list)):
+                raise APIError(400, f"input[{i}].output must be a string or a list of text parts", param="input")
+            if isinstance(output, list):
                 output = _text_of(output, i)
             messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", i), "content": output})
         elif kind == "reasoning":
@@ -207,6 +238,9 @@ def _tools(tools: object) -> list:
             kind = tool.get("type") if isinstance(tool, dict) else None
             raise APIError(400, f"tools[{i}]: only function tools are supported, got {json.dumps(kind)[:40]}",
                            param="tools")
+        if not isinstance(tool.get("name"), str):
+            raise APIError(400, f"tools[{i}] needs a 'name': {{'type': 'function', 'name': …, 'parameters': {{…}}}}",
+                           param="tools")
         function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
         out.append({"type": "function", "function": function})
     return out
@@ -227,8 +261,14 @@ def _text_format(text: object) -> dict | None:
         return None
     if not isinstance(fmt, dict):
         raise APIError(400, "text.format must be an object such as {'type': 'json_object'}", param="text.format")
+    if fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise APIError(400, f"text.format type must be 'text', 'json_object' or 'json_schema', got "
+                            f"{json.dumps(fmt.get('type'))[:40]}", param="text.format")
     if fmt.get("type") == "json_schema":
-        return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "answer"), "schema": fmt.get("schema")}}
+        if not isinstance(fmt.get("schema"), dict):
+            raise APIError(400, "text.format json_schema needs 'schema', a JSON Schema object: {'type': "
+                                "'json_schema', 'name': …, 'schema': {…}}", param="text.format")
+        return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "answer"), "schema": fmt["schema"]}}
     return {"type": fmt.get("type")}
 
 
@@ -289,9 +329,10 @@ class ResponseBuilder:
         return events
 
     def finish(self, finish_reason: str, usage: dict) -> tuple[list[dict], dict]:
-        """The closing events and the final response object."""
-        events = self._close()
+        """The closing events and the final response object. Cut by max_output_tokens, the
+        response and the item it was writing are "incomplete"."""
         incomplete = "max_output_tokens" if finish_reason == "length" else None
+        events = self._close("incomplete" if incomplete else "completed")
         final = self.response("incomplete" if incomplete else "completed", usage, incomplete)
         events.append(self.event("response.incomplete" if incomplete else "response.completed", response=final))
         return events, final
@@ -314,49 +355,69 @@ class ResponseBuilder:
                                      output_index=len(self.output) - 1, content_index=0, part=dict(part)))
         item = self._open
         item["content"][0]["text"] += text
-        delta = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
-        events.append(self.event(delta, item_id=item["id"], output_index=len(self.output) - 1, content_index=0,
-                                 delta=text))
+        if kind == "message":
+            events.append(self.event("response.output_text.delta", item_id=item["id"], output_index=len(self.output) - 1,
+                                     content_index=0, delta=text, logprobs=[]))
+        else:
+            events.append(self.event("response.reasoning_text.delta", item_id=item["id"],
+                                     output_index=len(self.output) - 1, content_index=0, delta=text))
         return events
 
     def _open_item(self, item: dict) -> list[dict]:
         self.output.append(item)
         self._open = item
-        return [self.event("response.output_item.added", output_index=len(self.output) - 1, item=dict(item))]
+        # A snapshot: the item fills later, and this event shows it as opened (content empty).
+        return [self.event("response.output_item.added", output_index=len(self.output) - 1, item=copy.deepcopy(item))]
 
-    def _close(self) -> list[dict]:
+    def _close(self, status: str = "completed") -> list[dict]:
         item, self._open = self._open, None
         if item is None:
             return []
         index = len(self.output) - 1
-        item["status"] = "completed"
+        item["status"] = status
         events = []
         if item["type"] == "function_call":
             events.append(self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                                      arguments=item["arguments"]))
         else:
             part = item["content"][0]
-            done = "response.output_text.done" if item["type"] == "message" else "response.reasoning_text.done"
-            events.append(self.event(done, item_id=item["id"], output_index=index, content_index=0, text=part["text"]))
+            if item["type"] == "message":
+                events.append(self.event("response.output_text.done", item_id=item["id"], output_index=index,
+                                         content_index=0, text=part["text"], logprobs=[]))
+            else:
+                events.append(self.event("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                                         content_index=0, text=part["text"]))
             events.append(self.event("response.content_part.done", item_id=item["id"], output_index=index,
                                      content_index=0, part=part))
         events.append(self.event("response.output_item.done", output_index=index, item=item))
         return events
 
 
-def usage_json(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
-            "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+def usage_json(prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int,
+               cache_block: int | None) -> dict:
+    """`reasoning_tokens`: the answer's reasoning text as the tokenizer encodes it again.
+    `cache_block`: the prefix cache's block size (None: no prefix cache); the prompt's whole
+    blocks not found there are kept in it (`cache_write_tokens`)."""
+    written = max(0, prompt_tokens // cache_block * cache_block - cached_tokens) if cache_block else 0
+    return {"input_tokens": prompt_tokens,
+            "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": written},
+            "output_tokens": completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": min(reasoning_tokens, completion_tokens)},
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+def reasoning_text(output: list[dict]) -> str:
+    return "".join(item["content"][0]["text"] for item in output if item["type"] == "reasoning")
 
 
 def conversation_after(r: ResponseRequest, output: list[dict]) -> list[dict]:
     """The request's conversation with the response's output as the assistant's turn: what a
     later request's previous_response_id continues."""
     content = "".join(item["content"][0]["text"] for item in output if item["type"] == "message")
+    # (A call cut short by max_output_tokens was never made: it is left out.)
     calls = [{"id": item["call_id"], "type": "function", "function": {"name": item["name"],
                                                                        "arguments": item["arguments"]}}
-             for item in output if item["type"] == "function_call"]
+             for item in output if item["type"] == "function_call" and item["status"] == "completed"]
     turn: dict = {"role": "assistant", "content": content or (None if calls else "")}
     if calls:
         turn["tool_calls"] = calls

@@ -204,7 +204,8 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             stream = engine.submit(Request(c.prompts[0], c.params), asyncio.get_running_loop(), on_finish=metrics.record)
         except Exception as exc:
             return refused(exc, "input")
-        events = _response_events(r, stream, tokenizer, response_store, c.model)
+        cache_block = engine.config.block_size if engine.config.prefix_cache else None
+        events = _response_events(r, stream, tokenizer, response_store, c.model, cache_block)
         if c.stream:
             return StreamingResponse(_response_sse(events, stream), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -411,7 +412,8 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def _response_events(r: responses_api.ResponseRequest, stream, tokenizer, store, model: str):
+async def _response_events(r: responses_api.ResponseRequest, stream, tokenizer, store, model: str,
+                           cache_block: int | None):
     """The Responses API events of one answer (responses_api.ResponseBuilder), the last
     carrying the final response, which is stored (unless store is false). An answer the
     engine ended with an error raises it (an APIError)."""
@@ -423,16 +425,17 @@ async def _response_events(r: responses_api.ResponseRequest, stream, tokenizer, 
                         calls_constrained=c.calls_constrained)
     async for step in stream:
         if step.finish_reason == "error":
-            exc = _engine_error(step.error, c)
-            exc.param = responses_api.param_name(exc.param)
-            raise exc
+            raise responses_api.in_responses_terms(_engine_error(step.error, c))
         parsed = parser.feed(step.text)
         if step.finish_reason:
             parsed = _merge(parsed, parser.flush())
         for event in builder.add(parsed):
             yield event
         if step.finish_reason:
-            usage = responses_api.usage_json(step.prompt_tokens, step.completion_tokens, step.cached_tokens)
+            reasoning = responses_api.reasoning_text(builder.output)
+            usage = responses_api.usage_json(
+                step.prompt_tokens, step.completion_tokens, step.cached_tokens,
+                len(tokenizer.encode(reasoning, add_special_tokens=False)) if reasoning else 0, cache_block)
             events, final = builder.finish(parser.finish_reason(step.finish_reason), usage)
             if r.store:
                 store.put(final, responses_api.conversation_after(r, builder.output))
@@ -459,13 +462,13 @@ async def _response_sse(events, stream):
             async for event in events:
                 sequence = event["sequence_number"] + 1
                 yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
-    except wire.APIError as exc:
-        body = {"type": "error", "sequence_number": sequence, **exc.body()["error"]}
-        yield f"event: error\ndata: {json.dumps(body)}\n\n"
-    except Exception:
-        log.exception("stream failed")
-        body = {"type": "error", "sequence_number": sequence, **wire.APIError(
-            500, "internal server error (the server log has the details)", type="server_error").body()["error"]}
+    except Exception as exc:
+        if not isinstance(exc, wire.APIError):
+            log.exception("stream failed")
+            exc = wire.APIError(500, "internal server error (the server log has the details)", type="server_error")
+        # The Responses API's error event: its own type, the error's code, message and param.
+        body = {"type": "error", "sequence_number": sequence, "code": exc.code or exc.type, "message": exc.message,
+                "param": exc.param}
         yield f"event: error\ndata: {json.dumps(body)}\n\n"
     finally:
         stream.cancel()
