@@ -306,6 +306,16 @@ def test_bad_commands_get_one_line_of_help(chat, line, needle):
     one_error_line(chat.run(line), needle)
 
 
+def test_load_checks_a_saved_format(chat, tmp_path):
+    """A saved schema the engine cannot use is refused by /load as by /format: nothing changes."""
+    path = tmp_path / "bad-format.json"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                "settings": {"schema": {"type": "nonsense"}}}))
+    chat.run("/format text")
+    one_error_line(chat.run(f"/load {path}"), "the grammar cannot be used: Invalid type: nonsense")
+    assert chat.run("/format").startswith("answers: text")
+
+
 def test_retry_with_nothing_to_retry(chat):
     chat.run("/reset")
     one_error_line(chat.run("/retry"), "nothing to retry")
@@ -410,6 +420,11 @@ def test_url_mode_commands(url_chat, tmp_path):
     assert "does not list it" in url_chat.run("/model other-model")
     one_error_line(url_chat.run("Is anyone there?"), "model 'other-model' does not exist")
     assert url_chat.run("/model tiny").startswith("Now asking")
+    # A schema that cannot be used is refused here too, and the format before it stays.
+    assert url_chat.run("/format json").startswith("answers: json")
+    one_error_line(url_chat.run('/format {"type": "foo"}'), "/format: the grammar cannot be used: Invalid type: foo")
+    assert url_chat.run("/format").startswith("answers: json")
+    assert url_chat.run("/format TEXT").startswith("answers: text")
 
 
 def test_url_mode_ctrl_c_then_quit(url_chat, long_question):

@@ -283,7 +283,14 @@ class HTTPBackend:
             return HTTPGeneration(self, body)
 
     def check_schema(self, schema: dict) -> None:
-        """The server checks a schema with each request (a 400 then says what is wrong)."""
+        """Raise BackendError if `schema` is no usable JSON Schema (checked here, without the
+        server's vocabulary: the server checks that with each request)."""
+        from .grammar import GrammarError, validate_schema
+
+        try:
+            validate_schema(schema)
+        except GrammarError as exc:
+            raise BackendError(f"/format: {exc}") from None
 
     def stats(self) -> dict:
         try:

@@ -384,9 +384,10 @@ def _add_chat_parser(sub, default_model: str) -> None:
     chat.add_argument("--no-think", action="store_true", help="ask the model not to think, and hide any thinking")
     chat.add_argument("--temperature", type=float, default=None,
                       help="sampling temperature to start with (default 0.7; 0 = greedy; /temp changes it)")
-    chat.add_argument("--format", metavar="json|SCHEMA",
+    chat.add_argument("--format", metavar="text|json|SCHEMA",
                       help="hold every answer to JSON: 'json' for any JSON object, or a JSON schema (a file, or the "
-                           "schema itself as JSON text); /format changes it; the model is asked not to think")
+                           "schema itself as JSON text); 'text' (the default): free text; /format changes it; "
+                           "under a format the model is asked not to think")
     _add_engine_args(chat)
 
 

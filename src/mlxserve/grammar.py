@@ -82,10 +82,18 @@ def response_format_schema(value: object) -> dict | None:
                        f"{json.dumps(kind)[:40]}")
 
 
+def validate_schema(schema: dict) -> None:
+    """Raise GrammarError if `schema` cannot be used, as far as that is known without a
+    vocabulary (Grammars.check also knows what the model's tokens allow)."""
+    problem = _llguidance().LLMatcher.validate_grammar(json_schema_grammar(schema))
+    if problem:
+        raise GrammarError(f"the grammar cannot be used: {_one_line(problem)}")
+
+
 def read_schema(value: str) -> dict:
     """A JSON Schema as a user names it on the command line or in the terminal chat: 'json'
     (any JSON object), a file holding the schema, or the schema itself as JSON text."""
-    if value == "json":
+    if value.lower() == "json":
         return {"type": "object"}
     text = value
     if not value.lstrip().startswith(("{", "[")):

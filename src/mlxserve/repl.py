@@ -265,6 +265,11 @@ def _cmd_save(repl: Repl, arg: str) -> None:
 
 def _cmd_load(repl: Repl, arg: str) -> None:
     loaded, model = ChatSession.load(_path_arg(arg, "usage: /load FILE"))
+    if loaded.settings.schema is not None:  # checked as /format checks it, before anything changes
+        try:
+            repl.backend.check_schema(loaded.settings.schema)
+        except BackendError as exc:
+            raise UsageError(f"cannot load {arg}: its {exc}") from None
     repl.session.system, repl.session.settings, repl.session.messages = loaded.system, loaded.settings, loaded.messages
     repl.replay()
     note = f" (saved with {printable(model)})" if model and model != repl.backend.model else ""
