@@ -1,8 +1,8 @@
-"""Tool calling with the openai SDK: the first request requires a tool call (tool_choice
-"required": the server holds the answer to a call of one of the tools, with arguments valid
-under its schema, so even a model too small to follow the tool format makes one); this script
-runs the tool and sends the result back for the final answer, where the model may answer in
-text. Without MLXSERVE_MODEL it asks the server's model."""
+"""Tool calling with the openai SDK: the first request requires one tool call (tool_choice
+"required", parallel_tool_calls false: the server holds the answer to a call of the tool, with
+arguments valid under its schema, so even a model too small to follow the tool format makes
+one); this script runs the tool and sends the result back for the final answer, where the
+model may answer in text. Without MLXSERVE_MODEL it asks the server's model."""
 import json
 import os
 
@@ -27,9 +27,12 @@ def get_weather(city: str) -> str:
 
 
 messages = [{"role": "user", "content": "What's the weather in Paris?"}]
+# One call (parallel_tool_calls false): one question, one tool.
 reply = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="required",
-                                       max_tokens=128)
+                                       parallel_tool_calls=False, max_tokens=128)
 message = reply.choices[0].message
+if reply.choices[0].finish_reason != "tool_calls":  # cut by max_tokens: its call may be incomplete
+    raise SystemExit(f"the call did not finish ({reply.choices[0].finish_reason}): {message.tool_calls}")
 messages.append({"role": "assistant", "content": message.content,
                  "tool_calls": [call.model_dump() for call in message.tool_calls]})
 for call in message.tool_calls:
