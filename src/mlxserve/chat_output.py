@@ -227,22 +227,13 @@ class ChatOutputParser:
     def _close_tag(self) -> int:
         """Where the closing tag is in the buffer (-1: not there): its first place, or with
         `exact_json` its first place outside the call's JSON strings."""
-        end = self._buffer.find(TOOL_CLOSE)
         if not self.exact_json:
-            return end
+            return self._buffer.find(TOOL_CLOSE)
         in_string, escaped = self._in_string, self._escaped
         for i, ch in enumerate(self._buffer):
-            if in_string:
-                if escaped:
-                    escaped = False
-                elif ch == "\\":
-                    escaped = True
-                elif ch == '"':
-                    in_string = False
-            elif ch == '"':
-                in_string = True
-            elif self._buffer.startswith(TOOL_CLOSE, i):
+            if not in_string and self._buffer.startswith(TOOL_CLOSE, i):
                 return i
+            in_string, escaped = _string_state(ch, in_string, escaped)
         return -1
 
     def _scan(self, limit: int) -> int | None:
@@ -252,16 +243,11 @@ class ChatOutputParser:
         closed = None
         for i in range(limit):
             ch = self._buffer[i]
-            if in_string:
-                if escaped:
-                    escaped = False
-                elif ch == "\\":
-                    escaped = True
-                elif ch == '"':
-                    in_string = False
-            elif ch == '"':
-                in_string = True
-            elif ch in "{[":
+            inside = in_string
+            in_string, escaped = _string_state(ch, in_string, escaped)
+            if inside or in_string:  # a string's character or quote
+                continue
+            if ch in "{[":
                 depth += 1
             elif ch in "}]":
                 depth -= 1
@@ -336,6 +322,15 @@ class ChatOutputParser:
         self._buffer = ""
         self._state = "content"
         return out
+
+
+def _string_state(ch: str, in_string: bool, escaped: bool) -> tuple[bool, bool]:
+    """JSON text's string state after `ch`: (inside a string, just after a backslash in one)."""
+    if in_string:
+        if escaped:
+            return True, False
+        return ch != '"', ch == "\\"
+    return ch == '"', False
 
 
 def _add_part(out: Parsed, part: ToolCallPart) -> None:
