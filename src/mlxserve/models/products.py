@@ -6,19 +6,18 @@ descriptors and an algorithm query (32-38 us of host time per product on an H200
 earlier session, 17.5-26.1 us on the H100 of session 22; `scripts/bench_matmul_host.py`).
 A step of 32 decoding Qwen3-4B rows makes 144 such products, and a chat turn's 96-token
 Qwen3-0.6B chunk 112, so that setup is a large share of those steps, which are bound by the
-host. A convolution with kernels of width one computes
-the same product (x [M, K] is a sequence of M positions with K channels, the weight [N, K]
-is N filters of width one: MLX's [out, width, in] layout, a view), and MLX runs it through
-cuDNN with the execution plan cached by shape, so a shape seen before costs only the launch.
+host. A convolution with kernels of width one computes the same product (x [M, K] is a
+sequence of M positions with K channels, the weight [N, K] is N filters of width one: MLX's
+[out, width, in] layout, a view), and MLX runs it through cuDNN with the execution plan
+cached by shape, so a shape seen before costs only the launch.
 
 It does not pay, measured on an H100 (MLX 0.32.4, docs/performance-history.md, session 22):
 cuDNN's execution costs the host more than cuBLASLt's setup and launch, 29.8-35.3 against
 17.5-26.1 us for the products of 32 to 192 rows of Qwen3-0.6B and Qwen3-4B (55.7 against
-43.1 us for Qwen3-4B's gate_up), and a chat's
-cached turn took 7.9 against 7.4 ms. So `enabled` stays off; `scripts/bench_variant.py` turns
-it on (`LINEAR_AS_CONV=1`) for another look on another back-end or MLX version. The swap is
-made once, after loading (`use_conv_products`); one-row products keep MLX's matrix-vector
-kernel.
+43.1 us for Qwen3-4B's gate_up), and a chat's cached turn took 7.9 against 7.4 ms. So
+`enabled` stays off; `scripts/bench_variant.py` turns it on (`LINEAR_AS_CONV=1`) for another
+look on another back-end or MLX version. The swap is made once, after loading
+(`use_conv_products`); one-row products keep MLX's matrix-vector kernel.
 """
 
 from __future__ import annotations
