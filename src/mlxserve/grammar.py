@@ -165,12 +165,17 @@ def tool_tags(tokenizer) -> tuple[str, str]:
     """<tool_call> and </tool_call> as grammar terms: the token that the model's vocabulary
     has for a tag, by id (llguidance keeps added tokens apart from text: it would not let the
     text "<tool_call>" be written with the tag's own token), else the tag as text."""
-    backend = getattr(tokenizer, "backend", None)
     terms = []
     for tag in (TOOL_OPEN, TOOL_CLOSE):
-        token = backend.token_to_id(tag) if backend is not None else None
+        token = tag_token(tokenizer, tag)
         terms.append(f"<[{token}]>" if token is not None else json.dumps(tag))
     return terms[0], terms[1]
+
+
+def tag_token(tokenizer, tag: str) -> int | None:
+    """The id of the token that the model's vocabulary has for `tag` as a whole, or None."""
+    backend = getattr(tokenizer, "backend", None)
+    return backend.token_to_id(tag) if backend is not None else None
 
 
 class Grammars:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .chat_output import TOOL_CLOSE, TOOL_OPEN
-from .grammar import GrammarError, Grammars, json_schema_grammar, response_format_schema, tool_call_grammar, tool_tags
+from .grammar import (GrammarError, Grammars, json_schema_grammar, response_format_schema, tag_token, tool_call_grammar,
+                      tool_tags)
 from .sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 
@@ -265,8 +266,7 @@ def _one_call_stop(body: dict, tokenizer, tools: list | None, grammar: str | Non
     tag adds no text; the parser takes a call whose tag is missing at the answer's end."""
     if not tools or grammar is not None or body.get("parallel_tool_calls") is not False:
         return ()
-    backend = getattr(tokenizer, "backend", None)
-    token = backend.token_to_id(TOOL_CLOSE) if backend is not None else None
+    token = tag_token(tokenizer, TOOL_CLOSE)
     return () if token is None else (token,)
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import socket
+from collections.abc import Callable
 
 import uvicorn
 from starlette.applications import Starlette
@@ -92,16 +93,33 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             raise wire.APIError(401, "invalid or missing API key", type="authentication_error",
                                 code="invalid_api_key")
 
-    async def completions(request: HTTPRequest, kind: str):
+    def key_refusal(request: HTTPRequest) -> JSONResponse | None:
+        """The 401 answer for a request without the right API key, or None."""
         try:
             check_key(request)
-            c = await run_in_threadpool(parse, await read_body(request), kind)
         except wire.APIError as exc:
             return error(exc)
+        return None
+
+    async def read_request(request: HTTPRequest, parse_body: Callable[[bytes], object]) -> tuple:
+        """(the request parsed, None), or (None, the answer to give instead): the API key is
+        checked, the body read and handed to `parse_body` in a worker thread (so that the
+        event loop, every other stream, goes on meanwhile), and their errors answered."""
+        try:
+            check_key(request)
+            body = await read_body(request)
+            return await run_in_threadpool(parse_body, body), None
+        except wire.APIError as exc:
+            return None, error(exc)
         except ClientDisconnect:  # the client went away before it had sent its whole body
-            return Response(status_code=499)
+            return None, Response(status_code=499)
         except Exception:
-            return internal_error()  # a bug: answered in OpenAI's shape, the server goes on
+            return None, internal_error()  # a bug: answered in OpenAI's shape, the server goes on
+
+    async def completions(request: HTTPRequest, kind: str):
+        c, answer = await read_request(request, lambda body: parse(body, kind))
+        if answer is not None:
+            return answer
         limit = engine.config.max_running + engine.config.max_waiting
         if len(c.prompts) > limit:  # (it could never be admitted whole: not a 429 to retry)
             return error(wire.APIError(400, f"this request asks for {len(c.prompts)} answers (prompts × n); this "
@@ -158,18 +176,11 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
                 collect.cancel()
 
     async def embeddings(request: HTTPRequest):
-        try:
-            check_key(request)
-            body = await read_body(request)
-            limit = engine.config.max_running + engine.config.max_waiting
-            e = await run_in_threadpool(lambda: wire.parse_embeddings(
-                read_json(body), tokenizer, loaded.context_length, served_model, loaded.model.args.hidden_size, limit))
-        except wire.APIError as exc:
-            return error(exc)
-        except ClientDisconnect:
-            return Response(status_code=499)
-        except Exception:
-            return internal_error()
+        limit = engine.config.max_running + engine.config.max_waiting
+        e, answer = await read_request(request, lambda body: wire.parse_embeddings(
+            read_json(body), tokenizer, loaded.context_length, served_model, loaded.model.args.hidden_size, limit))
+        if answer is not None:
+            return answer
         streams = []
         try:
             loop = asyncio.get_running_loop()
@@ -188,17 +199,10 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
 
     async def responses(request: HTTPRequest):
         """OpenAI's Responses API (responses_api.py): one answer, streamed as typed events or whole."""
-        try:
-            check_key(request)
-            body = await read_body(request)
-            r = await run_in_threadpool(lambda: responses_api.parse(
-                read_json(body), tokenizer, loaded.context_length, served_model, engine.grammars, response_store))
-        except wire.APIError as exc:
-            return error(exc)
-        except ClientDisconnect:
-            return Response(status_code=499)
-        except Exception:
-            return internal_error()
+        r, answer = await read_request(request, lambda body: responses_api.parse(
+            read_json(body), tokenizer, loaded.context_length, served_model, engine.grammars, response_store))
+        if answer is not None:
+            return answer
         c = r.completion
         try:
             stream = engine.submit(Request(c.prompts[0], c.params), asyncio.get_running_loop(), on_finish=metrics.record)
@@ -213,10 +217,8 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
 
     async def stored_response(request: HTTPRequest):
         """GET /v1/responses/{id}: a stored response; DELETE: forget it."""
-        try:
-            check_key(request)
-        except wire.APIError as exc:
-            return error(exc)
+        if (refusal := key_refusal(request)) is not None:
+            return refusal
         response_id = request.path_params["response_id"]
         if request.method == "DELETE":
             if response_store.delete(response_id):
@@ -243,18 +245,14 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
                   "context_length": loaded.context_length}
 
     async def models(request: HTTPRequest):
-        try:
-            check_key(request)
-        except wire.APIError as exc:
-            return error(exc)
+        if (refusal := key_refusal(request)) is not None:
+            return refusal
         return JSONResponse({"object": "list", "data": [model_json]})
 
     async def model(request: HTTPRequest):
         """OpenAI's "retrieve model": the served model, or 404 for any other id."""
-        try:
-            check_key(request)
-        except wire.APIError as exc:
-            return error(exc)
+        if (refusal := key_refusal(request)) is not None:
+            return refusal
         name = request.path_params["model"]
         if name != served_model:
             return error(wire.APIError(404, f"model '{name}' does not exist (this server serves '{served_model}')",
@@ -267,10 +265,8 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         return JSONResponse({"status": "engine stopped"}, status_code=503)
 
     async def stats(request: HTTPRequest):
-        try:
-            check_key(request)
-        except wire.APIError as exc:
-            return error(exc)
+        if (refusal := key_refusal(request)) is not None:
+            return refusal
         return JSONResponse(engine.stats())
 
     async def prometheus(request: HTTPRequest):
