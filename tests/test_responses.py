@@ -130,6 +130,42 @@ def test_a_tool_loop_with_previous_response_id(client):
         client.responses.retrieve(first.id)
 
 
+def test_a_stored_responses_input_items_come_back_a_page_at_a_time(client, server):
+    """GET /v1/responses/{id}/input_items (the SDK's input_items.list): the request's input
+    as items with ids (the client's kept), text as content parts, newest first unless asked
+    otherwise, paged by limit and after; bad queries are 400s naming the parameter."""
+    given = [{"role": "system", "content": "Be brief."},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}], "id": "msg_mine"},
+             {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "Time?"}]
+    r = client.responses.create(model=MODEL, input=given, max_output_tokens=2)
+    items = client.responses.input_items.list(r.id, order="asc").data
+    assert [(i.type, i.role) for i in items] == [("message", m["role"]) for m in given]
+    assert items[1].id == "msg_mine" and len({i.id for i in items}) == 4
+    assert [i.content[0].text for i in items] == ["Be brief.", "Hi", "Hello.", "Time?"]
+    assert [i.content[0].type for i in items] == ["input_text", "input_text", "output_text", "input_text"]
+    assert [i.id for i in client.responses.input_items.list(r.id).data] == [i.id for i in items][::-1]
+    first = client.responses.input_items.list(r.id, order="asc", limit=3)
+    assert [i.id for i in first.data] == [i.id for i in items[:3]] and first.has_more
+    rest = client.responses.input_items.list(r.id, order="asc", limit=3, after=first.last_id)
+    assert [i.id for i in rest.data] == [items[3].id] and not rest.has_more
+    # A string input is one user message; a tool output keeps its call id.
+    text = client.responses.create(model=MODEL, input="x", max_output_tokens=2)
+    (only,) = client.responses.input_items.list(text.id).data
+    assert (only.role, only.content[0].text, only.status) == ("user", "x", "completed")
+    out = client.responses.create(model=MODEL, previous_response_id=text.id, max_output_tokens=2, input=[
+        {"type": "function_call_output", "call_id": "call_1", "output": "12:00"}])
+    (only,) = client.responses.input_items.list(out.id).data
+    assert (only.type, only.call_id, only.output) == ("function_call_output", "call_1", "12:00")
+    for query, param in (("limit=0", "limit"), ("limit=x", "limit"), ("order=up", "order"), ("after=nope", "after")):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{server.base}/v1/responses/{r.id}/input_items?{query}", timeout=60)
+        assert err.value.code == 400 and json.loads(err.value.read())["error"]["param"] == param
+    client.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list(r.id)
+
+
 def test_store_false_keeps_nothing(client):
     r = client.responses.create(model=MODEL, input="x", max_output_tokens=2, store=False)
     with pytest.raises(openai.NotFoundError):

@@ -50,10 +50,18 @@ class ResponseRequest:
 
     completion: Completion
     messages: list[dict]  # the conversation as chat messages (with previous responses'), without instructions
+    input_items: list[dict]  # this request's input as Responses items, with ids (GET .../input_items)
     echo: dict  # request fields the response object repeats (instructions, tools, ...)
     store: bool
     id: str = field(default_factory=lambda: "resp_" + uuid.uuid4().hex)
     created_at: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class StoredResponse:
+    response: dict  # the response object
+    conversation: list[dict]  # chat messages up to and with its answer (what previous_response_id continues)
+    input_items: list[dict]  # its request's input (ResponseRequest.input_items)
 
 
 class ResponseStore:
@@ -61,16 +69,16 @@ class ResponseStore:
 
     def __init__(self, capacity: int = STORED_RESPONSES):
         self.capacity = capacity
-        self._items: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+        self._items: OrderedDict[str, StoredResponse] = OrderedDict()
         self._lock = threading.Lock()
 
-    def put(self, response: dict, conversation: list[dict]) -> None:
+    def put(self, stored: StoredResponse) -> None:
         with self._lock:
-            self._items[response["id"]] = (response, conversation)
+            self._items[stored.response["id"]] = stored
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
-    def get(self, response_id: str) -> tuple[dict, list[dict]] | None:
+    def get(self, response_id: str) -> StoredResponse | None:
         with self._lock:
             return self._items.get(response_id)
 
@@ -97,12 +105,13 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
             raise APIError(404, f"no stored response '{str(previous)[:80]}' (responses are kept in this server's "
                                 f"memory, the last {store.capacity}, unless sent with store: false)",
                            param="previous_response_id", code="response_not_found")
-        history = found[1]  # (stored without its instructions: each request gives its own)
+        history = found.conversation  # (stored without its instructions: each request gives its own)
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise APIError(400, "'instructions' must be a string", param="instructions")
     _check_fields(body)
-    messages = history + _input_messages(body.get("input"))
+    messages = history + _input_messages(body.get("input"))  # (validates `input`)
+    input_items = _input_items(body["input"])
     system = [{"role": "system", "content": instructions}] if instructions else []
     chat = {"messages": system + messages, "stream": body.get("stream", False)}
     if "model" in body:
@@ -140,7 +149,7 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
         "user": body.get("user"),
         "store": store_it,
     }
-    return ResponseRequest(completion, messages, echo, store_it)
+    return ResponseRequest(completion, messages, input_items, echo, store_it)
 
 
 def _check_fields(body: dict) -> None:
@@ -202,6 +211,55 @@ def _input_messages(value: object) -> list[dict]:
             raise APIError(400, f"input[{i}]: items of type {json.dumps(kind)[:40]} are not supported (messages, "
                                 "function_call, function_call_output and reasoning are)", param="input")
     return messages
+
+
+def _input_items(value: str | list) -> list[dict]:
+    """A valid `input` as the items GET /v1/responses/{id}/input_items lists: each with an
+    id (the client's, or a new one) and a status, a message's text as content parts."""
+    if isinstance(value, str):
+        value = [{"type": "message", "role": "user", "content": value}]
+    items = []
+    for given in value:
+        item = {"type": "message", **given}
+        kind = item["type"]
+        if kind == "message":
+            if isinstance(item["content"], str):
+                part = "output_text" if item["role"] == "assistant" else "input_text"
+                item["content"] = [{"type": part, "text": item["content"],
+                                    **({"annotations": []} if part == "output_text" else {})}]
+            prefix = "msg"
+        else:
+            prefix = {"function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}[kind]
+        if kind == "reasoning":
+            item.setdefault("summary", [])
+        else:
+            item.setdefault("status", "completed")
+        if not isinstance(item.get("id"), str):
+            item["id"] = _item_id(prefix)
+        items.append(item)
+    return items
+
+
+def input_items_page(items: list[dict], query) -> dict:
+    """GET /v1/responses/{id}/input_items: a page of a stored response's input items, as the
+    query (`limit` 1-100, default 20; `order` asc or desc, the default; `after`, an item id)
+    asks. Raises APIError for a bad query."""
+    limit = query.get("limit", "20")
+    if not (limit.isdigit() and 1 <= int(limit) <= 100):
+        raise APIError(400, f"'limit' must be an integer from 1 to 100, got {limit[:40]!r}", param="limit")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise APIError(400, f"'order' must be 'asc' or 'desc', got {order[:40]!r}", param="order")
+    ordered = items if order == "asc" else items[::-1]
+    after = query.get("after")
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        if after not in ids:
+            raise APIError(400, f"'after' names no input item of this response: {after[:80]!r}", param="after")
+        ordered = ordered[ids.index(after) + 1:]
+    page = ordered[: int(limit)]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > len(page)}
 
 
 def _text_of(content: object, i: int) -> str:

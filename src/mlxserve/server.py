@@ -226,9 +226,21 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         else:
             found = response_store.get(response_id)
             if found is not None:
-                return JSONResponse(found[0])
-        return error(wire.APIError(404, f"no stored response '{response_id[:80]}'", param="response_id",
-                                   code="response_not_found"))
+                return JSONResponse(found.response)
+        return error(_no_stored_response(response_id))
+
+    async def stored_input_items(request: HTTPRequest):
+        """GET /v1/responses/{id}/input_items: the input items of a stored response, a page at a time."""
+        if (refusal := key_refusal(request)) is not None:
+            return refusal
+        response_id = request.path_params["response_id"]
+        found = response_store.get(response_id)
+        if found is None:
+            return error(_no_stored_response(response_id))
+        try:
+            return JSONResponse(responses_api.input_items_page(found.input_items, request.query_params))
+        except wire.APIError as exc:
+            return error(exc)
 
     def internal_error() -> JSONResponse:
         log.exception("request failed")
@@ -291,6 +303,7 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/v1/responses", responses, methods=["POST"]),
             Route("/v1/responses/{response_id}", stored_response, methods=["GET", "DELETE"]),
+            Route("/v1/responses/{response_id}/input_items", stored_input_items, methods=["GET"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model:path}", model, methods=["GET"]),  # a model id may hold a "/"
             Route("/v1/stats", stats, methods=["GET"]),
@@ -408,6 +421,11 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+def _no_stored_response(response_id: str) -> wire.APIError:
+    return wire.APIError(404, f"no stored response '{response_id[:80]}'", param="response_id",
+                         code="response_not_found")
+
+
 async def _response_events(r: responses_api.ResponseRequest, stream, tokenizer, store, model: str,
                            cache_block: int | None):
     """The Responses API events of one answer (responses_api.ResponseBuilder), the last
@@ -434,7 +452,8 @@ async def _response_events(r: responses_api.ResponseRequest, stream, tokenizer, 
                 len(tokenizer.encode(reasoning, add_special_tokens=False)) if reasoning else 0, cache_block)
             events, final = builder.finish(parser.finish_reason(step.finish_reason), usage)
             if r.store:
-                store.put(final, responses_api.conversation_after(r, builder.output))
+                store.put(responses_api.StoredResponse(final, responses_api.conversation_after(r, builder.output),
+                                                       r.input_items))
             for event in events:
                 yield event
             return
