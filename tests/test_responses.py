@@ -92,6 +92,31 @@ def test_streamed_events_build_the_same_response(client, server):
     assert events[0]["response"]["status"] == "in_progress" and events[-1]["response"]["status"] == "incomplete"
 
 
+def test_logprobs_of_the_message_text_as_the_chat_completion_gives_them(client, server):
+    """include: message.output_text.logprobs (with top_logprobs alternatives) puts the
+    message's token log-probs on its output_text part, the chat completion's for the same
+    messages; streamed, each text delta carries its own. Not asked for, there are none."""
+    body = {"model": MODEL, "input": "Hello there", "max_output_tokens": 10, "temperature": 0,
+            "include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    r = client.responses.create(**body)
+    chat = client.chat.completions.create(model=MODEL, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2,
+                                          messages=[{"role": "user", "content": "Hello there"}])
+    part = r.output[0].content[0]
+    expected = chat.choices[0].logprobs.content
+    assert r.output_text == chat.choices[0].message.content and len(part.logprobs) == len(expected) == 10
+    assert [(lp.token, lp.logprob, lp.bytes) for lp in part.logprobs] == [(lp.token, lp.logprob, lp.bytes) for lp in expected]
+    assert all([t.token for t in a.top_logprobs] == [t.token for t in b.top_logprobs] and len(a.top_logprobs) == 2
+               for a, b in zip(part.logprobs, expected))
+    assert r.top_logprobs == 2
+    events = raw_events(server, body)
+    deltas = [lp for e in events if e["type"] == "response.output_text.delta" for lp in e["logprobs"]]
+    done = next(e for e in events if e["type"] == "response.output_text.done")
+    assert deltas == done["logprobs"] == events[-1]["response"]["output"][0]["content"][0]["logprobs"]
+    assert [lp["token"] for lp in deltas] == [lp.token for lp in expected]
+    plain = client.responses.create(model=MODEL, input="Hello there", max_output_tokens=4)
+    assert plain.output[0].content[0].logprobs == []
+
+
 def test_structured_output_through_the_sdk_stream_helper(client):
     with client.responses.stream(model=MODEL, input="A digit", text={"format": DIGIT}, max_output_tokens=100) as stream:
         kinds = [event.type for event in stream]
@@ -232,7 +257,8 @@ def test_request_fields_are_echoed(client):
     ({"input": "x", "metadata": "m"}, "metadata"),
     ({"input": "x", "text": "hello"}, "text"),
     ({"input": "x", "user": 5}, "user"),
-    ({"input": "x", "top_logprobs": 3}, "top_logprobs"),
+    ({"input": "x", "top_logprobs": 30}, "top_logprobs"),
+    ({"input": "x", "include": "message.output_text.logprobs"}, "include"),
     ({"input": "x", "previous_response_id": 5}, "previous_response_id"),
     ({"input": "x", "tools": [{"type": "function"}]}, "tools"),
     ({"input": "x", "tool_choice": {"type": "function"}}, "tool_choice"),

@@ -121,6 +121,9 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
             chat[name] = body[name]
     if "max_output_tokens" in body:
         chat["max_tokens"] = body["max_output_tokens"]
+    if LOGPROBS in body.get("include", []) or body.get("top_logprobs"):
+        chat["logprobs"] = True
+        chat["top_logprobs"] = body.get("top_logprobs", 0)
     if "tools" in body:
         chat["tools"] = _tools(body["tools"])
     if "tool_choice" in body:
@@ -143,6 +146,7 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
         "temperature": body.get("temperature", 1.0),
         "top_p": body.get("top_p", 1.0),
         "max_output_tokens": body.get("max_output_tokens"),
+        "top_logprobs": body.get("top_logprobs", 0),
         "previous_response_id": previous,
         "text": {"format": {"type": "text"}, **body.get("text", {})},
         "metadata": body.get("metadata", {}),
@@ -152,11 +156,14 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
     return ResponseRequest(completion, messages, input_items, echo, store_it)
 
 
+LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for them
+
+
 def _check_fields(body: dict) -> None:
     """The fields whose errors the chat parser would word in its own API's terms."""
-    if body.get("top_logprobs"):
-        raise APIError(400, "top_logprobs is not supported on /v1/responses (/v1/chat/completions has logprobs)",
-                       param="top_logprobs")
+    include = body.get("include", [])
+    if not (isinstance(include, list) and all(isinstance(value, str) for value in include)):
+        raise APIError(400, f"'include' must be a list of strings such as ['{LOGPROBS}']", param="include")
     limit = body.get("max_output_tokens")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise APIError(400, f"'max_output_tokens' must be an integer >= 1, got {json.dumps(limit)[:40]}",
@@ -364,12 +371,14 @@ class ResponseBuilder:
         return [self.event("response.created", response=created),
                 self.event("response.in_progress", response=created)]
 
-    def add(self, parsed) -> list[dict]:
+    def add(self, parsed, logprobs: list[dict] | None = None) -> list[dict]:
+        """The events of one parsed piece; `logprobs`: those of the message text in it (the
+        chat format's entries), for its output_text part."""
         events = []
         if parsed.reasoning:
             events += self._text("reasoning", parsed.reasoning)
         if parsed.content:
-            events += self._text("message", parsed.content)
+            events += self._text("message", parsed.content, logprobs or [])
         for part in parsed.tool_call_parts:
             if part.id is not None:  # a new call: its name, then arguments as they come
                 events += self._close()
@@ -395,7 +404,7 @@ class ResponseBuilder:
         events.append(self.event("response.incomplete" if incomplete else "response.completed", response=final))
         return events, final
 
-    def _text(self, kind: str, text: str) -> list[dict]:
+    def _text(self, kind: str, text: str, logprobs: list[dict] | None = None) -> list[dict]:
         events = []
         if self._open is None or self._open["type"] != kind:
             events += self._close()
@@ -414,8 +423,9 @@ class ResponseBuilder:
         item = self._open
         item["content"][0]["text"] += text
         if kind == "message":
+            item["content"][0]["logprobs"] += logprobs
             events.append(self.event("response.output_text.delta", item_id=item["id"], output_index=len(self.output) - 1,
-                                     content_index=0, delta=text, logprobs=[]))
+                                     content_index=0, delta=text, logprobs=logprobs))
         else:
             events.append(self.event("response.reasoning_text.delta", item_id=item["id"],
                                      output_index=len(self.output) - 1, content_index=0, delta=text))
@@ -441,7 +451,7 @@ class ResponseBuilder:
             part = item["content"][0]
             if item["type"] == "message":
                 events.append(self.event("response.output_text.done", item_id=item["id"], output_index=index,
-                                         content_index=0, text=part["text"], logprobs=[]))
+                                         content_index=0, text=part["text"], logprobs=part["logprobs"]))
             else:
                 events.append(self.event("response.reasoning_text.done", item_id=item["id"], output_index=index,
                                          content_index=0, text=part["text"]))

@@ -437,13 +437,23 @@ async def _response_events(r: responses_api.ResponseRequest, stream, tokenizer, 
         yield event
     parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True,
                         calls_constrained=c.calls_constrained)
+    # Log-probs go with the message text: the tokens whose text the parser has not shown yet
+    # wait; those that made reasoning or a call are dropped.
+    answer, waiting = wire.AnswerLogprobs(tokenizer, c.params), []
     async for step in stream:
         if step.finish_reason == "error":
             raise responses_api.in_responses_terms(_engine_error(step.error, c))
+        if c.params.logprobs:
+            waiting += answer.feed(step)
         parsed = parser.feed(step.text)
         if step.finish_reason:
             parsed = _merge(parsed, parser.flush())
-        for event in builder.add(parsed):
+        logprobs = None
+        if waiting and parsed:
+            if parsed.content:
+                logprobs = wire.logprobs_json("chat", waiting, tokenizer)["content"]
+            waiting = []
+        for event in builder.add(parsed, logprobs):
             yield event
         if step.finish_reason:
             reasoning = responses_api.reasoning_text(builder.output)
