@@ -68,3 +68,37 @@ class ScriptedStream:
 # A Qwen-style answer: reasoning, some content, one tool call, cut into uneven pieces.
 SCRIPT = ["<think>", "\nCheck the", " weather.\n", "</think>", "\n\nLet me look.", "<tool_call>", '\n{"name": "get_',
           'weather", "arguments": {"city": ', '"Paris"}}\n', "</tool_call>"]
+
+
+class TokenScriptedEngine(ScriptedEngine):
+    """Like ScriptedEngine, but each request streams `text` one token at a time, as the
+    engine does: each event the token's id, its new text (held back while it ends in an
+    incomplete character) and, when asked for, a log-prob (token i: -i)."""
+
+    def __init__(self, loaded, text):
+        super().__init__(loaded, None)
+        self.text = text
+
+    def submit(self, request, loop, on_finish=None):
+        return TokenScriptedStream(request, self.loaded.tokenizer, self.text)
+
+
+class TokenScriptedStream(ScriptedStream):
+    def __init__(self, request, tokenizer, text):
+        super().__init__(request, None)
+        self.ids = tokenizer.encode(text, add_special_tokens=False)
+        self.tokenizer = tokenizer
+
+    async def __aiter__(self):
+        from mlxserve.scheduler import TokenEvent, TokenLogprob
+
+        shown = ""
+        for i, token in enumerate(self.ids):
+            text = self.tokenizer.decode(self.ids[: i + 1])
+            piece = "" if text.endswith("\ufffd") else text[len(shown):]
+            shown += piece
+            last = i == len(self.ids) - 1
+            logprobs = [TokenLogprob(token, -float(i), [(token, -float(i))])] if self.request.params.logprobs else None
+            yield TokenEvent("scripted", [token], piece, logprobs=logprobs, finish_reason="stop" if last else None,
+                             prompt_tokens=len(self.request.prompt_ids), completion_tokens=i + 1)
+

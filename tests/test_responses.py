@@ -6,7 +6,7 @@ import urllib.request
 
 import openai
 import pytest
-from live_server import SCRIPT, LiveServer, ScriptedEngine
+from live_server import SCRIPT, LiveServer, ScriptedEngine, TokenScriptedEngine
 
 from mlxserve.engine import Engine, EngineConfig
 from mlxserve.loader import load_model
@@ -117,6 +117,29 @@ def test_logprobs_of_the_message_text_as_the_chat_completion_gives_them(client, 
     assert plain.output[0].content[0].logprobs == []
 
 
+@pytest.mark.parametrize("answer, message", [
+    ("<think>\nhmm, 42\n</think>\n\nIt is 42 here.", "It is 42 here."),
+    ('It is 42 <tool_call>\n{"name": "get_weather", "arguments": {"n": 42}}\n</tool_call>', "It is 42 "),
+])
+def test_logprobs_are_those_of_the_message_texts_own_tokens(tiny_model_dir, answer, message):
+    """Tokens that made reasoning, tags or a call have no log-probs on the message: the
+    tokens listed are those of its text, byte for byte, streamed or not (a model's answer
+    streamed token by token, TokenScriptedEngine)."""
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    live = LiveServer(create_app(TokenScriptedEngine(loaded, answer), MODEL))
+    try:
+        body = {"model": MODEL, "input": "q", "tools": [WEATHER], "include": ["message.output_text.logprobs"]}
+        client = openai.OpenAI(base_url=live.base + "/v1", api_key="x", max_retries=0)
+        whole = client.responses.create(**body).model_dump()
+        streamed = raw_events(live, body)[-1]["response"]
+    finally:
+        live.stop()
+    for response in (whole, streamed):
+        (part,) = [item["content"][0] for item in response["output"] if item["type"] == "message"]
+        assert part["text"] == message
+        assert bytes(b for lp in part["logprobs"] for b in lp["bytes"]).decode() == message
+
+
 def test_structured_output_through_the_sdk_stream_helper(client):
     with client.responses.stream(model=MODEL, input="A digit", text={"format": DIGIT}, max_output_tokens=100) as stream:
         kinds = [event.type for event in stream]
@@ -182,13 +205,22 @@ def test_a_stored_responses_input_items_come_back_a_page_at_a_time(client, serve
         {"type": "function_call_output", "call_id": "call_1", "output": "12:00"}])
     (only,) = client.responses.input_items.list(out.id).data
     assert (only.type, only.call_id, only.output) == ("function_call_output", "call_1", "12:00")
-    for query, param in (("limit=0", "limit"), ("limit=x", "limit"), ("order=up", "order"), ("after=nope", "after")):
+    bad = ("limit=0", "limit"), ("limit=x", "limit"), ("limit=%C2%B2", "limit"), ("limit=%EF%BC%93", "limit"), \
+        ("order=up", "order"), ("after=nope", "after")
+    for query, param in bad:  # (² and a full-width 3: digits to str.isdigit, not to int())
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"{server.base}/v1/responses/{r.id}/input_items?{query}", timeout=60)
         assert err.value.code == 400 and json.loads(err.value.read())["error"]["param"] == param
     client.responses.delete(r.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.input_items.list(r.id)
+    # Text parts of any accepted type come back as the API's; the SDK's pages, followed to the end.
+    parts = client.responses.create(model=MODEL, max_output_tokens=2, input=[
+        {"type": "message", "role": "user", "content": [{"type": "text", "text": "t"}], "status": "bogus"},
+        *({"role": "user", "content": str(i)} for i in range(4))])
+    listed = list(client.responses.input_items.list(parts.id, limit=2, order="asc"))
+    assert [(type(i).__name__, i.content[0].type, i.content[0].text, i.status) for i in listed] == \
+        [("ResponseInputMessageItem", "input_text", text, "completed") for text in ("t", "0", "1", "2", "3")]
 
 
 def test_store_false_keeps_nothing(client):
@@ -258,6 +290,9 @@ def test_request_fields_are_echoed(client):
     ({"input": "x", "text": "hello"}, "text"),
     ({"input": "x", "user": 5}, "user"),
     ({"input": "x", "top_logprobs": 30}, "top_logprobs"),
+    ({"input": "x", "top_logprobs": False}, "top_logprobs"),
+    ({"input": [{"role": "user", "content": "a", "id": "m"}, {"role": "user", "content": "b", "id": "m"}]}, "input"),
+    ({"input": [{"role": "user", "content": "a", "id": 5}]}, "input"),
     ({"input": "x", "include": "message.output_text.logprobs"}, "include"),
     ({"input": "x", "previous_response_id": 5}, "previous_response_id"),
     ({"input": "x", "tools": [{"type": "function"}]}, "tools"),

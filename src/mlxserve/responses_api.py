@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import threading
 import time
 import uuid
@@ -123,7 +124,8 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
         chat["max_tokens"] = body["max_output_tokens"]
     if LOGPROBS in body.get("include", []) or body.get("top_logprobs"):
         chat["logprobs"] = True
-        chat["top_logprobs"] = body.get("top_logprobs", 0)
+    if "top_logprobs" in body:
+        chat["top_logprobs"] = body["top_logprobs"]
     if "tools" in body:
         chat["tools"] = _tools(body["tools"])
     if "tool_choice" in body:
@@ -225,24 +227,32 @@ def _input_items(value: str | list) -> list[dict]:
     id (the client's, or a new one) and a status, a message's text as content parts."""
     if isinstance(value, str):
         value = [{"type": "message", "role": "user", "content": value}]
-    items = []
-    for given in value:
+    items, ids = [], set()
+    for i, given in enumerate(value):
         item = {"type": "message", **given}
         kind = item["type"]
         if kind == "message":
-            if isinstance(item["content"], str):
-                part = "output_text" if item["role"] == "assistant" else "input_text"
-                item["content"] = [{"type": part, "text": item["content"],
-                                    **({"annotations": []} if part == "output_text" else {})}]
+            # Text parts as the API returns them: input_text, or output_text for the assistant's.
+            part = "output_text" if item["role"] == "assistant" else "input_text"
+            texts = [item["content"]] if isinstance(item["content"], str) else [p["text"] for p in item["content"]]
+            item["content"] = [{"type": part, "text": text, **({"annotations": []} if part == "output_text" else {})}
+                               for text in texts]
             prefix = "msg"
         else:
             prefix = {"function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}[kind]
         if kind == "reasoning":
             item.setdefault("summary", [])
-        else:
-            item.setdefault("status", "completed")
-        if not isinstance(item.get("id"), str):
+        elif item.get("status") not in ("in_progress", "completed", "incomplete"):
+            item["status"] = "completed"
+        if item.get("id") is None:
             item["id"] = _item_id(prefix)
+        elif not (isinstance(item["id"], str) and item["id"]):
+            raise APIError(400, f"input[{i}].id must be a non-empty string", param="input")
+        elif item["id"] in ids:
+            # (The input_items list pages by id: each must name one item.)
+            raise APIError(400, f"input[{i}].id {json.dumps(item['id'])[:80]} is the id of an earlier item: "
+                                "ids must be unique", param="input")
+        ids.add(item["id"])
         items.append(item)
     return items
 
@@ -252,7 +262,7 @@ def input_items_page(items: list[dict], query) -> dict:
     query (`limit` 1-100, default 20; `order` asc or desc, the default; `after`, an item id)
     asks. Raises APIError for a bad query."""
     limit = query.get("limit", "20")
-    if not (limit.isdigit() and 1 <= int(limit) <= 100):
+    if not (re.fullmatch(r"[0-9]{1,3}", limit) and 1 <= int(limit) <= 100):
         raise APIError(400, f"'limit' must be an integer from 1 to 100, got {limit[:40]!r}", param="limit")
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):

@@ -437,9 +437,7 @@ async def _response_events(r: responses_api.ResponseRequest, stream, tokenizer, 
         yield event
     parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True,
                         calls_constrained=c.calls_constrained)
-    # Log-probs go with the message text: the tokens whose text the parser has not shown yet
-    # wait; those that made reasoning or a call are dropped.
-    answer, waiting = wire.AnswerLogprobs(tokenizer, c.params), []
+    answer, waiting = wire.AnswerLogprobs(tokenizer, c.params), []  # (see _message_logprobs)
     async for step in stream:
         if step.finish_reason == "error":
             raise responses_api.in_responses_terms(_engine_error(step.error, c))
@@ -448,11 +446,7 @@ async def _response_events(r: responses_api.ResponseRequest, stream, tokenizer, 
         parsed = parser.feed(step.text)
         if step.finish_reason:
             parsed = _merge(parsed, parser.flush())
-        logprobs = None
-        if waiting and parsed:
-            if parsed.content:
-                logprobs = wire.logprobs_json("chat", waiting, tokenizer)["content"]
-            waiting = []
+        logprobs, waiting = _message_logprobs(parsed, waiting, tokenizer)
         for event in builder.add(parsed, logprobs):
             yield event
         if step.finish_reason:
@@ -467,6 +461,35 @@ async def _response_events(r: responses_api.ResponseRequest, stream, tokenizer, 
             for event in events:
                 yield event
             return
+
+
+def _message_logprobs(parsed, waiting: list, tokenizer) -> tuple[list[dict] | None, list]:
+    """(the log-probs of `parsed`'s message text, in the chat format, or None; the entries
+    still waiting). `waiting`: the entries of the answer's tokens that no parsed piece has
+    shown yet. The message text is found among their bytes: the tokens it spans are its
+    own; those before it made tags or reasoning (or, with a call in the piece, those after
+    it made the call), and are dropped; after it, they wait for the next piece (text the
+    parser holds back, such as a tag's first characters). Text that cannot be found there
+    (a token's bytes are not valid UTF-8 alone, or the parser dropped spaces inside it):
+    every waiting token is the message's unless the piece holds reasoning or a call."""
+    if not waiting or not parsed:
+        return None, waiting
+    call = bool(parsed.tool_call_parts or parsed.tool_calls)
+    if not parsed.content:
+        return None, [] if parsed.reasoning or call else waiting
+    spans, end = [], 0
+    for entry in waiting:
+        start, end = end, end + len(tokenizer.token_bytes(entry.token_id))
+        spans.append((start, end))
+    raw = b"".join(tokenizer.token_bytes(e.token_id) for e in waiting)
+    text = parsed.content.encode("utf-8")
+    at = raw.find(text) if call else raw.rfind(text)
+    if at < 0:
+        mine = [] if parsed.reasoning or call else waiting
+        return wire.logprobs_json("chat", mine, tokenizer)["content"], []
+    mine = [e for e, (start, stop) in zip(waiting, spans) if start < at + len(text) and stop > at]
+    later = [] if call else [e for e, (start, _) in zip(waiting, spans) if start >= at + len(text)]
+    return wire.logprobs_json("chat", mine, tokenizer)["content"], later
 
 
 async def _last_response(events) -> dict:
