@@ -16,8 +16,6 @@ the same command with and without the environment variable, on the same warm mac
     LINEAR_AS_CONV=1  plain linear layers run their products of several rows as width-one
                       convolutions (models/products.py: cuDNN's cached plan instead of
                       cuBLASLt's setup at every call)
-    EAGER_CHUNK_READS=1  a short chunk's attention (cache.chunk_attention) runs as eager
-                      operations, not as one compiled call (cache.compile_chunk_reads)
 
     NO_DEVICE_WAIT=1 PYTHONPATH=src python3 scripts/bench_variant.py bench --random-weights qwen3-4b \\
         --quantize 4 --concurrency 1 --compare mlx-lm
@@ -26,7 +24,7 @@ the same command with and without the environment variable, on the same warm mac
 import os
 import sys
 
-from mlxserve import batch, cache, scheduler
+from mlxserve import batch, scheduler
 from mlxserve.cli import main
 from mlxserve.models import products
 
@@ -46,8 +44,6 @@ def apply_tunings() -> None:
         scheduler.QUEUE_WITHOUT_WAIT_BYTES = int(os.environ["QUEUE_WITHOUT_WAIT_BYTES"])
     if os.environ.get("LINEAR_AS_CONV"):
         products.enabled = True
-    if os.environ.get("EAGER_CHUNK_READS"):
-        cache.compile_chunk_reads = False
 
 
 if __name__ == "__main__":

@@ -421,8 +421,6 @@ class KVStore:
         a short chunk's output is a strided view of what chunk_attention computes (see
         `chunk_attention_by_kv_head`): the concatenation of several groups then copies it
         into place once, where making it contiguous first took a copy of its own."""
-        from .models.compiled import active  # (here: the models package imports this module)
-
         q_heads, d = queries.shape[1], queries.shape[2]
         kv_heads = self.kv_heads
         group = q_heads // kv_heads
@@ -443,9 +441,11 @@ class KVStore:
                 continue
             t += g.extra_queries  # the step's padding, attending as this row's extra queries
             if g.chunked:
-                compiled = compile_chunk_reads and active(batch.compile)
-                read_chunk = _chunk_read_compiled if compiled else _chunk_read
-                outputs.append(read_chunk(queries[g.offset : g.offset + n * t], k, v, g.mask, scale))
+                q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d)
+                o = chunk_attention_by_kv_head(q, k, v, g.mask, scale)  # [1, kv_heads, t, group, D]
+                # One row (AttentionGroup.chunked). squeeze, not o[0]: MLX indexes an array by
+                # a lone integer with a gather, a copy of the whole output in every layer.
+                outputs.append(o.squeeze(0).transpose(1, 0, 2, 3))  # a view
                 continue
             q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d).transpose(0, 2, 1, 3)
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask)
@@ -490,26 +490,6 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array, scal
     scores = _scale_and_mask(q @ k.swapaxes(-1, -2), mask, scale)
     weights = mx.softmax(scores, axis=-1, precise=True)
     return (weights @ v).reshape(n, q_heads, d)
-
-
-def _chunk_read(queries: mx.array, k: mx.array, v: mx.array, mask: mx.array, scale: float) -> mx.array:
-    """KVStore.read's attention of one chunked group (one row, AttentionGroup.chunked):
-    queries [t, q_heads, D] -> [t, kv_heads, group, D], a view of what
-    chunk_attention_by_kv_head computes."""
-    t, q_heads, d = queries.shape
-    o = chunk_attention_by_kv_head(queries.reshape(1, t, q_heads, d), k, v, mask, scale)
-    # squeeze, not o[0]: MLX indexes an array by a lone integer with a gather, a copy of the
-    # whole output in every layer.
-    return o.squeeze(0).transpose(1, 0, 2, 3)
-
-
-# The same, compiled (traced once per shape, shared by every layer): its dozen operations are
-# one call for the host to make in each layer. A chunk's shapes recur (its tokens are padded to
-# a bucket, its keys rounded to a unit, see batch.build_batch), so steps that run compiled
-# (StepBatch.compile) use it. Off: every chunk attends eagerly (for comparisons; the results are
-# the same).
-compile_chunk_reads = True
-_chunk_read_compiled = mx.compile(_chunk_read)
 
 
 def chunk_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array, scale: float) -> mx.array:
