@@ -477,11 +477,12 @@ def _message_logprobs(parsed, waiting: list, tokenizer) -> tuple[list[dict] | No
     call = bool(parsed.tool_call_parts or parsed.tool_calls)
     if not parsed.content:
         return None, [] if parsed.reasoning or call else waiting
+    pieces = [tokenizer.token_bytes(entry.token_id) for entry in waiting]
     spans, end = [], 0
-    for entry in waiting:
-        start, end = end, end + len(tokenizer.token_bytes(entry.token_id))
+    for piece in pieces:
+        start, end = end, end + len(piece)
         spans.append((start, end))
-    raw = b"".join(tokenizer.token_bytes(e.token_id) for e in waiting)
+    raw = b"".join(pieces)
     text = parsed.content.encode("utf-8")
     at = raw.find(text) if call else raw.rfind(text)
     if at < 0:
