@@ -29,18 +29,24 @@ def tiny(tiny_model_dir):
 # Before it says so it lets MLX finish the work already queued: MLX's CPU back-end builds new
 # kernels with the C++ compiler through system(), which ignores SIGINT (process-wide) while
 # it runs, so a Ctrl-C sent then would be lost.
+# With CTRL_C_IN_SUBMIT set, the process sends itself that Ctrl-C once the step is blocked, while
+# Engine.submit is still returning: before the caller has begun to read the stream.
 BLOCKING_STEP = r"""
-import os, sys, threading
+import os, signal, sys, threading
 import mlx.core as mx
 from mlxserve import cli, engine, scheduler
 
 block_at, release = int(os.environ["BLOCK_STEP"]), os.environ.get("RELEASE_FIFO")
-submitted, steps = threading.Event(), []
+submitted, blocked, steps = threading.Event(), threading.Event(), []
 _submit, _step = engine.Engine.submit, scheduler.Scheduler.step
 
 def submit(self, *args, **kwargs):
     submitted.set()
-    return _submit(self, *args, **kwargs)
+    stream = _submit(self, *args, **kwargs)
+    if os.environ.get("CTRL_C_IN_SUBMIT"):
+        blocked.wait()
+        signal.raise_signal(signal.SIGINT)
+    return stream
 
 def step(self):
     if submitted.is_set():
@@ -48,6 +54,7 @@ def step(self):
         if len(steps) == block_at:
             mx.synchronize()
             os.write(2, b"[step blocked]\n")
+            blocked.set()
             if release:
                 with open(release) as fifo:
                     fifo.read(1)
@@ -61,14 +68,18 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("block_step", [1, 4])  # the prompt's prefill; a step after some text came
-def test_ctrl_c_in_run_exits_without_waiting_for_the_engine_step(tiny, block_step):
+@pytest.mark.parametrize("block_step,in_submit", [
+    (1, False),  # during the prompt's prefill
+    (4, False),  # during a step after some text came
+    (2, True),  # before `run` reads the stream: CI once caught the Ctrl-C there (it then hung)
+])
+def test_ctrl_c_in_run_exits_without_waiting_for_the_engine_step(tiny, block_step, in_submit):
     """Ctrl-C waited for the engine's step to end: some 40 s for a 512-token chunk on the CPU.
     Here the step never ends, so the process can only exit if it does not wait for it."""
+    env = dict(os.environ, BLOCK_STEP=str(block_step), **({"CTRL_C_IN_SUBMIT": "1"} if in_submit else {}))
     proc = subprocess.Popen([sys.executable, "-c", BLOCKING_STEP, "run", "--model", tiny, "--no-chat",
                              "--ignore-eos", "--max-tokens", "100", "Once upon a time"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, BLOCK_STEP=str(block_step)))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         before = []
         for line in proc.stderr:
@@ -76,15 +87,16 @@ def test_ctrl_c_in_run_exits_without_waiting_for_the_engine_step(tiny, block_ste
             if line == "[step blocked]\n":
                 break
         assert before[-1:] == ["[step blocked]\n"], before
-        proc.send_signal(signal.SIGINT)
+        if not in_submit:
+            proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)  # a bound for a failing test, not a wait for anything
     finally:
         proc.kill()  # (the blocked step never ends: a process that waits for it is left behind)
         proc.wait()
     assert proc.returncode == 130, err
     assert err == "\n"  # the usual newline after ^C, nothing else: no traceback, no stats, no abort
-    if block_step == 1:
-        assert out == ""  # nothing generated yet
+    if block_step == 1 or in_submit:
+        assert out == ""  # nothing generated yet, or nothing read
 
 
 def test_run_json(tiny):

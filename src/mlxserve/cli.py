@@ -185,19 +185,27 @@ ENGINE_START_FAILED = "engine failed to start"  # how engine.Engine.start's Runt
 
 
 @contextmanager
-def _running_engine(loaded, config):
+def _running_engine(loaded, config, exit_on_ctrl_c: bool = False):
     """A started engine, stopped on leaving; one that fails to start (no memory for the KV
-    cache, an operation the device cannot run) is a CLIError, not a traceback."""
+    cache, an operation the device cannot run) is a CLIError, not a traceback. With
+    exit_on_ctrl_c, a Ctrl-C anywhere while the engine runs ends the process at once (see
+    _exit_at_once) instead of waiting, in Engine.stop, for the step in flight. That covers the
+    whole block, not only where its caller reads events: a Ctrl-C that lands a moment earlier
+    (Engine.submit returning) once left `run` waiting for ever for a step that never ended."""
     from .engine import Engine
 
     engine = Engine(loaded, config)
     try:
-        engine.start()
-    except RuntimeError as exc:
-        engine.stop()
-        raise CLIError(_one_line(str(exc))) from None
-    try:
+        try:
+            engine.start()
+        except RuntimeError as exc:
+            engine.stop()
+            raise CLIError(_one_line(str(exc))) from None
         yield engine
+    except KeyboardInterrupt:
+        if exit_on_ctrl_c:
+            _exit_at_once(130)
+        raise
     finally:
         engine.stop()
 
@@ -240,25 +248,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .scheduler import Request
 
     text_parts, token_ids, final = [], [], None
-    with _running_engine(loaded, engine_config(args)) as engine:
+    with _running_engine(loaded, engine_config(args), exit_on_ctrl_c=True) as engine:
         if params.grammar:
             try:
                 engine.grammars.check(params.grammar)
             except GrammarError as exc:
                 raise CLIError(f"--format: {exc}") from None
-        stream = engine.submit(Request(prompt_ids, params))
-        try:
-            for event in stream:
-                token_ids.extend(event.token_ids)
-                text_parts.append(event.text)
-                if not args.json and event.text:
-                    sys.stdout.write(event.text)
-                    sys.stdout.flush()
-                if event.finish_reason:
-                    final = event
-        except KeyboardInterrupt:
-            stream.cancel()
-            _exit_at_once(130)
+        for event in engine.submit(Request(prompt_ids, params)):
+            token_ids.extend(event.token_ids)
+            text_parts.append(event.text)
+            if not args.json and event.text:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            if event.finish_reason:
+                final = event
         stats = engine.stats()
     if final.finish_reason == "error":
         raise CLIError(final.error or "generation failed")
@@ -291,8 +294,8 @@ def _exit_at_once(status: int) -> NoReturn:
     prompt chunk of 512 tokens takes tens of seconds, and Engine.stop waits for it. Not a
     normal exit: Python's and MLX's teardown while the engine thread is still inside MLX
     aborts the process (see Engine.stop). os._exit ends every thread where it is; the step's
-    work is thrown away with the process, and nothing of it was to be kept (the request is
-    cancelled, no file is being written)."""
+    work is thrown away with the process, and nothing of it was to be kept (no file is being
+    written)."""
     for out in (sys.stdout, sys.stderr):
         try:
             out.flush()
