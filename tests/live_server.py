@@ -102,3 +102,48 @@ class TokenScriptedStream(ScriptedStream):
             yield TokenEvent("scripted", [token], piece, logprobs=logprobs, finish_reason="stop" if last else None,
                              prompt_tokens=len(self.request.prompt_ids), completion_tokens=i + 1)
 
+
+
+class GatedEngine(ScriptedEngine):
+    """Like ScriptedEngine, but each request's stream gives a piece only when the test lets
+    one through (`let_through`): a test can look at a request in flight. `streams`: every
+    request's stream, in order; a stream's `cancelled` says whether the server cancelled it."""
+
+    def __init__(self, loaded, pieces):
+        super().__init__(loaded, pieces)
+        self.streams: list[GatedStream] = []
+
+    def submit(self, request, loop, on_finish=None):
+        self.streams.append(GatedStream(request, self.pieces))
+        return self.streams[-1]
+
+    def let_through(self, pieces: int = 1) -> None:
+        """Let the newest request's stream give that many more pieces."""
+        for _ in range(pieces):
+            self.streams[-1].permits.release()
+
+    def close(self) -> None:
+        """Free every stream's waiting thread (at a test's end)."""
+        for stream in self.streams:
+            stream.permits.release(len(self.pieces))
+
+
+class GatedStream(ScriptedStream):
+    def __init__(self, request, pieces):
+        super().__init__(request, pieces)
+        self.permits = threading.Semaphore(0)
+        self.given = 0
+        self.cancelled = False  # cancelled before its last piece (after it, as the engine's, a no-op)
+
+    def cancel(self):
+        if self.given < len(self.pieces):
+            self.cancelled = True
+            self.permits.release(len(self.pieces))  # (frees a thread waiting for a permit)
+
+    async def __aiter__(self):
+        import asyncio
+
+        async for event in super().__aiter__():
+            await asyncio.to_thread(self.permits.acquire)
+            self.given += 1
+            yield event

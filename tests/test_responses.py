@@ -1,13 +1,16 @@
 """OpenAI's Responses API (`/v1/responses`, responses_api.py) through the openai SDK and raw
 HTTP, on a live server with a tiny random model."""
 
+import http.client
 import json
+import urllib.parse
 import urllib.request
 
 import openai
 import pytest
-from live_server import SCRIPT, LiveServer, ScriptedEngine, TokenScriptedEngine
+from live_server import SCRIPT, GatedEngine, LiveServer, ScriptedEngine, TokenScriptedEngine
 
+from mlxserve import responses_api
 from mlxserve.engine import Engine, EngineConfig
 from mlxserve.loader import load_model
 from mlxserve.server import create_app
@@ -313,7 +316,8 @@ def test_request_fields_are_echoed(client):
     ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format"),
     ({"input": "x", "instructions": 5}, "instructions"),
     ({"input": "x", "store": "yes"}, "store"),
-    ({"input": "x", "background": True}, "background"),
+    ({"input": "x", "background": True, "store": False}, "background"),
+    ({"input": "x", "background": "yes"}, "background"),
 ])
 def test_bad_requests_are_400s_naming_the_field(server, body, param):
     req = urllib.request.Request(server.base + "/v1/responses", data=json.dumps({"model": MODEL, **body}).encode(),
@@ -324,3 +328,164 @@ def test_bad_requests_are_400s_naming_the_field(server, body, param):
     assert err.value.code == 400 and answer["error"]["param"] == param, answer
     message = answer["error"]["message"]
     assert "max_tokens" not in message and "'function': {" not in message and "response_format" not in message
+
+
+# ---- background responses ------------------------------------------------------------------------
+PIECES = ["Hello", " wor", "ld", "!"]
+
+
+@pytest.fixture
+def gated(tiny_model_dir):
+    """A server whose answers are PIECES, each given only when the test lets it through;
+    (the server, its engine, an SDK client)."""
+    engine = GatedEngine(load_model(str(tiny_model_dir("qwen3", "float32")), progress=False), PIECES)
+    live = LiveServer(create_app(engine, MODEL))
+    yield live, engine, openai.OpenAI(base_url=live.base + "/v1", api_key="x", max_retries=0)
+    engine.close()
+    live.stop()
+
+
+class EventStream:
+    """A streamed answer's SSE events, read one at a time as they come."""
+
+    def __init__(self, server, path: str, body: dict | None = None):
+        self.connection = http.client.HTTPConnection(urllib.parse.urlsplit(server.base).netloc, timeout=60)
+        self.connection.request("POST" if body else "GET", path, body=json.dumps(body) if body else None,
+                                headers={"Content-Type": "application/json"})
+        self.response = self.connection.getresponse()
+        assert self.response.status == 200, self.response.read()
+
+    def next(self) -> dict | None:
+        """The next event; None once the stream has ended."""
+        line = self.response.readline().decode()
+        if not line:
+            return None
+        kind, data, blank = line, self.response.readline().decode(), self.response.readline().decode()
+        event = json.loads(data.removeprefix("data: "))
+        assert kind == f"event: {event['type']}\n" and blank == "\n"
+        return event
+
+    def until(self, ends) -> list[dict]:
+        """The events up to the first for which `ends` is true."""
+        events = [self.next()]
+        while not ends(events[-1]):
+            events.append(self.next())
+        return events
+
+    def rest(self) -> list[dict]:
+        events = []
+        while (event := self.next()) is not None:
+            events.append(event)
+        return events
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def delta(text):
+    return lambda event: event["type"] == "response.output_text.delta" and event["delta"] == text
+
+
+def test_a_background_response_is_polled_followed_and_resumed(gated):
+    server, engine, client = gated
+    r = client.responses.create(model=MODEL, input="Hi", background=True)
+    assert r.status == "queued" and r.background and r.output == []
+    follower = EventStream(server, f"/v1/responses/{r.id}?stream=true")
+    engine.let_through(2)
+    seen = follower.until(delta(" wor"))
+    now = client.responses.retrieve(r.id)  # in flight: the output so far
+    assert now.status == "in_progress" and now.output[0].content[0].text == "Hello wor"
+    follower.close()  # gone: the answer goes on
+    engine.let_through(2)
+    rest = EventStream(server, f"/v1/responses/{r.id}?stream=true&starting_after={seen[-1]['sequence_number']}").rest()
+    events = seen + rest
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in events[:2]] == ["response.created", "response.in_progress"]
+    assert events[0]["response"]["status"] == "queued" and events[-1]["type"] == "response.completed"
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Hello world!"
+    stored = json.loads(urllib.request.urlopen(f"{server.base}/v1/responses/{r.id}", timeout=60).read())
+    assert stored == events[-1]["response"] and stored["status"] == "completed" and stored["background"] is True
+    # The SDK's resumed stream, from a sequence number on; the whole answer again from the start.
+    resumed = list(client.responses.retrieve(r.id, stream=True, starting_after=len(events) - 3))
+    assert [e.type for e in resumed] == [e["type"] for e in events[-2:]]
+    assert EventStream(server, f"/v1/responses/{r.id}?stream=true").rest() == events
+    assert not engine.streams[-1].cancelled
+
+
+def test_a_background_stream_runs_on_after_its_client_goes_away(gated):
+    server, engine, client = gated
+    first = EventStream(server, "/v1/responses", {"model": MODEL, "input": "Hi", "stream": True, "background": True})
+    engine.let_through(1)
+    seen = first.until(delta("Hello"))
+    first.close()
+    engine.let_through(3)
+    rid = seen[0]["response"]["id"]
+    rest = EventStream(server, f"/v1/responses/{rid}?stream=true&starting_after={seen[-1]['sequence_number']}").rest()
+    assert rest[-1]["type"] == "response.completed" and rest[-1]["response"]["output"][0]["content"][0]["text"] == \
+        "Hello world!"
+    assert [e["sequence_number"] for e in seen + rest] == list(range(len(seen + rest)))
+    assert not engine.streams[-1].cancelled
+
+
+def test_cancelling_a_background_response(gated):
+    server, engine, client = gated
+    r = client.responses.create(model=MODEL, input="Hi", background=True)
+    follower = EventStream(server, f"/v1/responses/{r.id}?stream=true")
+    engine.let_through(1)
+    follower.until(delta("Hello"))
+    cancelled = client.responses.cancel(r.id)
+    assert cancelled.status == "cancelled" and cancelled.output[0].content[0].text == "Hello"
+    assert engine.streams[-1].cancelled  # the engine stops generating it
+    assert follower.rest() == []  # a follower's stream ends
+    assert client.responses.retrieve(r.id).status == "cancelled"
+    assert client.responses.cancel(r.id).status == "cancelled"  # (again: as it ended)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=MODEL, input="go on", previous_response_id=r.id)
+    assert err.value.body["param"] == "previous_response_id" and "is cancelled" in err.value.body["message"]
+    # Deleting one in flight cancels it too.
+    second = client.responses.create(model=MODEL, input="Hi", background=True)
+    client.responses.delete(second.id)
+    assert engine.streams[-1].cancelled
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(second.id)
+
+
+def test_a_background_response_of_the_engine_can_be_continued(client, server):
+    """With the real engine: the response followed to its end is stored and continued like
+    any other, and its input items listed."""
+    r = client.responses.create(model=MODEL, input="Hello there", max_output_tokens=6, temperature=0, background=True)
+    events = list(client.responses.retrieve(r.id, stream=True))
+    done = client.responses.retrieve(r.id)
+    assert events[-1].type == "response.incomplete" and done.status == "incomplete" and done.usage.output_tokens == 6
+    whole = client.responses.create(model=MODEL, input="Hello there", max_output_tokens=6, temperature=0)
+    assert done.output_text == whole.output_text
+    assert [i.content[0].text for i in client.responses.input_items.list(r.id).data] == ["Hello there"]
+    after = client.responses.create(model=MODEL, input="More", previous_response_id=r.id, max_output_tokens=2)
+    assert after.status == "incomplete"
+    with pytest.raises(openai.BadRequestError) as err:  # only a background response can be cancelled...
+        client.responses.cancel(whole.id)
+    assert "background" in err.value.body["message"]
+    for query, param in [("stream=true", "stream"), ("stream=yes", "stream"), ("starting_after=1", "starting_after")]:
+        with pytest.raises(urllib.error.HTTPError) as err:  # ...or streamed again
+            urllib.request.urlopen(f"{server.base}/v1/responses/{whole.id}?{query}", timeout=60)
+        assert err.value.code == 400 and json.loads(err.value.read())["error"]["param"] == param
+    for query in ("stream=true&starting_after=-1", "stream=true&starting_after=x", f"stream=true&starting_after={len(events)}"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{server.base}/v1/responses/{r.id}?{query}", timeout=60)
+        assert err.value.code == 400 and json.loads(err.value.read())["error"]["param"] == "starting_after"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_nope")
+
+
+def test_only_the_last_ended_background_responses_keep_their_events(client, server, monkeypatch):
+    monkeypatch.setattr(responses_api, "EVENTS_KEPT", 1)
+    first, second = (client.responses.create(model=MODEL, input=text, max_output_tokens=3, background=True)
+                     for text in ("one", "two"))
+    for r in (first, second):
+        assert list(client.responses.retrieve(r.id, stream=True))[-1].type == "response.incomplete"
+    assert [e.sequence_number for e in client.responses.retrieve(second.id, stream=True)][0] == 0
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{server.base}/v1/responses/{first.id}?stream=true", timeout=60)
+    answer = json.loads(err.value.read())["error"]
+    assert err.value.code == 400 and answer["param"] == "stream" and "no longer kept" in answer["message"]
+    assert client.responses.retrieve(first.id).status == "incomplete"  # (the response itself stays)

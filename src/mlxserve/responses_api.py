@@ -13,7 +13,8 @@ closed in order.
 memory (`ResponseStore`, the last STORED_RESPONSES of them, unless `store: false`), so they
 last as long as the server process. Supported input items: messages (text parts),
 `function_call` and `function_call_output` (a tool loop), `reasoning` (skipped: templates drop
-earlier reasoning). Only function tools are served.
+earlier reasoning). Only function tools are served. `background: true` generates the response
+apart from its request (background.py): it can then be polled, followed, resumed and cancelled.
 """
 
 from __future__ import annotations
@@ -26,10 +27,15 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .openai_api import APIError, Completion, parse_request
 
+if TYPE_CHECKING:
+    from .background import BackgroundResponse
+
 STORED_RESPONSES = 1000  # responses kept for previous_response_id and GET, oldest dropped first
+EVENTS_KEPT = 64  # ended background responses whose events are kept (to be streamed again), the last ones
 
 # Chat request fields as the Responses API names them, for errors raised by the chat parser.
 _PARAM_NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format",
@@ -54,19 +60,29 @@ class ResponseRequest:
     input_items: list[dict]  # this request's input as Responses items, with ids (GET .../input_items)
     echo: dict  # request fields the response object repeats (instructions, tools, ...)
     store: bool
+    background: bool = False  # generated apart from the request (background.py)
     id: str = field(default_factory=lambda: "resp_" + uuid.uuid4().hex)
     created_at: int = field(default_factory=lambda: int(time.time()))
 
 
 @dataclass
 class StoredResponse:
-    response: dict  # the response object
-    conversation: list[dict]  # chat messages up to and with its answer (what previous_response_id continues)
+    response: dict  # the response object (of a background one: as it was when stored)
+    # Chat messages up to and with its answer (what previous_response_id continues); None
+    # while a background response runs, and for one that failed or was cancelled.
+    conversation: list[dict] | None
     input_items: list[dict]  # its request's input (ResponseRequest.input_items)
+    run: "BackgroundResponse | None" = None  # a background response's run (background.py)
+
+    @property
+    def current(self) -> dict:
+        """The response object as it stands (a background one's may still be in progress)."""
+        return self.run.response if self.run is not None else self.response
 
 
 class ResponseStore:
-    """Finished responses by id, with the conversation that led to each (thread-safe)."""
+    """Responses by id, with the conversation that led to each (thread-safe): finished ones,
+    and background ones from their start. The oldest finished one goes first when full."""
 
     def __init__(self, capacity: int = STORED_RESPONSES):
         self.capacity = capacity
@@ -77,7 +93,21 @@ class ResponseStore:
         with self._lock:
             self._items[stored.response["id"]] = stored
             while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+                oldest = next((key for key, item in self._items.items() if item.run is None or item.run.done), None)
+                if oldest is None:  # (all running in the background: they stay until they end)
+                    break
+                del self._items[oldest]
+
+    def update(self, stored: StoredResponse) -> None:
+        """Replace a response that is still stored (one deleted meanwhile stays deleted); a
+        background response that has ended: only the last EVENTS_KEPT of them keep their events."""
+        with self._lock:
+            if stored.response["id"] in self._items:
+                self._items[stored.response["id"]] = stored
+            ended = [item.run for item in reversed(self._items.values())
+                     if item.run is not None and item.run.done and item.run.events is not None]
+            for run in ended[EVENTS_KEPT:]:
+                run.forget_events()
 
     def get(self, response_id: str) -> StoredResponse | None:
         with self._lock:
@@ -93,7 +123,7 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     body = {key: value for key, value in body.items() if value is not None}
-    for name in ("background", "conversation", "prompt"):
+    for name in ("conversation", "prompt"):
         if body.get(name):
             raise APIError(400, f"'{name}' is not supported by this server", param=name)
     history: list[dict] = []
@@ -106,6 +136,9 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
             raise APIError(404, f"no stored response '{str(previous)[:80]}' (responses are kept in this server's "
                                 f"memory, the last {store.capacity}, unless sent with store: false)",
                            param="previous_response_id", code="response_not_found")
+        if found.conversation is None:
+            raise APIError(400, f"response '{previous[:80]}' is {found.current['status'].replace('_', ' ')}: only a "
+                                f"completed or incomplete response can be continued", param="previous_response_id")
         history = found.conversation  # (stored without its instructions: each request gives its own)
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
@@ -136,6 +169,12 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
     store_it = body.get("store", True)
     if not isinstance(store_it, bool):
         raise APIError(400, "'store' must be true or false", param="store")
+    background = body.get("background", False)
+    if not isinstance(background, bool):
+        raise APIError(400, "'background' must be true or false", param="background")
+    if background and not store_it:
+        raise APIError(400, "'background' needs 'store': true (a background response is fetched by its id)",
+                       param="background")
     try:
         completion = parse_request(chat, "chat", tokenizer, context_length, served_model, grammars)
     except APIError as exc:
@@ -154,8 +193,9 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
         "metadata": body.get("metadata", {}),
         "user": body.get("user"),
         "store": store_it,
+        "background": background,
     }
-    return ResponseRequest(completion, messages, input_items, echo, store_it)
+    return ResponseRequest(completion, messages, input_items, echo, store_it, background)
 
 
 LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for them
@@ -377,9 +417,9 @@ class ResponseBuilder:
                 **self.r.echo}
 
     def start(self) -> list[dict]:
-        created = self.response("in_progress")
-        return [self.event("response.created", response=created),
-                self.event("response.in_progress", response=created)]
+        """The opening events: created (queued, for a background response), then in progress."""
+        return [self.event("response.created", response=self.response("queued" if self.r.background else "in_progress")),
+                self.event("response.in_progress", response=self.response("in_progress"))]
 
     def add(self, parsed, logprobs: list[dict] | None = None) -> list[dict]:
         """The events of one parsed piece; `logprobs`: those of the message text in it (the

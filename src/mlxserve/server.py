@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from . import openai_api as wire
 from . import responses_api
+from .background import BackgroundResponse
 from .chat_output import Parsed, merge_parts, parser_for
 from .engine import SHUTTING_DOWN, Engine, EngineStopped
 from .grammar import ANSWER_REFUSED
@@ -209,25 +210,75 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         except Exception as exc:
             return refused(exc, "input")
         cache_block = engine.config.block_size if engine.config.prefix_cache else None
-        events = _response_events(r, stream, tokenizer, response_store, c.model, cache_block)
+        builder = responses_api.ResponseBuilder(r, c.model)
+        if r.background:
+            run = start_background(r, builder, stream, cache_block)
+            if c.stream:  # (going away stops nothing: GET ...?stream=true picks the events up again)
+                return sse_response(_response_sse(run.follow()))
+            return JSONResponse(run.response)
+        events = _response_events(r, builder, stream, tokenizer, response_store if r.store else None, cache_block)
         if c.stream:
-            return StreamingResponse(_response_sse(events, stream), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return sse_response(_response_sse(events, stream))
         return await whole_answer(request, _last_response(events), [stream])
 
+    def start_background(r: responses_api.ResponseRequest, builder, stream, cache_block) -> BackgroundResponse:
+        """A background response, stored from its start (background.py)."""
+        def ended(run: BackgroundResponse) -> None:
+            final = run.final
+            continued = final["status"] in ("completed", "incomplete")
+            conversation = responses_api.conversation_after(r, final["output"]) if continued else None
+            response_store.update(responses_api.StoredResponse(final, conversation, r.input_items, run))
+
+        run = BackgroundResponse(builder, stream, ended)
+        response_store.put(responses_api.StoredResponse(run.response, None, r.input_items, run))
+        run.start(_response_events(r, builder, stream, tokenizer, None, cache_block))
+        return run
+
     async def stored_response(request: HTTPRequest):
-        """GET /v1/responses/{id}: a stored response; DELETE: forget it."""
+        """GET /v1/responses/{id}: a stored response (with ?stream=true, a background one's
+        events after ?starting_after=N, then live); DELETE: forget it (a background one
+        still running is cancelled)."""
         if (refusal := key_refusal(request)) is not None:
             return refusal
         response_id = request.path_params["response_id"]
+        found = response_store.get(response_id)
+        if found is None:
+            return error(_no_stored_response(response_id))
         if request.method == "DELETE":
-            if response_store.delete(response_id):
-                return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
-        else:
-            found = response_store.get(response_id)
-            if found is not None:
-                return JSONResponse(found.response)
-        return error(_no_stored_response(response_id))
+            if found.run is not None:
+                await found.run.cancel()
+            response_store.delete(response_id)
+            return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+        try:
+            streamed, after = _stream_query(request.query_params)
+        except wire.APIError as exc:
+            return error(exc)
+        if not streamed:
+            return JSONResponse(found.current)
+        if found.run is None:
+            return error(wire.APIError(400, "only a background response can be streamed again (this one was "
+                                            "created without background: true)", param="stream"))
+        if found.run.events is None:
+            return error(wire.APIError(400, f"the events of response '{response_id[:80]}' are no longer kept (only "
+                                            f"those of the last {responses_api.EVENTS_KEPT} background responses "
+                                            f"that have ended are): GET it without stream", param="stream"))
+        if after >= len(found.run.events) and found.run.done:
+            return error(wire.APIError(400, f"starting_after: the response's last event is number "
+                                            f"{len(found.run.events) - 1}", param="starting_after"))
+        return sse_response(_response_sse(found.run.follow(after)))
+
+    async def cancel_response(request: HTTPRequest):
+        """POST /v1/responses/{id}/cancel: stop a background response; it comes back as it ended."""
+        if (refusal := key_refusal(request)) is not None:
+            return refusal
+        response_id = request.path_params["response_id"]
+        found = response_store.get(response_id)
+        if found is None:
+            return error(_no_stored_response(response_id))
+        if found.run is None:
+            return error(wire.APIError(400, "only a background response can be cancelled (this one was created "
+                                            "without background: true)", param="response_id"))
+        return JSONResponse(await found.run.cancel())
 
     async def stored_input_items(request: HTTPRequest):
         """GET /v1/responses/{id}/input_items: the input items of a stored response, a page at a time."""
@@ -303,6 +354,7 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/v1/responses", responses, methods=["POST"]),
             Route("/v1/responses/{response_id}", stored_response, methods=["GET", "DELETE"]),
+            Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
             Route("/v1/responses/{response_id}/input_items", stored_input_items, methods=["GET"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model:path}", model, methods=["GET"]),  # a model id may hold a "/"
@@ -426,13 +478,34 @@ def _no_stored_response(response_id: str) -> wire.APIError:
                          code="response_not_found")
 
 
-async def _response_events(r: responses_api.ResponseRequest, stream, tokenizer, store, model: str,
+def sse_response(body) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _stream_query(query) -> tuple[bool, int]:
+    """GET /v1/responses/{id}'s `stream` (true or false) and `starting_after` (a sequence
+    number; -1 when not given: from the first event)."""
+    stream = query.get("stream", "false").lower()
+    if stream not in ("true", "false"):
+        raise wire.APIError(400, f"stream must be true or false, got '{stream[:20]}'", param="stream")
+    after = query.get("starting_after")
+    if after is None:
+        return stream == "true", -1
+    if not (after.isascii() and after.isdigit() and len(after) <= 9):
+        raise wire.APIError(400, f"starting_after must be an event's sequence number, got '{after[:20]}'",
+                            param="starting_after")
+    if stream != "true":
+        raise wire.APIError(400, "starting_after needs stream=true", param="starting_after")
+    return True, int(after)
+
+
+async def _response_events(r: responses_api.ResponseRequest, builder, stream, tokenizer, store,
                            cache_block: int | None):
-    """The Responses API events of one answer (responses_api.ResponseBuilder), the last
-    carrying the final response, which is stored (unless store is false). An answer the
-    engine ended with an error raises it (an APIError)."""
+    """The Responses API events of one answer (built by `builder`, a
+    responses_api.ResponseBuilder), the last carrying the final response, which is put in
+    `store` (None: kept nowhere). An answer the engine ended with an error raises it (an
+    APIError)."""
     c = r.completion
-    builder = responses_api.ResponseBuilder(r, model)
     for event in builder.start():
         yield event
     parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True,
@@ -455,7 +528,7 @@ async def _response_events(r: responses_api.ResponseRequest, stream, tokenizer, 
                 step.prompt_tokens, step.completion_tokens, step.cached_tokens,
                 len(tokenizer.encode(reasoning, add_special_tokens=False)) if reasoning else 0, cache_block)
             events, final = builder.finish(parser.finish_reason(step.finish_reason), usage)
-            if r.store:
+            if store is not None:
                 store.put(responses_api.StoredResponse(final, responses_api.conversation_after(r, builder.output),
                                                        r.input_items))
             for event in events:
@@ -502,9 +575,10 @@ async def _last_response(events) -> dict:
     return last["response"]
 
 
-async def _response_sse(events, stream):
+async def _response_sse(events, stream=None):
     """The events as SSE (`event:` and `data:` lines); an error ends the stream with an error
-    event; the request is cancelled if the client goes away."""
+    event. When it ends (the client went away, say), `stream`, the engine's, is cancelled:
+    None for a background response's events, which run on."""
     sequence = 0
     try:
         async with contextlib.aclosing(events):
@@ -520,7 +594,8 @@ async def _response_sse(events, stream):
                 "param": exc.param}
         yield f"event: error\ndata: {json.dumps(body)}\n\n"
     finally:
-        stream.cancel()
+        if stream is not None:
+            stream.cancel()
 
 
 async def _stream(c: wire.Completion, streams, tokenizer):
