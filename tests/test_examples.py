@@ -39,7 +39,8 @@ def run_example(name: str, url: str, model: str | None = MODEL) -> subprocess.Co
 
 
 @pytest.mark.parametrize("name", ["curl_chat.sh", "curl_stream.sh", "openai_sync.py", "openai_stream.py", "openai_async.py",
-                                  "openai_structured.py", "openai_embeddings.py", "openai_responses.py"])
+                                  "openai_structured.py", "openai_embeddings.py", "openai_responses.py",
+                                  "openai_background.py"])
 def test_example_runs(live, name):
     r = run_example(name, live.url)
     assert r.returncode == 0, r.stderr
@@ -52,6 +53,9 @@ def test_example_runs(live, name):
         assert r.stdout.startswith("City(name=") and "population" in r.stdout
     if name == "openai_responses.py":
         assert re.search(r"\[\d+ input tokens, \d+ from the prefix cache\]", r.stdout), r.stdout
+    if name == "openai_background.py":  # (the second one may have ended before the cancel: then as it ended)
+        assert re.search(r"\[(completed|incomplete), \d+ tokens\]\n\[cancelled: (cancelled|completed|incomplete)\]$",
+                         r.stdout), r.stdout
     if name == "openai_embeddings.py":
         *ranked, figures = r.stdout.splitlines()
         assert len(ranked) == 3 and figures.endswith("64 dimensions]")  # the tiny model's hidden size
