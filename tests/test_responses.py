@@ -489,3 +489,19 @@ def test_only_the_last_ended_background_responses_keep_their_events(client, serv
     answer = json.loads(err.value.read())["error"]
     assert err.value.code == 400 and answer["param"] == "stream" and "no longer kept" in answer["message"]
     assert client.responses.retrieve(first.id).status == "incomplete"  # (the response itself stays)
+
+
+def test_a_response_with_a_call_the_model_got_wrong_can_be_continued(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    broken = ["<tool_call>", '\n{"name": "get_weather", "arguments": {"city": "Par', "\n</tool_call>"]
+    live = LiveServer(create_app(ScriptedEngine(loaded, broken), MODEL))
+    try:
+        client = openai.OpenAI(base_url=live.base + "/v1", api_key="x", max_retries=0)
+        r = client.responses.create(model=MODEL, input="Weather?", tools=[WEATHER])
+        (call,) = [item for item in r.output if item.type == "function_call"]
+        assert call.arguments == '{"city": "Par\n'  # as the model wrote it
+        after = client.responses.create(model=MODEL, previous_response_id=r.id, tools=[WEATHER], input=[
+            {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+        assert after.status == "completed"
+    finally:
+        live.stop()

@@ -361,7 +361,9 @@ def _normalize_message(message: dict) -> dict:
     elif content is None:
         m["content"] = ""
     if m.get("tool_calls") is not None:
-        # OpenAI clients send arguments as a JSON string; templates expect the object.
+        # OpenAI clients send arguments as a JSON string; templates expect the object. Text that
+        # is not JSON (a call the model got wrong, sent back as it wrote it) stays text, which
+        # Qwen's templates write as it is.
         calls = []
         for call in m["tool_calls"] if isinstance(m["tool_calls"], list) else [None]:
             fn = call.get("function") if isinstance(call, dict) else None
@@ -372,7 +374,7 @@ def _normalize_message(message: dict) -> dict:
                 try:
                     arguments = json.loads(arguments or "{}")
                 except (ValueError, RecursionError):  # also nested too deep, or too long an integer
-                    raise APIError(400, "tool_calls arguments must be JSON", param="messages") from None
+                    pass
             calls.append({**call, "function": {**fn, "arguments": arguments}})
         m["tool_calls"] = calls
     return m
