@@ -424,7 +424,9 @@ def test_queue_bound_returns_busy_error(loaded):
         accepted = [engine.submit(Request([1, 2, 3], params)) for _ in range(2)]
         with pytest.raises(ServerBusy, match="busy"):
             engine.submit(Request([1, 2, 3], params))
+        assert engine.stats()["requests_in_progress"] == 2  # (counted when submitted)
         assert [list(s)[-1].finish_reason for s in accepted] == ["length", "length"]
+        assert engine.stats()["requests_in_progress"] == 0  # (counted out before the end is read)
         assert engine.generate([1, 2, 3], params)[-1].finish_reason == "length"
 
 

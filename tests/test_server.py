@@ -1270,6 +1270,7 @@ def test_metrics_parse_as_prometheus_text(server, client):
     generated = next(s.value for s in families["mlxserve_generation_tokens"].samples)
     assert generated >= 12
     assert families["mlxserve_preemptions"].type == "counter"
+    assert next(s.value for s in families["mlxserve_requests_in_progress"].samples) == 0  # (the one above ended)
 
 
 def test_health_is_503_when_the_engine_stopped(tiny_model_dir):

@@ -227,8 +227,12 @@ class Engine:
             stream._push(TokenEvent(stream.id, [], "", finish_reason="error", error=message, time=now))
 
     def stats(self) -> dict:
-        """Latest scheduler statistics (updated by the engine thread after every step)."""
-        return dict(self._stats)
+        """The scheduler's statistics as of its last step (the engine thread updates them after
+        every step), and `requests_in_progress`, counted now: requests accepted and not yet
+        finished, those the scheduler has not taken in yet included (a step can take many
+        seconds on a CPU), and those cancelled whose rows the next step frees. It is what the
+        busy limit (max_running + max_waiting) is checked against."""
+        return {**self._stats, "requests_in_progress": self._outstanding}
 
     def generate(self, prompt_ids: list[int], params) -> list[TokenEvent]:
         """Blocking convenience: submit and collect every event."""
@@ -322,11 +326,11 @@ class Engine:
             stream = self._streams.get(event.request_id)
             if stream is None:
                 continue
-            stream._push_later(event, batches)
-            if event.finish_reason is not None:
+            if event.finish_reason is not None:  # (first: a reader of its end sees it counted out)
                 del self._streams[event.request_id]
                 with self._outstanding_lock:
                     self._outstanding -= 1
+            stream._push_later(event, batches)
         for loop, items in batches.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)

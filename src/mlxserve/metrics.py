@@ -76,6 +76,8 @@ class Metrics:
         gauges = {
             "running": ("Requests being generated.", engine_stats.get("running")),
             "waiting": ("Requests waiting for admission.", engine_stats.get("waiting")),
+            "requests_in_progress": ("Requests accepted and not finished, counted now (the busy limit's figure).",
+                                     engine_stats.get("requests_in_progress")),
             "kv_bytes_in_use": ("KV-cache bytes held by requests.", engine_stats.get("kv_bytes_in_use")),
             "kv_bytes_budget": ("KV-cache memory budget in bytes.", engine_stats.get("kv_bytes_budget")),
             "prefix_cached_bytes": ("Bytes of KV blocks in the prefix cache.", engine_stats.get("prefix_cached_bytes")),
