@@ -435,6 +435,26 @@ def test_concurrent_streams_match_alone(client):
     assert together == alone
 
 
+@pytest.mark.parametrize("path,field,value,status", [
+    ("chat/completions", "stop", ["a" * 1000] * 60, 400),
+    ("chat/completions", "max_tokens", int("9" * 4000), 400),  # (the context length's message)
+    ("chat/completions", "top_logprobs", int("9" * 4000), 400),
+    ("chat/completions", "model", "m" * 50_000, 404),
+    ("completions", "max_tokens", int("9" * 4000), 400),
+    ("embeddings", "model", "m" * 50_000, 404),
+    ("embeddings", "model", 5, 400),  # (the wrong type, as chat says)
+], ids=["stop", "chat-max_tokens", "top_logprobs", "chat-model", "text-max_tokens", "embeddings-model", "model-type"])
+def test_errors_repeat_no_more_than_a_short_piece_of_a_huge_value(server, path, field, value, status):
+    url, _ = server
+    body = {"messages": [{"role": "user", "content": "x"}]} if path.startswith("chat") else \
+        {"prompt": "x"} if path == "completions" else {"input": "x"}
+    logprobs = {"logprobs": True} if path.startswith("chat") else {}
+    code, answer = raw(f"{url}/v1/{path}", {**body, **logprobs, field: value})
+    assert code == status and answer["error"]["param"] == ("messages" if field == "max_tokens" and path.startswith("chat")
+                                                           else "prompt" if field == "max_tokens" else field), answer
+    assert len(answer["error"]["message"]) < 250, answer["error"]["message"]
+
+
 def test_models_health_stats(server, client):
     url, _ = server
     assert [m.id for m in client.models.list().data] == [MODEL]

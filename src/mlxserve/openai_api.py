@@ -177,7 +177,7 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
     for prompt in prompts:
         if len(prompt) + (0 if score_only else params.max_tokens) > context_length:
             raise APIError(400, f"this model's context length is {context_length} tokens; the prompt has "
-                                f"{len(prompt)} and max_tokens asks for {params.max_tokens}",
+                                f"{len(prompt)} and max_tokens asks for {_short(params.max_tokens)}",
                            param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
     options = body.get("stream_options") or {}
     prompts = [prompt for prompt in prompts for _ in range(n)]
@@ -188,8 +188,11 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
 
 def _model(body: dict, served_model: str) -> str:
     model = body.get("model") or served_model
+    if not isinstance(model, str):
+        raise APIError(400, "'model' has the wrong type", param="model")
     if model != served_model:
-        raise APIError(404, f"model '{model}' does not exist (this server serves '{served_model}')",
+        shown = model if len(model) <= 100 else model[:100] + "…"
+        raise APIError(404, f"model '{shown}' does not exist (this server serves '{served_model}')",
                        type="invalid_request_error", param="model", code="model_not_found")
     return model
 

@@ -88,7 +88,8 @@ class SamplingParams:
         def fail(field: str, reason: str) -> None:
             value = getattr(self, field)
             value = list(value) if isinstance(value, tuple) else value  # as JSON and the CLI write it
-            raise ValueError(f"{field}: {reason}, got {value!r}")
+            shown = repr(value)  # (cut short: 300 stop strings or a 4000-digit number repeated back helps nobody)
+            raise ValueError(f"{field}: {reason}, got {shown if len(shown) <= 80 else shown[:80] + '…'}")
 
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             fail("max_tokens", "must be an integer >= 1")
