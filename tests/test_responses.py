@@ -505,3 +505,17 @@ def test_a_response_with_a_call_the_model_got_wrong_can_be_continued(tiny_model_
         assert after.status == "completed"
     finally:
         live.stop()
+
+
+@pytest.mark.parametrize("body,words", [
+    ({"input": [{"type": "reasoning", "summary": []}]}, "'input' holds no message"),
+    ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}],
+      "tool_choice": "required"}, "tools[0].parameters must describe an object"),
+])
+def test_errors_name_the_fields_as_this_api_has_them(server, body, words):
+    req = urllib.request.Request(server.base + "/v1/responses", data=json.dumps({"model": MODEL, **body}).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=60)
+    message = json.loads(err.value.read())["error"]["message"]
+    assert words in message and "messages" not in message and ".function." not in message, message

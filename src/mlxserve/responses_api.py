@@ -47,6 +47,7 @@ def in_responses_terms(exc: APIError) -> APIError:
     exc.param = _PARAM_NAMES.get(exc.param, exc.param)
     for chat_name, name in (("max_tokens", "max_output_tokens"), ("response_format", "text.format")):
         exc.message = exc.message.replace(chat_name, name)
+    exc.message = re.sub(r"tools\[(\d+)\]\.function\.", r"tools[\1].", exc.message)  # (its tools are flat)
     return exc
 
 
@@ -145,6 +146,9 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
         raise APIError(400, "'instructions' must be a string", param="instructions")
     _check_fields(body)
     messages = history + _input_messages(body.get("input"))  # (validates `input`)
+    if not messages:
+        raise APIError(400, "'input' holds no message, function_call or function_call_output item (reasoning "
+                            "items are skipped)", param="input")
     input_items = _input_items(body["input"])
     system = [{"role": "system", "content": instructions}] if instructions else []
     chat = {"messages": system + messages, "stream": body.get("stream", False)}
