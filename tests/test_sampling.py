@@ -78,6 +78,10 @@ def test_top_p_keeps_smallest_set_reaching_p(top_p, kept):
     assert draws(LOGITS, n=3000, top_p=top_p) == kept
 
 
+def test_a_top_p_too_small_for_float32_keeps_the_top_token():
+    assert draws(LOGITS, n=300, top_p=1e-50, temperature=5.0) == {0}  # (1e-50 is 0 in float32)
+
+
 def test_top_p_applies_to_the_renormalised_top_k():
     # After top-k=2 the mass is 0.625 / 0.375: p=0.6 keeps only token 0 (on the original
     # distribution the mass before token 1 would be 0.5 < 0.6, keeping it).

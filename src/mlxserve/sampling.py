@@ -428,6 +428,8 @@ def _top_k_top_p(x: mx.array, top_k: list[int], top_p: list[float]) -> mx.array:
     p = _column(top_p)
     # p = 1 keeps everything explicitly: rounding can push the mass before the tail above 1.
     keep = (ranked > -math.inf) & ((mass_before < p) | (p >= 1.0))
-    num_kept = keep.sum(axis=-1, keepdims=True)  # >= 1: the first token has nothing before it
+    # At least the first token: a p below float32's range (1e-50) is 0 here, and keeping
+    # none would make the threshold the last (smallest) entry: the whole vocabulary.
+    num_kept = mx.maximum(keep.sum(axis=-1, keepdims=True), 1)
     threshold = mx.take_along_axis(ranked, num_kept - 1, axis=-1)
     return mx.where(x < threshold, -math.inf, x)
