@@ -98,6 +98,53 @@ def test_ctrl_c_in_run_exits_without_waiting_for_the_engine_step(tiny, block_ste
         assert out == ""  # nothing generated yet, or nothing read
 
 
+def _until_line(proc, wanted: str) -> list[str]:
+    """The child's stderr lines up to `wanted` (which must come)."""
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith(wanted):
+            break
+    assert lines[-1:] and lines[-1].startswith(wanted), lines
+    return lines
+
+
+def test_ctrl_c_in_piped_chat_exits_without_waiting_for_the_engine_step(tiny):
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKING_STEP, "chat", "--model", tiny],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, BLOCK_STEP="1"))
+    try:
+        proc.stdin.write("Hello there")
+        proc.stdin.close()
+        proc.stdin = None  # (communicate then leaves it alone)
+        _until_line(proc, "[step blocked]")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)  # a bound for a failing test, not a wait for anything
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130 and (out, err) == ("", "\n"), err
+
+
+def test_bench_reports_on_ctrl_c_and_a_second_ctrl_c_quits_without_waiting(tiny):
+    """The first Ctrl-C waits for the engine's step to report what was measured, and says
+    so; a second one quits at once. The step here never ends."""
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKING_STEP, "bench", "--model", tiny, "--concurrency", "1",
+                             "--prompt-tokens", "16", "--gen-tokens", "4", "--runs", "1", "--warmup", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, BLOCK_STEP="1"))
+    try:
+        _until_line(proc, "[step blocked]")
+        proc.send_signal(signal.SIGINT)
+        _until_line(proc, "bench: stopping once the engine's step in flight ends")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)  # a bound for a failing test, not a wait for anything
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130
+
+
 def test_run_json(tiny):
     r = mlxserve("run", "--model", tiny, "--prompt", "Hello", "--json", "--temperature", "0", "--max-tokens", "6", "--ignore-eos")
     assert r.returncode == 0, r.stderr

@@ -237,6 +237,29 @@ def test_ctrl_c_gives_the_prompt_back_while_the_engine_finishes_its_step(tiny, l
             chat.child.terminate(force=True)
 
 
+def test_a_ctrl_c_while_leaving_quits_without_waiting_for_the_engine_step(tiny, long_question, tmp_path):
+    """Ctrl-D after a cut answer waits for the engine's step (it says so); a Ctrl-C there
+    quits at once, with Ctrl-C's status. The step here never ends."""
+    from test_cli import BLOCKING_STEP
+
+    chat = Chat("--model", tiny, home=tmp_path, program=("-c", BLOCKING_STEP), env={"BLOCK_STEP": "12"})
+    try:
+        chat.run("/temp 0")
+        chat.child.send(long_question + "\r")
+        chat.child.expect_exact("[step blocked]")
+        chat.child.sendintr()
+        chat.ready()
+        chat.child.sendcontrol("d")
+        chat.child.expect_exact("Stopping the previous answer")
+        chat.child.sendintr()
+        chat.child.expect(pexpect.EOF, timeout=60)
+        chat.child.close()
+        assert chat.child.exitstatus == 130
+    finally:
+        if chat.child.isalive():
+            chat.child.terminate(force=True)
+
+
 def test_ctrl_c_at_the_prompt_clears_the_line(chat, tmp_path):
     chat.run("/reset")
     chat.child.send("half a question")

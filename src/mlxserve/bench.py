@@ -459,10 +459,13 @@ class OurBackend:
     async def _until_done(self, work):
         try:
             return await work
-        except BaseException:
+        except BaseException as exc:
             # Ctrl-C (the loop cancels us) or a failed request: stop the engine while this
             # loop is still open, so that the last events it pushes to our streams (their
             # cancellation) land in a live loop rather than a closed one.
+            if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)):
+                print("bench: stopping once the engine's step in flight ends (Ctrl-C again quits without "
+                      "the results)", file=sys.stderr, flush=True)
             self.engine.stop()
             raise
 

@@ -31,6 +31,11 @@ log = logging.getLogger("mlxserve.engine")
 
 STATS_REFRESH_S = 0.5  # how stale the published stats may get while the engine is idle
 SHUTTING_DOWN = "server is shutting down"  # the error of requests that abort_all ends
+# What a Ctrl-C does while Engine.stop waits for the step in flight (tens of seconds for a long
+# prompt's chunk on a CPU): None, nothing (the wait goes on: a process that exits normally
+# while the engine thread is inside MLX aborts); the command line sets a function that ends
+# the process at once (os._exit, which skips that teardown: cli._exit_at_once).
+on_ctrl_c_while_stopping: Callable[[], None] | None = None
 
 
 class EngineStopped(RuntimeError):
@@ -170,12 +175,15 @@ class Engine:
         self._commands.put(("wake", None))
         if self._worker is not None:
             # Wait for the engine thread to leave MLX, through any further Ctrl-C: a process
-            # that exits while a thread is inside MLX aborts (SIGABRT) instead of exiting.
+            # that exits while a thread is inside MLX aborts (SIGABRT) instead of exiting
+            # (unless on_ctrl_c_while_stopping ends it at once).
             while True:
                 try:
                     self._done.wait()
                     break
                 except KeyboardInterrupt:
+                    if on_ctrl_c_while_stopping is not None:
+                        on_ctrl_c_while_stopping()
                     continue
             _release_worker(self._worker)
             self._worker = None

@@ -84,6 +84,12 @@ def run_chat(args) -> int:
         if not interactive:
             return one_shot(backend, session, question)
         return Repl(backend, session, Console()).run()
+    except KeyboardInterrupt:
+        if not interactive:  # as `run` does: nothing to keep, and no waiting for the engine's step
+            from .cli import _exit_at_once
+
+            _exit_at_once(130)
+        raise
     finally:
         backend.close()
 
@@ -122,9 +128,11 @@ def one_shot(backend, session: ChatSession, question: str) -> int:
         sys.stdout.flush()
     except BackendError as exc:
         raise CLIError(str(exc)) from None
-    except (BrokenPipeError, KeyboardInterrupt):  # cli.main ends the process quietly
+    except BrokenPipeError:  # cli.main ends the process quietly
         generation.cancel()
         raise
+    # (A Ctrl-C goes straight to run_chat, which ends the process at once: cancelling here
+    # would wait for the engine's step in flight.)
     print(format_stats(generation.stats), file=sys.stderr)
     return 0
 
@@ -342,8 +350,7 @@ class Repl:
             except KeyboardInterrupt:  # Ctrl-C at the prompt: the line is dropped
                 continue
             except EOFError:  # Ctrl-D
-                self._wait_for_stop()
-                return 0
+                return self._leave()
             text = message_text(text)
             if not text:
                 continue
@@ -351,8 +358,7 @@ class Repl:
             try:
                 if head.startswith("/") and not head.startswith("//"):
                     if self.command(head) is QUIT:
-                        self._wait_for_stop()
-                        return 0
+                        return self._leave()
                 else:
                     self.ask(text.replace("/", "", 1) if head.startswith("//") else text)
             except KeyboardInterrupt:  # e.g. while loading a model: back to the prompt
@@ -435,6 +441,17 @@ class Repl:
             stopper.join(CUT_FIGURES_WAIT_S)
         except KeyboardInterrupt:  # an impatient second Ctrl-C: show the prompt without them
             pass
+
+    def _leave(self) -> int:
+        """Ctrl-D or /quit: once a cut answer's step has ended; a Ctrl-C while it has not
+        quits at once."""
+        try:
+            self._wait_for_stop()
+        except KeyboardInterrupt:
+            from .cli import _exit_at_once
+
+            _exit_at_once(130)
+        return 0
 
     def _wait_for_stop(self) -> None:
         """Before the next answer (or leaving): let a cut answer's cancellation end, saying
