@@ -594,6 +594,69 @@ def test_a_stream_cut_off_by_the_server_is_an_error_not_an_answer():
         server.shutdown()
 
 
+def _serve_events(events: list):
+    """A server whose every chat answer streams `events` (JSON values), then [DONE]; (server, backend)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Scripted(BaseHTTPRequestHandler):
+        def do_GET(self):  # /v1/models
+            self._send(b'{"object": "list", "data": [{"id": "m", "object": "model"}]}', "application/json")
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._send(b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n",
+                       "text/event-stream")
+
+        def _send(self, body, kind):
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, HTTPBackend(f"http://127.0.0.1:{server.server_address[1]}/v1")
+
+
+@pytest.mark.parametrize("event", [
+    {"choices": [{"delta": {"content": 5}}]},
+    [[1, 2]],
+    {"choices": [5]},
+    {"choices": {"delta": {}}},
+    {"choices": [{"delta": "text"}]},
+    {"choices": [{"delta": {"reasoning_content": 7}}]},
+    {"choices": [{"delta": {"content": "x"}, "finish_reason": 3}]},
+])
+def test_a_malformed_event_from_the_server_is_an_error_not_a_traceback(event):
+    from mlxserve.chat_backend import BackendError
+
+    server, backend = _serve_events([event])
+    try:
+        with pytest.raises(BackendError, match="the server sent .*OpenAI-compatible"):
+            list(backend.generate([{"role": "user", "content": "A story?"}], Settings()))
+    finally:
+        server.shutdown()
+
+
+def test_usage_figures_of_the_wrong_kind_are_left_out():
+    server, backend = _serve_events([
+        {"choices": [{"delta": {"content": "Hi"}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"completion_tokens": None, "prompt_tokens": "3",
+                                  "prompt_tokens_details": {"cached_tokens": True}}}])
+    try:
+        generation = backend.generate([{"role": "user", "content": "A story?"}], Settings())
+        assert "".join(d.content for d in generation) == "Hi"
+        stats = generation.stats
+        assert (stats.completion_tokens, stats.prompt_tokens, stats.cached_tokens) == (1, None, None)
+    finally:
+        server.shutdown()
+
+
 def test_a_message_longer_than_the_context_says_so(tiny):
     import dataclasses
 

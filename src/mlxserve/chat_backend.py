@@ -465,19 +465,26 @@ class HTTPGeneration:
         if self._finish_reason is None:
             raise BackendError("the connection broke before the answer was complete")
 
-    def _delta(self, data: dict) -> Delta | None:
+    def _delta(self, data: object) -> Delta | None:
+        if not isinstance(data, dict):
+            raise _malformed("an event that is not a JSON object")
         if isinstance(data.get("error"), dict):
-            raise BackendError(data["error"].get("message") or "generation failed")
+            raise BackendError(str(data["error"].get("message") or "generation failed"))
         if isinstance(data.get("usage"), dict):
             self._usage = data["usage"]
+        choices = data.get("choices") or []
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            raise _malformed("'choices' that are not a list of objects")
         reasoning = content = ""
-        for choice in data.get("choices") or []:
+        for choice in choices:
             delta = choice.get("delta") or {}
-            reasoning += delta.get("reasoning_content") or delta.get("reasoning") or ""
-            parsed = self._parser.feed(delta.get("content") or "")
+            if not isinstance(delta, dict):
+                raise _malformed("a 'delta' that is not an object")
+            reasoning += _text(delta, "reasoning_content") or _text(delta, "reasoning")
+            parsed = self._parser.feed(_text(delta, "content"))
             reasoning += parsed.reasoning
             content += parsed.content
-            self._finish_reason = choice.get("finish_reason") or self._finish_reason
+            self._finish_reason = _text(choice, "finish_reason") or self._finish_reason
         if not (reasoning or content):
             return None
         self._chunks += 1
@@ -493,11 +500,34 @@ class HTTPGeneration:
 
     def _finish(self, reason: str) -> None:
         usage = self._usage or {}
-        completion = usage.get("completion_tokens", self._chunks)
-        details = usage.get("prompt_tokens_details") or {}
+        completion = _count(usage, "completion_tokens")
+        completion = self._chunks if completion is None else completion
+        details = usage.get("prompt_tokens_details")
+        details = details if isinstance(details, dict) else {}
         now = time.perf_counter()
         tok_s = None
         if self._first is not None and completion > 1 and now > self._first:
             tok_s = (completion - 1) / (now - self._first)
-        self.stats = Stats(completion, reason, usage.get("prompt_tokens"), details.get("cached_tokens"),
+        self.stats = Stats(completion, reason, _count(usage, "prompt_tokens"), _count(details, "cached_tokens"),
                            None if self._first is None else self._first - self._started, tok_s)
+
+
+def _malformed(what: str) -> BackendError:
+    return BackendError(f"the server sent {what}: is it an OpenAI-compatible server?")
+
+
+def _text(obj: dict, name: str) -> str:
+    """A text field of a streamed event ("" when absent or null)."""
+    value = obj.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _malformed(f"a '{name}' that is not text")
+    return value
+
+
+def _count(obj: dict, name: str) -> int | None:
+    """A token count of the server's usage; None when absent or not a count (the figures
+    then fall back on what the client saw)."""
+    value = obj.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
