@@ -470,6 +470,19 @@ def mlxserve(*args, stdin: str, env=None) -> subprocess.CompletedProcess:
                           text=True, timeout=120, env={**os.environ, **(env or {})})
 
 
+def test_a_history_that_cannot_be_kept_is_said_once_and_the_chat_goes_on(tmp_path, monkeypatch):
+    from prompt_toolkit.history import InMemoryHistory
+
+    from mlxserve.repl import _prompt_session
+
+    (tmp_path / "history").mkdir()  # a folder where the file would be
+    monkeypatch.setenv("MLXSERVE_HOME", str(tmp_path))
+    errors = []
+    session = _prompt_session(types.SimpleNamespace(error=errors.append))
+    assert isinstance(session.history, InMemoryHistory)
+    assert len(errors) == 1 and errors[0].startswith("history not kept: ") and "Is a directory" in errors[0]
+
+
 def test_piped_question_prints_only_the_answer(tiny, tmp_path):
     # Greedy: a sampled answer of a random model may be all unfinished <think> (no answer text).
     r = mlxserve("chat", "--model", tiny, "--temperature", "0", stdin="What is the capital of France?\n",

@@ -502,7 +502,10 @@ def _prompt_session(repl: Repl) -> PromptSession:
     try:
         path = mlxserve_home() / "history"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(exist_ok=True)  # fail here, not at the first line typed, if it is not writable
+        # Fail here, not at the first line typed, if it cannot be written or read (a folder
+        # of that name: touch() would pass).
+        with open(path, "a"), open(path, "rb"):
+            pass
         history = FileHistory(str(path))
     except OSError as exc:
         repl.error(f"history not kept: {exc}")
