@@ -145,6 +145,22 @@ def test_bench_reports_on_ctrl_c_and_a_second_ctrl_c_quits_without_waiting(tiny)
     assert proc.returncode == 130
 
 
+@pytest.mark.parametrize("command", [("models",), ("models", "--json"), ("doctor",), ("run", "hi")])
+def test_output_that_cannot_be_written_is_one_line_not_a_traceback(tiny, command):
+    args = [*command, "--model", tiny, "--max-tokens", "3"] if command[0] == "run" else list(command)
+    with open("/dev/full", "w") as full:  # every write fails: "No space left on device"
+        r = subprocess.run([sys.executable, "-m", "mlxserve", *args], stdout=full, stderr=subprocess.PIPE,
+                           text=True, timeout=300)
+    lines = [line for line in r.stderr.splitlines() if not line.startswith("Loaded ")]
+    assert r.returncode == 2 and lines == ["mlxserve: error: [Errno 28] No space left on device"], r.stderr
+
+
+def test_a_closed_standard_output_is_as_if_sent_nowhere(tiny):
+    r = subprocess.run(["bash", "-c", 'exec "$@" >&-', "-", sys.executable, "-m", "mlxserve", "run", "--model", tiny,
+                        "--max-tokens", "3", "hi"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "generated" in r.stderr, r.stderr
+
+
 def test_run_json(tiny):
     r = mlxserve("run", "--model", tiny, "--prompt", "Hello", "--json", "--temperature", "0", "--max-tokens", "6", "--ignore-eos")
     assert r.returncode == 0, r.stderr

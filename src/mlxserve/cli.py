@@ -134,6 +134,8 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stdout is None:  # started with standard output closed (`>&-`): as if sent to /dev/null
+        sys.stdout = open(os.devnull, "w")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -164,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"MLX has no back-end installed ({exc}): install one, "
                          f"pip install 'mlxserve[cpu]' or 'mlxserve[cuda]' (NVIDIA), not both")
         raise
+    except OSError as exc:  # e.g. standard output on a full disk (`>/dev/full`): one line
+        if _stdout_broken():
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return _fail(_one_line(str(exc)))
     except Exception as exc:  # known user-facing errors from the library
         from .loader import ModelLoadError
         from .registry import ModelNotFound, PullError
@@ -292,6 +298,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             + (f", drafts: {stats['accepted_tokens']} of {stats['drafted_tokens']} tokens accepted" if args.speculative else "")
         )
     return 0
+
+
+def _stdout_broken() -> bool:
+    """Whether standard output fails to take what it still holds."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        return True
+    return False
 
 
 def _exit_at_once(status: int) -> NoReturn:
