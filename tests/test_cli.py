@@ -230,11 +230,24 @@ def test_serve_on_a_taken_port_fails_at_once_in_one_line():
     assert r.returncode == 2 and "cannot listen on no-such-host.invalid" in r.stderr
 
 
-def test_bench_json_into_a_missing_folder_fails_before_the_run(tmp_path):
-    r = mlxserve("bench", "--random-weights", "tiny", "--json", str(tmp_path / "no" / "b.json"))
+@pytest.mark.parametrize("where,says", [("missing", "does not exist"), ("/proc/version", "not writable")])
+def test_bench_json_that_cannot_be_written_fails_before_the_run(tmp_path, where, says):
+    """(/proc/version: os.access lets root write it; opening it for writing fails.)"""
+    path = str(tmp_path / "no" / "b.json") if where == "missing" else where
+    r = mlxserve("bench", "--random-weights", "tiny", "--json", path)
     assert r.returncode == 2 and "bench:" not in r.stderr  # nothing was loaded or run
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "does not exist" in lines[0], r.stderr
+    assert len(lines) == 1 and says in lines[0], r.stderr
+
+
+def test_bench_json_check_leaves_files_as_they_were(tmp_path):
+    from mlxserve.bench import check_writable
+
+    kept = tmp_path / "kept.json"
+    kept.write_text("earlier results")
+    check_writable(str(kept))
+    check_writable(str(tmp_path / "new.json"))
+    assert kept.read_text() == "earlier results" and not (tmp_path / "new.json").exists()
 
 
 def test_a_cache_folder_that_cannot_be_made_is_one_line(tmp_path):

@@ -1010,3 +1010,13 @@ def check_writable(path: str) -> None:
         raise ValueError(f"--json {path}: the folder {folder} does not exist")
     if not os.access(path if os.path.exists(path) else folder, os.W_OK):
         raise ValueError(f"--json {path}: not writable")
+    # os.access says yes to root for files that take no writing all the same (/proc/version):
+    # open it, leaving what it holds as it is, and a file made for the test is removed again.
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--json {path}: not writable ({exc.strerror})") from None
+    if not existed:
+        os.remove(path)
