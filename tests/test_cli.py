@@ -444,6 +444,7 @@ def test_run_format_holds_the_answer_to_a_schema(tiny_model_dir, tmp_path):
     for value, says in [('{"type": "foo"}', "--format: the grammar cannot be used: Invalid type: foo"),
                         (str(tmp_path / "missing.json"), "--format: cannot read the schema file"),
                         ("[1, 2]", "--format: a JSON schema must be a JSON object"),
-                        (str(deep), "--format: the schema is not valid JSON")]:
+                        (str(deep), "--format: the schema is not valid JSON"),
+                        ("", "--format: give 'json', a JSON schema's file, or the schema itself")]:
         r = mlxserve("run", "hi", "--model", str(folder), "--format", value)
         assert r.returncode == 2 and says in r.stderr and r.stderr.strip().count("\n") <= 1, r.stderr

@@ -95,6 +95,8 @@ def read_schema(value: str) -> dict:
     (any JSON object), a file holding the schema, or the schema itself as JSON text."""
     if value.lower() == "json":
         return {"type": "object"}
+    if not value.strip():
+        raise GrammarError("give 'json', a JSON schema's file, or the schema itself as JSON text")
     text = value
     if not value.lstrip().startswith(("{", "[")):
         try:
