@@ -570,45 +570,9 @@ def test_http_backend_splits_reasoning(tiny):
     assert generation.stats.prompt_tokens > 0 and generation.stats.ttft_s is not None
 
 
-def test_a_stream_cut_off_by_the_server_is_an_error_not_an_answer():
-    """A server that dies mid-answer: the chat must not take the fragment for a whole answer."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from mlxserve.chat_backend import BackendError
-
-    class DiesMidAnswer(BaseHTTPRequestHandler):
-        def do_GET(self):  # /v1/models
-            self._send(b'{"object": "list", "data": [{"id": "m", "object": "model"}]}', "application/json")
-
-        def do_POST(self):  # one chunk, then the connection closes: no finish_reason, no [DONE]
-            self.rfile.read(int(self.headers["Content-Length"]))
-            chunk = {"choices": [{"index": 0, "delta": {"content": "Once upon"}, "finish_reason": None}]}
-            self._send(b"data: " + json.dumps(chunk).encode() + b"\n\n", "text/event-stream")
-
-        def _send(self, body, kind):
-            self.send_response(200)
-            self.send_header("Content-Type", kind)
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), DiesMidAnswer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        backend = HTTPBackend(f"http://127.0.0.1:{server.server_address[1]}/v1")
-        generation = backend.generate([{"role": "user", "content": "A story?"}], Settings())
-        with pytest.raises(BackendError, match="broke before the answer was complete"):
-            list(generation)
-    finally:
-        server.shutdown()
-
-
-def _serve_events(events: list):
-    """A server whose every chat answer streams `events` (JSON values), then [DONE]; (server, backend)."""
+def _serve_events(events: list, done: bool = True):
+    """A server whose every chat answer streams `events` (JSON values), then [DONE] (unless
+    not `done`: then the connection closes); (server, backend)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -618,8 +582,8 @@ def _serve_events(events: list):
 
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
-            self._send(b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n",
-                       "text/event-stream")
+            body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+            self._send(body + (b"data: [DONE]\n\n" if done else b""), "text/event-stream")
 
         def _send(self, body, kind):
             self.send_response(200)
@@ -666,6 +630,21 @@ def test_usage_figures_of_the_wrong_kind_are_left_out():
         assert "".join(d.content for d in generation) == "Hi"
         stats = generation.stats
         assert (stats.completion_tokens, stats.prompt_tokens, stats.cached_tokens) == (1, None, None)
+    finally:
+        server.shutdown()
+
+
+def test_a_stream_cut_off_by_the_server_is_an_error_not_an_answer():
+    """A server that dies mid-answer: the chat must not take the fragment for a whole answer."""
+    from mlxserve.chat_backend import BackendError
+
+    # One chunk, then the connection closes: no finish_reason, no [DONE].
+    server, backend = _serve_events([{"choices": [{"index": 0, "delta": {"content": "Once upon"},
+                                                   "finish_reason": None}]}], done=False)
+    try:
+        generation = backend.generate([{"role": "user", "content": "A story?"}], Settings())
+        with pytest.raises(BackendError, match="broke before the answer was complete"):
+            list(generation)
     finally:
         server.shutdown()
 

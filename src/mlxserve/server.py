@@ -234,16 +234,23 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         run.start(_response_events(r, builder, stream, tokenizer, None, cache_block))
         return run
 
+    def find_stored(request: HTTPRequest) -> tuple[responses_api.StoredResponse | None, Response | None]:
+        """(the stored response that the path names, None), or (None, the answer instead: a
+        401 without the right API key, a 404 for an id not stored)."""
+        if (refusal := key_refusal(request)) is not None:
+            return None, refusal
+        response_id = request.path_params["response_id"]
+        found = response_store.get(response_id)
+        return (found, None) if found is not None else (None, error(_no_stored_response(response_id)))
+
     async def stored_response(request: HTTPRequest):
         """GET /v1/responses/{id}: a stored response (with ?stream=true, a background one's
         events after ?starting_after=N, then live); DELETE: forget it (a background one
         still running is cancelled)."""
-        if (refusal := key_refusal(request)) is not None:
-            return refusal
+        found, answer = find_stored(request)
+        if answer is not None:
+            return answer
         response_id = request.path_params["response_id"]
-        found = response_store.get(response_id)
-        if found is None:
-            return error(_no_stored_response(response_id))
         if request.method == "DELETE":
             if found.run is not None:
                 await found.run.cancel()
@@ -269,12 +276,9 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
 
     async def cancel_response(request: HTTPRequest):
         """POST /v1/responses/{id}/cancel: stop a background response; it comes back as it ended."""
-        if (refusal := key_refusal(request)) is not None:
-            return refusal
-        response_id = request.path_params["response_id"]
-        found = response_store.get(response_id)
-        if found is None:
-            return error(_no_stored_response(response_id))
+        found, answer = find_stored(request)
+        if answer is not None:
+            return answer
         if found.run is None:
             return error(wire.APIError(400, "only a background response can be cancelled (this one was created "
                                             "without background: true)", param="response_id"))
@@ -282,12 +286,9 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
 
     async def stored_input_items(request: HTTPRequest):
         """GET /v1/responses/{id}/input_items: the input items of a stored response, a page at a time."""
-        if (refusal := key_refusal(request)) is not None:
-            return refusal
-        response_id = request.path_params["response_id"]
-        found = response_store.get(response_id)
-        if found is None:
-            return error(_no_stored_response(response_id))
+        found, answer = find_stored(request)
+        if answer is not None:
+            return answer
         try:
             return JSONResponse(responses_api.input_items_page(found.input_items, request.query_params))
         except wire.APIError as exc:
