@@ -395,6 +395,9 @@ def test_a_background_response_is_polled_followed_and_resumed(gated):
     seen = follower.until(delta(" wor"))
     now = client.responses.retrieve(r.id)  # in flight: the output so far
     assert now.status == "in_progress" and now.output[0].content[0].text == "Hello wor"
+    with pytest.raises(openai.BadRequestError) as err:  # not to be continued yet
+        client.responses.create(model=MODEL, input="go on", previous_response_id=r.id)
+    assert "is in progress" in err.value.body["message"]
     follower.close()  # gone: the answer goes on
     engine.let_through(2)
     rest = EventStream(server, f"/v1/responses/{r.id}?stream=true&starting_after={seen[-1]['sequence_number']}").rest()

@@ -46,6 +46,11 @@ class BackgroundResponse:
         return self.final is not None
 
     @property
+    def status(self) -> str:
+        """Its status now (from any thread: unlike `response`, this copies nothing that changes)."""
+        return self.final["status"] if self.final is not None else self._status
+
+    @property
     def response(self) -> dict:
         """The response object: queued or in progress with its output so far, or as it ended."""
         if self.final is not None:

@@ -77,8 +77,13 @@ class StoredResponse:
 
     @property
     def current(self) -> dict:
-        """The response object as it stands (a background one's may still be in progress)."""
+        """The response object as it stands (a background one's may still be in progress:
+        the server's event loop only)."""
         return self.run.response if self.run is not None else self.response
+
+    @property
+    def status(self) -> str:
+        return self.run.status if self.run is not None else self.response["status"]
 
 
 class ResponseStore:
@@ -138,7 +143,7 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
                                 f"memory, the last {store.capacity}, unless sent with store: false)",
                            param="previous_response_id", code="response_not_found")
         if found.conversation is None:
-            raise APIError(400, f"response '{previous[:80]}' is {found.current['status'].replace('_', ' ')}: only a "
+            raise APIError(400, f"response '{previous[:80]}' is {found.status.replace('_', ' ')}: only a "
                                 f"completed or incomplete response can be continued", param="previous_response_id")
         history = found.conversation  # (stored without its instructions: each request gives its own)
     instructions = body.get("instructions")
