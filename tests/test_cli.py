@@ -161,6 +161,25 @@ def test_a_closed_standard_output_is_as_if_sent_nowhere(tiny):
     assert r.returncode == 0 and "Traceback" not in r.stderr and "generated" in r.stderr, r.stderr
 
 
+def test_run_in_a_terminal_says_it_reads_the_prompt_until_the_first_token(tiny, tmp_path):
+    import pexpect
+
+    release = tmp_path / "release"
+    os.mkfifo(release)
+    child = pexpect.spawn(sys.executable, ["-c", BLOCKING_STEP, "run", "--model", tiny, "--no-chat", "--max-tokens", "3",
+                                           "Once upon a time"], encoding="utf-8", timeout=120,
+                          env={**os.environ, "BLOCK_STEP": "1", "RELEASE_FIFO": str(release), "TERM": "xterm"})
+    try:
+        child.expect(r"Reading the prompt \(\d+ tokens\)")  # (the prompt's step cannot end yet)
+        release.write_text("x")  # (waits for the step to open the FIFO, then lets it end)
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+
+
 def test_run_json(tiny):
     r = mlxserve("run", "--model", tiny, "--prompt", "Hello", "--json", "--temperature", "0", "--max-tokens", "6", "--ignore-eos")
     assert r.returncode == 0, r.stderr

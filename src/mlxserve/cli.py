@@ -266,7 +266,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 engine.grammars.check(params.grammar)
             except GrammarError as exc:
                 raise CLIError(f"--format: {exc}") from None
-        for event in engine.submit(Request(prompt_ids, params)):
+        for event in _shown_while_prompt_is_read(engine.submit(Request(prompt_ids, params)), len(prompt_ids)):
             token_ids.extend(event.token_ids)
             text_parts.append(event.text)
             if not args.json and event.text:
@@ -298,6 +298,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             + (f", drafts: {stats['accepted_tokens']} of {stats['drafted_tokens']} tokens accepted" if args.speculative else "")
         )
     return 0
+
+
+def _shown_while_prompt_is_read(stream, prompt_tokens: int):
+    """The stream's events; in a terminal a spinner says the prompt is being read until the
+    first comes (a long prompt takes minutes on a CPU, and nothing else shows meanwhile)."""
+    console = _stderr_console()
+    events = iter(stream)
+    if not console.is_terminal:
+        yield from events
+        return
+    with console.status(f"Reading the prompt ({prompt_tokens} tokens) …", spinner="dots"):
+        first = next(events)
+    yield first
+    yield from events
 
 
 def _stdout_broken() -> bool:
