@@ -324,8 +324,9 @@ def _stdout_broken() -> bool:
 
 
 def _exit_at_once(status: int) -> NoReturn:
-    """Ctrl-C in `run`: end the process now, as main() does after a Ctrl-C (a newline on
-    stderr, then the status), without waiting for the engine's step in flight: on the CPU one
+    """A Ctrl-C that would otherwise wait for the engine's step in flight (in `run`, piped
+    `chat`, leaving the chat window, `bench`'s second): end the process now, as main() does
+    after a Ctrl-C (a newline on stderr, then the status), without that wait: on the CPU one
     prompt chunk of 512 tokens takes tens of seconds, and Engine.stop waits for it. Not a
     normal exit: Python's and MLX's teardown while the engine thread is still inside MLX
     aborts the process (see Engine.stop). os._exit ends every thread where it is; the step's
