@@ -191,10 +191,14 @@ def _model(body: dict, served_model: str) -> str:
     if not isinstance(model, str):
         raise APIError(400, "'model' has the wrong type", param="model")
     if model != served_model:
-        shown = model if len(model) <= 100 else model[:100] + "…"
-        raise APIError(404, f"model '{shown}' does not exist (this server serves '{served_model}')",
-                       type="invalid_request_error", param="model", code="model_not_found")
+        raise model_not_found(model, served_model)
     return model
+
+
+def model_not_found(name: str, served_model: str) -> APIError:
+    """The 404 for a model id other than the served one (a request's `model`, GET /v1/models/{id})."""
+    return APIError(404, f"model '{_cut(name, 100)}' does not exist (this server serves '{served_model}')",
+                    type="invalid_request_error", param="model", code="model_not_found")
 
 
 def _response_format(value: dict | None) -> dict | None:
@@ -249,7 +253,10 @@ def _logit_bias(value: dict | None, vocab: int) -> tuple[tuple[int, float], ...]
 
 def _short(value: object, limit: int = 40) -> str:
     """A value as JSON for an error message, cut short."""
-    text = json.dumps(value, ensure_ascii=False)
+    return _cut(json.dumps(value, ensure_ascii=False), limit)
+
+
+def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 

@@ -319,8 +319,7 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             return refusal
         name = request.path_params["model"]
         if name != served_model:
-            return error(wire.APIError(404, f"model '{name[:100]}' does not exist (this server serves '{served_model}')",
-                                       param="model", code="model_not_found"))
+            return error(wire.model_not_found(name, served_model))
         return JSONResponse(model_json)
 
     async def health(request: HTTPRequest):
