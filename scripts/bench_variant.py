@@ -13,6 +13,9 @@ the same command with and without the environment variable, on the same warm mac
                       this many keys)
     QUEUE_WITHOUT_WAIT_BYTES=N  scheduler.QUEUE_WITHOUT_WAIT_BYTES (decoding steps are queued
                       without waiting while the shelves hold at most N bytes)
+    DECODE_SPAN_MAX_RATIO=N  batch.DECODE_SPAN_MAX_RATIO (decoding rows with gaps between their
+                      slots read the run of slots while it is at most N times their number;
+                      0: they always gather)
     LINEAR_AS_CONV=1  plain linear layers run their products of several rows as width-one
                       convolutions (models/products.py: cuDNN's cached plan instead of
                       cuBLASLt's setup at every call)
@@ -42,6 +45,8 @@ def apply_tunings() -> None:
         scheduler.FULL_CHUNK_KEYS = int(os.environ["FULL_CHUNK_KEYS"])
     if "QUEUE_WITHOUT_WAIT_BYTES" in os.environ:
         scheduler.QUEUE_WITHOUT_WAIT_BYTES = int(os.environ["QUEUE_WITHOUT_WAIT_BYTES"])
+    if "DECODE_SPAN_MAX_RATIO" in os.environ:
+        batch.DECODE_SPAN_MAX_RATIO = float(os.environ["DECODE_SPAN_MAX_RATIO"])
     if os.environ.get("LINEAR_AS_CONV"):
         products.enabled = True
 

@@ -132,9 +132,14 @@ def test_budget_limits_growth_and_compacts_other_shelves(setup):
     assert mx.allclose(feed(runner, small[0], PROMPT[8:9]), expected, atol=1e-5)
 
 
-def test_batched_rows_in_scattered_slots_match_alone(setup):
-    """Rows on one shelf in non-consecutive slots (gathered) and consecutive ones (a view)
-    give the logits each gives alone."""
+@pytest.mark.parametrize("span_ratio,spanned", [(2, True), (1, False)])
+def test_batched_rows_in_scattered_slots_match_alone(setup, monkeypatch, span_ratio, spanned):
+    """Rows on one shelf in non-consecutive slots give the logits each gives alone, whether
+    they attend over the run of slots from their first to their last (the gap's row computed
+    and dropped) or gather their keys and values (see batch.DECODE_SPAN_MAX_RATIO)."""
+    from mlxserve import batch as batch_module
+
+    monkeypatch.setattr(batch_module, "DECODE_SPAN_MAX_RATIO", span_ratio)
     runner = make_runner(setup, block_size=4)
     kv = runner.kv
     prompts = [PROMPT, PROMPT[:5], PROMPT[3:], [9, 8, 7, 6, 5, 4]]
@@ -152,7 +157,14 @@ def test_batched_rows_in_scattered_slots_match_alone(setup):
     for r, _ in live:
         r.reserve(1)
     logits, batch = runner.forward(feeds)
-    assert batch.groups[0].first_slot is None  # gathered
+    (group,) = batch.groups
+    assert [r.slot for r, _ in live] == [0, 2, 3]
+    if spanned:
+        assert (group.first_slot, group.slot_count) == (0, 4) and group.slots is None
+        assert group.span_queries.tolist() == [0, 0, 1, 2] and group.span_outputs.tolist() == [0, 2, 3]
+        assert group.mask.shape[0] == 4
+    else:
+        assert group.first_slot is None and group.slots.tolist() == [0, 2, 3]
     for i, (r, p) in enumerate(live):
         _, first, _ = next(x for x in batch.row_logits if x[0] == i)
         assert mx.allclose(logits[first], alone[prompts.index(p)][0], atol=1e-4)

@@ -23,6 +23,18 @@ import numpy as np
 CHUNK_ATTENTION_MAX_TOKENS = 128
 CHUNK_ATTENTION_MIN_KEYS = 2048
 
+# Decoding rows of a shelf in slots with gaps between them attend over the whole run of slots
+# from their first to their last (a view of the shelf, the gaps' rows computed and dropped)
+# while that run is at most this many times their number; sparser rows gather their keys and
+# values instead. Rows fall into such gaps whenever requests end at different times (a
+# server's usual state; the prefix cache keeps finished rows' slots). Gathering was the cost:
+# on an H100, Qwen3-4B bf16, 32 rows decoding after a first wave of 32 requests took 25.4 ms a
+# step gathered, 13.9 ms over their run (the first wave, consecutive: 11.6 and 12.9 ms), and
+# the bench's 64 streams (`scripts/bench_variant.py bench --random-weights qwen3-4b
+# --concurrency 64`) made 1,582 tok/s gathering always, 2,113 with runs up to twice the rows
+# and 2,204 up to four times (docs/performance-history.md, 2026-12-06).
+DECODE_SPAN_MAX_RATIO = 4
+
 
 @dataclass
 class AttentionGroup:
@@ -35,11 +47,18 @@ class AttentionGroup:
     n_rows: int
     tokens_per_row: int
     shelf: object
-    first_slot: int | None  # the rows hold slots first_slot, first_slot + 1, ... in order
+    first_slot: int | None  # the rows lie in slots first_slot ... first_slot + slot_count - 1
     slots: mx.array | None  # otherwise their slots, gathered
     key_length: int  # keys to attend over: the longest row's length after this step
-    mask: mx.array | None  # additive [n, 1, t + extra_queries, key_length]; None for one decoding row
+    mask: mx.array | None  # additive [slot_count or n, 1, t + extra_queries, key_length]; None for one decoding row
     caches: list  # the rows' RowCaches in group order (linear-attention layers read their state)
+    # Decoding rows with gaps between their slots, attending over the slots' whole run
+    # (DECODE_SPAN_MAX_RATIO): slot_count is the run's length; span_queries gives each slot of
+    # the run the row whose query it takes (a gap takes row 0's, and its mask shows it key 0
+    # only), span_outputs each row's slot in the run. Otherwise slot_count is n_rows, and both None.
+    slot_count: int = 0
+    span_queries: mx.array | None = None
+    span_outputs: mx.array | None = None
     state_gather: object = None  # hybrid models: a cache.StateGather, made by the first linear layer
     # The step's padding tokens, when they follow this group (a single multi-token feed, the
     # last group) and attend as extra queries of its row; see build_batch.
@@ -140,7 +159,9 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
         positions.extend(pos.reshape(-1).tolist())
         slots = [row.cache.slot for row in members]
         key_length = int(pos[:, -1].max()) + 1
-        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        slot_count = slots[-1] - slots[0] + 1  # (sorted above)
+        consecutive = slot_count == len(slots)
+        spanned = not consecutive and t == 1 and slot_count <= DECODE_SPAN_MAX_RATIO * len(slots)
         chunked = False
         if t > 1:
             # Prefill chunks attend over a key length rounded up to a shelf size (4 blocks
@@ -173,14 +194,24 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
                 n_rows=len(members),
                 tokens_per_row=t,
                 shelf=members[0].cache.shelf,
-                first_slot=slots[0] if consecutive else None,
-                slots=None if consecutive else mx.array(slots),
+                first_slot=slots[0] if consecutive or spanned else None,
+                slots=None if consecutive or spanned else mx.array(slots),
                 key_length=key_length,
                 mask=None,  # made below, once the padding is known
                 caches=[row.cache for row in members],
                 chunked=chunked,
+                slot_count=slot_count if spanned else len(slots),
             )
         )
+        if spanned:
+            in_run = np.asarray(slots) - slots[0]
+            queries = np.zeros(slot_count, dtype=np.int32)  # the gaps take row 0's query
+            queries[in_run] = np.arange(len(slots))
+            groups[-1].span_queries = mx.array(queries)
+            groups[-1].span_outputs = mx.array(in_run.astype(np.int32))
+            run_pos = np.zeros((slot_count, 1), dtype=np.int32)  # a gap sees key 0 only
+            run_pos[in_run] = pos
+            pos = run_pos
         query_positions.append(pos)
 
     # One write per shelf: groups of a shelf are adjacent in the flat order.

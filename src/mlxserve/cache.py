@@ -429,15 +429,21 @@ class KVStore:
             n, t, length = g.n_rows, g.tokens_per_row, g.key_length
             shelf = g.shelf.kv[layer]
             if g.first_slot is not None:
-                # The rows sit in consecutive slots: a view, no copy.
-                k = shelf[0, g.first_slot : g.first_slot + n, :, :length]
-                v = shelf[1, g.first_slot : g.first_slot + n, :, :length]
+                # The rows lie in a run of slots: a view, no copy.
+                end = g.first_slot + g.slot_count
+                k = shelf[0, g.first_slot : end, :, :length]
+                v = shelf[1, g.first_slot : end, :, :length]
             else:
                 k = mx.take(shelf[0, :, :, :length], g.slots, axis=0)
                 v = mx.take(shelf[1, :, :, :length], g.slots, axis=0)
             if t == 1 and g.mask is not None:
                 q = queries[g.offset : g.offset + n].reshape(n, q_heads, d)
-                outputs.append(decode_attention(q, k, v, g.mask, scale).reshape(n, kv_heads, group, d))
+                if g.span_queries is not None:  # a run with gaps: one query per slot of it
+                    q = mx.take(q, g.span_queries, axis=0)
+                o = decode_attention(q, k, v, g.mask, scale)
+                if g.span_outputs is not None:
+                    o = mx.take(o, g.span_outputs, axis=0)
+                outputs.append(o.reshape(n, kv_heads, group, d))
                 continue
             t += g.extra_queries  # the step's padding, attending as this row's extra queries
             if g.chunked:
