@@ -107,6 +107,36 @@ def test_response_format_forms():
             response_format_grammar(bad)
 
 
+def test_integers_beyond_64_bits_in_a_schema_are_named():
+    """llguidance reads a schema's integers as 64-bit (signed or unsigned) and says only "Value
+    is not JSON serializable" of others: the error names the integer and where it is."""
+    json_schema_grammar({"const": 2**64 - 1})  # the limits themselves are fine
+    json_schema_grammar({"enum": [-(2**63), 1e30, True]})
+    for schema, where, shown in [({"type": "integer", "maximum": 2**64}, "$.maximum", "18446744073709551616"),
+                                 ({"anyOf": [{"const": 1}, {"enum": [-(2**63) - 1]}]}, "$.anyOf[1].enum[0]",
+                                  "-9223372036854775809"),
+                                 ({"const": 10**40}, "$.const", "100000000000… (41 digits)")]:
+        with pytest.raises(GrammarError) as error:
+            json_schema_grammar(schema)
+        assert str(error.value).startswith(f"the JSON schema cannot be used: the integer at {where} ({shown}) "
+                                           "does not fit in 64 bits")
+    deep = {"const": 2**70}
+    for _ in range(5000):  # deeper than Python's recursion limit
+        deep = {"items": deep}
+    with pytest.raises(GrammarError, match=r"integer at …(\.items)+\.const \(1180591620717411303424\)"):
+        json_schema_grammar(deep)
+    with pytest.raises(GrammarError, match=r"integer at \$\.properties\.x{38}…\.const \(1180591620717411303424\)"):
+        json_schema_grammar({"properties": {"x" * 10**6: {"const": 2**70}}})  # a key cut short
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "n": {"type": "integer", "minimum": -(2**70)}}}}}
+    with pytest.raises(GrammarError, match=r"the tools' schemas cannot be used: the integer at "
+                                           r"tools\[1\]\.function\.parameters\.properties\.n\.minimum"):
+        tool_call_grammar([{"type": "function", "function": {"name": "g"}}, tool], ("<a>", "</a>"))
+    with pytest.raises(GrammarError, match=r"the JSON schema cannot be used: the integer at \$\.maximum"):
+        tool_call_grammar([{"type": "function", "function": {"name": "g"}}], ("<a>", "</a>"),
+                          answer={"maximum": 2**64})
+
+
 def test_grammars_check_against_the_vocabulary(loaded):
     grammars = Grammars(loaded.tokenizer)
     grammars.check(GRAMMAR)

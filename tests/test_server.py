@@ -535,6 +535,12 @@ BAD += [
     ("response_format unsatisfiable schema", dict(body={"messages": X, "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "minLength": 5,
                                                                         "maxLength": 2}}}}), 400, "response_format"),
+    ("response_format schema with a 70-bit integer", dict(body={"messages": X, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer",
+                                                                        "maximum": 2**70}}}}), 400, "response_format"),
+    ("tool parameters with a 70-bit integer", dict(body={"messages": X, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"n": {"enum": [1, -(2**70)]}}}}}]}), 400, "tools"),
     ("tool parameters a string schema", dict(body={"messages": X, "tool_choice": "required", "tools": [
         {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}), 400, "tools"),
     ("tool parameters an unusable schema", dict(body={"messages": X, "tool_choice": "required", "tools": [
@@ -596,6 +602,13 @@ def test_bad_chat_requests(server, name, kwargs, status, param):
         assert body["error"]["code"] == "context_length_exceeded"
     if name == "response_format schema of an unknown type":
         assert body["error"]["message"] == "response_format: the grammar cannot be used: Invalid type: foo"
+    if name == "response_format schema with a 70-bit integer":
+        assert body["error"]["message"] == ("response_format: the JSON schema cannot be used: the integer at "
+                                            "$.maximum (1180591620717411303424) does not fit in 64 bits (a bound "
+                                            "can be written with an exponent, e.g. 1e30)")
+    if name == "tool parameters with a 70-bit integer":
+        assert "the integer at tools[0].function.parameters.properties.n.enum[1] (-1180591620717411303424)" \
+            in body["error"]["message"]
     if name == "logit_bias value a string":
         assert 'got "1" for token 5' in body["error"]["message"]
 

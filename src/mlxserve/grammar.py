@@ -45,8 +45,39 @@ def _llguidance():
     return llguidance
 
 
+# The integers llguidance reads in a schema: signed or unsigned 64-bit.
+_SCHEMA_INTEGERS = (-(2**63), 2**64 - 1)
+
+
+def check_schema_integers(schema: object, what: str = "the JSON schema", path: str = "$") -> None:
+    """Raise GrammarError naming the first integer in a schema that llguidance cannot read
+    (beyond 64 bits; it would say only "Value is not JSON serializable"). A walk with its own
+    stack: a schema nested a thousand deep must get this answer, not a RecursionError. Each
+    entry keeps its parent and key, and the path is spelled out only for the error."""
+    low, high = _SCHEMA_INTEGERS
+    stack = [((None, path), schema)]
+    while stack:
+        place, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(((place, f".{key}"), item) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend(((place, f"[{i}]"), item) for i, item in reversed(list(enumerate(value))))
+        elif isinstance(value, int) and not isinstance(value, bool) and not low <= value <= high:
+            where = ""  # the path from its end, whole steps only, up to about 80 characters
+            while place is not None and len(where) < 80:
+                place, part = place
+                where = (part if len(part) <= 40 else part[:39] + "…") + where
+            if place is not None:
+                where = "…" + where
+            digits = str(value)
+            shown = digits if len(digits) <= 30 else f"{digits[:12]}… ({len(digits)} digits)"
+            raise GrammarError(f"{what} cannot be used: the integer at {where} ({shown}) does not fit in "
+                               "64 bits (a bound can be written with an exponent, e.g. 1e30)")
+
+
 def json_schema_grammar(schema: dict) -> str:
     """The grammar of JSON texts valid under `schema` (a JSON Schema)."""
+    check_schema_integers(schema)
     try:
         return _llguidance().LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
     except (ValueError, TypeError, RecursionError) as exc:
@@ -139,6 +170,7 @@ def tool_call_grammar(tools: list[dict], tags: tuple[str, str], *, answer: dict 
         if parameters.get("type", "object") != "object":
             raise GrammarError(f"tools[{i}].function.parameters must describe an object (type 'object'): "
                                "a call's arguments are a JSON object")
+        check_schema_integers(parameters, "the tools' schemas", f"tools[{i}].function.parameters")
         head = '\n{"name": ' + json.dumps(function["name"]) + ', "arguments": '
         rules.append(f"call{i}: {open_tag} {json.dumps(head)} args{i} " + json.dumps("}\n") + f" {close_tag}")
         rules.append(f"args{i}: %json {json.dumps(_compact({'type': 'object', **parameters}))}")
@@ -149,6 +181,7 @@ def tool_call_grammar(tools: list[dict], tags: tuple[str, str], *, answer: dict 
     start = calls if answer is None else f"{calls} | answer"
     rules = [f"start: {start}", "call: " + " | ".join(names)] + rules
     if answer is not None:
+        check_schema_integers(answer, "the JSON schema")
         rules.append(f"answer: %json {json.dumps(_compact(answer))}")
     try:
         return _llguidance().LLMatcher.grammar_from_lark("\n".join(rules))
