@@ -334,6 +334,43 @@ def test_unknown_mode_is_refused(tmp_path):
         load_model(str(path), progress=False, gguf_mode="q3")
 
 
+@pytest.mark.parametrize("kv,says", [
+    # Row orders for llama's q/k were built from these and taken from 64-row tensors: a crash.
+    ({"llama.attention.key_length": 4096, "llama.attention.value_length": 4096},
+     "tensor 'blk.0.attn_q.weight' has 64 rows, not the 4 heads x 4096 the metadata declares"),
+    ({"llama.embedding_length": 2**31}, "llama.embedding_length is 2147483648 but token_embd has 64 columns"),
+    # A million layers were built (and memory ran out) before their weights were found missing.
+    ({"llama.block_count": 10**6}, "its metadata's block_count is 1000000, but the weights hold 2 layers"),
+    ({"llama.block_count": 0}, "llama.block_count must be a whole number >= 1, got 0"),
+    ({"llama.attention.head_count_kv": "2"}, "llama.attention.head_count_kv must be a whole number >= 1, got '2'"),
+    ({"llama.context_length": 0}, "llama.context_length must be a whole number >= 1, got 0"),
+])
+def test_metadata_at_odds_with_the_tensors_is_one_line(tmp_path, kv, says):
+    from mlxserve.loader import ModelLoadError, load_model
+
+    hf = hf_model("llama", np.random.default_rng(5))
+    path = write_model(tmp_path / "m.gguf", "llama", hf, tensor_type_plan("llama", hf), extra_kv=kv)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(path), progress=False)
+    assert says in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_row_orders_that_do_not_fit_their_tensor_are_refused():
+    """The last guard (any architecture's placements): MLX does not bounds-check the index
+    arrays that reorder a tensor's rows or columns."""
+    from mlxserve.quant.gguf import _check_reordering
+    from mlxserve.quant.gguf_convert import Placement
+    from mlxserve.quant.gguf_metadata import GGUFTensor
+
+    tensor = GGUFTensor("blk.0.attn_q.weight", T.F32, (8, 6), np.zeros((6, 8), np.float32))
+    _check_reordering(tensor, Placement("q", rows=np.arange(6)[::-1], columns=np.arange(8)))
+    for placement, says in [(Placement("q", rows=np.arange(12)), "has 6 rows, not the 12"),
+                            (Placement("q", rows=np.array([0, 1, 2, 3, 4, 9])), r"has 6 rows, and .* one past them \(9\)"),
+                            (Placement("q", columns=np.arange(4)), "has 8 columns, not the 4")]:
+        with pytest.raises(UnsupportedGGUF, match=says):
+            _check_reordering(tensor, placement)
+
+
 def _data_start(path: Path) -> int:
     """Where a file's tensor data begins (its first tensor's first byte)."""
     reader = gguf.GGUFReader(str(path))

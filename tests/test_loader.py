@@ -98,6 +98,60 @@ def _broken_folder(folder, config: str | None, weights: bytes | None):
     return folder
 
 
+def test_declared_sizes_beyond_the_weights_fail_before_the_model_is_built(tmp_path):
+    """A config declaring more layers than its weights hold is refused before a layer is built
+    (a million of them ran out of memory first), and a size beyond MLX's integers is one line."""
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1000}))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(folder), progress=False)
+    assert str(err.value) == f"{folder}/config.json: num_hidden_layers is 1000, but the weights hold 2 layers"
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": -1}))
+    with pytest.raises(ModelLoadError, match="max_position_embeddings must be a whole number >= 1, got -1"):
+        load_model(str(folder), progress=False)
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 2**31}))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(folder), progress=False)
+    assert str(err.value).startswith(f"{folder}/config.json does not fit model_type 'llama' (OverflowError: ")
+
+
+def test_a_fifo_or_a_broken_link_is_named_not_waited_on(tmp_path, monkeypatch):
+    """Reading a FIFO waits for a writer for ever; a link that leads nowhere is not a hub repo
+    id that happens to look like its relative path."""
+    import os
+    import threading
+
+    def unblock(fifo):  # should a reader wait on the FIFO after all: a writer, so that it fails, not hangs
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            os.write(fd, b"x")
+            os.close(fd)
+        except OSError:  # no reader: nothing to unblock
+            pass
+
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    (folder / "model.safetensors").unlink()
+    fifos = [tmp_path / "pipe.gguf", folder / "model.safetensors"]
+    timers = [threading.Timer(30, unblock, [fifo]) for fifo in fifos]
+    for fifo, timer in zip(fifos, timers):
+        os.mkfifo(fifo)
+        timer.start()
+    try:
+        with pytest.raises(ModelNotFound, match="pipe.gguf is not a regular file"):
+            load_model(str(tmp_path / "pipe.gguf"), progress=False)
+        with pytest.raises(ModelLoadError, match="model.safetensors: not a regular file"):
+            load_model(str(folder), progress=False)
+    finally:
+        for timer in timers:
+            timer.cancel()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()
+    os.symlink("/nonexistent/model", tmp_path / "org" / "name")
+    with pytest.raises(ModelNotFound, match="org/name is a symbolic link to /nonexistent/model, which does not exist"):
+        load_model("org/name", progress=False)
+
+
 @pytest.mark.parametrize("config,weights,message", [
     # mx.load's RuntimeError, a traceback
     (None, np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes(),
@@ -125,8 +179,9 @@ def test_a_broken_model_folder_is_one_line_naming_the_file(tmp_path, capsys, con
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("num_hidden_layers", "2", "{folder}/config.json does not fit model_type 'llama' "
-                               "(TypeError: 'str' object cannot be interpreted as an integer)"),
+    ("num_hidden_layers", "2", "{folder}/config.json: num_hidden_layers must be a whole number >= 1, got '2'"),
+    ("num_attention_heads", "4", "{folder}/config.json does not fit model_type 'llama' "
+                                 "(TypeError: unsupported operand type(s) for //: 'int' and 'str')"),
     # one no check foresaw: the loader's last resort, the exception's type and message
     ("quantization", 4, "cannot load {folder}: AttributeError: 'int' object has no attribute 'get'"),
 ])

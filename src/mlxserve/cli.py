@@ -145,13 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(["chat"])  # bare `mlxserve` in a terminal: chat with the default model
     handler = {"run": cmd_run, "pull": cmd_pull, "models": cmd_models, "doctor": cmd_doctor,
                "bench": cmd_bench, "serve": cmd_serve, "chat": cmd_chat}[args.command]
-    if args.command in ("run", "bench", "serve", "chat"):
-        from . import engine  # (these load MLX anyway)
-
-        # A Ctrl-C while an engine finishes its step on the way out (a bench's first Ctrl-C
-        # waits for it to report what was measured; chat waits for a cut answer's): quit now.
-        engine.on_ctrl_c_while_stopping = lambda: _exit_at_once(130)
     try:
+        if args.command in ("run", "bench", "serve", "chat"):
+            # (These load MLX anyway. Inside the try: a Ctrl-C during these seconds of imports
+            # is a Ctrl-C like any other, not a traceback.)
+            from . import engine
+
+            # A Ctrl-C while an engine finishes its step on the way out (a bench's first Ctrl-C
+            # waits for it to report what was measured; chat waits for a cut answer's): quit now.
+            engine.on_ctrl_c_while_stopping = lambda: _exit_at_once(130)
         return handler(args)
     except KeyboardInterrupt:
         print("", file=sys.stderr)

@@ -77,7 +77,7 @@ def load_model(spec: str, *, dtype: mx.Dtype | None = None, progress: bool = Tru
         raise
     except (ValueError, KeyError, OSError) as exc:
         raise ModelLoadError(f"cannot load {path}: {exc}") from exc
-    except (TypeError, AttributeError, IndexError, ZeroDivisionError, RuntimeError) as exc:
+    except (TypeError, AttributeError, IndexError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
         # A file whose content none of the checks above foresaw (a setting of the wrong type
         # deep in a config, MLX refusing a weight file): still one line, not a traceback.
         log.debug("loading %s failed", path, exc_info=True)
@@ -106,7 +106,7 @@ def build_model(config: dict, weights: dict[str, mx.array], quantization: dict |
     try:
         args = family.ModelArgs.from_config(config)
         model = family.Model(args)
-    except (TypeError, AttributeError, IndexError, KeyError, ZeroDivisionError) as exc:
+    except (TypeError, AttributeError, IndexError, KeyError, ZeroDivisionError, OverflowError) as exc:
         raise ConfigError(_config_problem(model_type, exc)) from exc
     weights = model.sanitize(weights)
     if quantization:
@@ -199,7 +199,10 @@ def _load_folder(path: Path, dtype: mx.Dtype | None) -> LoadedModel:
         raise ModelLoadError(f"{path}: no *.safetensors weight files")
     weights: dict[str, mx.array] = {}
     for f in files:
+        if not Path(f).is_file():  # (mx.load would wait on a FIFO for ever)
+            raise ModelLoadError(f"{f}: not a regular file")
         weights.update(_load_weights_file(f))
+    check_layer_count(config.get("text_config") or config, weights, f"{config_file}: num_hidden_layers")
     if dtype is not None:
         # Quantization scales/biases are cast too: they set the compute dtype of their layer.
         weights = {k: v.astype(dtype) if _is_float(v) else v for k, v in weights.items()}
@@ -214,6 +217,9 @@ def _load_folder(path: Path, dtype: mx.Dtype | None) -> LoadedModel:
                             half_experts_on_cpu="float32" if dtype is None else "refuse")
     except ConfigError as exc:
         raise ModelLoadError(f"{config_file} {exc}") from exc
+    context = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+        raise ModelLoadError(f"{config_file}: max_position_embeddings must be a whole number >= 1, got {context!r:.40}")
     tokenizer = Tokenizer.from_folder(path)
     return LoadedModel(
         model=model,
@@ -223,8 +229,7 @@ def _load_folder(path: Path, dtype: mx.Dtype | None) -> LoadedModel:
         path=path,
         format="safetensors",
         quantization=_describe_quantization(quantization, model),
-        context_length=int(config.get("max_position_embeddings")
-                           or (config.get("text_config") or {}).get("max_position_embeddings") or 4096),
+        context_length=context or 4096,
         load_seconds=0.0,
     )
 
@@ -237,6 +242,7 @@ def _load_gguf(path: Path, dtype: mx.Dtype | None, mode: str) -> LoadedModel:
         gguf = load_gguf(path, dtype=dtype or default_gguf_dtype(), mode=mode)
     except GGUFFormatError as exc:  # a truncated or garbled file: the message names it already
         raise ModelLoadError(str(exc)) from None
+    check_layer_count(gguf.config, gguf.weights, f"{path}: its metadata's block_count")
     try:
         model = build_model(gguf.config, gguf.weights, gguf.quantization,
                             half_experts_on_cpu="float32" if dtype is None else "refuse")
@@ -255,6 +261,23 @@ def _load_gguf(path: Path, dtype: mx.Dtype | None, mode: str) -> LoadedModel:
         context_length=int(gguf.config.get("max_position_embeddings") or 4096),
         load_seconds=0.0,
     )
+
+
+_LAYER_WEIGHT = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def check_layer_count(config: dict, weights: dict[str, mx.array], setting: str) -> None:
+    """The layer count a config declares against the layers its weights hold, before the
+    model is built: a config that declares a million layers would build them all first (and
+    run out of memory) only to find their weights missing."""
+    declared = config.get("num_hidden_layers")
+    if declared is None:
+        return  # (the model class names what is missing)
+    if isinstance(declared, bool) or not isinstance(declared, int) or declared < 1:
+        raise ModelLoadError(f"{setting} must be a whole number >= 1, got {declared!r:.40}")
+    held = 1 + max((int(m[1]) for name in weights if (m := _LAYER_WEIGHT.search(name))), default=-1)
+    if declared > held:
+        raise ModelLoadError(f"{setting} is {declared}, but the weights hold {held} layers")
 
 
 def default_gguf_dtype() -> mx.Dtype:

@@ -182,6 +182,9 @@ def resolve(spec: str, *, pull_if_missing: bool = True, progress: bool = True) -
     path = Path(spec).expanduser()
     if path.exists():
         return _check_local(path)
+    if path.is_symlink():  # there, but leading nowhere: not a hub repo id that looks like it
+        raise ModelNotFound(f"{spec} is a symbolic link to {os.readlink(path)}, which does not exist "
+                            "(or the links go round in a loop)")
     alias = ALIASES.get(spec)
     if alias is not None:
         if alias.format == "mlx":
@@ -208,6 +211,8 @@ def _check_local(path: Path) -> Path:
             raise ModelNotFound(f"{path} has no config.json: expected an MLX / Hugging Face model "
                                 f"folder or a .gguf file")
         return path
+    if not path.is_file():  # a FIFO would block the read below until someone writes to it
+        raise ModelNotFound(f"{path} is not a regular file: expected a .gguf file or a model folder")
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ModelNotFound(f"{path} is not a GGUF file: expected a .gguf file or a model "

@@ -100,6 +100,23 @@ def _unpermuted_order(rows: int, n_head: int) -> np.ndarray:
     return np.arange(rows).reshape(n_head, rows // n_head // 2, 2).swapaxes(1, 2).reshape(-1)
 
 
+def _check_reordering(tensor: GGUFTensor, placement: Placement) -> None:
+    """The rows and columns a placement takes (worked out from the metadata) must be the
+    tensor's own: MLX does not bounds-check an index array, and a file whose metadata
+    disagrees with its tensors would read past them (a crash, or garbage)."""
+    shape = [int(n) for n in tensor.shape]
+    for what, order, size in (("rows", placement.rows, shape[-1] if len(shape) > 1 else shape[0]),
+                              ("columns", placement.columns, shape[0])):
+        if order is None:
+            continue
+        if len(order) != size:
+            raise UnsupportedGGUF(f"tensor {tensor.name!r} has {size} {what}, not the {len(order)} its "
+                                  "model's metadata implies")
+        if size and int(np.max(order)) >= size:
+            raise UnsupportedGGUF(f"tensor {tensor.name!r} has {size} {what}, and its model's metadata "
+                                  f"implies one past them ({int(np.max(order))})")
+
+
 # --- config ----------------------------------------------------------------------------------
 
 _ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", *gguf_qwen35.ARCHITECTURES)
@@ -115,21 +132,50 @@ def _meta(metadata: dict, key: str, default: Any = _REQUIRED) -> Any:
     return default
 
 
+def _whole(metadata: dict, key: str, *default: Any, minimum: int = 1) -> int:
+    """A metadata value that must be a whole number of at least `minimum`."""
+    value = _meta(metadata, key, *default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        shown = repr(value)
+        raise UnsupportedGGUF(f"GGUF metadata {key} must be a whole number >= {minimum}, got "
+                              f"{shown if len(shown) <= 40 else shown[:39] + '…'}")
+    return value
+
+
+def _check_sizes(arch: str, config: dict, tensors: dict[str, GGUFTensor]) -> None:
+    """The sizes the metadata declares against the tensors the file holds, before anything is
+    worked out from them: a file that declares a huge width would otherwise have row orders
+    built (and a tensor indexed) at that size. (The layer count is checked against the
+    weights before the model is built, loader.check_layer_count.)"""
+    cols = int(tensors["token_embd.weight"].shape[0])  # GGUF shapes list columns first
+    if config["hidden_size"] != cols:
+        raise UnsupportedGGUF(f"GGUF metadata {arch}.embedding_length is {config['hidden_size']} but "
+                              f"token_embd has {cols} columns")
+    for name, heads in (("attn_q", config["num_attention_heads"]), ("attn_k", config["num_key_value_heads"])):
+        tensor = tensors.get(f"blk.0.{name}.weight")
+        if tensor is not None and arch not in gguf_qwen35.ARCHITECTURES:  # (qwen35's q also holds a gate)
+            rows = int(tensor.shape[1])
+            if rows != heads * config["head_dim"]:
+                raise UnsupportedGGUF(f"tensor 'blk.0.{name}.weight' has {rows} rows, not the {heads} heads x "
+                                      f"{config['head_dim']} the metadata declares")
+
+
 def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
     arch = metadata.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise UnsupportedGGUF(f"GGUF architecture {arch!r} is not supported "
                               f"(supported: {', '.join(_ARCHITECTURES)})")
-    hidden = _meta(metadata, f"{arch}.embedding_length")
-    heads = _meta(metadata, f"{arch}.attention.head_count")
-    if isinstance(heads, int) and heads < 1:  # hidden // heads below
-        raise UnsupportedGGUF(f"GGUF metadata {arch}.attention.head_count must be >= 1, got {heads}")
+    hidden = _whole(metadata, f"{arch}.embedding_length")
+    heads = _whole(metadata, f"{arch}.attention.head_count")
     kv_heads = _meta(metadata, f"{arch}.attention.head_count_kv", heads)
     if isinstance(kv_heads, list):  # per-layer counts; fine only if they are all the same
         if len(set(kv_heads)) != 1:
             raise UnsupportedGGUF(f"per-layer KV head counts {kv_heads} are not supported")
         kv_heads = kv_heads[0]
-    head_dim = _meta(metadata, f"{arch}.attention.key_length", hidden // heads)
+    if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1:
+        raise UnsupportedGGUF(f"GGUF metadata {arch}.attention.head_count_kv must be a whole number >= 1, "
+                              f"got {kv_heads!r:.40}")
+    head_dim = _whole(metadata, f"{arch}.attention.key_length", hidden // heads)
     if _meta(metadata, f"{arch}.attention.value_length", head_dim) != head_dim:
         raise UnsupportedGGUF("attention key_length != value_length is not supported")
     vocab = _meta(metadata, f"{arch}.vocab_size", None)
@@ -147,10 +193,12 @@ def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
             "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
             "head_dim": head_dim, "vocab_size": vocab, "rope_theta": rope_theta,
             "rms_norm_eps": float(_meta(metadata, f"{arch}.attention.layer_norm_rms_epsilon")),
-            "max_position_embeddings": _meta(metadata, f"{arch}.context_length"),
+            "max_position_embeddings": _whole(metadata, f"{arch}.context_length"),
             "tie_word_embeddings": "output.weight" not in tensors,
             "rope_scaling": _rope_scaling(metadata, arch, None, head_dim, rope_theta)}
-        return gguf_qwen35.build_config(metadata, tensors, arch, common, _meta)
+        config = gguf_qwen35.build_config(metadata, tensors, arch, common, _meta)
+        _check_sizes(arch, config, tensors)
+        return config
     if _meta(metadata, f"{arch}.rope.dimension_count", head_dim) != head_dim:
         raise UnsupportedGGUF("partial rotary embeddings (rope.dimension_count != head_dim) "
                               "are not supported")
@@ -158,7 +206,7 @@ def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
     config = {
         "model_type": _MODEL_TYPES.get(arch, arch),
         "hidden_size": hidden,
-        "num_hidden_layers": _meta(metadata, f"{arch}.block_count"),
+        "num_hidden_layers": _whole(metadata, f"{arch}.block_count"),
         "intermediate_size": _meta(metadata, f"{arch}.feed_forward_length",
                                    *([0] if arch == "qwen3moe" else [])),
         "num_attention_heads": heads,
@@ -167,7 +215,7 @@ def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
         "rms_norm_eps": float(_meta(metadata, f"{arch}.attention.layer_norm_rms_epsilon")),
         "rope_theta": rope_theta,
         "vocab_size": vocab,
-        "max_position_embeddings": _meta(metadata, f"{arch}.context_length"),
+        "max_position_embeddings": _whole(metadata, f"{arch}.context_length"),
         "tie_word_embeddings": "output.weight" not in tensors,
         # Hugging Face's attention_bias puts biases on q, k, v *and* o. Qwen2 has q/k/v biases
         # by its model type and none on o, so for it the flag stays off.
@@ -181,6 +229,7 @@ def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
                       moe_intermediate_size=_meta(metadata, f"{arch}.expert_feed_forward_length"),
                       decoder_sparse_step=1, mlp_only_layers=[],
                       norm_topk_prob=bool(_meta(metadata, f"{arch}.expert_weights_norm", True)))
+    _check_sizes(arch, config, tensors)
     if arch == "llama":
         config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
     rope_scaling = _rope_scaling(metadata, arch, tensors.get("rope_freqs.weight"),
@@ -311,6 +360,7 @@ def gguf_weights(metadata: dict, tensor_list: list[GGUFTensor], dtype: mx.Dtype 
         placement = _place(tensor.name, config)
         if placement is None:
             continue
+        _check_reordering(tensor, placement)
         # A transform (qwen35's ssm_a -> A_log, ...) works on float32 values, then casts.
         converted = convert_tensor(tensor, mx.float32 if placement.transform else dtype, mode,
                                    columns=placement.columns, force_float=placement.force_float)
