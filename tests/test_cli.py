@@ -109,6 +109,29 @@ def _until_line(proc, wanted: str) -> list[str]:
     return lines
 
 
+def test_ctrl_c_while_the_engine_module_loads_is_quiet(tiny, monkeypatch, capsys):
+    """A Ctrl-C in the first seconds of `run` (MLX being imported) ends it like any other
+    Ctrl-C: exit status 130, no traceback."""
+    import mlxserve
+    from mlxserve import cli
+
+    class CtrlCOnImport:  # a finder that answers the engine's import with a Ctrl-C
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "mlxserve.engine":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "mlxserve.engine", raising=False)
+    monkeypatch.delattr(mlxserve, "engine", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [CtrlCOnImport, *sys.meta_path])
+    try:
+        code = cli.main(["run", "--model", tiny, "hi"])
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C escaped main (a traceback on the command line)")
+    assert code == 130 and capsys.readouterr().err == "\n"
+
+
 def test_ctrl_c_in_piped_chat_exits_without_waiting_for_the_engine_step(tiny):
     proc = subprocess.Popen([sys.executable, "-c", BLOCKING_STEP, "chat", "--model", tiny],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
