@@ -184,6 +184,28 @@ def test_a_closed_standard_output_is_as_if_sent_nowhere(tiny):
     assert r.returncode == 0 and "Traceback" not in r.stderr and "generated" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("command,says", [("run", "no prompt: give one as an argument"),
+                                          ("chat", "no question on stdin")])
+def test_a_closed_standard_input_is_as_if_empty(tiny, command, says):
+    r = subprocess.run(["bash", "-c", 'exec "$@" <&-', "-", sys.executable, "-m", "mlxserve", command, "--model", tiny],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith(f"mlxserve: error: {says}"), r.stderr
+
+
+def test_half_precision_on_the_cpu_is_warned_of(tiny):
+    r = mlxserve("run", "--model", tiny, "--dtype", "float16", "--max-tokens", "1", "hi")
+    assert r.returncode == 0, r.stderr
+    assert "warning: MLX's CPU back-end runs float16 matrix products far slower than float32" in r.stderr
+    r = mlxserve("run", "--model", tiny, "--dtype", "float32", "--max-tokens", "1", "hi")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+
+
+def test_bench_seed_out_of_range_is_one_line():
+    for seed in ("-1", str(2**64)):
+        r = mlxserve("bench", "--random-weights", "tiny", "--seed", seed)
+        assert r.returncode == 2 and r.stderr == "mlxserve: error: --seed must be a whole number from 0 to 2**64 - 1\n"
+
+
 def test_run_in_a_terminal_says_it_reads_the_prompt_until_the_first_token(tiny, tmp_path):
     import pexpect
 
@@ -483,7 +505,10 @@ def test_run_format_holds_the_answer_to_a_schema(tiny_model_dir, tmp_path):
     assert runs[1]["finish_reason"] == "stop"
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)  # deeper than Python's JSON parser goes
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(bytes([0xCB, 0x80, 0xFF]) * 100)
     for value, says in [('{"type": "foo"}', "--format: the grammar cannot be used: Invalid type: foo"),
+                        (str(binary), f"--format: cannot read the schema file {binary}: it is not UTF-8 text"),
                         (str(tmp_path / "missing.json"), "--format: cannot read the schema file"),
                         ("[1, 2]", "--format: a JSON schema must be a JSON object"),
                         (str(deep), "--format: the schema is not valid JSON"),

@@ -136,6 +136,8 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     if sys.stdout is None:  # started with standard output closed (`>&-`): as if sent to /dev/null
         sys.stdout = open(os.devnull, "w")
+    if sys.stdin is None:  # started with standard input closed (`<&-`): as if empty
+        sys.stdin = open(os.devnull)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -379,9 +381,14 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool | None, system: str | None, t
 
 
 def _load(spec: str, dtype_name: str | None, gguf_mode: str = "exact"):
+    import mlx.core as mx
+
     from .loader import load_model, parse_dtype
 
     dtype = parse_dtype(dtype_name)
+    if dtype is not None and dtype in (mx.float16, mx.bfloat16) and mx.default_device() == mx.cpu:
+        _status(f"warning: MLX's CPU back-end runs {dtype_name} matrix products far slower than float32 "
+                "(float16 about 40 times, see loader.default_gguf_dtype): leave --dtype out, or use float32")
     console = _stderr_console()
     with console.status(f"Loading {spec} …", spinner="dots") if console.is_terminal else nullcontext():
         loaded = load_model(spec, dtype=dtype, progress=True, gguf_mode=gguf_mode)

@@ -134,6 +134,8 @@ def read_schema(value: str) -> dict:
             text = Path(value).expanduser().read_text()
         except OSError as exc:
             raise GrammarError(f"cannot read the schema file {value}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise GrammarError(f"cannot read the schema file {value}: it is not UTF-8 text") from None
     try:
         schema = json.loads(text)
     except (ValueError, RecursionError) as exc:  # (RecursionError: nested deeper than the parser goes)
