@@ -494,6 +494,24 @@ def test_piped_question_prints_only_the_answer(tiny, tmp_path):
     assert not (tmp_path / "history").exists()  # nothing typed, nothing kept
 
 
+def test_piped_answers_stop_at_max_tokens_in_process_and_over_http(tiny, served, tmp_path):
+    """`chat --max-tokens N` bounds a piped answer (there are no slash commands to do it), with
+    the engine in this process and with --url; a bad value is one line."""
+    server, _ = served
+    for where in (("--model", tiny), ("--url", server.url, "--api-key", API_KEY)):
+        answers = []
+        for n in (2, 10):
+            r = mlxserve("chat", *where, "--no-think", "--temperature", "0", "--max-tokens", str(n),
+                         stdin="Tell me a long story.\n", env={"MLXSERVE_HOME": str(tmp_path)})
+            assert r.returncode == 0, r.stderr
+            generated = (STATS if where[0] == "--model" else re.compile(r"(\d+)\s+generated")).search(r.stderr)
+            assert generated and int(generated.groups()[-2 if where[0] == "--model" else 0]) == n, r.stderr
+            answers.append(r.stdout.rstrip("\n"))
+        assert answers[1].startswith(answers[0]) and len(answers[1]) > len(answers[0]), answers
+    r = mlxserve("chat", "--model", tiny, "--max-tokens", "0", stdin="hi", env={"MLXSERVE_HOME": str(tmp_path)})
+    assert r.returncode == 2 and r.stderr == "mlxserve: error: --max-tokens must be a whole number >= 1, got 0\n"
+
+
 PET = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
                                        "age": {"type": "integer", "minimum": 0, "maximum": 30}},
        "required": ["name", "age"], "additionalProperties": False}

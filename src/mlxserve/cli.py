@@ -432,6 +432,9 @@ def _add_chat_parser(sub, default_model: str) -> None:
     chat.add_argument("--no-think", action="store_true", help="ask the model not to think, and hide any thinking")
     chat.add_argument("--temperature", type=float, default=None,
                       help="sampling temperature to start with (default 0.7; 0 = greedy; /temp changes it)")
+    chat.add_argument("--max-tokens", type=int, default=None,
+                      help="longest answer, in tokens, to start with (default: as many as the context leaves; "
+                           "/max_tokens changes it)")
     chat.add_argument("--format", metavar="text|json|SCHEMA",
                       help="hold every answer to JSON: 'json' for any JSON object, or a JSON schema (a file, or the "
                            "schema itself as JSON text); 'text' (the default): free text; /format changes it; "

@@ -50,6 +50,8 @@ def run_chat(args) -> int:
 
     if args.temperature is not None and not 0 <= args.temperature < math.inf:  # nan fails both
         raise CLIError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature:g}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise CLIError(f"--max-tokens must be a whole number >= 1, got {args.max_tokens}")
     interactive = sys.stdin.isatty()
     if interactive:
         # Ctrl-C must stop an answer even when this process was started with SIGINT ignored
@@ -64,6 +66,8 @@ def run_chat(args) -> int:
     settings = Settings(think=not args.no_think)
     if args.temperature is not None:
         settings.set("temperature", str(args.temperature))
+    if args.max_tokens is not None:
+        settings.set("max_tokens", str(args.max_tokens))
     if args.format is not None:
         try:
             settings.set("schema", args.format)
