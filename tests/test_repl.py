@@ -795,7 +795,7 @@ def test_what_is_sent_of_a_line_typed_or_pasted(tmp_path, monkeypatch):
     monkeypatch.setattr(repl_module, "open_backend", lambda args: Closable())
     monkeypatch.setattr(repl_module, "one_shot", lambda backend, session, question: piped.append(question) or 0)
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n    def f(self):\n        return 1\n"))
-    args = types.SimpleNamespace(temperature=None, no_think=False, system=None, format=None)
+    args = types.SimpleNamespace(temperature=None, no_think=False, system=None, format=None, max_tokens=None)
     assert repl_module.run_chat(args) == 0
     assert piped == ["    def f(self):\n        return 1"]
 
