@@ -78,7 +78,8 @@ def test_the_tools_example_makes_a_call_with_a_real_engine(live):
     """tool_choice "required" makes even a random tiny model call the tool, with a city."""
     r = run_example("openai_tools.py", live.url)
     assert r.returncode == 0, r.stderr
-    assert "tool call: get_weather({'city': '" in r.stdout
+    # (The arguments' repr: a city with a ' in it is quoted with ", as the random model may write.)
+    assert re.search(r"tool call: get_weather\(\{'city': ['\"]", r.stdout), r.stdout
 
 
 def test_multi_turn_chat_reuses_the_prefix(live):
