@@ -5,6 +5,12 @@ behind the long-prompt bench's ITL p99 (`mlxserve bench --long-prompt-tokens`) s
 
     PYTHONPATH=src python3 scripts/profile_long_prompt.py qwen3-0.6b [--streams 8]
         [--prompt-tokens 16384] [--max-batch-tokens 512] [--chunk-attention-max-tokens N]
+        [--pipelined]
+
+--pipelined runs the steps as the engine does (not synchronized): a step's time then holds
+its wait for the previous step's device work (a step with a chunk waits for it, see
+Scheduler._wait_for_device), so each listed step names the previous step's chunk too, and the
+steps are also summed up by chunk size.
 
 Each listed step shows its host time split into admission, graph building (Runner.forward)
 and MLX encoding (mx.async_eval). --chunk-attention-max-tokens sets
@@ -37,6 +43,13 @@ def synced_step(sched) -> tuple[float, float]:
     return host, time.perf_counter() - start - host
 
 
+def pipelined_step(sched) -> tuple[float, float]:
+    PHASES.clear()
+    start = time.perf_counter()
+    sched.step()
+    return time.perf_counter() - start, 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shape")
@@ -45,7 +58,9 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=512)
     parser.add_argument("--show", type=int, default=10, help="the slowest steps listed")
     parser.add_argument("--chunk-attention-max-tokens", type=int, default=batch.CHUNK_ATTENTION_MAX_TOKENS)
+    parser.add_argument("--pipelined", action="store_true", help="steps not synchronized, as the engine runs them")
     args = parser.parse_args()
+    step = pipelined_step if args.pipelined else synced_step
     batch.CHUNK_ATTENTION_MAX_TOKENS = args.chunk_attention_max_tokens
     scheduler_module.Scheduler._admit = timed("admit", scheduler_module.Scheduler._admit)
     runner.Runner.forward = timed("build", runner.Runner.forward)
@@ -67,19 +82,33 @@ def main() -> None:
         while any(row.id == long.id for row in list(sched.waiting) + sched.running):
             row = next((r for r in sched.running if r.id == long.id), None)
             before = row.cache.length if row is not None else 0
-            host, device = synced_step(sched)
-            row = next((r for r in sched.running if r.id == long.id), row)
-            after = row.cache.length if row is not None else before
+            host, device = step(sched)
+            row = next((r for r in sched.running if r.id == long.id), None)
+            after = row.cache.length if row is not None else before  # (gone: it finished)
             steps.append((host + device, host, device, after - before, after, dict(PHASES)))
     steady_ms = 1e3 * sorted(steady)[len(steady) // 2]
     total = [s[0] for s in steps]
     print(f"{args.shape}: {args.streams} streams decoding, steady step p50 {steady_ms:.2f} ms; "
           f"a {args.prompt_tokens}-token prompt took {len(steps)} steps, "
           f"p50 {1e3 * sorted(total)[len(total) // 2]:.2f} ms, max {1e3 * max(total):.2f} ms")
-    for t, host, device, chunk, keys, phases in sorted(steps, key=lambda s: -s[0])[: args.show]:
+    previous = {id(s): p for p, s in zip([None] + steps, steps)}
+    for s in sorted(steps, key=lambda s: -s[0])[: args.show]:
+        t, host, device, chunk, keys, phases = s
         split = ", ".join(f"{name} {1e3 * seconds:.2f}" for name, seconds in phases.items())
-        print(f"  {1e3 * t:7.2f} ms (host {1e3 * host:6.2f}: {split}; device after it {1e3 * device:6.2f}): "
-              f"chunk {chunk:4d} tokens, {keys:6d} keys after it")
+        if args.pipelined:
+            before = previous[id(s)]
+            after = f"; the step before: chunk {before[3]:4d}, {before[4]:6d} keys" if before else ""
+            print(f"  {1e3 * t:7.2f} ms ({split}): chunk {chunk:4d} tokens, {keys:6d} keys after it{after}")
+        else:
+            print(f"  {1e3 * t:7.2f} ms (host {1e3 * host:6.2f}: {split}; device after it {1e3 * device:6.2f}): "
+                  f"chunk {chunk:4d} tokens, {keys:6d} keys after it")
+    by_chunk: dict[int, list[float]] = {}
+    for s in steps:
+        by_chunk.setdefault(s[3], []).append(s[0])
+    for chunk, times in sorted(by_chunk.items(), reverse=True):
+        times.sort()
+        print(f"  chunks of {chunk:4d} tokens: {len(times):3d} steps, p50 {1e3 * times[len(times) // 2]:6.2f} ms, "
+              f"max {1e3 * times[-1]:6.2f} ms")
 
 
 if __name__ == "__main__":
