@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import registry
+from .checks import is_whole
 from .models import get_family, products
 from .quant import GGUF_MODES
 from .tokenizer import Tokenizer
@@ -218,7 +219,7 @@ def _load_folder(path: Path, dtype: mx.Dtype | None) -> LoadedModel:
     except ConfigError as exc:
         raise ModelLoadError(f"{config_file} {exc}") from exc
     context = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
-    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+    if context is not None and not is_whole(context, 1):
         raise ModelLoadError(f"{config_file}: max_position_embeddings must be a whole number >= 1, got {context!r:.40}")
     tokenizer = Tokenizer.from_folder(path)
     return LoadedModel(
@@ -273,7 +274,7 @@ def check_layer_count(config: dict, weights: dict[str, mx.array], setting: str) 
     declared = config.get("num_hidden_layers")
     if declared is None:
         return  # (the model class names what is missing)
-    if isinstance(declared, bool) or not isinstance(declared, int) or declared < 1:
+    if not is_whole(declared, 1):
         raise ModelLoadError(f"{setting} must be a whole number >= 1, got {declared!r:.40}")
     held = 1 + max((int(m[1]) for name in weights if (m := _LAYER_WEIGHT.search(name))), default=-1)
     if declared > held:

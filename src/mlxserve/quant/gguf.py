@@ -21,6 +21,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..checks import is_whole
 from . import gguf_qwen35
 from .gguf_convert import (
     GGUF_MODES,
@@ -135,7 +136,7 @@ def _meta(metadata: dict, key: str, default: Any = _REQUIRED) -> Any:
 def _whole(metadata: dict, key: str, *default: Any, minimum: int = 1) -> int:
     """A metadata value that must be a whole number of at least `minimum`."""
     value = _meta(metadata, key, *default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_whole(value, minimum):
         shown = repr(value)
         raise UnsupportedGGUF(f"GGUF metadata {key} must be a whole number >= {minimum}, got "
                               f"{shown if len(shown) <= 40 else shown[:39] + '…'}")
@@ -172,7 +173,7 @@ def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
         if len(set(kv_heads)) != 1:
             raise UnsupportedGGUF(f"per-layer KV head counts {kv_heads} are not supported")
         kv_heads = kv_heads[0]
-    if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1:
+    if not is_whole(kv_heads, 1):
         raise UnsupportedGGUF(f"GGUF metadata {arch}.attention.head_count_kv must be a whole number >= 1, "
                               f"got {kv_heads!r:.40}")
     head_dim = _whole(metadata, f"{arch}.attention.key_length", hidden // heads)

@@ -42,6 +42,7 @@ import re
 
 import numpy as np
 
+from ..checks import is_whole
 from .gguf_convert import Placement, UnsupportedGGUF
 from .gguf_names import SHARED_PER_LAYER, TOP_LEVEL
 
@@ -73,7 +74,7 @@ def build_config(metadata: dict, tensors: dict, arch: str, common: dict, meta) -
     architecture shares (hidden size, heads, vocab, ...), ``meta`` reads a required key."""
     def key(name, *default, minimum=None):
         value = meta(metadata, f"{arch}.{name}", *default)
-        if minimum is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        if minimum is not None and not is_whole(value, minimum):
             raise UnsupportedGGUF(f"GGUF metadata {arch}.{name} must be a whole number >= {minimum}, "
                                   f"got {value!r}")
         return value
@@ -86,7 +87,7 @@ def build_config(metadata: dict, tensors: dict, arch: str, common: dict, meta) -
                               f"of {arch}.block_count ({block_count}) for the model itself")
     interval = key("full_attention_interval", 4, minimum=1)
     head_dim = common["head_dim"]
-    if not isinstance(head_dim, int) or head_dim < 1:
+    if not is_whole(head_dim, 1):
         raise UnsupportedGGUF(f"GGUF metadata {arch}.attention.key_length must be a whole number >= 1, "
                               f"got {head_dim!r}")
     rope_dims = key("rope.dimension_count", head_dim, minimum=2)
