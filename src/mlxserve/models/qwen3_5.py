@@ -30,6 +30,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from ..batch import StepBatch
 from ..cache import KVStore, StateGather, padding_rows
+from ..checks import is_whole
 from . import qwen3_moe
 from .compiled import compiled
 from .gated_delta import gated_delta, gated_delta_step, native_fast_op
@@ -125,7 +126,7 @@ def _require_positive(args: ModelArgs, *names: str) -> None:
     be a whole number >= 1: 0 divided by later, or built a model without layers."""
     for name in names:
         value = getattr(args, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_whole(value, 1):
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
