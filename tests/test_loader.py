@@ -19,8 +19,9 @@ from tiny_models import gguf_tokenizer_metadata, llama_cpp_permute, make_tiny_mo
 CYCLE = [T.Q8_0, T.Q4_0, T.Q4_1, T.F16]
 
 
-def gguf_pair(tmp_path, arch):
-    """(gguf file, folder with the exactly dequantized weights in float32 safetensors)."""
+def gguf_pair(tmp_path, arch, meta_changes: dict | None = None):
+    """(gguf file, folder with the exactly dequantized weights in float32 safetensors);
+    `meta_changes` replaces metadata of the file."""
     folder = make_tiny_model(tmp_path / "hf", arch, hidden_size=64)
     config = json.loads((folder / "config.json").read_text())
     weights = load_file(str(folder / "model.safetensors"))
@@ -51,7 +52,7 @@ def gguf_pair(tmp_path, arch):
     pad = config["vocab_size"] - len(meta["tokenizer.ggml.tokens"])
     meta["tokenizer.ggml.tokens"] += [f"[PAD{i}]" for i in range(pad)]
     meta["tokenizer.ggml.token_type"] += [5] * pad  # unused
-    gguf_file = write_gguf(tmp_path / f"tiny-{arch}.gguf", arch, kv | meta, tensors)
+    gguf_file = write_gguf(tmp_path / f"tiny-{arch}.gguf", arch, kv | meta | (meta_changes or {}), tensors)
     save_file(dequantized, str(folder / "model.safetensors"), metadata={"format": "mlx"})
     return gguf_file, folder
 
@@ -182,6 +183,9 @@ def test_a_broken_model_folder_is_one_line_naming_the_file(tmp_path, capsys, con
     ("num_hidden_layers", "2", "{folder}/config.json: num_hidden_layers must be a whole number >= 1, got '2'"),
     ("num_attention_heads", "4", "{folder}/config.json does not fit model_type 'llama' "
                                  "(TypeError: unsupported operand type(s) for //: 'int' and 'str')"),
+    # an AttributeError deep in mlx-lm's RoPE set-up
+    ("rope_scaling", "linear", '{folder}/config.json: rope_scaling must be an object of RoPE settings '
+                               '(e.g. {{"rope_type": "linear", "factor": 2.0}}), got \'linear\''),
     # one no check foresaw: the loader's last resort, the exception's type and message
     ("quantization", 4, "cannot load {folder}: AttributeError: 'int' object has no attribute 'get'"),
 ])
@@ -193,6 +197,48 @@ def test_a_config_setting_of_the_wrong_type_is_one_line(tmp_path, key, value, me
     with pytest.raises(ModelLoadError) as err:
         load_model(str(folder), progress=False)
     assert str(err.value) == message.format(folder=folder)
+
+
+@pytest.mark.parametrize("file,value", [
+    ("config.json", lambda vocab: vocab + 5),
+    ("config.json", lambda vocab: [2, -1]),
+    ("generation_config.json", lambda vocab: [0, vocab]),
+    ("generation_config.json", lambda vocab: -3),
+], ids=["config-past", "config-negative", "generation-past", "generation-negative"])
+def test_an_eos_token_id_outside_the_vocabulary_is_one_line_naming_it(tmp_path, capsys, file, value):
+    """Out of range, config.json's was taken without a word and generation_config.json's ended no
+    answer (and failed --format json when it started)."""
+    from mlxserve import cli
+
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    settings = json.loads((folder / file).read_text())
+    settings["eos_token_id"] = value(vocab)
+    (folder / file).write_text(json.dumps(settings))
+    bad = settings["eos_token_id"][-1] if isinstance(settings["eos_token_id"], list) else settings["eos_token_id"]
+    expected = (f"{folder}/{file}: eos_token_id {bad} is not a token id of the model's vocabulary "
+                f"({vocab} tokens: ids 0 to {vocab - 1})")
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(folder), progress=False)
+    assert str(err.value) == expected
+    assert cli.main(["run", "--model", str(folder), "hi"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"mlxserve: error: {expected}"]
+
+
+def test_a_gguf_special_token_id_outside_the_vocabulary_is_named(tmp_path):
+    """tokens[eos_token_id] was an IndexError; a negative id took the last token."""
+    from mlxserve.tokenizer import Tokenizer, TokenizerError
+
+    gguf_file, folder = gguf_pair(tmp_path, "qwen3", {"tokenizer.ggml.eos_token_id": 2**20})
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(gguf_file), progress=False)
+    assert str(err.value) == (f"cannot load {gguf_file}: GGUF metadata tokenizer.ggml.eos_token_id {2**20} is not a "
+                              f"token id of the model's vocabulary ({vocab} tokens: ids 0 to {vocab - 1})")
+    metadata = gguf_tokenizer_metadata((folder / "tokenizer.json").read_text())
+    metadata["tokenizer.ggml.bos_token_id"] = -1
+    with pytest.raises(TokenizerError, match=r"tokenizer.ggml.bos_token_id -1 is not a token id"):
+        Tokenizer.from_gguf_metadata(metadata)
 
 
 def test_unsupported_architecture_is_named(tmp_path):
@@ -230,6 +276,7 @@ def _rope(factor):
     ({"num_hidden_layers": 0, "layer_types": []}, "num_hidden_layers must be a whole number >= 1, got 0"),
     ({"rope_parameters": _rope(0.0)}, "partial_rotary_factor 0.0 of head_dim 32 rotates 0 dims"),
     ({"rope_parameters": _rope(3 / 32)}, "rotates 3 dims per head: RoPE needs an even number"),
+    ({"rope_parameters": "default"}, "config.json: text_config.rope_parameters must be an object of RoPE settings"),
 ])
 def test_malformed_qwen3_5_config_is_one_line_naming_the_field(tiny_model_dir, tmp_path, changes, needle):
     """Each of these divided by zero, built a model without layers, or failed only when the

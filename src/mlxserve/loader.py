@@ -23,7 +23,7 @@ from . import registry
 from .checks import is_whole
 from .models import get_family, products
 from .quant import GGUF_MODES
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_token_ids
 
 log = logging.getLogger("mlxserve.loader")
 
@@ -204,6 +204,7 @@ def _load_folder(path: Path, dtype: mx.Dtype | None) -> LoadedModel:
             raise ModelLoadError(f"{f}: not a regular file")
         weights.update(_load_weights_file(f))
     check_layer_count(config.get("text_config") or config, weights, f"{config_file}: num_hidden_layers")
+    _check_settings(config, config_file)
     if dtype is not None:
         # Quantization scales/biases are cast too: they set the compute dtype of their layer.
         weights = {k: v.astype(dtype) if _is_float(v) else v for k, v in weights.items()}
@@ -222,6 +223,12 @@ def _load_folder(path: Path, dtype: mx.Dtype | None) -> LoadedModel:
     if context is not None and not is_whole(context, 1):
         raise ModelLoadError(f"{config_file}: max_position_embeddings must be a whole number >= 1, got {context!r:.40}")
     tokenizer = Tokenizer.from_folder(path)
+    generation_file = path / "generation_config.json"
+    vocab_size = (config.get("text_config") or config).get("vocab_size")
+    if generation_file.is_file() and is_whole(vocab_size, 1):  # (valid JSON: the tokenizer has read it)
+        check_token_ids(f"{generation_file}: eos_token_id",
+                        json.loads(generation_file.read_text(encoding="utf-8")).get("eos_token_id"),
+                        vocab_size, ModelLoadError)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -233,6 +240,24 @@ def _load_folder(path: Path, dtype: mx.Dtype | None) -> LoadedModel:
         context_length=context or 4096,
         load_seconds=0.0,
     )
+
+
+def _check_settings(config: dict, config_file: Path) -> None:
+    """Settings the model classes take on trust: a string rope_scaling failed as an
+    AttributeError deep in the RoPE set-up, and an eos_token_id past the vocabulary ends no
+    answer."""
+    text = config.get("text_config") or config
+    vocab_size = text.get("vocab_size")
+    places = [(config, "")] + ([(text, "text_config.")] if text is not config else [])
+    for settings, prefix in places:
+        for name in ("rope_scaling", "rope_parameters"):
+            value = settings.get(name)
+            if value is not None and not isinstance(value, dict):
+                raise ModelLoadError(f"{config_file}: {prefix}{name} must be an object of RoPE settings "
+                                     f'(e.g. {{"rope_type": "linear", "factor": 2.0}}), got {value!r:.40}')
+        if is_whole(vocab_size, 1):  # (else the model class names the problem)
+            check_token_ids(f"{config_file}: {prefix}eos_token_id", settings.get("eos_token_id"),
+                            vocab_size, ModelLoadError)
 
 
 def _load_gguf(path: Path, dtype: mx.Dtype | None, mode: str) -> LoadedModel:

@@ -28,9 +28,10 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from .chat_template import TemplateError, render_chat_template
+from .checks import is_whole
 
 __all__ = ["END_OF_TURN_TOKENS", "SUPPORTED_GGUF_PRE_TOKENIZERS", "TemplateError", "Tokenizer",
-           "TokenizerError"]
+           "TokenizerError", "check_token_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +268,9 @@ class Tokenizer:
         pre = _pre_tokenizer_for(metadata.get("tokenizer.ggml.pre"))
 
         tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+        for key in ("bos", "eos", "eot", "eom"):  # (a BOS or EOS past the tokens indexed past them)
+            check_token_ids(f"GGUF metadata tokenizer.ggml.{key}_token_id",
+                            metadata.get(f"tokenizer.ggml.{key}_token_id"), len(tokens))
         types: list[int] = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         # Normal tokens are spelled in GPT-2's byte alphabet, control and user-defined ones as the
         # raw text they match; the vocabulary keeps both spellings as they are.
@@ -478,6 +482,17 @@ def _as_id_list(value: int | list[int] | None) -> list[int]:
     if value is None:
         return []
     return list(value) if isinstance(value, list) else [value]
+
+
+def check_token_ids(setting: str, value: int | list[int] | None, vocab_size: int,
+                    error: type[ValueError] = TokenizerError) -> None:
+    """`value` (an id, a list of ids or None) must hold ids of a vocabulary of `vocab_size`
+    tokens: an end-of-sequence id past it could never end an answer, and a negative one would
+    count from the end of a token list."""
+    for token_id in _as_id_list(value):
+        if not is_whole(token_id, 0) or token_id >= vocab_size:
+            raise error(f"{setting} {token_id!r:.40} is not a token id of the model's vocabulary "
+                        f"({vocab_size} tokens: ids 0 to {vocab_size - 1})")
 
 
 def _folder_chat_templates(folder: Path, config: dict) -> dict[str, str]:
