@@ -64,6 +64,9 @@ def step(self):
     return _step(self)
 
 engine.Engine.submit, scheduler.Scheduler.step = submit, step
+if os.environ.get("MAX_BATCH_TOKENS"):  # (`run` has no flag for it)
+    _engine_config = cli.engine_config
+    cli.engine_config = lambda args, **o: _engine_config(args, max_batch_tokens=int(os.environ["MAX_BATCH_TOKENS"]), **o)
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -217,6 +220,29 @@ def test_run_in_a_terminal_says_it_reads_the_prompt_until_the_first_token(tiny, 
     try:
         child.expect(r"Reading the prompt \(\d+ tokens\)")  # (the prompt's step cannot end yet)
         release.write_text("x")  # (waits for the step to open the FIFO, then lets it end)
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+
+
+def test_run_in_a_terminal_shows_how_far_it_has_read_a_long_prompt(tiny, tmp_path):
+    import pexpect
+
+    release = tmp_path / "release"
+    os.mkfifo(release)
+    # Chunks of 64 tokens: the third step blocks with two of them read.
+    child = pexpect.spawn(sys.executable, ["-c", BLOCKING_STEP, "run", "--model", tiny, "--no-chat", "--max-tokens", "2",
+                                           "word " * 300], encoding="utf-8", timeout=120,
+                          env={**os.environ, "BLOCK_STEP": "3", "RELEASE_FIFO": str(release), "TERM": "xterm",
+                               "MAX_BATCH_TOKENS": "64"})
+    try:
+        child.expect(r"Reading the prompt: ([\d,]+) of ([\d,]+) tokens \((\d+)%\)")
+        read, total, percent = (int(g.replace(",", "")) for g in child.match.groups())
+        assert read == 128 and total > read and percent == 100 * read // total
+        release.write_text("x")
         child.expect(pexpect.EOF)
         child.close()
         assert child.exitstatus == 0

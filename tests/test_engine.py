@@ -99,6 +99,25 @@ def test_long_prompt_is_chunked_while_others_decode(loaded):
     assert sched.kv.bytes_in_use == 0
 
 
+def test_prompt_progress_counts_the_chunks_read_until_the_first_token(loaded):
+    """What front ends show while a long prompt is read: (tokens read, prompt tokens)."""
+    tok = loaded.tokenizer
+    sched = make_scheduler(loaded, EngineConfig(max_batch_tokens=8, block_size=8))
+    prompt = tok.encode(" ".join(["The sky is blue because of Rayleigh scattering."] * 3))
+    assert len(prompt) > 24
+    request = Request(prompt, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    assert sched.prompt_progress(request.id) is None  # not submitted
+    sched.add(request)
+    assert sched.prompt_progress(request.id) == (0, len(prompt))  # waiting
+    read = []
+    while not any(e.request_id == request.id for e in sched.step()):
+        read.append(sched.prompt_progress(request.id))
+    assert read[:3] == [(8, len(prompt)), (16, len(prompt)), (24, len(prompt))]
+    assert all(r is None or r[0] <= len(prompt) for r in read)
+    assert sched.prompt_progress(request.id) is None  # its first token came
+    assert sched.prompt_progress("no such request") is None
+
+
 def test_a_long_prompt_waits_while_its_shelf_grows_in_steps_and_no_row_stalls(loaded, monkeypatch):
     """A new request whose shelf must grow by more than cache.GROWTH_BYTES_PER_STEP waits
     while the shelf's new arrays are allocated a share per step (here one layer per step);

@@ -667,6 +667,22 @@ def test_a_stream_cut_off_by_the_server_is_an_error_not_an_answer():
         server.shutdown()
 
 
+def test_an_in_process_answer_tells_how_far_its_own_prompt_is_read(tiny, monkeypatch):
+    from mlxserve.chat_backend import EngineBackend
+    from mlxserve.engine import Engine, EngineConfig
+
+    asked = []
+    monkeypatch.setattr(Engine, "prompt_progress", lambda self, request_id: asked.append(request_id) or (7, 9))
+    backend = EngineBackend(load_model(tiny, progress=False), EngineConfig())
+    try:
+        generation = backend.generate([{"role": "user", "content": "Hi"}], Settings(max_tokens=2))
+        assert generation.prompt_progress() == (7, 9)
+        assert asked == [generation._stream.id]
+        list(generation)
+    finally:
+        backend.close()
+
+
 def test_a_message_longer_than_the_context_says_so(tiny):
     import dataclasses
 
@@ -862,6 +878,24 @@ def test_answer_view_renders_markdown_and_thinking():
         assert "Title" in text and "Some bold text" in text and "**" not in text and "```" not in text
         assert "\x1b" not in text and "\ufffd[31m" in text  # the model's escape code is shown, not obeyed
         assert view.tokens == 12
+
+
+def test_answer_view_shows_how_far_the_prompt_is_read_until_a_token_comes():
+    from rich.console import Console
+
+    from mlxserve.chat_backend import Delta
+
+    read = [(1536, 4096)]
+    view = AnswerView(Console(file=io.StringIO()), progress=lambda: read[0])
+    assert view.footer_text() == "reading the prompt: 1,536 of 4,096 tokens (37%) · Ctrl-C stops"
+    out = io.StringIO()
+    Console(file=out, width=100).print(view._footer())  # the Live region renders it so
+    assert "reading the prompt: 1,536 of 4,096 tokens (37%)" in out.getvalue()
+    read[0] = None  # the engine has no more to say: it waits for the first token
+    assert view.footer_text() == "waiting · 0 tokens · Ctrl-C stops"
+    read[0] = (4000, 4096)
+    view.add(Delta(content="Hi", tokens=1))
+    assert view.footer_text() == "writing · 1 tokens · Ctrl-C stops"
 
 
 def test_format_stats_fits_80_columns():

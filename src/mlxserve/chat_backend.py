@@ -118,7 +118,8 @@ class EngineBackend:
         except ValueError as exc:  # the conversation's KV does not fit --memory-budget
             alone = sum(m["role"] != "system" for m in messages) == 1
             raise BackendError(f"{exc}; {'shorten the message' if alone else '/reset to start over'}") from None
-        return EngineGeneration(stream, parser_for(tokenizer, tools_enabled=False, incremental=True))
+        return EngineGeneration(stream, parser_for(tokenizer, tools_enabled=False, incremental=True),
+                                progress=lambda: self.engine.prompt_progress(stream.id))
 
     def check_schema(self, schema: dict) -> None:
         """Raise BackendError if answers cannot be held to `schema` with this model (its
@@ -195,10 +196,15 @@ def _short_name(name: str) -> str:
 
 
 class EngineGeneration:
-    def __init__(self, stream, parser: ChatOutputParser):
+    def __init__(self, stream, parser: ChatOutputParser, progress=None):
         self._stream = stream
         self._parser = parser
+        self._progress = progress
         self.stats: Stats | None = None
+
+    def prompt_progress(self) -> tuple[int, int] | None:
+        """(prompt tokens read, prompt tokens) while the engine reads the prompt, else None."""
+        return self._progress() if self._progress is not None else None
 
     def __iter__(self):
         for event in self._stream:

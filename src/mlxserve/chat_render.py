@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -33,15 +34,24 @@ def printable(text: str) -> str:
     return _CONTROL.sub("\ufffd", text.replace("\r\n", "\n"))
 
 
+def reading_prompt(read: int, total: int) -> str:
+    """How far the engine has read a prompt, e.g. `reading the prompt: 1,536 of 4,096 tokens
+    (37%)` (a long prompt takes minutes on a CPU)."""
+    return f"reading the prompt: {read:,} of {total:,} tokens ({100 * read // max(total, 1)}%)"
+
+
 class AnswerView:
     """Use as a context manager; `add()` each Delta; leaving the block prints the final
     render (also after Ctrl-C: what came so far stays on screen). `live=False`: print only
     then (for text that is already complete)."""
 
-    def __init__(self, console: Console, *, show_thinking: bool = True, live: bool = True):
+    def __init__(self, console: Console, *, show_thinking: bool = True, live: bool = True,
+                 progress: Callable[[], tuple[int, int] | None] | None = None):
         self.console = console
         self.live = live
         self.show_thinking = show_thinking
+        self.progress = progress  # (prompt tokens read, prompt tokens) until the first token
+        self._spinner = Spinner("dots")
         self.reasoning = ""
         self.content = ""
         self.tokens = 0
@@ -100,14 +110,33 @@ class AnswerView:
             return []
         return self.console.render_lines(Group(*parts), self.console.options, pad=False)
 
-    def _footer(self) -> Spinner:
+    def _footer(self) -> _Footer:
+        return _Footer(self)
+
+    def footer_text(self) -> str:
         if self.content.strip():
             doing = "writing"
         elif self.reasoning.strip():
             doing = "thinking"
         else:
+            read = self.progress() if self.progress is not None and not self.tokens else None
+            if read is not None:
+                return f"{reading_prompt(*read)} · Ctrl-C stops"
             doing = "waiting"
-        return Spinner("dots", Text(f"{doing} · {self.tokens} tokens · Ctrl-C stops", style="dim"))
+        return f"{doing} · {self.tokens} tokens · Ctrl-C stops"
+
+
+class _Footer:
+    """The spinner line under the answer. Its text is made at every redraw (the Live region
+    redraws 8 times a second), so that it moves while no token comes: a long prompt being
+    read. One spinner per view, so that its animation runs on."""
+
+    def __init__(self, view: AnswerView):
+        self.view = view
+
+    def __rich__(self) -> Spinner:
+        self.view._spinner.update(text=Text(self.view.footer_text(), style="dim"))
+        return self.view._spinner
 
 
 def format_stats(stats: Stats | None, cut: bool = False) -> str:

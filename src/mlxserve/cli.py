@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+import threading
 from contextlib import contextmanager, nullcontext
 from typing import NoReturn
 
@@ -18,6 +19,7 @@ from . import __version__
 from .spec import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
 
 EXIT_USAGE = 2
+PROGRESS_INTERVAL_S = 0.25  # how often `run` updates how far it has read a long prompt
 
 
 class CLIError(Exception):
@@ -270,7 +272,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 engine.grammars.check(params.grammar)
             except GrammarError as exc:
                 raise CLIError(f"--format: {exc}") from None
-        for event in _shown_while_prompt_is_read(engine.submit(Request(prompt_ids, params)), len(prompt_ids)):
+        stream = engine.submit(Request(prompt_ids, params))
+        for event in _shown_while_prompt_is_read(stream, len(prompt_ids), lambda: engine.prompt_progress(stream.id)):
             token_ids.extend(event.token_ids)
             text_parts.append(event.text)
             if not args.json and event.text:
@@ -304,16 +307,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shown_while_prompt_is_read(stream, prompt_tokens: int):
+def _shown_while_prompt_is_read(stream, prompt_tokens: int, progress=None):
     """The stream's events; in a terminal a spinner says the prompt is being read until the
-    first comes (a long prompt takes minutes on a CPU, and nothing else shows meanwhile)."""
+    first comes (a long prompt takes minutes on a CPU, and nothing else shows meanwhile), and
+    how far, from `progress()` ((tokens read, prompt tokens) or None), every quarter second."""
+    from .chat_render import reading_prompt
+
     console = _stderr_console()
     events = iter(stream)
     if not console.is_terminal:
         yield from events
         return
-    with console.status(f"Reading the prompt ({prompt_tokens} tokens) …", spinner="dots"):
-        first = next(events)
+    first_came = threading.Event()
+
+    def show_progress(status) -> None:
+        while not first_came.wait(PROGRESS_INTERVAL_S):
+            read = progress()
+            if read is not None:
+                status.update(reading_prompt(*read).capitalize() + " …")
+
+    with console.status(f"Reading the prompt ({prompt_tokens:,} tokens) …", spinner="dots") as status:
+        ticker = threading.Thread(target=show_progress, args=(status,), daemon=True) if progress else None
+        if ticker is not None:
+            ticker.start()
+        try:
+            first = next(events)
+        finally:
+            first_came.set()
+            if ticker is not None:
+                ticker.join()
     yield first
     yield from events
 

@@ -151,6 +151,7 @@ class Engine:
         self.error: str | None = None
         self._ready = threading.Event()
         self._kv = None  # the scheduler's KV store, once built: its budget checks prompts at submit
+        self._scheduler: Scheduler | None = None  # once built: prompt_progress reads it
         # Constrained decoding over this model's vocabulary: front ends check a request's
         # grammar here before submitting it (Grammars.check, off their event loop: its first
         # call indexes the vocabulary, 0.4 s for 49k tokens on a 2-core x86 CPU); the
@@ -242,6 +243,12 @@ class Engine:
         busy limit (max_running + max_waiting) is checked against."""
         return {**self._stats, "requests_in_progress": self._outstanding}
 
+    def prompt_progress(self, request_id: str) -> tuple[int, int] | None:
+        """(prompt tokens read, prompt tokens) while the request reads its prompt, else None
+        (see Scheduler.prompt_progress): for a front end's progress display, from any thread."""
+        scheduler = self._scheduler
+        return scheduler.prompt_progress(request_id) if scheduler is not None else None
+
     def generate(self, prompt_ids: list[int], params) -> list[TokenEvent]:
         """Blocking convenience: submit and collect every event."""
         return list(self.submit(Request(list(prompt_ids), params)))
@@ -277,6 +284,7 @@ class Engine:
         try:
             scheduler = make_scheduler(self.loaded, self.config, self.grammars)
             self._kv = scheduler.kv
+            self._scheduler = scheduler
             scheduler.warm_up()
         except Exception as exc:  # surfaced by start()
             self.error = f"engine failed to start: {exc}"

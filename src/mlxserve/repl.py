@@ -410,7 +410,10 @@ class Repl:
             return False
         except KeyboardInterrupt:  # before anything was generated: as if never asked
             return False
-        view = AnswerView(self.console, show_thinking=settings.think)
+        # (Only an in-process engine can tell how far it has read the prompt: a server tells
+        # nothing before its first token.)
+        view = AnswerView(self.console, show_thinking=settings.think,
+                          progress=getattr(generation, "prompt_progress", None))
         cut, failure = False, None
         with view:
             try:

@@ -339,6 +339,19 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._inflight)
 
+    def prompt_progress(self, request_id: str) -> tuple[int, int] | None:
+        """(prompt tokens read, prompt tokens) of a request still reading its prompt (the
+        prefix cache's tokens count as read; a chunk counts once it is queued); None once its
+        first token came, or for a request not here. Front ends call it from their own thread
+        to show progress while the engine thread steps: the row lists are copied whole (one
+        C call, under the GIL) and only integers are read, so a figure may be a step old."""
+        for row in list(self.running) + list(self.waiting):
+            if row.id == request_id:
+                if row.num_generated or row.pending:
+                    return None
+                return min(row.cache.length, row.prompt_len), row.prompt_len
+        return None
+
     # ---- one step ---------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         """Plan and queue one forward pass, then read back the previous one.
