@@ -495,7 +495,7 @@ def test_piped_question_prints_only_the_answer(tiny, tmp_path):
 
 
 def test_piped_answers_stop_at_max_tokens_in_process_and_over_http(tiny, served, tmp_path):
-    """`chat --max-tokens N` bounds a piped answer (there are no slash commands to do it), with
+    """`chat --max-tokens N` bounds a piped answer (as a piped `/max_tokens N` line does), with
     the engine in this process and with --url; a bad value is one line."""
     server, _ = served
     for where in (("--model", tiny), ("--url", server.url, "--api-key", API_KEY)):
@@ -533,6 +533,21 @@ def test_piped_answers_follow_format_in_process_and_over_http(tiny, served, tmp_
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
     assert errors[0] == "mlxserve: error: --format: the grammar cannot be used: Invalid type: foo", r.stderr
+
+
+def test_piped_commands_run_and_quit_ends_the_session(tiny, tmp_path):
+    """The same as a process: a piped /quit is not a question, and the first failed command
+    is one line, exit status 2."""
+    r = mlxserve("chat", "--model", tiny, stdin="/temp 0\nWhat is the capital of France?\n/quit\nTell me a story.\n",
+                 env={"MLXSERVE_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert len(STATS.findall(r.stderr)) == 1 and "temperature: 0" in r.stderr, r.stderr  # one answer
+    assert r.stdout.strip() and "temperature" not in r.stdout
+    r = mlxserve("chat", "--model", tiny, stdin="/exit\n", env={"MLXSERVE_HOME": str(tmp_path)})
+    assert r.returncode == 0 and r.stdout == "" and not STATS.search(r.stderr), r.stderr
+    r = mlxserve("chat", "--model", tiny, stdin="/max_tokens lots\nHi\n", env={"MLXSERVE_HOME": str(tmp_path)})
+    assert r.returncode == 2 and r.stdout == "" and not STATS.search(r.stderr), r.stderr
+    assert r.stderr.splitlines()[-1] == "mlxserve: error: usage: /max_tokens N (a whole number >= 1, or auto)", r.stderr
 
 
 def test_piped_answer_whose_reader_goes_away_is_no_error(tiny, tmp_path):
@@ -800,20 +815,74 @@ def test_what_is_sent_of_a_line_typed_or_pasted(tmp_path, monkeypatch):
     assert repl.run() == 0
     assert sent == [("ask", "    indented\n  more"), ("command", "/reset"), ("ask", "/etc/hosts?"), ("ask", "  /x")]
 
-    # A question piped in (`mlxserve chat < snippet.py`) is taken the same way.
-    from mlxserve import repl as repl_module
+    # A question piped in (`mlxserve chat < snippet.py`) is taken the same way, whole.
+    piped = []
+    _pipe_to_fake_chat(monkeypatch, piped)
+    assert _piped_chat(monkeypatch, "\n    def f(self):\n        return 1\n") == 0
+    assert piped == [([{"role": "user", "content": "    def f(self):\n        return 1"}], 0.7)]
 
-    class Closable:
+
+def _pipe_to_fake_chat(monkeypatch, asked: list, answer: str = "ok") -> None:
+    """run_chat's backend answers `answer` to everything, and records in `asked` the messages
+    of each request with the temperature it was asked with."""
+    from mlxserve import repl as repl_module
+    from mlxserve.chat_backend import Delta, Stats
+
+    class Generation:
+        stats = Stats(1, "stop")
+
+        def __iter__(self):
+            yield Delta(content=answer, tokens=1)
+
+        def cancel(self):
+            pass
+
+    class Backend:
+        model = "fake"
+
+        def generate(self, messages, settings):
+            asked.append((messages, settings.temperature))
+            return Generation()
+
         def close(self):
             pass
 
-    piped = []
-    monkeypatch.setattr(repl_module, "open_backend", lambda args: Closable())
-    monkeypatch.setattr(repl_module, "one_shot", lambda backend, session, question: piped.append(question) or 0)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("\n    def f(self):\n        return 1\n"))
-    args = types.SimpleNamespace(temperature=None, no_think=False, system=None, format=None, max_tokens=None)
-    assert repl_module.run_chat(args) == 0
-    assert piped == ["    def f(self):\n        return 1"]
+    monkeypatch.setattr(repl_module, "open_backend", lambda args: Backend())
+
+
+def _piped_chat(monkeypatch, stdin: str) -> int:
+    from mlxserve.repl import run_chat
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    return run_chat(types.SimpleNamespace(temperature=None, no_think=False, system=None, format=None, max_tokens=None))
+
+
+def test_piped_commands_act_as_typed_and_quit_ends_the_session(monkeypatch, capsys):
+    """A piped line that starts with a command's name is that command, as typed in the
+    terminal: /quit and /exit end the session (what follows is never asked), /temp applies to
+    the questions after it, /reset forgets. The lines between two commands are one question;
+    other lines starting with / (code, paths) are text, and // sends a command's name."""
+    from mlxserve.cli import CLIError
+
+    asked = []
+    _pipe_to_fake_chat(monkeypatch, asked)
+    for quit in ("/quit", "/exit", "  /EXIT now"):
+        assert _piped_chat(monkeypatch, f"{quit}\nWhat is 2+2?\n") == 0
+        assert asked == [] and capsys.readouterr().out == ""
+    stdin = "What is 2+2?\n/temp 0\nAnd 3+3?\n/reset\nFirst line,\n/* kept */\n//exit\n/quit\n/temp 1\nThe end?\n"
+    assert _piped_chat(monkeypatch, stdin) == 0
+    first = [{"role": "user", "content": "What is 2+2?"}]
+    assert asked == [(first, 0.7),
+                     (first + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "And 3+3?"}], 0),
+                     ([{"role": "user", "content": "First line,\n/* kept */\n/exit"}], 0)]
+    out = capsys.readouterr()
+    assert out.out == "ok\nok\nok\n"  # only the answers: what commands say goes to stderr
+    assert "temperature: 0" in out.err and "New conversation." in out.err
+    # Nobody is there to type it again: a command that fails ends the session, before any question.
+    asked.clear()
+    with pytest.raises(CLIError, match=r"^usage: /temp X"):
+        _piped_chat(monkeypatch, "/temp warm\nWhat is 2+2?\n")
+    assert asked == []
 
 
 def test_text_from_a_loaded_file_cannot_send_terminal_escapes(tmp_path):

@@ -445,7 +445,8 @@ def _add_chat_parser(sub, default_model: str) -> None:
         "chat", help="chat with a model in the terminal (what bare `mlxserve` starts)",
         description="A terminal chat with the engine in this process, or with an OpenAI-compatible "
                     "server (--url). Type /help inside for commands. With stdin not a terminal it "
-                    "answers the piped question once and prints only the answer.")
+                    "runs what was piped: a line that starts with a command (/temp 0, /quit) is that "
+                    "command, the text between two commands one question; only the answers go to stdout.")
     _add_model_args(chat, default_model)
     chat.set_defaults(model=None)  # None: the default model, or with --url the server's first one
     chat.add_argument("--system", help="system prompt")

@@ -3,7 +3,8 @@
 The loop reads a line, runs it as a slash command or sends it as the next question, and
 shows the answer as it streams (chat_render). Answers come from a backend (chat_backend):
 the engine in this process, or a server given with --url. With stdin not a terminal (a
-pipe) it answers one question and prints only the answer on stdout.
+pipe) the same commands and questions come from what was piped (see piped_messages), and
+only the answers' text goes to stdout (PipedRepl).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def mlxserve_home() -> Path:
 
 # ---- entry point ------------------------------------------------------------------------------
 def run_chat(args) -> int:
-    """`mlxserve chat` (and bare `mlxserve`): the REPL, or one answer when stdin is a pipe."""
+    """`mlxserve chat` (and bare `mlxserve`): the REPL, or what was piped when stdin is a pipe."""
     from .cli import CLIError
 
     if args.temperature is not None and not 0 <= args.temperature < math.inf:  # nan fails both
@@ -58,10 +59,10 @@ def run_chat(args) -> int:
         # (a parent's choice that children inherit: e.g. one busy in system(), as MLX's CPU
         # back-end is while it compiles kernels).
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    question = None
+    piped = None
     if not interactive:
-        question = message_text(sys.stdin.read())
-        if not question:
+        piped = piped_messages(sys.stdin.read())
+        if not piped:
             raise CLIError("no question on stdin")
     settings = Settings(think=not args.no_think)
     if args.temperature is not None:
@@ -86,7 +87,7 @@ def run_chat(args) -> int:
             raise CLIError(str(exc).replace("/format", "--format", 1)) from None
     try:
         if not interactive:
-            return one_shot(backend, session, question)
+            return PipedRepl(backend, session, piped).run()
         return Repl(backend, session, Console()).run()
     except KeyboardInterrupt:
         if not interactive:  # as `run` does: nothing to keep, and no waiting for the engine's step
@@ -113,34 +114,6 @@ def open_backend(args):
     return EngineBackend(loaded, config, {"dtype": parse_dtype(args.dtype), "gguf_mode": args.gguf_mode})
 
 
-def one_shot(backend, session: ChatSession, question: str) -> int:
-    """Pipe mode: the answer's text on stdout as it comes (no thinking, no decoration), the
-    figures on stderr."""
-    from .cli import CLIError
-
-    session.add_user(question)
-    try:
-        generation = backend.generate(session.model_messages(), session.settings)
-    except BackendError as exc:
-        raise CLIError(str(exc)) from None
-    try:
-        for delta in generation:
-            if delta.content:
-                sys.stdout.write(delta.content)
-                sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-    except BackendError as exc:
-        raise CLIError(str(exc)) from None
-    except BrokenPipeError:  # cli.main ends the process quietly
-        generation.cancel()
-        raise
-    # (A Ctrl-C goes straight to run_chat, which ends the process at once: cancelling here
-    # would wait for the engine's step in flight.)
-    print(format_stats(generation.stats), file=sys.stderr)
-    return 0
-
-
 def message_text(text: str) -> str:
     """A message as typed or pasted, to send: without the blank lines before it and the
     whitespace after it, but with the indentation of its first line (pasted code: the
@@ -149,6 +122,34 @@ def message_text(text: str) -> str:
     while lines and not lines[0].strip():
         lines.pop(0)
     return "\n".join(lines)
+
+
+def piped_messages(text: str) -> list[tuple[str, str]]:
+    """What was piped on stdin, as it would be typed: ("command", line) for a line that starts
+    with a command's name (`/quit`, `/temp 0`: see COMMANDS), ("ask", message) for the lines
+    between two commands, as one message (message_text), so that a file piped in is one
+    question. Only the commands' names make a command here: a line such as `/* comment */` or
+    `/etc/hosts` in piped text stays text, and `//quit` sends `/quit`."""
+    messages: list[tuple[str, str]] = []
+    block: list[str] = []
+
+    def end_block() -> None:
+        message = message_text("\n".join(block))
+        block.clear()
+        if message:
+            messages.append(("ask", message))
+
+    for line in text.split("\n"):
+        word = (line.split(maxsplit=1) or [""])[0]
+        if find_command(word) is not None:
+            end_block()
+            messages.append(("command", line.strip()))
+        elif word.startswith("//") and find_command(word[1:]) is not None:
+            block.append(line.replace("/", "", 1))
+        else:
+            block.append(line)
+    end_block()
+    return messages
 
 
 # ---- slash commands -----------------------------------------------------------------------------
@@ -338,11 +339,12 @@ def find_command(name: str) -> Command | None:
 
 # ---- the loop -------------------------------------------------------------------------------------
 class Repl:
-    def __init__(self, backend, session: ChatSession, console: Console):
+    def __init__(self, backend, session: ChatSession, console: Console, prompt: bool = True):
         self.backend = backend
         self.session = session
         self.console = console
-        self._prompt = _prompt_session(self)
+        # (prompt False: PipedRepl, which reads no line from the terminal and keeps no history.)
+        self._prompt = _prompt_session(self) if prompt else None
         # A cut answer's cancellation, still waiting for the engine's step in flight.
         self._stopping: threading.Thread | None = None
 
@@ -502,6 +504,69 @@ def _cancel(generation) -> None:
         generation.cancel()
     except Exception:  # e.g. a server connection that fails as it closes: the answer is cut anyway
         pass
+
+
+class PipedRepl(Repl):
+    """Stdin not a terminal: the commands and questions piped in (piped_messages) run as the
+    terminal's do (Repl.command and Repl.ask, so /temp, /system, /reset, /retry, /save … act
+    alike, and /quit or /exit ends the session), but stdout gets only the answers' text (no
+    thinking, no decoration), each ended by a newline; their figures and what commands say go
+    to stderr. Nobody is there to type a line again, so the first error ends the session (one
+    line, exit status 2) instead of going on under settings the input did not ask for."""
+
+    def __init__(self, backend, session: ChatSession, messages: list[tuple[str, str]]):
+        super().__init__(backend, session, Console(stderr=True), prompt=False)
+        self.messages = messages
+        self._failure: str | None = None
+        self._reader_gone = False
+
+    def run(self) -> int:
+        from .cli import CLIError
+
+        for kind, text in self.messages:
+            if kind == "command":
+                if self.command(text) is QUIT:
+                    break
+            else:
+                self.ask(text)
+            if self._reader_gone:
+                raise BrokenPipeError  # cli.main ends the process quietly
+            if self._failure is not None:
+                raise CLIError(self._failure)
+        return 0
+
+    def answer(self) -> bool:
+        try:
+            generation = self.backend.generate(self.session.model_messages(), self.session.settings)
+        except BackendError as exc:
+            self.error(str(exc))
+            return False
+        content, reasoning = [], []
+        try:
+            for delta in generation:
+                reasoning.append(delta.reasoning)
+                if delta.content:
+                    content.append(delta.content)
+                    sys.stdout.write(delta.content)
+                    sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        except BackendError as exc:
+            self.error(str(exc))
+            return False
+        except BrokenPipeError:  # the reader of stdout went away (`| head`)
+            generation.cancel()
+            self._reader_gone = True
+            return False
+        # (A Ctrl-C goes straight to run_chat, which ends the process at once: cancelling here
+        # would wait for the engine's step in flight.)
+        self.session.add_answer("".join(content), "".join(reasoning))
+        print(format_stats(generation.stats), file=sys.stderr)
+        return True
+
+    def error(self, text: str) -> None:
+        if self._failure is None:  # the first one ends the session (run)
+            self._failure = text
 
 
 # ---- input ------------------------------------------------------------------------------------------
