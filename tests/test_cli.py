@@ -287,7 +287,20 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("chat", "--temperature", "nan"), "--temperature must be a finite number >= 0"),
     (("run", "--memory-budget", "1e400", "hi"), "'1e400' is not a finite size"),
     (("run", "--memory-budget", "-5GB", "hi"), "--memory-budget: must be positive, got '-5GB'"),
-    (("run", "--model", "", "hi"), "no model named"),
+    # An empty path, URL, model, host or key is an error, never as if the flag were left out
+    # (bench wrote no file, chat ran in-process, serve listened on every interface). Each line
+    # would fail later otherwise, with another message (--port 0, /no/such/model).
+    (("run", "--model", "", "hi"), "argument --model: expected a value, got ''"),
+    (("run", "-m", " ", "hi"), "argument -m: expected a value, got ' '"),
+    (("bench", "--json", "", "--model", "/no/such/model"), "argument --json: expected a value, got ''"),
+    (("bench", "--random-weights", "", "--model", "/no/such/model"), "argument --random-weights: expected a value"),
+    (("chat", "--url", "", "--model", "/no/such/model"), "argument --url: expected a value, got ''"),
+    (("chat", "--api-key", "", "--url", "http://127.0.0.1:9"), "argument --api-key: expected a value, got ''"),
+    (("serve", "--host", "", "--port", "0"), "argument --host: expected a value, got ''"),
+    (("serve", "--api-key", "", "--port", "0"), "argument --api-key: expected a value, got ''"),
+    (("serve", "--served-model-name", "", "--port", "0"), "argument --served-model-name: expected a value"),
+    (("serve", "--cors", "http://a.example", "--cors", "", "--port", "0"), "argument --cors: expected a value"),
+    (("run", "--draft-model", "", "hi"), "argument --draft-model: expected a value, got ''"),
     (("run", "--no-chat", "--system", "Be brief.", "hi"), "--system needs the chat template"),
     (("pull", " "), "no model named"),
     (("pull", "--list", "qwen3-4b"), "--list lists every alias; it takes no model (got 'qwen3-4b')"),

@@ -39,6 +39,25 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+class _NonEmptyCheck:
+    """For a flag whose value names a file, URL, model, host or key: an empty value (`--json ''`,
+    `--url "$UNSET"`) is a usage error, not taken as if the flag were left out (bench wrote no
+    file, chat ran in-process, serve listened on every interface)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not values.strip():
+            parser.error(f"argument {option_string}: expected a value, got {values!r}")
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _NonEmpty(_NonEmptyCheck, argparse._StoreAction):
+    pass
+
+
+class _NonEmptyAppend(_NonEmptyCheck, argparse._AppendAction):
+    pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .registry import DEFAULT_MODEL
 
@@ -89,12 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
                                          "/v1/embeddings)")
     _add_model_args(serve, DEFAULT_MODEL)
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--host", default="127.0.0.1", action=_NonEmpty, help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
-    serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN", help="allow browser requests from ORIGIN (repeatable; none by default)")
+    serve.add_argument("--api-key", action=_NonEmpty, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--cors", action=_NonEmptyAppend, default=[], metavar="ORIGIN", help="allow browser requests from ORIGIN (repeatable; none by default)")
     serve.add_argument("--max-running", type=int, default=64, help="requests decoding at once (default 64)")
-    serve.add_argument("--served-model-name", help="the model name clients use (default: --model)")
+    serve.add_argument("--served-model-name", action=_NonEmpty, help="the model name clients use (default: --model)")
     _add_engine_args(serve)
 
     _add_chat_parser(sub, DEFAULT_MODEL)
@@ -114,7 +133,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "occurrence of the last few tokens (prompt lookup): faster where the answer repeats "
                         "its context. 'dflash' drafts a block with a DFlash draft model (--draft-model) "
                         "(default off)")
-    p.add_argument("--draft-model", metavar="MODEL",
+    p.add_argument("--draft-model", metavar="MODEL", action=_NonEmpty,
                    help="with --speculative dflash: the DFlash draft trained for this model (folder, alias or "
                         "Hugging Face repo id, e.g. z-lab/Qwen3-4B-DFlash-b16); 'random' gives random weights "
                         "at the model's shape, for benchmarks")
@@ -124,7 +143,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
-    p.add_argument("--model", "-m", default=default_model,
+    p.add_argument("--model", "-m", default=default_model, action=_NonEmpty,
                    help=f"model folder, .gguf file, alias or Hugging Face repo id (default {default_model})")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="compute dtype (default: the checkpoint's; GGUF: float16 on a GPU, float32 on the CPU)")
@@ -450,8 +469,8 @@ def _add_chat_parser(sub, default_model: str) -> None:
     _add_model_args(chat, default_model)
     chat.set_defaults(model=None)  # None: the default model, or with --url the server's first one
     chat.add_argument("--system", help="system prompt")
-    chat.add_argument("--url", help="chat with this OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1")
-    chat.add_argument("--api-key", help="API key for --url (default $MLXSERVE_API_KEY)")
+    chat.add_argument("--url", action=_NonEmpty, help="chat with this OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1")
+    chat.add_argument("--api-key", action=_NonEmpty, help="API key for --url (default $MLXSERVE_API_KEY)")
     chat.add_argument("--no-think", action="store_true", help="ask the model not to think, and hide any thinking")
     chat.add_argument("--temperature", type=float, default=None,
                       help="sampling temperature to start with (default 0.7; 0 = greedy; /temp changes it)")
@@ -540,7 +559,7 @@ def _add_bench_parser(sub, default_model: str) -> None:
                     "Prints a table of medians over --runs and optionally writes every figure as JSON.")
     _add_model_args(bench, default_model)
     _add_engine_args(bench)
-    bench.add_argument("--random-weights", metavar="SHAPE",
+    bench.add_argument("--random-weights", metavar="SHAPE", action=_NonEmpty,
                        help="ignore --model: real shapes with random weights (qwen3-0.6b, qwen3-4b, qwen3.5-0.8b, qwen3.5-4b, tiny, tiny-256, tiny-qwen3.5; bfloat16 unless --dtype)")
     bench.add_argument("--quantize", type=int, metavar="BITS", help="with --random-weights: quantize to 4 or 8 bits (MLX affine, group 64)")
     bench.add_argument("--random-gguf", choices=["Q4_K_M"], metavar="MIX",
@@ -561,7 +580,7 @@ def _add_bench_parser(sub, default_model: str) -> None:
     bench.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default 1)")
     bench.add_argument("--runs", type=int, default=3, help="measured runs; figures are their medians (default 3)")
     bench.add_argument("--compare", choices=["mlx-lm"], help="run the same workload through mlx-lm and print speedups")
-    bench.add_argument("--json", metavar="FILE", help="write every figure and the configuration to FILE")
+    bench.add_argument("--json", metavar="FILE", action=_NonEmpty, help="write every figure and the configuration to FILE")
     bench.add_argument("--seed", type=int, default=0, help="seed of the prompts and random weights (default 0)")
     bench.add_argument("--max-batch-tokens", type=int, help="prefill tokens per step beside up to 32 decoding rows, growing in proportion beyond; decoding rows add one each (default: the engine's)")
     bench.add_argument("--block-size", type=int, help="KV block size in tokens (default: the engine's)")
