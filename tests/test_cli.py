@@ -301,6 +301,12 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("serve", "--served-model-name", "", "--port", "0"), "argument --served-model-name: expected a value"),
     (("serve", "--cors", "http://a.example", "--cors", "", "--port", "0"), "argument --cors: expected a value"),
     (("run", "--draft-model", "", "hi"), "argument --draft-model: expected a value, got ''"),
+    # With --url the server's engine runs the model: the engine's flags would do nothing.
+    (("chat", "--url", "http://127.0.0.1:9", "--dtype", "float32"),
+     "--dtype has no effect with --url: the server's engine runs the model (give it to `mlxserve serve`)"),
+    (("chat", "--url", "http://127.0.0.1:9", "--draft-tokens", "2", "--speculative", "dflash", "--draft-model", "x",
+      "--memory-budget", "8GB", "--gguf-mode", "native-q4"),
+     "--gguf-mode, --memory-budget, --speculative, --draft-model, --draft-tokens have no effect with --url"),
     (("run", "--no-chat", "--system", "Be brief.", "hi"), "--system needs the chat template"),
     (("pull", " "), "no model named"),
     (("pull", "--list", "qwen3-4b"), "--list lists every alias; it takes no model (got 'qwen3-4b')"),

@@ -484,10 +484,29 @@ def _add_chat_parser(sub, default_model: str) -> None:
     _add_engine_args(chat)
 
 
+# What the engine in this process is built with: with --url the server's engine runs the model.
+CHAT_ENGINE_ONLY = ("dtype", "gguf_mode", "memory_budget", "speculative", "draft_model", "draft_tokens")
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from .repl import run_chat
 
+    if args.url is not None:
+        unused = _flags_given(args, "chat", CHAT_ENGINE_ONLY)
+        if unused:
+            raise CLIError(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with --url: "
+                           f"the server's engine runs the model (give {'it' if len(unused) == 1 else 'them'} "
+                           f"to `mlxserve serve`)")
     return run_chat(args)
+
+
+def _flags_given(args: argparse.Namespace, command: str, dests) -> list[str]:
+    """The flags among `dests` (by dest) that the command line gave a value other than their
+    default, in the order --help lists them."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    return [action.option_strings[0] for action in parser._actions
+            if action.dest in dests and getattr(args, action.dest) != parser.get_default(action.dest)]
 
 
 # ---- pull / models / doctor -----------------------------------------------------------------
