@@ -307,6 +307,7 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("chat", "--url", "http://127.0.0.1:9", "--draft-tokens", "2", "--speculative", "dflash", "--draft-model", "x",
       "--memory-budget", "8GB", "--gguf-mode", "native-q4"),
      "--gguf-mode, --memory-budget, --speculative, --draft-model, --draft-tokens have no effect with --url"),
+    (("chat", "--api-key", "KEY", "--model", "/no/such/model"), "--api-key is the key sent to --url: give --url too"),
     (("run", "--no-chat", "--system", "Be brief.", "hi"), "--system needs the chat template"),
     (("pull", " "), "no model named"),
     (("pull", "--list", "qwen3-4b"), "--list lists every alias; it takes no model (got 'qwen3-4b')"),

@@ -497,6 +497,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             raise CLIError(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with --url: "
                            f"the server's engine runs the model (give {'it' if len(unused) == 1 else 'them'} "
                            f"to `mlxserve serve`)")
+    elif args.api_key is not None:  # the mirror case: a key the engine in this process never uses
+        raise CLIError("--api-key is the key sent to --url: give --url too")
     return run_chat(args)
 
 
