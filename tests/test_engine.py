@@ -99,6 +99,73 @@ def test_long_prompt_is_chunked_while_others_decode(loaded):
     assert sched.kv.bytes_in_use == 0
 
 
+@pytest.mark.parametrize("waiter", ["stream", "event", "thread"])
+def test_a_ctrl_c_that_another_thread_received_still_stops_a_waiting_main_thread(waiter):
+    """The kernel may hand a Ctrl-C to any thread that does not block it; Python raises
+    KeyboardInterrupt only in the main thread, and only once it runs. A main thread waiting
+    for an event (reading a stream; interrupts.wait_for, as Engine.start waits for the
+    warm-up; interrupts.join) must wake for it: `run` and piped `chat` hung so on a busy
+    machine."""
+    import signal
+    import sys
+    import threading
+
+    from mlxserve.engine import RequestStream
+    from mlxserve.interrupts import join, wait_for
+    from mlxserve.scheduler import TokenEvent
+
+    if waiter == "stream":
+        stream = RequestStream(Request([1], GREEDY), None, None)
+        wait = lambda: next(iter(stream))  # noqa: E731
+        release = lambda: stream._queue.put(TokenEvent(stream.id, [], "", finish_reason="stop"))  # noqa: E731
+        waiting_in = RequestStream.__iter__.__code__
+    elif waiter == "event":
+        done = threading.Event()
+        wait, release = (lambda: wait_for(done)), done.set
+        waiting_in = wait_for.__code__
+    else:  # a thread to end, as the chat's next question waits for a cut answer's cancellation
+        done = threading.Event()
+        worker = threading.Thread(target=done.wait)
+        worker.start()
+        wait, release = (lambda: join(worker)), done.set
+        waiting_in = join.__code__
+    main = threading.main_thread().ident
+    receiver_parked, interrupted, released = threading.Event(), threading.Event(), threading.Event()
+    receiver = threading.Thread(target=receiver_parked.wait)  # a thread the signal goes to
+    receiver.start()
+
+    def interrupt_once_main_waits():
+        while not _inside(waiting_in, sys._current_frames().get(main)):
+            pass  # (until the main thread waits there)
+        signal.pthread_kill(receiver.ident, signal.SIGINT)
+        if not interrupted.wait(30):  # a bound for a failing test: release the main thread
+            released.set()
+            release()
+        receiver_parked.set()
+
+    killer = threading.Thread(target=interrupt_once_main_waits)
+    killer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            wait()
+        # (Released, the main thread would raise it too, but only then.)
+        assert not released.is_set(), "the main thread slept through the Ctrl-C"
+    finally:
+        interrupted.set()
+        killer.join()
+        receiver.join()
+        release()  # (the thread case's worker ends)
+
+
+def _inside(code, frame) -> bool:
+    """Whether a thread whose current frame is `frame` runs inside the function of `code`."""
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def test_prompt_progress_counts_the_chunks_read_until_the_first_token(loaded):
     """What front ends show while a long prompt is read: (tokens read, prompt tokens)."""
     tok = loaded.tokenizer

@@ -22,6 +22,7 @@ from rich.filesize import decimal as human_size
 
 from .cache import KVStore
 from .grammar import Grammars
+from .interrupts import SIGNAL_CHECK_S, wait_for
 from .loader import LoadedModel
 from .memory import default_kv_budget, weight_bytes
 from .runner import Runner
@@ -115,7 +116,10 @@ class RequestStream:
 
     def __iter__(self):
         while True:
-            event = self._queue.get()
+            try:
+                event = self._queue.get(timeout=SIGNAL_CHECK_S)
+            except queue.Empty:
+                continue  # (back in Python for a moment: a Ctrl-C's handler runs here, see interrupts.py)
             yield event
             if event.finish_reason is not None:
                 self.finished = True
@@ -163,7 +167,7 @@ class Engine:
         self._worker = _acquire_worker()
         self._worker.run(self._run_guarded)
         try:
-            self._ready.wait()
+            wait_for(self._ready)
         except BaseException:  # Ctrl-C during the warm-up: stop the thread before raising
             self.stop()
             raise
@@ -180,7 +184,7 @@ class Engine:
             # (unless on_ctrl_c_while_stopping ends it at once).
             while True:
                 try:
-                    self._done.wait()
+                    wait_for(self._done)
                     break
                 except KeyboardInterrupt:
                     if on_ctrl_c_while_stopping is not None:

@@ -31,6 +31,7 @@ from rich.text import Text
 from .chat_backend import BackendError, Delta, Stats
 from .chat_render import AnswerView, format_stats, printable
 from .chat_session import ChatSession, Settings, UsageError
+from .interrupts import join
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -473,7 +474,7 @@ class Repl:
         self._stopping = None
         with self.console.status("Stopping the previous answer: the engine is finishing its current step …",
                                  spinner="dots"):
-            stopper.join()
+            join(stopper)
 
     def replay(self) -> None:
         """Show a loaded conversation the way it was shown live."""
