@@ -389,3 +389,30 @@ def test_the_json_records_the_context_length_the_engine_runs_with():
     cfg = BenchConfig()
     assert cfg.engine.context_length != 8192
     assert bench.describe_run(loaded, cfg, None)["engine"]["context_length"] == 8192
+
+
+def test_a_second_ctrl_c_before_the_engine_begins_to_stop_quits_at_once(monkeypatch):
+    """The bench's first Ctrl-C waits for the engine's step to report what was measured; a
+    second quits at once. One that came just before stop() began to wait escaped as a
+    KeyboardInterrupt to the Engine's `with` block, whose own stop() then waited for the
+    step after all (a blocked step: for ever)."""
+    import asyncio
+
+    from mlxserve import engine
+
+    quit_now = []
+    monkeypatch.setattr(engine, "on_ctrl_c_while_stopping", lambda: quit_now.append(True))
+
+    class SecondCtrlCAtStop:
+        def stop(self):
+            raise KeyboardInterrupt  # (it came as stop() was entered)
+
+    ours = bench.OurBackend.__new__(bench.OurBackend)
+    ours.engine = SecondCtrlCAtStop()
+
+    async def first_ctrl_c():
+        raise asyncio.CancelledError  # what asyncio.run makes of the first Ctrl-C
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(ours._until_done(first_ctrl_c()))
+    assert quit_now == [True]

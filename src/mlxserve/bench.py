@@ -38,6 +38,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from . import engine as engine_module
 from .engine import Engine, EngineConfig
 from .loader import LoadedModel
 from .sampling import SamplingParams
@@ -464,10 +465,18 @@ class OurBackend:
             # Ctrl-C (the loop cancels us) or a failed request: stop the engine while this
             # loop is still open, so that the last events it pushes to our streams (their
             # cancellation) land in a live loop rather than a closed one.
-            if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)):
-                print("bench: stopping once the engine's step in flight ends (Ctrl-C again quits without "
-                      "the results)", file=sys.stderr, flush=True)
-            self.engine.stop()
+            try:
+                if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)):
+                    print("bench: stopping once the engine's step in flight ends (Ctrl-C again quits without "
+                          "the results)", file=sys.stderr, flush=True)
+                self.engine.stop()
+            except KeyboardInterrupt:
+                # The second Ctrl-C came before stop() began to wait (which answers one by
+                # quitting at once): quit now as well. Raised on instead, it would reach the
+                # Engine's `with` block, whose stop() would wait for the step after all.
+                if engine_module.on_ctrl_c_while_stopping is not None:
+                    engine_module.on_ctrl_c_while_stopping()
+                raise
             raise
 
     def _submit(self, prompt: list[int], max_tokens: int) -> tuple:
