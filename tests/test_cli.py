@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 
@@ -209,16 +210,20 @@ def test_bench_seed_out_of_range_is_one_line():
         assert r.returncode == 2 and r.stderr == "mlxserve: error: --seed must be a whole number from 0 to 2**64 - 1\n"
 
 
-def test_run_in_a_terminal_says_it_reads_the_prompt_until_the_first_token(tiny, tmp_path):
+@contextmanager
+def _run_in_a_terminal_with_a_blocked_step(tiny, tmp_path, prompt: str, block_step: int, **env):
+    """`run PROMPT` in a pseudo-terminal whose engine blocks in its `block_step`-th step: yields
+    the pexpect child while that step is blocked, then lets it end and checks the exit."""
     import pexpect
 
     release = tmp_path / "release"
     os.mkfifo(release)
     child = pexpect.spawn(sys.executable, ["-c", BLOCKING_STEP, "run", "--model", tiny, "--no-chat", "--max-tokens", "3",
-                                           "Once upon a time"], encoding="utf-8", timeout=120,
-                          env={**os.environ, "BLOCK_STEP": "1", "RELEASE_FIFO": str(release), "TERM": "xterm"})
+                                           prompt], encoding="utf-8", timeout=120,
+                          env={**os.environ, "BLOCK_STEP": str(block_step), "RELEASE_FIFO": str(release),
+                               "TERM": "xterm", **env})
     try:
-        child.expect(r"Reading the prompt \(\d+ tokens\)")  # (the prompt's step cannot end yet)
+        yield child
         release.write_text("x")  # (waits for the step to open the FIFO, then lets it end)
         child.expect(pexpect.EOF)
         child.close()
@@ -228,27 +233,17 @@ def test_run_in_a_terminal_says_it_reads_the_prompt_until_the_first_token(tiny, 
             child.terminate(force=True)
 
 
-def test_run_in_a_terminal_shows_how_far_it_has_read_a_long_prompt(tiny, tmp_path):
-    import pexpect
+def test_run_in_a_terminal_says_it_reads_the_prompt_until_the_first_token(tiny, tmp_path):
+    with _run_in_a_terminal_with_a_blocked_step(tiny, tmp_path, "Once upon a time", 1) as child:
+        child.expect(r"Reading the prompt \(\d+ tokens\)")  # (the prompt's step cannot end yet)
 
-    release = tmp_path / "release"
-    os.mkfifo(release)
+
+def test_run_in_a_terminal_shows_how_far_it_has_read_a_long_prompt(tiny, tmp_path):
     # Chunks of 64 tokens: the third step blocks with two of them read.
-    child = pexpect.spawn(sys.executable, ["-c", BLOCKING_STEP, "run", "--model", tiny, "--no-chat", "--max-tokens", "2",
-                                           "word " * 300], encoding="utf-8", timeout=120,
-                          env={**os.environ, "BLOCK_STEP": "3", "RELEASE_FIFO": str(release), "TERM": "xterm",
-                               "MAX_BATCH_TOKENS": "64"})
-    try:
+    with _run_in_a_terminal_with_a_blocked_step(tiny, tmp_path, "word " * 300, 3, MAX_BATCH_TOKENS="64") as child:
         child.expect(r"Reading the prompt: ([\d,]+) of ([\d,]+) tokens \((\d+)%\)")
         read, total, percent = (int(g.replace(",", "")) for g in child.match.groups())
         assert read == 128 and total > read and percent == 100 * read // total
-        release.write_text("x")
-        child.expect(pexpect.EOF)
-        child.close()
-        assert child.exitstatus == 0
-    finally:
-        if child.isalive():
-            child.terminate(force=True)
 
 
 def test_run_json(tiny):
