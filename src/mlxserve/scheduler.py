@@ -274,6 +274,9 @@ class Scheduler:
         self._events: list[TokenEvent] = []  # produced outside a row's own commit (errors)
         self._inflight: InFlight | None = None
         self._queued = False  # work queued on the device since the last _wait_for_device
+        # Tokens each row was fed in the newest step, whose work may not be done yet: not
+        # counted as read by prompt_progress (a 512-token chunk takes a minute on a CPU).
+        self._fed_newest: dict[str, int] = {}
         self._queue_without_wait = _on_cuda()  # see _copies_are_cheap
         # A hybrid model (Qwen3.5) keeps per-row recurrent state beside the KV.
         self.hybrid = self.kv.state_bytes_per_row > 0
@@ -341,15 +344,18 @@ class Scheduler:
 
     def prompt_progress(self, request_id: str) -> tuple[int, int] | None:
         """(prompt tokens read, prompt tokens) of a request still reading its prompt (the
-        prefix cache's tokens count as read; a chunk counts once it is queued); None once its
-        first token came, or for a request not here. Front ends call it from their own thread
-        to show progress while the engine thread steps: the row lists are copied whole (one
-        C call, under the GIL) and only integers are read, so a figure may be a step old."""
+        prefix cache's tokens count as read; a chunk once the step after the one that fed it
+        has been queued, which waited for it); None once its first token came, or for a
+        request not here. Front ends call it from their own thread to show progress while the
+        engine thread steps: the row lists are copied whole (one C call, under the GIL) and
+        only integers are read, so a figure may be a step old, never ahead."""
+        fed_newest = self._fed_newest
         for row in list(self.running) + list(self.waiting):
             if row.id == request_id:
                 if row.num_generated or row.pending:
                     return None
-                return min(row.cache.length, row.prompt_len), row.prompt_len
+                read = row.cache.length - fed_newest.get(row.id, 0)
+                return max(0, min(read, row.prompt_len)), row.prompt_len
         return None
 
     # ---- one step ---------------------------------------------------------------------
@@ -379,6 +385,9 @@ class Scheduler:
         events, self._events = self._events, []
         decode = sum(1 for row in rows if row.is_decoding)
         prompt_tokens, generated = self._step_counts(feeds, rows)
+        # (Before _launch extends the rows' caches: a reader in another thread then sees at
+        # most what the steps before this one computed.)
+        self._fed_newest = {row.id: len(feed.tokens) for feed, row in zip(feeds, rows)}
         outputs, queued = self._launch(feeds, rows) if feeds else ([], None)
         self._wait_for_device(self._copies_are_cheap(decode, rows))
         if outputs:
