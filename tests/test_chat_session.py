@@ -118,6 +118,27 @@ def test_load_accepts_openai_style_messages(tmp_path):
     assert [(m.role, m.content) for m in loaded.messages] == [("user", "Hi"), ("assistant", "Hello")]
 
 
+def test_load_keeps_what_the_file_does_not_carry(tmp_path):
+    """A plain list of messages has no settings: the current ones stay (a copy), and the
+    system prompt too unless the list has a system message. A /save file sets them all."""
+    current = ChatSession(system="Be brief.", settings=Settings(temperature=0.2, max_tokens=64, think=False))
+    path = tmp_path / "messages.json"
+    path.write_text(json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]))
+    loaded, _ = ChatSession.load(path, current)
+    assert loaded.system == "Be brief." and loaded.settings == current.settings
+    assert loaded.settings is not current.settings
+    path.write_text(json.dumps([{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]))
+    loaded, _ = ChatSession.load(path, current)
+    assert loaded.system == "S" and loaded.settings == current.settings
+    path.write_text(json.dumps({"messages": [], "settings": {"temperature": 1}}))  # only what it names
+    loaded, _ = ChatSession.load(path, current)
+    assert loaded.settings == Settings(temperature=1.0, max_tokens=64, think=False)
+    saved = conversation()  # the default settings, no system prompt: those come back
+    saved.system = None
+    loaded, _ = ChatSession.load(saved.save(tmp_path / "chat.json"), current)
+    assert loaded == saved
+
+
 @pytest.mark.parametrize("content,needle", [
     (None, "cannot read"),
     ("{not json", "is not JSON"),

@@ -866,11 +866,13 @@ def _pipe_to_fake_chat(monkeypatch, asked: list, answer: str = "ok") -> None:
     monkeypatch.setattr(repl_module, "open_backend", lambda args: Backend())
 
 
-def _piped_chat(monkeypatch, stdin: str) -> int:
+def _piped_chat(monkeypatch, stdin: str, **flags) -> int:
+    """run_chat on `stdin` piped, with chat's flags at their defaults but `flags`."""
     from mlxserve.repl import run_chat
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    return run_chat(types.SimpleNamespace(temperature=None, no_think=False, system=None, format=None, max_tokens=None))
+    args = {"temperature": None, "no_think": False, "system": None, "format": None, "max_tokens": None, **flags}
+    return run_chat(types.SimpleNamespace(**args))
 
 
 def test_piped_commands_act_as_typed_and_quit_ends_the_session(monkeypatch, capsys):
@@ -899,6 +901,24 @@ def test_piped_commands_act_as_typed_and_quit_ends_the_session(monkeypatch, caps
     with pytest.raises(CLIError, match=r"^usage: /temp X"):
         _piped_chat(monkeypatch, "/temp warm\nWhat is 2+2?\n")
     assert asked == []
+
+
+def test_loading_a_plain_list_of_messages_keeps_the_settings_given(monkeypatch, tmp_path):
+    """A plain list of OpenAI messages carries no settings: `/load` keeps those of the command
+    line (and the system prompt, unless the list has a system message). A /save file brings
+    its own."""
+    asked = []
+    _pipe_to_fake_chat(monkeypatch, asked)
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]))
+    assert _piped_chat(monkeypatch, f"/load {plain}\nAnd then?\n", temperature=0.0, system="Be brief.") == 0
+    assert asked == [([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                       {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "And then?"}], 0.0)]
+    asked.clear()
+    saved = tmp_path / "saved.json"
+    assert _piped_chat(monkeypatch, f"/save {saved}\n", temperature=0.2, system="Be brief.") == 0
+    assert _piped_chat(monkeypatch, f"/load {saved}\nAnd then?\n", temperature=0.0, system="Other.") == 0
+    assert asked == [([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "And then?"}], 0.2)]
 
 
 def test_text_from_a_loaded_file_cannot_send_terminal_escapes(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 SAVE_FORMAT = "mlxserve-chat"
@@ -188,16 +188,22 @@ class ChatSession:
         return path
 
     @classmethod
-    def from_json(cls, data: object) -> tuple[ChatSession, str | None]:
+    def from_json(cls, data: object, current: ChatSession | None = None) -> tuple[ChatSession, str | None]:
         """A session from a /save file, or from a plain list of OpenAI-style messages.
-        Returns the session and the model it was saved with (if known)."""
+        Returns the session and the model it was saved with (if known). The system prompt and
+        the settings are the file's where it has them (a /save file has all), else `current`'s:
+        a plain list of messages carries no settings, so loading one keeps those given with
+        `chat --temperature …` or a command, and keeps the system prompt unless it has a
+        system message."""
+        if current is None:
+            current = cls()
         if isinstance(data, list):
             data = {"messages": data}
         if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
             raise ValueError("not a saved chat (expected an object with 'messages')")  # noqa: TRY004 - bad file content
         if data.get("format", SAVE_FORMAT) != SAVE_FORMAT:
             raise ValueError(f"not a saved chat (format {data.get('format')!r})")
-        system = data.get("system")
+        system = data["system"] if "system" in data else current.system  # (null in a /save file: it had none)
         messages = []
         for i, raw in enumerate(data["messages"]):
             if not (isinstance(raw, dict) and raw.get("role") in ("system", "user", "assistant")
@@ -209,7 +215,7 @@ class ChatSession:
             messages.append(Message(raw["role"], raw["content"], str(raw.get("reasoning") or ""), bool(raw.get("cut"))))
         if system is not None and not isinstance(system, str):
             raise ValueError("'system' must be text")
-        settings = Settings()
+        settings = replace(current.settings)  # a copy: a file that fails to load changes nothing
         saved_settings = data.get("settings") or {}
         if not isinstance(saved_settings, dict):
             raise ValueError("'settings' must be an object")
@@ -223,7 +229,8 @@ class ChatSession:
         return cls(system or None, settings, messages), model if isinstance(model, str) else None
 
     @classmethod
-    def load(cls, path: str | Path) -> tuple[ChatSession, str | None]:
+    def load(cls, path: str | Path, current: ChatSession | None = None) -> tuple[ChatSession, str | None]:
+        """See from_json."""
         path = Path(path).expanduser()
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -232,7 +239,7 @@ class ChatSession:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ValueError(f"{path} is not JSON") from None
         try:
-            return cls.from_json(data)
+            return cls.from_json(data, current)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
 

@@ -278,7 +278,7 @@ def _cmd_save(repl: Repl, arg: str) -> None:
 
 
 def _cmd_load(repl: Repl, arg: str) -> None:
-    loaded, model = ChatSession.load(_path_arg(arg, "usage: /load FILE"))
+    loaded, model = ChatSession.load(_path_arg(arg, "usage: /load FILE"), current=repl.session)
     if loaded.settings.schema is not None:  # checked as /format checks it, before anything changes
         try:
             repl.backend.check_schema(loaded.settings.schema)
