@@ -109,6 +109,16 @@ def test_save_then_load_gives_the_same_conversation(tmp_path):
     assert loaded == session
 
 
+def test_an_empty_system_prompt_is_sent_and_kept(tmp_path):
+    """"" (chat --system '', /system none) is an empty system message, so that the chat
+    template adds no default of its own; None sends none. Saving and loading keeps which."""
+    assert ChatSession(system="").model_messages() == [{"role": "system", "content": ""}]
+    assert ChatSession().model_messages() == []
+    for system in ("", None):
+        loaded, _ = ChatSession.load(ChatSession(system=system).save(tmp_path / "chat.json"))
+        assert loaded.system == system
+
+
 def test_load_accepts_openai_style_messages(tmp_path):
     path = tmp_path / "messages.json"
     path.write_text(json.dumps([{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},

@@ -522,6 +522,30 @@ def test_run_no_think_reaches_the_chat_template(tiny_model_dir, tmp_path):
     assert r.returncode != 0 and "--no-think needs the chat template" in r.stderr
 
 
+def test_run_system_empty_leaves_the_templates_default_out(tiny_model_dir, tmp_path):
+    """`run --system ''` sends an empty system message, as `chat --system ''` does (and as the
+    server takes one from a client): the chat template then adds no default system prompt of
+    its own, as Qwen2.5's does ("You are Qwen, …"). Without --system it does."""
+    import shutil
+
+    from mlxserve.cli import _prompt_ids
+    from mlxserve.openai_api import _chat_prompt
+    from mlxserve.tokenizer import Tokenizer
+
+    folder = tmp_path / "defaulter"
+    shutil.copytree(tiny_model_dir("qwen3", "float32"), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nDEFAULT SYSTEM<|im_end|>\n"
+                               "{% endif %}" + config["chat_template"])
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = Tokenizer.from_folder(folder)
+    assert "DEFAULT SYSTEM" in tokenizer.decode(_prompt_ids(tokenizer, "hi", None, None))
+    empty = _prompt_ids(tokenizer, "hi", None, "")
+    assert "DEFAULT SYSTEM" not in tokenizer.decode(empty)
+    assert empty == _chat_prompt({"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]},
+                                 tokenizer, None)
+
+
 def test_run_format_holds_the_answer_to_a_schema(tiny_model_dir, tmp_path):
     """`run --format SCHEMA`: the answer is JSON of that schema, and the chat template is asked
     to leave thinking out, as with --no-think; a schema that cannot be used is one line."""

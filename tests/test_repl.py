@@ -297,7 +297,9 @@ def test_tab_completes_commands(chat):
     ("/think on", "thinking: on"),
     ("/system Be brief.", "System prompt set."),
     ("/system", "System prompt: Be brief."),
-    ("/system none", "System prompt removed."),
+    ("/system none", "System prompt: none, not even the chat template's default."),
+    ("/system", "System prompt: none, not even the chat template's default."),
+    ("/system default", "System prompt: the chat template's default, if it has one"),
     ("/reset", "New conversation."),
     ("/clear", "New conversation."),
     ("/format json", "answers: json (any JSON object)"),
@@ -919,6 +921,17 @@ def test_loading_a_plain_list_of_messages_keeps_the_settings_given(monkeypatch, 
     assert _piped_chat(monkeypatch, f"/save {saved}\n", temperature=0.2, system="Be brief.") == 0
     assert _piped_chat(monkeypatch, f"/load {saved}\nAnd then?\n", temperature=0.0, system="Other.") == 0
     assert asked == [([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "And then?"}], 0.2)]
+
+
+def test_an_empty_system_prompt_is_sent_so_that_the_template_adds_none(monkeypatch):
+    """`chat --system ''` sends an empty system message, so that the chat template adds no
+    default system prompt of its own (Qwen2.5's "You are Qwen, …"), as `/system none` does;
+    `/system default` sends none, as without --system: the template's default applies."""
+    asked = []
+    _pipe_to_fake_chat(monkeypatch, asked)
+    assert _piped_chat(monkeypatch, "Hi\n/reset\n/system default\nHi\n/reset\n/system none\nHi\n", system="") == 0
+    empty, user = {"role": "system", "content": ""}, {"role": "user", "content": "Hi"}
+    assert [messages for messages, _ in asked] == [[empty, user], [user], [empty, user]]
 
 
 def test_text_from_a_loaded_file_cannot_send_terminal_escapes(tmp_path):

@@ -131,6 +131,8 @@ class Message:
 
 @dataclass
 class ChatSession:
+    # None: no system message, so the chat template's own default applies (Qwen2.5's "You are
+    # Qwen, …"); "": an empty one, so that no system prompt at all is used (`--system ''`).
     system: str | None = None
     settings: Settings = field(default_factory=Settings)
     messages: list[Message] = field(default_factory=list)
@@ -168,7 +170,7 @@ class ChatSession:
     def model_messages(self) -> list[dict]:
         """What the model sees: the system prompt and every turn's text. Reasoning stays out,
         as chat templates drop earlier turns' thinking anyway."""
-        head = [{"role": "system", "content": self.system}] if self.system else []
+        head = [{"role": "system", "content": self.system}] if self.system is not None else []
         return head + [{"role": m.role, "content": m.content} for m in self.messages]
 
     # ---- files -----------------------------------------------------------------------------
@@ -226,7 +228,7 @@ class ChatSession:
                 except UsageError:
                     raise ValueError(f"settings.{name}: {value!r} is not accepted") from None
         model = data.get("model")
-        return cls(system or None, settings, messages), model if isinstance(model, str) else None
+        return cls(system, settings, messages), model if isinstance(model, str) else None
 
     @classmethod
     def load(cls, path: str | Path, current: ChatSession | None = None) -> tuple[ChatSession, str | None]:

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop", action="append", default=[], metavar="STR", help="stop when this text appears (repeatable)")
     run.add_argument("--chat", dest="chat", action="store_true", default=None, help="wrap the prompt in the model's chat template (default when it has one)")
     run.add_argument("--no-chat", dest="chat", action="store_false", help="send the prompt as plain text")
-    run.add_argument("--system", help="system message (chat mode)")
+    run.add_argument("--system", help="system message (chat mode); '' for none at all: without the flag the "
+                                      "chat template's default system prompt applies, if it has one")
     run.add_argument("--no-think", dest="think", action="store_false",
                      help="chat mode: ask the model to answer without reasoning first (Qwen3's enable_thinking=False; "
                           "templates without the switch ignore it)")
@@ -415,7 +416,8 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool | None, system: str | None, t
         return tokenizer.encode(prompt, add_special_tokens=True)
     if tokenizer.chat_template is None:
         raise CLIError("this model has no chat template; use --no-chat")
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    # An empty --system is an empty system message, so that the template adds no default of its own.
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
     from .chat_backend import chat_prompt_ids
 
     return chat_prompt_ids(tokenizer, messages, think and not constrained)
@@ -468,7 +470,8 @@ def _add_chat_parser(sub, default_model: str) -> None:
                     "command, the text between two commands one question; only the answers go to stdout.")
     _add_model_args(chat, default_model)
     chat.set_defaults(model=None)  # None: the default model, or with --url the server's first one
-    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--system", help="system prompt; '' for none at all: without the flag the chat template's "
+                                       "default system prompt applies, if it has one (/system changes it)")
     chat.add_argument("--url", action=_NonEmpty, help="chat with this OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1")
     chat.add_argument("--api-key", action=_NonEmpty, help="API key for --url (default $MLXSERVE_API_KEY)")
     chat.add_argument("--no-think", action="store_true", help="ask the model not to think, and hide any thinking")

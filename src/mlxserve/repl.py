@@ -75,7 +75,7 @@ def run_chat(args) -> int:
             settings.set("schema", args.format)
         except UsageError as exc:
             raise CLIError(str(exc).replace("/format", "--format", 1)) from None
-    session = ChatSession(system=args.system or None, settings=settings)
+    session = ChatSession(system=args.system, settings=settings)  # ('': no system prompt, see ChatSession)
     try:
         backend = open_backend(args)
     except BackendError as exc:
@@ -185,15 +185,16 @@ def _cmd_reset(repl: Repl, arg: str) -> None:
 
 
 def _cmd_system(repl: Repl, arg: str) -> None:
-    if not arg:
-        repl.say(f"System prompt: {printable(repl.session.system)}" if repl.session.system else
-                 "No system prompt (set one with /system TEXT).")
-    elif arg.lower() == "none":
-        repl.session.system = None
-        repl.say("System prompt removed.")
+    # none and default are what `chat --system ''` and no --system give (see ChatSession.system).
+    if arg:
+        repl.session.system = {"none": "", "default": None}.get(arg.lower(), arg)
+    system = repl.session.system
+    if system is None:
+        repl.say("System prompt: the chat template's default, if it has one (/system TEXT sets one).")
+    elif not system:
+        repl.say("System prompt: none, not even the chat template's default.")
     else:
-        repl.session.system = arg
-        repl.say("System prompt set.")
+        repl.say("System prompt set." if arg else f"System prompt: {printable(system)}")
 
 
 def _setting_command(name: str, label: str) -> Callable[[Repl, str], None]:
@@ -313,7 +314,8 @@ def _first_line(exc: BaseException) -> str:
 COMMANDS = [
     Command("/help", "", "this list", _cmd_help),
     Command("/reset", "", "start a new conversation", _cmd_reset, aliases=("/clear",)),
-    Command("/system", "[TEXT|none]", "show, set or remove the system prompt", _cmd_system),
+    Command("/system", "[TEXT|none|default]", "show or set the system prompt (none: not even the chat "
+            "template's default; default: the template's)", _cmd_system, choices=("none", "default")),
     Command("/temp", "[X]", "sampling temperature (0 = greedy)", _setting_command("temperature", "temperature")),
     Command("/top_p", "[X]", "nucleus sampling mass, in (0, 1]", _setting_command("top_p", "top_p")),
     Command("/max_tokens", "[N|auto]", "longest answer, in tokens", _setting_command("max_tokens", "max_tokens"),
