@@ -300,6 +300,7 @@ def test_run_reads_prompt_from_stdin(tiny):
     # With --url the server's engine runs the model: the engine's flags would do nothing.
     (("chat", "--url", "http://127.0.0.1:9", "--dtype", "float32"),
      "--dtype has no effect with --url: the server's engine runs the model (give it to `mlxserve serve`)"),
+    (("chat", "--url", "http://127.0.0.1:9", "--gguf-mode", "exact"), "--gguf-mode has no effect with --url"),  # the default
     (("chat", "--url", "http://127.0.0.1:9", "--draft-tokens", "2", "--speculative", "dflash", "--draft-model", "x",
       "--memory-budget", "8GB", "--gguf-mode", "native-q4"),
      "--gguf-mode, --memory-budget, --speculative, --draft-model, --draft-tokens have no effect with --url"),
@@ -318,6 +319,17 @@ def test_bad_input_is_one_line_and_exit_2(args, needle):
     assert len(lines) == 1 and lines[0].startswith("mlxserve: error:"), r.stderr
     assert needle in lines[0]
     assert "Traceback" not in r.stderr
+
+
+def test_chat_engine_flags_given_are_those_not_none():
+    """chat tells the engine flags given (refused with --url) by their value: each defaults to
+    None, and one given is named whatever its value, its default too."""
+    from mlxserve.cli import CHAT_ENGINE_ONLY, _flags_given, build_parser
+
+    parser = build_parser()
+    assert all(getattr(parser.parse_args(["chat"]), dest) is None for dest in CHAT_ENGINE_ONLY)
+    args = parser.parse_args(["chat", "--draft-tokens", "3", "--gguf-mode", "exact"])
+    assert _flags_given(args, CHAT_ENGINE_ONLY) == ["--gguf-mode", "--draft-tokens"]
 
 
 def test_serve_on_a_taken_port_fails_at_once_in_one_line():

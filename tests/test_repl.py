@@ -576,15 +576,15 @@ def test_url_errors_are_one_line(served, make_args, needle):
 
 def test_url_mode_refuses_engine_flags_and_keeps_those_that_matter(served, tmp_path):
     """With --url the server's engine runs the model: engine flags given are one line, exit 2,
-    naming each (one left at its default is no error); the model name, system prompt, thinking,
+    naming each (one given its default value too); the model name, system prompt, thinking,
     temperature and answer length still apply."""
     server, _ = served
-    where = ("--url", server.url, "--api-key", API_KEY, "--gguf-mode", "exact")
-    r = mlxserve("chat", *where, "--memory-budget", "8GB", "--speculative", "ngram", stdin="Hi\n",
-                 env={"MLXSERVE_HOME": str(tmp_path)})
+    where = ("--url", server.url, "--api-key", API_KEY)
+    r = mlxserve("chat", *where, "--gguf-mode", "exact", "--memory-budget", "8GB", "--speculative", "ngram",
+                 stdin="Hi\n", env={"MLXSERVE_HOME": str(tmp_path)})
     assert r.returncode == 2 and r.stdout == "", r.stderr
-    assert r.stderr == ("mlxserve: error: --memory-budget, --speculative have no effect with --url: the server's "
-                        "engine runs the model (give them to `mlxserve serve`)\n")
+    assert r.stderr == ("mlxserve: error: --gguf-mode, --memory-budget, --speculative have no effect with --url: "
+                        "the server's engine runs the model (give them to `mlxserve serve`)\n")
     r = mlxserve("chat", *where, "--model", "tiny", "--system", "Be brief.", "--no-think", "--temperature", "0",
                  "--max-tokens", "3", stdin="Hi\n", env={"MLXSERVE_HOME": str(tmp_path)})
     assert r.returncode == 0 and re.search(r"\b3 generated \(max\)", r.stderr), r.stderr

@@ -469,7 +469,9 @@ def _add_chat_parser(sub, default_model: str) -> None:
                     "runs what was piped: a line that starts with a command (/temp 0, /quit) is that "
                     "command, the text between two commands one question; only the answers go to stdout.")
     _add_model_args(chat, default_model)
-    chat.set_defaults(model=None)  # None: the default model, or with --url the server's first one
+    # model None: the default model, or with --url the server's first one. gguf_mode None: exact
+    # (see repl.open_backend), None so that `--gguf-mode exact` is told from no flag (CHAT_ENGINE_ONLY).
+    chat.set_defaults(model=None, gguf_mode=None)
     chat.add_argument("--system", help="system prompt; '' for none at all: without the flag the chat template's "
                                        "default system prompt applies, if it has one (/system changes it)")
     chat.add_argument("--url", action=_NonEmpty, help="chat with this OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1")
@@ -488,6 +490,7 @@ def _add_chat_parser(sub, default_model: str) -> None:
 
 
 # What the engine in this process is built with: with --url the server's engine runs the model.
+# Each defaults to None in chat, which no value given on the command line is (see _flags_given).
 CHAT_ENGINE_ONLY = ("dtype", "gguf_mode", "memory_budget", "speculative", "draft_model", "draft_tokens")
 
 
@@ -495,7 +498,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .repl import run_chat
 
     if args.url is not None:
-        unused = _flags_given(args, "chat", CHAT_ENGINE_ONLY)
+        unused = _flags_given(args, CHAT_ENGINE_ONLY)
         if unused:
             raise CLIError(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with --url: "
                            f"the server's engine runs the model (give {'it' if len(unused) == 1 else 'them'} "
@@ -505,13 +508,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args)
 
 
-def _flags_given(args: argparse.Namespace, command: str, dests) -> list[str]:
-    """The flags among `dests` (by dest) that the command line gave a value other than their
-    default, in the order --help lists them."""
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    parser = sub.choices[command]
-    return [action.option_strings[0] for action in parser._actions
-            if action.dest in dests and getattr(args, action.dest) != parser.get_default(action.dest)]
+def _flags_given(args: argparse.Namespace, dests) -> list[str]:
+    """The flags (--DEST) among `dests` that the command line gave, whatever their value
+    (`--gguf-mode exact` too), in the order of `dests`. Each must default to None."""
+    return ["--" + dest.replace("_", "-") for dest in dests if getattr(args, dest) is not None]
 
 
 # ---- pull / models / doctor -----------------------------------------------------------------

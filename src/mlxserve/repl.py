@@ -111,8 +111,9 @@ def open_backend(args):
     from .registry import DEFAULT_MODEL
 
     config = engine_config(args)  # a bad --memory-budget fails before the model loads
-    loaded = _load(args.model or DEFAULT_MODEL, args.dtype, args.gguf_mode)
-    return EngineBackend(loaded, config, {"dtype": parse_dtype(args.dtype), "gguf_mode": args.gguf_mode})
+    gguf_mode = args.gguf_mode or "exact"  # (None unless given: see cli._add_chat_parser)
+    loaded = _load(args.model or DEFAULT_MODEL, args.dtype, gguf_mode)
+    return EngineBackend(loaded, config, {"dtype": parse_dtype(args.dtype), "gguf_mode": gguf_mode})
 
 
 def message_text(text: str) -> str:
