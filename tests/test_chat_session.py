@@ -169,6 +169,33 @@ def test_load_errors_are_one_line_naming_the_file(tmp_path, content, needle):
     assert needle in message and str(path) in message and "\n" not in message
 
 
+def test_load_of_json_nested_too_deeply_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)  # deeper than Python's JSON parser goes
+    with pytest.raises(ValueError) as err:
+        ChatSession.load(path)
+    assert str(err.value) == f"{path}: its JSON is nested too deeply"
+
+
+@pytest.mark.parametrize("write", ["save", "export"])
+def test_a_file_that_cannot_be_written_is_one_line_naming_it(tmp_path, write):
+    """/save and /export say which file and why: an OSError's own message may not name the
+    file (/dev/full: "[Errno 28] No space left on device")."""
+    session = conversation()
+    for path, why in [("/dev/full", "No space left on device"), (tmp_path, "Is a directory"),
+                      (tmp_path / "no" / "chat.json", "No such file or directory")]:
+        with pytest.raises(ValueError) as err:
+            getattr(session, write)(path)
+        assert str(err.value) == f"cannot write {path}: {why}"
+    kept = tmp_path / "kept"
+    kept.write_text("saved before")
+    session.add_user("\udc80")  # a lone surrogate (a loaded file's JSON can hold one): not UTF-8
+    with pytest.raises(ValueError) as err:
+        getattr(session, write)(kept)
+    assert str(err.value) == f"cannot write {kept}: the conversation holds text that is not valid Unicode"
+    assert kept.read_text() == "saved before"
+
+
 def test_markdown_export(tmp_path):
     text = conversation().export(tmp_path / "chat.md", model="tiny").read_text()
     assert text.startswith("# Chat with tiny\n")

@@ -322,6 +322,8 @@ def test_settings_commands(chat, line, answer):
     ("/load", "usage: /load FILE"),
     ("/export", "usage: /export FILE.md"),
     ("/load /no/such/chat.json", "cannot read /no/such/chat.json"),
+    ("/save /dev/full", "cannot write /dev/full: No space left on device"),
+    ("/export /dev/full", "cannot write /dev/full: No space left on device"),
     ("/model /no/such/model", "cannot switch to /no/such/model"),
     ("/frobnicate", "unknown command /frobnicate; /help lists them"),
     ("/format /no/such/schema.json", "/format: cannot read the schema file /no/such/schema.json"),

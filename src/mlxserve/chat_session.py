@@ -185,9 +185,7 @@ class ChatSession:
         }
 
     def save(self, path: str | Path, model: str | None = None) -> Path:
-        path = Path(path).expanduser()
-        path.write_text(json.dumps(self.to_json(model), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        return path
+        return _write(path, json.dumps(self.to_json(model), indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def from_json(cls, data: object, current: ChatSession | None = None) -> tuple[ChatSession, str | None]:
@@ -240,6 +238,8 @@ class ChatSession:
             raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ValueError(f"{path} is not JSON") from None
+        except RecursionError:  # deeper than Python's JSON parser goes: not a file /save wrote
+            raise ValueError(f"{path}: its JSON is nested too deeply") from None
         try:
             return cls.from_json(data, current)
         except ValueError as exc:
@@ -264,9 +264,23 @@ class ChatSession:
         return "\n\n".join(parts) + "\n"
 
     def export(self, path: str | Path, model: str | None = None) -> Path:
-        path = Path(path).expanduser()
-        path.write_text(self.to_markdown(model), encoding="utf-8")
-        return path
+        return _write(path, self.to_markdown(model))
+
+
+def _write(path: str | Path, text: str) -> Path:
+    """Write a /save or /export file. An error is one line that names the file and says why:
+    an OSError's own message may not name it (`[Errno 28] No space left on device`)."""
+    path = Path(path).expanduser()
+    try:
+        # Encoded before the file is opened: a file already there stays as it was.
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, which a loaded file's JSON can hold ("\udc80")
+        raise ValueError(f"cannot write {path}: the conversation holds text that is not valid Unicode") from None
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise ValueError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
 
 
 def _message_json(m: Message) -> dict:
