@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -265,6 +266,15 @@ def test_run_streams_text_and_is_seeded(tiny):
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.strip()
     assert "generated" in first.stderr  # the stats line
+
+
+def test_run_writes_token_counts_as_its_spinner_does(tiny):
+    """The line after the text writes the prompt's tokens as the spinner does ("Reading the
+    prompt (1,051 tokens)"), thousands separated, and one as one token."""
+    for prompt, says in (("x", r"1 prompt token, 1 generated, "),
+                         ("The sky is blue. " * 150, r"1,\d\d\d prompt tokens, 1 generated, ")):
+        r = mlxserve("run", "--model", tiny, "--no-chat", "--max-tokens", "1", prompt)
+        assert r.returncode == 0 and re.match(says, r.stderr.splitlines()[-1]), r.stderr
 
 
 def test_run_reads_prompt_from_stdin(tiny):

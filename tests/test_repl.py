@@ -33,15 +33,21 @@ READY = "\x1b[?2004h"
 API_KEY = "test-key"
 # Long enough that a conversation's first prompt fills a 64-token prefix-cache block.
 SYSTEM = "You are a careful assistant. Answer in full sentences and explain every step. " * 3
-STATS = re.compile(r"prompt\s+(\d+)\s+tokens\s+\((\d+)\s+cached\)\s+·\s+TTFT\s+[\d.]+s\s+·\s+"
-                   r"(?:[\d.]+\s+tok/s\s+·\s+)?(\d+)\s+generated(?:\s+\((max|cut)\))?")
-URL_STATS = re.compile(r"(?:TTFT\s+[\d.]+s\s+·\s+)?(?:[\d.]+\s+tok/s\s+·\s+)?(\d+)\s+generated\s+\(cut\)")
+# Counts are written with thousands separators (figure() reads one).
+STATS = re.compile(r"prompt\s+([\d,]+)\s+\(([\d,]+)\s+cached\)\s+·\s+TTFT\s+[\d.]+s\s+·\s+"
+                   r"(?:[\d.]+\s+tok/s\s+·\s+)?([\d,]+)\s+generated(?:\s+\((max|cut)\))?")
+URL_STATS = re.compile(r"(?:TTFT\s+[\d.]+s\s+·\s+)?(?:[\d.]+\s+tok/s\s+·\s+)?([\d,]+)\s+generated\s+\(cut\)")
 ECHO = re.compile(r">>>|\.\.\. ")  # the prompt and its continuation, with what was typed
 SPINNER = re.compile(r"\s*[\u2800-\u28ff]")  # rich's "dots" spinner frames are braille characters
 ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[=>]|\r")
 COLOUR_PARAMS = {*range(30, 39), *range(40, 49), *range(90, 98), *range(100, 108)}
 CANDIDATE_QUESTIONS = ["What is the capital of France?", "Tell me a long story.", "Count to one hundred.",
                        "Explain Rayleigh scattering.", "Write a poem about numbers."]
+
+
+def figure(text: str) -> int:
+    """A count of the figures line, e.g. 1,024."""
+    return int(text.replace(",", ""))
 
 
 def plain(text: str) -> str:
@@ -93,7 +99,7 @@ class Chat:
     def interrupt_answer(self, question: str) -> str:
         """Ask, wait until the answer is streaming, press Ctrl-C; return the output."""
         self.child.send(question + "\r")
-        self.child.expect(r"[1-9]\d* tokens · Ctrl-C stops")
+        self.child.expect(r"[1-9][\d,]* tokens? · Ctrl-C stops")
         self.child.sendintr()
         return self.ready()
 
@@ -178,7 +184,7 @@ def test_second_turn_reuses_the_prefix_cache(chat):
     chat.run("/max_tokens 24")
     first = chat.ask("Hello there, how are you?")
     second = chat.ask("And what is the capital of France?")
-    first_prompt, second_prompt, cached = int(first[1]), int(second[1]), int(second[2])
+    first_prompt, second_prompt, cached = figure(first[1]), figure(second[1]), figure(second[2])
     assert first_prompt >= 64
     assert second_prompt > first_prompt + 24  # the first turn is part of the second prompt
     assert 64 <= cached < second_prompt
@@ -192,10 +198,10 @@ def test_ctrl_c_cuts_the_answer_and_the_chat_goes_on(chat, long_question, tmp_pa
     out = chat.interrupt_answer(long_question)
     match = STATS.search(out)
     assert match and match[4] == "cut", out
-    assert int(match[3]) < 600  # stopped long before the answer would have ended
+    assert figure(match[3]) < 600  # stopped long before the answer would have ended
     chat.run("/max_tokens 8")
     after = chat.ask("Thanks. Now a short one?")
-    assert after[4] != "cut" and int(after[2]) > 0  # the cut turn is still in the prefix cache
+    assert after[4] != "cut" and figure(after[2]) > 0  # the cut turn is still in the prefix cache
     saved = chat.save(tmp_path / "cut.json")
     roles = [(m["role"], m.get("cut", False)) for m in saved["messages"]]
     assert roles == [("user", False), ("assistant", True), ("user", False), ("assistant", False)]
@@ -408,8 +414,8 @@ def test_save_load_and_export_restore_the_conversation(chat, tmp_path):
     chat.run(f"/export {tmp_path / 'after.md'}")
     assert (tmp_path / "after.md").read_text() == (tmp_path / "before.md").read_text()
     follow_up = chat.ask("One more question?")
-    assert int(follow_up[1]) > int(last[1])  # the loaded turns are in the prompt
-    assert int(follow_up[2]) >= 64  # and they are still in the prefix cache
+    assert figure(follow_up[1]) > figure(last[1])  # the loaded turns are in the prompt
+    assert figure(follow_up[2]) >= 64  # and they are still in the prefix cache
 
 
 def test_no_colour_under_no_color(chat):
@@ -436,7 +442,7 @@ def test_url_mode_two_turns_reuse_the_server_cache(url_chat, served):
     url_chat.run("/max_tokens 16")
     first = url_chat.ask("Hello there, how are you?")
     second = url_chat.ask("And what is the capital of France?")
-    assert int(second[1]) > int(first[1]) and int(second[2]) >= 64
+    assert figure(second[1]) > figure(first[1]) and figure(second[2]) >= 64
 
 
 def test_url_mode_commands(url_chat, tmp_path):
@@ -508,8 +514,8 @@ def test_piped_answers_stop_at_max_tokens_in_process_and_over_http(tiny, served,
             r = mlxserve("chat", *where, "--no-think", "--temperature", "0", "--max-tokens", str(n),
                          stdin="Tell me a long story.\n", env={"MLXSERVE_HOME": str(tmp_path)})
             assert r.returncode == 0, r.stderr
-            generated = (STATS if where[0] == "--model" else re.compile(r"(\d+)\s+generated")).search(r.stderr)
-            assert generated and int(generated.groups()[-2 if where[0] == "--model" else 0]) == n, r.stderr
+            generated = (STATS if where[0] == "--model" else re.compile(r"([\d,]+)\s+generated")).search(r.stderr)
+            assert generated and figure(generated.groups()[-2 if where[0] == "--model" else 0]) == n, r.stderr
             answers.append(r.stdout.rstrip("\n"))
         assert answers[1].startswith(answers[0]) and len(answers[1]) > len(answers[0]), answers
     r = mlxserve("chat", "--model", tiny, "--max-tokens", "0", stdin="hi", env={"MLXSERVE_HOME": str(tmp_path)})
@@ -957,6 +963,28 @@ def test_text_from_a_loaded_file_cannot_send_terminal_escapes(tmp_path):
     assert "\x1b" not in text
 
 
+def test_save_and_load_count_in_the_singular_for_one(tmp_path):
+    from rich.console import Console
+
+    from mlxserve.chat_session import ChatSession
+    from mlxserve.repl import Repl
+
+    class Backend:
+        model = "tiny"
+
+    out = io.StringIO()
+    session = ChatSession()
+    session.add_user("Hi")
+    repl = Repl(Backend(), session, Console(file=out, width=200), prompt=False)
+    repl.command(f"/save {tmp_path / 'one.json'}")
+    session.add_answer("Hello")
+    repl.command(f"/save {tmp_path / 'two.json'}")
+    repl.command(f"/load {tmp_path / 'two.json'}")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == f"Saved 1 message to {tmp_path / 'one.json'}"
+    assert lines[-1] == "Loaded 2 messages, 1 question"
+
+
 def test_a_bug_in_a_command_is_one_line_and_the_chat_goes_on(monkeypatch):
     from rich.console import Console
 
@@ -1015,14 +1043,14 @@ def test_answer_view_shows_how_far_the_prompt_is_read_until_a_token_comes():
     assert view.footer_text() == "waiting · 0 tokens · Ctrl-C stops"
     read[0] = (4000, 4096)
     view.add(Delta(content="Hi", tokens=1))
-    assert view.footer_text() == "writing · 1 tokens · Ctrl-C stops"
+    assert view.footer_text() == "writing · 1 token · Ctrl-C stops"  # one token, not "1 tokens"
 
 
 def test_format_stats_fits_80_columns():
     from mlxserve.chat_backend import Stats
 
-    line = format_stats(Stats(300, "length", 1520, 1472, 0.12, 45.3))
-    assert line == "prompt 1520 tokens (1472 cached) · TTFT 0.12s · 45.3 tok/s · 300 generated (max)"
+    line = format_stats(Stats(1300, "length", 15200, 14720, 0.12, 45.3))
+    assert line == "prompt 15,200 (14,720 cached) · TTFT 0.12s · 45.3 tok/s · 1,300 generated (max)"
     assert len(line) <= 80
     assert format_stats(Stats(5, "cancelled", ttft_s=0.5), cut=True) == "TTFT 0.50s · 5 generated (cut)"
     assert printable("a\tb\nc\x07\x1b[2J\r\n") == "a\tb\nc\ufffd\ufffd[2J\n"

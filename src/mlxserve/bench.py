@@ -39,6 +39,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import engine as engine_module
+from .chat_render import plural
 from .engine import Engine, EngineConfig
 from .loader import LoadedModel
 from .sampling import SamplingParams
@@ -96,15 +97,15 @@ class BenchConfig:
         """Checks that need the model: every sequence must fit in its context."""
         limit = loaded.context_length
         if self.prompt_tokens + self.gen_tokens > limit:
-            raise ValueError(f"--prompt-tokens + --gen-tokens ({self.prompt_tokens + self.gen_tokens}) "
-                             f"exceed the model's context length ({limit})")
+            raise ValueError(f"--prompt-tokens + --gen-tokens ({self.prompt_tokens + self.gen_tokens:,}) "
+                             f"exceed the model's context length ({limit:,})")
         if self.chat_history_tokens is not None and (
                 self.chat_history_tokens + self.gen_tokens + CHAT_FOLLOW_UP_TOKENS >= limit):
             raise ValueError(f"--chat-history-tokens + --gen-tokens + {CHAT_FOLLOW_UP_TOKENS} must be below the "
-                             f"model's context length ({limit})")
+                             f"model's context length ({limit:,})")
         if self.long_prompt_tokens is not None and self.long_prompt_tokens >= limit:
-            raise ValueError(f"--long-prompt-tokens ({self.long_prompt_tokens}) must be below the "
-                             f"model's context length ({limit})")
+            raise ValueError(f"--long-prompt-tokens ({self.long_prompt_tokens:,}) must be below the "
+                             f"model's context length ({limit:,})")
 
     def requests_for(self, concurrency: int) -> int:
         return self.requests or default_requests(concurrency)
@@ -763,8 +764,8 @@ def run_bench(loaded: LoadedModel, cfg: BenchConfig, results: BenchResults, prog
         prompts = make_prompts(streams, cfg.prompt_tokens, 0, vocab, [cfg.seed, _LONG_PROMPT, run, 0])
         long = make_prompts(1, cfg.long_prompt_tokens, 0, vocab, [cfg.seed, _LONG_PROMPT, run, 1])[0]
         for backend, entry in zip(backends, entries):
-            progress.phase(f"{backend.name} long prompt {cfg.long_prompt_tokens} tokens, "
-                           f"{streams} streams, {_run_label(run, cfg)}", None)
+            progress.phase(f"{backend.name} long prompt {plural(cfg.long_prompt_tokens, 'token')}, "
+                           f"{plural(streams, 'stream')}, {_run_label(run, cfg)}", None)
             mx.reset_peak_memory()
             trace = backend.long_prompt(prompts, long, cfg.gen_tokens, stream_tokens)
             if run >= cfg.warmup:
@@ -778,7 +779,8 @@ def run_prefix_reuse(backend: OurBackend, cfg: BenchConfig, vocab: int, results:
     for run in range(cfg.warmup + cfg.runs):
         history = make_prompts(1, cfg.chat_history_tokens, 0, vocab, [cfg.seed, _PREFIX_REUSE, run, 0])[0]
         follow_up = make_prompts(1, CHAT_FOLLOW_UP_TOKENS, 0, vocab, [cfg.seed, _PREFIX_REUSE, run, 1])[0]
-        progress.phase(f"{OURS} chat second turn after {cfg.chat_history_tokens} tokens, {_run_label(run, cfg)}", None)
+        progress.phase(f"{OURS} chat second turn after {plural(cfg.chat_history_tokens, 'token')}, "
+                       f"{_run_label(run, cfg)}", None)
         cached = backend.chat_second_turn(history, follow_up, cfg.gen_tokens, prefix_cache=True)
         uncached = backend.chat_second_turn(history, follow_up, cfg.gen_tokens, prefix_cache=False)
         if run >= cfg.warmup:
@@ -854,9 +856,9 @@ def render(results: BenchResults, console) -> None:
         medians = f"medians of each row's measured runs (column 'runs'; {asked} asked for)"
     else:
         [measured] = counts
-        medians = f"medians of {measured} run(s)" + (f" ({asked} asked for)" if measured != asked else "")
-    caption = (f"{medians}; prompt {results.config['prompt_tokens']} tokens, "
-               f"{results.config['gen_tokens']} generated per request; prefill tok/s counts the prompt "
+        medians = f"medians of {plural(measured, 'run')}" + (f" ({asked} asked for)" if measured != asked else "")
+    caption = (f"{medians}; prompt {plural(results.config['prompt_tokens'], 'token')}, "
+               f"{results.config['gen_tokens']:,} generated per request; prefill tok/s counts the prompt "
                f"tokens not taken from the prefix cache")
     if len(engines) > 1:
         caption += "; speedup > 1 means mlxserve is better (latency and memory: theirs/ours, throughput: ours/theirs)"
@@ -885,8 +887,8 @@ def render(results: BenchResults, console) -> None:
         console.print(_long_prompt_table(results, engines, per_row))
     reuse = results.scenario(OURS, "prefix_reuse")
     if reuse:
-        reuse_table = Table(title=f"chat second turn after {reuse['history_tokens']} tokens of history "
-                                  f"(+{results.config['gen_tokens']} answer, +{CHAT_FOLLOW_UP_TOKENS} follow-up)")
+        reuse_table = Table(title=f"chat second turn after {plural(reuse['history_tokens'], 'token')} of history "
+                                  f"(+{results.config['gen_tokens']:,} answer, +{CHAT_FOLLOW_UP_TOKENS} follow-up)")
         for label in [*(["runs"] if per_row else []), *(f.label for f in PREFIX_REUSE_FIGURES)]:
             reuse_table.add_column(label, justify="right")
         reuse_table.add_row(*_runs_cell(reuse, per_row), *(f.format(reuse["median"].get(f.key)) for f in PREFIX_REUSE_FIGURES))
@@ -900,8 +902,9 @@ def _runs_cell(entry: dict, per_row: bool) -> list[str]:
 def _long_prompt_table(results: BenchResults, engines: list[str], per_row: bool = False):
     from rich.table import Table
 
-    table = Table(title=f"long prompt ({results.config['long_prompt_tokens']} tokens) admitted while "
-                        f"{results.config['long_prompt_streams']} streams decode",
+    streams = results.config["long_prompt_streams"]
+    table = Table(title=f"long prompt ({plural(results.config['long_prompt_tokens'], 'token')}) admitted while "
+                        f"{plural(streams, 'stream')} {'decodes' if streams == 1 else 'decode'}",
                   caption="admission: from the long prompt's submit to its first token; stall = admission ITL p99 / steady ITL p50")
     for column in ("engine", *(["runs"] if per_row else []), *(f.label for f in LONG_PROMPT_FIGURES)):
         table.add_column(column, justify="right")

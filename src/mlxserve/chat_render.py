@@ -34,10 +34,16 @@ def printable(text: str) -> str:
     return _CONTROL.sub("\ufffd", text.replace("\r\n", "\n"))
 
 
+def plural(n: int, noun: str) -> str:
+    """`n` of `noun` as the CLI and the chat show counts: thousands separated, the noun
+    singular for one (`1 token`, `1,531 tokens`)."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def reading_prompt(read: int, total: int) -> str:
     """How far the engine has read a prompt, e.g. `reading the prompt: 1,536 of 4,096 tokens
     (37%)` (a long prompt takes minutes on a CPU)."""
-    return f"reading the prompt: {read:,} of {total:,} tokens ({100 * read // max(total, 1)}%)"
+    return f"reading the prompt: {read:,} of {plural(total, 'token')} ({100 * read // max(total, 1)}%)"
 
 
 class AnswerView:
@@ -123,7 +129,7 @@ class AnswerView:
             if read is not None:
                 return f"{reading_prompt(*read)} · Ctrl-C stops"
             doing = "waiting"
-        return f"{doing} · {self.tokens} tokens · Ctrl-C stops"
+        return f"{doing} · {plural(self.tokens, 'token')} · Ctrl-C stops"
 
 
 class _Footer:
@@ -140,20 +146,20 @@ class _Footer:
 
 
 def format_stats(stats: Stats | None, cut: bool = False) -> str:
-    """The line after an answer, short enough for 80 columns in the usual case, e.g.
-    `prompt 86 tokens (64 cached) · TTFT 0.02s · 412.3 tok/s · 300 generated`; (max): the
-    answer reached max_tokens, (cut): stopped with Ctrl-C; figures the
-    source did not give are left out."""
+    """The line after an answer, e.g. `prompt 1,086 (1,024 cached) · TTFT 0.02s · 412.3 tok/s ·
+    300 generated`: counts of tokens, without the word, so that the line fits 80 columns in the
+    usual case with thousands separators; (max): the answer reached max_tokens, (cut): stopped
+    with Ctrl-C; figures the source did not give are left out."""
     if stats is None:
         return "(cut)" if cut else ""
     parts = []
     if stats.prompt_tokens is not None:
-        cached = f" ({stats.cached_tokens} cached)" if stats.cached_tokens is not None else ""
-        parts.append(f"prompt {stats.prompt_tokens} tokens{cached}")
+        cached = f" ({stats.cached_tokens:,} cached)" if stats.cached_tokens is not None else ""
+        parts.append(f"prompt {stats.prompt_tokens:,}{cached}")
     if stats.ttft_s is not None:
         parts.append(f"TTFT {stats.ttft_s:.2f}s")
     if stats.tok_s is not None:
         parts.append(f"{stats.tok_s:.1f} tok/s")
     why = " (cut)" if cut else " (max)" if stats.finish_reason == "length" else ""
-    parts.append(f"{stats.completion_tokens} generated{why}")
+    parts.append(f"{stats.completion_tokens:,} generated{why}")
     return " · ".join(parts)

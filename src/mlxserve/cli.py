@@ -250,6 +250,7 @@ def _running_engine(loaded, config, exit_on_ctrl_c: bool = False):
 
 # ---- run ----------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
+    from .chat_render import plural
     from .sampling import SamplingParams
 
     if args.prompt is not None and args.prompt_arg is not None:
@@ -320,9 +321,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write("\n")
         _status(
-            f"{final.prompt_tokens} prompt tokens, {final.completion_tokens} generated, "
+            f"{plural(final.prompt_tokens, 'prompt token')}, {final.completion_tokens:,} generated, "
             f"TTFT {_fmt(final.ttft_s, 's')}, {_fmt(final.decode_tok_s, ' tok/s')}, finish: {final.finish_reason}"
-            + (f", drafts: {stats['accepted_tokens']} of {stats['drafted_tokens']} tokens accepted" if args.speculative else "")
+            + (f", drafts: {stats['accepted_tokens']:,} of {plural(stats['drafted_tokens'], 'token')} accepted"
+               if args.speculative else "")
         )
     return 0
 
@@ -331,7 +333,7 @@ def _shown_while_prompt_is_read(stream, prompt_tokens: int, progress=None):
     """The stream's events; in a terminal a spinner says the prompt is being read until the
     first comes (a long prompt takes minutes on a CPU, and nothing else shows meanwhile), and
     how far, from `progress()` ((tokens read, prompt tokens) or None), every quarter second."""
-    from .chat_render import reading_prompt
+    from .chat_render import plural, reading_prompt
 
     console = _stderr_console()
     events = iter(stream)
@@ -346,7 +348,7 @@ def _shown_while_prompt_is_read(stream, prompt_tokens: int, progress=None):
             if read is not None:
                 status.update(reading_prompt(*read).capitalize() + " …")
 
-    with console.status(f"Reading the prompt ({prompt_tokens:,} tokens) …", spinner="dots") as status:
+    with console.status(f"Reading the prompt ({plural(prompt_tokens, 'token')}) …", spinner="dots") as status:
         ticker = threading.Thread(target=show_progress, args=(status,), daemon=True) if progress else None
         if ticker is not None:
             ticker.start()

@@ -29,7 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .chat_backend import BackendError, Delta, Stats
-from .chat_render import AnswerView, format_stats, printable
+from .chat_render import AnswerView, format_stats, plural, printable
 from .chat_session import ChatSession, Settings, UsageError
 from .interrupts import join
 
@@ -276,7 +276,7 @@ def _stat_value(key: str, value) -> str:
 
 def _cmd_save(repl: Repl, arg: str) -> None:
     path = repl.session.save(_path_arg(arg, "usage: /save FILE"), model=repl.backend.model)
-    repl.say(f"Saved {len(repl.session.messages)} messages to {path}")
+    repl.say(f"Saved {plural(len(repl.session.messages), 'message')} to {path}")
 
 
 def _cmd_load(repl: Repl, arg: str) -> None:
@@ -289,7 +289,7 @@ def _cmd_load(repl: Repl, arg: str) -> None:
     repl.session.system, repl.session.settings, repl.session.messages = loaded.system, loaded.settings, loaded.messages
     repl.replay()
     note = f" (saved with {printable(model)})" if model and model != repl.backend.model else ""
-    repl.say(f"Loaded {len(loaded.messages)} messages, {loaded.turns} questions{note}")
+    repl.say(f"Loaded {plural(len(loaded.messages), 'message')}, {plural(loaded.turns, 'question')}{note}")
 
 
 def _cmd_export(repl: Repl, arg: str) -> None:
