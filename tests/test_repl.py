@@ -305,7 +305,7 @@ def test_tab_completes_commands(chat):
     ("/system", "System prompt: Be brief."),
     ("/system none", "System prompt: none, not even the chat template's default."),
     ("/system", "System prompt: none, not even the chat template's default."),
-    ("/system default", "System prompt: the chat template's default, if it has one"),
+    ("/system default", "System prompt: the chat template's default, if any (/system TEXT sets one)."),
     ("/reset", "New conversation."),
     ("/clear", "New conversation."),
     ("/format json", "answers: json (any JSON object)"),

@@ -191,7 +191,7 @@ def _cmd_system(repl: Repl, arg: str) -> None:
         repl.session.system = {"none": "", "default": None}.get(arg.lower(), arg)
     system = repl.session.system
     if system is None:
-        repl.say("System prompt: the chat template's default, if it has one (/system TEXT sets one).")
+        repl.say("System prompt: the chat template's default, if any (/system TEXT sets one).")
     elif not system:
         repl.say("System prompt: none, not even the chat template's default.")
     else:
