@@ -241,7 +241,7 @@ def test_run_in_a_terminal_says_it_reads_the_prompt_until_the_first_token(tiny, 
 
 def test_run_in_a_terminal_shows_how_far_it_has_read_a_long_prompt(tiny, tmp_path):
     # Chunks of 64 tokens: the third step blocks with two of them computed, the second not yet
-    # counted (its step was the newest queued).
+    # counted (no step has waited for it yet).
     with _run_in_a_terminal_with_a_blocked_step(tiny, tmp_path, "word " * 300, 3, MAX_BATCH_TOKENS="64") as child:
         child.expect(r"Reading the prompt: ([\d,]+) of ([\d,]+) tokens \((\d+)%\)")
         read, total, percent = (int(g.replace(",", "")) for g in child.match.groups())

@@ -166,24 +166,73 @@ def _inside(code, frame) -> bool:
     return False
 
 
-def test_prompt_progress_counts_the_chunks_read_until_the_first_token(loaded):
-    """What front ends show while a long prompt is read: (tokens read, prompt tokens)."""
-    tok = loaded.tokenizer
+@pytest.mark.parametrize("text", ["The sky is blue because of Rayleigh scattering. " * 3, "Hello"])
+def test_prompt_progress_counts_the_chunks_read_until_the_first_token(loaded, monkeypatch, text):
+    """What front ends show while a prompt is read: (tokens read, prompt tokens), a chunk
+    counted once the step after it has waited for the device to compute it, and shown until
+    the first token comes (while the last chunk is computed too; a prompt of one chunk: 0)."""
     sched = make_scheduler(loaded, EngineConfig(max_batch_tokens=8, block_size=8))
-    prompt = tok.encode(" ".join(["The sky is blue because of Rayleigh scattering."] * 3))
-    assert len(prompt) > 24
+    prompt = loaded.tokenizer.encode(text)
+    chunks = -(-len(prompt) // 8)
     request = Request(prompt, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
     assert sched.prompt_progress(request.id) is None  # not submitted
     sched.add(request)
     assert sched.prompt_progress(request.id) == (0, len(prompt))  # waiting
-    read = []
+    # The figure a front end's thread sees while the engine thread waits inside a step: for
+    # the device (the chunk before, on the CPU the tail of it), or for the first token.
+    in_wait, in_read_back = [], []
+    wait, read_back = sched._wait_for_device, sched._read_back
+    monkeypatch.setattr(sched, "_wait_for_device",
+                        lambda skip=False: in_wait.append(sched.prompt_progress(request.id)) or wait(skip))
+    monkeypatch.setattr(sched, "_read_back",
+                        lambda step: in_read_back.append(sched.prompt_progress(request.id)) or read_back(step))
+    after = []
     while not any(e.request_id == request.id for e in sched.step()):
-        read.append(sched.prompt_progress(request.id))
-    # A chunk counts once the next step has been queued (which waited for it to be computed).
-    assert read[:3] == [(0, len(prompt)), (8, len(prompt)), (16, len(prompt))]
-    assert all(r is None or r[0] <= len(prompt) for r in read)
+        after.append(sched.prompt_progress(request.id))
+    assert after == [(8 * k, len(prompt)) for k in range(chunks - 1)]
+    # Step k waits for chunk k - 1, which counts only once it has waited.
+    assert in_wait == [(8 * max(k - 1, 0), len(prompt)) for k in range(chunks)]
+    assert in_read_back == [(8 * (chunks - 1), len(prompt))]  # all the chunks before the last
     assert sched.prompt_progress(request.id) is None  # its first token came
     assert sched.prompt_progress("no such request") is None
+
+
+def test_prompt_progress_is_never_ahead_whenever_a_step_runs_while_it_reads(loaded):
+    """A front end's thread may be preempted at any line of prompt_progress while the engine
+    thread steps. Wherever a step runs in the middle of the read, the figure counts nothing
+    that step fed (the device has not been waited for it)."""
+    import sys
+
+    prompt = loaded.tokenizer.encode("The sky is blue because of Rayleigh scattering. " * 3)
+    code = scheduler_module.Scheduler.prompt_progress.__code__
+    at = 0
+    while True:
+        sched = make_scheduler(loaded, EngineConfig(max_batch_tokens=8, block_size=8))
+        request = Request(prompt, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+        sched.add(request)
+        lines = 0
+
+        def trace(frame, event, arg):
+            nonlocal lines
+            if frame.f_code is not code:
+                return None
+            if event == "line":
+                if lines == at:
+                    sched.step()  # (the trace function is not traced itself)
+                lines += 1
+            return trace
+
+        previous = sys.gettrace()
+        sys.settrace(trace)
+        try:
+            figure = sched.prompt_progress(request.id)
+        finally:
+            sys.settrace(previous)
+        assert figure == (0, len(prompt)), f"a step run before line {at} of the read"
+        if at >= lines - 1:
+            break
+        at += 1
+    assert at > 0
 
 
 def test_a_long_prompt_waits_while_its_shelf_grows_in_steps_and_no_row_stalls(loaded, monkeypatch):

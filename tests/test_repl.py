@@ -1039,7 +1039,7 @@ def test_answer_view_shows_how_far_the_prompt_is_read_until_a_token_comes():
     out = io.StringIO()
     Console(file=out, width=100).print(view._footer())  # the Live region renders it so
     assert "reading the prompt: 1,536 of 4,096 tokens (37%)" in out.getvalue()
-    read[0] = None  # the engine has no more to say: it waits for the first token
+    read[0] = None  # the engine has no figure (it has not taken the request in yet)
     assert view.footer_text() == "waiting · 0 tokens · Ctrl-C stops"
     read[0] = (4000, 4096)
     view.add(Delta(content="Hi", tokens=1))

@@ -248,8 +248,9 @@ class Engine:
         return {**self._stats, "requests_in_progress": self._outstanding}
 
     def prompt_progress(self, request_id: str) -> tuple[int, int] | None:
-        """(prompt tokens read, prompt tokens) while the request reads its prompt, else None
-        (see Scheduler.prompt_progress): for a front end's progress display, from any thread."""
+        """(prompt tokens read, prompt tokens) until the request's first token comes, else None
+        (also before the engine thread has taken it in; see Scheduler.prompt_progress): for a
+        front end's progress display, from any thread."""
         scheduler = self._scheduler
         return scheduler.prompt_progress(request_id) if scheduler is not None else None
 

@@ -168,6 +168,10 @@ class Row:
         self.first_token_time: float | None = None
         self.cached_tokens = 0
         self.prompt_counted = 0  # prompt positions counted as prefilled (stats): a recompute is not again
+        # Prompt tokens the device is known to have computed (the prefix cache's included),
+        # for Scheduler.prompt_progress: only the stepping thread writes it, and only with a
+        # count it has waited for, so a reader in another thread never sees it ahead.
+        self.prompt_read = 0
         self.admitted = False  # once admitted, a preempted row's return is a recompute
         self.finished = False
         # Tokens sampled on the device whose values the host has not read yet (steps are
@@ -274,9 +278,6 @@ class Scheduler:
         self._events: list[TokenEvent] = []  # produced outside a row's own commit (errors)
         self._inflight: InFlight | None = None
         self._queued = False  # work queued on the device since the last _wait_for_device
-        # Tokens each row was fed in the newest step, whose work may not be done yet: not
-        # counted as read by prompt_progress (a 512-token chunk takes a minute on a CPU).
-        self._fed_newest: dict[str, int] = {}
         self._queue_without_wait = _on_cuda()  # see _copies_are_cheap
         # A hybrid model (Qwen3.5) keeps per-row recurrent state beside the KV.
         self.hybrid = self.kv.state_bytes_per_row > 0
@@ -343,19 +344,17 @@ class Scheduler:
         return bool(self.waiting or self.running or self._inflight)
 
     def prompt_progress(self, request_id: str) -> tuple[int, int] | None:
-        """(prompt tokens read, prompt tokens) of a request still reading its prompt (the
-        prefix cache's tokens count as read; a chunk once the step after the one that fed it
-        has been queued, which waited for it); None once its first token came, or for a
-        request not here. Front ends call it from their own thread to show progress while the
-        engine thread steps: the row lists are copied whole (one C call, under the GIL) and
-        only integers are read, so a figure may be a step old, never ahead."""
-        fed_newest = self._fed_newest
+        """(prompt tokens read, prompt tokens) of a request until its first token comes, also
+        while its last chunk is computed (a prompt of one chunk shows 0 read); None once the
+        first token came, or for a request not here. The prefix cache's tokens and a chunk
+        count as read once the step after the one that fed them has waited for the device
+        (Row.prompt_read): a 512-token chunk takes a minute on a CPU, and the figure must not
+        run ahead of it. Front ends call it from their own thread while the engine thread
+        steps: the row lists are copied whole (one C call, under the GIL) and the figure is
+        one integer the engine thread publishes, so it may be a step old, never ahead."""
         for row in list(self.running) + list(self.waiting):
             if row.id == request_id:
-                if row.num_generated or row.pending:
-                    return None
-                read = row.cache.length - fed_newest.get(row.id, 0)
-                return max(0, min(read, row.prompt_len)), row.prompt_len
+                return None if row.num_generated else (row.prompt_read, row.prompt_len)
         return None
 
     # ---- one step ---------------------------------------------------------------------
@@ -378,18 +377,19 @@ class Scheduler:
         """
         started = time.perf_counter()
         self._admit()
-        feeds, rows = self._plan()
+        feeds, rows, reading = self._plan()
         if self.draft_contexts is not None and self.draft_contexts.entries:
             # Running rows' draft contexts grew (as they drafted): kept ones make way, oldest first.
             self.draft_contexts.fit(self.draft_contexts.max_positions - self._draft_buffers())
         events, self._events = self._events, []
         decode = sum(1 for row in rows if row.is_decoding)
         prompt_tokens, generated = self._step_counts(feeds, rows)
-        # (Before _launch extends the rows' caches: a reader in another thread then sees at
-        # most what the steps before this one computed.)
-        self._fed_newest = {row.id: len(feed.tokens) for feed, row in zip(feeds, rows)}
         outputs, queued = self._launch(feeds, rows) if feeds else ([], None)
         self._wait_for_device(self._copies_are_cheap(decode, rows))
+        # The device has computed everything fed before this step (a step that skips the wait
+        # feeds no prompt): what prompt_progress shows.
+        for row, start in reading:
+            row.prompt_read = start
         if outputs:
             mx.async_eval(outputs)
             self._queued = True
@@ -688,7 +688,9 @@ class Scheduler:
         else:
             row.cache.release()
 
-    def _plan(self) -> tuple[list[Feed], list[Row]]:
+    def _plan(self) -> tuple[list[Feed], list[Row], list[tuple[Row, int]]]:
+        """The step's feeds and their rows, and (row, where its feed starts) of the rows fed
+        part of their prompt (for prompt_progress: only these, not every decoding row)."""
         plan: list[tuple[Row, int]] = []
         # A decoding row stops short of the context (its next token would lie past it); a
         # prompt as long as the context is still prefilled (and gets its one token).
@@ -741,7 +743,7 @@ class Scheduler:
             for row, draft in zip(self._lazy_drafts, resolve_drafts([row.draft for row in self._lazy_drafts])):
                 row.draft = draft
         plan = self._reserve(plan)
-        feeds, rows = [], []
+        feeds, rows, reading = [], [], []
         for row, n in plan:
             start = row.cache.length
             if row.pending:
@@ -754,11 +756,13 @@ class Scheduler:
             else:
                 reaches_end = start + n == len(row.tokens)
                 scoring = row.prompt_scores is not None and start < row.prompt_len
+                if start < row.prompt_len:
+                    reading.append((row, start))
                 feed = Feed(row.id, row.tokens[start : start + n], start, row.cache,
                             "all" if scoring else "last" if reaches_end else "none")
             feeds.append(feed)
             rows.append(row)
-        return feeds, rows
+        return feeds, rows, reading
 
     def _draft(self, row: Row) -> int:
         """Speculation: ask the row's drafter for tokens to verify after its next one (kept in
