@@ -329,10 +329,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shown_while_prompt_is_read(stream, prompt_tokens: int, progress=None):
+def _shown_while_prompt_is_read(stream, prompt_tokens: int, progress):
     """The stream's events; in a terminal a spinner says the prompt is being read until the
     first comes (a long prompt takes minutes on a CPU, and nothing else shows meanwhile), and
-    how far, from `progress()` ((tokens read, prompt tokens) or None), every quarter second."""
+    how far, from `progress()` ((tokens read, prompt tokens), or None: the last figure stays),
+    every quarter second."""
     from .chat_render import plural, reading_prompt
 
     console = _stderr_console()
@@ -349,15 +350,13 @@ def _shown_while_prompt_is_read(stream, prompt_tokens: int, progress=None):
                 status.update(reading_prompt(*read).capitalize() + " …")
 
     with console.status(f"Reading the prompt ({plural(prompt_tokens, 'token')}) …", spinner="dots") as status:
-        ticker = threading.Thread(target=show_progress, args=(status,), daemon=True) if progress else None
-        if ticker is not None:
-            ticker.start()
+        ticker = threading.Thread(target=show_progress, args=(status,), daemon=True)
+        ticker.start()
         try:
             first = next(events)
         finally:
             first_came.set()
-            if ticker is not None:
-                ticker.join()
+            ticker.join()
     yield first
     yield from events
 
