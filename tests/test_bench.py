@@ -70,6 +70,72 @@ def test_random_weights_are_finite_in_bfloat16():
     assert weights["model.norm.weight"].dtype == mx.bfloat16
 
 
+def _drawn_per_evaluation(monkeypatch) -> list[tuple[int, int]]:
+    """Per MLX evaluation from now on: (elements of the random weights' draws, matrices
+    quantized) that it computes, among the arrays it is asked to evaluate."""
+    draw, quantize, evaluate = mx.random.normal, mx.quantize, mx.eval
+    drawn, quantized, per_evaluation = {}, {}, []
+
+    def normal(shape, *args, **kwargs):
+        array = draw(shape, *args, **kwargs)
+        if "key" in kwargs:  # (the skeleton's own lazy initial values, never evaluated, have none)
+            drawn[id(array)] = array
+        return array
+
+    def quantize_matrix(*args, **kwargs):
+        outputs = quantize(*args, **kwargs)  # (weight, scales, biases), computed together
+        quantized[id(outputs[0])] = outputs[0]
+        return outputs
+
+    def evaluated(*args):
+        arrays = [a for _, a in tree_flatten(list(args))]
+        per_evaluation.append((sum(drawn.pop(id(a)).size for a in arrays if id(a) in drawn),
+                               len([quantized.pop(id(a)) for a in arrays if id(a) in quantized])))
+        evaluate(*args)
+
+    monkeypatch.setattr(mx.random, "normal", normal)
+    monkeypatch.setattr(mx, "quantize", quantize_matrix)
+    monkeypatch.setattr(mx, "eval", evaluated)
+    return per_evaluation
+
+
+@pytest.mark.parametrize("quantize", [None, 4])
+def test_random_weights_are_built_a_piece_per_evaluation(monkeypatch, quantize):
+    """Python runs a Ctrl-C's handler only between MLX calls: built in one evaluation,
+    qwen3-0.6b's weights kept a Ctrl-C waiting 4-15 s on a 2-core CPU. Each evaluation draws
+    at most PIECE_ELEMENTS (the embedding comes in blocks of rows) and quantizes one matrix."""
+    from mlxserve import random_weights
+
+    monkeypatch.setattr(random_weights, "PIECE_ELEMENTS", 4096)  # "tiny"'s embedding: 512 x 64
+    per_evaluation = _drawn_per_evaluation(monkeypatch)
+    loaded = build_random_model("tiny", dtype="float32", quantize=quantize)
+    assert max(drawn for drawn, _ in per_evaluation) <= 4096
+    assert max(quantized for _, quantized in per_evaluation) == (1 if quantize else 0)
+    embedding = dict(tree_flatten(loaded.model.parameters()))["model.embed_tokens.weight"]
+    assert embedding.shape[0] == 512
+    if not quantize:  # its 8 blocks, each drawn with a key of its own, have the spread asked for
+        assert not mx.array_equal(embedding[:64], embedding[64:128]).item()
+        assert mx.std(embedding).item() == pytest.approx(random_weights.EMBEDDING_SCALE, rel=0.05)
+
+
+def test_a_ctrl_c_while_the_random_weights_are_built_stops_the_bench_after_one_piece(monkeypatch, capsys):
+    from mlxserve import random_weights
+
+    monkeypatch.setattr(random_weights, "PIECE_ELEMENTS", 4096)
+    per_evaluation = _drawn_per_evaluation(monkeypatch)
+    evaluate = mx.eval
+
+    def ctrl_c_while_weights_are_drawn(*args):
+        evaluate(*args)
+        if per_evaluation[-1][0]:
+            raise KeyboardInterrupt  # (Python raises one that came during the call once it returns)
+
+    monkeypatch.setattr(mx, "eval", ctrl_c_while_weights_are_drawn)
+    assert cli.main(["bench", "--random-weights", "tiny", "--concurrency", "1", "--runs", "1"]) == 130
+    assert per_evaluation[-1][0] <= 4096  # what the build drew after the Ctrl-C: one piece at most
+    assert "ready in" not in capsys.readouterr().err
+
+
 # ---- statistics --------------------------------------------------------------------------------
 def test_percentile_interpolates_between_ranks():
     assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5

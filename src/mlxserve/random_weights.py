@@ -1,8 +1,8 @@
 """Real model shapes with random weights, so a machine without weight files can benchmark.
 
 `build_random_model("qwen3-0.6b")` returns a LoadedModel whose parameters are drawn on the
-device with `mx.random` (no host loops, no copies): matrices N(0, 1/fan_in) (0.01-0.03 at
-real sizes), embeddings N(0, 0.02²), norms ones. Every projection then keeps its input's
+device with `mx.random` (no host loops), a piece at a time (PIECE_ELEMENTS): matrices
+N(0, 1/fan_in) (0.01-0.03 at real sizes), embeddings N(0, 0.02²), norms ones. Every projection then keeps its input's
 scale, so activations stay finite through every layer in bf16, and the layers, not the
 embedding, decide the next token (a tiny model's greedy output depends on the whole prompt).
 The cost of a forward pass is that of the real model. Add a shape to SHAPES to benchmark it.
@@ -10,6 +10,7 @@ The cost of a forward pass is that of the real model. Add a shape to SHAPES to b
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -58,6 +59,11 @@ SHAPES: dict[str, dict] = {
 QUANTIZE_BITS = (4, 8)
 QUANTIZE_GROUP_SIZE = 64
 
+# The most elements one MLX evaluation of the build draws (32 MB in bfloat16: about half a
+# second on a busy 2-core CPU). Python runs a Ctrl-C's handler only between MLX calls: built in
+# one evaluation, qwen3-0.6b's weights kept a Ctrl-C waiting 4-15 s there, qwen3-4b's longer.
+PIECE_ELEMENTS = 1 << 24
+
 
 class RandomTokenizer:
     """What the engine needs from a tokenizer when there is no vocabulary: no EOS ids (a
@@ -82,7 +88,8 @@ def shape_config(shape: str) -> dict:
 
 
 def random_weights(config: dict, dtype: mx.Dtype, seed: int = 0) -> dict[str, mx.array]:
-    """Lazy random arrays named and shaped like the parameters of `config`'s model."""
+    """Random arrays named and shaped like the parameters of `config`'s model, evaluated one
+    by one (see PIECE_ELEMENTS)."""
     skeleton = build_skeleton(config)
     names = tree_flatten(skeleton.parameters())
     keys = mx.random.split(mx.random.key(seed), len(names))
@@ -90,10 +97,31 @@ def random_weights(config: dict, dtype: mx.Dtype, seed: int = 0) -> dict[str, mx
     for (name, param), key in zip(names, keys):
         if "norm" in name:
             weights[name] = mx.ones(param.shape, dtype=dtype)
+            mx.eval(weights[name])
         else:
             scale = EMBEDDING_SCALE if "embed" in name else param.shape[-1] ** -0.5
-            weights[name] = mx.random.normal(param.shape, dtype=dtype, scale=scale, key=key)
+            weights[name] = _normal(param.shape, dtype, scale, key)
     return weights
+
+
+def _normal(shape: tuple[int, ...], dtype: mx.Dtype, scale: float, key: mx.array) -> mx.array:
+    """N(0, scale²) of `shape`, evaluated; a larger array than PIECE_ELEMENTS is drawn in
+    blocks of rows, each with a key of its own and evaluated on its own, then joined (one
+    copy: 0.2 s for qwen3-0.6b's embedding, against 4.5 s to draw it)."""
+    rows = max(1, PIECE_ELEMENTS // math.prod(shape[1:]))
+    if shape[0] <= rows:
+        array = mx.random.normal(shape, dtype=dtype, scale=scale, key=key)
+        mx.eval(array)
+        return array
+    starts = range(0, shape[0], rows)
+    pieces = []
+    for start, piece_key in zip(starts, mx.random.split(key, len(starts))):
+        pieces.append(mx.random.normal((min(rows, shape[0] - start), *shape[1:]), dtype=dtype, scale=scale,
+                                       key=piece_key))
+        mx.eval(pieces[-1])
+    array = mx.concatenate(pieces)
+    mx.eval(array)
+    return array
 
 
 def build_skeleton(config: dict) -> nn.Module:
@@ -117,7 +145,8 @@ def build_random_model(shape: str, *, dtype: str | None = None, quantize: int | 
     if quantize:
         nn.quantize(model, group_size=QUANTIZE_GROUP_SIZE, bits=quantize)
         config["quantization"] = {"group_size": QUANTIZE_GROUP_SIZE, "bits": quantize}
-        mx.eval(model.parameters())
+        for _, array in tree_flatten(model.parameters()):
+            mx.eval(array)  # one matrix at a time, for Ctrl-C (qwen3-0.6b's embedding: 0.5 s)
     return LoadedModel(
         model=model,
         tokenizer=RandomTokenizer(config["vocab_size"]),
