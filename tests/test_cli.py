@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from contextlib import contextmanager
 
 import pytest
@@ -112,6 +113,53 @@ def _until_line(proc, wanted: str) -> list[str]:
             break
     assert lines[-1:] and lines[-1].startswith(wanted), lines
     return lines
+
+
+# `python -c CTRL_C_TO_ANOTHER_THREAD ARGS...` is `mlxserve ARGS...` whose main thread blocks
+# SIGINT, so that the kernel hands a Ctrl-C to another thread, as it may while the engine runs:
+# the main thread, which reads stdin, sees it only when it runs Python code. It prints
+# "[reading stdin]" on stderr when it begins to read what is piped.
+CTRL_C_TO_ANOTHER_THREAD = r"""
+import signal, sys, threading
+from mlxserve import cli, piped_input
+
+threading.Thread(target=threading.Event().wait, daemon=True).start()  # (SIGINT not blocked there)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+_read_pieces = piped_input.read_pieces
+
+def read_pieces(stream):
+    print("[reading stdin]", file=sys.stderr, flush=True)
+    yield from _read_pieces(stream)
+
+piped_input.read_pieces = read_pieces
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command,piped,waiting", [
+    ("run", "", "[reading stdin]"),  # `(sleep 30) | mlxserve run`
+    ("chat", "/temp 0\n", "temperature: 0"),  # a FIFO driving the chat: the engine runs meanwhile
+])
+def test_ctrl_c_while_piped_input_is_awaited_exits_at_once(tiny, command, piped, waiting):
+    """A Ctrl-C while stdin is an open pipe with nothing more in it ends the process at once,
+    as any other: exit status 130, a newline on stderr. Here it goes to another thread than
+    the one that waits for stdin, which would wait on (for ever: stdin is never closed)."""
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_TO_ANOTHER_THREAD, command, "--model", tiny],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    bound = threading.Timer(120, proc.kill)  # a bound for a failing test, not a wait for anything
+    bound.start()
+    try:
+        proc.stdin.write(piped)
+        proc.stdin.flush()  # (and left open: an end of stdin would end the process too)
+        _until_line(proc, waiting)
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        out, err = proc.stdout.read(), proc.stderr.read()
+    finally:
+        bound.cancel()
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130 and (out, err) == ("", "\n"), err
 
 
 def test_ctrl_c_while_the_engine_module_loads_is_quiet(tiny, monkeypatch, capsys):
@@ -393,6 +441,21 @@ def test_no_prompt_is_an_error(tiny):
     assert r.returncode == 2 and "no prompt" in r.stderr
     r = mlxserve("run", "--model", tiny, "   ")
     assert r.returncode == 2 and "no prompt" in r.stderr
+
+
+def test_a_piped_prompt_too_long_is_one_line(monkeypatch, capsys, tmp_path):
+    """`yes | mlxserve run` read on until memory ran out: past MAX_PIPED_TEXT characters a
+    piped prompt is refused in one line, as soon as it is seen (before the model loads)."""
+    from mlxserve import cli, piped_input
+
+    monkeypatch.setattr(piped_input, "MAX_PIPED_TEXT", 100)
+    path = tmp_path / "prompt.txt"
+    path.write_text("y\n" * 51)
+    with open(path) as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert cli.main(["run", "--model", "/no/such/model"]) == 2
+    assert capsys.readouterr().err == ("mlxserve: error: the prompt on stdin has more than 100 characters, more than "
+                                       "any model's context holds\n")
 
 
 def test_a_prompt_longer_than_the_context_is_one_line(tiny):

@@ -876,11 +876,11 @@ def _pipe_to_fake_chat(monkeypatch, asked: list, answer: str = "ok") -> None:
     monkeypatch.setattr(repl_module, "open_backend", lambda args: Backend())
 
 
-def _piped_chat(monkeypatch, stdin: str, **flags) -> int:
-    """run_chat on `stdin` piped, with chat's flags at their defaults but `flags`."""
+def _piped_chat(monkeypatch, stdin, **flags) -> int:
+    """run_chat with `stdin` (text, or a stream) piped, chat's flags at their defaults but `flags`."""
     from mlxserve.repl import run_chat
 
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin) if isinstance(stdin, str) else stdin)
     args = {"temperature": None, "no_think": False, "system": None, "format": None, "max_tokens": None, **flags}
     return run_chat(types.SimpleNamespace(**args))
 
@@ -940,6 +940,62 @@ def test_an_empty_system_prompt_is_sent_so_that_the_template_adds_none(monkeypat
     assert _piped_chat(monkeypatch, "Hi\n/reset\n/system default\nHi\n/reset\n/system none\nHi\n", system="") == 0
     empty, user = {"role": "system", "content": ""}, {"role": "user", "content": "Hi"}
     assert [messages for messages, _ in asked] == [[empty, user], [user], [empty, user]]
+
+
+class PipeOfPieces:
+    """stdin as a pipe that hands out what was written to it one piece at a time, recording
+    each read in `events`; after the pieces, `endless` again and again (if given), or the end."""
+
+    def __init__(self, pieces: list[str], events: list, endless: str | None = None):
+        self.pieces, self.events, self.endless = list(pieces), events, endless
+
+    def isatty(self):
+        return False
+
+    def read(self, size=-1):
+        assert size is not None and size > 0, "stdin was read to its end at once"
+        piece = self.pieces.pop(0) if self.pieces else self.endless or ""
+        self.events.append(("read", piece))
+        return piece
+
+
+def test_piped_input_is_taken_as_it_comes(monkeypatch, capsys):
+    """Each command runs as soon as its line comes, and a question is answered as soon as its
+    end is known (the next command, or the end of stdin): stdin was read to its end first, so
+    a FIFO could not drive the chat line by line, and `yes '/temp 0' |` filled memory. /quit
+    reads no more."""
+    from mlxserve import repl as repl_module
+
+    events = []
+    _pipe_to_fake_chat(monkeypatch, events)  # (the questions asked go to `events` too)
+    command = repl_module.Repl.command
+    monkeypatch.setattr(repl_module.PipedRepl, "command", lambda self, line: events.append(("command", line))
+                        or command(self, line))
+    pieces = ["/temp 0\n", "What is", " 2+2?\n", "/reset\nAnd 3+3?\n"]
+    assert _piped_chat(monkeypatch, PipeOfPieces(pieces, events)) == 0
+    first, second = [{"role": "user", "content": "What is 2+2?"}], [{"role": "user", "content": "And 3+3?"}]
+    assert events == [("read", "/temp 0\n"), ("command", "/temp 0"), ("read", "What is"), ("read", " 2+2?\n"),
+                      ("read", "/reset\nAnd 3+3?\n"), (first, 0), ("command", "/reset"), ("read", ""), (second, 0)]
+    assert capsys.readouterr().out == "ok\nok\n"
+
+    events.clear()
+    assert _piped_chat(monkeypatch, PipeOfPieces(["/temp 0\n/quit\n"], events, endless="/temp 1\n")) == 0
+    assert events == [("read", "/temp 0\n/quit\n"), ("command", "/temp 0"), ("command", "/quit")]
+
+
+def test_a_piped_question_too_long_is_one_line_before_memory_fills(monkeypatch):
+    """More text than MAX_PIPED_TEXT in one question (or one line) is an error as soon as it
+    is seen, whatever keeps coming after it."""
+    from mlxserve import piped_input
+
+    monkeypatch.setattr(piped_input, "MAX_PIPED_TEXT", 100)
+    _pipe_to_fake_chat(monkeypatch, asked := [])
+    for endless, what in (("x" * 30 + "\n", "a question"), ("x" * 30, "a line")):
+        reads = []
+        with pytest.raises(piped_input.PipedTextTooLong) as failed:
+            _piped_chat(monkeypatch, PipeOfPieces(["/temp 0\n"], reads, endless=endless))
+        assert str(failed.value) == f"{what} on stdin has more than 100 characters, more than any model's context holds"
+        assert len(reads) == 5 and asked == []  # the command, then 4 × 30 characters: past 100
 
 
 def test_text_from_a_loaded_file_cannot_send_terminal_escapes(tmp_path):

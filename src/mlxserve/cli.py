@@ -257,7 +257,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CLIError("give the prompt once: as an argument or with --prompt, not both")
     prompt = args.prompt if args.prompt is not None else args.prompt_arg
     if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+        from .piped_input import read_piped_text
+
+        prompt = read_piped_text(sys.stdin, "the prompt")  # (not stdin.read(): see piped_input)
     if not prompt or not prompt.strip():
         raise CLIError("no prompt: give one as an argument, with --prompt, or on stdin")
     params = SamplingParams(

@@ -9,12 +9,13 @@ only the answers' text goes to stdout (PipedRepl).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from . import piped_input
 from .chat_backend import BackendError, Delta, Stats
 from .chat_render import AnswerView, format_stats, plural, printable
 from .chat_session import ChatSession, Settings, UsageError
@@ -62,9 +64,13 @@ def run_chat(args) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     piped = None
     if not interactive:
-        piped = piped_messages(sys.stdin.read())
-        if not piped:
+        # Taken as it comes (a FIFO can drive the chat line by line); the model loads once the
+        # first line that is not blank has come: there is something to do.
+        lines = piped_input.piped_lines(piped_input.read_pieces(sys.stdin))
+        first = next((line for line in lines if line.strip()), None)
+        if first is None:
             raise CLIError("no question on stdin")
+        piped = piped_messages(itertools.chain([first], lines))
     settings = Settings(think=not args.no_think)
     if args.temperature is not None:
         settings.set("temperature", str(args.temperature))
@@ -126,32 +132,38 @@ def message_text(text: str) -> str:
     return "\n".join(lines)
 
 
-def piped_messages(text: str) -> list[tuple[str, str]]:
-    """What was piped on stdin, as it would be typed: ("command", line) for a line that starts
-    with a command's name (`/quit`, `/temp 0`: see COMMANDS), ("ask", message) for the lines
-    between two commands, as one message (message_text), so that a file piped in is one
-    question. Only the commands' names make a command here: a line such as `/* comment */` or
-    `/etc/hosts` in piped text stays text, and `//quit` sends `/quit`."""
-    messages: list[tuple[str, str]] = []
+def piped_messages(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """What was piped on stdin, as it would be typed, taken as it comes: ("command", line) for
+    a line that starts with a command's name (`/quit`, `/temp 0`: see COMMANDS), as soon as it
+    comes; ("ask", message) for the lines between two commands, as one message (message_text),
+    so that a file piped in is one question, as soon as its end is known (the next command, or
+    the end of stdin). Only the commands' names make a command here: a line such as
+    `/* comment */` or `/etc/hosts` in piped text stays text, and `//quit` sends `/quit`. A
+    question of more than MAX_PIPED_TEXT characters is PipedTextTooLong: memory does not grow
+    with what keeps coming."""
     block: list[str] = []
+    size = 0
 
-    def end_block() -> None:
-        message = message_text("\n".join(block))
-        block.clear()
-        if message:
-            messages.append(("ask", message))
-
-    for line in text.split("\n"):
+    for line in lines:
         word = (line.split(maxsplit=1) or [""])[0]
         if find_command(word) is not None:
-            end_block()
-            messages.append(("command", line.strip()))
-        elif word.startswith("//") and find_command(word[1:]) is not None:
-            block.append(line.replace("/", "", 1))
-        else:
-            block.append(line)
-    end_block()
-    return messages
+            message = message_text("\n".join(block))
+            block, size = [], 0
+            if message:
+                yield "ask", message
+            yield "command", line.strip()
+            continue
+        if word.startswith("//") and find_command(word[1:]) is not None:
+            line = line.replace("/", "", 1)
+        if not block and not line.strip():
+            continue  # blank lines before a question are not sent (nor kept: `yes ''`)
+        size += len(line) + 1
+        if size > piped_input.MAX_PIPED_TEXT:
+            raise piped_input.PipedTextTooLong("a question")
+        block.append(line)
+    message = message_text("\n".join(block))
+    if message:
+        yield "ask", message
 
 
 # ---- slash commands -----------------------------------------------------------------------------
@@ -511,14 +523,14 @@ def _cancel(generation) -> None:
 
 
 class PipedRepl(Repl):
-    """Stdin not a terminal: the commands and questions piped in (piped_messages) run as the
-    terminal's do (Repl.command and Repl.ask, so /temp, /system, /reset, /retry, /save … act
-    alike, and /quit or /exit ends the session), but stdout gets only the answers' text (no
-    thinking, no decoration), each ended by a newline; their figures and what commands say go
-    to stderr. Nobody is there to type a line again, so the first error ends the session (one
+    """Stdin not a terminal: the commands and questions piped in (piped_messages) run, each as
+    soon as it has come, as the terminal's do (Repl.command and Repl.ask, so /temp, /system,
+    /reset, /retry, /save … act alike, and /quit or /exit ends the session, reading no more),
+    but stdout gets only the answers' text (no thinking, no decoration), each ended by a
+    newline; their figures and what commands say go to stderr. Nobody is there to type a line again, so the first error ends the session (one
     line, exit status 2) instead of going on under settings the input did not ask for."""
 
-    def __init__(self, backend, session: ChatSession, messages: list[tuple[str, str]]):
+    def __init__(self, backend, session: ChatSession, messages: Iterable[tuple[str, str]]):
         super().__init__(backend, session, Console(stderr=True), prompt=False)
         self.messages = messages
         self._failure: str | None = None
