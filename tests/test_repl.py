@@ -942,6 +942,27 @@ def test_an_empty_system_prompt_is_sent_so_that_the_template_adds_none(monkeypat
     assert [messages for messages, _ in asked] == [[empty, user], [user], [empty, user]]
 
 
+def test_piped_lines_in_a_fenced_block_are_text(monkeypatch, capsys, tmp_path):
+    """In pasted Markdown, a fenced block (``` or ~~~) is code, a shell session, a transcript:
+    its lines are part of the question as they are, never commands (a `/export FILE` there
+    wrote a file). A fence closes with the same mark, at least as long; one left open runs to
+    the end of stdin; "```x```" on a line opens none."""
+    monkeypatch.chdir(tmp_path)  # (where the /export would write)
+    asked = []
+    _pipe_to_fake_chat(monkeypatch, asked)
+    fenced = "Why does this fail?\n```sh\n$ mlxserve chat\n/export notes.md\n  /stats\n```\n" \
+             "~~~~\n/temp 0\n```\n//reset\n~~~~"
+    stdin = f"```inline```\n/temp 1\n{fenced}\n/temp 0\nAnd this?\n```\n/quit\n"
+    assert _piped_chat(monkeypatch, stdin) == 0
+    assert asked == [([{"role": "user", "content": "```inline```"}], 0.7),
+                     ([{"role": "user", "content": "```inline```"}, {"role": "assistant", "content": "ok"},
+                       {"role": "user", "content": fenced}], 1),
+                     ([{"role": "user", "content": "```inline```"}, {"role": "assistant", "content": "ok"},
+                       {"role": "user", "content": fenced}, {"role": "assistant", "content": "ok"},
+                       {"role": "user", "content": "And this?\n```\n/quit"}], 0)]
+    assert capsys.readouterr().err.count("temperature") == 2 and not (tmp_path / "notes.md").exists()
+
+
 class PipeOfPieces:
     """stdin as a pipe that hands out what was written to it one piece at a time, recording
     each read in `events`; after the pieces, `endless` again and again (if given), or the end."""

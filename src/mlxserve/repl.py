@@ -138,23 +138,30 @@ def piped_messages(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
     comes; ("ask", message) for the lines between two commands, as one message (message_text),
     so that a file piped in is one question, as soon as its end is known (the next command, or
     the end of stdin). Only the commands' names make a command here: a line such as
-    `/* comment */` or `/etc/hosts` in piped text stays text, and `//quit` sends `/quit`. A
-    question of more than MAX_PIPED_TEXT characters is PipedTextTooLong: memory does not grow
-    with what keeps coming."""
+    `/* comment */` or `/etc/hosts` in piped text stays text, and `//quit` sends `/quit`. In a
+    fenced block (``` or ~~~, as in Markdown: pasted code, a shell session) every line is text,
+    as it is, up to the fence that closes it (or the end of stdin). A question of more than
+    MAX_PIPED_TEXT characters is PipedTextTooLong: memory does not grow with what keeps coming."""
     block: list[str] = []
     size = 0
+    fence = None  # inside a fenced block: the fence that opened it
 
     for line in lines:
-        word = (line.split(maxsplit=1) or [""])[0]
-        if find_command(word) is not None:
-            message = message_text("\n".join(block))
-            block, size = [], 0
-            if message:
-                yield "ask", message
-            yield "command", line.strip()
-            continue
-        if word.startswith("//") and find_command(word[1:]) is not None:
-            line = line.replace("/", "", 1)
+        if fence is not None:
+            if _closes_fence(line, fence):
+                fence = None
+        else:
+            word = (line.split(maxsplit=1) or [""])[0]
+            if find_command(word) is not None:
+                message = message_text("\n".join(block))
+                block, size = [], 0
+                if message:
+                    yield "ask", message
+                yield "command", line.strip()
+                continue
+            if word.startswith("//") and find_command(word[1:]) is not None:
+                line = line.replace("/", "", 1)
+            fence = _opened_fence(line)
         if not block and not line.strip():
             continue  # blank lines before a question are not sent (nor kept: `yes ''`)
         size += len(line) + 1
@@ -164,6 +171,25 @@ def piped_messages(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
     message = message_text("\n".join(block))
     if message:
         yield "ask", message
+
+
+def _opened_fence(line: str) -> str | None:
+    """The fence a line opens (three or more ` or ~, after any indentation), or None. As in
+    Markdown, a backtick fence's info string (```python) has no backtick: "```x```" is code
+    inline."""
+    text = line.lstrip()
+    for mark in "`~":
+        length = len(text) - len(text.lstrip(mark))
+        if length >= 3 and not (mark == "`" and "`" in text[length:]):
+            return text[:length]
+    return None
+
+
+def _closes_fence(line: str, fence: str) -> bool:
+    """Whether a line closes the fenced block `fence` opened: the same mark, at least as many
+    times, and nothing else."""
+    text = line.strip()
+    return len(text) >= len(fence) and text == fence[0] * len(text)
 
 
 # ---- slash commands -----------------------------------------------------------------------------
