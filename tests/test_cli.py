@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import types
 from contextlib import contextmanager
 
 import pytest
@@ -456,6 +457,27 @@ def test_a_piped_prompt_too_long_is_one_line(monkeypatch, capsys, tmp_path):
         assert cli.main(["run", "--model", "/no/such/model"]) == 2
     assert capsys.readouterr().err == ("mlxserve: error: the prompt on stdin has more than 100 characters, more than "
                                        "any model's context holds\n")
+
+
+def test_a_piped_prompt_from_windows_is_taken_as_typed(monkeypatch, tmp_path):
+    """A byte order mark before a piped prompt, and "\r" in its "\r\n" line ends, are not
+    part of the prompt."""
+    from mlxserve import cli
+
+    prompts = []
+
+    def prompt_ids(tokenizer, prompt, *args, **kwargs):
+        prompts.append(prompt)
+        raise cli.CLIError("seen")
+
+    monkeypatch.setattr(cli, "_load", lambda *args: types.SimpleNamespace(tokenizer=None))
+    monkeypatch.setattr(cli, "_prompt_ids", prompt_ids)
+    path = tmp_path / "prompt.txt"
+    path.write_bytes("\ufeffFirst line,\r\nsecond line.\r\n".encode())
+    with open(path, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert cli.main(["run", "--model", "tiny"]) == 2
+    assert prompts == ["First line,\nsecond line.\n"]
 
 
 def test_a_prompt_longer_than_the_context_is_one_line(tiny):

@@ -1004,6 +1004,22 @@ def test_piped_input_is_taken_as_it_comes(monkeypatch, capsys):
     assert events == [("read", "/temp 0\n/quit\n"), ("command", "/temp 0"), ("command", "/quit")]
 
 
+def test_piped_text_from_windows_is_taken_as_typed(monkeypatch, tmp_path):
+    """A byte order mark before the first line hid the command there; "\r\n" line ends left
+    "\r" inside a question of several lines, also where a read ends between "\r" and "\n"."""
+    asked = []
+    _pipe_to_fake_chat(monkeypatch, asked)
+    path = tmp_path / "notes.txt"
+    path.write_bytes("\ufeff/temp 0\r\nFirst line,\r\nsecond line.\r\n/quit\r\n".encode())
+    with open(path, encoding="utf-8") as stdin:
+        assert _piped_chat(monkeypatch, stdin) == 0
+    assert asked == [([{"role": "user", "content": "First line,\nsecond line."}], 0)]
+    asked.clear()
+    pieces = ["\ufeff/temp 0\r", "\nFirst line,\r", "\nsecond line.\r\n"]
+    assert _piped_chat(monkeypatch, PipeOfPieces(pieces, [])) == 0
+    assert asked == [([{"role": "user", "content": "First line,\nsecond line."}], 0)]
+
+
 def test_a_piped_question_too_long_is_one_line_before_memory_fills(monkeypatch):
     """More text than MAX_PIPED_TEXT in one question (or one line) is an error as soon as it
     is seen, whatever keeps coming after it."""

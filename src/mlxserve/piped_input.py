@@ -22,6 +22,7 @@ from .interrupts import SIGNAL_CHECK_S
 # one line, instead of memory growing with whatever keeps coming (`yes |`).
 MAX_PIPED_TEXT = 16_000_000
 READ_BYTES = 1 << 16  # one read's worth
+BOM = "\ufeff"  # a byte order mark, which editors on Windows put before a UTF-8 file's text
 
 
 class PipedTextTooLong(ValueError):
@@ -54,27 +55,33 @@ def read_pieces(stream) -> Iterator[str]:
 
 
 def piped_lines(pieces: Iterable[str]) -> Iterator[str]:
-    """The lines of text that comes in pieces, each without its "\n" as soon as it is whole
-    (the last one at the end, if no newline ends it). A line longer than MAX_PIPED_TEXT is
-    PipedTextTooLong, raised before more of it is read."""
+    """The lines of text that comes in pieces, each as soon as it is whole (the last one at
+    the end, if no newline ends it), without its line end: "\n", or "\r\n" as Windows ends
+    lines (a "\r" left in would stay inside a question of several lines). A byte order mark
+    before the first line goes ("\ufeff/temp 0" is no command). A line longer than
+    MAX_PIPED_TEXT is PipedTextTooLong, raised before more of it is read."""
     partial: list[str] = []  # the line read so far
     size = 0
+    first = True
     for piece in pieces:
+        if first:
+            piece, first = piece.removeprefix(BOM), False
         *ends, rest = piece.split("\n")
         for end in ends:
             partial.append(end)
-            yield "".join(partial)
+            yield "".join(partial).removesuffix("\r")
             partial, size = [], 0
         partial.append(rest)
         size += len(rest)
         if size > MAX_PIPED_TEXT:
             raise PipedTextTooLong("a line")
     if size:
-        yield "".join(partial)
+        yield "".join(partial).removesuffix("\r")
 
 
 def read_piped_text(stream, what: str) -> str:
-    """All of `stream` (`run`'s prompt) as one text; past MAX_PIPED_TEXT characters,
+    """All of `stream` (`run`'s prompt) as one text, without a byte order mark before it and
+    with "\r\n" line ends as "\n" (as piped_lines takes them); past MAX_PIPED_TEXT characters,
     PipedTextTooLong, naming it as `what`, before more is read."""
     pieces, size = [], 0
     for piece in read_pieces(stream):
@@ -82,4 +89,4 @@ def read_piped_text(stream, what: str) -> str:
         if size > MAX_PIPED_TEXT:
             raise PipedTextTooLong(what)
         pieces.append(piece)
-    return "".join(pieces)
+    return "".join(pieces).removeprefix(BOM).replace("\r\n", "\n")
