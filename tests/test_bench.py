@@ -319,12 +319,14 @@ def test_long_prompt_flags_through_the_cli(tmp_path, capsys):
 
 
 def test_chat_second_turn_reuses_the_history(tmp_path, capsys):
-    out = tmp_path / "reuse.json"
+    out = tmp_path / f"reuse-{'with-a-long-name-' * 5}.json"
     status = cli.main(["bench", "--random-weights", "tiny", "--dtype", "float32", "--concurrency", "1",
                        "--requests", "1", "--prompt-tokens", "8", "--gen-tokens", "8", "--runs", "1",
                        "--warmup", "0", "--chat-history-tokens", "200", "--block-size", "16", "--json", str(out)])
     assert status == 0
-    assert "chat second turn after 200 tokens" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "chat second turn after 200 tokens" in printed.out
+    assert f"bench: wrote {out}" in printed.err.splitlines()  # one line, however long (a log's)
     median = json.loads(out.read_text())["results"]["mlxserve"]["prefix_reuse"]["median"]
     # history (200) + answer (8) were computed in turn 1; all full 16-token blocks of them are reused
     assert median["cached_tokens"] == ((200 + 8 - 1) // 16) * 16

@@ -963,6 +963,25 @@ def test_piped_lines_in_a_fenced_block_are_text(monkeypatch, capsys, tmp_path):
     assert capsys.readouterr().err.count("temperature") == 2 and not (tmp_path / "notes.md").exists()
 
 
+def test_what_piped_chat_says_on_stderr_is_not_wrapped(monkeypatch, capsys):
+    """Off a terminal rich cut every line at 80 columns: what commands say (a long system
+    prompt shown, /help's rows and keys) stays one line each, for grep and for whatever shows
+    it later; the answers on stdout too."""
+    from mlxserve.repl import COMMANDS, KEYS_HELP
+
+    long_answer = "The sky is blue because air scatters blue sunlight more than red. " * 3
+    _pipe_to_fake_chat(monkeypatch, [], answer=long_answer)
+    system = "Answer in full sentences and explain every step. " * 3
+    assert _piped_chat(monkeypatch, f"/system {system}\n/system\n/help\nWhy is the sky blue?\n") == 0
+    out = capsys.readouterr()
+    err = [line.rstrip() for line in out.err.splitlines()]
+    assert f"System prompt: {system.strip()}" in err and KEYS_HELP in err, err
+    rows = [line for line in err if line.startswith("/")]
+    assert len(rows) == len(COMMANDS), err
+    assert next(row for row in rows if row.startswith("/format")).endswith("or inline JSON)"), err
+    assert out.out == long_answer + "\n"
+
+
 class PipeOfPieces:
     """stdin as a pipe that hands out what was written to it one piece at a time, recording
     each read in `events`; after the pieces, `endless` again and again (if given), or the end."""

@@ -983,12 +983,12 @@ def main(args) -> int:
     after Ctrl-C, with what was measured (exit status 130)."""
     import json
 
-    from rich.console import Console
+    from .cli import output_console
 
     cfg = config_from_args(args)
     if args.json:
         check_writable(args.json)  # before the run, not after it
-    err = Console(stderr=True)
+    err = output_console(stderr=True)
     loaded = load_for_bench(args)
     cfg.validate_for(loaded)
     err.print(f"bench: {loaded.name} ({loaded.quantization}) ready in {loaded.load_seconds:.1f}s", highlight=False)
@@ -1001,8 +1001,7 @@ def main(args) -> int:
         results.partial = True
         status = 130
         err.print("bench: interrupted; reporting what was measured", highlight=False)
-    # Off a terminal (logs), print the table wide instead of folding it into 80 columns.
-    render(results, Console() if sys.stdout.isatty() else Console(width=220))
+    render(results, output_console())  # (off a terminal, logs: wide, not folded into 80 columns)
     if args.json:
         try:
             with open(args.json, "w") as f:

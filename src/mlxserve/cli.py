@@ -338,7 +338,7 @@ def _shown_while_prompt_is_read(stream, prompt_tokens: int, progress):
     every quarter second."""
     from .chat_render import plural, reading_prompt
 
-    console = _stderr_console()
+    console = output_console(stderr=True)
     events = iter(stream)
     if not console.is_terminal:
         yield from events
@@ -435,7 +435,7 @@ def _load(spec: str, dtype_name: str | None, gguf_mode: str = "exact"):
     if dtype is not None and dtype in (mx.float16, mx.bfloat16) and mx.default_device() == mx.cpu:
         _status(f"warning: MLX's CPU back-end runs {dtype_name} matrix products far slower than float32 "
                 "(float16 about 40 times, see loader.default_gguf_dtype): leave --dtype out, or use float32")
-    console = _stderr_console()
+    console = output_console(stderr=True)
     with console.status(f"Loading {spec} …", spinner="dots") if console.is_terminal else nullcontext():
         loaded = load_model(spec, dtype=dtype, progress=True, gguf_mode=gguf_mode)
     _status(f"Loaded {loaded.name} ({loaded.format}, {loaded.quantization}) in {loaded.load_seconds:.1f}s")
@@ -548,7 +548,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    console = _table_console()
+    console = output_console()
     if not models:
         console.print("No local models yet. Try: mlxserve pull")
         return 0
@@ -568,7 +568,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
-        doctor.render(report, _table_console())
+        doctor.render(report, output_console())
     if not report["ok"]:
         failed = [c for c in report["checks"] if not c["ok"]]
         for check in failed:
@@ -648,19 +648,21 @@ def engine_config(args: argparse.Namespace, **overrides):
     return EngineConfig(**overrides)
 
 
-def _table_console():
-    """A console for tables on stdout: off a terminal (a pipe, a file) wide enough that rows
-    are not wrapped to 80 columns."""
+PIPED_TABLE_WIDTH = 220  # a table's width off a terminal (rows of paths and names stay whole)
+
+
+def output_console(stderr: bool = False):
+    """A rich console on stdout (or stderr). Off a terminal (a pipe, a log file) rich knows no
+    width and takes 80 columns, cutting every longer line in two; there it wraps no text (a
+    line said stays one line, for grep and for whatever shows it later, which wraps it to its
+    own width), and a table gets PIPED_TABLE_WIDTH columns to keep its rows whole."""
     from rich.console import Console
 
-    console = Console()
-    return console if console.is_terminal else Console(width=max(console.width, 220))
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")))
+    no_color = bool(os.environ.get("NO_COLOR"))
+    console = Console(stderr=stderr, no_color=no_color)
+    if console.is_terminal:
+        return console
+    return Console(stderr=stderr, no_color=no_color, width=max(console.width, PIPED_TABLE_WIDTH), soft_wrap=True)
 
 
 def _status(message: str) -> None:

@@ -557,7 +557,9 @@ class PipedRepl(Repl):
     line, exit status 2) instead of going on under settings the input did not ask for."""
 
     def __init__(self, backend, session: ChatSession, messages: Iterable[tuple[str, str]]):
-        super().__init__(backend, session, Console(stderr=True), prompt=False)
+        from .cli import output_console
+
+        super().__init__(backend, session, output_console(stderr=True), prompt=False)
         self.messages = messages
         self._failure: str | None = None
         self._reader_gone = False
