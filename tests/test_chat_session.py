@@ -196,6 +196,19 @@ def test_a_file_that_cannot_be_written_is_one_line_naming_it(tmp_path, write):
     assert kept.read_text() == "saved before"
 
 
+@pytest.mark.parametrize("verb", ["save", "export", "load"])
+def test_a_home_folder_nobody_has_is_one_line_naming_the_file(verb):
+    """`~nosuchuser/chat.json`: pathlib raises a RuntimeError there, which was "a bug" in the
+    chat (`/save failed: RuntimeError: Could not determine home directory.`)."""
+    path = "~mlxserve-no-such-user/chat.json"
+    with pytest.raises(ValueError) as err:
+        if verb == "load":
+            ChatSession.load(path)
+        else:
+            getattr(conversation(), verb)(path)
+    assert str(err.value) == f"{path}: no home folder is known for ~mlxserve-no-such-user"
+
+
 def test_markdown_export(tmp_path):
     text = conversation().export(tmp_path / "chat.md", model="tiny").read_text()
     assert text.startswith("# Chat with tiny\n")

@@ -370,6 +370,11 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("run", "--stop", "", "hi"), "got ['']"),
     (("run", "--gguf-mode", "bogus", "hi"), "invalid choice: 'bogus'"),
     (("no-such-command",), "invalid choice: 'no-such-command'"),
+    # a home folder nobody has (pathlib raises RuntimeError: it was a traceback)
+    (("run", "--model", "~mlxserve-no-such-user/m.gguf", "hi"),
+     "~mlxserve-no-such-user/m.gguf: no home folder is known for ~mlxserve-no-such-user"),
+    (("run", "--format", "~mlxserve-no-such-user/s.json", "hi"),
+     "--format: cannot read the schema file ~mlxserve-no-such-user/s.json: no home folder is known"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle):
     r = mlxserve(*args, stdin="")

@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .paths import expand_user
+
 SAVE_FORMAT = "mlxserve-chat"
 SAVE_VERSION = 1
 
@@ -231,7 +233,7 @@ class ChatSession:
     @classmethod
     def load(cls, path: str | Path, current: ChatSession | None = None) -> tuple[ChatSession, str | None]:
         """See from_json."""
-        path = Path(path).expanduser()
+        path = expand_user(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
@@ -270,7 +272,7 @@ class ChatSession:
 def _write(path: str | Path, text: str) -> Path:
     """Write a /save or /export file. An error is one line that names the file and says why:
     an OSError's own message may not name it (`[Errno 28] No space left on device`)."""
-    path = Path(path).expanduser()
+    path = expand_user(path)
     try:
         # Encoded before the file is opened: a file already there stays as it was.
         data = text.encode("utf-8")

@@ -25,11 +25,11 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 
 from .chat_output import TOOL_CLOSE, TOOL_OPEN
+from .paths import expand_user
 
 # Compact separators, no optional whitespace (see the module docstring).
 _JSON_OPTIONS = {"whitespace_flexible": False}
@@ -131,7 +131,11 @@ def read_schema(value: str) -> dict:
     text = value
     if not value.lstrip().startswith(("{", "[")):
         try:
-            text = Path(value).expanduser().read_text()
+            path = expand_user(value)
+        except ValueError as exc:  # ~user without a home folder
+            raise GrammarError(f"cannot read the schema file {exc}") from None
+        try:
+            text = path.read_text()
         except OSError as exc:
             raise GrammarError(f"cannot read the schema file {value}: {exc.strerror or exc}") from None
         except UnicodeDecodeError:

@@ -47,6 +47,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from .paths import expand_user
+
 
 class ModelNotFound(ValueError):
     """A model spec that names nothing usable; the message is one line saying what to do."""
@@ -142,7 +144,7 @@ def alias_source(alias: Alias) -> str:
 
 def cache_dir() -> Path:
     """mlxserve's cache: $MLXSERVE_CACHE or ~/.cache/mlxserve (models live in its models/)."""
-    return Path(os.environ.get("MLXSERVE_CACHE") or Path.home() / ".cache/mlxserve").expanduser()
+    return expand_user(os.environ.get("MLXSERVE_CACHE") or Path.home() / ".cache/mlxserve")
 
 
 def hf_cache_dir() -> Path:
@@ -153,10 +155,10 @@ def hf_cache_dir() -> Path:
     """
     explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
     if explicit:
-        return Path(explicit).expanduser()
+        return expand_user(explicit)
     home = os.environ.get("HF_HOME") or Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
-    return Path(home).expanduser() / "hub"
+    return expand_user(home) / "hub"
 
 
 def _hub_offline() -> bool:
@@ -179,7 +181,7 @@ def resolve(spec: str, *, pull_if_missing: bool = True, progress: bool = True) -
     """
     if not spec.strip():  # Path("") is the current folder, which is not what anyone meant
         raise ModelNotFound("no model named: give an alias (`mlxserve pull --list`), a path or a repo id")
-    path = Path(spec).expanduser()
+    path = expand_user(spec)
     if path.exists():
         return _check_local(path)
     if path.is_symlink():  # there, but leading nowhere: not a hub repo id that looks like it
