@@ -974,12 +974,61 @@ def test_what_piped_chat_says_on_stderr_is_not_wrapped(monkeypatch, capsys):
     system = "Answer in full sentences and explain every step. " * 3
     assert _piped_chat(monkeypatch, f"/system {system}\n/system\n/help\nWhy is the sky blue?\n") == 0
     out = capsys.readouterr()
-    err = [line.rstrip() for line in out.err.splitlines()]
+    err = out.err.splitlines()
+    # nor padded: rich fills a table's lines with spaces up to the console's width
+    assert not [line for line in err if line.endswith(" ")], err
     assert f"System prompt: {system.strip()}" in err and KEYS_HELP in err, err
     rows = [line for line in err if line.startswith("/")]
     assert len(rows) == len(COMMANDS), err
     assert next(row for row in rows if row.startswith("/format")).endswith("or inline JSON)"), err
     assert out.out == long_answer + "\n"
+
+
+def test_piped_bytes_that_are_not_text_come_as_replacement_characters():
+    """Whatever the stream's errors (surrogateescape under a C locale: lone surrogates, which a
+    server refused while the engine in the process took them; strict under a UTF-8 one: an
+    error), bytes that are not UTF-8 come as U+FFFD, as from the command line."""
+    from mlxserve.piped_input import read_pieces
+
+    for errors in ("strict", "surrogateescape"):
+        r, w = os.pipe()
+        os.write(w, b"Hi \xff\xfe there\n")
+        os.close(w)
+        with open(r, encoding="utf-8", errors=errors) as stream:
+            assert "".join(read_pieces(stream)) == "Hi \ufffd\ufffd there\n"
+
+
+def test_a_fence_is_indented_three_spaces_at_most():
+    """As in Markdown, a line indented four spaces or more is indented code, not a fence: it
+    hid every later command, /quit included."""
+    from mlxserve.repl import piped_messages
+
+    lines = ["Code:", "    ```", "/stats", "   ```", "/stats", "    ```", "   ```", "/stats"]
+    assert list(piped_messages(lines)) == [("ask", "Code:\n    ```"), ("command", "/stats"),
+                                           ("ask", "   ```\n/stats\n    ```\n   ```"), ("command", "/stats")]
+
+
+def test_an_answer_cut_by_ctrl_c_ends_its_line_on_stdout(capsys):
+    """stdout holds the answers, one a line: one cut by Ctrl-C gets its newline there too (it
+    went to stderr), so that a reader of lines gets what came of it."""
+    from mlxserve.chat_backend import Delta
+    from mlxserve.chat_session import ChatSession
+    from mlxserve.repl import PipedRepl
+
+    class Generation:
+        def __iter__(self):
+            yield Delta(content="In twilight's hush,", tokens=4)
+            raise KeyboardInterrupt
+
+    class Backend:
+        model = "fake"
+
+        def generate(self, messages, settings):
+            return Generation()
+
+    with pytest.raises(KeyboardInterrupt):
+        PipedRepl(Backend(), ChatSession(), iter([("ask", "Write a poem")])).run()
+    assert capsys.readouterr().out == "In twilight's hush,\n"
 
 
 class PipeOfPieces:

@@ -655,14 +655,45 @@ def output_console(stderr: bool = False):
     """A rich console on stdout (or stderr). Off a terminal (a pipe, a log file) rich knows no
     width and takes 80 columns, cutting every longer line in two; there it wraps no text (a
     line said stays one line, for grep and for whatever shows it later, which wraps it to its
-    own width), and a table gets PIPED_TABLE_WIDTH columns to keep its rows whole."""
+    own width), and a table gets PIPED_TABLE_WIDTH columns to keep its rows whole; the spaces
+    rich pads lines with to that width (Markdown, tables) are dropped."""
     from rich.console import Console
 
     no_color = bool(os.environ.get("NO_COLOR"))
     console = Console(stderr=stderr, no_color=no_color)
     if console.is_terminal:
         return console
-    return Console(stderr=stderr, no_color=no_color, width=max(console.width, PIPED_TABLE_WIDTH), soft_wrap=True)
+    return Console(file=_PaddingDropped(stderr), no_color=no_color, width=max(console.width, PIPED_TABLE_WIDTH),
+                   soft_wrap=True)
+
+
+class _PaddingDropped:
+    """Standard output or error (looked up at each write, as tests replace them) without the
+    spaces that end a line: rich fills each line of a Markdown block or a table to the
+    console's width, some 200 spaces a line off a terminal."""
+
+    def __init__(self, stderr: bool):
+        self._stderr = stderr
+
+    @property
+    def _stream(self):
+        return sys.stderr if self._stderr else sys.stdout
+
+    def write(self, text: str) -> int:
+        return self._stream.write(_LINE_PADDING.sub("\n", text))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self._stream, "encoding", None) or "utf-8"
+
+
+_LINE_PADDING = re.compile(r"[ \t]+\n")
 
 
 def _status(message: str) -> None:

@@ -34,15 +34,17 @@ class PipedTextTooLong(ValueError):
 
 
 def read_pieces(stream) -> Iterator[str]:
-    """The text of `stream` as it comes, one read's worth at a time, until its end. Decoded as
-    the stream would decode it (its encoding and errors)."""
+    """The text of `stream` as it comes, one read's worth at a time, until its end. Decoded in
+    the stream's encoding, bytes that are not text in it as U+FFFD, as the tokenizer takes such
+    bytes from the command line (tokenizer.py): under a C locale Python reads them as lone
+    surrogates, which a server then refused, and under a UTF-8 one it stopped at them."""
     try:
         fd = stream.fileno()
     except (AttributeError, io.UnsupportedOperation):  # no file under it (a StringIO): it cannot block
         while piece := stream.read(READ_BYTES):
             yield piece
         return
-    decoder = codecs.getincrementaldecoder(stream.encoding or "utf-8")(stream.errors or "strict")
+    decoder = codecs.getincrementaldecoder(stream.encoding or "utf-8")("replace")
     while True:
         if not select.select([fd], [], [], SIGNAL_CHECK_S)[0]:
             continue  # nothing yet: back in Python, where a pending Ctrl-C is raised

@@ -34,6 +34,7 @@ from .chat_backend import BackendError, Delta, Stats
 from .chat_render import AnswerView, format_stats, plural, printable
 from .chat_session import ChatSession, Settings, UsageError
 from .interrupts import join
+from .paths import expand_user
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -44,7 +45,7 @@ KEYS_HELP = ("Enter sends · Esc-Enter (or paste) for several lines · Tab compl
 
 def mlxserve_home() -> Path:
     """Where the chat keeps its files (history): $MLXSERVE_HOME, or ~/.mlxserve."""
-    return Path(os.environ.get("MLXSERVE_HOME") or Path.home() / ".mlxserve").expanduser()
+    return expand_user(os.environ.get("MLXSERVE_HOME") or Path.home() / ".mlxserve")
 
 
 # ---- entry point ------------------------------------------------------------------------------
@@ -174,10 +175,12 @@ def piped_messages(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
 
 
 def _opened_fence(line: str) -> str | None:
-    """The fence a line opens (three or more ` or ~, after any indentation), or None. As in
-    Markdown, a backtick fence's info string (```python) has no backtick: "```x```" is code
-    inline."""
-    text = line.lstrip()
+    """The fence a line opens (three or more ` or ~, after at most three spaces), or None. As
+    in Markdown, a backtick fence's info string (```python) has no backtick: "```x```" is code
+    inline; and a line indented further is indented code, not a fence."""
+    text = line.lstrip(" ")
+    if len(line) - len(text) > 3:
+        return None
     for mark in "`~":
         length = len(text) - len(text.lstrip(mark))
         if length >= 3 and not (mark == "`" and "`" in text[length:]):
@@ -187,9 +190,10 @@ def _opened_fence(line: str) -> str | None:
 
 def _closes_fence(line: str, fence: str) -> bool:
     """Whether a line closes the fenced block `fence` opened: the same mark, at least as many
-    times, and nothing else."""
+    times, after at most three spaces, and nothing else."""
     text = line.strip()
-    return len(text) >= len(fence) and text == fence[0] * len(text)
+    indent = len(line) - len(line.lstrip(" "))
+    return indent <= 3 and len(text) >= len(fence) and text == fence[0] * len(text)
 
 
 # ---- slash commands -----------------------------------------------------------------------------
@@ -314,7 +318,7 @@ def _stat_value(key: str, value) -> str:
 
 def _cmd_save(repl: Repl, arg: str) -> None:
     path = repl.session.save(_path_arg(arg, "usage: /save FILE"), model=repl.backend.model)
-    repl.say(f"Saved {plural(len(repl.session.messages), 'message')} to {path}")
+    repl.say(f"Saved {plural(len(repl.session.messages), 'message')} to {printable(str(path))}")
 
 
 def _cmd_load(repl: Repl, arg: str) -> None:
@@ -332,7 +336,7 @@ def _cmd_load(repl: Repl, arg: str) -> None:
 
 def _cmd_export(repl: Repl, arg: str) -> None:
     path = repl.session.export(_path_arg(arg, "usage: /export FILE.md"), model=repl.backend.model)
-    repl.say(f"Wrote {path}")
+    repl.say(f"Wrote {printable(str(path))}")
 
 
 def _cmd_quit(repl: Repl, arg: str) -> bool:
@@ -534,7 +538,7 @@ class Repl:
 
     def error(self, text: str) -> None:
         # soft_wrap: one line, however long (the terminal wraps it, rich inserts no newline)
-        self.console.print(Text(f"error: {text}", style="red"), soft_wrap=True)
+        self.console.print(Text(f"error: {printable(text)}", style="red"), soft_wrap=True)
 
 
 CUT_FIGURES_WAIT_S = 0.5  # how long a cut answer's figures are waited for before the prompt returns
@@ -586,6 +590,7 @@ class PipedRepl(Repl):
             self.error(str(exc))
             return False
         content, reasoning = [], []
+        line_open = False  # an answer's text is on stdout, its newline not yet
         try:
             for delta in generation:
                 reasoning.append(delta.reasoning)
@@ -593,24 +598,38 @@ class PipedRepl(Repl):
                     content.append(delta.content)
                     sys.stdout.write(delta.content)
                     sys.stdout.flush()
+                    line_open = True
             sys.stdout.write("\n")
             sys.stdout.flush()
+            line_open = False
         except BackendError as exc:
+            self._end_line(line_open)
             self.error(str(exc))
             return False
         except BrokenPipeError:  # the reader of stdout went away (`| head`)
             generation.cancel()
             self._reader_gone = True
             return False
+        except KeyboardInterrupt:
+            self._end_line(line_open)
+            raise
         # (A Ctrl-C goes straight to run_chat, which ends the process at once: cancelling here
         # would wait for the engine's step in flight.)
         self.session.add_answer("".join(content), "".join(reasoning))
         print(format_stats(generation.stats), file=sys.stderr)
         return True
 
+    @staticmethod
+    def _end_line(line_open: bool) -> None:
+        """An answer cut (Ctrl-C, an error) ends its line on stdout too, as every answer there
+        does: a reader taking stdout line by line gets what came of it."""
+        if line_open:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
     def error(self, text: str) -> None:
         if self._failure is None:  # the first one ends the session (run)
-            self._failure = text
+            self._failure = printable(text)
 
 
 # ---- input ------------------------------------------------------------------------------------------
