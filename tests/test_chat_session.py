@@ -196,6 +196,33 @@ def test_a_file_that_cannot_be_written_is_one_line_naming_it(tmp_path, write):
     assert kept.read_text() == "saved before"
 
 
+@pytest.mark.parametrize("write", ["save", "export"])
+def test_a_write_that_fails_part_way_leaves_the_file_as_it_was(tmp_path, monkeypatch, write):
+    """A full disk mid-write left a truncated file where the last save was: the text goes to a
+    new file beside it, which takes the file's name (and permissions) only once it is whole;
+    a link is kept, its file written."""
+    import errno
+    import os
+
+    kept = tmp_path / "chat.json"
+    kept.write_text("saved before")
+    kept.chmod(0o640)
+    link = tmp_path / "latest.json"
+    link.symlink_to(kept.name)
+
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", disk_full)
+        with pytest.raises(ValueError) as err:
+            getattr(conversation(), write)(kept)
+    assert str(err.value) == f"cannot write {kept}: No space left on device"
+    assert kept.read_text() == "saved before" and sorted(p.name for p in tmp_path.iterdir()) == ["chat.json", "latest.json"]
+    getattr(conversation(), write)(link)
+    assert link.is_symlink() and "And 3+3?" in kept.read_text() and kept.stat().st_mode & 0o777 == 0o640
+
+
 @pytest.mark.parametrize("verb", ["save", "export", "load"])
 def test_a_home_folder_nobody_has_is_one_line_naming_the_file(verb):
     """`~nosuchuser/chat.json`: pathlib raises a RuntimeError there, which was "a bug" in the

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -278,11 +280,33 @@ def _write(path: str | Path, text: str) -> Path:
         data = text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate, which a loaded file's JSON can hold ("\udc80")
         raise ValueError(f"cannot write {path}: the conversation holds text that is not valid Unicode") from None
+    target = Path(os.path.realpath(path))  # a link's file is written, the link kept
     try:
-        path.write_bytes(data)
+        if target.exists() and not target.is_file():  # /dev/null, a FIFO (a folder fails here)
+            target.write_bytes(data)
+        else:
+            _replace_whole(target, data)
     except OSError as exc:
         raise ValueError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
+
+
+def _replace_whole(target: Path, data: bytes) -> None:
+    """`target` holds `data`, or, if writing fails part way (a full disk), what it held: the
+    data goes to a new file beside it first, which then takes its name. The new file gets the
+    old one's permissions, or for a new file what the umask leaves of rw for all, as open()
+    gives."""
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        if target.exists():
+            os.chmod(temporary, target.stat().st_mode & 0o7777)
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _message_json(m: Message) -> dict:
