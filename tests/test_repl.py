@@ -913,6 +913,18 @@ def test_piped_commands_act_as_typed_and_quit_ends_the_session(monkeypatch, caps
     assert asked == []
 
 
+def test_piped_input_that_quits_first_loads_no_model(monkeypatch):
+    """Blank lines, then /quit: nothing to do, so no model is loaded for it (seconds, or a
+    download, for nothing)."""
+    from mlxserve import repl as repl_module
+
+    opened = []
+    monkeypatch.setattr(repl_module, "open_backend", lambda args: opened.append(args))
+    for stdin in ("\n\n/quit\nWhat is 2+2?\n", "  /EXIT now\n"):
+        assert _piped_chat(monkeypatch, stdin) == 0
+    assert opened == []
+
+
 def test_loading_a_plain_list_of_messages_keeps_the_settings_given(monkeypatch, tmp_path):
     """A plain list of OpenAI messages carries no settings: `/load` keeps those of the command
     line (and the system prompt, unless the list has a system message). A /save file brings

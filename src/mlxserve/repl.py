@@ -71,6 +71,9 @@ def run_chat(args) -> int:
         first = next((line for line in lines if line.strip()), None)
         if first is None:
             raise CLIError("no question on stdin")
+        command = find_command((first.split(maxsplit=1) or [""])[0])
+        if command is not None and command.run is _cmd_quit:
+            return 0  # nothing to do: no model to load for it
         piped = piped_messages(itertools.chain([first], lines))
     settings = Settings(think=not args.no_think)
     if args.temperature is not None:
