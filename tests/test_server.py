@@ -154,6 +154,14 @@ def test_tool_choice_required_and_named_are_enforced(client, server):
     cut = client.chat.completions.create(tool_choice="required", seed=0, **{**request, "max_tokens": 40},
                                          logit_bias={k: -100 for k in held_back})
     assert cut.choices[0].finish_reason == "length"
+    # Cut inside its first call's tag or name: no text of it comes back as content (it did:
+    # "<tool_call>", or '<tool_call>\n{"name": "fore'), streamed or not.
+    for max_tokens in (1, 2, 3, 4, 6):
+        cut = client.chat.completions.create(tool_choice="required", seed=0, **{**request, "max_tokens": max_tokens})
+        assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content is None, cut
+        chunks = client.chat.completions.create(tool_choice="required", seed=0, stream=True,
+                                                **{**request, "max_tokens": max_tokens})
+        assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), max_tokens
 
 
 def test_tool_edge_cases(server):

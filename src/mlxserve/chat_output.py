@@ -62,15 +62,16 @@ _CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"argume
 
 
 def parser_for(tokenizer, *, tools_enabled: bool, incremental: bool = False,
-               calls_constrained: bool = False) -> "ChatOutputParser":
+               calls_constrained: bool = False, calls_only: bool = False) -> "ChatOutputParser":
     """The one place that decides, per model family, which markup to look for: the tags the
     tokenizer knows as single tokens, and tool calls wherever a grammar wrote them
     (`calls_constrained`: grammar.tool_call_grammar, which writes them as text where the
-    vocabulary has no tag tokens)."""
+    vocabulary has no tag tokens). `calls_only`: the grammar lets the answer be calls only
+    (tool_choice "required" or a named function), so no text of it is content."""
     vocab = {tokenizer.decode([i]) for i in tokenizer.special_token_ids} | _added_tokens(tokenizer)
     return ChatOutputParser(reasoning=THINK_OPEN in vocab,
                             tools=tools_enabled and (TOOL_OPEN in vocab or calls_constrained),
-                            incremental=incremental, exact_json=calls_constrained)
+                            incremental=incremental, exact_json=calls_constrained, calls_only=calls_only)
 
 
 def _added_tokens(tokenizer) -> set[str]:
@@ -84,10 +85,14 @@ class ChatOutputParser:
     """`incremental=True` (streaming) reports tool calls as ToolCallParts while the model is
     still writing their arguments; otherwise each call comes whole once closed."""
 
-    def __init__(self, *, reasoning: bool, tools: bool, incremental: bool = False, exact_json: bool = False):
+    def __init__(self, *, reasoning: bool, tools: bool, incremental: bool = False, exact_json: bool = False,
+                 calls_only: bool = False):
         self.reasoning = reasoning
         self.tools = tools
         self.incremental = incremental
+        # The answer can only be calls (parser_for): what is held back when it was cut short
+        # (max_tokens inside a call's tag or name) is the start of a call, not text.
+        self.calls_only = calls_only
         # A grammar wrote the calls (grammar.tool_call_grammar): their JSON is exact, so a
         # closing tag inside one of its strings is text of an argument, not the call's end.
         # Otherwise the tag ends the call wherever it comes (a model's JSON may be broken).
@@ -319,6 +324,8 @@ class ChatOutputParser:
                 self._whole_call(out, call)
         else:
             out.content = self._buffer
+        if self.calls_only:
+            out.content = ""
         self._buffer = ""
         self._state = "content"
         return out

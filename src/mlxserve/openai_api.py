@@ -48,6 +48,7 @@ class Completion:
     created: int = field(default_factory=lambda: int(time.time()))
     n: int = 1  # choices per prompt
     calls_constrained: bool = False  # the answer's grammar writes tool calls (see _grammar)
+    calls_only: bool = False  # ... and nothing else: tool_choice "required" or a named function
 
     def counts_prompt(self, index: int) -> bool:
         """Whether choice `index`'s prompt tokens count in the usage: a prompt counts once,
@@ -183,7 +184,8 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
     prompts = [prompt for prompt in prompts for _ in range(n)]
     return Completion(kind, prompts, params, bool(body.get("stream", False)),
                       bool(options.get("include_usage")), model, bool(tools), echo, score_only, n=n,
-                      calls_constrained=bool(tools) and grammar is not None)
+                      calls_constrained=bool(tools) and grammar is not None,
+                      calls_only=bool(tools) and choice in ("required", "named"))
 
 
 def _model(body: dict, served_model: str) -> str:

@@ -425,9 +425,12 @@ async def _collect_choice(c: wire.Completion, index: int, stream, tokenizer) -> 
         lp = wire.logprobs_json(c.kind, logprobs, tokenizer,
                                 wire.TextOffsets(tokenizer, start).take([e.token_id for e in logprobs]))
     if c.kind == "chat":
-        parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, calls_constrained=c.calls_constrained)
+        parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, calls_constrained=c.calls_constrained,
+                            calls_only=c.calls_only)
         parsed = _merge(parser.feed("".join(text)), parser.flush())
-        message = {"role": "assistant", "content": parsed.content or (None if parsed.tool_calls else "")}
+        # (Calls only: an answer cut before its first call was read is no text either.)
+        content = parsed.content or (None if parsed.tool_calls or c.calls_only else "")
+        message = {"role": "assistant", "content": content}
         if parsed.reasoning:
             message["reasoning_content"] = parsed.reasoning
         if parsed.tool_calls:
@@ -509,7 +512,7 @@ async def _response_events(r: responses_api.ResponseRequest, builder, stream, to
     for event in builder.start():
         yield event
     parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True,
-                        calls_constrained=c.calls_constrained)
+                        calls_constrained=c.calls_constrained, calls_only=c.calls_only)
     answer, waiting = wire.AnswerLogprobs(tokenizer, c.params), []  # (see _message_logprobs)
     async for step in stream:
         if step.finish_reason == "error":
@@ -637,7 +640,7 @@ async def _choice_pieces(c: wire.Completion, rid: str, index: int, stream, token
         yield _sse(wire.chunk(c, rid, [{"index": index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}])), False
     parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True,
-                        calls_constrained=c.calls_constrained) if c.kind == "chat" else None
+                        calls_constrained=c.calls_constrained, calls_only=c.calls_only) if c.kind == "chat" else None
     answer, offsets = wire.AnswerLogprobs(tokenizer, c.params), wire.TextOffsets(tokenizer)
     async for event in stream:
         if event.finish_reason == "error":
