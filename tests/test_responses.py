@@ -264,13 +264,17 @@ def test_reasoning_text_and_a_call_as_items_and_events(scripted):
 
 
 def test_a_response_cut_inside_a_call_can_be_continued(client):
-    """Cut by max_output_tokens inside a call: the call is "incomplete" and left out of the
-    stored conversation, which a next request continues."""
-    first = client.responses.create(model=MODEL, input="Time?", tools=[CLOCK], tool_choice="required",
-                                    max_output_tokens=12)
-    assert first.status == "incomplete" and first.output[-1].status == "incomplete"
-    again = client.responses.create(model=MODEL, previous_response_id=first.id, input="again", max_output_tokens=2)
-    assert again.status == "incomplete" and again.usage.output_tokens == 2
+    """Cut by max_output_tokens inside a call's arguments: the call is "incomplete" and left
+    out of the stored conversation, which a next request continues. Cut before the call's
+    name is whole, the answer has no item (it had a message of the call's markup)."""
+    for cut_at, items in ((12, []), (36, ["function_call"])):
+        first = client.responses.create(model=MODEL, input="Time?", tools=[CLOCK], tool_choice="required",
+                                        max_output_tokens=cut_at)
+        assert first.status == "incomplete" and [o.type for o in first.output] == items
+        assert all(o.status == "incomplete" for o in first.output)
+        again = client.responses.create(model=MODEL, previous_response_id=first.id, input="again",
+                                        max_output_tokens=2)
+        assert again.status == "incomplete" and again.usage.output_tokens == 2
 
 
 def test_errors_in_a_stream_end_it_with_an_error_event(server):
