@@ -71,7 +71,7 @@ def run_chat(args) -> int:
         first = next((line for line in lines if line.strip()), None)
         if first is None:
             raise CLIError("no question on stdin")
-        command = find_command((first.split(maxsplit=1) or [""])[0])
+        command = find_command(_first_word(first))
         if command is not None and command.run is _cmd_quit:
             return 0  # nothing to do: no model to load for it
         piped = piped_messages(itertools.chain([first], lines))
@@ -155,7 +155,7 @@ def piped_messages(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
             if _closes_fence(line, fence):
                 fence = None
         else:
-            word = (line.split(maxsplit=1) or [""])[0]
+            word = _first_word(line)
             if find_command(word) is not None:
                 message = message_text("\n".join(block))
                 block, size = [], 0
@@ -177,13 +177,23 @@ def piped_messages(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
         yield "ask", message
 
 
+def _first_word(line: str) -> str:
+    """What names a piped line's command, if it has one (piped_messages)."""
+    return (line.split(maxsplit=1) or [""])[0]
+
+
+def _indent(line: str) -> int:
+    """Spaces before a line's text: a fence has at most three (Markdown)."""
+    return len(line) - len(line.lstrip(" "))
+
+
 def _opened_fence(line: str) -> str | None:
     """The fence a line opens (three or more ` or ~, after at most three spaces), or None. As
     in Markdown, a backtick fence's info string (```python) has no backtick: "```x```" is code
     inline; and a line indented further is indented code, not a fence."""
-    text = line.lstrip(" ")
-    if len(line) - len(text) > 3:
+    if _indent(line) > 3:
         return None
+    text = line.lstrip(" ")
     for mark in "`~":
         length = len(text) - len(text.lstrip(mark))
         if length >= 3 and not (mark == "`" and "`" in text[length:]):
@@ -195,8 +205,7 @@ def _closes_fence(line: str, fence: str) -> bool:
     """Whether a line closes the fenced block `fence` opened: the same mark, at least as many
     times, after at most three spaces, and nothing else."""
     text = line.strip()
-    indent = len(line) - len(line.lstrip(" "))
-    return indent <= 3 and len(text) >= len(fence) and text == fence[0] * len(text)
+    return _indent(line) <= 3 and len(text) >= len(fence) and text == fence[0] * len(text)
 
 
 # ---- slash commands -----------------------------------------------------------------------------
