@@ -16,6 +16,8 @@ the same command with and without the environment variable, on the same warm mac
     DECODE_SPAN_MAX_RATIO=N  batch.DECODE_SPAN_MAX_RATIO (decoding rows with gaps between their
                       slots read the run of slots while it is at most N times their number;
                       0: they always gather)
+    FUSED_DECODE=0|1  batch.FUSED_DECODE (decoding rows attend through MLX's fused attention
+                      with their runs of slots padded and keys rounded up; default: off)
     LINEAR_AS_CONV=1  plain linear layers run their products of several rows as width-one
                       convolutions (models/products.py: cuDNN's cached plan instead of
                       cuBLASLt's setup at every call)
@@ -47,6 +49,8 @@ def apply_tunings() -> None:
         scheduler.QUEUE_WITHOUT_WAIT_BYTES = int(os.environ["QUEUE_WITHOUT_WAIT_BYTES"])
     if "DECODE_SPAN_MAX_RATIO" in os.environ:
         batch.DECODE_SPAN_MAX_RATIO = float(os.environ["DECODE_SPAN_MAX_RATIO"])
+    if "FUSED_DECODE" in os.environ:
+        batch.FUSED_DECODE = os.environ["FUSED_DECODE"] == "1"
     if os.environ.get("LINEAR_AS_CONV"):
         products.enabled = True
 

@@ -170,6 +170,60 @@ def test_batched_rows_in_scattered_slots_match_alone(setup, monkeypatch, span_ra
         assert mx.allclose(logits[first], alone[prompts.index(p)][0], atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "live_slots,row_unit,run",
+    [
+        ([0, 1, 2], 4, (0, 4)),  # consecutive rows, one padding slot after them
+        ([0, 2, 3], 4, (0, 4)),  # a gap, no padding
+        ([5, 6, 7], 4, (4, 4)),  # at the shelf's end: the padding precedes the rows
+        ([0, 1, 2], 16, None),  # 16 slots would pass the shelf's 8: not fused
+    ],
+)
+def test_fused_decoding_rows_match_alone(setup, monkeypatch, live_slots, row_unit, run):
+    """Decoding rows attending through MLX's fused attention (batch.FUSED_DECODE), their run
+    of slots padded to a multiple of FUSED_DECODE_ROW_UNIT and their keys rounded up, give the
+    logits each gives alone."""
+    from mlxserve import batch as batch_module
+
+    monkeypatch.setattr(batch_module, "FUSED_DECODE", True)
+    monkeypatch.setattr(batch_module, "FUSED_DECODE_MIN_ROWS", 2)
+    monkeypatch.setattr(batch_module, "FUSED_DECODE_ROW_UNIT", row_unit)
+    runner = make_runner(setup, block_size=4)
+    prompts = [PROMPT[i:] for i in range(8)]
+    alone = [alone_logits(setup, p) for p in prompts]
+    rows = [RowCache(runner.kv) for _ in prompts]
+    for r, p in zip(rows, prompts):
+        feed(runner, r, p)
+    assert [r.slot for r in rows] == list(range(8)) and runner.kv.shelves[16].num_slots == 8
+    live = [i for i, r in enumerate(rows) if r.slot in live_slots]
+    for i, r in enumerate(rows):
+        if i in live:
+            r.trim(1)
+        else:
+            r.release()
+    feeds = [Feed(i, [prompts[i][-1]], rows[i].length, rows[i], "last") for i in live]
+    for i in live:
+        rows[i].reserve(1)
+    logits, batch = runner.forward(feeds)
+    (group,) = batch.groups
+    if run is None:
+        assert not group.fused and group.mask.shape[-1] == max(len(prompts[i]) for i in live)
+    else:
+        assert group.fused and (group.first_slot, group.slot_count) == run
+        assert group.mask.shape == (4, 1, 1, 16)  # the keys rounded up, to the shelf's capacity
+    for i in live:
+        _, first, _ = next(x for x in batch.row_logits if x[0] == i)
+        assert mx.allclose(logits[first], alone[i][0], atol=1e-4)
+
+
+def test_fused_key_lengths():
+    from mlxserve.batch import fused_key_length
+
+    lengths = {fused_key_length(n) for n in range(1, 4097)}
+    assert sorted(lengths) == [256, 512, 768, 1024, 1536, 2048, 3072, 4096]
+    assert all(0 <= fused_key_length(n) - n < max(256, n // 2) for n in range(1, 4097))
+
+
 @pytest.mark.parametrize("q_heads,kv_heads", [(8, 2), (4, 4)])
 def test_decode_attention_matches_masked_sdpa(q_heads, kv_heads):
     # Rows of different lengths: each row's mask hides its keys past its own length.

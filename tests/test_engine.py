@@ -50,8 +50,15 @@ def test_concurrent_requests_match_each_alone(loaded):
             assert run_together(engine, plist) == alone, chunk
 
 
-def test_requests_joining_at_different_steps(loaded):
-    """Requests submitted while others decode join between steps and still match."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_requests_joining_at_different_steps(loaded, monkeypatch, fused):
+    """Requests submitted while others decode join between steps and still match; also with
+    the decoding rows attending through MLX's fused attention, padded (batch.FUSED_DECODE)."""
+    from mlxserve import batch as batch_module
+
+    monkeypatch.setattr(batch_module, "FUSED_DECODE", fused)
+    monkeypatch.setattr(batch_module, "FUSED_DECODE_MIN_ROWS", 2)
+    monkeypatch.setattr(batch_module, "FUSED_DECODE_ROW_UNIT", 4)
     plist = prompts(loaded.tokenizer)
     alone = [run_alone(loaded, p, SamplingParams(max_tokens=10 + i, temperature=0.0, ignore_eos=True))
              for i, p in enumerate(plist)]

@@ -35,6 +35,45 @@ CHUNK_ATTENTION_MIN_KEYS = 2048
 # and 2,204 up to four times (docs/performance-history.md, 2026-12-06).
 DECODE_SPAN_MAX_RATIO = 4
 
+# Decoding rows of a run of slots (consecutive, or spanned as above) attend through MLX's
+# fused attention when FUSED_DECODE says so (None: on a CUDA GPU, bf16/fp16, head size at most
+# 128, which is where MLX runs it through cuDNN; off until measured in the bench): each KV head's query heads are the query
+# rows of one head of plain multi-head attention, over the rows' keys with their additive
+# mask. cuDNN builds a plan the first time it sees a shape (38-818 ms each on an H100), so
+# the rows are padded to a multiple of FUSED_DECODE_ROW_UNIT slots (the padding slots
+# computed and dropped like a span's gaps) and the keys rounded up (`fused_key_length`), to
+# keep the set of shapes a server meets small: at most 4 row counts for 64 rows times 8 key
+# lengths. Fewer rows or longer keys stay with cache.decode_attention: on an H100 (28 layers,
+# 588 keys) cuDNN took 1.55 against 2.44 ms at 32 rows and 2.32 against 3.54 ms at 64, but
+# 9.39 against 6.55 ms for 8 rows over 16k keys (docs/performance-history.md, session 27).
+FUSED_DECODE: bool | None = False
+FUSED_DECODE_MIN_ROWS = 16
+FUSED_DECODE_ROW_UNIT = 16
+FUSED_DECODE_MAX_KEYS = 4096
+
+
+def on_cuda() -> bool:
+    """Whether MLX computes on a CUDA GPU."""
+    cuda = getattr(mx, "cuda", None)  # (MLX builds before the CUDA back-end have no mx.cuda)
+    return mx.default_device() == mx.gpu and cuda is not None and cuda.is_available()
+
+
+def fuses_decoding(dtype: mx.Dtype, head_dim: int) -> bool:
+    """Whether decoding rows may attend through MLX's fused attention (FUSED_DECODE)."""
+    if FUSED_DECODE is not None:
+        return FUSED_DECODE
+    return dtype in (mx.bfloat16, mx.float16) and head_dim % 8 == 0 and head_dim <= 128 and on_cuda()
+
+
+def fused_key_length(key_length: int) -> int:
+    """Keys of a fused decoding group: rounded up to a multiple of 256 up to 1024, of 512 up
+    to 2048, of 1024 up to 4096: 8 lengths to 4096, fewer than 256 or half as many keys more
+    than needed, whichever is more."""
+    unit = 256
+    while unit * 4 < key_length:
+        unit *= 2
+    return -(-key_length // unit) * unit
+
 
 @dataclass
 class AttentionGroup:
@@ -67,6 +106,9 @@ class AttentionGroup:
     # cache.chunk_attention (see CHUNK_ATTENTION_MAX_TOKENS), over fewer padding keys than
     # MLX's fused attention.
     chunked: bool = False
+    # Decoding rows attending through MLX's fused attention (FUSED_DECODE): their run of
+    # slots (first_slot, slot_count) padded, the keys rounded up; mask [slot_count, 1, 1, key_length].
+    fused: bool = False
 
 
 @dataclass
@@ -123,6 +165,7 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
     The flat order is shelf by shelf, then by token count, then by slot, so that each group
     and each shelf's writes are one contiguous slice of the flat sequence.
     """
+    fuse_decoding = bool(rows) and fuses_decoding(mask_dtype, rows[0].cache.shelf.store.head_dim)
     by_group: dict[tuple, list] = {}
     for row in rows:
         # Decoding rows of a shelf attend together; each prefill chunk alone (a group of one
@@ -162,6 +205,18 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
         slot_count = slots[-1] - slots[0] + 1  # (sorted above)
         consecutive = slot_count == len(slots)
         spanned = not consecutive and t == 1 and slot_count <= DECODE_SPAN_MAX_RATIO * len(slots)
+        first_slot = slots[0]
+        fused = False
+        if t == 1 and (consecutive or spanned) and len(members) >= FUSED_DECODE_MIN_ROWS and fuse_decoding:
+            padded = -(-slot_count // FUSED_DECODE_ROW_UNIT) * FUSED_DECODE_ROW_UNIT
+            num_slots = members[0].cache.shelf.num_slots
+            keys = min(fused_key_length(key_length), members[0].cache.capacity)
+            if padded <= num_slots and keys <= FUSED_DECODE_MAX_KEYS:
+                # The padding slots follow the rows' run, or precede it at the shelf's end.
+                fused = True
+                first_slot = min(first_slot, num_slots - padded)
+                slot_count, key_length = padded, keys
+                spanned = slot_count != len(slots)
         chunked = False
         if t > 1:
             # Prefill chunks attend over a key length rounded up to a shelf size (4 blocks
@@ -194,21 +249,23 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
                 n_rows=len(members),
                 tokens_per_row=t,
                 shelf=members[0].cache.shelf,
-                first_slot=slots[0] if consecutive or spanned else None,
+                first_slot=first_slot if consecutive or spanned else None,
                 slots=None if consecutive or spanned else mx.array(slots),
                 key_length=key_length,
                 mask=None,  # made below, once the padding is known
                 caches=[row.cache for row in members],
                 chunked=chunked,
                 slot_count=slot_count if spanned else len(slots),
+                fused=fused,
             )
         )
         if spanned:
-            in_run = np.asarray(slots) - slots[0]
+            in_run = np.asarray(slots) - first_slot
             queries = np.zeros(slot_count, dtype=np.int32)  # the gaps take row 0's query
             queries[in_run] = np.arange(len(slots))
             groups[-1].span_queries = mx.array(queries)
-            groups[-1].span_outputs = mx.array(in_run.astype(np.int32))
+            if in_run[-1] != len(slots) - 1:  # else the rows are the run's first slots: a slice
+                groups[-1].span_outputs = mx.array(in_run.astype(np.int32))
             run_pos = np.zeros((slot_count, 1), dtype=np.int32)  # a gap sees key 0 only
             run_pos[in_run] = pos
             pos = run_pos

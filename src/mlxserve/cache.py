@@ -438,11 +438,17 @@ class KVStore:
                 v = mx.take(shelf[1, :, :, :length], g.slots, axis=0)
             if t == 1 and g.mask is not None:
                 q = queries[g.offset : g.offset + n].reshape(n, q_heads, d)
-                if g.span_queries is not None:  # a run with gaps: one query per slot of it
+                if g.span_queries is not None:  # a run with gaps or padding: one query per slot of it
                     q = mx.take(q, g.span_queries, axis=0)
-                o = decode_attention(q, k, v, g.mask, scale)
+                if g.fused:  # see batch.FUSED_DECODE
+                    q = q.reshape(g.slot_count, kv_heads, group, d)
+                    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask)
+                else:
+                    o = decode_attention(q, k, v, g.mask, scale)
                 if g.span_outputs is not None:
                     o = mx.take(o, g.span_outputs, axis=0)
+                elif o.shape[0] != n:  # padding after the rows
+                    o = o[:n]
                 outputs.append(o.reshape(n, kv_heads, group, d))
                 continue
             t += g.extra_queries  # the step's padding, attending as this row's extra queries

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from rich.filesize import decimal as human_size
 
+from .batch import on_cuda
 from .cache import GrowthPending, KVStore, OutOfKVMemory, RowCache, Snapshot, state_arrays
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .grammar import Grammars
@@ -57,11 +58,6 @@ MAX_DRAFT_BACKOFF = 16
 
 # See Scheduler._copies_are_cheap.
 QUEUE_WITHOUT_WAIT_BYTES = 1 << 30
-
-
-def _on_cuda() -> bool:
-    cuda = getattr(mx, "cuda", None)  # (MLX builds before the CUDA back-end have no mx.cuda)
-    return mx.default_device() == mx.gpu and cuda is not None and cuda.is_available()
 
 
 class _ZerosDrafter:
@@ -278,7 +274,7 @@ class Scheduler:
         self._events: list[TokenEvent] = []  # produced outside a row's own commit (errors)
         self._inflight: InFlight | None = None
         self._queued = False  # work queued on the device since the last _wait_for_device
-        self._queue_without_wait = _on_cuda()  # see _copies_are_cheap
+        self._queue_without_wait = on_cuda()  # see _copies_are_cheap
         # A hybrid model (Qwen3.5) keeps per-row recurrent state beside the KV.
         self.hybrid = self.kv.state_bytes_per_row > 0
         self.draft = draft
