@@ -484,6 +484,14 @@ BAD = [
     ("empty messages", dict(body={"model": MODEL, "messages": []}), 400, "messages"),
     ("unknown role", dict(body={"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}), 400, "messages"),
     ("content wrong type", dict(body={"model": MODEL, "messages": [{"role": "user", "content": 5}]}), 400, "messages"),
+    ("user without content", dict(body={"messages": [{"role": "user"}]}), 400, "messages"),
+    ("user content null", dict(body={"messages": [{"role": "user", "content": None}]}), 400, "messages"),
+    ("system without content", dict(body={"messages": [{"role": "system"}, {"role": "user", "content": "x"}]}),
+     400, "messages"),
+    ("tool content null", dict(body={"messages": [{"role": "user", "content": "x"}, {
+        "role": "tool", "tool_call_id": "c", "content": None}]}), 400, "messages"),
+    ("assistant without content or calls", dict(body={"messages": [{"role": "user", "content": "x"}, {
+        "role": "assistant"}, {"role": "user", "content": "y"}]}), 400, "messages"),
     ("max_tokens string", dict(body={"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}), 400, "max_tokens"),
     ("max_tokens negative", dict(body={"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}), 400, "max_tokens"),
     ("max_tokens zero", dict(body={"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), 400, "max_tokens"),
@@ -617,8 +625,19 @@ def test_bad_chat_requests(server, name, kwargs, status, param):
     if name == "tool parameters with a 70-bit integer":
         assert "the integer at tools[0].function.parameters.properties.n.enum[1] (-1180591620717411303424)" \
             in body["error"]["message"]
+    if name == "tool content null":
+        assert body["error"]["message"].startswith("messages[1].content is required for a tool message")
     if name == "logit_bias value a string":
         assert 'got "1" for token 5' in body["error"]["message"]
+
+
+def test_an_assistant_turn_with_calls_may_leave_its_content_out(server):
+    url, _ = server
+    call = {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    for turn in ({"role": "assistant", "tool_calls": [call]}, {"role": "assistant", "content": None, "tool_calls": [call]}):
+        status, body = raw(url + "/v1/chat/completions", {"messages": [X[0], turn, {
+            "role": "tool", "tool_call_id": "c", "content": "sunny"}], "tools": TOOLS, "max_tokens": 2})
+        assert status == 200, body
 
 
 def test_parameters_that_change_nothing_are_accepted(server):
