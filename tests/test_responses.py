@@ -319,6 +319,7 @@ def test_request_fields_are_echoed(client):
     ({"input": "x", "max_output_tokens": -1}, "max_output_tokens"),
     ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format"),
     ({"input": "x", "instructions": 5}, "instructions"),
+    ({"input": "x", "temperature": 2.01}, "temperature"),
     ({"input": "x", "store": "yes"}, "store"),
     ({"input": "x", "background": True, "store": False}, "background"),
     ({"input": "x", "background": "yes"}, "background"),

@@ -496,6 +496,8 @@ BAD = [
     ("max_tokens negative", dict(body={"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}), 400, "max_tokens"),
     ("max_tokens zero", dict(body={"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), 400, "max_tokens"),
     ("temperature negative", dict(body={"messages": [{"role": "user", "content": "x"}], "temperature": -1}), 400, "temperature"),
+    ("temperature over 2", dict(body={"messages": [{"role": "user", "content": "x"}], "temperature": 2.5}), 400,
+     "temperature"),
     ("temperature string", dict(body={"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}), 400, "temperature"),
     ("top_p zero", dict(body={"messages": [{"role": "user", "content": "x"}], "top_p": 0}), 400, "top_p"),
     ("top_p big", dict(body={"messages": [{"role": "user", "content": "x"}], "top_p": 2}), 400, "top_p"),
@@ -594,6 +596,7 @@ BAD_COMPLETIONS = [
     ("best_of zero", {"prompt": "x", "best_of": 0}, 400, "best_of"),
     ("response_format unknown type", {"prompt": "x", "response_format": {"type": "yaml"}}, 400, "response_format"),
     ("logit_bias out of range", {"prompt": "x", "logit_bias": {"1": -101}}, 400, "logit_bias"),
+    ("temperature over 2", {"prompt": "x", "temperature": 3}, 400, "temperature"),
     ("logprobs true", {"prompt": "x", "logprobs": True}, 400, "logprobs"),
     ("logprobs false", {"prompt": "x", "logprobs": False}, 400, "logprobs"),
     ("logprobs 21", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
@@ -645,6 +648,14 @@ def test_parameters_that_change_nothing_are_accepted(server):
     for path, body in (("/v1/chat/completions", {"messages": X, "response_format": {"type": "text"}, "best_of": 1}),
                        ("/v1/completions", {"prompt": "x", "suffix": "", "best_of": 1, "logit_bias": {}})):
         status, answer = raw(url + path, {**body, "max_tokens": 2})
+        assert status == 200, answer
+
+
+def test_openai_ranges_bounds_are_accepted(server):
+    url, _ = server
+    bounds = {"temperature": 2, "top_p": 1, "presence_penalty": -2, "frequency_penalty": 2}
+    for path, body in (("/v1/chat/completions", {"messages": X}), ("/v1/completions", {"prompt": "x"})):
+        status, answer = raw(url + path, {**body, **bounds, "max_tokens": 2})
         assert status == 200, answer
 
 
