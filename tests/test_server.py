@@ -477,6 +477,7 @@ def test_models_health_stats(server, client):
     assert status == 200 and "running" in stats and "decode_tok_s" in stats
 
 
+X = [{"role": "user", "content": "x"}]
 BAD = [
     ("not json", dict(data=b"{nope"), 400, None),
     ("not an object", dict(body=[1, 2]), 400, None),
@@ -515,6 +516,12 @@ BAD = [
     ("stop list of numbers", dict(body={"messages": [{"role": "user", "content": "x"}], "stop": [1]}), 400, "stop"),
     ("too many stops", dict(body={"messages": [{"role": "user", "content": "x"}], "stop": list("abcdefghijklmnopq")}), 400, "stop"),
     ("top_logprobs huge", dict(body={"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 50}), 400, "top_logprobs"),
+    ("stream_options without stream", dict(body={"messages": X, "stream_options": {"include_usage": True}}), 400,
+     "stream_options"),
+    ("stream_options with stream false", dict(body={"messages": X, "stream": False, "stream_options": {}}), 400,
+     "stream_options"),
+    ("include_usage a string", dict(body={"messages": X, "stream": True, "stream_options": {"include_usage": "yes"}}),
+     400, "stream_options"),
     ("stream string", dict(body={"messages": [{"role": "user", "content": "x"}], "stream": "yes"}), 400, "stream"),
     ("image part", dict(body={"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 400, "messages"),
     ("over context", dict(body={"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}), 400, "messages"),
@@ -542,7 +549,6 @@ BAD = [
     ("tool parameters not an object", dict(body={"messages": [{"role": "user", "content": "x"}], "tools": [
         {"type": "function", "function": {"name": "f", "parameters": "x"}}]}), 400, "tools"),
 ]
-X = [{"role": "user", "content": "x"}]
 BAD += [
     ("response_format json_schema without a schema", dict(body={"messages": X, "response_format": {
         "type": "json_schema", "json_schema": {"name": "x"}}}), 400, "response_format"),
@@ -597,6 +603,8 @@ BAD_COMPLETIONS = [
     ("response_format unknown type", {"prompt": "x", "response_format": {"type": "yaml"}}, 400, "response_format"),
     ("logit_bias out of range", {"prompt": "x", "logit_bias": {"1": -101}}, 400, "logit_bias"),
     ("temperature over 2", {"prompt": "x", "temperature": 3}, 400, "temperature"),
+    ("stream_options without stream", {"prompt": "x", "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
     ("logprobs true", {"prompt": "x", "logprobs": True}, 400, "logprobs"),
     ("logprobs false", {"prompt": "x", "logprobs": False}, 400, "logprobs"),
     ("logprobs 21", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),

@@ -101,6 +101,7 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
         if value is not None and (not isinstance(value, types) or (types is int and isinstance(value, bool))):
             raise APIError(400, f"'{name}' has the wrong type", param=name)
     model = _model(body, served_model)
+    _check_stream_options(body)
     n = body.get("n", 1)
     if not 1 <= n <= MAX_CHOICES:
         raise APIError(400, f"'n' must be from 1 to {MAX_CHOICES}, got {_short(n)}", param="n")
@@ -193,6 +194,21 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
                       bool(options.get("include_usage")), model, bool(tools), echo, score_only, n=n,
                       calls_constrained=bool(tools) and grammar is not None,
                       calls_only=bool(tools) and choice in ("required", "named"))
+
+
+def _check_stream_options(body: dict) -> None:
+    """stream_options only beside stream: true, as OpenAI has it (else the client thinks it
+    asked for usage chunks that a whole answer never sends)."""
+    options = body.get("stream_options")
+    if options is None:
+        return
+    if body.get("stream") is not True:
+        raise APIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                       param="stream_options")
+    include = options.get("include_usage")
+    if include is not None and not isinstance(include, bool):
+        raise APIError(400, f"stream_options.include_usage must be true or false, got {_short(include)}",
+                       param="stream_options")
 
 
 def _model(body: dict, served_model: str) -> str:
