@@ -491,6 +491,7 @@ BAD = [
      400, "messages"),
     ("tool content null", dict(body={"messages": [{"role": "user", "content": "x"}, {
         "role": "tool", "tool_call_id": "c", "content": None}]}), 400, "messages"),
+    ("name a number", dict(body={"messages": [{"role": "user", "content": "x", "name": 5}]}), 400, "messages"),
     ("assistant without content or calls", dict(body={"messages": [{"role": "user", "content": "x"}, {
         "role": "assistant"}, {"role": "user", "content": "y"}]}), 400, "messages"),
     ("max_tokens string", dict(body={"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}), 400, "max_tokens"),

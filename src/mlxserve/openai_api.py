@@ -354,6 +354,8 @@ def _chat_prompt(body: dict, tokenizer, tools: list | None, think: bool = True) 
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise APIError(400, f"messages[{i}].content must be a string or a list of parts", param="messages")
+        if m.get("name") is not None and not isinstance(m["name"], str):  # (templates would write 5 as "5")
+            raise APIError(400, f"messages[{i}].name must be a string, got {_short(m['name'])}", param="messages")
         if content is None and not (m["role"] == "assistant" and m.get("tool_calls")):
             # (As OpenAI: only an assistant turn that made calls may leave its text out; a
             # message without content is more likely a client's bug than an empty message.)
