@@ -290,10 +290,17 @@ def test_request_fields_are_echoed(client):
     r = client.responses.create(model=MODEL, input="x", max_output_tokens=2, user="bob", metadata={"k": "v"},
                                 text={"verbosity": "low"})
     assert r.user == "bob" and r.metadata == {"k": "v"} and r.text.format.type == "text"
+    most = {f"{i:064d}": "v" * 512 for i in range(16)}  # (OpenAI's limits, reached)
+    assert client.responses.create(model=MODEL, input="x", max_output_tokens=2, metadata=most).metadata == most
 
 
 @pytest.mark.parametrize("body,param", [
     ({"input": "x", "metadata": "m"}, "metadata"),
+    ({"input": "x", "metadata": {"a": 5}}, "metadata"),
+    ({"input": "x", "metadata": {"a": None}}, "metadata"),
+    ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    ({"input": "x", "metadata": {"k" * 65: "v"}}, "metadata"),
+    ({"input": "x", "metadata": {"k": "v" * 513}}, "metadata"),
     ({"input": "x", "text": "hello"}, "text"),
     ({"input": "x", "user": 5}, "user"),
     ({"input": "x", "top_logprobs": 30}, "top_logprobs"),

@@ -222,12 +222,33 @@ def _check_fields(body: dict) -> None:
     for name in ("metadata", "text"):
         if name in body and not isinstance(body[name], dict):
             raise APIError(400, f"'{name}' must be an object", param=name)
+    _check_metadata(body.get("metadata", {}))
     if "user" in body and not isinstance(body["user"], str):
         raise APIError(400, "'user' must be a string", param="user")
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and not (choice.get("type") == "function" and isinstance(choice.get("name"), str)):
         raise APIError(400, "tool_choice must be auto, none, required or {'type': 'function', 'name': …}",
                        param="tool_choice")
+
+
+# OpenAI's limits on `metadata`: so that what it accepts, and only that, is accepted here.
+METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+
+
+def _check_metadata(metadata: dict) -> None:
+    """`metadata`: at most 16 pairs, keys of at most 64 characters, values strings of at most 512."""
+    if len(metadata) > METADATA_KEYS:
+        raise APIError(400, f"'metadata' holds at most {METADATA_KEYS} keys, got {len(metadata)}", param="metadata")
+    for key, value in metadata.items():
+        if len(key) > METADATA_KEY_CHARS:
+            raise APIError(400, f"metadata keys are at most {METADATA_KEY_CHARS} characters, got {len(key)} "
+                                f"({json.dumps(key)[:40]}…)", param="metadata")
+        if not isinstance(value, str):
+            raise APIError(400, f"metadata values must be strings, got {json.dumps(value)[:40]} for "
+                                f"{json.dumps(key)}", param="metadata")
+        if len(value) > METADATA_VALUE_CHARS:
+            raise APIError(400, f"metadata values are at most {METADATA_VALUE_CHARS} characters, got {len(value)} "
+                                f"for {json.dumps(key)}", param="metadata")
 
 
 def _input_messages(value: object) -> list[dict]:
