@@ -205,9 +205,11 @@ def test_a_stored_responses_input_items_come_back_a_page_at_a_time(client, serve
     (only,) = client.responses.input_items.list(text.id).data
     assert (only.role, only.content[0].text, only.status) == ("user", "x", "completed")
     out = client.responses.create(model=MODEL, previous_response_id=text.id, max_output_tokens=2, input=[
+        {"type": "function_call", "call_id": "call_1", "name": "clock", "arguments": "{}"},
         {"type": "function_call_output", "call_id": "call_1", "output": "12:00"}])
-    (only,) = client.responses.input_items.list(out.id).data
-    assert (only.type, only.call_id, only.output) == ("function_call_output", "call_1", "12:00")
+    output, call = client.responses.input_items.list(out.id).data
+    assert (output.type, output.call_id, output.output) == ("function_call_output", "call_1", "12:00")
+    assert (call.type, call.call_id, call.name) == ("function_call", "call_1", "clock")
     bad = ("limit=0", "limit"), ("limit=x", "limit"), ("limit=%C2%B2", "limit"), ("limit=%EF%BC%93", "limit"), \
         ("order=up", "order"), ("after=nope", "after")
     for query, param in bad:  # (² and a full-width 3: digits to str.isdigit, not to int())
@@ -319,6 +321,9 @@ def test_request_fields_are_echoed(client):
     ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input"),
     ({"input": [{"role": "robot", "content": "x"}]}, "input"),
     ({"input": [{"type": "function_call_output", "output": "x"}]}, "input"),
+    ({"input": [{"type": "function_call_output", "call_id": "nope", "output": "x"}]}, "input"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"},
+                {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}]}, "input"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
     ({"input": "x", "tool_choice": "required"}, "tool_choice"),
     ({"input": "x", "max_output_tokens": 10**6}, "input"),  # (context_length_exceeded, as chat names messages)

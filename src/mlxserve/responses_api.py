@@ -150,7 +150,8 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
     if instructions is not None and not isinstance(instructions, str):
         raise APIError(400, "'instructions' must be a string", param="instructions")
     _check_fields(body)
-    messages = history + _input_messages(body.get("input"))  # (validates `input`)
+    # (validates `input`; a call's output answers a call made in it or in the stored conversation)
+    messages = history + _input_messages(body.get("input"), _call_ids(history))
     if not messages:
         raise APIError(400, "'input' holds no message, function_call or function_call_output item (reasoning "
                             "items are skipped)", param="input")
@@ -251,8 +252,15 @@ def _check_metadata(metadata: dict) -> None:
                                 f"for {json.dumps(key)}", param="metadata")
 
 
-def _input_messages(value: object) -> list[dict]:
-    """`input` (a string, or a list of items) as chat messages."""
+def _call_ids(messages: list[dict]) -> set[str]:
+    """The ids of the calls the assistant's turns made."""
+    return {call["id"] for m in messages for call in m.get("tool_calls") or ()}
+
+
+def _input_messages(value: object, calls: set[str]) -> list[dict]:
+    """`input` (a string, or a list of items) as chat messages. `calls`: the ids of the calls
+    made before it, which a function_call_output must answer (as OpenAI checks it: an output
+    of no call is a client's bug, which the template would show the model as if it were one)."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
@@ -270,6 +278,7 @@ def _input_messages(value: object) -> list[dict]:
         elif kind == "function_call":
             call = {"id": _string(item, "call_id", i), "type": "function",
                     "function": {"name": _string(item, "name", i), "arguments": _string(item, "arguments", i)}}
+            calls.add(call["id"])
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 # Calls after the assistant's text, or beside each other: one assistant turn,
@@ -283,7 +292,12 @@ def _input_messages(value: object) -> list[dict]:
                 raise APIError(400, f"input[{i}].output must be a string or a list of text parts", param="input")
             if isinstance(output, list):
                 output = _text_of(output, i)
-            messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", i), "content": output})
+            call_id = _string(item, "call_id", i)
+            if call_id not in calls:
+                raise APIError(400, f"No tool call found for function call output with call_id "
+                                    f"{json.dumps(call_id)[:80]} (input[{i}]): no earlier function_call item, nor the "
+                                    "previous response, made it", param="input")
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
         elif kind == "reasoning":
             continue  # chat templates drop earlier turns' reasoning
         else:
