@@ -81,6 +81,16 @@ def test_a_response_answers_as_the_chat_completion_of_the_same_messages(client):
     assert [item.type for item in r.output] == ["message"] and r.output[0].role == "assistant"
 
 
+def test_empty_instructions_are_an_empty_system_message(client):
+    """instructions "" is the chat's explicit empty system message (no template default), not left out."""
+    r = client.responses.create(model=MODEL, instructions="", input="Hi", max_output_tokens=1)
+    chat = client.chat.completions.create(model=MODEL, max_tokens=1, messages=[
+        {"role": "system", "content": ""}, {"role": "user", "content": "Hi"}])
+    without = client.responses.create(model=MODEL, input="Hi", max_output_tokens=1)
+    assert r.usage.input_tokens == chat.usage.prompt_tokens > without.usage.input_tokens
+    assert r.instructions == ""
+
+
 def test_streamed_events_build_the_same_response(client, server):
     body = {"model": MODEL, "input": "Tell me", "max_output_tokens": 12, "temperature": 0}
     events = raw_events(server, body)

@@ -156,7 +156,8 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
         raise APIError(400, "'input' holds no message, function_call or function_call_output item (reasoning "
                             "items are skipped)", param="input")
     input_items = _input_items(body["input"])
-    system = [{"role": "system", "content": instructions}] if instructions else []
+    # "" is an empty system message, as a chat's own: the template then adds no default of its own.
+    system = [{"role": "system", "content": instructions}] if instructions is not None else []
     chat = {"messages": system + messages, "stream": body.get("stream", False)}
     if "model" in body:
         chat["model"] = body["model"]
