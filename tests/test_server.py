@@ -594,6 +594,19 @@ BAD += [
     ("logit_bias value a bool", dict(body={"messages": X, "logit_bias": {"5": True}}), 400, "logit_bias"),
     ("best_of two", dict(body={"messages": X, "best_of": 2}), 400, "best_of"),
     ("best_of a string", dict(body={"messages": X, "best_of": "1"}), 400, "best_of"),
+    ("functions beside tools", dict(body={"messages": X, "tools": TOOLS, "functions": [{"name": "f"}]}), 400,
+     "functions"),
+    ("function_call beside tool_choice", dict(body={"messages": X, "tool_choice": "auto", "function_call": "auto"}),
+     400, "function_call"),
+    ("functions not a list", dict(body={"messages": X, "functions": {"name": "f"}}), 400, "functions"),
+    ("a function without a name", dict(body={"messages": X, "functions": [{"description": "f"}]}), 400,
+     "functions"),
+    ("function_call unknown", dict(body={"messages": X, "functions": [{"name": "f"}], "function_call": "any"}), 400,
+     "function_call"),
+    ("function_call naming no function", dict(body={"messages": X, "functions": [{"name": "f"}],
+                                                     "function_call": {"name": "g"}}), 400, "function_call"),
+    ("function message without a name", dict(body={"messages": [*X, {"role": "function", "content": "x"}]}), 400,
+     "messages"),
 ]
 BAD_COMPLETIONS = [
     ("no prompt", {"model": MODEL}, 400, "prompt"),
@@ -1130,6 +1143,48 @@ def test_tool_call_arguments_that_are_not_json_are_sent_back_as_written(scripted
     )["tool_calls"][0]["function"]["arguments"] == {"a": 1}
     r = scripted["good"].chat.completions.create(model=MODEL, messages=history, tools=TOOLS)
     assert r.choices[0].finish_reason == "tool_calls"
+
+
+FUNCTIONS = [{"name": "get_weather", "parameters": {"type": "object"}}]  # TOOLS in the deprecated form
+
+
+def test_deprecated_functions_answer_with_a_function_call(scripted):
+    """`functions` / `function_call` (the forms before tools): served as tools, and the call
+    comes back as the message's `function_call`, streamed or not; their history (an assistant
+    `function_call`, a `function` message) reads as a tool call and its result."""
+    client = scripted["good"]
+    history = [{"role": "user", "content": "Weather?"}]
+    for function_call in ("auto", {"name": "get_weather"}):
+        r = client.chat.completions.create(model=MODEL, messages=history, functions=FUNCTIONS,
+                                           function_call=function_call)
+        choice = r.choices[0]
+        assert choice.finish_reason == "function_call" and not choice.message.tool_calls
+        assert choice.message.function_call.name == "get_weather"
+        assert json.loads(choice.message.function_call.arguments) == {"city": "Paris"}
+    chunks = list(client.chat.completions.create(model=MODEL, messages=history, functions=FUNCTIONS, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    calls = [d.function_call for d in deltas if d.function_call]
+    assert calls[0].name == "get_weather" and all(call.name is None for call in calls[1:])
+    assert json.loads("".join(call.arguments for call in calls)) == {"city": "Paris"}
+    assert not any(d.tool_calls for d in deltas) and chunks[-1].choices[0].finish_reason == "function_call"
+    history += [{"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": "{}"}},
+                {"role": "function", "name": "get_weather", "content": "sunny"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, functions=FUNCTIONS, function_call="none")
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.function_call is None
+
+
+def test_a_named_deprecated_function_call_is_enforced(server):
+    """function_call {"name": …} is tool_choice naming that function: a random model writes
+    its call, as the grammar holds it."""
+    url, _ = server
+    status, body = raw(url + "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 300, "temperature": 1.0,
+        "seed": 3, "functions": [FORECAST["function"]], "function_call": {"name": "forecast"}})
+    assert status == 200, body
+    (choice,) = body["choices"]
+    assert choice["finish_reason"] == "function_call" and "tool_calls" not in choice["message"]
+    call = choice["message"]["function_call"]
+    assert call["name"] == "forecast" and set(json.loads(call["arguments"])) == {"city", "days"}
 
 
 def _sse_events(url, body, key=None):

@@ -49,6 +49,7 @@ class Completion:
     n: int = 1  # choices per prompt
     calls_constrained: bool = False  # the answer's grammar writes tool calls (see _grammar)
     calls_only: bool = False  # ... and nothing else: tool_choice "required" or a named function
+    legacy_functions: bool = False  # asked with the deprecated `functions`: the call comes as `function_call`
 
     def counts_prompt(self, index: int) -> bool:
         """Whether choice `index`'s prompt tokens count in the usage: a prompt counts once,
@@ -82,7 +83,7 @@ _FIELD_TYPES = {
     "stream": bool, "logprobs": (bool, int), "top_logprobs": int, "user": str, "stream_options": dict,
     "chat_template_kwargs": dict, "ignore_eos": bool, "tools": list, "echo": bool,
     "response_format": dict, "logit_bias": dict, "suffix": str, "best_of": int,
-    "parallel_tool_calls": bool,
+    "parallel_tool_calls": bool, "functions": list, "function_call": (str, dict),
 }
 
 
@@ -113,7 +114,9 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
                             "server", param="suffix")
     schema = _response_format(body.get("response_format"))
     tools, choice, grammar = None, "auto", None
+    legacy = kind == "chat" and "functions" in body
     if kind == "chat":
+        body = _legacy_functions(body)
         tools, choice = _tools(body)
         grammar = _grammar(body, tokenizer, tools, choice, schema, grammars)
         prompts = [_chat_prompt(body, tokenizer, tools, think=grammar is None)]
@@ -193,7 +196,7 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
     return Completion(kind, prompts, params, bool(body.get("stream", False)),
                       bool(options.get("include_usage")), model, bool(tools), echo, score_only, n=n,
                       calls_constrained=bool(tools) and grammar is not None,
-                      calls_only=bool(tools) and choice in ("required", "named"))
+                      calls_only=bool(tools) and choice in ("required", "named"), legacy_functions=legacy)
 
 
 def _check_stream_options(body: dict) -> None:
@@ -305,6 +308,35 @@ def _one_call_stop(body: dict, tokenizer, tools: list | None, grammar: str | Non
     return () if token is None else (token,)
 
 
+def _legacy_functions(body: dict) -> dict:
+    """The deprecated `functions` / `function_call` as the `tools` / `tool_choice` that
+    replaced them, so that an old client's requests work; at most one call per answer, as
+    the legacy answer's `function_call` holds one. Mixed with the new fields: a 400 (which
+    of them to follow is anyone's guess)."""
+    legacy = [name for name in ("functions", "function_call") if name in body]
+    if not legacy:
+        return body
+    for name in ("tools", "tool_choice"):
+        if name in body:
+            raise APIError(400, f"'{legacy[0]}' is the deprecated form of tools and tool_choice: give "
+                                f"'{legacy[0]}' or '{name}', not both", param=legacy[0])
+    functions = body.get("functions", [])
+    for i, fn in enumerate(functions):
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str)):
+            raise APIError(400, f"functions[{i}] must be {{'name': …, 'description': …, 'parameters': {{…}}}}",
+                           param="functions")
+    choice = body.get("function_call", "auto")
+    if isinstance(choice, dict):
+        if choice.get("name") not in {fn["name"] for fn in functions}:
+            raise APIError(400, "function_call must name a function in functions: {'name': …}", param="function_call")
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    elif choice not in ("auto", "none"):
+        raise APIError(400, "function_call must be 'auto', 'none' or {'name': …}", param="function_call")
+    out = {key: value for key, value in body.items() if key not in legacy}
+    return {**out, "tools": [{"type": "function", "function": fn} for fn in functions], "tool_choice": choice,
+            "parallel_tool_calls": False}
+
+
 def _tools(body: dict) -> tuple[list | None, str]:
     """(The tools to show the model, or None: none given, or tool_choice "none"; the choice:
     "auto", "required" or "named", which leaves only the named function in the tools)."""
@@ -348,15 +380,18 @@ def _chat_prompt(body: dict, tokenizer, tools: list | None, think: bool = True) 
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
-            raise APIError(400, f"messages[{i}] needs a role of system, developer, user, assistant or tool",
-                           param="messages")
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool",
+                                                            "function"):
+            raise APIError(400, f"messages[{i}] needs a role of system, developer, user, assistant or tool (or "
+                                "function, tool's deprecated form)", param="messages")
+        if m["role"] == "function" and not isinstance(m.get("name"), str):
+            raise APIError(400, f"messages[{i}] (a function's result) needs the function's name", param="messages")
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise APIError(400, f"messages[{i}].content must be a string or a list of parts", param="messages")
         if m.get("name") is not None and not isinstance(m["name"], str):  # (templates would write 5 as "5")
             raise APIError(400, f"messages[{i}].name must be a string, got {_short(m['name'])}", param="messages")
-        if content is None and not (m["role"] == "assistant" and m.get("tool_calls")):
+        if content is None and not (m["role"] == "assistant" and (m.get("tool_calls") or m.get("function_call"))):
             # (As OpenAI: only an assistant turn that made calls may leave its text out; a
             # message without content is more likely a client's bug than an empty message.)
             raise APIError(400, f"messages[{i}].content is required for a {m['role']} message (a string or a list "
@@ -393,6 +428,12 @@ def _normalize_message(message: dict) -> dict:
     m = dict(message)
     if m["role"] == "developer":
         m["role"] = "system"
+    # The deprecated forms of a call and of its result (requests with `functions`), as tool ones.
+    if m["role"] == "function":
+        m["role"] = "tool"
+    function_call = m.pop("function_call", None)
+    if function_call is not None and m.get("tool_calls") is None:
+        m["tool_calls"] = [{"type": "function", "function": function_call}]
     content = m.get("content")
     if isinstance(content, list):
         texts = []

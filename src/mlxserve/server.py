@@ -436,6 +436,8 @@ async def _collect_choice(c: wire.Completion, index: int, stream, tokenizer) -> 
         if parsed.tool_calls:
             message["tool_calls"] = [_tool_call_json(call) for call in parsed.tool_calls]
         reason = parser.finish_reason(final.finish_reason)
+        if c.legacy_functions:
+            message, reason = _legacy_message(message), _legacy_reason(reason)
         return {"index": index, "message": message, "logprobs": lp, "finish_reason": reason}, final
     body = "".join(text)
     if c.echo:
@@ -658,7 +660,10 @@ async def _choice_pieces(c: wire.Completion, rid: str, index: int, stream, token
             if reason:
                 parsed = _merge(parsed, parser.flush())
                 reason = parser.finish_reason(reason)
-            piece = {"delta": _delta(parsed)}
+            delta = _delta(parsed)
+            if c.legacy_functions:
+                delta, reason = _legacy_message(delta), _legacy_reason(reason)
+            piece = {"delta": delta}
         if (piece.get("text") or piece.get("delta")) or reason or lp:
             yield _sse(wire.chunk(c, rid, [{"index": index, **piece, "logprobs": lp, "finish_reason": reason}])), False
         if event.finish_reason:
@@ -724,6 +729,19 @@ def _delta(parsed: Parsed) -> dict:
     if parsed.tool_call_parts:
         delta["tool_calls"] = [_tool_call_part_json(part) for part in merge_parts(parsed.tool_call_parts)]
     return delta
+
+
+def _legacy_message(message: dict) -> dict:
+    """A message or delta as a request with the deprecated `functions` expects it: its call
+    (the first: such a request asks for one) as `function_call`, without an id."""
+    calls = message.pop("tool_calls", None)
+    if calls and calls[0].get("index", 0) == 0:
+        message["function_call"] = calls[0]["function"]
+    return message
+
+
+def _legacy_reason(reason: str | None) -> str | None:
+    return "function_call" if reason == "tool_calls" else reason
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
