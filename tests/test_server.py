@@ -651,7 +651,8 @@ def test_bad_chat_requests(server, name, kwargs, status, param):
         assert "the integer at tools[0].function.parameters.properties.n.enum[1] (-1180591620717411303424)" \
             in body["error"]["message"]
     if name == "tool content null":
-        assert body["error"]["message"].startswith("messages[1].content is required for a tool message")
+        assert body["error"]["message"].startswith("messages[1].content is required (a string or a list of parts) "
+                                                    "in a 'tool' message")
     if name == "logit_bias value a string":
         assert 'got "1" for token 5' in body["error"]["message"]
 

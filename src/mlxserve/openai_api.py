@@ -394,9 +394,9 @@ def _chat_prompt(body: dict, tokenizer, tools: list | None, think: bool = True) 
         if content is None and not (m["role"] == "assistant" and (m.get("tool_calls") or m.get("function_call"))):
             # (As OpenAI: only an assistant turn that made calls may leave its text out; a
             # message without content is more likely a client's bug than an empty message.)
-            raise APIError(400, f"messages[{i}].content is required for a {m['role']} message (a string or a list "
-                                "of parts; an assistant message may leave it out or null only with tool_calls)",
-                           param="messages")
+            raise APIError(400, f"messages[{i}].content is required (a string or a list of parts) in a "
+                                f"{m['role']!r} message; an assistant message may leave it out or null only "
+                                "beside tool_calls", param="messages")
     if tokenizer.chat_template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
     normalized = [_normalize_message(m) for m in messages]
