@@ -387,6 +387,31 @@ def test_list_local_models_empty():
     assert registry.list_local_models() == []
 
 
+def test_served_names_of_a_gguf_file_are_short_and_the_path_still_names_it(monkeypatch, tmp_path):
+    """A server serves a .gguf file given by path as its alias (a file pulled as one, as
+    `mlxserve models` lists it) or its file name without .gguf, and still answers to the
+    path as given, the absolute path and the stem; other specs are their own one name."""
+    mine = tmp_path / "files" / "My-Model.Q4_K_M.gguf"
+    mine.parent.mkdir()
+    mine.write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)
+    assert registry.served_names(str(mine)) == ["My-Model.Q4_K_M", str(mine)]
+    assert registry.served_names("files/My-Model.Q4_K_M.gguf") == [
+        "My-Model.Q4_K_M", "files/My-Model.Q4_K_M.gguf", str(mine)]
+    pulled = tmp_path / "cache" / "models" / SMOL.filename  # (the cache of the `isolated` fixture)
+    pulled.parent.mkdir(parents=True)
+    pulled.write_bytes(b"GGUF")
+    assert registry.served_names(str(pulled)) == [SMOL.name, pulled.stem, str(pulled)]
+    # The same file name elsewhere was not pulled as the alias: its stem.
+    copy = tmp_path / "files" / SMOL.filename
+    copy.write_bytes(b"GGUF")
+    assert registry.served_names(str(copy)) == [copy.stem, str(copy)]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for spec in (SMOL.name, "org/repo", str(folder), str(tmp_path / "missing.gguf")):
+        assert registry.served_names(spec) == [spec]
+
+
 def test_transformers_quantization_config(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"quantization_config": {"quant_method": "awq", "bits": 4,

@@ -478,6 +478,34 @@ def test_models_health_stats(server, client):
 
 
 X = [{"role": "user", "content": "x"}]
+
+
+def test_a_model_served_by_a_short_id_still_answers_to_its_other_names(tiny_model_dir):
+    """A .gguf file given by path is served as its stem (registry.served_names): /v1/models
+    and every answer show that id, and requests naming the path (the id before) or the stem
+    are the same model; any other name is still a 404."""
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    path = "/models/My-Model.Q4_K_M.gguf"
+    live = LiveServer(create_app(ScriptedEngine(loaded, ["fine"]), "My-Model.Q4_K_M", other_model_names=[path]))
+    try:
+        url = live.url
+        assert raw(url + "/models", method="GET", key=None)[1]["data"][0]["id"] == "My-Model.Q4_K_M"
+        for name in ("My-Model.Q4_K_M", path):
+            assert raw(url + "/models/" + name, method="GET", key=None)[1]["id"] == "My-Model.Q4_K_M"
+            status, answer = raw(url + "/chat/completions", {"model": name, "messages": [{"role": "user", "content": "Hi"}]},
+                                 key=None)
+            assert status == 200 and answer["model"] == "My-Model.Q4_K_M"
+            assert raw(url + "/completions", {"model": name, "prompt": "Hi"}, key=None)[1]["model"] == "My-Model.Q4_K_M"
+            status, response = raw(url + "/responses", {"model": name, "input": "Hi"}, key=None)
+            assert status == 200 and response["model"] == "My-Model.Q4_K_M"
+        status, body = raw(url + "/chat/completions", {"model": "My-Model", "messages": [{"role": "user", "content": "Hi"}]},
+                           key=None)
+        assert status == 404 and body["error"]["code"] == "model_not_found"
+        assert raw(url + "/models/My-Model", method="GET", key=None)[0] == 404
+    finally:
+        live.stop()
+
+
 BAD = [
     ("not json", dict(data=b"{nope"), 400, None),
     ("not an object", dict(body=[1, 2]), 400, None),
@@ -1058,6 +1086,26 @@ def test_serve_command_runs_and_stops_cleanly(tiny_model_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_serve_gives_a_gguf_path_its_short_id_unless_a_name_is_given(monkeypatch, tmp_path):
+    """`mlxserve serve --model PATH.gguf` serves the id registry.served_names gives (the
+    stem), answering to the others; --served-model-name is the one name."""
+    import contextlib
+
+    from mlxserve import cli, server
+
+    gguf = tmp_path / "My-Model.Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF")
+    served = []
+    monkeypatch.setattr(cli, "_load", lambda *args: None)  # (what is served is all this test looks at)
+    monkeypatch.setattr(cli, "_running_engine", lambda loaded, config: contextlib.nullcontext("engine"))
+    monkeypatch.setattr(server, "serve", lambda engine, name, sock, **options: served.append(
+        (name, options["other_model_names"])))
+    for extra in ([], ["--served-model-name", "mine"]):
+        args = cli.build_parser().parse_args(["serve", "--model", str(gguf), "--port", str(free_port()), *extra])
+        assert cli.cmd_serve(args) == 0
+    assert served == [("My-Model.Q4_K_M", [str(gguf)]), ("mine", [])]
 
 
 # ---- tool calls and reasoning: a scripted engine stand-in writes the model's answer ----------

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", action=_NonEmpty, help="require 'Authorization: Bearer KEY' on /v1 routes")
     serve.add_argument("--cors", action=_NonEmptyAppend, default=[], metavar="ORIGIN", help="allow browser requests from ORIGIN (repeatable; none by default)")
     serve.add_argument("--max-running", type=int, default=64, help="requests decoding at once (default 64)")
-    serve.add_argument("--served-model-name", action=_NonEmpty, help="the model name clients use (default: --model)")
+    serve.add_argument("--served-model-name", action=_NonEmpty, help="the model name clients use (default: --model; "
+                       "a .gguf file: its alias if pulled as one, else its name without .gguf)")
     _add_engine_args(serve)
 
     _add_chat_parser(sub, DEFAULT_MODEL)
@@ -444,6 +445,7 @@ def _load(spec: str, dtype_name: str | None, gguf_mode: str = "exact"):
 
 # ---- serve ----------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .registry import served_names
     from .server import listen_socket, serve
 
     if not 0 < args.port < 65536:
@@ -457,9 +459,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     with sock:
         loaded = _load(args.model, args.dtype, args.gguf_mode)
+        names = [args.served_model_name] if args.served_model_name else served_names(args.model)
         with _running_engine(loaded, config) as engine:
-            serve(engine, args.served_model_name or args.model, sock,
-                  api_key=args.api_key, cors_origins=args.cors)
+            serve(engine, names[0], sock, other_model_names=names[1:], api_key=args.api_key, cors_origins=args.cors)
     return 0
 
 

@@ -14,7 +14,7 @@ import json
 import logging
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import uvicorn
 from starlette.applications import Starlette
@@ -45,7 +45,10 @@ log = logging.getLogger("mlxserve.server")
 
 
 def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
-               cors_origins: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+               cors_origins: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               other_model_names: Collection[str] = ()) -> Starlette:
+    """`served_model`: the model's id; `other_model_names`: other names requests may give it
+    (see registry.served_names), answered as that id."""
     loaded = engine.loaded
     tokenizer = loaded.tokenizer
     metrics = Metrics()
@@ -84,7 +87,7 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         except UnicodeEncodeError:
             raise wire.APIError(400, "request body holds a lone UTF-16 surrogate (e.g. \\ud800), which is "
                                      "not valid Unicode text") from None
-        return parsed
+        return _named_as_served(parsed, served_model, other_model_names)
 
     def check_key(request: HTTPRequest) -> None:
         if api_key is None:
@@ -318,7 +321,7 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         if (refusal := key_refusal(request)) is not None:
             return refusal
         name = request.path_params["model"]
-        if name != served_model:
+        if name != served_model and name not in other_model_names:
             return error(wire.model_not_found(name, served_model))
         return JSONResponse(model_json)
 
@@ -365,6 +368,15 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         middleware=middleware,
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
     )
+
+
+def _named_as_served(body: object, served_model: str, other_names: Collection[str]) -> object:
+    """A request body whose `model` is one of the model's other names (the path of the .gguf
+    file it was served as before) with the model's id in its place: the one place where every
+    body passes, so that each endpoint takes it as its own model and answers with the id."""
+    if isinstance(body, dict) and isinstance(body.get("model"), str) and body["model"] in other_names:
+        body["model"] = served_model
+    return body
 
 
 async def _until_disconnected(request: HTTPRequest) -> None:
