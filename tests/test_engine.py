@@ -573,6 +573,41 @@ def test_queue_bound_returns_busy_error(loaded):
         assert engine.generate([1, 2, 3], params)[-1].finish_reason == "length"
 
 
+def test_a_cancelled_request_is_counted_out_at_once(loaded):
+    """requests_in_progress drops when a request is cancelled (a client gone), not when the
+    engine takes the cancellation after its step in flight (on a CPU a prompt chunk takes tens
+    of seconds); a request let in by the room that makes is still added after the cancelled
+    one's row is freed, not refused as busy."""
+    import threading
+
+    with Engine(loaded, EngineConfig(max_running=1, max_waiting=1, block_size=4)) as engine:
+        scheduler = engine._scheduler
+        step, in_step, go_on = scheduler.step, threading.Event(), threading.Event()
+
+        def held_step():  # the engine thread waits in its first step until go_on
+            in_step.set()
+            go_on.wait()
+            return step()
+
+        scheduler.step = held_step
+        long = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+        short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        try:
+            cancelled = engine.submit(Request([1, 2, 3], long))
+            waiting = engine.submit(Request([1, 2, 3], short))
+            assert in_step.wait(60), "the engine never stepped"
+            cancelled.cancel()
+            assert engine.stats()["requests_in_progress"] == 1
+            cancelled.cancel()  # (counted out once)
+            let_in = engine.submit(Request([4, 5, 6], short))  # no longer busy
+            assert engine.stats()["requests_in_progress"] == 2
+        finally:
+            go_on.set()  # (also for a failure: the engine must end its step to stop)
+        assert list(cancelled)[-1].finish_reason == "cancelled"
+        assert [list(s)[-1].finish_reason for s in (waiting, let_in)] == ["length", "length"]
+        assert engine.stats()["requests_in_progress"] == 0
+
+
 def _token_bytes(loaded):
     layers, heads, dim = loaded.model.kv_shape()
     return 2 * layers * heads * dim * 4  # float32

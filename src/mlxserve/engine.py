@@ -68,6 +68,7 @@ class RequestStream:
         # thread while the engine is inside a step. Nothing is delivered after it.
         self._ended = False
         self._end_lock = threading.Lock()
+        self._counted = True  # in the engine's requests_in_progress (see Engine._count_out)
 
     def _accept(self, event: TokenEvent) -> bool:
         """Whether to deliver the event (not after a final one); observes it if so."""
@@ -135,7 +136,10 @@ class RequestStream:
 
     def cancel(self) -> None:
         if not self.finished:
+            # Queued first: a request submitted into the room this makes is queued after the
+            # cancellation, so the engine frees this one's row before it adds that one.
             self._engine.cancel(self.id)
+            self._engine._count_out(self)
 
 
 class Engine:
@@ -230,6 +234,14 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         self._commands.put(("cancel", request_id))
 
+    def _count_out(self, stream: RequestStream) -> None:
+        """Take a request out of requests_in_progress, once: when it is cancelled or when its
+        final event is delivered, whichever comes first."""
+        with self._outstanding_lock:
+            if stream._counted:
+                stream._counted = False
+                self._outstanding -= 1
+
     def abort_all(self, message: str) -> None:
         """End every submitted request (running or waiting) with an error event carrying
         `message`: its stream ends now, and the engine frees its row after the step in
@@ -243,8 +255,9 @@ class Engine:
         """The scheduler's statistics as of its last step (the engine thread updates them after
         every step), and `requests_in_progress`, counted now: requests accepted and not yet
         finished, those the scheduler has not taken in yet included (a step can take many
-        seconds on a CPU), and those cancelled whose rows the next step frees. It is what the
-        busy limit (max_running + max_waiting) is checked against."""
+        seconds on a CPU); a cancelled one is counted out at once, not when the engine frees
+        its row after the step in flight. It is what the busy limit (max_running +
+        max_waiting) is checked against."""
         return {**self._stats, "requests_in_progress": self._outstanding}
 
     def prompt_progress(self, request_id: str) -> tuple[int, int] | None:
@@ -349,8 +362,7 @@ class Engine:
                 continue
             if event.finish_reason is not None:  # (first: a reader of its end sees it counted out)
                 del self._streams[event.request_id]
-                with self._outstanding_lock:
-                    self._outstanding -= 1
+                self._count_out(stream)
             stream._push_later(event, batches)
         for loop, items in batches.items():
             try:
