@@ -996,6 +996,61 @@ def test_what_piped_chat_says_on_stderr_is_not_wrapped(monkeypatch, capsys):
     assert out.out == long_answer + "\n"
 
 
+def test_a_chat_typed_in_a_terminal_with_stdout_a_file_writes_it_unwrapped(monkeypatch, capsys):
+    """`mlxserve chat > log` (stdin a terminal): rich took 80 columns off a terminal and cut
+    every longer line in two, padding the rest with spaces. As the other commands' output off
+    a terminal (cli.output_console): each line whole, and the answer as written, not rendered
+    as Markdown wrapped to a width nobody reads it at."""
+    from mlxserve import repl as repl_module
+    from mlxserve.chat_backend import Delta, Stats
+    from mlxserve.repl import run_chat
+
+    paragraph = ("The sky is blue because air scatters blue sunlight more than red. " * 4).strip()
+    answer = f"# Sky\n\n{paragraph}\n\n**Blue** wins."
+
+    class Generation:
+        stats = Stats(1, "stop")
+
+        def __iter__(self):
+            yield Delta(content=answer, tokens=1)
+
+    class Backend:
+        model = "fake"
+
+        def describe(self):
+            return "fake"
+
+        def generate(self, messages, settings):
+            return Generation()
+
+        def close(self):
+            pass
+
+    typed = iter(["Why is the sky blue?", "/system " + paragraph, "/system"])
+
+    class Prompt:
+        def prompt(self, _):
+            line = next(typed, None)
+            if line is None:
+                raise EOFError
+            return line
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(repl_module, "open_backend", lambda args: Backend())
+    monkeypatch.setattr(repl_module, "_prompt_session", lambda repl: Prompt())
+    monkeypatch.setattr(repl_module.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    args = {"temperature": None, "no_think": False, "system": None, "format": None, "max_tokens": None}
+    assert run_chat(types.SimpleNamespace(**args)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not [line for line in lines if line.endswith(" ")], lines
+    assert lines[lines.index("# Sky"):][:5] == ["# Sky", "", paragraph, "", "**Blue** wins."], lines
+    assert f"System prompt: {paragraph}" in lines, lines
+
+
 def test_piped_bytes_that_are_not_text_come_as_replacement_characters():
     """Whatever the stream's errors (surrogateescape under a C locale: lone surrogates, which a
     server refused while the engine in the process took them; strict under a UTF-8 one: an

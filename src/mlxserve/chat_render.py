@@ -49,12 +49,15 @@ def reading_prompt(read: int, total: int) -> str:
 class AnswerView:
     """Use as a context manager; `add()` each Delta; leaving the block prints the final
     render (also after Ctrl-C: what came so far stays on screen). `live=False`: print only
-    then (for text that is already complete)."""
+    then (for text that is already complete). `plain`: print only then, the text as written
+    and each line whole, not Markdown (for a file or a pipe: rendered Markdown is wrapped to
+    the console's width, which off a terminal is nobody's)."""
 
     def __init__(self, console: Console, *, show_thinking: bool = True, live: bool = True,
-                 progress: Callable[[], tuple[int, int] | None] | None = None):
+                 plain: bool = False, progress: Callable[[], tuple[int, int] | None] | None = None):
         self.console = console
-        self.live = live
+        self.live = live and not plain
+        self.plain = plain
         self.show_thinking = show_thinking
         self.progress = progress  # (prompt tokens read, prompt tokens) until the first token
         self._spinner = Spinner("dots")
@@ -75,6 +78,10 @@ class AnswerView:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.plain:
+            if self._parts():
+                self.console.print(Group(*self._parts()), soft_wrap=True)  # (soft_wrap: no line cut)
+            return
         lines = self._lines()
         if self._live is not None:
             self._live.update(Text(""), refresh=False)
@@ -104,6 +111,12 @@ class AnswerView:
         self._live.update(Group(SegmentLines(lines[self._printed:], new_lines=True), self._footer()))
 
     def _lines(self) -> list[list[Segment]]:
+        parts = self._parts()
+        if not parts:
+            return []
+        return self.console.render_lines(Group(*parts), self.console.options, pad=False)
+
+    def _parts(self) -> list:
         parts = []
         reasoning = self.reasoning.strip()
         if self.show_thinking and reasoning:
@@ -111,10 +124,9 @@ class AnswerView:
         if self.content.strip():
             if parts:
                 parts.append(Text(""))
-            parts.append(Markdown(printable(self.content.strip()), code_theme=CODE_THEME))
-        if not parts:
-            return []
-        return self.console.render_lines(Group(*parts), self.console.options, pad=False)
+            content = printable(self.content.strip())
+            parts.append(Text(content) if self.plain else Markdown(content, code_theme=CODE_THEME))
+        return parts
 
     def _footer(self) -> _Footer:
         return _Footer(self)

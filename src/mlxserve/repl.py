@@ -99,7 +99,11 @@ def run_chat(args) -> int:
     try:
         if not interactive:
             return PipedRepl(backend, session, piped).run()
-        return Repl(backend, session, Console()).run()
+        from .cli import output_console
+
+        # Off a terminal (stdout a file) as the other commands' output: nothing wrapped at 80
+        # columns, and the answers as written (Repl.answer).
+        return Repl(backend, session, output_console()).run()
     except KeyboardInterrupt:
         if not interactive:  # as `run` does: nothing to keep, and no waiting for the engine's step
             from .cli import _exit_at_once
@@ -472,7 +476,7 @@ class Repl:
             return False
         # (Only an in-process engine can tell how far it has read the prompt: a server tells
         # nothing before its first token.)
-        view = AnswerView(self.console, show_thinking=settings.think,
+        view = AnswerView(self.console, show_thinking=settings.think, plain=not self.console.is_terminal,
                           progress=getattr(generation, "prompt_progress", None))
         cut, failure = False, None
         with view:
@@ -539,7 +543,8 @@ class Repl:
             if m.role == "user":
                 self.say(PROMPT + printable(m.content).replace("\n", "\n" + CONTINUATION), style="bold")
                 continue
-            with AnswerView(self.console, show_thinking=self.session.settings.think, live=False) as view:
+            with AnswerView(self.console, show_thinking=self.session.settings.think, live=False,
+                            plain=not self.console.is_terminal) as view:
                 view.add(Delta(m.reasoning, m.content))
             if m.cut:
                 self.say("(cut)", style="dim")
