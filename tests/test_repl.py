@@ -954,6 +954,21 @@ def test_an_empty_system_prompt_is_sent_so_that_the_template_adds_none(monkeypat
     assert [messages for messages, _ in asked] == [[empty, user], [user], [empty, user]]
 
 
+def test_a_system_prompt_after_double_dash_is_taken_as_it_is(monkeypatch, capsys):
+    """`/system none` and `/system default` are keywords; after `--` the text is the system
+    prompt as it is, so that it can be one of those words (or start with `--`)."""
+    from mlxserve.cli import CLIError
+
+    asked = []
+    _pipe_to_fake_chat(monkeypatch, asked)
+    stdin = "".join(f"/system {arg}\n/reset\nHi\n" for arg in ("-- none", "--  Default", "-- -- x", "--none"))
+    assert _piped_chat(monkeypatch, stdin) == 0
+    assert [messages[0]["content"] for messages, _ in asked] == ["none", "Default", "-- x", "--none"]
+    assert capsys.readouterr().err.count("System prompt set.") == 4
+    with pytest.raises(CLIError, match=r"^usage: /system -- TEXT"):
+        _piped_chat(monkeypatch, "/system --\nHi\n")
+
+
 def test_piped_lines_in_a_fenced_block_are_text(monkeypatch, capsys, tmp_path):
     """In pasted Markdown, a fenced block (``` or ~~~) is code, a shell session, a transcript:
     its lines are part of the question as they are, never commands (a `/export FILE` there

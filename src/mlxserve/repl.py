@@ -244,9 +244,11 @@ def _cmd_reset(repl: Repl, arg: str) -> None:
 
 
 def _cmd_system(repl: Repl, arg: str) -> None:
-    # none and default are what `chat --system ''` and no --system give (see ChatSession.system).
+    # none and default are what `chat --system ''` and no --system give (see ChatSession.system);
+    # after `--` the text is taken as it is, so that a system prompt can be one of those words.
     if arg:
-        repl.session.system = {"none": "", "default": None}.get(arg.lower(), arg)
+        literal = _after_double_dash(arg, "usage: /system -- TEXT (TEXT as it is, even none or default)")
+        repl.session.system = literal if literal is not None else {"none": "", "default": None}.get(arg.lower(), arg)
     system = repl.session.system
     if system is None:
         repl.say("System prompt: the chat template's default, if any (/system TEXT sets one).")
@@ -254,6 +256,17 @@ def _cmd_system(repl: Repl, arg: str) -> None:
         repl.say("System prompt: none, not even the chat template's default.")
     else:
         repl.say("System prompt set." if arg else f"System prompt: {printable(system)}")
+
+
+def _after_double_dash(arg: str, usage: str) -> str | None:
+    """The text after a leading `--` (as a shell command's `--` ends its options), or None
+    when the argument does not start with one."""
+    parts = arg.split(maxsplit=1)
+    if parts[0] != "--":
+        return None
+    if len(parts) == 1:  # (nothing after it to take as it is)
+        raise UsageError(usage)
+    return parts[1]
 
 
 def _setting_command(name: str, label: str) -> Callable[[Repl, str], None]:
@@ -374,7 +387,8 @@ COMMANDS = [
     Command("/help", "", "this list", _cmd_help),
     Command("/reset", "", "start a new conversation", _cmd_reset, aliases=("/clear",)),
     Command("/system", "[TEXT|none|default]", "show or set the system prompt (none: not even the chat "
-            "template's default; default: the template's)", _cmd_system, choices=("none", "default")),
+            "template's default; default: the template's; -- TEXT: TEXT as it is, even none or default)",
+            _cmd_system, choices=("none", "default")),
     Command("/temp", "[X]", "sampling temperature (0 = greedy)", _setting_command("temperature", "temperature")),
     Command("/top_p", "[X]", "nucleus sampling mass, in (0, 1]", _setting_command("top_p", "top_p")),
     Command("/max_tokens", "[N|auto]", "longest answer, in tokens", _setting_command("max_tokens", "max_tokens"),
