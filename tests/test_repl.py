@@ -1066,6 +1066,57 @@ def test_a_chat_typed_in_a_terminal_with_stdout_a_file_writes_it_unwrapped(monke
     assert f"System prompt: {paragraph}" in lines, lines
 
 
+def test_the_prompt_is_drawn_on_the_terminal_when_stdout_is_a_file(tiny, tmp_path):
+    """`mlxserve chat > answers.txt` typed in a terminal: prompt_toolkit wrote its prompt,
+    the line typed and carriage returns into the file (plain text, as stdout was not a
+    terminal). They are drawn on the terminal (stderr here), and the file gets none of them."""
+    out = tmp_path / "out.txt"
+    env = {**os.environ, "NO_COLOR": "1", "MLXSERVE_HOME": str(tmp_path), "TERM": "xterm-256color",
+           "PROMPT_TOOLKIT_NO_CPR": "1", "COLUMNS": "80", "LINES": "24"}
+    command = f"exec {sys.executable} -m mlxserve chat --model {tiny} > {out}"
+    child = pexpect.spawn("/bin/sh", ["-c", command], env=env, dimensions=(24, 80), encoding="utf-8", timeout=30)
+    try:
+        child.expect_exact(READY)
+        child.expect_exact(">>>")
+        child.send("/sys")
+        child.expect_exact("/sys")  # the line typed is drawn on the terminal
+        child.send("\t")
+        child.expect_exact("tem")  # and so is its completion (/system)
+        child.send(" be brief\r")
+        child.expect_exact(READY)
+        child.sendcontrol("d")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    written = out.read_text()
+    assert ">>>" not in written and "\r" not in written and "/system" not in written, repr(written)
+
+
+def test_the_prompt_goes_to_the_terminal_itself_when_stdout_and_stderr_are_files(monkeypatch):
+    """`mlxserve chat > out 2> err`: the prompt is drawn on /dev/tty, in neither file."""
+    from prompt_toolkit.input import create_pipe_input
+
+    from mlxserve import repl as repl_module
+
+    master, slave = os.openpty()
+    try:
+        monkeypatch.setattr(repl_module, "TERMINAL", os.ttyname(slave))
+        monkeypatch.setattr(sys, "stdout", io.StringIO())
+        monkeypatch.setattr(sys, "stderr", io.StringIO())
+        output = repl_module._prompt_output()
+        with create_pipe_input() as typed:
+            typed.send_text("hello\r")
+            from prompt_toolkit import PromptSession
+
+            assert PromptSession(input=typed, output=output).prompt(repl_module.PROMPT) == "hello"
+        assert sys.stdout.getvalue() == sys.stderr.getvalue() == ""
+        assert b">>>" in os.read(master, 65536)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def test_piped_bytes_that_are_not_text_come_as_replacement_characters():
     """Whatever the stream's errors (surrogateescape under a C locale: lone surrogates, which a
     server refused while the engine in the process took them; strict under a UTF-8 one: an

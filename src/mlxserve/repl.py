@@ -677,6 +677,7 @@ def _prompt_session(repl: Repl) -> PromptSession:
         repl.error(f"history not kept: {exc}")
         history = InMemoryHistory()
     return PromptSession(
+        output=_prompt_output(),
         history=history,
         completer=SlashCompleter(repl),
         complete_while_typing=False,  # Tab completes; a menu popping up while typing distracts
@@ -684,6 +685,29 @@ def _prompt_session(repl: Repl) -> PromptSession:
         prompt_continuation=lambda width, line_number, wrap_count: CONTINUATION.rjust(width),
         enable_suspend=True,
     )
+
+
+TERMINAL = "/dev/tty"  # the process's terminal, whatever its streams are
+
+
+def _prompt_output():
+    """Where the prompt, the line being typed and the completion menu are drawn: the terminal
+    they are typed in. With stdout a terminal, prompt_toolkit's own choice (stdout). With stdout
+    a file or a pipe (`mlxserve chat > answers.txt`), prompt_toolkit would write them into it as
+    plain text (with carriage returns); they go to stderr where that is the terminal, else to
+    the terminal itself (/dev/tty), and only where there is none (a process without one) to
+    stderr as plain text, so that stdout gets only what the chat writes."""
+    if sys.stdout is not None and sys.stdout.isatty():
+        return None  # prompt_toolkit's default: stdout
+    from prompt_toolkit.output import create_output
+
+    if sys.stderr is not None and sys.stderr.isatty():
+        return create_output(stdout=sys.stderr)
+    try:
+        terminal = open(TERMINAL, "w")  # kept open while the chat runs (closed with the process)
+    except OSError:
+        return create_output(stdout=sys.stderr)
+    return create_output(stdout=terminal)
 
 
 def _key_bindings() -> KeyBindings:
