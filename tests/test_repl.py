@@ -1100,19 +1100,23 @@ def test_the_prompt_goes_to_the_terminal_itself_when_stdout_and_stderr_are_files
     from mlxserve import repl as repl_module
 
     master, slave = os.openpty()
+    typed_at = os.fdopen(os.dup(slave), "r")  # stdin: the terminal
     try:
         monkeypatch.setattr(repl_module, "TERMINAL", os.ttyname(slave))
         monkeypatch.setattr(sys, "stdout", io.StringIO())
         monkeypatch.setattr(sys, "stderr", io.StringIO())
+        monkeypatch.setattr(sys, "stdin", typed_at)
         output = repl_module._prompt_output()
         with create_pipe_input() as typed:
             typed.send_text("hello\r")
             from prompt_toolkit import PromptSession
 
             assert PromptSession(input=typed, output=output).prompt(repl_module.PROMPT) == "hello"
+        output.stdout.close()  # (the terminal, opened for the prompt)
         assert sys.stdout.getvalue() == sys.stderr.getvalue() == ""
         assert b">>>" in os.read(master, 65536)
     finally:
+        typed_at.close()
         os.close(master)
         os.close(slave)
 

@@ -703,6 +703,8 @@ def _prompt_output():
 
     if sys.stderr is not None and sys.stderr.isatty():
         return create_output(stdout=sys.stderr)
+    if sys.stdin is None or not sys.stdin.isatty():  # nobody types at a terminal (tests)
+        return create_output(stdout=sys.stderr)
     try:
         terminal = open(TERMINAL, "w")  # kept open while the chat runs (closed with the process)
     except OSError:
