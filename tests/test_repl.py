@@ -1121,6 +1121,32 @@ def test_the_prompt_goes_to_the_terminal_itself_when_stdout_and_stderr_are_files
         os.close(slave)
 
 
+def test_models_keeps_each_name_whole_in_a_narrow_terminal():
+    """/models in 40 columns cut a long name (a model's path) short with an ellipsis, so that
+    it could not be copied into /model NAME: it stays one line (the terminal wraps it), its
+    details beside it where every row fits, else under it."""
+    from rich.console import Console
+
+    from mlxserve.chat_backend import ModelInfo
+    from mlxserve.chat_session import ChatSession
+    from mlxserve.repl import Repl
+
+    name = "/home/someone/.cache/mlxserve/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+    class Backend:
+        model = name
+
+        def models(self):
+            return [ModelInfo(name, "gguf, Q4_1, 98 MB", current=True), ModelInfo("smollm2-135m", "SmolLM2 135M")]
+
+    for width in (40, 80, 120):
+        out = io.StringIO()
+        Repl(Backend(), ChatSession(), Console(file=out, width=width), prompt=False).command("/models")
+        lines = out.getvalue().splitlines()
+        assert lines[0] == f" *  {name}" + ("  gguf, Q4_1, 98 MB" if width == 120 else ""), lines
+        assert "…" not in out.getvalue() and len(lines) == (2 if width == 120 else 4), lines
+
+
 def test_piped_bytes_that_are_not_text_come_as_replacement_characters():
     """Whatever the stream's errors (surrogateescape under a C locale: lone surrogates, which a
     server refused while the engine in the process took them; strict under a UTF-8 one: an

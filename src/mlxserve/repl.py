@@ -318,13 +318,19 @@ def _cmd_model(repl: Repl, arg: str) -> None:
 
 
 def _cmd_models(repl: Repl, arg: str) -> None:
-    table = Table(box=None, show_header=False, padding=(0, 1))
-    table.add_column(no_wrap=True)
-    table.add_column(no_wrap=True)  # a name must stay whole to be copied into /model NAME
-    table.add_column(style="dim")
-    for m in repl.backend.models():
-        table.add_row("*" if m.current else " ", m.name, m.detail)
-    repl.console.print(table)
+    # A name must stay whole to be copied into /model NAME: never cut short or folded (a table
+    # did both in a narrow terminal). The details stand beside the names where every row fits
+    # the width, else each under its name; a name wider than the terminal is one line that
+    # the terminal wraps.
+    models = repl.backend.models()
+    longest = max((len(m.name) for m in models), default=0)
+    beside = all(4 + longest + 2 + len(m.detail) <= repl.console.width for m in models)
+    for m in models:
+        line = Text(f" {'*' if m.current else ' '}  {m.name.ljust(longest) if beside else m.name}")
+        if m.detail:
+            line.append("  " if beside else "\n      ")
+            line.append(m.detail, style="dim")
+        repl.console.print(line, soft_wrap=True)
 
 
 def _cmd_stats(repl: Repl, arg: str) -> None:
