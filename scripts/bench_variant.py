@@ -17,7 +17,7 @@ the same command with and without the environment variable, on the same warm mac
                       slots read the run of slots while it is at most N times their number;
                       0: they always gather)
     FUSED_DECODE=0|1  batch.FUSED_DECODE (decoding rows attend through MLX's fused attention
-                      with their runs of slots padded and keys rounded up; default: off)
+                      with their runs of slots padded and keys rounded up; default: batch.fuses_decoding's rule)
     LINEAR_AS_CONV=1  plain linear layers run their products of several rows as width-one
                       convolutions (models/products.py: cuDNN's cached plan instead of
                       cuBLASLt's setup at every call)

@@ -216,6 +216,25 @@ def test_fused_decoding_rows_match_alone(setup, monkeypatch, live_slots, row_uni
         assert mx.allclose(logits[first], alone[i][0], atol=1e-4)
 
 
+def test_fused_decoding_by_default_only_where_it_was_measured_faster(monkeypatch):
+    """batch.fuses_decoding: on a CUDA GPU, bf16/fp16, heads of at most 128, and at least 4
+    query heads per KV head (Qwen3-4B's shape, faster fused; Qwen3-0.6B's 2, slower)."""
+    from mlxserve import batch as batch_module
+    from mlxserve.batch import fuses_decoding
+
+    assert not fuses_decoding(mx.bfloat16, 128, 4)  # this machine computes on its CPU
+    monkeypatch.setattr(batch_module, "on_cuda", lambda: True)
+    assert fuses_decoding(mx.bfloat16, 128, 4) and fuses_decoding(mx.float16, 64, 8)
+    assert not fuses_decoding(mx.bfloat16, 128, 2)  # Qwen3-0.6B
+    assert not fuses_decoding(mx.float32, 128, 4)  # no cuDNN attention in float32
+    assert not fuses_decoding(mx.bfloat16, 256, 4)  # Qwen3.5's heads: beyond cuDNN's 128
+    monkeypatch.setattr(batch_module, "FUSED_DECODE", False)
+    assert not fuses_decoding(mx.bfloat16, 128, 4)
+    monkeypatch.setattr(batch_module, "on_cuda", lambda: False)
+    monkeypatch.setattr(batch_module, "FUSED_DECODE", True)
+    assert fuses_decoding(mx.float32, 256, 1)
+
+
 def test_fused_key_lengths():
     from mlxserve.batch import fused_key_length
 

@@ -36,17 +36,22 @@ CHUNK_ATTENTION_MIN_KEYS = 2048
 DECODE_SPAN_MAX_RATIO = 4
 
 # Decoding rows of a run of slots (consecutive, or spanned as above) attend through MLX's
-# fused attention when FUSED_DECODE says so (None: on a CUDA GPU, bf16/fp16, head size at most
-# 128, which is where MLX runs it through cuDNN; off until measured in the bench): each KV head's query heads are the query
+# fused attention where `fuses_decoding` says so: each KV head's query heads are the query
 # rows of one head of plain multi-head attention, over the rows' keys with their additive
-# mask. cuDNN builds a plan the first time it sees a shape (38-818 ms each on an H100), so
-# the rows are padded to a multiple of FUSED_DECODE_ROW_UNIT slots (the padding slots
-# computed and dropped like a span's gaps) and the keys rounded up (`fused_key_length`), to
-# keep the set of shapes a server meets small: at most 4 row counts for 64 rows times 8 key
-# lengths. Fewer rows or longer keys stay with cache.decode_attention: on an H100 (28 layers,
-# 588 keys) cuDNN took 1.55 against 2.44 ms at 32 rows and 2.32 against 3.54 ms at 64, but
-# 9.39 against 6.55 ms for 8 rows over 16k keys (docs/performance-history.md, session 27).
-FUSED_DECODE: bool | None = False
+# mask, which MLX runs through cuDNN on a CUDA GPU. cuDNN builds a plan the first time it
+# sees a shape (38-818 ms each on an H100), so the rows are padded to a multiple of
+# FUSED_DECODE_ROW_UNIT slots (the padding slots computed and dropped like a span's gaps) and
+# the keys rounded up (`fused_key_length`), to keep the set of shapes a server meets small:
+# at most 4 row counts for 64 rows times 8 key lengths. Fewer rows or longer keys stay with
+# cache.decode_attention (cuDNN took 9.39 against its 6.55 ms for 8 rows over 16k keys).
+# Measured on an H100 (docs/performance-history.md, session 28), the bench at 32 and 64
+# streams: Qwen3-4B (4 query heads per KV head) made 2,134-2,548 and 2,675-2,815 total tok/s
+# fused against 2,082-2,204 and 2,159-2,321 without; Qwen3-0.6B (2 per KV head) 2,624-3,069
+# and 2,716-3,943 fused against 2,748-3,577 and 4,082-4,373 without, its steps bound by the
+# host, which a cuDNN call costs more than the four kernels it replaces. Hence the rule of
+# FUSED_DECODE_MIN_GROUP. FUSED_DECODE: None decides so, True or False forces it.
+FUSED_DECODE: bool | None = None
+FUSED_DECODE_MIN_GROUP = 4
 FUSED_DECODE_MIN_ROWS = 16
 FUSED_DECODE_ROW_UNIT = 16
 FUSED_DECODE_MAX_KEYS = 4096
@@ -58,11 +63,14 @@ def on_cuda() -> bool:
     return mx.default_device() == mx.gpu and cuda is not None and cuda.is_available()
 
 
-def fuses_decoding(dtype: mx.Dtype, head_dim: int) -> bool:
-    """Whether decoding rows may attend through MLX's fused attention (FUSED_DECODE)."""
+def fuses_decoding(dtype: mx.Dtype, head_dim: int, group: int) -> bool:
+    """Whether decoding rows attend through MLX's fused attention (see FUSED_DECODE): on a
+    CUDA GPU, in bf16 or fp16, heads of at most 128 (where MLX runs it through cuDNN), with
+    at least FUSED_DECODE_MIN_GROUP query heads per KV head."""
     if FUSED_DECODE is not None:
         return FUSED_DECODE
-    return dtype in (mx.bfloat16, mx.float16) and head_dim % 8 == 0 and head_dim <= 128 and on_cuda()
+    return (group >= FUSED_DECODE_MIN_GROUP and dtype in (mx.bfloat16, mx.float16) and head_dim % 8 == 0
+            and head_dim <= 128 and on_cuda())
 
 
 def fused_key_length(key_length: int) -> int:
@@ -150,13 +158,15 @@ class StepBatch:
 
 
 def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int = 64,
-                pad_to: int | None = None, small_step_tokens_per_row: int = 4) -> StepBatch:
+                pad_to: int | None = None, small_step_tokens_per_row: int = 4,
+                fuse_decoding: bool = False) -> StepBatch:
     """Build a StepBatch from per-row feeds.
 
     A small step (no row feeds more than `small_step_tokens_per_row` tokens) may run compiled
     as it is. A bigger one (a prefill chunk in it) may run compiled only if `pad_to` is given:
     its flat tokens are then padded to a multiple of it, so that a few shapes cover every
-    step. Without it such a step runs eagerly.
+    step. Without it such a step runs eagerly. `fuse_decoding`: decoding rows may attend
+    through MLX's fused attention (see FUSED_DECODE).
 
     `rows` holds objects with: key, tokens (list[int] new tokens), start (position of the
     first new token), cache (a RowCache whose slot covers start + len(tokens) positions)
@@ -165,7 +175,6 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
     The flat order is shelf by shelf, then by token count, then by slot, so that each group
     and each shelf's writes are one contiguous slice of the flat sequence.
     """
-    fuse_decoding = bool(rows) and fuses_decoding(mask_dtype, rows[0].cache.shelf.store.head_dim)
     by_group: dict[tuple, list] = {}
     for row in rows:
         # Decoding rows of a shelf attend together; each prefill chunk alone (a group of one

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .batch import StepBatch, build_batch
+from .batch import StepBatch, build_batch, fuses_decoding
 from .cache import KVStore, RowCache
 from .models import compiled
 
@@ -32,6 +32,8 @@ class Runner:
         self.kv = kv
         # Layers whose outputs every step hands back as StepBatch.captured (a DFlash draft's context).
         self.capture = capture
+        args = getattr(model, "args", None)
+        self.group = args.num_attention_heads // kv.kv_heads if args is not None else 1  # query heads per KV head
 
     def forward(self, feeds: list[Feed], previous: mx.array | None = None) -> tuple[mx.array | None, StepBatch]:
         """Returns (logits [rows asked for, vocab] in the batch's flat order, or None when no
@@ -43,7 +45,8 @@ class Runner:
         """
         # Steps with prefill chunks are padded to a bucket size only to be run compiled.
         batch = build_batch(feeds, self.kv.dtype, self.kv.block_size, compiled.multi_token_bucket(),
-                            compiled.MAX_TOKENS_PER_ROW)
+                            compiled.MAX_TOKENS_PER_ROW,
+                            fuses_decoding(self.kv.dtype, self.kv.head_dim, self.group))
         batch.capture = self.capture
         patches = [(batch.row_offsets[f.key], f.from_previous) for f in feeds if f.from_previous is not None]
         if len(patches) == batch.tokens.size:
