@@ -17,7 +17,7 @@ def conversation() -> ChatSession:
 
 
 @pytest.mark.parametrize("name,raw,value", [
-    ("temperature", "0", 0.0), ("temperature", "1.25", 1.25),
+    ("temperature", "0", 0.0), ("temperature", "1.25", 1.25), ("temperature", "2", 2.0),
     ("top_p", "0.9", 0.9), ("top_p", "1", 1.0),
     ("max_tokens", "64", 64), ("max_tokens", "auto", None), ("max_tokens", "AUTO", None),
     ("think", "off", False), ("think", "On", True),
@@ -33,6 +33,7 @@ def test_settings_accept(name, raw, value):
 
 @pytest.mark.parametrize("name,raw,usage", [
     ("temperature", "-0.1", "/temp X"), ("temperature", "hot", "/temp X"), ("temperature", "nan", "/temp X"),
+    ("temperature", "2.5", "/temp X (a number from 0 to 2, as the server takes"),  # as OpenAI's API
     ("top_p", "0", "/top_p X"), ("top_p", "1.5", "/top_p X"), ("top_p", "", "/top_p X"),
     ("max_tokens", "0", "/max_tokens N"), ("max_tokens", "2.5", "/max_tokens N"),
     ("think", "maybe", "/think on|off"),

@@ -338,8 +338,10 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("run", "--temperature", "-1", "--prompt", "hi"), "temperature"),
     (("run", "--max-tokens", "0", "--prompt", "hi"), "max_tokens"),
     (("run", "--prompt", "hi", "there"), "give the prompt once"),
-    (("chat", "--temperature", "-3"), "--temperature must be a finite number >= 0"),
-    (("chat", "--temperature", "nan"), "--temperature must be a finite number >= 0"),
+    (("run", "--temp", "3", "--prompt", "hi"), "temperature: must be in [0, 2], got 3.0"),  # the server's limit
+    (("chat", "--temperature", "-3"), "--temperature must be a number from 0 to 2 (0 = greedy), got -3"),
+    (("chat", "--temperature", "nan"), "--temperature must be a number from 0 to 2"),
+    (("chat", "--temperature", "2.5"), "--temperature must be a number from 0 to 2 (0 = greedy), got 2.5"),
     (("run", "--memory-budget", "1e400", "hi"), "'1e400' is not a finite size"),
     (("run", "--memory-budget", "-5GB", "hi"), "--memory-budget: must be positive, got '-5GB'"),
     # An empty path, URL, model, host or key is an error, never as if the flag were left out

@@ -305,6 +305,7 @@ def test_mixed_batch_in_one_call():
 
 def test_defaults_are_valid():
     SamplingParams().validate()
+    SamplingParams(temperature=2).validate()
     SamplingParams(temperature=0, top_p=0.01, top_k=1, min_p=1.0, presence_penalty=-2,
                    frequency_penalty=2, seed=-3, stop=("x",) * 16, logprobs=True, top_logprobs=20,
                    logit_bias=((0, -100), (5, 100.0))).validate()
@@ -315,6 +316,7 @@ def test_defaults_are_valid():
     ("max_tokens", 1.5),
     ("temperature", -0.1),
     ("temperature", math.inf),
+    ("temperature", 2.01),  # OpenAI's limit, everywhere (checks.MAX_TEMPERATURE)
     ("top_p", 0.0),
     ("top_p", 1.01),
     ("top_p", math.nan),

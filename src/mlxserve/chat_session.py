@@ -14,6 +14,7 @@ import secrets
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .checks import MAX_TEMPERATURE, is_temperature
 from .paths import expand_user
 
 SAVE_FORMAT = "mlxserve-chat"
@@ -50,9 +51,10 @@ class Settings:
 
 
 def _parse_temperature(raw: str) -> float:
-    value = _number(raw, "usage: /temp X (a number >= 0; 0 = greedy)")
-    if value < 0:
-        raise UsageError("usage: /temp X (a number >= 0; 0 = greedy)")
+    usage = f"usage: /temp X (a number from 0 to {MAX_TEMPERATURE}, as the server takes; 0 = greedy)"
+    value = _number(raw, usage)
+    if not is_temperature(value):
+        raise UsageError(usage)
     return value
 
 

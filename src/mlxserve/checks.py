@@ -1,7 +1,18 @@
 """Checks of values read from model files (config.json, GGUF metadata), shared by the
-loader, the tokenizer and quant/: importing nothing, it makes no import cycle."""
+loader, the tokenizer and quant/, and the sampling temperature's range, shared by the server
+and the terminal's commands: importing nothing, it makes no import cycle (and `chat --url`
+loads no MLX for it)."""
 
 from __future__ import annotations
+
+# The hottest sampling temperature, everywhere (the server, `run --temp`, `chat --temperature`,
+# /temp): OpenAI's API's limit, so that what the chat takes the server takes too (`chat --url`).
+MAX_TEMPERATURE = 2
+
+
+def is_temperature(value: float) -> bool:
+    """`value` is a temperature every front end takes: 0 (greedy) to MAX_TEMPERATURE (nan is not)."""
+    return 0 <= value <= MAX_TEMPERATURE
 
 
 def is_whole(value: object, minimum: int) -> bool:

@@ -16,6 +16,7 @@ from contextlib import contextmanager, nullcontext
 from typing import NoReturn
 
 from . import __version__
+from .checks import MAX_TEMPERATURE
 from .spec import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
 
 EXIT_USAGE = 2
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt", "-p", help="the prompt text")
     _add_model_args(run, DEFAULT_MODEL)
     run.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate (default 512)")
-    run.add_argument("--temperature", "--temp", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
+    run.add_argument("--temperature", "--temp", type=float, default=0.7, help=f"sampling temperature, 0 to {MAX_TEMPERATURE} as in OpenAI's API; 0 = greedy (default 0.7)")
     run.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     run.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = off")
     run.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p × the top probability")
@@ -483,7 +484,8 @@ def _add_chat_parser(sub, default_model: str) -> None:
     chat.add_argument("--api-key", action=_NonEmpty, help="API key for --url (default $MLXSERVE_API_KEY)")
     chat.add_argument("--no-think", action="store_true", help="ask the model not to think, and hide any thinking")
     chat.add_argument("--temperature", type=float, default=None,
-                      help="sampling temperature to start with (default 0.7; 0 = greedy; /temp changes it)")
+                      help=f"sampling temperature to start with, 0 to {MAX_TEMPERATURE} (default 0.7; 0 = greedy; "
+                           "/temp changes it)")
     chat.add_argument("--max-tokens", type=int, default=None,
                       help="longest answer, in tokens, to start with (default: as many as the context leaves; "
                            "/max_tokens changes it)")

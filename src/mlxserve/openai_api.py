@@ -72,10 +72,6 @@ CHOICE_SEED_STRIDE = 2**32  # see Completion.choice_params
 # most this many let one client's request take only a quarter of the 64 rows that run at once.
 MAX_CHOICES = 16
 
-# OpenAI's largest temperature: the engine (`run`, `chat`) samples hotter, but a request
-# beyond it is refused here as OpenAI refuses it, so that a client's bug shows on both.
-MAX_TEMPERATURE = 2
-
 _FIELD_TYPES = {
     "model": str, "max_tokens": int, "max_completion_tokens": int, "temperature": (int, float),
     "top_p": (int, float), "top_k": int, "min_p": (int, float), "presence_penalty": (int, float),
@@ -183,9 +179,6 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
     except ValueError as exc:
         field = str(exc).split(":", 1)[0]
         raise APIError(400, str(exc), param="max_tokens" if field == "max_tokens" else field) from None
-    if params.temperature > MAX_TEMPERATURE:
-        raise APIError(400, f"temperature: must be from 0 to {MAX_TEMPERATURE} in this API (as in OpenAI's), got "
-                            f"{_short(body['temperature'])}", param="temperature")
     for prompt in prompts:
         if len(prompt) + (0 if score_only else params.max_tokens) > context_length:
             raise APIError(400, f"this model's context length is {context_length} tokens; the prompt has "

@@ -10,7 +10,6 @@ only the answers' text goes to stdout (PipedRepl).
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import signal
 import sys
@@ -33,6 +32,7 @@ from . import piped_input
 from .chat_backend import BackendError, Delta, Stats
 from .chat_render import AnswerView, format_stats, plural, printable
 from .chat_session import ChatSession, Settings, UsageError
+from .checks import MAX_TEMPERATURE, is_temperature
 from .interrupts import join
 from .paths import expand_user
 
@@ -53,8 +53,9 @@ def run_chat(args) -> int:
     """`mlxserve chat` (and bare `mlxserve`): the REPL, or what was piped when stdin is a pipe."""
     from .cli import CLIError
 
-    if args.temperature is not None and not 0 <= args.temperature < math.inf:  # nan fails both
-        raise CLIError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature:g}")
+    if args.temperature is not None and not is_temperature(args.temperature):
+        raise CLIError(f"--temperature must be a number from 0 to {MAX_TEMPERATURE} (0 = greedy), "
+                       f"got {args.temperature:g}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise CLIError(f"--max-tokens must be a whole number >= 1, got {args.max_tokens}")
     interactive = sys.stdin.isatty()

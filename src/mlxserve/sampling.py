@@ -43,6 +43,8 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from .checks import MAX_TEMPERATURE, is_temperature
+
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 
@@ -93,8 +95,8 @@ class SamplingParams:
 
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             fail("max_tokens", "must be an integer >= 1")
-        if not (0.0 <= self.temperature < math.inf):
-            fail("temperature", "must be a finite number >= 0")
+        if not is_temperature(self.temperature):
+            fail("temperature", f"must be in [0, {MAX_TEMPERATURE}]")
         if not (0.0 < self.top_p <= 1.0):
             fail("top_p", "must be in (0, 1]")
         if not _is_int(self.top_k) or self.top_k < 0:
