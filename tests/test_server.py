@@ -529,6 +529,12 @@ BAD = [
     ("temperature over 2", dict(body={"messages": [{"role": "user", "content": "x"}], "temperature": 2.5}), 400,
      "temperature"),
     ("temperature string", dict(body={"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}), 400, "temperature"),
+    # true is an int to Python, a boolean to JSON: not a number (it was temperature 1)
+    ("temperature true", dict(body={"messages": [{"role": "user", "content": "x"}], "temperature": True}), 400,
+     "temperature"),
+    ("top_p true", dict(body={"messages": [{"role": "user", "content": "x"}], "top_p": True}), 400, "top_p"),
+    ("presence_penalty false", dict(body={"messages": [{"role": "user", "content": "x"}], "presence_penalty": False}),
+     400, "presence_penalty"),
     ("top_p zero", dict(body={"messages": [{"role": "user", "content": "x"}], "top_p": 0}), 400, "top_p"),
     ("top_p big", dict(body={"messages": [{"role": "user", "content": "x"}], "top_p": 2}), 400, "top_p"),
     ("top_k negative", dict(body={"messages": [{"role": "user", "content": "x"}], "top_k": -3}), 400, "top_k"),

@@ -95,7 +95,9 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
     body = {key: value for key, value in body.items() if value is not None}
     for name, types in _FIELD_TYPES.items():
         value = body.get(name)
-        if value is not None and (not isinstance(value, types) or (types is int and isinstance(value, bool))):
+        # (true is an int to Python: only a field that takes a bool takes one, not "temperature": true)
+        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in
+                                                                   (types if isinstance(types, tuple) else (types,)))):
             raise APIError(400, f"'{name}' has the wrong type", param=name)
     model = _model(body, served_model)
     _check_stream_options(body)
