@@ -532,6 +532,8 @@ BAD = [
     # true is an int to Python, a boolean to JSON: not a number (it was temperature 1)
     ("temperature true", dict(body={"messages": [{"role": "user", "content": "x"}], "temperature": True}), 400,
      "temperature"),
+    # an int is /v1/completions' logprobs: here it was taken as true, its number of alternatives dropped
+    ("logprobs a number", dict(body={"messages": [{"role": "user", "content": "x"}], "logprobs": 5}), 400, "logprobs"),
     ("top_p true", dict(body={"messages": [{"role": "user", "content": "x"}], "top_p": True}), 400, "top_p"),
     ("presence_penalty false", dict(body={"messages": [{"role": "user", "content": "x"}], "presence_penalty": False}),
      400, "presence_penalty"),

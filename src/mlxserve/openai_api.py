@@ -119,7 +119,10 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
         grammar = _grammar(body, tokenizer, tools, choice, schema, grammars)
         prompts = [_chat_prompt(body, tokenizer, tools, think=grammar is None)]
         top_logprobs = body.get("top_logprobs") or 0
-        logprobs = bool(body.get("logprobs"))
+        if not isinstance(body.get("logprobs", False), bool):  # (an int is /v1/completions' form)
+            raise APIError(400, f"'logprobs' of /v1/chat/completions is true or false (top_logprobs asks for "
+                                f"alternatives), got {_short(body['logprobs'])}", param="logprobs")
+        logprobs = body.get("logprobs", False)
     else:
         grammar = _grammar(body, tokenizer, None, "auto", schema, grammars)
         prompts = _text_prompts(body, tokenizer)
