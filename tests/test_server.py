@@ -360,6 +360,19 @@ def test_every_chunk_of_a_stream_has_the_same_created(server, monkeypatch):
         assert len(chunks) > 2 and len({c["created"] for c in chunks}) == 1 and len({c["id"] for c in chunks}) == 1
 
 
+def test_a_stream_with_usage_has_usage_null_on_every_other_chunk(server):
+    """As OpenAI's: with include_usage every chunk has a usage field, null but on the last
+    (typed clients read it there); without it, none has one."""
+    url, _ = server
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+                       ("/v1/completions", {"prompt": "Hi"})):
+        body = {**body, "max_tokens": 4, "ignore_eos": True, "stream": True, "n": 2}
+        chunks = _sse_events(url + path, {**body, "stream_options": {"include_usage": True}}, key=KEY)
+        assert [c["usage"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
+        assert not any("usage" in c for c in _sse_events(url + path, body, key=KEY))
+
+
 def test_second_turn_reports_cached_tokens(client):
     messages = [{"role": "system", "content": "You are a helpful assistant. " * 8},
                 {"role": "user", "content": "What is the capital of France?"}]

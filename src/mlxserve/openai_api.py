@@ -686,7 +686,7 @@ def chunk(c: Completion, rid: str, choices: list[dict], usage_json: dict | None 
 def _envelope(c: Completion, rid: str, obj: str, choices: list[dict], usage_json: dict | None) -> dict:
     out = {"id": rid, "object": obj, "created": c.created, "model": c.model,
            "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
-    if usage_json is not None:
+    if usage_json is not None or c.include_usage:  # (a stream's other chunks: null, as OpenAI's)
         out["usage"] = usage_json
     return out
 
