@@ -723,6 +723,20 @@ def test_parameters_that_change_nothing_are_accepted(server):
         assert status == 200, answer
 
 
+def test_an_empty_stop_string_is_ignored(server):
+    """As OpenAI: `stop: ""` (or "" in a list) stops nothing, rather than being a 400."""
+    url, _ = server
+    for path, body in (("/v1/chat/completions", {"messages": X}), ("/v1/completions", {"prompt": "x"})):
+        answers = []
+        for stop in ("", [""], ["", ""], None):
+            status, answer = raw(url + path, {**body, "stop": stop, "max_tokens": 6, "temperature": 0,
+                                              "ignore_eos": True})
+            assert status == 200, answer
+            answers.append(answer["choices"][0])
+        assert all(a["finish_reason"] == "length" for a in answers)
+        assert len({json.dumps(a.get("message") or a.get("text")) for a in answers}) == 1
+
+
 def test_openai_ranges_bounds_are_accepted(server):
     url, _ = server
     bounds = {"temperature": 2, "top_p": 1, "presence_penalty": -2, "frequency_penalty": 2}

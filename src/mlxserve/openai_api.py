@@ -161,6 +161,7 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
         stop = tuple(stop)
     else:
         raise APIError(400, "'stop' must be a string or a list of strings", param="stop")
+    stop = tuple(s for s in stop if s)  # (an empty string stops nothing: ignored, as OpenAI ignores it)
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=_float(body, "temperature", 1.0),
