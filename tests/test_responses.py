@@ -238,6 +238,23 @@ def test_a_stored_responses_input_items_come_back_a_page_at_a_time(client, serve
         [("ResponseInputMessageItem", "input_text", text, "completed") for text in ("t", "0", "1", "2", "3")]
 
 
+def test_an_assistant_refusal_part_is_its_text_in_the_input(client, server):
+    """A refusal part of an assistant message (a response's output sent back as input) is
+    read as its text, as OpenAI takes it; input_items lists it as the refusal part it was."""
+    said = "I can't help with that."
+
+    def ask(content):
+        return client.responses.create(model=MODEL, temperature=0, max_output_tokens=4, input=[
+            {"role": "user", "content": "Hi"}, {"type": "message", "role": "assistant", "content": content},
+            {"role": "user", "content": "ok"}])
+
+    plain, refused = ask(said), ask([{"type": "refusal", "refusal": said}])
+    assert refused.usage.input_tokens == plain.usage.input_tokens and refused.output_text == plain.output_text
+    with urllib.request.urlopen(f"{server.base}/v1/responses/{refused.id}/input_items?order=asc", timeout=60) as r:
+        items = json.loads(r.read())["data"]
+    assert items[1]["content"] == [{"type": "refusal", "refusal": said}]
+
+
 def test_store_false_keeps_nothing(client):
     r = client.responses.create(model=MODEL, input="x", max_output_tokens=2, store=False)
     with pytest.raises(openai.NotFoundError):
@@ -541,6 +558,12 @@ def test_a_response_with_a_call_the_model_got_wrong_can_be_continued(tiny_model_
     ({"input": [{"type": "reasoning", "summary": []}]}, "'input' holds no message"),
     ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}],
       "tool_choice": "required"}, "tools[0].parameters must describe an object"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "a"}, {"type": "input_text", "text": 5}]}]},
+     "input[0].content[1].text must be a string, got 5"),
+    ({"input": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]},
+     'input[0].content[0]: only text content parts are supported, got type "refusal"'),
+    ({"input": [{"role": "assistant", "content": [{"type": "refusal", "refusal": 1}]}]},
+     "input[0].content[0].refusal must be a string"),
 ])
 def test_errors_name_the_fields_as_this_api_has_them(server, body, words):
     req = urllib.request.Request(server.base + "/v1/responses", data=json.dumps({"model": MODEL, **body}).encode(),

@@ -715,6 +715,40 @@ def test_an_assistant_turn_with_calls_may_leave_its_content_out(server):
         assert status == 200, body
 
 
+def test_an_assistant_refusal_part_is_its_text_in_the_history(server):
+    """An assistant message's {"type": "refusal"} part (OpenAI's answer of a refusal, sent
+    back in the history) is read as its text; elsewhere, and a part that is not text, is a 400
+    naming the part's exact place."""
+    from mlxserve import openai_api
+
+    url, engine = server
+    said = "I can't help with that."
+
+    def history(*parts):
+        return {"messages": [X[0], {"role": "assistant", "content": list(parts)}, {"role": "user", "content": "ok"}],
+                "max_tokens": 2}
+
+    as_text = {**history(), "messages": [X[0], {"role": "assistant", "content": said}, {"role": "user", "content": "ok"}]}
+    expected = openai_api.parse_request(as_text, "chat", engine.tokenizer, 2048, MODEL).prompts
+    for parts in ([{"type": "refusal", "refusal": said}],
+                  [{"type": "text", "text": "I can't "}, {"type": "refusal", "refusal": "help with that."}]):
+        assert openai_api.parse_request(history(*parts), "chat", engine.tokenizer, 2048, MODEL).prompts == expected
+        status, answer = raw(url + "/v1/chat/completions", history(*parts))
+        assert status == 200, answer
+    for body, words in (
+            (history({"type": "text", "text": "a"}, {"type": "text", "text": 5}), "messages[1].content[1].text must be "
+                                                                                  "a string, got 5"),
+            (history({"type": "refusal", "refusal": None}), "messages[1].content[0].refusal must be a string"),
+            (history({"type": "image_url", "image_url": {"url": "x"}}), "messages[1].content[0]: only text or refusal "
+                                                                        "content parts"),
+            ({"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]},
+             "messages[0].content[0]: only text content parts are supported in 'user' messages, got type \"refusal\""),
+            ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages[0].content[0]: only text content parts")):
+        status, answer = raw(url + "/v1/chat/completions", body)
+        assert status == 400 and answer["error"]["param"] == "messages", answer
+        assert answer["error"]["message"].startswith(words), answer
+
+
 def test_parameters_that_change_nothing_are_accepted(server):
     url, _ = server
     for path, body in (("/v1/chat/completions", {"messages": X, "response_format": {"type": "text"}, "best_of": 1}),
@@ -1221,9 +1255,9 @@ def test_tool_call_arguments_that_are_not_json_are_sent_back_as_written(scripted
                {"role": "assistant", "content": None, "tool_calls": [
                    {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": arguments}}]},
                {"role": "tool", "tool_call_id": "call_1", "content": "ok"}]
-    assert openai_api._normalize_message(history[1])["tool_calls"][0]["function"]["arguments"] == arguments
+    assert openai_api._normalize_message(history[1], 1)["tool_calls"][0]["function"]["arguments"] == arguments
     assert openai_api._normalize_message({**history[1], "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]}
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]}, 1
     )["tool_calls"][0]["function"]["arguments"] == {"a": 1}
     r = scripted["good"].chat.completions.create(model=MODEL, messages=history, tools=TOOLS)
     assert r.choices[0].finish_reason == "tool_calls"

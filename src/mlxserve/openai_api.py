@@ -398,7 +398,7 @@ def _chat_prompt(body: dict, tokenizer, tools: list | None, think: bool = True) 
                                 "beside tool_calls", param="messages")
     if tokenizer.chat_template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-    normalized = [_normalize_message(m) for m in messages]
+    normalized = [_normalize_message(m, i) for i, m in enumerate(messages)]
     variables = dict(body.get("chat_template_kwargs") or {})
     for name in _RESERVED_TEMPLATE_VARIABLES.intersection(variables):
         raise APIError(400, f"chat_template_kwargs cannot set '{name}' (it comes from the request's own "
@@ -422,8 +422,10 @@ def _chat_prompt(body: dict, tokenizer, tools: list | None, think: bool = True) 
 _RESERVED_TEMPLATE_VARIABLES = {"messages", "tools", "template", "self"}
 
 
-def _normalize_message(message: dict) -> dict:
-    """Text parts joined into one string (templates expect strings); system == developer."""
+def _normalize_message(message: dict, i: int) -> dict:
+    """Text parts joined into one string (templates expect strings), an assistant's refusal
+    parts (as OpenAI answers a refusal, sent back in the history) as its text; system ==
+    developer. `i`: the message's index, for errors."""
     m = dict(message)
     if m["role"] == "developer":
         m["role"] = "system"
@@ -436,10 +438,18 @@ def _normalize_message(message: dict) -> dict:
     content = m.get("content")
     if isinstance(content, list):
         texts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise APIError(400, "only text content parts are supported", param="messages")
-            texts.append(part["text"])
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            # (OpenAI takes refusal parts in an assistant's content only.)
+            key = "text" if kind == "text" else "refusal" if kind == "refusal" and m["role"] == "assistant" else None
+            if key is None:
+                allowed = "text or refusal" if m["role"] == "assistant" else "text"
+                raise APIError(400, f"messages[{i}].content[{j}]: only {allowed} content parts are supported in "
+                                    f"{m['role']!r} messages, got type {_short(kind)}", param="messages")
+            if not isinstance(part.get(key), str):
+                raise APIError(400, f"messages[{i}].content[{j}].{key} must be a string, got "
+                                    f"{_short(part.get(key))}", param="messages")
+            texts.append(part[key])
         m["content"] = "".join(texts)
     elif content is None:
         m["content"] = ""

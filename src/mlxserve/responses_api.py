@@ -275,7 +275,7 @@ def _input_messages(value: object, calls: set[str]) -> list[dict]:
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
                 raise APIError(400, f"input[{i}] needs a role of user, system, developer or assistant", param="input")
-            messages.append({"role": role, "content": _text_of(item.get("content"), i)})
+            messages.append({"role": role, "content": _text_of(item.get("content"), i, role)})
         elif kind == "function_call":
             call = {"id": _string(item, "call_id", i), "type": "function",
                     "function": {"name": _string(item, "name", i), "arguments": _string(item, "arguments", i)}}
@@ -319,9 +319,11 @@ def _input_items(value: str | list) -> list[dict]:
         if kind == "message":
             # Text parts as the API returns them: input_text, or output_text for the assistant's.
             part = "output_text" if item["role"] == "assistant" else "input_text"
-            texts = [item["content"]] if isinstance(item["content"], str) else [p["text"] for p in item["content"]]
-            item["content"] = [{"type": part, "text": text, **({"annotations": []} if part == "output_text" else {})}
-                               for text in texts]
+            parts = [{"type": "text", "text": item["content"]}] if isinstance(item["content"], str) else item["content"]
+            # (An assistant's refusal part stays one, as the response that gave it had it.)
+            item["content"] = [{"type": "refusal", "refusal": p["refusal"]} if p["type"] == "refusal" else
+                               {"type": part, "text": p["text"], **({"annotations": []} if part == "output_text" else {})}
+                               for p in parts]
             prefix = "msg"
         else:
             prefix = {"function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}[kind]
@@ -364,19 +366,27 @@ def input_items_page(items: list[dict], query) -> dict:
             "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > len(page)}
 
 
-def _text_of(content: object, i: int) -> str:
-    """A message's content: a string, or a list of text parts (input_text / output_text)."""
+def _text_of(content: object, i: int, role: str | None = None) -> str:
+    """A message's content: a string, or a list of text parts (input_text / output_text, and
+    an assistant's refusal parts, as a response's output has them, read as its text).
+    `role`: the message's (None: a function_call_output's output)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         texts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") in ("input_text", "output_text", "text")
-                    and isinstance(part.get("text"), str)):
-                kind = part.get("type") if isinstance(part, dict) else None
-                raise APIError(400, f"input[{i}]: only text content parts are supported, got "
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            key = ("text" if kind in ("input_text", "output_text", "text") else
+                   "refusal" if kind == "refusal" and role == "assistant" else None)
+            where = f"input[{i}].content[{j}]" if role is not None else f"input[{i}].output[{j}]"
+            if key is None:
+                allowed = "text or refusal" if role == "assistant" else "text"
+                raise APIError(400, f"{where}: only {allowed} content parts are supported, got type "
                                     f"{json.dumps(kind)[:40]}", param="input")
-            texts.append(part["text"])
+            if not isinstance(part.get(key), str):
+                raise APIError(400, f"{where}.{key} must be a string, got {json.dumps(part.get(key))[:40]}",
+                               param="input")
+            texts.append(part[key])
         return "".join(texts)
     raise APIError(400, f"input[{i}].content must be a string or a list of text parts", param="input")
 
