@@ -400,17 +400,19 @@ def test_completions_prompt_forms_logprobs_and_stop(client):
 @pytest.mark.parametrize("n", [0, 2])
 def test_legacy_logprobs_format(server, n):
     """OpenAI's /v1/completions logprobs: `logprobs` alternatives plus the sampled token in each
-    top_logprobs dict (just the sampled one for 0), and each token's text_offset; streamed the same."""
+    top_logprobs dict (just the sampled one for 0), and each token's text_offset (into the prompt
+    and the answer, as OpenAI's: the first is the prompt's length); streamed the same."""
     url, _ = server
-    body = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0.8, "seed": 3,
-            "ignore_eos": True, "logprobs": n}
+    prompt = "The capital of France is"
+    body = {"prompt": prompt, "max_tokens": 12, "temperature": 0.8, "seed": 3, "ignore_eos": True, "logprobs": n}
     status, whole = raw(url + "/v1/completions", body)
     assert status == 200, whole
     text, lp = whole["choices"][0]["text"], whole["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 12
     for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
         assert top[token] == logprob and n <= len(top) <= n + 1
-    _assert_text_offsets(text, lp)
+    assert lp["text_offset"][0] == len(prompt)
+    _assert_text_offsets(prompt + text, lp)
     chunks = _sse_events(url + "/v1/completions", {**body, "stream": True}, key=KEY)
     streamed = {key: [v for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
                       for v in c["choices"][0]["logprobs"][key]] for key in lp}
@@ -426,6 +428,10 @@ def test_legacy_logprobs_text_offset_with_echo(server):
     assert lp["text_offset"][0] == 0 and lp["top_logprobs"][0] is None
     assert len(lp["text_offset"]) == len(lp["tokens"]) == len(lp["token_logprobs"]) > 5
     _assert_text_offsets(text, lp)
+    # The answer's tokens have the same offsets echoed or not: both count from the prompt's start.
+    status, alone = raw(url + "/v1/completions", {"prompt": prompt, "max_tokens": 5, "temperature": 0,
+                                                  "ignore_eos": True, "logprobs": 1})
+    assert status == 200 and alone["choices"][0]["logprobs"]["text_offset"] == lp["text_offset"][-5:]
 
 
 def _assert_text_offsets(text, lp):
@@ -1436,7 +1442,8 @@ def test_logprob_bytes_of_tokens_that_split_a_character(tiny_model_dir):
         # where each token starts: the character its first byte belongs to
         spelled = [bytes.fromhex(t[6:].replace("\\x", "")) if t.startswith("bytes:") else t.encode() for t in lp["tokens"]]
         assert b"".join(spelled) == text.encode()
-        assert lp["text_offset"] == [len(b"".join(spelled[:i]).decode("utf-8", "ignore")) for i in range(len(spelled))]
+        assert lp["text_offset"] == [len("x") + len(b"".join(spelled[:i]).decode("utf-8", "ignore"))
+                                     for i in range(len(spelled))]  # (after the prompt "x")
     finally:
         live.stop()
 

@@ -433,7 +433,8 @@ async def _collect_choice(c: wire.Completion, index: int, stream, tokenizer) -> 
     if c.params.logprobs and c.kind == "chat":
         lp = wire.logprobs_json(c.kind, logprobs, tokenizer)
     elif c.params.logprobs:
-        start = len(tokenizer.decode(stream.request.prompt_ids)) if c.echo else 0  # after the echoed prompt
+        # (Offsets into prompt + answer, echoed or not, as OpenAI's: the first is the prompt's length.)
+        start = len(tokenizer.decode(stream.request.prompt_ids))
         lp = wire.logprobs_json(c.kind, logprobs, tokenizer,
                                 wire.TextOffsets(tokenizer, start).take([e.token_id for e in logprobs]))
     if c.kind == "chat":
@@ -655,7 +656,9 @@ async def _choice_pieces(c: wire.Completion, rid: str, index: int, stream, token
                                         "logprobs": None, "finish_reason": None}])), False
     parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True,
                         calls_constrained=c.calls_constrained, calls_only=c.calls_only) if c.kind == "chat" else None
-    answer, offsets = wire.AnswerLogprobs(tokenizer, c.params), wire.TextOffsets(tokenizer)
+    # (text_offset counts from the prompt's end, as OpenAI's; see _collect_choice)
+    answer = wire.AnswerLogprobs(tokenizer, c.params)
+    offsets = wire.TextOffsets(tokenizer, len(tokenizer.decode(stream.request.prompt_ids)) if c.kind == "text" else 0)
     async for event in stream:
         if event.finish_reason == "error":
             yield _sse(_engine_error(event.error, c).body()), True
