@@ -194,6 +194,47 @@ def test_tool_edge_cases(server):
     assert answer["error"]["message"].startswith("the answer could not go on as calls of its tools")
 
 
+def test_tool_choice_none_shows_the_tools_but_makes_no_calls(server):
+    """As OpenAI's: under tool_choice "none" the tools are in the prompt (the one "auto" gives,
+    so the prefix cache shares it), no call is parsed or enforced, and the call's opening tag
+    (a token of this vocabulary) is biased by -100 unless the request biases it itself."""
+    from mlxserve import openai_api
+
+    url, engine = server
+    tokenizer = engine.tokenizer
+    tag = tokenizer.backend.token_to_id("<tool_call>")
+    body = {"messages": X, "tools": TOOLS, "parallel_tool_calls": False}
+
+    class Shown:  # the tokenizer, noting the tools its template is given (this one's writes none)
+        def __init__(self):
+            self.tools = []
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def apply_chat_template(self, messages, **kwargs):
+            self.tools.append(kwargs.get("tools"))
+            return tokenizer.apply_chat_template(messages, **kwargs)
+
+    shown = Shown()
+    auto = openai_api.parse_request(body, "chat", shown, 2048, MODEL)
+    none = openai_api.parse_request({**body, "tool_choice": "none"}, "chat", shown, 2048, MODEL)
+    assert shown.tools == [TOOLS, TOOLS] and none.prompts == auto.prompts
+    assert not none.tools_enabled and none.params.grammar is None and none.params.stop_token_ids == ()
+    assert none.params.logit_bias == ((tag, -100.0),) and auto.params.logit_bias == ()
+    biased = openai_api.parse_request({**body, "tool_choice": "none", "logit_bias": {str(tag): 5, "7": 1}}, "chat",
+                                      tokenizer, 2048, MODEL)
+    assert biased.params.logit_bias == tuple(sorted(((7, 1.0), (tag, 5.0))))
+    formatted = openai_api.parse_request({**body, "tool_choice": "none", "response_format": {"type": "json_object"}},
+                                         "chat", tokenizer, 2048, MODEL)
+    assert formatted.params.grammar == openai_api.parse_request(
+        {"messages": X, "response_format": {"type": "json_object"}}, "chat", tokenizer, 2048, MODEL).params.grammar
+    status, answer = raw(url + "/v1/chat/completions", {**body, "tool_choice": "none", "max_tokens": 8,
+                                                        "temperature": 0, "ignore_eos": True})
+    assert status == 200 and "tool_calls" not in answer["choices"][0]["message"], answer
+    assert answer["usage"]["prompt_tokens"] == len(auto.prompts[0])
+
+
 def test_tools_beside_a_response_format_answer_either_way(client, server):
     """With tools under tool_choice "auto", a response_format lets the answer be calls or
     JSON of that format. Biased away from the call tag, the answer is the JSON."""

@@ -111,13 +111,16 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
         raise APIError(400, "suffix (text to follow the completion, for insertion) is not supported by this "
                             "server", param="suffix")
     schema = _response_format(body.get("response_format"))
-    tools, choice, grammar = None, "auto", None
+    tools, shown, choice, grammar = None, None, "auto", None
     legacy = kind == "chat" and "functions" in body
     if kind == "chat":
         body = _legacy_functions(body)
-        tools, choice = _tools(body)
+        shown, choice = _tools(body)
+        # tool_choice "none": the model is shown the tools (as OpenAI's are: the prompt is the
+        # one "auto" gives, which the prefix cache shares) but makes no calls (_no_call_bias).
+        tools = None if choice == "none" else shown
         grammar = _grammar(body, tokenizer, tools, choice, schema, grammars)
-        prompts = [_chat_prompt(body, tokenizer, tools, think=grammar is None)]
+        prompts = [_chat_prompt(body, tokenizer, shown, think=grammar is None)]
         top_logprobs = body.get("top_logprobs") or 0
         if not isinstance(body.get("logprobs", False), bool):  # (an int is /v1/completions' form)
             raise APIError(400, f"'logprobs' of /v1/chat/completions is true or false (top_logprobs asks for "
@@ -177,7 +180,8 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
         ignore_eos=bool(body.get("ignore_eos", False)),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
-        logit_bias=_logit_bias(body.get("logit_bias"), tokenizer.vocab_size),
+        logit_bias=_no_call_bias(_logit_bias(body.get("logit_bias"), tokenizer.vocab_size), tokenizer,
+                                 choice == "none" and shown is not None),
         grammar=grammar,
     )
     try:
@@ -262,6 +266,16 @@ def _grammar(body: dict, tokenizer, tools: list | None, choice: str, schema: dic
     return grammar
 
 
+def _no_call_bias(bias: tuple[tuple[int, float], ...], tokenizer, no_calls: bool) -> tuple[tuple[int, float], ...]:
+    """Under tool_choice "none" with tools shown: the opening tag of a call, where the
+    vocabulary has it as a token, biased by -100 (unless the request biases it itself), so
+    that the model does not start a call; its answer is read as text, calls not parsed."""
+    token = tag_token(tokenizer, TOOL_OPEN) if no_calls else None
+    if token is None or token in dict(bias):
+        return bias
+    return tuple(sorted((*bias, (token, -100.0))))
+
+
 def _logit_bias(value: dict | None, vocab: int) -> tuple[tuple[int, float], ...]:
     """OpenAI's logit_bias: {"token id": bias in [-100, 100]} -> sorted (id, bias) pairs."""
     if not value:
@@ -337,8 +351,8 @@ def _legacy_functions(body: dict) -> dict:
 
 
 def _tools(body: dict) -> tuple[list | None, str]:
-    """(The tools to show the model, or None: none given, or tool_choice "none"; the choice:
-    "auto", "required" or "named", which leaves only the named function in the tools)."""
+    """(The tools to show the model, or None: none given; the choice: "auto", "none",
+    "required" or "named", which leaves only the named function in the tools)."""
     tools = body.get("tools")
     choice = body.get("tool_choice", "auto")
     named = None
@@ -368,7 +382,7 @@ def _tools(body: dict) -> tuple[list | None, str]:
         if named not in {t["function"]["name"] for t in tools}:
             raise APIError(400, "tool_choice names a function that is not in tools", param="tool_choice")
         return [t for t in tools if t["function"]["name"] == named], "named"
-    return (None, "auto") if choice == "none" else (tools, choice)
+    return tools, choice
 
 
 def _chat_prompt(body: dict, tokenizer, tools: list | None, think: bool = True) -> list[int]:
