@@ -488,7 +488,7 @@ def test_a_history_that_cannot_be_kept_is_said_once_and_the_chat_goes_on(tmp_pat
     (tmp_path / "history").mkdir()  # a folder where the file would be
     monkeypatch.setenv("MLXSERVE_HOME", str(tmp_path))
     errors = []
-    session = _prompt_session(types.SimpleNamespace(error=errors.append))
+    session = _prompt_session(types.SimpleNamespace(error=errors.append, screen=None))
     assert isinstance(session.history, InMemoryHistory)
     assert len(errors) == 1 and errors[0].startswith("history not kept: ") and "Is a directory" in errors[0]
 
@@ -1011,22 +1011,25 @@ def test_what_piped_chat_says_on_stderr_is_not_wrapped(monkeypatch, capsys):
     assert out.out == long_answer + "\n"
 
 
-def test_a_chat_typed_in_a_terminal_with_stdout_a_file_writes_it_unwrapped(monkeypatch, capsys):
-    """`mlxserve chat > log` (stdin a terminal): rich took 80 columns off a terminal and cut
-    every longer line in two, padding the rest with spaces. As the other commands' output off
-    a terminal (cli.output_console): each line whole, and the answer as written, not rendered
-    as Markdown wrapped to a width nobody reads it at."""
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _typed_chat_with_stdout_a_file(monkeypatch, typed_lines, answer, reasoning=""):
+    """run_chat typed in a terminal (stdin one; the lines `typed_lines`, then Ctrl-D) on a
+    fake backend whose every answer is `answer` (after `reasoning`); stdout is capsys's (a
+    file). Returns run_chat's exit status."""
     from mlxserve import repl as repl_module
     from mlxserve.chat_backend import Delta, Stats
     from mlxserve.repl import run_chat
-
-    paragraph = ("The sky is blue because air scatters blue sunlight more than red. " * 4).strip()
-    answer = f"# Sky\n\n{paragraph}\n\n**Blue** wins."
 
     class Generation:
         stats = Stats(1, "stop")
 
         def __iter__(self):
+            if reasoning:
+                yield Delta(reasoning=reasoning, tokens=1)
             yield Delta(content=answer, tokens=1)
 
     class Backend:
@@ -1041,7 +1044,7 @@ def test_a_chat_typed_in_a_terminal_with_stdout_a_file_writes_it_unwrapped(monke
         def close(self):
             pass
 
-    typed = iter(["Why is the sky blue?", "/system " + paragraph, "/system"])
+    typed = iter(typed_lines)
 
     class Prompt:
         def prompt(self, _):
@@ -1050,31 +1053,62 @@ def test_a_chat_typed_in_a_terminal_with_stdout_a_file_writes_it_unwrapped(monke
                 raise EOFError
             return line
 
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
     monkeypatch.setattr(repl_module, "open_backend", lambda args: Backend())
     monkeypatch.setattr(repl_module, "_prompt_session", lambda repl: Prompt())
     monkeypatch.setattr(repl_module.signal, "signal", lambda *args: None)
-    monkeypatch.setattr(sys, "stdin", Terminal())
+    monkeypatch.setattr(sys, "stdin", _Terminal())
     args = {"temperature": None, "no_think": False, "system": None, "format": None, "max_tokens": None}
-    assert run_chat(types.SimpleNamespace(**args)) == 0
-    lines = capsys.readouterr().out.splitlines()
+    return run_chat(types.SimpleNamespace(**args))
+
+
+def test_a_chat_typed_in_a_terminal_with_stdout_a_file_writes_only_the_answers_there(monkeypatch, capsys):
+    """`mlxserve chat > answers.txt` typed in a terminal: the file got the banner, the figures
+    after each answer and what commands say, so that /help showed nothing on the screen. As
+    piped chat does: the file gets only the answers' text, each as the model wrote it (not
+    Markdown wrapped to 80 columns) ended by a newline, no thinking; all else is on the terminal
+    (stderr here), the thinking included."""
+    paragraph = ("The sky is blue because air scatters blue sunlight more than red. " * 4).strip()
+    answer = f"# Sky\n\n{paragraph}\n\n**Blue** wins."
+    screen = _Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    typed = ["/help", "/system be brief", "Why is the sky blue?", "/nonsense", "/system", "Again?"]
+    assert _typed_chat_with_stdout_a_file(monkeypatch, typed, answer, reasoning="Rayleigh, I think.") == 0
+    assert capsys.readouterr().out == f"{answer}\n{answer}\n"
+    shown = plain(screen.getvalue())
+    for said in ("mlxserve chat · fake", "this list", "System prompt set.", "Rayleigh, I think.",
+                 "1 generated", "error: unknown command /nonsense", "System prompt: be brief"):
+        assert said in shown, (said, shown)
+    assert "blue sunlight" not in shown, shown
+
+
+def test_a_chat_typed_with_no_terminal_to_write_to_writes_the_rest_unwrapped(monkeypatch, capsys):
+    """stdout and stderr files, and no terminal to open (`chat > out 2> err` where /dev/tty
+    fails): what is not an answer goes to stderr, as piped chat's, each line whole (rich took
+    80 columns off a terminal and cut every longer line in two, padding the rest)."""
+    from mlxserve import repl as repl_module
+
+    paragraph = ("The sky is blue because air scatters blue sunlight more than red. " * 4).strip()
+    monkeypatch.setattr(repl_module, "TERMINAL", "/nonexistent/tty")
+    typed = ["Why is the sky blue?", "/system " + paragraph, "/system"]
+    assert _typed_chat_with_stdout_a_file(monkeypatch, typed, "Scattering.") == 0
+    out = capsys.readouterr()
+    assert out.out == "Scattering.\n"
+    lines = out.err.splitlines()
     assert not [line for line in lines if line.endswith(" ")], lines
-    assert lines[lines.index("# Sky"):][:5] == ["# Sky", "", paragraph, "", "**Blue** wins."], lines
     assert f"System prompt: {paragraph}" in lines, lines
 
 
 def test_the_prompt_is_drawn_on_the_terminal_when_stdout_is_a_file(tiny, tmp_path):
     """`mlxserve chat > answers.txt` typed in a terminal: prompt_toolkit wrote its prompt,
     the line typed and carriage returns into the file (plain text, as stdout was not a
-    terminal). They are drawn on the terminal (stderr here), and the file gets none of them."""
+    terminal), and the banner, the figures and what commands say went there too (/help showed
+    nothing). They are on the terminal (stderr here), and the file gets only the answer."""
     out = tmp_path / "out.txt"
     env = {**os.environ, "NO_COLOR": "1", "MLXSERVE_HOME": str(tmp_path), "TERM": "xterm-256color",
            "PROMPT_TOOLKIT_NO_CPR": "1", "COLUMNS": "80", "LINES": "24"}
     command = f"exec {sys.executable} -m mlxserve chat --model {tiny} > {out}"
     child = pexpect.spawn("/bin/sh", ["-c", command], env=env, dimensions=(24, 80), encoding="utf-8", timeout=30)
+    shown = child.logfile_read = io.StringIO()
     try:
         child.expect_exact(READY)
         child.expect_exact(">>>")
@@ -1083,14 +1117,25 @@ def test_the_prompt_is_drawn_on_the_terminal_when_stdout_is_a_file(tiny, tmp_pat
         child.send("\t")
         child.expect_exact("tem")  # and so is its completion (/system)
         child.send(" be brief\r")
+        child.expect_exact("System prompt set.")
+        child.expect_exact(READY)
+        child.send("/help\r")
+        child.expect_exact("this list")
+        child.expect_exact(READY)
+        child.send("Hi\r")
+        child.expect(r"[\d,]+ generated")
         child.expect_exact(READY)
         child.sendcontrol("d")
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+    assert "mlxserve chat ·" in plain(shown.getvalue())  # the banner, on the terminal
     written = out.read_text()
-    assert ">>>" not in written and "\r" not in written and "/system" not in written, repr(written)
+    assert ">>>" not in written and "/system" not in written, repr(written)
+    for said in ("mlxserve chat", "System prompt", "this list", "generated"):
+        assert said not in written, repr(written)
+    assert written.endswith("\n") and written.strip(), repr(written)  # the answer, and only it
 
 
 def test_the_prompt_goes_to_the_terminal_itself_when_stdout_and_stderr_are_files(monkeypatch):

@@ -51,14 +51,18 @@ class AnswerView:
     render (also after Ctrl-C: what came so far stays on screen). `live=False`: print only
     then (for text that is already complete). `plain`: print only then, the text as written
     and each line whole, not Markdown (for a file or a pipe: rendered Markdown is wrapped to
-    the console's width, which off a terminal is nobody's)."""
+    the console's width, which off a terminal is nobody's). `show_content=False`: the answer's
+text is counted (the spinner line says "writing") but not shown, as it is written elsewhere
+(a file: see repl.Repl); the thinking, the spinner line and the progress are."""
 
     def __init__(self, console: Console, *, show_thinking: bool = True, live: bool = True,
-                 plain: bool = False, progress: Callable[[], tuple[int, int] | None] | None = None):
+                 plain: bool = False, show_content: bool = True,
+                 progress: Callable[[], tuple[int, int] | None] | None = None):
         self.console = console
         self.live = live and not plain
         self.plain = plain
         self.show_thinking = show_thinking
+        self.show_content = show_content
         self.progress = progress  # (prompt tokens read, prompt tokens) until the first token
         self._spinner = Spinner("dots")
         self.reasoning = ""
@@ -121,7 +125,7 @@ class AnswerView:
         reasoning = self.reasoning.strip()
         if self.show_thinking and reasoning:
             parts.append(Text(printable(reasoning), style="dim italic"))
-        if self.content.strip():
+        if self.show_content and self.content.strip():
             if parts:
                 parts.append(Text(""))
             content = printable(self.content.strip())

@@ -102,9 +102,15 @@ def run_chat(args) -> int:
             return PipedRepl(backend, session, piped).run()
         from .cli import output_console
 
-        # Off a terminal (stdout a file) as the other commands' output: nothing wrapped at 80
-        # columns, and the answers as written (Repl.answer).
-        return Repl(backend, session, output_console()).run()
+        if sys.stdout is not None and sys.stdout.isatty():
+            return Repl(backend, session, output_console()).run()
+        # stdout a file or a pipe (`mlxserve chat > answers.txt`): only the answers' text goes
+        # there, as piped chat writes it; all else (banner, figures, what commands say, errors,
+        # the prompt) goes to the terminal typed in (_terminal_stream), as piped chat's to stderr.
+        screen = _terminal_stream()
+        console = (Console(file=screen, no_color=bool(os.environ.get("NO_COLOR"))) if screen.isatty()
+                   else output_console(stderr=True))  # (no terminal at all: stderr, unwrapped)
+        return Repl(backend, session, console, answers=sys.stdout, screen=screen).run()
     except KeyboardInterrupt:
         if not interactive:  # as `run` does: nothing to keep, and no waiting for the engine's step
             from .cli import _exit_at_once
@@ -422,10 +428,18 @@ def find_command(name: str) -> Command | None:
 
 # ---- the loop -------------------------------------------------------------------------------------
 class Repl:
-    def __init__(self, backend, session: ChatSession, console: Console, prompt: bool = True):
+    """The chat typed in a terminal. `answers`: where the answers' text goes when that is not
+    the console (stdout a file or a pipe, see run_chat): there each answer as the model wrote
+    it, ended by a newline, and on the console (`screen`, the terminal, where the prompt is
+    drawn too) everything else, the thinking and the progress of the answer included."""
+
+    def __init__(self, backend, session: ChatSession, console: Console, prompt: bool = True,
+                 answers=None, screen=None):
         self.backend = backend
         self.session = session
         self.console = console
+        self.answers = answers
+        self.screen = screen
         # (prompt False: PipedRepl, which reads no line from the terminal and keeps no history.)
         self._prompt = _prompt_session(self) if prompt else None
         # A cut answer's cancellation, still waiting for the engine's step in flight.
@@ -498,17 +512,26 @@ class Repl:
         # (Only an in-process engine can tell how far it has read the prompt: a server tells
         # nothing before its first token.)
         view = AnswerView(self.console, show_thinking=settings.think, plain=not self.console.is_terminal,
-                          progress=getattr(generation, "prompt_progress", None))
+                          show_content=self.answers is None, progress=getattr(generation, "prompt_progress", None))
         cut, failure = False, None
+        line_open = False  # an answer's text is in self.answers, its newline not yet
         with view:
             try:
                 for delta in generation:
                     view.add(delta)
+                    if self.answers is not None and delta.content:
+                        self._write_answer(delta.content, generation)
+                        line_open = True
+                if self.answers is not None:
+                    self._write_answer("\n", generation)  # (an empty answer too: a line each)
+                    line_open = False
             except KeyboardInterrupt:
                 cut = True
                 self._stop(generation)
             except BackendError as exc:
                 failure = exc
+        if line_open:  # cut, or failed: what came of it ends its line, as every answer's does
+            self._write_answer("\n", generation)
         if failure is not None:
             self.error(str(failure))
             return False
@@ -520,6 +543,16 @@ class Repl:
             stats = Stats(view.tokens, "cancelled")
         self.say(format_stats(stats, cut=cut), style="dim")
         return True
+
+    def _write_answer(self, text: str, generation) -> None:
+        """Text of the answer to `self.answers` (a file or a pipe). Its reader gone (`| head`):
+        the answer is cancelled and the BrokenPipeError ends the chat (quietly: cli.main)."""
+        try:
+            self.answers.write(text)
+            self.answers.flush()
+        except BrokenPipeError:
+            _cancel(generation)
+            raise
 
     def _stop(self, generation) -> None:
         """Ctrl-C during an answer: cancel it without holding up the prompt. The engine drops
@@ -684,7 +717,7 @@ def _prompt_session(repl: Repl) -> PromptSession:
         repl.error(f"history not kept: {exc}")
         history = InMemoryHistory()
     return PromptSession(
-        output=_prompt_output(),
+        output=_prompt_output(repl.screen),
         history=history,
         completer=SlashCompleter(repl),
         complete_while_typing=False,  # Tab completes; a menu popping up while typing distracts
@@ -697,26 +730,32 @@ def _prompt_session(repl: Repl) -> PromptSession:
 TERMINAL = "/dev/tty"  # the process's terminal, whatever its streams are
 
 
-def _prompt_output():
+def _prompt_output(screen=None):
     """Where the prompt, the line being typed and the completion menu are drawn: the terminal
-    they are typed in. With stdout a terminal, prompt_toolkit's own choice (stdout). With stdout
-    a file or a pipe (`mlxserve chat > answers.txt`), prompt_toolkit would write them into it as
-    plain text (with carriage returns); they go to stderr where that is the terminal, else to
-    the terminal itself (/dev/tty), and only where there is none (a process without one) to
-    stderr as plain text, so that stdout gets only what the chat writes."""
-    if sys.stdout is not None and sys.stdout.isatty():
+    they are typed in (`screen` where the Repl has one: see run_chat). With stdout a terminal,
+    prompt_toolkit's own choice (stdout). With stdout a file or a pipe (`mlxserve chat >
+    answers.txt`), prompt_toolkit would write them into it as plain text (with carriage
+    returns); they go to the terminal (_terminal_stream), so that stdout gets only the answers."""
+    if screen is None and sys.stdout is not None and sys.stdout.isatty():
         return None  # prompt_toolkit's default: stdout
     from prompt_toolkit.output import create_output
 
+    return create_output(stdout=screen if screen is not None else _terminal_stream())
+
+
+def _terminal_stream():
+    """The terminal the chat is typed in, for all but the answers when stdout is a file or a
+    pipe: stderr where that is the terminal, else the terminal itself (/dev/tty, kept open while
+    the chat runs: closed with the process), and only where there is none (a process without
+    one, tests) stderr, as plain text."""
     if sys.stderr is not None and sys.stderr.isatty():
-        return create_output(stdout=sys.stderr)
+        return sys.stderr
     if sys.stdin is None or not sys.stdin.isatty():  # nobody types at a terminal (tests)
-        return create_output(stdout=sys.stderr)
+        return sys.stderr
     try:
-        terminal = open(TERMINAL, "w")  # kept open while the chat runs (closed with the process)
+        return open(TERMINAL, "w")
     except OSError:
-        return create_output(stdout=sys.stderr)
-    return create_output(stdout=terminal)
+        return sys.stderr
 
 
 def _key_bindings() -> KeyBindings:
