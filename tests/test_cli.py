@@ -336,9 +336,13 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("run", "--model", "/no/such/model", "--prompt", "hi"), "no such file"),
     (("run", "--model", "not-a-known-alias", "--prompt", "hi"), "not-a-known-alias"),
     (("run", "--temperature", "-1", "--prompt", "hi"), "temperature"),
-    (("run", "--max-tokens", "0", "--prompt", "hi"), "max_tokens"),
+    # run's flags named as chat's are, in the same words (the server's messages name the API's fields)
+    (("run", "--max-tokens", "0", "--prompt", "hi"), "--max-tokens must be a whole number >= 1, got 0"),
+    (("chat", "--max-tokens", "0"), "--max-tokens must be a whole number >= 1, got 0"),
+    (("run", "--top-p", "1.5", "--prompt", "hi"), "--top-p must be in (0, 1], got 1.5"),
+    (("run", "--top-k", "-1", "--prompt", "hi"), "--top-k must be an integer >= 0 (0 disables it), got -1"),
     (("run", "--prompt", "hi", "there"), "give the prompt once"),
-    (("run", "--temp", "3", "--prompt", "hi"), "temperature: must be in [0, 2], got 3.0"),  # the server's limit
+    (("run", "--temp", "3", "--prompt", "hi"), "--temperature must be a number from 0 to 2 (0 = greedy), got 3"),
     (("chat", "--temperature", "-3"), "--temperature must be a number from 0 to 2 (0 = greedy), got -3"),
     (("chat", "--temperature", "nan"), "--temperature must be a number from 0 to 2"),
     (("chat", "--temperature", "2.5"), "--temperature must be a number from 0 to 2 (0 = greedy), got 2.5"),
@@ -369,7 +373,7 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("run", "--no-chat", "--system", "Be brief.", "hi"), "--system needs the chat template"),
     (("pull", " "), "no model named"),
     (("pull", "--list", "qwen3-4b"), "--list lists every alias; it takes no model (got 'qwen3-4b')"),
-    (("run", "--stop", "", "hi"), "got ['']"),
+    (("run", "--stop", "", "hi"), "--stop: stop strings must be non-empty strings, got ['']"),
     (("run", "--gguf-mode", "bogus", "hi"), "invalid choice: 'bogus'"),
     (("no-such-command",), "invalid choice: 'no-such-command'"),
     # a home folder nobody has (pathlib raises RuntimeError: it was a traceback)
@@ -445,10 +449,16 @@ def test_a_cache_folder_that_cannot_be_made_is_one_line(tmp_path):
 
 
 def test_no_prompt_is_an_error(tiny):
+    """No prompt at all is "no prompt"; one given that is empty or blank says so (a blank
+    argument was told to give one as an argument)."""
     r = mlxserve("run", "--model", tiny, stdin="")
-    assert r.returncode == 2 and "no prompt" in r.stderr
-    r = mlxserve("run", "--model", tiny, "   ")
-    assert r.returncode == 2 and "no prompt" in r.stderr
+    assert r.returncode == 2 and "no prompt: give one as an argument" in r.stderr
+    for args, says in [(("   ",), "the prompt is blank (only whitespace)"), (("--prompt", ""), "the prompt is empty"),
+                       (("",), "the prompt is empty")]:
+        r = mlxserve("run", "--model", tiny, *args)
+        assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith(f"mlxserve: error: {says}"), r.stderr
+    r = mlxserve("run", "--model", tiny, stdin=" \n\t\n")
+    assert r.returncode == 2 and "the prompt on stdin is blank (only whitespace)" in r.stderr, r.stderr
 
 
 def test_a_piped_prompt_too_long_is_one_line(monkeypatch, capsys, tmp_path):
@@ -490,8 +500,10 @@ def test_a_piped_prompt_from_windows_is_taken_as_typed(monkeypatch, tmp_path):
 def test_a_prompt_longer_than_the_context_is_one_line(tiny):
     r = mlxserve("run", "--model", tiny, "--no-chat", stdin="hello world " * 3000, timeout=120)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("mlxserve: error: the prompt has ")
-    assert "more than the model's context of 2048" in r.stderr and "Traceback" not in r.stderr
+    # counts with thousands separators, as the CLI writes them elsewhere
+    assert re.match(r"mlxserve: error: the prompt has \d{1,3}(,\d{3})+ tokens, more than the model's context "
+                    r"of 2,048$", r.stderr.strip().splitlines()[-1]), r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_a_listing_whose_reader_goes_away_is_no_error():

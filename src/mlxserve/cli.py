@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 from typing import NoReturn
 
 from . import __version__
-from .checks import MAX_TEMPERATURE
+from .checks import MAX_TEMPERATURE, is_temperature
 from .spec import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
 
 EXIT_USAGE = 2
@@ -262,8 +262,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .piped_input import read_piped_text
 
         prompt = read_piped_text(sys.stdin, "the prompt")  # (not stdin.read(): see piped_input)
-    if not prompt or not prompt.strip():
+    if not prompt:
+        if prompt is not None and (args.prompt is not None or args.prompt_arg is not None):
+            raise CLIError("the prompt is empty: give some text to answer or continue")
         raise CLIError("no prompt: give one as an argument, with --prompt, or on stdin")
+    if not prompt.strip():
+        where = "" if args.prompt is not None or args.prompt_arg is not None else " on stdin"
+        raise CLIError(f"the prompt{where} is blank (only whitespace): give some text to answer or continue")
+    check_max_tokens_flag(args.max_tokens)
+    check_temperature_flag(args.temperature)
     params = SamplingParams(
         grammar=_format_grammar(args.format),
         max_tokens=args.max_tokens,
@@ -278,7 +285,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
         ignore_eos=args.ignore_eos,
     )
-    params.validate()
+    try:
+        params.validate()
+    except ValueError as exc:  # "top_p: must be …", the API field's name: the flag's here
+        field, _, reason = str(exc).partition(": ")
+        flag = "--" + field.replace("_", "-")
+        if not reason or field not in _RUN_SAMPLING_FLAGS:
+            raise
+        raise CLIError(f"{flag} {reason}" if reason.startswith("must ") else f"{flag}: {reason}") from None
     if args.system is not None and args.chat is False:  # before loading the model
         raise CLIError("--system needs the chat template: leave out --no-chat")
     if not args.think and args.chat is False:
@@ -331,6 +345,24 @@ def cmd_run(args: argparse.Namespace) -> int:
                if args.speculative else "")
         )
     return 0
+
+
+# SamplingParams' fields that `run` takes from flags of the same name (--top-p: top_p).
+_RUN_SAMPLING_FLAGS = ("top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                       "seed", "stop")
+
+
+def check_max_tokens_flag(value: int | None) -> None:
+    """--max-tokens of `run` and `chat`, refused in the same words, naming the flag (the
+    server's messages name the API's field, max_tokens)."""
+    if value is not None and value < 1:
+        raise CLIError(f"--max-tokens must be a whole number >= 1, got {value}")
+
+
+def check_temperature_flag(value: float | None) -> None:
+    """--temperature of `run` and `chat` (see check_max_tokens_flag)."""
+    if value is not None and not is_temperature(value):
+        raise CLIError(f"--temperature must be a number from 0 to {MAX_TEMPERATURE} (0 = greedy), got {value:g}")
 
 
 def _shown_while_prompt_is_read(stream, prompt_tokens: int, progress):

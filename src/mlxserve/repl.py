@@ -32,7 +32,6 @@ from . import piped_input
 from .chat_backend import BackendError, Delta, Stats
 from .chat_render import AnswerView, format_stats, plural, printable
 from .chat_session import ChatSession, Settings, UsageError
-from .checks import MAX_TEMPERATURE, is_temperature
 from .interrupts import join
 from .paths import expand_user
 
@@ -51,13 +50,10 @@ def mlxserve_home() -> Path:
 # ---- entry point ------------------------------------------------------------------------------
 def run_chat(args) -> int:
     """`mlxserve chat` (and bare `mlxserve`): the REPL, or what was piped when stdin is a pipe."""
-    from .cli import CLIError
+    from .cli import CLIError, check_max_tokens_flag, check_temperature_flag
 
-    if args.temperature is not None and not is_temperature(args.temperature):
-        raise CLIError(f"--temperature must be a number from 0 to {MAX_TEMPERATURE} (0 = greedy), "
-                       f"got {args.temperature:g}")
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise CLIError(f"--max-tokens must be a whole number >= 1, got {args.max_tokens}")
+    check_temperature_flag(args.temperature)  # (in run's words: one message for both)
+    check_max_tokens_flag(args.max_tokens)
     interactive = sys.stdin.isatty()
     if interactive:
         # Ctrl-C must stop an answer even when this process was started with SIGINT ignored

@@ -238,8 +238,8 @@ class InFlight:
 def check_fits(prompt_tokens: int, context_length: int) -> None:
     """Raise ValueError unless a prompt fits in the model's context."""
     if prompt_tokens > context_length:
-        raise ValueError(f"the prompt has {prompt_tokens} tokens, more than the model's context of "
-                         f"{context_length}")
+        raise ValueError(f"the prompt has {prompt_tokens:,} tokens, more than the model's context of "
+                         f"{context_length:,}")  # (separated as the CLI's counts: `run` says it)
 
 
 class PromptExceedsMemory(ValueError):
@@ -250,7 +250,7 @@ def check_memory(prompt_tokens: int, kv: KVStore) -> None:
     """Raise PromptExceedsMemory unless a prompt's slot fits the KV budget on its own."""
     if not kv.fits_alone(prompt_tokens):
         raise PromptExceedsMemory(
-            f"the prompt has {prompt_tokens} tokens, whose KV cache needs {human_size(kv.slot_bytes_for(prompt_tokens))}; "
+            f"the prompt has {prompt_tokens:,} tokens, whose KV cache needs {human_size(kv.slot_bytes_for(prompt_tokens))}; "
             f"{kv.budget_text} (--memory-budget)")
 
 
