@@ -172,7 +172,22 @@ def url_chat(chat, served, home):
         url_chat.child.terminate(force=True)
 
 
+class TypedPrompt:
+    """Stands in for the prompt_toolkit session: each prompt() returns the next of `lines`,
+    then EOFError, as Ctrl-D."""
+
+    def __init__(self, lines):
+        self._lines = iter(lines)
+
+    def prompt(self, _):
+        line = next(self._lines, None)
+        if line is None:
+            raise EOFError
+        return line
+
+
 # ---- in-process engine ----------------------------------------------------------------------------
+
 def test_banner_names_the_model(chat, tiny):
     assert f"mlxserve chat · {Path(tiny).name} (safetensors" in chat.banner
     assert "/help" in chat.banner
@@ -825,16 +840,7 @@ def test_what_is_sent_of_a_line_typed_or_pasted(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLXSERVE_HOME", str(tmp_path))
     repl = Repl(Backend(), ChatSession(), Console(file=io.StringIO()))
-    typed = iter(["\n    indented\n  more\n", "  \n\t", "  /reset", "//etc/hosts?", "  //x"])
-
-    class Prompt:
-        def prompt(self, _):
-            line = next(typed, None)
-            if line is None:
-                raise EOFError
-            return line
-
-    repl._prompt = Prompt()
+    repl._prompt = TypedPrompt(["\n    indented\n  more\n", "  \n\t", "  /reset", "//etc/hosts?", "  //x"])
     sent = []
     monkeypatch.setattr(repl, "ask", lambda text: sent.append(("ask", text)))
     monkeypatch.setattr(repl, "command", lambda line: sent.append(("command", line)))
@@ -1044,17 +1050,8 @@ def _typed_chat_with_stdout_a_file(monkeypatch, typed_lines, answer, reasoning="
         def close(self):
             pass
 
-    typed = iter(typed_lines)
-
-    class Prompt:
-        def prompt(self, _):
-            line = next(typed, None)
-            if line is None:
-                raise EOFError
-            return line
-
     monkeypatch.setattr(repl_module, "open_backend", lambda args: Backend())
-    monkeypatch.setattr(repl_module, "_prompt_session", lambda repl: Prompt())
+    monkeypatch.setattr(repl_module, "_prompt_session", lambda repl: TypedPrompt(typed_lines))
     monkeypatch.setattr(repl_module.signal, "signal", lambda *args: None)
     monkeypatch.setattr(sys, "stdin", _Terminal())
     args = {"temperature": None, "no_think": False, "system": None, "format": None, "max_tokens": None}
