@@ -436,6 +436,22 @@ def _chat_prompt(body: dict, tokenizer, tools: list | None, think: bool = True) 
 _RESERVED_TEMPLATE_VARIABLES = {"messages", "tools", "template", "self"}
 
 
+def part_text(part: object, where: str, text_types: tuple[str, ...], refusal_ok: bool, param: str,
+              context: str = "") -> str:
+    """One content part's text: a text part's (`text_types`), or where `refusal_ok` (an
+    assistant's message: OpenAI takes refusal parts there only) a refusal part's. Else a 400
+    naming `where` (e.g. messages[0].content[1]); `context` follows the kinds it takes."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    key = "text" if kind in text_types else "refusal" if kind == "refusal" and refusal_ok else None
+    if key is None:
+        allowed = "text or refusal" if refusal_ok else "text"
+        raise APIError(400, f"{where}: only {allowed} content parts are supported{context}, got type {_short(kind)}",
+                       param=param)
+    if not isinstance(part.get(key), str):
+        raise APIError(400, f"{where}.{key} must be a string, got {_short(part.get(key))}", param=param)
+    return part[key]
+
+
 def _normalize_message(message: dict, i: int) -> dict:
     """Text parts joined into one string (templates expect strings), an assistant's refusal
     parts (as OpenAI answers a refusal, sent back in the history) as its text; system ==
@@ -453,17 +469,8 @@ def _normalize_message(message: dict, i: int) -> dict:
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            # (OpenAI takes refusal parts in an assistant's content only.)
-            key = "text" if kind == "text" else "refusal" if kind == "refusal" and m["role"] == "assistant" else None
-            if key is None:
-                allowed = "text or refusal" if m["role"] == "assistant" else "text"
-                raise APIError(400, f"messages[{i}].content[{j}]: only {allowed} content parts are supported in "
-                                    f"{m['role']!r} messages, got type {_short(kind)}", param="messages")
-            if not isinstance(part.get(key), str):
-                raise APIError(400, f"messages[{i}].content[{j}].{key} must be a string, got "
-                                    f"{_short(part.get(key))}", param="messages")
-            texts.append(part[key])
+            texts.append(part_text(part, f"messages[{i}].content[{j}]", ("text",), m["role"] == "assistant",
+                                   "messages", context=f" in {m['role']!r} messages"))
         m["content"] = "".join(texts)
     elif content is None:
         m["content"] = ""

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .openai_api import APIError, Completion, parse_request
+from .openai_api import APIError, Completion, parse_request, part_text
 
 if TYPE_CHECKING:
     from .background import BackgroundResponse
@@ -375,18 +375,8 @@ def _text_of(content: object, i: int, role: str | None = None) -> str:
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            key = ("text" if kind in ("input_text", "output_text", "text") else
-                   "refusal" if kind == "refusal" and role == "assistant" else None)
             where = f"input[{i}].content[{j}]" if role is not None else f"input[{i}].output[{j}]"
-            if key is None:
-                allowed = "text or refusal" if role == "assistant" else "text"
-                raise APIError(400, f"{where}: only {allowed} content parts are supported, got type "
-                                    f"{json.dumps(kind)[:40]}", param="input")
-            if not isinstance(part.get(key), str):
-                raise APIError(400, f"{where}.{key} must be a string, got {json.dumps(part.get(key))[:40]}",
-                               param="input")
-            texts.append(part[key])
+            texts.append(part_text(part, where, ("input_text", "output_text", "text"), role == "assistant", "input"))
         return "".join(texts)
     raise APIError(400, f"input[{i}].content must be a string or a list of text parts", param="input")
 
