@@ -258,16 +258,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.prompt is not None and args.prompt_arg is not None:
         raise CLIError("give the prompt once: as an argument or with --prompt, not both")
     prompt = args.prompt if args.prompt is not None else args.prompt_arg
-    if prompt is None and not sys.stdin.isatty():
+    given = prompt is not None  # (else stdin's, or none)
+    if not given and not sys.stdin.isatty():
         from .piped_input import read_piped_text
 
         prompt = read_piped_text(sys.stdin, "the prompt")  # (not stdin.read(): see piped_input)
     if not prompt:
-        if prompt is not None and (args.prompt is not None or args.prompt_arg is not None):
+        if given:
             raise CLIError("the prompt is empty: give some text to answer or continue")
         raise CLIError("no prompt: give one as an argument, with --prompt, or on stdin")
     if not prompt.strip():
-        where = "" if args.prompt is not None or args.prompt_arg is not None else " on stdin"
+        where = "" if given else " on stdin"
         raise CLIError(f"the prompt{where} is blank (only whitespace): give some text to answer or continue")
     check_max_tokens_flag(args.max_tokens)
     check_temperature_flag(args.temperature)

@@ -33,7 +33,8 @@ class Runner:
         # Layers whose outputs every step hands back as StepBatch.captured (a DFlash draft's context).
         self.capture = capture
         args = getattr(model, "args", None)
-        self.group = args.num_attention_heads // kv.kv_heads if args is not None else 1  # query heads per KV head
+        group = args.num_attention_heads // kv.kv_heads if args is not None else 1  # query heads per KV head
+        self.fuse_decoding = fuses_decoding(kv.dtype, kv.head_dim, group)  # (decided once, not every step)
 
     def forward(self, feeds: list[Feed], previous: mx.array | None = None) -> tuple[mx.array | None, StepBatch]:
         """Returns (logits [rows asked for, vocab] in the batch's flat order, or None when no
@@ -45,8 +46,7 @@ class Runner:
         """
         # Steps with prefill chunks are padded to a bucket size only to be run compiled.
         batch = build_batch(feeds, self.kv.dtype, self.kv.block_size, compiled.multi_token_bucket(),
-                            compiled.MAX_TOKENS_PER_ROW,
-                            fuses_decoding(self.kv.dtype, self.kv.head_dim, self.group))
+                            compiled.MAX_TOKENS_PER_ROW, self.fuse_decoding)
         batch.capture = self.capture
         patches = [(batch.row_offsets[f.key], f.from_previous) for f in feeds if f.from_previous is not None]
         if len(patches) == batch.tokens.size:
