@@ -328,6 +328,33 @@ def test_a_short_chunk_over_many_keys_reads_fewer_padding_keys_and_matches_the_f
     np.testing.assert_allclose(chunked, np.array(expected), atol=1e-4, rtol=0)
 
 
+def test_each_attention_mask_is_laid_out_once_per_step_and_added_by_the_scores_product(setup, monkeypatch, tmp_path):
+    """Two decoding rows and a short chunk over many keys: each group's mask is put in the
+    layout of its scores once (one copy per group, whatever the number of layers), and
+    every layer's Q·K product adds it and applies the scale itself (an AddMM per group and
+    layer, beside the output projection's and the MLP's), with no pass of its own."""
+    from mlxserve import batch as batch_module
+
+    monkeypatch.setattr(batch_module, "CHUNK_ATTENTION_MIN_KEYS", 16)
+    runner = make_runner(setup, block_size=4)
+    prompts = [[(5 * i) % 89 + 2 for i in range(n)] for n in (21, 27, 100)]
+    rows = [RowCache(runner.kv) for _ in prompts]
+    for row, tokens in zip(rows, prompts):
+        feed(runner, row, tokens[:-1] if len(tokens) < 100 else tokens[:90], logits="none")
+    feeds = [Feed(i, [tokens[-1]], len(tokens) - 1, row, "last") for i, (row, tokens) in enumerate(zip(rows[:2], prompts))]
+    feeds.append(Feed(2, prompts[2][90:], 90, rows[2], "last"))
+    for f in feeds:
+        f.cache.reserve(len(f.tokens))
+    out, batch = runner.forward(feeds)
+    assert [g.chunked for g in batch.groups] == [False, True]
+    operations = graph_operations(tmp_path, out)
+    layers = len(setup.model.layers)
+    assert layers > 1
+    assert operations["Contiguous"] == 2
+    assert operations["AddMM"] == 4 * layers
+    assert batch.groups[0].expanded_mask.shape == (2, runner.kv.kv_heads, setup.args.num_attention_heads // runner.kv.kv_heads, 27)
+
+
 def test_a_short_chunk_beside_decoding_rows_matches_the_fused_path_and_each_row_alone(setup, monkeypatch):
     """A step with two decoding rows and a short chunk deep into its row: the chunk attends
     through chunk_attention, and its output goes into the step's output as a strided view

@@ -83,6 +83,23 @@ def fused_key_length(key_length: int) -> int:
     return -(-key_length // unit) * unit
 
 
+def scores_mask(mask: mx.array, kv_heads: int, group: int) -> mx.array:
+    """An additive attention mask [n, 1, t, L] in the layout of the scores that
+    cache.decode_attention (t == 1: [n, kv_heads, group, L]) and
+    cache.chunk_attention_by_kv_head ([n, 1, t * group, L], the same for every KV head)
+    compute, so that their Q·K product adds it and applies the scale in its epilogue
+    (mx.addmm): one kernel per layer fewer than a product followed by a scale-and-mask pass.
+    Made once per step and group (AttentionGroup.scores_mask), read by every layer.
+    Materialised, not broadcast, but over the chunk's KV heads: the product's batch must be
+    one strided run (MLX gives cuBLASLt a batch of pointers otherwise), and a broadcast over
+    its query rows has no layout the product can read."""
+    n, _, t, length = mask.shape
+    if t == 1:
+        return mx.contiguous(mx.broadcast_to(mask, (n, kv_heads, group, length)))
+    expanded = mx.broadcast_to(mask[:, :, :, None, :], (n, 1, t, group, length))
+    return mx.contiguous(expanded).reshape(n, 1, t * group, length)
+
+
 @dataclass
 class AttentionGroup:
     """Rows of one shelf attending together: its decoding rows, or one multi-token feed.
@@ -117,6 +134,15 @@ class AttentionGroup:
     # Decoding rows attending through MLX's fused attention (FUSED_DECODE): their run of
     # slots (first_slot, slot_count) padded, the keys rounded up; mask [slot_count, 1, 1, key_length].
     fused: bool = False
+    expanded_mask: mx.array | None = None  # see scores_mask
+
+    def scores_mask(self, kv_heads: int, group: int) -> mx.array:
+        """`mask` as cache.decode_attention and cache.chunk_attention_by_kv_head add it to
+        their scores (cache.scores_mask), made at the step's first attention layer and
+        shared by the others."""
+        if self.expanded_mask is None:
+            self.expanded_mask = scores_mask(self.mask, kv_heads, group)
+        return self.expanded_mask
 
 
 @dataclass

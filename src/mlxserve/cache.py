@@ -30,12 +30,11 @@ import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import mlx.core as mx
 from rich.filesize import decimal as human_size
 
-from .batch import ShelfWrite, StepBatch
+from .batch import ShelfWrite, StepBatch, scores_mask
 
 # The prefix cache may keep this many slots on a shelf, or a quarter as many as rows run there
 # if more, before a new row reuses the least recently used one instead of growing the shelf.
@@ -444,7 +443,7 @@ class KVStore:
                     q = q.reshape(g.slot_count, kv_heads, group, d)
                     o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask)
                 else:
-                    o = decode_attention(q, k, v, g.mask, scale)
+                    o = decode_attention(q, k, v, g.scores_mask(kv_heads, group), scale)
                 if g.span_outputs is not None:
                     o = mx.take(o, g.span_outputs, axis=0)
                 elif o.shape[0] != n:  # padding after the rows
@@ -454,7 +453,7 @@ class KVStore:
             t += g.extra_queries  # the step's padding, attending as this row's extra queries
             if g.chunked:
                 q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d)
-                o = chunk_attention_by_kv_head(q, k, v, g.mask, scale)  # [1, kv_heads, t, group, D]
+                o = chunk_attention_by_kv_head(q, k, v, g.scores_mask(kv_heads, group), scale)  # [1, kv_heads, t, group, D]
                 # One row (AttentionGroup.chunked). squeeze, not o[0]: MLX indexes an array by
                 # a lone integer with a gather, a copy of the whole output in every layer.
                 outputs.append(o.squeeze(0).transpose(1, 0, 2, 3))  # a view
@@ -498,8 +497,11 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array, scal
     """
     n, q_heads, d = q.shape
     kv_heads = k.shape[1]
-    q = q.reshape(n, kv_heads, q_heads // kv_heads, d)
-    scores = _scale_and_mask(q @ k.swapaxes(-1, -2), mask, scale)
+    group = q_heads // kv_heads
+    q = q.reshape(n, kv_heads, group, d)
+    if mask.shape[1:3] != (kv_heads, group):
+        mask = scores_mask(mask, kv_heads, group)
+    scores = mx.addmm(mask, q, k.swapaxes(-1, -2), alpha=scale)
     weights = mx.softmax(scores, axis=-1, precise=True)
     return (weights @ v).reshape(n, q_heads, d)
 
@@ -523,18 +525,14 @@ def chunk_attention_by_kv_head(q: mx.array, k: mx.array, v: mx.array, mask: mx.a
     long history; see batch.CHUNK_ATTENTION_MAX_TOKENS). The scores are materialised, so long
     chunks still go to the fused kernels."""
     n, t, q_heads, d = q.shape
-    kv_heads, length = k.shape[1], k.shape[2]
+    kv_heads = k.shape[1]
     group = q_heads // kv_heads
     q = q.reshape(n, t, kv_heads, group, d).transpose(0, 2, 1, 3, 4).reshape(n, kv_heads, t * group, d)
-    scores = (q @ k.swapaxes(-1, -2)).reshape(n, kv_heads, t, group, length)
-    scores = _scale_and_mask(scores, mask.reshape(n, 1, t, 1, length), scale)
-    weights = mx.softmax(scores, axis=-1, precise=True).reshape(n, kv_heads, t * group, length)
+    if mask.shape[2] != t * group:
+        mask = scores_mask(mask, kv_heads, group)
+    scores = mx.addmm(mask, q, k.swapaxes(-1, -2), alpha=scale)
+    weights = mx.softmax(scores, axis=-1, precise=True)
     return (weights @ v).reshape(n, kv_heads, t, group, d)
-
-
-@partial(mx.compile, shapeless=True)
-def _scale_and_mask(scores: mx.array, mask: mx.array, scale: float) -> mx.array:
-    return scores * scale + mask
 
 
 class StateBatch:
