@@ -662,6 +662,10 @@ BAD += [
     ("tool parameters with a 70-bit integer", dict(body={"messages": X, "tool_choice": "required", "tools": [
         {"type": "function", "function": {"name": "f", "parameters": {
             "type": "object", "properties": {"n": {"enum": [1, -(2**70)]}}}}}]}), 400, "tools"),
+    # (falsy values too: the grammar of enforced calls read them as schemas, a 500)
+    *[(f"tool parameters {json.dumps(value)}", dict(body={"messages": X, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": value}}]}), 400, "tools")
+      for value in ([], "", 0, False)],
     ("tool parameters a string schema", dict(body={"messages": X, "tool_choice": "required", "tools": [
         {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}), 400, "tools"),
     ("tool parameters an unusable schema", dict(body={"messages": X, "tool_choice": "required", "tools": [

@@ -373,7 +373,9 @@ def _tools(body: dict) -> tuple[list | None, str]:
         if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(fn, dict)
                 and isinstance(fn.get("name"), str)):
             raise APIError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': …}}}}", param="tools")
-        if not isinstance(fn.get("parameters") or {}, dict):  # (null: no parameters)
+        # (null: no parameters; any other value that is not an object, falsy ones such as [], "" or
+        # 0 included, is no schema: the grammar of enforced calls reads it as one)
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
             raise APIError(400, f"tools[{i}].function.parameters must be a JSON Schema object", param="tools")
         if TOOL_OPEN in fn["name"] or TOOL_CLOSE in fn["name"]:
             raise APIError(400, f"tools[{i}].function.name must not contain {TOOL_OPEN} or {TOOL_CLOSE}: a call "
