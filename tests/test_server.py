@@ -585,6 +585,9 @@ BAD = [
     ("max_tokens string", dict(body={"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}), 400, "max_tokens"),
     ("max_tokens negative", dict(body={"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}), 400, "max_tokens"),
     ("max_tokens zero", dict(body={"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), 400, "max_tokens"),
+    # (named as sent: the error named max_tokens, a field the request did not have)
+    ("max_completion_tokens zero", dict(body={"messages": [{"role": "user", "content": "x"}],
+                                              "max_completion_tokens": 0}), 400, "max_completion_tokens"),
     ("temperature negative", dict(body={"messages": [{"role": "user", "content": "x"}], "temperature": -1}), 400, "temperature"),
     ("temperature over 2", dict(body={"messages": [{"role": "user", "content": "x"}], "temperature": 2.5}), 400,
      "temperature"),
@@ -741,6 +744,8 @@ def test_bad_chat_requests(server, name, kwargs, status, param):
         assert body["error"]["param"] == param
     if name == "over context":
         assert body["error"]["code"] == "context_length_exceeded"
+    if name == "max_completion_tokens zero":
+        assert body["error"]["message"].startswith("max_completion_tokens: must be an integer >= 1")
     if name == "response_format schema of an unknown type":
         assert body["error"]["message"] == "response_format: the grammar cannot be used: Invalid type: foo"
     if name == "response_format schema with a 70-bit integer":

@@ -140,6 +140,8 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
         top_logprobs = raw or 0
 
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    # The field the limit came from, as errors name it (OpenAI's newer name, where given).
+    max_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     if max_tokens is None:
         # Not asked for: as many as the context leaves after the longest prompt (OpenAI's
         # default). The row's KV grows with what it generates, so this reserves nothing.
@@ -187,12 +189,14 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
     try:
         params.validate()
     except ValueError as exc:
-        field = str(exc).split(":", 1)[0]
-        raise APIError(400, str(exc), param="max_tokens" if field == "max_tokens" else field) from None
+        field, _, reason = str(exc).partition(":")
+        if field == "max_tokens":
+            raise APIError(400, max_name + ":" + reason, param=max_name) from None
+        raise APIError(400, str(exc), param=field) from None
     for prompt in prompts:
         if len(prompt) + (0 if score_only else params.max_tokens) > context_length:
             raise APIError(400, f"this model's context length is {context_length} tokens; the prompt has "
-                                f"{len(prompt)} and max_tokens asks for {_short(params.max_tokens)}",
+                                f"{len(prompt)} and {max_name} asks for {_short(params.max_tokens)}",
                            param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
     options = body.get("stream_options") or {}
     prompts = [prompt for prompt in prompts for _ in range(n)]
