@@ -138,7 +138,7 @@ class AttentionGroup:
 
     def scores_mask(self, kv_heads: int, group: int) -> mx.array:
         """`mask` as cache.decode_attention and cache.chunk_attention_by_kv_head add it to
-        their scores (cache.scores_mask), made at the step's first attention layer and
+        their scores (`scores_mask`), made at the step's first attention layer and
         shared by the others."""
         if self.expanded_mask is None:
             self.expanded_mask = scores_mask(self.mask, kv_heads, group)

@@ -488,12 +488,14 @@ def scatter_kv(shelf: mx.array, kv: mx.array, rows: mx.array) -> mx.array:
 
 def decode_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array, scale: float) -> mx.array:
     """Attention of decoding rows of different lengths: q [n, q_heads, D] (one token per row),
-    k/v [n, kv_heads, L, D], mask [n, 1, 1, L] additive. Returns [n, q_heads, D].
+    k/v [n, kv_heads, L, D], mask [n, 1, 1, L] additive, or already laid out as the scores
+    (batch.scores_mask). Returns [n, q_heads, D].
 
     MLX's fused kernels take no per-row lengths, and with an array mask its attention falls
     back to separate operations that broadcast K and V over the query heads of each KV head.
     Here each KV head's query heads are one matrix of queries instead, so the work is two
-    plain batched matrix products around one fused scale-and-mask and a softmax.
+    plain batched matrix products around a softmax, the first adding the mask and applying
+    the scale itself (mx.addmm).
     """
     n, q_heads, d = q.shape
     kv_heads = k.shape[1]
@@ -519,7 +521,8 @@ def chunk_attention_by_kv_head(q: mx.array, k: mx.array, v: mx.array, mask: mx.a
     kv_head * group + j of token i at [:, kv_head, i, j]).
 
     Like decode_attention, the query heads of each KV head form one matrix (t * group rows),
-    so it is two batched matrix products around a fused scale-and-mask and a softmax. MLX's
+    so it is two batched matrix products around a softmax (the first adds the mask: mask
+    [n, 1, t, L], or already laid out as the scores, batch.scores_mask). MLX's
     own attention with an array mask runs cuDNN on a CUDA GPU, whose calls cost the host far
     more than these few kernels for a short chunk over many keys (a chat's next turn after a
     long history; see batch.CHUNK_ATTENTION_MAX_TOKENS). The scores are materialised, so long
