@@ -335,6 +335,7 @@ def test_chat_second_turn_reuses_the_history(tmp_path, capsys):
 
 
 TINY = ["--random-weights", "tiny", "--dtype", "float32"]
+ONE_RUN = ["--concurrency", "1", "--requests", "1", "--runs", "1", "--warmup", "0", "--long-prompt-streams", "1"]
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -348,6 +349,11 @@ TINY = ["--random-weights", "tiny", "--dtype", "float32"]
     (["--runs", "0"], "--runs"),
     ([*TINY, "--prompt-tokens", "4000", "--gen-tokens", "200"], "(4,200) exceed the model's context length (4,096)"),
     ([*TINY, "--chat-history-tokens", "0"], "--chat-history-tokens"),
+    # The long prompt's streams would reach the context (4,096) before it is admitted.
+    ([*TINY, *ONE_RUN, "--prompt-tokens", "4000", "--gen-tokens", "96", "--long-prompt-tokens", "10"],
+     "(4,096) leave the --long-prompt-tokens scenario's streams no room"),
+    ([*TINY, *ONE_RUN, "--prompt-tokens", "4000", "--gen-tokens", "95", "--long-prompt-tokens", "10"],
+     "by more than 1 token"),
 ])
 def test_bad_flags_fail_with_one_line(args, needle, capsys):
     assert cli.main(["bench", *args]) == 2

@@ -106,6 +106,20 @@ class BenchConfig:
         if self.long_prompt_tokens is not None and self.long_prompt_tokens >= limit:
             raise ValueError(f"--long-prompt-tokens ({self.long_prompt_tokens:,}) must be below the "
                              f"model's context length ({limit:,})")
+        if self.long_prompt_tokens is not None:
+            # That scenario's streams decode --gen-tokens steady tokens, then go on decoding
+            # while the long prompt is admitted: a step per chunk of it, at least one per
+            # --max-batch-tokens. Their context must hold all of that, or a stream ends first
+            # (with --prompt-tokens + --gen-tokens at the context, the bench failed with a
+            # traceback; just below it, its admission figures were empty).
+            admission_steps = -(-self.long_prompt_tokens // self.engine.max_batch_tokens)
+            needed = self.prompt_tokens + self.gen_tokens + admission_steps
+            if needed >= limit:
+                raise ValueError(
+                    f"--prompt-tokens + --gen-tokens ({self.prompt_tokens + self.gen_tokens:,}) leave the "
+                    f"--long-prompt-tokens scenario's streams no room to decode while the long prompt is "
+                    f"admitted: they must be below the model's context length ({limit:,}) by more than "
+                    f"{plural(admission_steps, 'token')}")
 
     def requests_for(self, concurrency: int) -> int:
         return self.requests or default_requests(concurrency)
