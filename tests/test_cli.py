@@ -376,6 +376,10 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("run", "--stop", "", "hi"), "--stop: stop strings must be non-empty strings, got ['']"),
     (("run", "--gguf-mode", "bogus", "hi"), "invalid choice: 'bogus'"),
     (("no-such-command",), "invalid choice: 'no-such-command'"),
+    # an unknown option points at the command's own help, which lists its options
+    (("run", "--no-such-flag", "hi"), "unrecognized arguments: --no-such-flag (`mlxserve run --help` lists"),
+    (("bench", "--random-weights", "tiny", "extra"), "unrecognized arguments: extra (`mlxserve bench --help` lists"),
+    (("--no-such-flag",), "unrecognized arguments: --no-such-flag (`mlxserve --help` lists"),
     # a home folder nobody has (pathlib raises RuntimeError: it was a traceback)
     (("run", "--model", "~mlxserve-no-such-user/m.gguf", "hi"),
      "~mlxserve-no-such-user/m.gguf: no home folder is known for ~mlxserve-no-such-user"),

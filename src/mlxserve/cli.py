@@ -39,6 +39,18 @@ class _Parser(argparse.ArgumentParser):
         print(f"mlxserve: error: {message} (`{self.prog} --help` lists the options)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
 
+    def parse_args(self, args=None, namespace=None):
+        # argparse refuses arguments that no parser took from the top-level parser, whose help
+        # lists the commands (`mlxserve run --bogus` pointed at `mlxserve --help`): the
+        # command's own parser refuses them, its help listing its options.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            subparsers = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+            command = getattr(parsed, "command", None)
+            parser = subparsers[0].choices.get(command, self) if subparsers and command else self
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
 
 class _NonEmptyCheck:
     """For a flag whose value names a file, URL, model, host or key: an empty value (`--json ''`,
