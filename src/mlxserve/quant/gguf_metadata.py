@@ -183,10 +183,12 @@ class GGUFFile:
         if beyond:
             name, begin, end = beyond[0]
             needed = max(end for _, _, end in beyond)
+            # (One tensor cut off, the last, is the common case: a download stopped short.)
+            cut = (f"1 of its {len(infos)} tensors is cut off: {name!r}" if len(beyond) == 1 else
+                   f"{len(beyond)} of its {len(infos)} tensors are cut off, the first being {name!r}")
             raise GGUFFormatError(
                 f"{self.path} is truncated: it has {size:,} bytes and its tensor data needs {needed:,} "
-                f"({needed - size:,} missing); {len(beyond)} of its {len(infos)} tensors are cut off, "
-                f"the first being {name!r} (bytes {begin:,}-{end:,})")
+                f"({needed - size:,} missing); {cut} (bytes {begin:,}-{end:,})")
 
     def _tensor(self, start: int, name: str, dims: tuple, kind: GGMLQuantizationType, offset: int) -> GGUFTensor:
         np_dims = tuple(reversed(dims))
