@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from mlxserve.engine import Engine, EngineConfig
-from mlxserve.grammar import (ANSWER_REFUSED, GrammarError, Grammars, json_schema_grammar, response_format_grammar,
-                              tool_call_grammar, tool_tags)
+from mlxserve.grammar import (ANSWER_REFUSED, GrammarError, Grammars, json_schema_grammar, read_schema,
+                              response_format_grammar, tool_call_grammar, tool_tags)
 from mlxserve.loader import load_model
 from mlxserve.openai_api import AnswerLogprobs
 from mlxserve.sampling import RowSamplingState, Sampler, SamplingParams
@@ -105,6 +105,16 @@ def test_response_format_forms():
     ]:
         with pytest.raises(GrammarError, match=says):
             response_format_grammar(bad)
+
+
+def test_a_schema_file_is_read_as_utf8_with_or_without_a_byte_order_mark(tmp_path):
+    """--format FILE and /format FILE: a file that a Windows editor saved with a byte order
+    mark was refused as "not valid JSON" (Unexpected UTF-8 BOM)."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "const": "Zoë"}}}
+    for name, prefix in [("plain.json", b""), ("bom.json", b"\xef\xbb\xbf")]:
+        path = tmp_path / name
+        path.write_bytes(prefix + json.dumps(schema, ensure_ascii=False).encode("utf-8"))
+        assert read_schema(str(path)) == schema
 
 
 def test_integers_beyond_64_bits_in_a_schema_are_named():

@@ -135,7 +135,10 @@ def read_schema(value: str) -> dict:
         except ValueError as exc:  # ~user without a home folder
             raise GrammarError(f"cannot read the schema file {exc}") from None
         try:
-            text = path.read_text()
+            # UTF-8 whatever the locale, and a byte order mark before the text (which editors
+            # on Windows write) left out, as piped text's is: json.loads refused the file
+            # ("Unexpected UTF-8 BOM").
+            text = path.read_text(encoding="utf-8-sig")
         except OSError as exc:
             raise GrammarError(f"cannot read the schema file {value}: {exc.strerror or exc}") from None
         except UnicodeDecodeError:
