@@ -129,6 +129,16 @@ def test_load_accepts_openai_style_messages(tmp_path):
     assert [(m.role, m.content) for m in loaded.messages] == [("user", "Hi"), ("assistant", "Hello")]
 
 
+def test_load_reads_a_file_with_a_byte_order_mark(tmp_path):
+    """A saved chat (or a list of messages) edited and saved again by an editor on Windows
+    starts with a UTF-8 byte order mark: /load said it "is not JSON"."""
+    session = conversation()
+    path = session.save(tmp_path / "chat.json", model="tiny")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    loaded, model = ChatSession.load(path)
+    assert loaded == session and model == "tiny"
+
+
 def test_load_keeps_what_the_file_does_not_carry(tmp_path):
     """A plain list of messages has no settings: the current ones stay (a copy), and the
     system prompt too unless the list has a system message. A /save file sets them all."""

@@ -239,7 +239,9 @@ class ChatSession:
         """See from_json."""
         path = expand_user(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            # (utf-8-sig: a byte order mark that an editor on Windows put before the text
+            # goes, as before piped text; json.loads refused it, "is not JSON".)
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except OSError as exc:
             raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
