@@ -1361,6 +1361,64 @@ def test_a_named_deprecated_function_call_is_enforced(server):
     assert call["name"] == "forecast" and set(json.loads(call["arguments"])) == {"city", "days"}
 
 
+# Requests with the deprecated `functions` that are a 400: (what is wrong, the request's
+# fields beside messages, the param, the message's start), each naming the fields as sent.
+BAD_FUNCTIONS = [
+    ("parameters not an object", {"functions": [{"name": "f", "parameters": "x"}]}, "functions",
+     "functions[0].parameters must be a JSON Schema object"),
+    ("a name with the call tag", {"functions": [{"name": "f"}, {"name": "a</tool_call>b"}]}, "functions",
+     "functions[1].name must not contain <tool_call>"),
+    # (the named function is the only tool left for its grammar: still named by its place)
+    ("the named function's parameters a string schema", {
+        "functions": [{"name": "f"}, {"name": "g", "parameters": {"type": "string"}}], "function_call": {"name": "g"}},
+     "functions", "functions: functions[1].parameters must describe an object"),
+    ("the named function's parameters with a 70-bit integer", {
+        "functions": [{"name": "f"}, {"name": "g", "parameters": {"type": "object", "properties": {
+            "n": {"type": "integer", "minimum": -(2**70)}}}}], "function_call": {"name": "g"}},
+     "functions", "functions: the tools' schemas cannot be used: the integer at functions[1].parameters.properties"
+                  ".n.minimum"),
+    ("function_call's name a list", {"functions": [{"name": "f"}], "function_call": {"name": ["f"]}},
+     "function_call", "function_call must name a function in functions"),
+    ("function_call's name an object", {"functions": [{"name": "f"}], "function_call": {"name": {"f": 1}}},
+     "function_call", "function_call must name a function in functions"),
+]
+
+
+@pytest.mark.parametrize("fields,param,message", [b[1:] for b in BAD_FUNCTIONS], ids=[b[0] for b in BAD_FUNCTIONS])
+def test_errors_of_deprecated_functions_name_them_as_sent(server, fields, param, message):
+    """A request with `functions` / `function_call` (served as tools) that is a 400 names
+    those fields, not the tools the server made of them."""
+    url, _ = server
+    status, body = raw(url + "/v1/chat/completions", {"messages": X, **fields})
+    assert status == 400, body
+    assert body["error"]["param"] == param and body["error"]["message"].startswith(message), body
+
+
+def test_a_named_tool_is_named_by_its_place_in_an_error(server):
+    """tool_choice naming a function leaves only it for the grammar: an error about its
+    parameters still names it by its place in tools."""
+    url, _ = server
+    tools = [TOOLS[0], {"type": "function", "function": {"name": "g", "parameters": {"type": "string"}}}]
+    status, body = raw(url + "/v1/chat/completions", {"messages": X, "tools": tools, "tool_choice": {
+        "type": "function", "function": {"name": "g"}}})
+    assert status == 400 and body["error"]["param"] == "tools", body
+    assert body["error"]["message"].startswith("tools: tools[1].function.parameters must describe an object"), body
+
+
+def test_a_refused_token_of_a_named_deprecated_function_is_a_400_naming_functions(server):
+    """The case of test_tool_edge_cases (the grammar allows the closing tag's text but the
+    model writes it as a token, which it refuses) with the function in `functions`: the 400
+    names functions."""
+    url, _ = server
+    spelled = {"name": "run", "parameters": {"type": "object", "properties": {"code": {"const": "</tool_call>"}},
+                                             "required": ["code"]}}
+    status, body = raw(url + "/v1/chat/completions", {"messages": X, "functions": [spelled],
+                                                      "function_call": {"name": "run"}, "max_tokens": 40,
+                                                      "temperature": 0})
+    assert status == 400 and body["error"]["param"] == "functions", body
+    assert body["error"]["message"].startswith("the answer could not go on as calls of its functions"), body
+
+
 def _sse_events(url, body, key=None):
     """The JSON events of a streamed answer (the stream must end with [DONE])."""
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",

@@ -157,7 +157,7 @@ NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": Fal
 
 
 def tool_call_grammar(tools: list[dict], tags: tuple[str, str], *, answer: dict | None = None,
-                      one_call: bool = False) -> str:
+                      one_call: bool = False, fields: list[str] | None = None) -> str:
     """The grammar of an answer made of tool calls, as Qwen-style chat templates write them:
 
         <tool_call>
@@ -169,17 +169,20 @@ def tool_call_grammar(tools: list[dict], tags: tuple[str, str], *, answer: dict 
     JSON Schema: the request's response_format) the answer may instead be JSON under it.
     `tags` are the two tags as grammar terms (`tool_tags`). The fixed text around the
     arguments is the grammar's; each JSON part is its own schema document, so a parameters
-    schema's `$ref`s resolve as they would alone."""
+    schema's `$ref`s resolve as they would alone. `fields` name each tool's parameters in
+    errors as the request gave them (by default tools[i].function.parameters, i its place in
+    `tools`)."""
     open_tag, close_tag = tags
+    fields = fields or [f"tools[{i}].function.parameters" for i in range(len(tools))]
     rules, names = [], []
     for i, tool in enumerate(tools):
         function = tool["function"]
         parameters = function.get("parameters")
         parameters = NO_PARAMETERS if parameters is None else parameters
         if parameters.get("type", "object") != "object":
-            raise GrammarError(f"tools[{i}].function.parameters must describe an object (type 'object'): "
-                               "a call's arguments are a JSON object")
-        check_schema_integers(parameters, "the tools' schemas", f"tools[{i}].function.parameters")
+            raise GrammarError(f"{fields[i]} must describe an object (type 'object'): a call's arguments are "
+                               "a JSON object")
+        check_schema_integers(parameters, "the tools' schemas", fields[i])
         head = '\n{"name": ' + json.dumps(function["name"]) + ', "arguments": '
         rules.append(f"call{i}: {open_tag} {json.dumps(head)} args{i} " + json.dumps("}\n") + f" {close_tag}")
         rules.append(f"args{i}: %json {json.dumps(_compact({'type': 'object', **parameters}))}")

@@ -115,11 +115,11 @@ def parse_request(body: object, kind: str, tokenizer, context_length: int, serve
     legacy = kind == "chat" and "functions" in body
     if kind == "chat":
         body = _legacy_functions(body)
-        shown, choice = _tools(body)
+        shown, choice = _tools(body, legacy)
         # tool_choice "none": the model is shown the tools (as OpenAI's are: the prompt is the
         # one "auto" gives, which the prefix cache shares) but makes no calls (_no_call_bias).
         tools = None if choice == "none" else shown
-        grammar = _grammar(body, tokenizer, tools, choice, schema, grammars)
+        grammar = _grammar(body, tokenizer, tools, choice, schema, grammars, legacy)
         prompts = [_chat_prompt(body, tokenizer, shown, think=grammar is None)]
         top_logprobs = body.get("top_logprobs") or 0
         if not isinstance(body.get("logprobs", False), bool):  # (an int is /v1/completions' form)
@@ -245,12 +245,13 @@ def _response_format(value: dict | None) -> dict | None:
 
 
 def _grammar(body: dict, tokenizer, tools: list | None, choice: str, schema: dict | None,
-             grammars: Grammars | None) -> str | None:
+             grammars: Grammars | None, legacy: bool = False) -> str | None:
     """The grammar the answer is held to, or None. With tools, tool_choice "required" or a
     named function makes the answer tool calls (one, for a named function or
     parallel_tool_calls false), and a response_format under "auto" makes it either calls or
     JSON under that format; otherwise the response_format alone, if any. `grammars` (the
-    engine's) checks it against the model's vocabulary."""
+    engine's) checks it against the model's vocabulary. `legacy`: the tools came as
+    `functions`, as errors name them."""
     try:
         format_grammar = json_schema_grammar(schema) if schema is not None else None
         if format_grammar is not None and grammars is not None:
@@ -260,13 +261,17 @@ def _grammar(body: dict, tokenizer, tools: list | None, choice: str, schema: dic
     if not tools or (choice == "auto" and schema is None):
         return format_grammar
     one_call = choice == "named" or body.get("parallel_tool_calls") is False
+    # Errors name a tool by its place in the request: a named choice leaves only that function in `tools`.
+    place = {id(tool): i for i, tool in enumerate(body["tools"])}
+    fields = [_tool_field(place[id(tool)], "parameters", legacy) for tool in tools]
     try:
         grammar = tool_call_grammar(tools, tool_tags(tokenizer), answer=schema if choice == "auto" else None,
-                                    one_call=one_call)
+                                    one_call=one_call, fields=fields)
         if grammars is not None:
             grammars.check(grammar)
     except GrammarError as exc:
-        raise APIError(400, f"tools: {exc}", param="tools") from None
+        field = "functions" if legacy else "tools"
+        raise APIError(400, f"{field}: {exc}", param=field) from None
     return grammar
 
 
@@ -344,7 +349,8 @@ def _legacy_functions(body: dict) -> dict:
                            param="functions")
     choice = body.get("function_call", "auto")
     if isinstance(choice, dict):
-        if choice.get("name") not in {fn["name"] for fn in functions}:
+        # (a name that is no string is none of them: a list or an object would be unhashable in the set)
+        if not isinstance(choice.get("name"), str) or choice["name"] not in {fn["name"] for fn in functions}:
             raise APIError(400, "function_call must name a function in functions: {'name': …}", param="function_call")
         choice = {"type": "function", "function": {"name": choice["name"]}}
     elif choice not in ("auto", "none"):
@@ -354,9 +360,10 @@ def _legacy_functions(body: dict) -> dict:
             "parallel_tool_calls": False}
 
 
-def _tools(body: dict) -> tuple[list | None, str]:
+def _tools(body: dict, legacy: bool = False) -> tuple[list | None, str]:
     """(The tools to show the model, or None: none given; the choice: "auto", "none",
-    "required" or "named", which leaves only the named function in the tools)."""
+    "required" or "named", which leaves only the named function in the tools). `legacy`:
+    they came as `functions` (_legacy_functions), which errors name as the client sent them."""
     tools = body.get("tools")
     choice = body.get("tool_choice", "auto")
     named = None
@@ -380,15 +387,23 @@ def _tools(body: dict) -> tuple[list | None, str]:
         # (null: no parameters; any other value that is not an object, falsy ones such as [], "" or
         # 0 included, is no schema: the grammar of enforced calls reads it as one)
         if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-            raise APIError(400, f"tools[{i}].function.parameters must be a JSON Schema object", param="tools")
+            raise APIError(400, f"{_tool_field(i, 'parameters', legacy)} must be a JSON Schema object",
+                           param="functions" if legacy else "tools")
         if TOOL_OPEN in fn["name"] or TOOL_CLOSE in fn["name"]:
-            raise APIError(400, f"tools[{i}].function.name must not contain {TOOL_OPEN} or {TOOL_CLOSE}: a call "
-                                "naming it could not be read back", param="tools")
+            raise APIError(400, f"{_tool_field(i, 'name', legacy)} must not contain {TOOL_OPEN} or {TOOL_CLOSE}: "
+                                "a call naming it could not be read back", param="functions" if legacy else "tools")
     if named is not None:
         if named not in {t["function"]["name"] for t in tools}:
             raise APIError(400, "tool_choice names a function that is not in tools", param="tool_choice")
         return [t for t in tools if t["function"]["name"] == named], "named"
     return tools, choice
+
+
+def _tool_field(i: int, key: str, legacy: bool) -> str:
+    """A field of tool i's function as the request sent it, for errors: tools[i].function.key,
+    or functions[i].key for the deprecated `functions` (legacy), which _legacy_functions
+    turned into tools."""
+    return f"functions[{i}].{key}" if legacy else f"tools[{i}].function.{key}"
 
 
 def _chat_prompt(body: dict, tokenizer, tools: list | None, think: bool = True) -> list[int]:

@@ -38,8 +38,9 @@ from .scheduler import Request, ServerBusy
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # requests larger than this get 413
 # What a 400 says when a grammar of tool calls refused a token it had allowed (see grammar.py's
-# Constraint.consume): the start of the engine's ANSWER_REFUSED message, for a tools request.
-TOOLS_REFUSED = "the answer could not go on as calls of its tools"
+# Constraint.consume): the start of the engine's ANSWER_REFUSED message, for a tools request
+# ({field}: "tools", or "functions" for a request that gave them in that deprecated form).
+TOOLS_REFUSED = "the answer could not go on as calls of its {field}"
 
 log = logging.getLogger("mlxserve.server")
 
@@ -393,7 +394,8 @@ def _engine_error(message: str | None, c: wire.Completion | None = None) -> wire
         return wire.APIError(503, message, type="server_error")
     if message.startswith(ANSWER_REFUSED):  # its own grammar's doing
         if c is not None and c.calls_constrained:  # the grammar of its tools' calls
-            return wire.APIError(400, TOOLS_REFUSED + message[len(ANSWER_REFUSED):], param="tools")
+            field = "functions" if c.legacy_functions else "tools"  # (the field as the client sent it)
+            return wire.APIError(400, TOOLS_REFUSED.format(field=field) + message[len(ANSWER_REFUSED):], param=field)
         return wire.APIError(400, message, param="response_format")
     if message.startswith("server busy"):
         return wire.APIError(429, message, type="rate_limit_error")
