@@ -540,6 +540,43 @@ def test_models_health_stats(server, client):
 X = [{"role": "user", "content": "x"}]
 
 
+def test_a_refused_cors_preflight_is_an_error_in_openai_shape(tiny_model_dir):
+    """With --cors origins: a preflight from one of them is answered as Starlette answers it;
+    from any other origin it is the same 400 with the same headers, its body OpenAI's error
+    JSON (Starlette's is plain text), and a request from there still gets no CORS header."""
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    live = LiveServer(create_app(ScriptedEngine(loaded, ["fine"]), MODEL, cors_origins=["http://ok.example"]))
+
+    def preflight(origin):
+        req = urllib.request.Request(live.url + "/chat/completions", method="OPTIONS", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.headers, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, e.read()
+
+    try:
+        status, allowed, body = preflight("http://ok.example")
+        assert status == 200 and body == b"OK"
+        assert allowed["access-control-allow-origin"] == "http://ok.example"
+        status, refused, body = preflight("http://other.example")
+        assert status == 400 and refused["content-type"] == "application/json", body
+        error = json.loads(body)["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"] == "Disallowed CORS origin"
+        assert error["type"] == "invalid_request_error"
+        assert "access-control-allow-origin" not in refused
+        assert {name: value for name, value in refused.items() if name.lower().startswith("access-control-")} == \
+            {name: value for name, value in allowed.items()
+             if name.lower().startswith("access-control-") and name.lower() != "access-control-allow-origin"}
+        req = urllib.request.Request(live.url + "/models", headers={"Origin": "http://other.example"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200 and "access-control-allow-origin" not in r.headers
+    finally:
+        live.stop()
+
+
 def test_a_model_served_by_a_short_id_still_answers_to_its_other_names(tiny_model_dir):
     """A .gguf file given by path is served as its stem (registry.served_names): /v1/models
     and every answer show that id, and requests naming the path (the id before) or the stem

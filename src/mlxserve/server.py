@@ -349,7 +349,7 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
 
     middleware = []
     if cors_origins:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"],
+        middleware.append(Middleware(_CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"],
                                      allow_headers=["*"]))
     return Starlette(
         routes=[
@@ -369,6 +369,22 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         middleware=middleware,
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
     )
+
+
+class _CORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight (its 400 says "Disallowed CORS origin", in
+    plain text) answered in OpenAI's error shape, as every other error of this server is:
+    the same status and headers, only the body JSON."""
+
+    def preflight_response(self, request_headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        # (its own Content-Length and Content-Type are the text's: the JSON response sets its own)
+        headers = {name: value for name, value in response.headers.items()
+                   if name not in ("content-length", "content-type")}
+        refusal = wire.APIError(response.status_code, bytes(response.body).decode())
+        return JSONResponse(refusal.body(), status_code=refusal.status, headers=headers)
 
 
 def _named_as_served(body: object, served_model: str, other_names: Collection[str]) -> object:
