@@ -106,6 +106,32 @@ def test_cancel_stops_the_answer_keeps_the_output_so_far_and_ends_the_followers(
     asyncio.run(main())
 
 
+def test_a_cancel_before_the_task_has_run_ends_the_response_as_cancelled():
+    """cancel() before the loop has run the task's first step (its coroutine never starts,
+    nor its try/finally): the response still ends as cancelled, the engine's stream cancelled,
+    on_end called once and the followers ended."""
+    async def main():
+        builder, stream, ended, began = Builder(), EngineStream(), [], []
+        feed = Feed(builder)
+
+        async def events():
+            began.append(True)
+            async for event in feed.events():
+                yield event
+
+        run = BackgroundResponse(builder, stream, ended.append)
+        run.start(events())
+        follower = run.follow()
+        cancelled = await run.cancel()  # (nothing has awaited since start: the task has not run)
+        assert not began and run._task.cancelled()
+        assert cancelled["status"] == "cancelled" and run.status == "cancelled" and run.response is cancelled
+        assert stream.cancelled == 1 and ended == [run]
+        assert [e async for e in follower] == []
+        assert (await run.cancel()) is cancelled and stream.cancelled == 1 and ended == [run]
+
+    asyncio.run(main())
+
+
 def test_an_error_ends_the_response_as_failed_with_an_event_saying_so():
     async def main():
         run, feed, stream, ended = started()

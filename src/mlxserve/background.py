@@ -68,6 +68,11 @@ class BackgroundResponse:
         if self.final is None and self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task])
+            # A task cancelled before its first step never enters _run (its coroutine is closed
+            # unstarted), so _run's `finally` never ran: end the response here instead.
+            if self.final is None:
+                self.final = self._builder.response("cancelled")
+                await self._end()
         return self.response
 
     def forget_events(self) -> None:
@@ -105,13 +110,18 @@ class BackgroundResponse:
             self.events.append(self._builder.event("response.failed", response=failed))
             self.final = failed
         finally:
-            self._engine_stream.cancel()  # (a no-op for an answer that has ended)
             if self.final is None:  # the events ended without a final response: a bug
                 self.final = self._builder.response("failed", error={"code": "server_error",
                                                                      "message": "the answer ended early"})
-            self._on_end(self)
-            async with self._changed:
-                self._changed.notify_all()
+            await self._end()
+
+    async def _end(self) -> None:
+        """What follows the end (`final` set), however it came: the engine's stream cancelled
+        (a no-op for an answer that has ended), `on_end` called, the followers woken."""
+        self._engine_stream.cancel()
+        self._on_end(self)
+        async with self._changed:
+            self._changed.notify_all()
 
     async def _add(self, event: dict) -> None:
         async with self._changed:
