@@ -361,6 +361,10 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("serve", "--api-key", "", "--port", "0"), "argument --api-key: expected a value, got ''"),
     (("serve", "--served-model-name", "", "--port", "0"), "argument --served-model-name: expected a value"),
     (("serve", "--cors", "http://a.example", "--cors", "", "--port", "0"), "argument --cors: expected a value"),
+    # an origin the server's string comparison would never match (it was accepted)
+    (("serve", "--cors", "notanorigin", "--port", "9"), "--cors: 'notanorigin' is not an origin: give it as a browser"),
+    (("serve", "--cors", "http://localhost:3000/", "--port", "9"), "--cors: 'http://localhost:3000/' is not an origin"),
+    (("serve", "--cors", "*", "--cors", "localhost:3000", "--port", "9"), "--cors: 'localhost:3000' is not an origin"),
     (("run", "--draft-model", "", "hi"), "argument --draft-model: expected a value, got ''"),
     # With --url the server's engine runs the model: the engine's flags would do nothing.
     (("chat", "--url", "http://127.0.0.1:9", "--dtype", "float32"),

@@ -14,6 +14,7 @@ import sys
 import threading
 from contextlib import contextmanager, nullcontext
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 from . import __version__
 from .checks import MAX_TEMPERATURE, is_temperature
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", action=_NonEmpty, help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--api-key", action=_NonEmpty, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    serve.add_argument("--cors", action=_NonEmptyAppend, default=[], metavar="ORIGIN", help="allow browser requests from ORIGIN (repeatable; none by default)")
+    serve.add_argument("--cors", action=_NonEmptyAppend, default=[], metavar="ORIGIN", help="allow browser requests from ORIGIN, scheme://host[:port] as browsers send it (e.g. http://localhost:3000), or * for any (repeatable; none by default)")
     serve.add_argument("--max-running", type=int, default=64, help="requests decoding at once (default 64)")
     serve.add_argument("--served-model-name", action=_NonEmpty, help="the model name clients use (default: --model; "
                        "a .gguf file: its alias if pulled as one, else its name without .gguf)")
@@ -378,6 +379,18 @@ def check_temperature_flag(value: float | None) -> None:
         raise CLIError(f"--temperature must be a number from 0 to {MAX_TEMPERATURE} (0 = greedy), got {value:g}")
 
 
+def check_cors_origin(origin: str) -> None:
+    """A --cors value: "*", or an origin as a browser sends it (scheme://host[:port], nothing
+    after it). The server compares origins as strings, so one written otherwise
+    (`localhost:3000`, a trailing slash or a path) would be accepted and never match."""
+    if origin == "*":
+        return
+    parts = urlsplit(origin)
+    if not (parts.scheme and parts.netloc) or origin != f"{parts.scheme}://{parts.netloc}":
+        raise CLIError(f"--cors: {origin!r} is not an origin: give it as a browser sends it, "
+                       "scheme://host[:port] (e.g. http://localhost:3000), or * for any")
+
+
 def _shown_while_prompt_is_read(stream, prompt_tokens: int, progress):
     """The stream's events; in a terminal a spinner says the prompt is being read until the
     first comes (a long prompt takes minutes on a CPU, and nothing else shows meanwhile), and
@@ -498,6 +511,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_running < 1:
         raise CLIError("--max-running must be >= 1")
+    for origin in args.cors:
+        check_cors_origin(origin)
     config = engine_config(args, max_running=args.max_running)
     try:
         sock = listen_socket(args.host, args.port)  # a taken port fails before the model loads
