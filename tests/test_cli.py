@@ -222,14 +222,27 @@ def test_bench_reports_on_ctrl_c_and_a_second_ctrl_c_quits_without_waiting(tiny)
     assert proc.returncode == 130
 
 
-@pytest.mark.parametrize("command", [("models",), ("models", "--json"), ("doctor",), ("run", "hi")])
+@pytest.mark.parametrize("command", [("models",), ("models", "--json"), ("doctor",), ("pull", "--list"), ("--help",),
+                                     ("run", "--help"), ("--version",), ("run", "hi"), ("run", "--json", "hi"),
+                                     ("chat",)])
 def test_output_that_cannot_be_written_is_one_line_not_a_traceback(tiny, command):
-    args = [*command, "--model", tiny, "--max-tokens", "3"] if command[0] == "run" else list(command)
+    args = [*command, "--model", tiny, "--max-tokens", "3"] if command[-1] in ("hi", "chat") else list(command)
     with open("/dev/full", "w") as full:  # every write fails: "No space left on device"
         r = subprocess.run([sys.executable, "-m", "mlxserve", *args], stdout=full, stderr=subprocess.PIPE,
-                           text=True, timeout=300)
+                           input="hi\n" if command == ("chat",) else None, text=True, timeout=300)
     lines = [line for line in r.stderr.splitlines() if not line.startswith("Loaded ")]
-    assert r.returncode == 2 and lines == ["mlxserve: error: [Errno 28] No space left on device"], r.stderr
+    assert r.returncode == 2 and lines == ["mlxserve: error: cannot write to standard output: No space left on device"], r.stderr
+
+
+def test_a_bench_whose_table_cannot_be_written_still_writes_its_json(tiny, tmp_path):
+    out = tmp_path / "bench.json"
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "mlxserve", "bench", "--model", tiny, "--concurrency", "1",
+                            "--prompt-tokens", "8", "--gen-tokens", "2", "--runs", "1", "--warmup", "0",
+                            "--json", str(out)], stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == (
+        "mlxserve: error: cannot write to standard output: No space left on device"), r.stderr
+    assert "Traceback" not in r.stderr and json.loads(out.read_text())["results"]["mlxserve"]["concurrency"][0]["runs"]
 
 
 def test_a_closed_standard_output_is_as_if_sent_nowhere(tiny):

@@ -995,8 +995,6 @@ def load_for_bench(args) -> LoadedModel:
 def main(args) -> int:
     """`mlxserve bench`: validate, load, run, then print the table and write the JSON — also
     after Ctrl-C, with what was measured (exit status 130)."""
-    import json
-
     from .cli import output_console
 
     cfg = config_from_args(args)
@@ -1015,16 +1013,29 @@ def main(args) -> int:
         results.partial = True
         status = 130
         err.print("bench: interrupted; reporting what was measured", highlight=False)
-    render(results, output_console())  # (off a terminal, logs: wide, not folded into 80 columns)
-    if args.json:
-        try:
-            with open(args.json, "w") as f:
-                json.dump(results.to_json(), f, indent=2, default=str)
-        except OSError as exc:  # the folder went away during the run
-            err.print(f"mlxserve: error: --json {args.json}: {exc.strerror}", highlight=False)
-            return 1
-        err.print(f"bench: wrote {args.json}", highlight=False)
+    try:
+        render(results, output_console())  # (off a terminal, logs: wide, not folded into 80 columns)
+    except OSError:  # standard output failed (a full disk, a reader gone): the figures still go to --json
+        if args.json:
+            write_json(results, args.json, err)
+        raise
+    if args.json and not write_json(results, args.json, err):
+        return 1
     return status
+
+
+def write_json(results: BenchResults, path: str, err) -> bool:
+    """Write the results to `path`, saying so on `err`; False (said there) if that failed."""
+    import json
+
+    try:
+        with open(path, "w") as f:
+            json.dump(results.to_json(), f, indent=2, default=str)
+    except OSError as exc:  # the folder went away during the run
+        err.print(f"mlxserve: error: --json {path}: {exc.strerror}", highlight=False)
+        return False
+    err.print(f"bench: wrote {path}", highlight=False)
+    return True
 
 
 def check_writable(path: str) -> None:

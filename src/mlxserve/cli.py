@@ -28,6 +28,38 @@ class CLIError(Exception):
     """A problem to report in one line (exit status 2)."""
 
 
+class StdoutError(OSError):
+    """Writing to standard output failed (a full disk: `>/dev/full`). Its own message,
+    "[Errno 28] No space left on device", does not say what was being written."""
+
+
+class _Stdout:
+    """Standard output, whose write errors are StdoutError, whatever wrote (print, rich, the
+    chat's answers): main() tells them from other OSErrors (a model file that cannot be read).
+    A reader that went away (`| head`) stays a BrokenPipeError, ended quietly."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._failing_as_stdout(self._stream.write, text)
+
+    def flush(self) -> None:
+        self._failing_as_stdout(self._stream.flush)
+
+    @staticmethod
+    def _failing_as_stdout(call, *args):
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise StdoutError(exc.errno, exc.strerror or str(exc)) from exc
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, whose mistakes are reported like every other: one line, exit status 2."""
 
@@ -39,6 +71,14 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"mlxserve: error: {message} (`{self.prog} --help` lists the options)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+    def _print_message(self, message: str, file=None) -> None:
+        # argparse drops a failed write: `--help >/dev/full` printed nothing, exit status 0. (The
+        # flush: --version exits right after, and a buffered write would fail only at exit.)
+        if message:
+            file = file or sys.stderr
+            file.write(message)
+            file.flush()
 
     def parse_args(self, args=None, namespace=None):
         # argparse refuses arguments that no parser took from the top-level parser, whose help
@@ -175,16 +215,26 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
     if sys.stdin is None:  # started with standard input closed (`<&-`): as if empty
         sys.stdin = open(os.devnull)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        if not sys.stdin.isatty():
-            parser.print_help()
-            return 0
-        args = parser.parse_args(["chat"])  # bare `mlxserve` in a terminal: chat with the default model
-    handler = {"run": cmd_run, "pull": cmd_pull, "models": cmd_models, "doctor": cmd_doctor,
-               "bench": cmd_bench, "serve": cmd_serve, "chat": cmd_chat}[args.command]
+    stdout = sys.stdout
+    sys.stdout = _Stdout(stdout)
     try:
+        return _main(argv)
+    finally:
+        sys.stdout = stdout  # (a caller in this process, a test, gets its own back)
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        # (Inside the try: --help and --version write to standard output too.)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            if not sys.stdin.isatty():
+                parser.print_help()
+                return 0
+            args = parser.parse_args(["chat"])  # bare `mlxserve` in a terminal: chat with the default model
+        handler = {"run": cmd_run, "pull": cmd_pull, "models": cmd_models, "doctor": cmd_doctor,
+                   "bench": cmd_bench, "serve": cmd_serve, "chat": cmd_chat}[args.command]
         if args.command in ("run", "bench", "serve", "chat"):
             # (These load MLX anyway. Inside the try: a Ctrl-C during these seconds of imports
             # is a Ctrl-C like any other, not a traceback.)
@@ -193,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             # A Ctrl-C while an engine finishes its step on the way out (a bench's first Ctrl-C
             # waits for it to report what was measured; chat waits for a cut answer's): quit now.
             engine.on_ctrl_c_while_stopping = lambda: _exit_at_once(130)
-        return handler(args)
+        status = handler(args)
+        sys.stdout.flush()  # what is still buffered fails here, in one line, not at exit
+        return status
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
@@ -210,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # e.g. standard output on a full disk (`>/dev/full`): one line
         if _stdout_broken():
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        if isinstance(exc, StdoutError):
+            return _fail(f"cannot write to standard output: {exc.strerror}")
         return _fail(_one_line(str(exc)))
     except Exception as exc:  # known user-facing errors from the library
         from .loader import ModelLoadError
