@@ -245,6 +245,13 @@ def test_a_bench_whose_table_cannot_be_written_still_writes_its_json(tiny, tmp_p
     assert "Traceback" not in r.stderr and json.loads(out.read_text())["results"]["mlxserve"]["concurrency"][0]["runs"]
 
 
+@pytest.mark.parametrize("command", [("run", "--model", "/proc/self/mem", "hi"), ("pull", "/proc/self/mem")])
+def test_a_model_file_that_cannot_be_read_is_named(command):
+    r = mlxserve(*command)  # /proc/self/mem opens; its first read fails: "[Errno 5] Input/output error"
+    assert r.returncode == 2 and re.fullmatch(r"mlxserve: error: \[Errno 5\] Input/output error: '/proc/\d+/mem'",
+                                              r.stderr.strip()), r.stderr
+
+
 def test_a_closed_standard_output_is_as_if_sent_nowhere(tiny):
     r = subprocess.run(["bash", "-c", 'exec "$@" >&-', "-", sys.executable, "-m", "mlxserve", "run", "--model", tiny,
                         "--max-tokens", "3", "hi"], capture_output=True, text=True, timeout=300)

@@ -99,6 +99,14 @@ def test_resolve_rejects_a_file_that_is_not_gguf(tmp_path):
         registry.resolve(str(path))
 
 
+def test_a_file_that_cannot_be_read_is_named():
+    """/proc/self/mem opens, and its first read fails ("[Errno 5] Input/output error"): an
+    error of read(), which names no file, unlike open()'s."""
+    with pytest.raises(OSError) as e:
+        registry.resolve("/proc/self/mem")
+    assert e.value.filename == str(Path("/proc/self/mem").resolve()) and e.value.filename in str(e.value)
+
+
 def test_resolve_unknown_alias():
     with pytest.raises(ModelNotFound) as e:
         registry.resolve("no-such-model")

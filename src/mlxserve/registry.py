@@ -215,11 +215,23 @@ def _check_local(path: Path) -> Path:
         return path
     if not path.is_file():  # a FIFO would block the read below until someone writes to it
         raise ModelNotFound(f"{path} is not a regular file: expected a .gguf file or a model folder")
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, naming(path):
         if f.read(4) != b"GGUF":
             raise ModelNotFound(f"{path} is not a GGUF file: expected a .gguf file or a model "
                                 f"folder")
     return path
+
+
+@contextmanager
+def naming(path: Path):
+    """OSErrors raised inside name `path`, as open()'s do. A read's error names no file
+    (`[Errno 5] Input/output error`), and reached the user so, with no word of which one."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
 
 
 def pull(name: str, *, progress: bool = True) -> Path:
@@ -344,7 +356,7 @@ def _verified(path: Path, alias: Alias, report: _Reporter) -> bool:
 
 def _sha256_file(path: Path, report: _Reporter) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f, report.task(f"verifying {path.name}", path.stat().st_size) as done:
+    with open(path, "rb") as f, naming(path), report.task(f"verifying {path.name}", path.stat().st_size) as done:
         while chunk := f.read(1 << 20):
             h.update(chunk)
             done(f.tell())
