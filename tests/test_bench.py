@@ -13,7 +13,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlxserve import bench, cli
-from mlxserve.bench import (CLOSED_LOOP_FIGURES, BenchConfig, LONG_PROMPT_FIGURES, LongPromptTrace, MlxLmBackend, OurBackend,
+from mlxserve.bench import (CLOSED_LOOP_FIGURES, BenchConfig, BenchResults, LONG_PROMPT_FIGURES, LongPromptTrace, MlxLmBackend, OurBackend,
                             RequestTrace, inter_token_latencies, make_prompts, percentile, summarize_closed_loop,
                             summarize_long_prompt)
 from mlxserve.engine import Engine, EngineConfig
@@ -192,6 +192,19 @@ def test_summarize_long_prompt_separates_steady_and_admission_gaps():
     assert figures["admission_itl_max_s"] == pytest.approx(0.05)  # gap ending at 1.05 (the 1.06 one is after)
     assert figures["stall_ratio"] == pytest.approx(figures["admission_itl_p99_s"] / 0.01)
     assert figures["long_ttft_s"] == pytest.approx(0.05)
+
+
+def test_medians_of_counts_are_counts_of_a_run():
+    """With an even number of runs the median of 7 and 8 generated tokens was 7.5."""
+    entry = {"runs": [], "median": {}}
+    for generated, peak, wall in [(8, 1001, 2.0), (7, 1000, 1.0)]:
+        BenchResults.add_run(entry, {"requests": 4, "generated_tokens": generated, "cached_tokens": 0,
+                                     "peak_memory_bytes": peak, "wall_s": wall, "ttft_p50_s": None})
+    median = entry["median"]
+    assert median == {"requests": 4, "generated_tokens": 7, "cached_tokens": 0, "peak_memory_bytes": 1000,
+                      "wall_s": 1.5, "ttft_p50_s": None}
+    assert [type(median[k]) for k in ("requests", "generated_tokens", "peak_memory_bytes", "wall_s")] == [
+        int, int, int, float]
 
 
 def test_prompts_are_seeded_and_share_the_prefix():

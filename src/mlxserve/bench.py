@@ -381,9 +381,17 @@ class BenchResults:
                 "speedups": self.ratios()}
 
 
-def _median(values: list) -> float | None:
+def _median(values: list) -> float | int | None:
+    """The median of the runs' values that are there. A count (requests, tokens, bytes: ints
+    in every run) is the lower median, the count of one of the runs (every run's where they
+    agree): the mean of the middle two, with an even number of runs, was a count no run had,
+    x.5 tokens. Times and rates are the usual median."""
     present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
+    if not present:
+        return None
+    if all(isinstance(v, int) for v in present):
+        return statistics.median_low(present)
+    return statistics.median(present)
 
 
 def _speedups(figures: tuple[Figure, ...], ours: dict, theirs: dict) -> dict:
