@@ -1,5 +1,6 @@
 """The `mlxserve` command, run as a real subprocess."""
 
+import argparse
 import json
 import os
 import re
@@ -395,6 +396,9 @@ def test_run_reads_prompt_from_stdin(tiny):
      "--gguf-mode, --memory-budget, --speculative, --draft-model, --draft-tokens have no effect with --url"),
     (("chat", "--api-key", "KEY", "--model", "/no/such/model"), "--api-key is the key sent to --url: give --url too"),
     (("run", "--no-chat", "--system", "Be brief.", "hi"), "--system needs the chat template"),
+    # both of a --x/--no-x pair: the last one given won
+    (("run", "--chat", "--no-chat", "hi"), "argument --no-chat: not allowed with argument --chat"),
+    (("run", "--no-chat", "--chat", "hi"), "argument --chat: not allowed with argument --no-chat"),
     (("pull", " "), "no model named"),
     (("pull", "--list", "qwen3-4b"), "--list lists every alias; it takes no model (got 'qwen3-4b')"),
     (("run", "--stop", "", "hi"), "--stop: stop strings must be non-empty strings, got ['']"),
@@ -417,6 +421,23 @@ def test_bad_input_is_one_line_and_exit_2(args, needle):
     assert len(lines) == 1 and lines[0].startswith("mlxserve: error:"), r.stderr
     assert needle in lines[0]
     assert "Traceback" not in r.stderr
+
+
+def test_every_flag_and_its_no_flag_together_are_refused(capsys):
+    """Every --x/--no-x pair of every command (`run --chat --no-chat` took the last one); one
+    flag given twice is no contradiction."""
+    from mlxserve.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    pairs = [(name, flag, "--no-" + flag[2:]) for name, parser in commands.items()
+             for flag in parser._option_string_actions if "--no-" + flag[2:] in parser._option_string_actions]
+    assert ("run", "--chat", "--no-chat") in pairs
+    for name, flag, no_flag in pairs:
+        for given in ([flag, no_flag], [no_flag, flag]):
+            with pytest.raises(SystemExit) as exited:
+                build_parser().parse_args([name, *given])
+            assert exited.value.code == 2 and "not allowed with argument" in capsys.readouterr().err, (name, given)
+        build_parser().parse_args([name, no_flag, no_flag])
 
 
 def test_chat_engine_flags_given_are_those_not_none():

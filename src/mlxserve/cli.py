@@ -136,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty")
     run.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
     run.add_argument("--stop", action="append", default=[], metavar="STR", help="stop when this text appears (repeatable)")
-    run.add_argument("--chat", dest="chat", action="store_true", default=None, help="wrap the prompt in the model's chat template (default when it has one)")
-    run.add_argument("--no-chat", dest="chat", action="store_false", help="send the prompt as plain text")
+    # Both of a --x/--no-x pair is refused: argparse would take the last one given.
+    chat_or_not = run.add_mutually_exclusive_group()
+    chat_or_not.add_argument("--chat", dest="chat", action="store_true", default=None, help="wrap the prompt in the model's chat template (default when it has one)")
+    chat_or_not.add_argument("--no-chat", dest="chat", action="store_false", help="send the prompt as plain text")
     run.add_argument("--system", help="system message (chat mode); '' for none at all: without the flag the "
                                       "chat template's default system prompt applies, if it has one")
     run.add_argument("--no-think", dest="think", action="store_false",
