@@ -103,10 +103,10 @@ class BenchConfig:
                 self.chat_history_tokens + self.gen_tokens + CHAT_FOLLOW_UP_TOKENS >= limit):
             raise ValueError(f"--chat-history-tokens + --gen-tokens + {CHAT_FOLLOW_UP_TOKENS} must be below the "
                              f"model's context length ({limit:,})")
-        if self.long_prompt_tokens is not None and self.long_prompt_tokens >= limit:
-            raise ValueError(f"--long-prompt-tokens ({self.long_prompt_tokens:,}) must be below the "
-                             f"model's context length ({limit:,})")
         if self.long_prompt_tokens is not None:
+            if self.long_prompt_tokens >= limit:
+                raise ValueError(f"--long-prompt-tokens ({self.long_prompt_tokens:,}) must be below the "
+                                 f"model's context length ({limit:,})")
             # That scenario's streams decode --gen-tokens steady tokens, then go on decoding
             # while the long prompt is admitted: a step per chunk of it, at least one per
             # --max-batch-tokens. Their context must hold all of that, or a stream ends first

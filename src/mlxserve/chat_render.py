@@ -52,8 +52,8 @@ class AnswerView:
     then (for text that is already complete). `plain`: print only then, the text as written
     and each line whole, not Markdown (for a file or a pipe: rendered Markdown is wrapped to
     the console's width, which off a terminal is nobody's). `show_content=False`: the answer's
-text is counted (the spinner line says "writing") but not shown, as it is written elsewhere
-(a file: see repl.Repl); the thinking, the spinner line and the progress are."""
+    text is counted (the spinner line says "writing") but not shown, as it is written
+    elsewhere (a file: see repl.Repl); the thinking, the spinner line and the progress are."""
 
     def __init__(self, console: Console, *, show_thinking: bool = True, live: bool = True,
                  plain: bool = False, show_content: bool = True,

@@ -270,7 +270,7 @@ def _grammar(body: dict, tokenizer, tools: list | None, choice: str, schema: dic
         if grammars is not None:
             grammars.check(grammar)
     except GrammarError as exc:
-        field = "functions" if legacy else "tools"
+        field = tools_param(legacy)
         raise APIError(400, f"{field}: {exc}", param=field) from None
     return grammar
 
@@ -388,15 +388,21 @@ def _tools(body: dict, legacy: bool = False) -> tuple[list | None, str]:
         # 0 included, is no schema: the grammar of enforced calls reads it as one)
         if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
             raise APIError(400, f"{_tool_field(i, 'parameters', legacy)} must be a JSON Schema object",
-                           param="functions" if legacy else "tools")
+                           param=tools_param(legacy))
         if TOOL_OPEN in fn["name"] or TOOL_CLOSE in fn["name"]:
             raise APIError(400, f"{_tool_field(i, 'name', legacy)} must not contain {TOOL_OPEN} or {TOOL_CLOSE}: "
-                                "a call naming it could not be read back", param="functions" if legacy else "tools")
+                                "a call naming it could not be read back", param=tools_param(legacy))
     if named is not None:
         if named not in {t["function"]["name"] for t in tools}:
             raise APIError(400, "tool_choice names a function that is not in tools", param="tool_choice")
         return [t for t in tools if t["function"]["name"] == named], "named"
     return tools, choice
+
+
+def tools_param(legacy: bool) -> str:
+    """The request field its tools came in, as errors name it: `functions` for the deprecated
+    form (legacy, see _legacy_functions), else `tools`."""
+    return "functions" if legacy else "tools"
 
 
 def _tool_field(i: int, key: str, legacy: bool) -> str:

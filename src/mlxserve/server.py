@@ -410,7 +410,7 @@ def _engine_error(message: str | None, c: wire.Completion | None = None) -> wire
         return wire.APIError(503, message, type="server_error")
     if message.startswith(ANSWER_REFUSED):  # its own grammar's doing
         if c is not None and c.calls_constrained:  # the grammar of its tools' calls
-            field = "functions" if c.legacy_functions else "tools"  # (the field as the client sent it)
+            field = wire.tools_param(c.legacy_functions)  # (the field as the client sent it)
             return wire.APIError(400, TOOLS_REFUSED.format(field=field) + message[len(ANSWER_REFUSED):], param=field)
         return wire.APIError(400, message, param="response_format")
     if message.startswith("server busy"):
