@@ -169,6 +169,10 @@ def test_load_keeps_what_the_file_does_not_carry(tmp_path):
     ('{"messages": [], "settings": [1, 2]}', "'settings' must be an object"),
     ('{"messages": [], "settings": "x"}', "'settings' must be an object"),
     ('"just text"', "not a saved chat"),
+    ('{"version": 2, "messages": []}', "saved by a newer mlxserve (version 2; this one reads up to 1)"),
+    ('{"version": "1", "messages": []}', "'version' must be a whole number >= 1, not '1'"),
+    ('{"version": true, "messages": []}', "'version' must be a whole number >= 1, not True"),
+    ('{"messages": [], "settings": {"temprature": 0.5}}', "settings.temprature: not a setting (the settings are temperature, top_p"),
 ])
 def test_load_errors_are_one_line_naming_the_file(tmp_path, content, needle):
     path = tmp_path / "bad.json"

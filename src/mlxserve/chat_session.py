@@ -209,6 +209,11 @@ class ChatSession:
             raise ValueError("not a saved chat (expected an object with 'messages')")  # noqa: TRY004 - bad file content
         if data.get("format", SAVE_FORMAT) != SAVE_FORMAT:
             raise ValueError(f"not a saved chat (format {data.get('format')!r})")
+        version = data.get("version", SAVE_VERSION)
+        if type(version) is not int or version < 1:
+            raise ValueError(f"'version' must be a whole number >= 1, not {version!r}")
+        if version > SAVE_VERSION:  # its settings or messages may mean what this one cannot tell
+            raise ValueError(f"saved by a newer mlxserve (version {version}; this one reads up to {SAVE_VERSION})")
         system = data["system"] if "system" in data else current.system  # (null in a /save file: it had none)
         messages = []
         for i, raw in enumerate(data["messages"]):
@@ -226,11 +231,12 @@ class ChatSession:
         if not isinstance(saved_settings, dict):
             raise ValueError("'settings' must be an object")
         for name, value in saved_settings.items():
-            if name in _PARSERS:
-                try:
-                    settings.set(name, _setting_text(name, value))
-                except UsageError:
-                    raise ValueError(f"settings.{name}: {value!r} is not accepted") from None
+            if name not in _PARSERS:  # a typo in a file written by hand would be lost unseen
+                raise ValueError(f"settings.{name}: not a setting (the settings are {', '.join(_PARSERS)})")
+            try:
+                settings.set(name, _setting_text(name, value))
+            except UsageError:
+                raise ValueError(f"settings.{name}: {value!r} is not accepted") from None
         model = data.get("model")
         return cls(system, settings, messages), model if isinstance(model, str) else None
 
