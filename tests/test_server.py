@@ -1412,7 +1412,7 @@ BAD_FUNCTIONS = [
     ("the named function's parameters with a 70-bit integer", {
         "functions": [{"name": "f"}, {"name": "g", "parameters": {"type": "object", "properties": {
             "n": {"type": "integer", "minimum": -(2**70)}}}}], "function_call": {"name": "g"}},
-     "functions", "functions: the tools' schemas cannot be used: the integer at functions[1].parameters.properties"
+     "functions", "functions: the functions' schemas cannot be used: the integer at functions[1].parameters.properties"
                   ".n.minimum"),
     ("function_call's name a list", {"functions": [{"name": "f"}], "function_call": {"name": ["f"]}},
      "function_call", "function_call must name a function in functions"),

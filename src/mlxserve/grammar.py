@@ -157,7 +157,8 @@ NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": Fal
 
 
 def tool_call_grammar(tools: list[dict], tags: tuple[str, str], *, answer: dict | None = None,
-                      one_call: bool = False, fields: list[str] | None = None) -> str:
+                      one_call: bool = False, fields: list[str] | None = None,
+                      what: str = "the tools' schemas") -> str:
     """The grammar of an answer made of tool calls, as Qwen-style chat templates write them:
 
         <tool_call>
@@ -171,7 +172,7 @@ def tool_call_grammar(tools: list[dict], tags: tuple[str, str], *, answer: dict 
     arguments is the grammar's; each JSON part is its own schema document, so a parameters
     schema's `$ref`s resolve as they would alone. `fields` name each tool's parameters in
     errors as the request gave them (by default tools[i].function.parameters, i its place in
-    `tools`)."""
+    `tools`), and `what` names the schemas together (the deprecated `functions`' own)."""
     open_tag, close_tag = tags
     fields = fields or [f"tools[{i}].function.parameters" for i in range(len(tools))]
     rules, names = [], []
@@ -182,7 +183,7 @@ def tool_call_grammar(tools: list[dict], tags: tuple[str, str], *, answer: dict 
         if parameters.get("type", "object") != "object":
             raise GrammarError(f"{fields[i]} must describe an object (type 'object'): a call's arguments are "
                                "a JSON object")
-        check_schema_integers(parameters, "the tools' schemas", fields[i])
+        check_schema_integers(parameters, what, fields[i])
         head = '\n{"name": ' + json.dumps(function["name"]) + ', "arguments": '
         rules.append(f"call{i}: {open_tag} {json.dumps(head)} args{i} " + json.dumps("}\n") + f" {close_tag}")
         rules.append(f"args{i}: %json {json.dumps(_compact({'type': 'object', **parameters}))}")
@@ -198,7 +199,7 @@ def tool_call_grammar(tools: list[dict], tags: tuple[str, str], *, answer: dict 
     try:
         return _llguidance().LLMatcher.grammar_from_lark("\n".join(rules))
     except (ValueError, TypeError, RecursionError) as exc:
-        raise GrammarError(f"the tools' schemas cannot be used: {_one_line(str(exc))}") from None
+        raise GrammarError(f"{what} cannot be used: {_one_line(str(exc))}") from None
 
 
 def _compact(schema: dict) -> dict:

@@ -266,7 +266,7 @@ def _grammar(body: dict, tokenizer, tools: list | None, choice: str, schema: dic
     fields = [_tool_field(place[id(tool)], "parameters", legacy) for tool in tools]
     try:
         grammar = tool_call_grammar(tools, tool_tags(tokenizer), answer=schema if choice == "auto" else None,
-                                    one_call=one_call, fields=fields)
+                                    one_call=one_call, fields=fields, what=f"the {tools_param(legacy)}' schemas")
         if grammars is not None:
             grammars.check(grammar)
     except GrammarError as exc:
