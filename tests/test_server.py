@@ -1520,15 +1520,16 @@ class TokenStream(ScriptedStream):
     given), one token each with a log-prob and, as top alternatives, itself and the tokens in
     `alternatives`; text is released and cut by the request's stop strings as the scheduler does."""
 
-    def __init__(self, request, tokenizer, text, alternatives=(), stop_token=None):
+    def __init__(self, request, tokenizer, text, alternatives=(), stop_token=None, ids=None):
         super().__init__(request, [])
         self.tokenizer, self.text, self.alternatives, self.stop_token = tokenizer, text, alternatives, stop_token
+        self.ids = ids  # the answer's ids, where no text encodes to them (bytes that are no UTF-8)
 
     async def __aiter__(self):
         from mlxserve.detokenizer import IncrementalDetokenizer, StopMatcher
         from mlxserve.scheduler import TokenEvent, TokenLogprob
 
-        ids = self.tokenizer.encode(self.text, add_special_tokens=False)
+        ids = list(self.ids) if self.ids is not None else self.tokenizer.encode(self.text, add_special_tokens=False)
         ids += [self.stop_token] if self.stop_token is not None else []
         detokenizer, stops = IncrementalDetokenizer(self.tokenizer.decode), StopMatcher(self.request.params.stop)
 
@@ -1632,6 +1633,38 @@ def test_logprobs_cover_the_tokens_of_the_answer_only(tiny_model_dir, case):
         lp = whole["choices"][0]["logprobs"]
         assert whole["choices"][0]["text"] == content and len(lp["text_offset"]) == len(lp["tokens"])
         _covers_exactly(content, [_legacy_bytes(t) for t in lp["tokens"]])
+        chunks = _sse_events(live.url + "/completions", {**legacy, "stream": True})
+        assert [t for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                for t in c["choices"][0]["logprobs"]["tokens"]] == lp["tokens"]
+    finally:
+        live.stop()
+
+
+def test_logprobs_of_an_answer_with_broken_utf8_cut_by_a_stop_string(tiny_model_dir):
+    """An answer whose bytes are no UTF-8 (a character's first bytes, then another
+    character: the text has U+FFFD, 3 bytes, where the token had 2) and that a stop string
+    cuts: the tokens it cut off whole have no log-prob (they used to: the answer's text was
+    counted in bytes, which U+FFFD adds to)."""
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    tokenizer = loaded.tokenizer
+    partial = tokenizer.encode("東", add_special_tokens=False)[0]  # the character's first bytes only
+    assert len(tokenizer.token_bytes(partial)) == 2
+    ids = [partial] + tokenizer.encode("Red\nBlue\n", add_special_tokens=False)
+    live = _token_server(loaded, None, ids=ids)
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "stop": "Red"}
+        status, whole = raw(live.url + "/chat/completions", chat, key=None)
+        assert status == 200 and whole["choices"][0]["message"]["content"] == "\ufffd"
+        chunks = _sse_events(live.url + "/chat/completions", {**chat, "stream": True})
+        streamed = [e for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                    for e in c["choices"][0]["logprobs"]["content"]]
+        for content in (whole["choices"][0]["logprobs"]["content"], streamed):
+            assert [bytes(e["bytes"]) for e in content] == [tokenizer.token_bytes(partial)]
+
+        legacy = {"prompt": "x", "logprobs": 1, "stop": "Red"}
+        status, whole = raw(live.url + "/completions", legacy, key=None)
+        lp = whole["choices"][0]["logprobs"]
+        assert whole["choices"][0]["text"] == "\ufffd" and lp["tokens"] == ["bytes:\\xe6\\x9d"]
         chunks = _sse_events(live.url + "/completions", {**legacy, "stream": True})
         assert [t for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
                 for t in c["choices"][0]["logprobs"]["tokens"]] == lp["tokens"]

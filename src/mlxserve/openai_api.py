@@ -640,15 +640,17 @@ class AnswerLogprobs:
     events carried. A token's entry goes out once the answer's text has reached its first byte
     (`feed` returns it then); so the token that stopped the answer (EOS or a stop token id, which
     adds no text) and tokens a stop string cut off whole never go out. A token a stop string cuts
-    in two is kept: part of its text is in the answer."""
+    in two is kept: part of its text is in the answer. Both are counted in characters (the
+    tokens' as TextOffsets counts them), not bytes: bytes that are no UTF-8 are one U+FFFD in
+    the text, whose 3 bytes can be more than the tokens had."""
 
     def __init__(self, tokenizer, params: SamplingParams):
         self._tokenizer = tokenizer
         self._stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else frozenset(tokenizer.eos_token_ids))
-        self._pending: deque = deque()  # (entry, offset of its first byte in the tokens' bytes)
-        self._token_bytes = 0  # bytes of the tokens fed
-        self._text_bytes = 0  # bytes of the answer's text so far
+        self._pending: deque = deque()  # (entry, the character of the text its first byte is in)
+        self._offsets = TextOffsets(tokenizer)  # where the tokens fed start
+        self._text_chars = 0  # characters of the answer's text so far
 
     def feed(self, event) -> list:
         """The entries whose text the answer has reached with this event."""
@@ -656,12 +658,11 @@ class AnswerLogprobs:
         if (event.finish_reason == "stop" and entries and event.token_ids
                 and event.token_ids[-1] in self._stop_ids and entries[-1].token_id == event.token_ids[-1]):
             entries.pop()  # the stop token: no text, even where the tokens' bytes drift from the text
-        for entry in entries:
-            self._pending.append((entry, self._token_bytes))
-            self._token_bytes += len(self._tokenizer.token_bytes(entry.token_id))
-        self._text_bytes += len(event.text.encode("utf-8"))
+        for entry, start in zip(entries, self._offsets.take([entry.token_id for entry in entries])):
+            self._pending.append((entry, start))
+        self._text_chars += len(event.text)
         released = []
-        while self._pending and self._pending[0][1] < self._text_bytes:
+        while self._pending and self._pending[0][1] < self._text_chars:
             released.append(self._pending.popleft()[0])
         return released
 
