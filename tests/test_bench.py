@@ -503,3 +503,38 @@ def test_a_second_ctrl_c_before_the_engine_begins_to_stop_quits_at_once(monkeypa
     with pytest.raises(KeyboardInterrupt):
         asyncio.run(ours._until_done(first_ctrl_c()))
     assert quit_now == [True]
+
+
+def test_a_first_ctrl_c_as_a_finished_run_stops_its_engine_reports_what_was_measured(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C that came while the engine of a run that had ended stopped (between two runs)
+    was taken for a second Ctrl-C: the bench quit at once, without its table or its JSON."""
+    from mlxserve import engine
+
+    quit_now = []
+    monkeypatch.setattr(cli, "_exit_at_once", quit_now.append)  # (what a second Ctrl-C calls)
+    real_wait_for, stops = engine.wait_for, []
+
+    def ctrl_c_as_the_second_run_stops(done):
+        real_wait_for(done)
+        if getattr(done, "is_an_engines_end", False):  # (not the wait for its start)
+            stops.append(done)
+            if len(stops) == 2:
+                raise KeyboardInterrupt  # (Python raises one that came during the wait once it returns)
+
+    original_init = Engine.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self._done.is_an_engines_end = True
+
+    monkeypatch.setattr(Engine, "__init__", init)
+    monkeypatch.setattr(engine, "wait_for", ctrl_c_as_the_second_run_stops)
+    out = tmp_path / "b.json"
+    status = cli.main(["bench", *TINY, "--concurrency", "1", "--prompt-tokens", "8", "--gen-tokens", "2",
+                       "--runs", "3", "--warmup", "0", "--json", str(out)])
+    assert quit_now == []
+    assert status == 130
+    assert "bench: interrupted; reporting what was measured" in capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert result["partial"] is True
+    assert [len(e["runs"]) for e in result["results"]["mlxserve"]["concurrency"]] == [1]

@@ -179,9 +179,13 @@ class Engine:
             raise RuntimeError(self.error)
         return self
 
-    def stop(self) -> None:
+    def stop(self, first_ctrl_c_after: bool = False) -> None:
+        """Stop the engine loop and wait for it. `first_ctrl_c_after`: this stop is no answer
+        to a Ctrl-C (the work was done), so a first Ctrl-C while it waits is the user's first:
+        raised once the engine has stopped, not taken for a second one that quits at once."""
         self._stopping = True
         self._commands.put(("wake", None))
+        interrupted = False
         if self._worker is not None:
             # Wait for the engine thread to leave MLX, through any further Ctrl-C: a process
             # that exits while a thread is inside MLX aborts (SIGABRT) instead of exiting
@@ -191,11 +195,16 @@ class Engine:
                     wait_for(self._done)
                     break
                 except KeyboardInterrupt:
+                    if first_ctrl_c_after and not interrupted:
+                        interrupted = True
+                        continue
                     if on_ctrl_c_while_stopping is not None:
                         on_ctrl_c_while_stopping()
                     continue
             _release_worker(self._worker)
             self._worker = None
+        if interrupted:
+            raise KeyboardInterrupt
 
     @property
     def alive(self) -> bool:
@@ -205,8 +214,9 @@ class Engine:
     def __enter__(self) -> "Engine":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def __exit__(self, exc_type, *exc) -> None:
+        # Leaving the block normally (between a bench's runs), a Ctrl-C is the first one.
+        self.stop(first_ctrl_c_after=exc_type is None)
 
     # ---- front-end API (any thread) ------------------------------------------------------
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None,
