@@ -1421,3 +1421,26 @@ def test_format_stats_fits_80_columns():
     assert len(line) <= 80
     assert format_stats(Stats(5, "cancelled", ttft_s=0.5), cut=True) == "TTFT 0.50s · 5 generated (cut)"
     assert printable("a\tb\nc\x07\x1b[2J\r\n") == "a\tb\nc\ufffd\ufffd[2J\n"
+
+
+def test_help_is_readable_in_a_narrow_terminal():
+    """/help in 30 columns gave the names' column all the width and cut every description to
+    an ellipsis (a column of "…"): each description now goes under its command where the two
+    do not fit side by side, every word of it shown."""
+    from rich.console import Console
+
+    from mlxserve.chat_session import ChatSession
+    from mlxserve.repl import COMMANDS, Repl
+
+    for width in (20, 30, 40, 80):
+        out = io.StringIO()
+        Repl(object(), ChatSession(), Console(file=out, width=width), prompt=False).command("/help")
+        text = out.getvalue()
+        assert "…" not in text, text
+        words = text.split()
+        for command in COMMANDS:
+            assert command.name in words, (width, command.name, text)
+            for word in command.help.split():
+                assert word in words, (width, word, text)
+        if width == 80:  # side by side where they fit
+            assert any(line.startswith("/help ") and line.rstrip().endswith("this list") for line in text.splitlines())

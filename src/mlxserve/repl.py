@@ -25,6 +25,7 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -229,15 +230,26 @@ class Command:
 QUIT = True
 
 
+HELP_MIN_WIDTH = 24  # the fewest columns /help gives the descriptions beside the commands
+
+
 def _cmd_help(repl: Repl, arg: str) -> None:
-    table = Table.grid(padding=(0, 2))
-    table.add_column(no_wrap=True)
-    table.add_column()
-    for c in COMMANDS:
-        names = " = ".join([c.name, *c.aliases])
-        # Text, not markup: rich would take "[on|off]" for a style tag and drop it.
-        table.add_row(Text(f"{names} {c.args}".rstrip()), Text(c.help))
-    repl.console.print(table)
+    # Text, not markup: rich would take "[on|off]" for a style tag and drop it.
+    rows = [(Text(f"{' = '.join([c.name, *c.aliases])} {c.args}".rstrip()), Text(c.help)) for c in COMMANDS]
+    longest = max(len(usage) for usage, _ in rows)
+    if longest + 2 + HELP_MIN_WIDTH <= repl.console.width:
+        table = Table.grid(padding=(0, 2))
+        table.add_column(no_wrap=True)
+        table.add_column()
+        for usage, text in rows:
+            table.add_row(usage, text)
+        repl.console.print(table)
+    else:
+        # A narrow terminal: side by side, the descriptions had a column or two each, and
+        # showed as "…". Each under its command instead, the command on one line as it is.
+        for usage, text in rows:
+            repl.console.print(usage, soft_wrap=True)
+            repl.console.print(Padding(text, (0, 0, 0, 4)))
     repl.say(KEYS_HELP, style="dim")
 
 
