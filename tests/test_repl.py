@@ -1444,3 +1444,28 @@ def test_help_is_readable_in_a_narrow_terminal():
                 assert word in words, (width, word, text)
         if width == 80:  # side by side where they fit
             assert any(line.startswith("/help ") and line.rstrip().endswith("this list") for line in text.splitlines())
+
+
+def test_stats_keeps_each_name_whole_in_a_narrow_terminal():
+    """/stats in 30 columns cut its figures' names short ("kv_bytes_in_u…"): each name stays
+    whole, its value beside it where the table fits, else after it on its line."""
+    from rich.console import Console
+
+    from mlxserve.chat_session import ChatSession
+    from mlxserve.repl import Repl
+
+    stats = {"running": 0, "kv_bytes_budget": 15_050_000_000, "prefix_evicted_blocks": 12, "requests_in_progress": 1,
+             "busy_seconds": 3.743}
+
+    class Backend:
+        def stats(self):
+            return stats
+
+    for width in (20, 30, 80):
+        out = io.StringIO()
+        Repl(Backend(), ChatSession(), Console(file=out, width=width), prompt=False).command("/stats")
+        text = out.getvalue()
+        assert "…" not in text, text
+        lines = [line.split() for line in text.splitlines()]
+        assert [line[0].rstrip(":") for line in lines] == list(stats), text
+        assert lines[1][1:] == [f"{stats['kv_bytes_budget'] / 2**20:,.1f}", "MiB"] and lines[4][1:] == ["3.743"], text

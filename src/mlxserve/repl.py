@@ -349,12 +349,18 @@ def _cmd_models(repl: Repl, arg: str) -> None:
 
 
 def _cmd_stats(repl: Repl, arg: str) -> None:
-    stats = repl.backend.stats()
+    rows = [(key, _stat_value(key, value)) for key, value in repl.backend.stats().items()]
+    # (The table's width: a space either side of each column, one between them.)
+    if max((len(key) + len(value) + 4 for key, value in rows), default=0) > repl.console.width:
+        # A narrow terminal: the table cut the names short ("kv_bytes_in_u…"); a line each.
+        for key, value in rows:
+            repl.console.print(Text.assemble((f"{key}:", "dim"), f" {value}"), soft_wrap=True)
+        return
     table = Table(box=None, show_header=False, padding=(0, 1))
     table.add_column(style="dim")
     table.add_column(justify="right")
-    for key, value in stats.items():
-        table.add_row(key, _stat_value(key, value))
+    for key, value in rows:
+        table.add_row(key, value)
     repl.console.print(table)
 
 
