@@ -538,3 +538,37 @@ def test_a_first_ctrl_c_as_a_finished_run_stops_its_engine_reports_what_was_meas
     result = json.loads(out.read_text())
     assert result["partial"] is True
     assert [len(e["runs"]) for e in result["results"]["mlxserve"]["concurrency"]] == [1]
+
+
+def test_the_tables_keep_every_figure_whole_in_an_80_column_terminal():
+    """In 80 columns (a terminal's usual width) rich squeezed the tables' 11 columns: both
+    engines showed as "mlx…" and figures lost their digits ("3,58…"). Where a table does
+    not fit, its figures go into several tables, each repeating the row names."""
+    import io
+
+    from rich.console import Console
+
+    config = {"model": "random:tiny", "quantization": "bfloat16", "compare": "mlx-lm", "concurrency": [1, 32],
+              "runs": 1, "prompt_tokens": 512, "gen_tokens": 128, "long_prompt_streams": 8,
+              "long_prompt_tokens": 4096, "engine": {}}
+    results = BenchResults(config)
+    closed = {"ttft_p50_s": 1.2345, "ttft_p99_s": 12.345, "itl_p50_s": 0.0123, "itl_p99_s": 0.2345,
+              "decode_tok_s": 12345.6, "total_tok_s": 23456.7, "prefill_tok_s": 34567.8,
+              "peak_memory_bytes": 12_345_000_000}
+    long = {"steady_itl_p50_s": 0.0123, "steady_itl_p99_s": 0.0234, "admission_itl_p99_s": 0.3456,
+            "admission_itl_max_s": 0.4567, "stall_ratio": 28.1, "long_ttft_s": 12.345,
+            "peak_memory_bytes": 12_345_000_000}
+    for engine in (bench.OURS, bench.MLX_LM):
+        for concurrency in (1, 32):
+            results.add_run(results.new_entry(engine, "concurrency", concurrency=concurrency, requests=64), closed)
+        results.add_run(results.new_entry(engine, "long_prompt", streams=8, long_prompt_tokens=4096), long)
+    out = io.StringIO()
+    bench.render(results, Console(file=out, width=80))
+    text = out.getvalue()
+    assert "…" not in text, text
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    for figure in (*CLOSED_LOOP_FIGURES, *LONG_PROMPT_FIGURES):
+        value = closed.get(figure.key, long.get(figure.key))
+        assert figure.format(value) in text, (figure.key, text)
+    rows = [line for line in text.splitlines() if "mlxserve │" in line or "mlx-lm │" in line]
+    assert rows and all(" mlxserve │" in row or " mlx-lm │" in row for row in rows), text

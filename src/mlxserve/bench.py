@@ -858,8 +858,6 @@ class Progress:
 def render(results: BenchResults, console) -> None:
     """The closed-loop table (rows per concurrency: ours, theirs, speedup) and the long
     prompt table."""
-    from rich.table import Table
-
     engines = [OURS] + ([results.config["compare"]] if results.config.get("compare") else [])
     title = f"mlxserve bench: {results.config['model']} ({results.config['quantization']})" + (
         " (partial: interrupted)" if results.partial else "")
@@ -890,56 +888,88 @@ def render(results: BenchResults, console) -> None:
                   for c, e in results.entries(OURS).items() if (stats := e.get("engine_stats"))]
         caption += (f"; mlxserve speculates ({speculative}): draft tokens accepted in the last run, "
                     f"{', '.join(drafts) or 'none measured'}")
-    table = Table(title=title, caption=caption)
-    for column in ("C", "requests", *(["runs"] if per_row else []), "engine", *(f.label for f in CLOSED_LOOP_FIGURES)):
-        table.add_column(column, justify="right")
+    keys = ["C", "requests", *(["runs"] if per_row else []), "engine"]
+    rows: list[tuple[list[str], list[str], bool]] = []  # (row names, figures, last of its section)
     ratios = {r["concurrency"]: r for r in results.ratios().get("concurrency", [])}
     for concurrency in results.config["concurrency"]:
+        section = []
         for engine in engines:
             entry = results.entries(engine).get(concurrency)
             if entry:
-                table.add_row(str(concurrency), str(entry["requests"]), *_runs_cell(entry, per_row), engine,
-                              *(f.format(entry["median"].get(f.key)) for f in CLOSED_LOOP_FIGURES))
+                section.append(([str(concurrency), str(entry["requests"]), *_runs_cell(entry, per_row), engine],
+                                [f.format(entry["median"].get(f.key)) for f in CLOSED_LOOP_FIGURES]))
         if concurrency in ratios:
-            table.add_row("", "", *([""] if per_row else []), "speedup",
-                          *(_format_speedup(ratios[concurrency][f.key]) for f in CLOSED_LOOP_FIGURES))
-        table.add_section()
-    console.print(table)
+            section.append((["", "", *([""] if per_row else []), "speedup"],
+                            [_format_speedup(ratios[concurrency][f.key]) for f in CLOSED_LOOP_FIGURES]))
+        rows += [(names, figures, i == len(section) - 1) for i, (names, figures) in enumerate(section)]
+    _print_tables(console, title, caption, keys, [f.label for f in CLOSED_LOOP_FIGURES], rows)
     if any(results.long_prompt(e) for e in engines):
-        console.print(_long_prompt_table(results, engines, per_row))
+        _long_prompt_table(results, engines, console, per_row)
     reuse = results.scenario(OURS, "prefix_reuse")
     if reuse:
-        reuse_table = Table(title=f"chat second turn after {plural(reuse['history_tokens'], 'token')} of history "
-                                  f"(+{results.config['gen_tokens']:,} answer, +{CHAT_FOLLOW_UP_TOKENS} follow-up)")
-        for label in [*(["runs"] if per_row else []), *(f.label for f in PREFIX_REUSE_FIGURES)]:
-            reuse_table.add_column(label, justify="right")
-        reuse_table.add_row(*_runs_cell(reuse, per_row), *(f.format(reuse["median"].get(f.key)) for f in PREFIX_REUSE_FIGURES))
-        console.print(reuse_table)
+        _print_tables(console, f"chat second turn after {plural(reuse['history_tokens'], 'token')} of history "
+                               f"(+{results.config['gen_tokens']:,} answer, +{CHAT_FOLLOW_UP_TOKENS} follow-up)", None,
+                      ["runs"] if per_row else [], [f.label for f in PREFIX_REUSE_FIGURES],
+                      [(_runs_cell(reuse, per_row), [f.format(reuse["median"].get(f.key)) for f in PREFIX_REUSE_FIGURES],
+                        False)])
+
+
+def _print_tables(console, title: str, caption: str | None, keys: list[str], figures: list[str],
+                  rows: list[tuple[list[str], list[str], bool]]) -> None:
+    """A table of `rows` (their names under `keys`, their figures under `figures`, and whether
+    a section ends after each), right-aligned. Where it is wider than the console (11 columns
+    in a terminal of 80), rich would squeeze its columns, cutting names and figures short
+    ("mlx…", "3,58…"): then the figures go into as many tables, one under the other, as it
+    takes for each to fit, each with the rows' names."""
+    from rich.table import Table
+
+    def table(columns: list[int], first: bool, last: bool) -> Table:
+        t = Table(title=title if first else None, caption=caption if last else None)
+        for header in [*keys, *(figures[i] for i in columns)]:
+            t.add_column(header, justify="right", no_wrap=True)
+        for names, values, section_ends in rows:
+            t.add_row(*names, *(values[i] for i in columns))
+            if section_ends:
+                t.add_section()
+        return t
+
+    unbounded = console.options.update(max_width=10**6)  # (measured against the console, it never exceeds it)
+    groups: list[list[int]] = [[]]
+    for i in range(len(figures)):
+        if groups[-1] and console.measure(table([*groups[-1], i], False, False), options=unbounded).maximum > console.width:
+            groups.append([])
+        groups[-1].append(i)
+    if len(groups) == 1:
+        console.print(table(groups[0], True, True))
+        return
+    for n, columns in enumerate(groups):
+        console.print(table(columns, n == 0, False))
+    if caption:  # under them all, as wide as the console (the last table may be narrow)
+        from rich.text import Text
+
+        console.print(Text(caption, style="table.caption"))
 
 
 def _runs_cell(entry: dict, per_row: bool) -> list[str]:
     return [str(len(entry["runs"]))] if per_row else []
 
 
-def _long_prompt_table(results: BenchResults, engines: list[str], per_row: bool = False):
-    from rich.table import Table
-
+def _long_prompt_table(results: BenchResults, engines: list[str], console, per_row: bool = False) -> None:
     streams = results.config["long_prompt_streams"]
-    table = Table(title=f"long prompt ({plural(results.config['long_prompt_tokens'], 'token')}) admitted while "
-                        f"{plural(streams, 'stream')} {'decodes' if streams == 1 else 'decode'}",
-                  caption="admission: from the long prompt's submit to its first token; stall = admission ITL p99 / steady ITL p50")
-    for column in ("engine", *(["runs"] if per_row else []), *(f.label for f in LONG_PROMPT_FIGURES)):
-        table.add_column(column, justify="right")
+    rows = []
     for engine in engines:
         entry = results.long_prompt(engine)
         if entry:
-            table.add_row(engine, *_runs_cell(entry, per_row),
-                          *(f.format(entry["median"].get(f.key)) for f in LONG_PROMPT_FIGURES))
+            rows.append(([engine, *_runs_cell(entry, per_row)],
+                         [f.format(entry["median"].get(f.key)) for f in LONG_PROMPT_FIGURES], False))
     speedups = results.ratios().get("long_prompt")
     if speedups:
-        table.add_row("speedup", *([""] if per_row else []),
-                      *(_format_speedup(speedups[f.key]) for f in LONG_PROMPT_FIGURES))
-    return table
+        rows.append((["speedup", *([""] if per_row else [])],
+                     [_format_speedup(speedups[f.key]) for f in LONG_PROMPT_FIGURES], False))
+    _print_tables(console, f"long prompt ({plural(results.config['long_prompt_tokens'], 'token')}) admitted while "
+                           f"{plural(streams, 'stream')} {'decodes' if streams == 1 else 'decode'}",
+                  "admission: from the long prompt's submit to its first token; stall = admission ITL p99 / steady ITL p50",
+                  ["engine", *(["runs"] if per_row else [])], [f.label for f in LONG_PROMPT_FIGURES], rows)
 
 
 def _format_speedup(value: float | None) -> str:
