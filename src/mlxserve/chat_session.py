@@ -223,7 +223,12 @@ class ChatSession:
             if raw["role"] == "system":
                 system = raw["content"]
                 continue
-            messages.append(Message(raw["role"], raw["content"], str(raw.get("reasoning") or ""), bool(raw.get("cut"))))
+            reasoning, cut = raw.get("reasoning"), raw.get("cut")
+            if not isinstance(reasoning, (str, type(None))):
+                raise ValueError(f"messages[{i}].reasoning must be text")
+            if not isinstance(cut, (bool, type(None))):  # ("false", a string, was true)
+                raise ValueError(f"messages[{i}].cut must be true or false, not {cut!r}")
+            messages.append(Message(raw["role"], raw["content"], reasoning or "", bool(cut)))
         if system is not None and not isinstance(system, str):
             raise ValueError("'system' must be text")
         settings = replace(current.settings)  # a copy: a file that fails to load changes nothing
