@@ -79,6 +79,8 @@ class BenchConfig:
              "--shared-prefix-tokens must be between 0 and --prompt-tokens"),
             (self.requests is None or self.requests >= max(self.concurrency),
              f"--requests must be >= the largest concurrency ({max(self.concurrency)})"),
+            (self.requests is None or self.requests <= MAX_REQUESTS, f"--requests must be <= {MAX_REQUESTS:,}"),
+            (self.long_prompt_streams <= MAX_STREAMS, f"--long-prompt-streams must be <= {MAX_STREAMS:,}"),
             (self.long_prompt_tokens is None or self.long_prompt_tokens >= 1, "--long-prompt-tokens must be >= 1"),
             (self.long_prompt_streams >= 1, "--long-prompt-streams must be >= 1"),
             (self.chat_history_tokens is None or self.chat_history_tokens >= 1, "--chat-history-tokens must be >= 1"),
@@ -131,6 +133,12 @@ def default_requests(concurrency: int) -> int:
     return max(4, 2 * concurrency)
 
 
+# Beyond these the bench would only build prompts: a level's requests are drawn up front, and
+# --concurrency 100000000000000000000 grew memory without end and never reached a run.
+MAX_STREAMS = 4096
+MAX_REQUESTS = 65536
+
+
 def parse_concurrency(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(","))
@@ -138,6 +146,8 @@ def parse_concurrency(text: str) -> tuple[int, ...]:
         values = ()
     if not values or min(values) < 1:
         raise ValueError(f"--concurrency: expected comma-separated integers >= 1, got '{text}'")
+    if max(values) > MAX_STREAMS:
+        raise ValueError(f"--concurrency: at most {MAX_STREAMS:,} streams a level, got '{text}'")
     if len(set(values)) != len(values):
         raise ValueError(f"--concurrency: each level once, got '{text}'")
     return values

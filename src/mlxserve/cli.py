@@ -715,12 +715,12 @@ def _add_bench_parser(sub, default_model: str) -> None:
                             "per --gguf-mode")
     bench.add_argument("--prompt-tokens", type=int, default=512, help="prompt length in tokens (default 512)")
     bench.add_argument("--gen-tokens", type=int, default=128, help="tokens generated per request (default 128)")
-    bench.add_argument("--concurrency", default="1,8,32,64", help="comma-separated requests in flight (default 1,8,32,64)")
-    bench.add_argument("--requests", type=int, help="requests per concurrency C (default 2×C, at least 4)")
+    bench.add_argument("--concurrency", default="1,8,32,64", help="comma-separated requests in flight, each up to 4,096 (default 1,8,32,64)")
+    bench.add_argument("--requests", type=int, help="requests per concurrency C, up to 65,536 (default 2×C, at least 4)")
     bench.add_argument("--shared-prefix-tokens", type=int, default=0, help="leading prompt tokens identical across a run's requests (default 0)")
     bench.add_argument("--long-prompt-tokens", type=int, metavar="L",
                        help="also measure streams' inter-token latency while an L-token prompt is admitted")
-    bench.add_argument("--long-prompt-streams", type=int, default=8, help="streams decoding in that scenario (default 8)")
+    bench.add_argument("--long-prompt-streams", type=int, default=8, help="streams decoding in that scenario, up to 4,096 (default 8)")
     bench.add_argument("--chat-history-tokens", type=int, metavar="H",
                        help="also measure a chat's second-turn time to first token after H tokens of history, "
                             "with the prefix cache and without")
