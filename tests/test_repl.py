@@ -347,6 +347,9 @@ def test_settings_commands(chat, line, answer):
     ("/export /dev/full", "cannot write /dev/full: No space left on device"),
     ("/model /no/such/model", "cannot switch to /no/such/model"),
     ("/frobnicate", "unknown command /frobnicate; /help lists them"),
+    ("/reset everything", "usage: /reset (nothing after it)"),  # (it reset, the words unseen)
+    ("/clear all", "usage: /clear (nothing after it)"),
+    ("/stats now", "usage: /stats (nothing after it)"),
     ("/format /no/such/schema.json", "/format: cannot read the schema file /no/such/schema.json"),
     ('/format {"type": "foo"}', "/format: the grammar cannot be used: Invalid type: foo"),  # the engine's check
 ])

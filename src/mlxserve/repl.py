@@ -491,6 +491,9 @@ class Repl:
         if command is None:
             self.error(f"unknown command {name}; /help lists them")
             return None
+        if arg.strip() and not command.args:  # `/reset extra` did the command, the words unseen
+            self.error(f"usage: {name} (nothing after it)")
+            return None
         try:
             return command.run(self, arg.strip())
         except UsageError as exc:
