@@ -427,6 +427,15 @@ def test_transformers_quantization_config(tmp_path):
     assert registry._config_format(config) == ("safetensors", "awq 4-bit g128")
 
 
+@pytest.mark.parametrize("text", ["[1]", '"config"', "null", '{"torch_dtype": ["bfloat16"]}', '{"dtype": 16}'])
+def test_a_config_that_is_json_but_no_config_is_listed_as_unknown(tmp_path, text):
+    """`mlxserve models` lists a folder whose config.json is JSON of another shape (it raised
+    AttributeError or TypeError: a traceback)."""
+    config = tmp_path / "config.json"
+    config.write_text(text)
+    assert registry._config_format(config) == ("safetensors", "unknown")
+
+
 # ---- aliases listed by `mlxserve pull --list`, and GGUF aliases verified by the hub's digest
 
 POPULAR = {  # the issue's list: Qwen3 0.6B/4B/8B and Qwen3.5 0.8B/4B/9B, MLX 4-bit and GGUF Q4_K_M

@@ -690,6 +690,8 @@ def _config_format(config_path: Path) -> tuple[str, str]:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError):
         return "safetensors", "unknown"
+    if not isinstance(config, dict):  # JSON, but no config (`[1]`): still list the folder
+        return "safetensors", "unknown"
     fmt = "mlx" if "quantization" in config else "safetensors"
     quant = config.get("quantization") or config.get("quantization_config")
     if isinstance(quant, dict):
@@ -704,4 +706,6 @@ def _config_format(config_path: Path) -> tuple[str, str]:
         if parts:
             return fmt, " ".join(parts)
     dtype = config.get("torch_dtype") or config.get("dtype")
-    return fmt, _DTYPE_NAMES.get(dtype, dtype or "unknown")
+    if not isinstance(dtype, str):  # a hand-edited config (a list, a number): not a dtype's name
+        return fmt, "unknown"
+    return fmt, _DTYPE_NAMES.get(dtype, dtype)
