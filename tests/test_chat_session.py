@@ -129,6 +129,24 @@ def test_load_accepts_openai_style_messages(tmp_path):
     assert [(m.role, m.content) for m in loaded.messages] == [("user", "Hi"), ("assistant", "Hello")]
 
 
+def test_load_accepts_openai_messages_with_text_parts_and_a_developer_message(tmp_path):
+    """A list of OpenAI messages as a client keeps them: content as a list of text parts
+    (joined, as the server reads them; an assistant's refusal part is its text) and a
+    developer message, OpenAI's newer system message (each was refused)."""
+    path = tmp_path / "messages.json"
+    path.write_text(json.dumps([
+        {"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+    ]))
+    loaded, _ = ChatSession.load(path)
+    assert loaded.system == "Be brief."
+    assert [(m.role, m.content) for m in loaded.messages] == [("user", "Hi"), ("assistant", "No.")]
+    path.write_text(json.dumps([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]))
+    with pytest.raises(ValueError, match=r"messages\[0\] needs a role .* text parts"):
+        ChatSession.load(path)
+
+
 def test_load_reads_a_file_with_a_byte_order_mark(tmp_path):
     """A saved chat (or a list of messages) edited and saved again by an editor on Windows
     starts with a UTF-8 byte order mark: /load said it "is not JSON"."""

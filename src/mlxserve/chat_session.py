@@ -217,18 +217,21 @@ class ChatSession:
         system = data["system"] if "system" in data else current.system  # (null in a /save file: it had none)
         messages = []
         for i, raw in enumerate(data["messages"]):
-            if not (isinstance(raw, dict) and raw.get("role") in ("system", "user", "assistant")
-                    and isinstance(raw.get("content"), str)):
-                raise ValueError(f"messages[{i}] needs a role (system, user or assistant) and text content")
-            if raw["role"] == "system":
-                system = raw["content"]
+            role = raw.get("role") if isinstance(raw, dict) else None
+            role = "system" if role == "developer" else role  # (OpenAI's newer name for it)
+            content = _message_text(raw.get("content")) if isinstance(raw, dict) else None
+            if role not in ("system", "user", "assistant") or content is None:
+                raise ValueError(f"messages[{i}] needs a role (system, developer, user or assistant) and text "
+                                 "content (a string or a list of text parts)")
+            if role == "system":
+                system = content
                 continue
             reasoning, cut = raw.get("reasoning"), raw.get("cut")
             if not isinstance(reasoning, (str, type(None))):
                 raise ValueError(f"messages[{i}].reasoning must be text")
             if not isinstance(cut, (bool, type(None))):  # ("false", a string, was true)
                 raise ValueError(f"messages[{i}].cut must be true or false, not {cut!r}")
-            messages.append(Message(raw["role"], raw["content"], reasoning or "", bool(cut)))
+            messages.append(Message(role, content, reasoning or "", bool(cut)))
         if system is not None and not isinstance(system, str):
             raise ValueError("'system' must be text")
         settings = replace(current.settings)  # a copy: a file that fails to load changes nothing
@@ -284,6 +287,24 @@ class ChatSession:
 
     def export(self, path: str | Path, model: str | None = None) -> Path:
         return _write(path, self.to_markdown(model))
+
+
+def _message_text(content: object) -> str | None:
+    """An OpenAI message's text: a string, or a list of text parts joined, as the server reads
+    them (a client's own history often has parts); an assistant's refusal parts are its text,
+    as OpenAI returns a refusal. None for anything else (an image part, a number)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return None
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        text = part.get(kind) if kind in ("text", "refusal") else None
+        if not isinstance(text, str):
+            return None
+        texts.append(text)
+    return "".join(texts)
 
 
 def _write(path: str | Path, text: str) -> Path:
