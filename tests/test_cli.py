@@ -451,6 +451,16 @@ def test_chat_engine_flags_given_are_those_not_none():
     assert _flags_given(args, CHAT_ENGINE_ONLY) == ["--gguf-mode", "--draft-tokens"]
 
 
+def test_chat_model_help_says_the_default_with_url_is_the_servers_first_model():
+    """`chat --url` without --model chats with the server's first model (HTTPBackend), not
+    the default model that --help named alone."""
+    from mlxserve.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert "with --url: the server's first model" in commands["chat"]._option_string_actions["--model"].help
+    assert "--url" not in commands["run"]._option_string_actions["--model"].help
+
+
 def test_serve_on_a_taken_port_fails_at_once_in_one_line():
     import socket
 

@@ -200,9 +200,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "dflash: the draft's block size minus one)")
 
 
-def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
+def _add_model_args(p: argparse.ArgumentParser, default_model: str, default_said: str | None = None) -> None:
+    """`default_said`: how --help states the model's default, where it is not default_model alone."""
     p.add_argument("--model", "-m", default=default_model, action=_NonEmpty,
-                   help=f"model folder, .gguf file, alias or Hugging Face repo id (default {default_model})")
+                   help=f"model folder, .gguf file, alias or Hugging Face repo id (default {default_said or default_model})")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="compute dtype (default: the checkpoint's; GGUF: float16 on a GPU, float32 on the CPU)")
     from .quant import GGUF_MODES
@@ -590,7 +591,7 @@ def _add_chat_parser(sub, default_model: str) -> None:
                     "server (--url). Type /help inside for commands. With stdin not a terminal it "
                     "runs what was piped: a line that starts with a command (/temp 0, /quit) is that "
                     "command, the text between two commands one question; only the answers go to stdout.")
-    _add_model_args(chat, default_model)
+    _add_model_args(chat, default_model, default_said=f"{default_model}; with --url: the server's first model")
     # model None: the default model, or with --url the server's first one. gguf_mode None: exact
     # (see repl.open_backend), None so that `--gguf-mode exact` is told from no flag (CHAT_ENGINE_ONLY).
     chat.set_defaults(model=None, gguf_mode=None)
