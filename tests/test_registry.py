@@ -395,6 +395,16 @@ def test_list_local_models_empty():
     assert registry.list_local_models() == []
 
 
+def test_list_local_models_names_a_hugging_face_cache_that_is_a_file(monkeypatch, tmp_path):
+    """HF_HUB_CACHE naming a file: one line naming it (huggingface_hub's own said to "use
+    `cache_dir` argument or set `HF_HUB_CACHE`", the variable that was set)."""
+    cache = tmp_path / "hub-file"
+    cache.write_text("")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    with pytest.raises(ValueError, match=rf"^the Hugging Face cache {re.escape(str(cache))} is a file, not a folder"):
+        registry.list_local_models()
+
+
 def test_served_names_of_a_gguf_file_are_short_and_the_path_still_names_it(monkeypatch, tmp_path):
     """A server serves a .gguf file given by path as its alias (a file pulled as one, as
     `mlxserve models` lists it) or its file name without .gguf, and still answers to the

@@ -665,6 +665,9 @@ def _hf_cache_models() -> list[LocalModel]:
         info = huggingface_hub.scan_cache_dir(hf_cache_dir())
     except huggingface_hub.CacheNotFound:
         return []
+    except ValueError:  # a file there (the hub's message says to set HF_HUB_CACHE: maybe what is wrong)
+        raise ValueError(f"the Hugging Face cache {hf_cache_dir()} is a file, not a folder "
+                         "(set HF_HUB_CACHE or HF_HOME to a folder)") from None
     models = []
     for repo in sorted(info.repos, key=lambda r: r.repo_id):
         if repo.repo_type != "model":
