@@ -420,6 +420,19 @@ def test_a_truncated_file_on_the_command_line_is_one_line(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith(f"mlxserve: error: {cut} {needle}"), err
 
 
+def test_bfloat16_for_a_gguf_file_is_one_line_naming_it_as_the_flag_does(tmp_path, capsys):
+    """`run --dtype bfloat16` on a GGUF file printed the CPU's half-precision warning and then
+    "dtype must be mx.float16 or mx.float32, not mlx.core.bfloat16": one line now, in --dtype's words."""
+    from mlxserve import cli
+
+    hf = hf_model("llama", np.random.default_rng(4))
+    path = write_model(tmp_path / "m.gguf", "llama", hf, tensor_type_plan("llama", hf))
+    assert cli.main(["run", "--model", str(path), "--dtype", "bfloat16", "hi"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"mlxserve: error: cannot load {path}: a GGUF file loads as float16 or float32, not bfloat16 "
+                   "(GGUF block scales are float16 values that bfloat16 would round)"]
+
+
 def test_garbage_after_the_magic_is_not_a_valid_gguf_file(tmp_path):
     from mlxserve.quant.gguf_metadata import GGUFFormatError
 

@@ -549,13 +549,14 @@ def _load(spec: str, dtype_name: str | None, gguf_mode: str = "exact"):
     from .loader import load_model, parse_dtype
 
     dtype = parse_dtype(dtype_name)
-    if dtype is not None and dtype in (mx.float16, mx.bfloat16) and mx.default_device() == mx.cpu:
-        _status(f"warning: MLX's CPU back-end runs {dtype_name} matrix products far slower than float32 "
-                "(float16 about 40 times, see loader.default_gguf_dtype): leave --dtype out, or use float32")
     console = output_console(stderr=True)
     with console.status(f"Loading {spec} …", spinner="dots") if console.is_terminal else nullcontext():
         loaded = load_model(spec, dtype=dtype, progress=True, gguf_mode=gguf_mode)
     _status(f"Loaded {loaded.name} ({loaded.format}, {loaded.quantization}) in {loaded.load_seconds:.1f}s")
+    # Once loaded: a dtype the model refuses (bfloat16 for GGUF) is then one line, not this and the error.
+    if dtype is not None and dtype in (mx.float16, mx.bfloat16) and mx.default_device() == mx.cpu:
+        _status(f"warning: MLX's CPU back-end runs {dtype_name} matrix products far slower than float32 "
+                "(float16 about 40 times, see loader.default_gguf_dtype): leave --dtype out, or use float32")
     return loaded
 
 

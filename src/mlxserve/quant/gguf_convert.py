@@ -94,7 +94,8 @@ def supported_types() -> list[str]:
 
 def check_dtype(dtype: mx.Dtype) -> None:
     if dtype not in (mx.float16, mx.float32):
-        raise ValueError(f"dtype must be mx.float16 or mx.float32, not {dtype} "
+        name = str(dtype).rsplit(".", 1)[-1]  # "bfloat16", as --dtype names it (not mlx.core.bfloat16)
+        raise ValueError(f"a GGUF file loads as float16 or float32, not {name} "
                          "(GGUF block scales are float16 values that bfloat16 would round)")
 
 
