@@ -1307,6 +1307,28 @@ def test_tool_calls_and_reasoning_streaming(scripted):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 
+def test_chat_usage_counts_reasoning_tokens_as_openai_does(tiny_model_dir, client):
+    """usage.completion_tokens_details.reasoning_tokens, there in every chat answer as in
+    OpenAI's (0 without reasoning): the reasoning text's tokens, whole or streamed, per choice."""
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    pieces = ["<think>", "Some", " thought", "</think>"] + ["word "] * 20
+    live = LiveServer(create_app(ScriptedEngine(loaded, pieces), MODEL))
+    try:
+        scripted = openai.OpenAI(base_url=live.url, api_key="x", max_retries=0)
+        want = len(loaded.tokenizer.encode("Some thought", add_special_tokens=False))
+        assert 0 < want < len(pieces)
+        messages = [{"role": "user", "content": "Think."}]
+        whole = scripted.chat.completions.create(model=MODEL, messages=messages, n=2)
+        assert whole.usage.completion_tokens_details.reasoning_tokens == 2 * want
+        chunks = list(scripted.chat.completions.create(model=MODEL, messages=messages, stream=True,
+                                                       stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == want
+    finally:
+        live.stop()
+    plain = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], **GREEDY)
+    assert plain.usage.completion_tokens_details.reasoning_tokens == 0
+
+
 def test_without_tools_the_markup_is_content(scripted):
     r = scripted["good"].chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather?"}])
     assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls

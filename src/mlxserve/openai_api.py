@@ -615,13 +615,24 @@ def new_id(kind: str) -> str:
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int = 0) -> dict:
+    """`reasoning_tokens`: those of the answers' reasoning (reasoning_tokens); as OpenAI's
+    usage, completion_tokens_details is always there (0 for an answer without reasoning)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
     }
+
+
+def reasoning_tokens(tokenizer, reasoning: str, completion_tokens: int) -> int:
+    """The tokens of an answer's reasoning text, as the tokenizer encodes it again (at most
+    the answer's own count)."""
+    if not reasoning:
+        return 0
+    return min(len(tokenizer.encode(reasoning, add_special_tokens=False)), completion_tokens)
 
 
 def token_text(tokenizer, token_id: int) -> str:

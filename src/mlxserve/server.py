@@ -430,9 +430,11 @@ async def _collect(c: wire.Completion, streams, tokenizer) -> dict:
     choices = [choice for choice, _ in done]
     finals = [final for _, final in done]
     firsts = [final for index, final in enumerate(finals) if c.counts_prompt(index)]
+    reasoning = sum(wire.reasoning_tokens(tokenizer, choice.get("message", {}).get("reasoning_content", ""),
+                                          final.completion_tokens) for choice, final in done)
     return wire.response(c, wire.new_id(c.kind), choices, wire.usage(
         sum(f.prompt_tokens for f in firsts), sum(f.completion_tokens for f in finals),
-        sum(f.cached_tokens for f in firsts)))
+        sum(f.cached_tokens for f in firsts), reasoning))
 
 
 async def _collect_choice(c: wire.Completion, index: int, stream, tokenizer) -> tuple[dict, object]:
@@ -653,7 +655,7 @@ async def _stream_pieces(c: wire.Completion, streams, tokenizer):
     """The SSE chunks of the streams' events, usage, then [DONE]; an error event ends it.
     Several choices (n, or several prompts) are interleaved as their events come."""
     rid = wire.new_id(c.kind)
-    totals = [0, 0, 0]  # prompt, completion and cached tokens of the finished choices
+    totals = [0, 0, 0, 0]  # prompt, completion, cached and reasoning tokens of the finished choices
     pieces = [_choice_pieces(c, rid, index, stream, tokenizer, totals) for index, stream in enumerate(streams)]
     merged = pieces[0] if len(pieces) == 1 else _interleaved(pieces)
     async with contextlib.aclosing(merged):  # (an error ends it early: its tasks end with it)
@@ -677,6 +679,7 @@ async def _choice_pieces(c: wire.Completion, rid: str, index: int, stream, token
     # (text_offset counts from the prompt's end, as OpenAI's; see _collect_choice)
     answer = wire.AnswerLogprobs(tokenizer, c.params)
     offsets = wire.TextOffsets(tokenizer, len(tokenizer.decode(stream.request.prompt_ids)) if c.kind == "text" else 0)
+    reasoning = ""  # the answer's reasoning so far (its tokens are counted in the usage)
     async for event in stream:
         if event.finish_reason == "error":
             yield _sse(_engine_error(event.error, c).body()), True
@@ -693,6 +696,7 @@ async def _choice_pieces(c: wire.Completion, rid: str, index: int, stream, token
             if reason:
                 parsed = _merge(parsed, parser.flush())
                 reason = parser.finish_reason(reason)
+            reasoning += parsed.reasoning
             delta = _delta(parsed)
             if c.legacy_functions:
                 delta, reason = _legacy_message(delta), _legacy_reason(reason)
@@ -704,6 +708,7 @@ async def _choice_pieces(c: wire.Completion, rid: str, index: int, stream, token
             totals[0] += event.prompt_tokens if first else 0
             totals[1] += event.completion_tokens
             totals[2] += event.cached_tokens if first else 0
+            totals[3] += wire.reasoning_tokens(tokenizer, reasoning, event.completion_tokens)
 
 
 async def _interleaved(generators: list):
