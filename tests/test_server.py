@@ -164,6 +164,21 @@ def test_tool_choice_required_and_named_are_enforced(client, server):
         assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), max_tokens
 
 
+def test_a_streamed_answer_of_calls_only_accumulates_to_the_whole_answer_in_the_sdk(client):
+    """tool_choice "required" or a named function: the SDK's stream helper gives the message
+    the whole answer gives, content null beside the calls (the first delta's content was "")."""
+    request = dict(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[FORECAST, CLOCK],
+                   max_tokens=300, temperature=1.0, seed=0)
+    for choice in ("required", {"type": "function", "function": {"name": "forecast"}}):
+        whole = client.chat.completions.create(tool_choice=choice, **request).choices[0]
+        with client.chat.completions.stream(tool_choice=choice, **request) as stream:
+            streamed = stream.get_final_completion().choices[0]
+        assert whole.finish_reason == streamed.finish_reason == "tool_calls"
+        assert whole.message.content is None and streamed.message.content is None
+        assert ([(c.function.name, c.function.arguments) for c in streamed.message.tool_calls]
+                == [(c.function.name, c.function.arguments) for c in whole.message.tool_calls])
+
+
 def test_tool_edge_cases(server):
     """parameters null is a function without parameters; parallel_tool_calls false under
     "auto" ends the answer at its first call's closing tag (a token here, adding no text); a

@@ -672,7 +672,10 @@ async def _choice_pieces(c: wire.Completion, rid: str, index: int, stream, token
     """(SSE chunk, whether it is an error that ends the response) for one choice's events;
     adds its token counts to `totals` when it finishes."""
     if c.kind == "chat":
-        yield _sse(wire.chunk(c, rid, [{"index": index, "delta": {"role": "assistant", "content": ""},
+        # (An answer of calls only has no content, as OpenAI streams it: null, not "", which
+        # the SDK's accumulated message would keep where the whole answer has null.)
+        first = {"role": "assistant", "content": None if c.calls_only else ""}
+        yield _sse(wire.chunk(c, rid, [{"index": index, "delta": first,
                                         "logprobs": None, "finish_reason": None}])), False
     parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True,
                         calls_constrained=c.calls_constrained, calls_only=c.calls_only) if c.kind == "chat" else None
