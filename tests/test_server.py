@@ -73,6 +73,20 @@ def test_chat_streaming_equals_non_streaming_and_reports_usage(client):
     assert chunks[-1].usage.completion_tokens == 12
 
 
+def test_every_answer_has_a_request_id_as_openai_s(client):
+    """x-request-id on every answer, as OpenAI's API sends it: the SDK's `_request_id` of an
+    object, a raw (streamed) response's header and an error's request_id; one per request."""
+    messages = [{"role": "user", "content": "Hi"}]
+    ids = [client.chat.completions.create(messages=messages, **GREEDY)._request_id, client.models.list()._request_id]
+    with client.chat.completions.with_streaming_response.create(messages=messages, stream=True, **GREEDY) as raw_stream:
+        ids.append(raw_stream.headers.get("x-request-id"))
+        assert "data: [DONE]" in list(raw_stream.iter_lines())
+    with pytest.raises(openai.NotFoundError) as refused:
+        client.models.retrieve("no-such-model")
+    ids.append(refused.value.request_id)
+    assert all(isinstance(i, str) and i.startswith("req_") for i in ids) and len(set(ids)) == len(ids)
+
+
 def test_structured_output_parsed_by_the_openai_sdk(client):
     """response_format json_schema (here from a pydantic model, as the SDK's `parse` sends
     it): the answer is JSON of that schema, streamed or not."""

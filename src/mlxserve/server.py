@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import socket
+import uuid
 from collections.abc import Callable, Collection
 
 import uvicorn
@@ -347,7 +348,7 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         # Outside the completion routes (which answer their own): still OpenAI's shape.
         return error(wire.APIError(500, "internal server error", type="server_error"))
 
-    middleware = []
+    middleware = [Middleware(_RequestId)]
     if cors_origins:
         middleware.append(Middleware(_CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"],
                                      allow_headers=["*"]))
@@ -369,6 +370,27 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         middleware=middleware,
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
     )
+
+
+class _RequestId:
+    """Every HTTP answer with an `x-request-id` header, as OpenAI's API answers (the openai
+    SDK's `_request_id` and `with_raw_response` read it): pure ASGI, so streams pass through
+    as they are."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = ("req_" + uuid.uuid4().hex).encode("ascii")
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class _CORSMiddleware(CORSMiddleware):
