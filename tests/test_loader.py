@@ -241,6 +241,29 @@ def test_a_gguf_special_token_id_outside_the_vocabulary_is_named(tmp_path):
         Tokenizer.from_gguf_metadata(metadata)
 
 
+@pytest.mark.parametrize("changes,says", [
+    # A traceback at the first chat ("Can't compile non template nodes", "unhashable type").
+    ({"tokenizer.chat_template": 3}, "GGUF metadata tokenizer.chat_template must be a string (a Jinja template), "
+                                     "got the number 3"),
+    ({"tokenizer.chat_template": ["a", "b"]}, "GGUF metadata tokenizer.chat_template must be a string (a Jinja template), got a list"),
+    # The tokenizers library's bare Exception: a traceback.
+    ({"tokenizer.ggml.merges": ["zz qq"]}, "GGUF metadata tokenizer.ggml.merges[0] 'zz qq' makes or merges 'zz', "
+                                           "which is not in tokenizer.ggml.tokens"),
+    ({"tokenizer.ggml.merges": ["abc"]}, "GGUF metadata tokenizer.ggml.merges[0] 'abc' is not a merge (two tokens separated by a space)"),
+    # "AttributeError: 'int' object has no attribute 'split'", "failed to extract enum PyVocab ..."
+    ({"tokenizer.ggml.merges": [1, 2]}, "GGUF metadata tokenizer.ggml.merges must be an array of strings, "
+                                        "got a list holding the number 1"),
+    ({"tokenizer.ggml.tokens": list(range(448))}, "GGUF metadata tokenizer.ggml.tokens must be an array of strings, "
+                                                  "got a list holding the number 0"),
+    ({"tokenizer.ggml.eos_token_id": [1, 2]}, "GGUF metadata tokenizer.ggml.eos_token_id must be one token id, got a list"),
+])
+def test_gguf_tokenizer_metadata_of_the_wrong_type_is_named(tmp_path, changes, says):
+    gguf_file, _ = gguf_pair(tmp_path, "qwen3", changes)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(gguf_file), progress=False)
+    assert str(err.value) == f"cannot load {gguf_file}: {says}"
+
+
 def test_unsupported_architecture_is_named(tmp_path):
     folder = make_tiny_model(tmp_path / "m", "qwen3")
     config = json.loads((folder / "config.json").read_text())

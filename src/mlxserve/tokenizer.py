@@ -267,17 +267,23 @@ class Tokenizer:
             raise TokenizerError("the GGUF's BPE tokenizer has no merges (tokenizer.ggml.merges)")
         pre = _pre_tokenizer_for(metadata.get("tokenizer.ggml.pre"))
 
-        tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+        tokens: list[str] = _gguf_strings(metadata, "tokenizer.ggml.tokens")
         for key in ("bos", "eos", "eot", "eom"):  # (a BOS or EOS past the tokens indexed past them)
-            check_token_ids(f"GGUF metadata tokenizer.ggml.{key}_token_id",
-                            metadata.get(f"tokenizer.ggml.{key}_token_id"), len(tokens))
+            setting = f"GGUF metadata tokenizer.ggml.{key}_token_id"
+            value = metadata.get(f"tokenizer.ggml.{key}_token_id")
+            if isinstance(value, list):  # (one id in GGUF; a list failed as "unhashable type")
+                raise TokenizerError(f"{setting} must be one token id, got a list")
+            check_token_ids(setting, value, len(tokens))
         types: list[int] = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         # Normal tokens are spelled in GPT-2's byte alphabet, control and user-defined ones as the
         # raw text they match; the vocabulary keeps both spellings as they are.
         vocab = {token: token_id for token_id, token in enumerate(tokens)}
-        merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
-        backend = tokenizers.Tokenizer(
-            models.BPE(vocab, merges, ignore_merges=pre.ignore_merges))
+        merges = [tuple(merge.split(" ", 1)) for merge in _gguf_strings(metadata, "tokenizer.ggml.merges")]
+        try:
+            bpe = models.BPE(vocab, merges, ignore_merges=pre.ignore_merges)
+        except Exception as exc:  # (the tokenizers library raises a bare Exception: a traceback)
+            raise TokenizerError(_merge_problem(merges, vocab) or f"the GGUF's BPE tokenizer: {exc}") from None
+        backend = tokenizers.Tokenizer(bpe)
         backend.pre_tokenizer = _byte_level_pre_tokenizer(pre.splits)
         backend.decoder = decoders.ByteLevel()
         # Control tokens (<|im_start|>) and user-defined ones (<tool_call>) are matched whole in
@@ -300,6 +306,11 @@ class Tokenizer:
                           if f"tokenizer.chat_template.{name}" in metadata}
         if "tokenizer.chat_template" in metadata:
             chat_templates["default"] = metadata["tokenizer.chat_template"]
+        for name, template in chat_templates.items():  # (else a traceback at the first chat)
+            if not isinstance(template, str):
+                key = "tokenizer.chat_template" + ("" if name == "default" else f".{name}")
+                raise TokenizerError(f"GGUF metadata {key} must be a string (a Jinja template), "
+                                     f"got {_kind(template)}")
 
         # Without the flag, the family's default applies, where the file names a BOS at all.
         add_bos_token = metadata.get("tokenizer.ggml.add_bos_token",
@@ -482,6 +493,39 @@ def _as_id_list(value: int | list[int] | None) -> list[int]:
     if value is None:
         return []
     return list(value) if isinstance(value, list) else [value]
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r:.40}"
+    return {list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _gguf_strings(metadata: dict[str, Any], key: str) -> list[str]:
+    """The GGUF array of strings at `key`, refused in one line where missing or of another type."""
+    if key not in metadata:
+        raise TokenizerError(f"the GGUF's tokenizer has no {key}")
+    value = metadata[key]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        got = _kind(value) if not isinstance(value, list) else "a list holding " + _kind(
+            next(item for item in value if not isinstance(item, str)))
+        raise TokenizerError(f"GGUF metadata {key} must be an array of strings, got {got}")
+    return value
+
+
+def _merge_problem(merges: list[tuple[str, ...]], vocab: dict[str, int]) -> str | None:
+    """What is wrong with the first of `merges` that the tokenizers library refuses (looked
+    for only once it has refused them: checking 150,000 merges in Python costs a second)."""
+    for i, merge in enumerate(merges):
+        where = f"GGUF metadata tokenizer.ggml.merges[{i}] {' '.join(merge)!r:.40}"
+        if len(merge) != 2 or not all(merge):
+            return f"{where} is not a merge (two tokens separated by a space)"
+        unknown = next((piece for piece in (*merge, "".join(merge)) if piece not in vocab), None)
+        if unknown is not None:
+            return f"{where} makes or merges {unknown!r:.40}, which is not in tokenizer.ggml.tokens"
+    return None
 
 
 def check_token_ids(setting: str, value: int | list[int] | None, vocab_size: int,
