@@ -345,6 +345,16 @@ def test_unknown_mode_is_refused(tmp_path):
     ({"llama.block_count": 0}, "llama.block_count must be a whole number >= 1, got 0"),
     ({"llama.attention.head_count_kv": "2"}, "llama.attention.head_count_kv must be a whole number >= 1, got '2'"),
     ({"llama.context_length": 0}, "llama.context_length must be a whole number >= 1, got 0"),
+    # These said "could not convert string to float: 'x'", "math domain error",
+    # "ZeroDivisionError: float division by zero" or mlx.random.uniform's signature, naming no key.
+    ({"llama.attention.layer_norm_rms_epsilon": "x"},
+     "GGUF metadata llama.attention.layer_norm_rms_epsilon must be a number >= 0, got 'x'"),
+    ({"llama.rope.freq_base": 0.0}, "GGUF metadata llama.rope.freq_base must be a number > 0, got 0.0"),
+    ({"llama.rope.freq_base": "x"}, "GGUF metadata llama.rope.freq_base must be a number > 0, got 'x'"),
+    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 0.0},
+     "GGUF metadata llama.rope.scaling.factor must be a number > 0, got 0.0"),
+    ({"llama.feed_forward_length": "x"}, "GGUF metadata llama.feed_forward_length must be a whole number >= 1, got 'x'"),
+    ({"llama.feed_forward_length": 0}, "GGUF metadata llama.feed_forward_length must be a whole number >= 1, got 0"),
 ])
 def test_metadata_at_odds_with_the_tensors_is_one_line(tmp_path, kv, says):
     from mlxserve.loader import ModelLoadError, load_model
@@ -453,6 +463,20 @@ def test_a_file_without_tensors_says_the_embedding_is_missing(tmp_path):
         load_model(str(path), progress=False)
     assert str(err.value) == (f"cannot load {path}: tensor 'token_embd.weight' (the token embedding) "
                               "is missing: the file holds no tensors")
+
+
+def test_a_token_embedding_that_is_not_a_matrix_is_named(tmp_path):
+    """A one-dimensional token_embd said only "IndexError: tuple index out of range"."""
+    from mlxserve.loader import ModelLoadError, load_model
+
+    hf = hf_model("llama", np.random.default_rng(5))
+    hf["model.embed_tokens.weight"] = hf["model.embed_tokens.weight"].reshape(-1)
+    plan = tensor_type_plan("llama", hf) | {"model.embed_tokens.weight": T.F32}
+    path = write_model(tmp_path / "m.gguf", "llama", hf, plan)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(path), progress=False)
+    assert str(err.value) == (f"cannot load {path}: tensor 'token_embd.weight' (the token embedding) has "
+                              f"shape [{VOCAB * H}]; a matrix was expected")
 
 
 def minimal_file(path: Path, arch: str, kv: dict, extra_tensors: dict | None = None) -> Path:

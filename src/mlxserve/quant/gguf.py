@@ -143,6 +143,19 @@ def _whole(metadata: dict, key: str, *default: Any, minimum: int = 1) -> int:
     return value
 
 
+def _number(metadata: dict, key: str, *default: Any, zero: bool = False) -> float:
+    """A metadata value that must be a finite number > 0 (>= 0 with `zero`): a string failed
+    as "could not convert string to float: 'x'" and a RoPE base of 0 as "math domain error",
+    neither naming the key."""
+    value = _meta(metadata, key, *default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (value == 0 and not zero):
+        shown = repr(value)
+        raise UnsupportedGGUF(f"GGUF metadata {key} must be a number {'>= 0' if zero else '> 0'}, got "
+                              f"{shown if len(shown) <= 40 else shown[:39] + '…'}")
+    return float(value)
+
+
 def _check_sizes(arch: str, config: dict, tensors: dict[str, GGUFTensor]) -> None:
     """The sizes the metadata declares against the tensors the file holds, before anything is
     worked out from them: a file that declares a huge width would otherwise have row orders
@@ -185,15 +198,18 @@ def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
     if "token_embd.weight" not in tensors:
         raise UnsupportedGGUF("tensor 'token_embd.weight' (the token embedding) is missing"
                               + ("" if tensors else ": the file holds no tensors"))
+    if len(tensors["token_embd.weight"].shape) != 2:  # (an IndexError, "tuple index out of range")
+        raise UnsupportedGGUF(f"tensor 'token_embd.weight' (the token embedding) has shape "
+                              f"{list(tensors['token_embd.weight'].shape)}; a matrix was expected")
     embed_rows = int(tensors["token_embd.weight"].shape[1])  # GGUF shape is [cols, rows]
     if vocab != embed_rows:
         raise UnsupportedGGUF(f"vocab size {vocab} != token_embd rows {embed_rows}")
-    rope_theta = float(_meta(metadata, f"{arch}.rope.freq_base", 10000.0))
+    rope_theta = _number(metadata, f"{arch}.rope.freq_base", 10000.0)
     if arch in gguf_qwen35.ARCHITECTURES:  # partial rotary embeddings and a hybrid stack
         common = {
             "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
             "head_dim": head_dim, "vocab_size": vocab, "rope_theta": rope_theta,
-            "rms_norm_eps": float(_meta(metadata, f"{arch}.attention.layer_norm_rms_epsilon")),
+            "rms_norm_eps": _number(metadata, f"{arch}.attention.layer_norm_rms_epsilon", zero=True),
             "max_position_embeddings": _whole(metadata, f"{arch}.context_length"),
             "tie_word_embeddings": "output.weight" not in tensors,
             "rope_scaling": _rope_scaling(metadata, arch, None, head_dim, rope_theta)}
@@ -208,12 +224,12 @@ def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
         "model_type": _MODEL_TYPES.get(arch, arch),
         "hidden_size": hidden,
         "num_hidden_layers": _whole(metadata, f"{arch}.block_count"),
-        "intermediate_size": _meta(metadata, f"{arch}.feed_forward_length",
-                                   *([0] if arch == "qwen3moe" else [])),
+        "intermediate_size": _whole(metadata, f"{arch}.feed_forward_length",
+                                    *([0] if arch == "qwen3moe" else []), minimum=0 if arch == "qwen3moe" else 1),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "rms_norm_eps": float(_meta(metadata, f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": _number(metadata, f"{arch}.attention.layer_norm_rms_epsilon", zero=True),
         "rope_theta": rope_theta,
         "vocab_size": vocab,
         "max_position_embeddings": _whole(metadata, f"{arch}.context_length"),
@@ -267,15 +283,15 @@ def _rope_scaling(metadata: dict, arch: str, rope_freqs: GGUFTensor | None,
     if unmapped:
         raise UnsupportedGGUF(f"RoPE scaling keys {unmapped} cannot be mapped")
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(_meta(metadata, prefix + "factor"))}
+        return {"rope_type": "linear", "factor": _number(metadata, prefix + "factor")}
     if kind == "yarn":
-        scaling = {"rope_type": "yarn", "factor": float(_meta(metadata, prefix + "factor")),
+        scaling = {"rope_type": "yarn", "factor": _number(metadata, prefix + "factor"),
                    "original_max_position_embeddings":
-                       _meta(metadata, prefix + "original_context_length")}
+                       _whole(metadata, prefix + "original_context_length")}
         if "yarn_beta_fast" in keys:
-            scaling["beta_fast"] = float(keys["yarn_beta_fast"])
+            scaling["beta_fast"] = _number(metadata, prefix + "yarn_beta_fast")
         if "yarn_beta_slow" in keys:
-            scaling["beta_slow"] = float(keys["yarn_beta_slow"])
+            scaling["beta_slow"] = _number(metadata, prefix + "yarn_beta_slow")
         return scaling
     raise UnsupportedGGUF(f"RoPE scaling type {kind!r} is not supported")
 
