@@ -382,6 +382,8 @@ def test_a_zlab_checkpoint_loads_with_its_settings(target, tmp_path, prefix):
     (lambda c: c.update(hidden_size=32), "hidden size 32"),
     (lambda c: c["dflash_config"].update(target_layer_ids=[0, 3]), "reads target layers"),
     (lambda c: c["dflash_config"].update(mask_token_id=10**6), "outside the target's vocabulary"),
+    # (It was taken: a draft for another tokenizer borrowing this model's embedding and head.)
+    (lambda c: c.update(vocab_size=2 * c["vocab_size"]), r"its vocabulary of \d+ tokens is not the target's \d+"),
     (lambda c: c.update(layer_types=["sliding_attention", "full_attention"]), "need a sliding_window"),
 ])
 def test_a_draft_for_another_model_is_refused_with_the_reason(target, tmp_path, change, message):

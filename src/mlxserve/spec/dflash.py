@@ -267,6 +267,9 @@ class DFlashDraft(nn.Module):
         if bad:
             raise ValueError(f"DFlash draft: it reads target layers {list(config.target_layer_ids)}, but the target "
                              f"has {layers} (the last one's output cannot be read): it was trained for another model")
+        if config.vocab_size != args.vocab_size:  # (it borrows the target's embedding and head)
+            raise ValueError(f"DFlash draft: its vocabulary of {config.vocab_size} tokens is not the target's "
+                             f"{args.vocab_size}: it was trained for another model")
         if not 0 <= config.mask_token_id < args.vocab_size:
             raise ValueError(f"DFlash draft: its mask token {config.mask_token_id} is outside the target's vocabulary "
                              f"of {args.vocab_size}: it was trained for another model")
