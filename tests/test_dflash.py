@@ -423,6 +423,19 @@ def test_a_malformed_draft_config_is_refused_with_the_reason(target, tmp_path, c
         load_dflash_draft(tmp_path, target[0].model, mx.float32)
 
 
+@pytest.mark.parametrize("content", [b"", b"garbage"])
+def test_an_unreadable_draft_weight_file_is_named(target, tmp_path, content):
+    """MLX's "[read] Unable to read 1 bytes from file." named no file."""
+    model = target[0].model
+    draft = _random_draft(model)
+    _write_checkpoint(tmp_path / "d", draft, _zlab_config(draft.config))
+    weights = tmp_path / "d" / "model.safetensors"
+    weights.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        load_dflash_draft(tmp_path / "d", model, mx.float32)
+    assert str(err.value).startswith(f"DFlash draft: {weights}: not a readable safetensors file (")
+
+
 def test_a_folder_without_a_draft_is_refused(target, tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
         load_dflash_draft(tmp_path, target[0].model, mx.float32)

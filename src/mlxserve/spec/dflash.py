@@ -571,9 +571,16 @@ def load_dflash_draft(path: Path, target: nn.Module, dtype: mx.Dtype) -> DFlashD
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"DFlash draft: {path} has no .safetensors weights")
+    from ..loader import ModelLoadError, _load_weights_file
+
     weights = {}
     for file in files:
-        weights.update(mx.load(str(file)))
+        if not file.is_file():  # (mx.load would wait on a FIFO for ever)
+            raise ValueError(f"DFlash draft: {file} is not a regular file")
+        try:  # (MLX's "[read] Unable to read 1 bytes from file." named no file)
+            weights.update(_load_weights_file(str(file)))
+        except ModelLoadError as exc:
+            raise ValueError(f"DFlash draft: {exc}") from None
     draft = DFlashDraft(config)
     draft.check_fits(target)  # (before its weights: a mismatch says which model it is for)
     try:
