@@ -395,6 +395,19 @@ def test_list_local_models_empty():
     assert registry.list_local_models() == []
 
 
+@pytest.mark.parametrize("under", ["", "/sub"])
+def test_list_local_models_names_an_mlxserve_cache_that_is_a_file(monkeypatch, tmp_path, under):
+    """MLXSERVE_CACHE naming a file (or a path through one): `mlxserve models` said "No local
+    models yet. Try: mlxserve pull", and the pull then failed."""
+    blocking = tmp_path / "cache-file"
+    blocking.write_text("")
+    monkeypatch.setenv("MLXSERVE_CACHE", str(blocking) + under)
+    with pytest.raises(ValueError) as err:
+        registry.list_local_models()
+    assert str(err.value) == (f"mlxserve's model folder {blocking}{under}/models cannot exist: {blocking} is a "
+                              "file, not a folder (set MLXSERVE_CACHE to a folder)")
+
+
 def test_list_local_models_names_a_hugging_face_cache_that_is_a_file(monkeypatch, tmp_path):
     """HF_HUB_CACHE naming a file: one line naming it (huggingface_hub's own said to "use
     `cache_dir` argument or set `HF_HUB_CACHE`", the variable that was set)."""

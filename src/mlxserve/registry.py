@@ -620,6 +620,10 @@ def list_local_models() -> list[LocalModel]:
     models = []
     by_filename = {a.filename: a.name for a in ALIASES.values() if a.filename}
     folder = _models_dir()
+    blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():  # (it said "No local models yet")
+        raise ValueError(f"mlxserve's model folder {folder} cannot exist: {blocking} is a file, not a folder "
+                         "(set MLXSERVE_CACHE to a folder)")
     for entry in sorted(folder.iterdir()) if folder.is_dir() else ():
         if entry.name.startswith("."):  # markers and unfinished pulls
             continue
