@@ -454,6 +454,24 @@ def test_garbage_after_the_magic_is_not_a_valid_gguf_file(tmp_path):
             open_gguf(path)
 
 
+def test_a_tensor_offset_off_the_alignment_is_not_a_valid_gguf_file(tmp_path):
+    """Read from there, the tensor's bytes were garbage: "a scale or bias of tensor ... overflows"."""
+    import struct
+
+    from mlxserve.quant.gguf_metadata import GGUFFormatError
+
+    path = minimal_file(tmp_path / "m.gguf", "llama", {})
+    info = gguf.GGUFReader(str(path)).tensors[0].field
+    at = info.offset + sum(part.nbytes for part in info.parts[:-1])  # (the last part: the offset)
+    data = bytearray(path.read_bytes())
+    data[at:at + 8] = struct.pack("<Q", 3)
+    path.write_bytes(bytes(data))
+    with pytest.raises(GGUFFormatError) as err:
+        open_gguf(path)
+    assert str(err.value) == (f"{path} is truncated or not a valid GGUF file: the data of tensor 'token_embd.weight' "
+                              "starts at offset 3, not a multiple of the alignment (32)")
+
+
 def test_a_file_without_tensors_says_the_embedding_is_missing(tmp_path):
     """A valid header and metadata but no tensors said only "cannot load ...: 'token_embd.weight'"."""
     from mlxserve.loader import ModelLoadError, load_model

@@ -167,6 +167,10 @@ class GGUFFile:
         if not isinstance(alignment, int) or alignment < 1:
             raise _not_gguf(self.path, f"general.alignment is {alignment!r}")
         start = -(-cursor.pos // alignment) * alignment
+        for name, _, _, offset in infos:  # (as llama.cpp requires; else garbage read as scales)
+            if offset % alignment:
+                raise _not_gguf(self.path, f"the data of tensor {name!r} starts at offset {offset:,}, "
+                                           f"not a multiple of the alignment ({alignment})")
         self._check_data_ranges(start, infos)
         self.tensors = [self._tensor(start, *info) for info in infos]
 
