@@ -454,6 +454,19 @@ def test_garbage_after_the_magic_is_not_a_valid_gguf_file(tmp_path):
             open_gguf(path)
 
 
+@pytest.mark.parametrize("scale", [np.inf, np.nan])
+def test_a_scale_that_is_not_finite_in_the_file_says_the_file_is_damaged(tmp_path, scale):
+    """It said the scale "overflows mlx.core.float32; load with dtype=mx.float32": no help."""
+    stored = gguf.quants.quantize(random_matrix(np.random.default_rng(0)), T.Q8_0)
+    stored[3, :2] = np.frombuffer(np.float16(scale).tobytes(), np.uint8)  # (a block's d)
+    path = write_gguf(tmp_path / "t.gguf", "llama", {}, {"blk.0.ffn_up.weight": (stored, T.Q8_0)})
+    for dtype in (mx.float32, mx.float16):
+        with pytest.raises(ValueError) as err:
+            convert_tensor(open_gguf(path).tensors[0], dtype)
+        assert str(err.value) == ("a scale or bias of tensor 'blk.0.ffn_up.weight' (Q8_0) is not a finite number "
+                                  "(inf or NaN): the file is damaged")
+
+
 def test_a_tensor_offset_off_the_alignment_is_not_a_valid_gguf_file(tmp_path):
     """Read from there, the tensor's bytes were garbage: "a scale or bias of tensor ... overflows"."""
     import struct

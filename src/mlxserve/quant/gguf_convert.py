@@ -201,8 +201,12 @@ def _float_array(tensor: GGUFTensor) -> mx.array:
 
 def _cast(values: np.ndarray | mx.array, dtype: mx.Dtype, what: str) -> mx.array:
     """Scales / biases -> ``dtype``; refuse instead of storing inf."""
-    cast = mx.array(values).astype(dtype)
+    values = mx.array(values)
+    cast = values.astype(dtype)
     if not mx.all(mx.isfinite(cast)).item():
+        if not mx.all(mx.isfinite(values.astype(mx.float32))).item():  # (float32 would not help)
+            raise ValueError(f"a scale or bias of {what} is not a finite number (inf or NaN): "
+                             "the file is damaged")
         raise ValueError(f"a scale or bias of {what} overflows {dtype}; "
-                         "load with dtype=mx.float32")
+                         "load with dtype=mx.float32 (--dtype float32)")
     return cast
