@@ -322,7 +322,7 @@ def test_template_variables_and_helpers():
 
 
 def test_template_errors():
-    with pytest.raises(TemplateError, match="^Only user and assistant roles$"):
+    with pytest.raises(TemplateError, match="^the chat template refused the conversation: Only user and assistant roles$"):
         render_chat_template("{{ raise_exception('Only user and assistant roles') }}", [])
     with pytest.raises(TemplateError, match="does not compile"):
         render_chat_template("{% if %}", [])

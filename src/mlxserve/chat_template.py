@@ -75,7 +75,9 @@ def _alias_reasoning(messages: list[dict]) -> list[dict]:
 
 
 def _raise_exception(message: str) -> None:
-    raise TemplateError(message)
+    # Said where the template's own words came from: alone ("no", "System message must be
+    # first") a chat or an HTTP client could not tell what refused its conversation.
+    raise TemplateError(f"the chat template refused the conversation: {message}")
 
 
 def _strftime_now(format: str) -> str:
