@@ -436,6 +436,27 @@ def test_save_load_and_export_restore_the_conversation(chat, tmp_path):
     assert figure(follow_up[2]) >= 64  # and they are still in the prefix cache
 
 
+def test_file_names_may_be_quoted_or_have_escaped_spaces(chat, tmp_path):
+    """/save "my chat.json" wrote a file whose name held the quotes; a Mac's Terminal pastes a
+    dragged file as my\\ chat.json. Both name my chat.json now, and so does the name unquoted."""
+    folder = tmp_path / "two words"
+    folder.mkdir()
+    assert "Saved" in chat.run(f'/save "{folder}/my chat.json"')
+    assert sorted(p.name for p in folder.iterdir()) == ["my chat.json"]
+    assert "Loaded" in chat.run("/load " + str(folder / "my chat.json").replace(" ", "\\ "))
+    assert "Loaded" in chat.run(f"/load {folder}/my chat.json")
+    assert "Wrote" in chat.run(f"/export '{folder}/it''s.md'")  # (quotes as a shell joins them)
+    assert sorted(p.name for p in folder.iterdir()) == ["its.md", "my chat.json"]
+
+
+def test_an_unbalanced_quote_is_part_of_the_name():
+    from mlxserve.repl import _path_arg
+
+    assert _path_arg('"half.json', "usage") == '"half.json'
+    assert _path_arg("plain name.json", "usage") == "plain name.json"
+    assert _path_arg("a\\b.json", "usage") == "a\\b.json"  # a backslash without a space stays
+
+
 def test_no_colour_under_no_color(chat):
     codes = re.findall(r"\x1b\[([0-9;]*)m", chat.transcript.getvalue())
     assert codes  # styles (bold, dim) are still used

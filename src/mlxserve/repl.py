@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -400,8 +401,18 @@ def _cmd_quit(repl: Repl, arg: str) -> bool:
 
 
 def _path_arg(arg: str, usage: str) -> str:
+    """A command's file name as typed: written as a shell takes it where it is quoted or
+    has escaped spaces ("my chat.json", or my\\ chat.json as a Mac's Terminal pastes a file
+    dragged onto it), else as it is (my chat.json: spaces need no quotes)."""
     if not arg:
         raise UsageError(usage)
+    if arg[0] in "'\"" or "\\ " in arg:
+        try:
+            words = shlex.split(arg)
+        except ValueError:  # an unbalanced quote: the name as typed
+            return arg
+        if len(words) == 1 and words[0]:
+            return words[0]
     return arg
 
 
