@@ -1,6 +1,7 @@
 """The chat's conversation state, settings and files (no terminal, no model)."""
 
 import json
+import math
 
 import pytest
 
@@ -29,6 +30,13 @@ def test_settings_accept(name, raw, value):
     settings = Settings()
     settings.set(name, raw)
     assert getattr(settings, name) == value
+
+
+def test_minus_zero_is_zero():
+    """/temp -0 showed "temperature: -0"."""
+    settings = Settings()
+    settings.set("temperature", "-0")
+    assert settings.describe("temperature") == "0" and math.copysign(1, settings.temperature) == 1
 
 
 @pytest.mark.parametrize("name,raw,usage", [

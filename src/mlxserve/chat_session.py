@@ -120,7 +120,7 @@ def _number(raw: str, usage: str) -> float:
         raise UsageError(usage) from None
     if not math.isfinite(value):
         raise UsageError(usage)
-    return value
+    return value + 0.0  # (-0 is 0: /temp -0 showed "temperature: -0")
 
 
 _PARSERS = {"temperature": _parse_temperature, "top_p": _parse_top_p,
