@@ -355,6 +355,10 @@ def test_unknown_mode_is_refused(tmp_path):
      "GGUF metadata llama.rope.scaling.factor must be a number > 0, got 0.0"),
     ({"llama.feed_forward_length": "x"}, "GGUF metadata llama.feed_forward_length must be a whole number >= 1, got 'x'"),
     ({"llama.feed_forward_length": 0}, "GGUF metadata llama.feed_forward_length must be a whole number >= 1, got 0"),
+    # The vocabulary size is the token count: a string's characters were counted as tokens
+    # ("vocab size 3 != token_embd rows 300"), and a number said "object of type 'int' has no len()".
+    ({"tokenizer.ggml.tokens": "abc"}, "GGUF metadata tokenizer.ggml.tokens must be an array of strings, got a string"),
+    ({"tokenizer.ggml.tokens": 300}, "GGUF metadata tokenizer.ggml.tokens must be an array of strings, got the number 300"),
 ])
 def test_metadata_at_odds_with_the_tensors_is_one_line(tmp_path, kv, says):
     from mlxserve.loader import ModelLoadError, load_model

@@ -194,7 +194,12 @@ def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
         raise UnsupportedGGUF("attention key_length != value_length is not supported")
     vocab = _meta(metadata, f"{arch}.vocab_size", None)
     if vocab is None:
-        vocab = len(_meta(metadata, "tokenizer.ggml.tokens"))
+        tokens = _meta(metadata, "tokenizer.ggml.tokens")
+        if not isinstance(tokens, list):  # (len() of a string counted its characters as tokens)
+            kind = "a string" if isinstance(tokens, str) else "true/false" if isinstance(tokens, bool) \
+                else f"the number {tokens!r:.40}"
+            raise UnsupportedGGUF(f"GGUF metadata tokenizer.ggml.tokens must be an array of strings, got {kind}")
+        vocab = len(tokens)
     if "token_embd.weight" not in tensors:
         raise UnsupportedGGUF("tensor 'token_embd.weight' (the token embedding) is missing"
                               + ("" if tensors else ": the file holds no tensors"))
