@@ -241,6 +241,17 @@ def test_a_gguf_special_token_id_outside_the_vocabulary_is_named(tmp_path):
         Tokenizer.from_gguf_metadata(metadata)
 
 
+@pytest.mark.parametrize("file_type", ["x", 1.5, True, [15]])
+def test_a_gguf_file_type_of_the_wrong_type_is_not_shown_as_the_quantization(tmp_path, file_type):
+    """general.file_type only labels the file: a string showed as "file_type x" in the load
+    line; now the label is the tensor types, as for a file without the key."""
+    plain, _ = gguf_pair(tmp_path / "plain", "qwen3")
+    odd, _ = gguf_pair(tmp_path / "odd", "qwen3", {"general.file_type": file_type})
+    expected = load_model(str(plain), progress=False).quantization
+    assert "Q8_0" in expected
+    assert load_model(str(odd), progress=False).quantization == expected
+
+
 @pytest.mark.parametrize("changes,says", [
     # A traceback at the first chat ("Can't compile non template nodes", "unhashable type").
     ({"tokenizer.chat_template": 3}, "GGUF metadata tokenizer.chat_template must be a string (a Jinja template), "

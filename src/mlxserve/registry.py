@@ -596,6 +596,11 @@ def gguf_quantization(path: str | Path) -> str:
     from .quant.gguf_metadata import read_gguf_keys
 
     file_type = read_gguf_keys(path, ["general.file_type"]).get("general.file_type")
+    if file_type is not None and (isinstance(file_type, bool) or not isinstance(file_type, int)):
+        # Informational only (each tensor's own type decides how it is read), so a value of
+        # the wrong type is not worth refusing a loadable file for; the caller then names the
+        # tensor types instead of showing it ("file_type x").
+        return "unknown"
     try:
         name = gguf.LlamaFileType(file_type).name
     except ValueError:
