@@ -359,6 +359,9 @@ def test_unknown_mode_is_refused(tmp_path):
     # ("vocab size 3 != token_embd rows 300"), and a number said "object of type 'int' has no len()".
     ({"tokenizer.ggml.tokens": "abc"}, "GGUF metadata tokenizer.ggml.tokens must be an array of strings, got a string"),
     ({"tokenizer.ggml.tokens": 300}, "GGUF metadata tokenizer.ggml.tokens must be an array of strings, got the number 300"),
+    # Passed over silently, as if the file had no window.
+    ({"llama.attention.sliding_window": "x"}, "GGUF metadata llama.attention.sliding_window must be a whole number >= 1, got 'x'"),
+    ({"llama.attention.sliding_window": 0}, "GGUF metadata llama.attention.sliding_window must be a whole number >= 1, got 0"),
 ])
 def test_metadata_at_odds_with_the_tensors_is_one_line(tmp_path, kv, says):
     from mlxserve.loader import ModelLoadError, load_model

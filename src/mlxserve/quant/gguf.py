@@ -210,6 +210,10 @@ def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
     if vocab != embed_rows:
         raise UnsupportedGGUF(f"vocab size {vocab} != token_embd rows {embed_rows}")
     rope_theta = _number(metadata, f"{arch}.rope.freq_base", 10000.0)
+    # Our models apply no sliding window, but a value of the wrong type says the file was
+    # written wrong: refused, not passed over as if the key were absent.
+    if f"{arch}.attention.sliding_window" in metadata:
+        _whole(metadata, f"{arch}.attention.sliding_window")
     if arch in gguf_qwen35.ARCHITECTURES:  # partial rotary embeddings and a hybrid stack
         common = {
             "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
