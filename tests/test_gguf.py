@@ -325,6 +325,23 @@ def test_unsupported_tensor_type_names_the_tensor(tmp_path, qtype):
     assert qtype.name in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("qtype,shape", [(T.Q8_0, (4, 0)), (T.Q8_0, (0, 34)), (T.F32, (0, 64))],
+                         ids=lambda x: getattr(x, "name", str(x)))
+def test_a_tensor_with_a_dimension_of_0_is_named(tmp_path, qtype, shape):
+    """Quantized, it said "cannot reshape array of size 0 into shape (0)" (or, without rows,
+    "IndexError: list index out of range"), naming no tensor."""
+    from mlxserve.loader import ModelLoadError, load_model
+
+    dtype = np.float32 if qtype == T.F32 else np.uint8
+    path = minimal_file(tmp_path / "x.gguf", "llama", {}, {"blk.0.ffn_up.weight": (np.zeros(shape, dtype), qtype)})
+    dims = list(open_gguf(path).tensors[1].shape)
+    assert 0 in dims
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(path), progress=False)
+    assert str(info.value) == (f"cannot load {path}: tensor 'blk.0.ffn_up.weight' ({qtype.name}) has the empty "
+                               f"shape {dims}: a dimension of 0 holds no weights")
+
+
 def test_unknown_mode_is_refused(tmp_path):
     from mlxserve.loader import ModelLoadError, load_model
 

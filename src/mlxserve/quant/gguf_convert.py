@@ -109,15 +109,18 @@ def convert_tensor(tensor: GGUFTensor, dtype: mx.Dtype = mx.float16, mode: str =
     if mode not in GGUF_MODES:
         raise ValueError(f"unknown GGUF mode {mode!r} (use one of {', '.join(GGUF_MODES)})")
     kind = tensor.tensor_type
+    if kind not in _FLOAT_TYPES and kind not in DECODERS:  # (first: whatever else is wrong, this decides)
+        raise UnsupportedGGUF(
+            f"tensor {tensor.name!r} has GGUF type {kind.name}, which mlxserve cannot load "
+            f"(supported: {', '.join(supported_types())}); use a Q3_K or higher quantization")
+    if 0 in tensor.shape:  # (numpy's "cannot reshape array of size 0 into shape (0)", naming nothing)
+        raise UnsupportedGGUF(f"tensor {tensor.name!r} ({kind.name}) has the empty shape {list(tensor.shape)}: "
+                              "a dimension of 0 holds no weights")
     if kind in _FLOAT_TYPES:
         values = _float_array(tensor)
         if columns is not None:
             values = values[..., mx.array(columns)]
         return MLXTensor({"weight": values.astype(dtype)})
-    if kind not in DECODERS:
-        raise UnsupportedGGUF(
-            f"tensor {tensor.name!r} has GGUF type {kind.name}, which mlxserve cannot load "
-            f"(supported: {', '.join(supported_types())}); use a Q3_K or higher quantization")
     if tensor.data.ndim not in (2, 3):
         raise UnsupportedGGUF(f"tensor {tensor.name!r} ({kind.name}) has {tensor.data.ndim} "
                               "dimensions; only matrices and stacks of them are quantized")
