@@ -342,6 +342,48 @@ def test_a_tensor_with_a_dimension_of_0_is_named(tmp_path, qtype, shape):
                                f"shape {dims}: a dimension of 0 holds no weights")
 
 
+def _file_with_rows_of(path: Path, qtype: T, cols: int) -> Path:
+    """A file whose blk.0.ffn_up.weight (4 rows of `cols` values, of type `qtype`) holds the
+    bytes a reader takes for it, whether or not `cols` is whole blocks of the type."""
+    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in model_metadata("llama", H // HEADS).items():
+        {int: writer.add_uint32, float: writer.add_float32, list: writer.add_array}[type(value)](key, value)
+    writer.add_tensor("token_embd.weight", np.zeros((VOCAB, H), np.float32))
+    raw = np.random.default_rng(3).integers(-128, 128, 4 * cols * block_bytes // block, np.int8)
+    writer.add_tensor("blk.0.ffn_up.weight", raw, raw_shape=(4, cols), raw_dtype=qtype)  # (int8: taken as is)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("qtype", [T.IQ2_XXS, T.IQ4_XS, T.TQ1_0], ids=lambda t: t.name)
+def test_an_unsupported_type_whose_rows_are_not_whole_blocks_is_refused_for_its_type(tmp_path, qtype):
+    """It said gguf's "row size (64) is not a multiple of IQ2_XXS block size (256)", where the
+    same tensor with whole blocks gets the line every type we cannot load gets."""
+    from mlxserve.loader import ModelLoadError, load_model
+
+    messages = []
+    for cols in (64, 256):
+        path = _file_with_rows_of(tmp_path / f"{cols}.gguf", qtype, cols)
+        with pytest.raises(ModelLoadError) as info:
+            load_model(str(path), progress=False)
+        messages.append(str(info.value).replace(str(path), "FILE"))
+    assert messages[0] == messages[1] and f"type {qtype.name}, which mlxserve cannot load" in messages[0]
+
+
+def test_a_supported_type_whose_rows_are_not_whole_blocks_is_named(tmp_path):
+    from mlxserve.loader import ModelLoadError, load_model
+
+    path = _file_with_rows_of(tmp_path / "x.gguf", T.Q8_0, 48)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(path), progress=False)
+    assert str(info.value) == (f"cannot load {path}: tensor 'blk.0.ffn_up.weight' (Q8_0) has rows of 48 values, "
+                               "not a whole number of Q8_0's 32-value blocks: the file is damaged")
+
+
 def test_unknown_mode_is_refused(tmp_path):
     from mlxserve.loader import ModelLoadError, load_model
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from . import GGUF_MODES
@@ -121,6 +122,10 @@ def convert_tensor(tensor: GGUFTensor, dtype: mx.Dtype = mx.float16, mode: str =
         if columns is not None:
             values = values[..., mx.array(columns)]
         return MLXTensor({"weight": values.astype(dtype)})
+    block = GGML_QUANT_SIZES[kind][0]
+    if tensor.shape[0] % block:  # (llama.cpp refuses such a file too)
+        raise UnsupportedGGUF(f"tensor {tensor.name!r} ({kind.name}) has rows of {tensor.shape[0]} values, not a "
+                              f"whole number of {kind.name}'s {block}-value blocks: the file is damaged")
     if tensor.data.ndim not in (2, 3):
         raise UnsupportedGGUF(f"tensor {tensor.name!r} ({kind.name}) has {tensor.data.ndim} "
                               "dimensions; only matrices and stacks of them are quantized")

@@ -200,6 +200,11 @@ class GGUFFile:
         raw = self._map[begin : begin + _n_bytes(dims, kind)]
         if kind in _PLAIN_DTYPES:
             data = raw.view(_PLAIN_DTYPES[kind]).reshape(np_dims)
+        elif dims and dims[0] % GGML_QUANT_SIZES[kind][0]:
+            # Rows that are no whole number of blocks: left as bytes for convert_tensor to refuse,
+            # naming the tensor (and saying first when its type is one we cannot load at all),
+            # where gguf's reshape said only "row size (64) is not a multiple of ... block size".
+            data = raw
         else:
             data = raw.reshape(quant_shape_to_byte_shape(np_dims, kind))
         return GGUFTensor(name, kind, tuple(dims), data)
