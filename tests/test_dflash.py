@@ -416,6 +416,10 @@ def test_settings_in_the_newer_config_layout_are_read(target, tmp_path):
     ({"dflash_config": {"target_layer_ids": [0], "mask_token_id": 5}, "hidden_size": 64, "num_hidden_layers": "2",
       "num_attention_heads": 4, "intermediate_size": 8, "vocab_size": 448}, "num_hidden_layers .* positive whole"),
     ({"dflash_config": {"target_layer_ids": [0], "mask_token_id": 5}}, "hidden_size .* positive whole"),
+    ({"dflash_config": {"target_layer_ids": [0], "mask_token_id": 5, "block_size": 1}, "hidden_size": 64,
+      "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 8, "vocab_size": 448},
+     r"block_size in its config.json must be at least 2 \(a block is the newest token and the tokens drafted "
+     r"after it: 1 leaves none to draft\), got 1"),
 ])
 def test_a_malformed_draft_config_is_refused_with_the_reason(target, tmp_path, config, message):
     (tmp_path / "config.json").write_text(json.dumps(config))

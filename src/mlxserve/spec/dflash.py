@@ -97,6 +97,10 @@ class DFlashConfig:
         for key, value in sizes.items():
             if not _is_int(value) or value <= 0:
                 raise ValueError(f"DFlash draft: {key} in its config.json must be a positive whole number, got {value!r}")
+        if sizes["block_size"] < 2:  # (1 was taken: the draft then ran its k tokens as a block it never saw)
+            raise ValueError("DFlash draft: block_size in its config.json must be at least 2 (a block is the newest "
+                             f"token and the tokens drafted after it: 1 leaves none to draft), "
+                             f"got {sizes['block_size']}")
         layers = sizes["num_hidden_layers"]
         layer_types = config.get("layer_types") or ["full_attention"] * layers
         if (not isinstance(layer_types, list) or len(layer_types) != layers
