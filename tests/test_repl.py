@@ -447,6 +447,9 @@ def test_file_names_may_be_quoted_or_have_escaped_spaces(chat, tmp_path):
     assert "Loaded" in chat.run(f"/load {folder}/my chat.json")
     assert "Wrote" in chat.run(f"/export '{folder}/it''s.md'")  # (quotes as a shell joins them)
     assert sorted(p.name for p in folder.iterdir()) == ["its.md", "my chat.json"]
+    # A short last line: test_ctrl_d_exits_and_history_survives_a_restart recalls the last one
+    # typed, and a line wider than the terminal comes back wrapped.
+    chat.run("/temp")
 
 
 def test_an_unbalanced_quote_is_part_of_the_name():
