@@ -1496,3 +1496,38 @@ def test_stats_keeps_each_name_whole_in_a_narrow_terminal():
         lines = [line.split() for line in text.splitlines()]
         assert [line[0].rstrip(":") for line in lines] == list(stats), text
         assert lines[1][1:] == [f"{stats['kv_bytes_budget'] / 2**20:,.1f}", "MiB"] and lines[4][1:] == ["3.743"], text
+
+
+@pytest.mark.parametrize("route", ["/models", "/chat/completions"])
+def test_an_html_error_page_is_one_readable_line(route):
+    """A URL that is a web server, not an OpenAI-compatible one (`python -m http.server`):
+    its error page is named by its status, not by its markup's first line (<!DOCTYPE HTML>)."""
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from mlxserve.chat_backend import BackendError
+
+    class Plain(SimpleHTTPRequestHandler):  # http.server's own error pages; /v1/models listed
+        def do_GET(self):
+            if route == "/models":
+                self.send_error(404)
+                return
+            body = b'{"data": [{"id": "m"}]}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Plain)  # (POST: http.server's 501 page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(BackendError) as caught:
+            backend = HTTPBackend(f"http://127.0.0.1:{server.server_address[1]}")
+            backend.generate([{"role": "user", "content": "Hi"}], Settings())
+    finally:
+        server.shutdown()
+    status = "404: Not Found" if route == "/models" else "501: Not Implemented"
+    assert str(caught.value) == f"server answered {status} (a web page, not an OpenAI-compatible answer)"

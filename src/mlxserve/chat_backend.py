@@ -395,7 +395,9 @@ def error_message(status: int, raw: bytes) -> str:
         err = body.get("error") if isinstance(body, dict) else None
         message = err.get("message", message) if isinstance(err, dict) else (err or message)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        pass
+        if message.startswith("<"):  # a web page (an error page's markup): its first line says nothing
+            reason = http.client.responses.get(status, "error")
+            return f"server answered {status}: {reason} (a web page, not an OpenAI-compatible answer)"
     first = str(message).splitlines()[0] if message else http.client.responses.get(status, "")
     return f"server answered {status}: {first}"
 
