@@ -1531,3 +1531,15 @@ def test_an_html_error_page_is_one_readable_line(route):
         server.shutdown()
     status = "404: Not Found" if route == "/models" else "501: Not Implemented"
     assert str(caught.value) == f"server answered {status} (a web page, not an OpenAI-compatible answer)"
+
+
+def test_stats_of_a_server_gone_away_say_it_cannot_be_reached():
+    """/stats once the server has gone: that it cannot be reached, not that it has no stats."""
+    server, backend = _serve_events([])
+    server.shutdown()
+    server.server_close()
+    from mlxserve.chat_backend import BackendError
+
+    with pytest.raises(BackendError) as caught:
+        backend.stats()
+    assert str(caught.value) == f"cannot reach {backend.base_url}: connection refused"

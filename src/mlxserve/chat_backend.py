@@ -301,6 +301,8 @@ class HTTPBackend:
     def stats(self) -> dict:
         try:
             return self._get_json("/stats")
+        except Unreachable:  # the server is gone, not one without stats
+            raise
         except BackendError as exc:
             raise BackendError(f"this server has no engine stats ({exc})") from None
 
@@ -355,7 +357,7 @@ class HTTPBackend:
             if response.status != 200:
                 raise BackendError(error_message(response.status, raw))
         except (OSError, http.client.HTTPException) as exc:
-            raise BackendError(f"cannot reach {self.base_url}: {_reason(exc)}") from None
+            raise Unreachable(f"cannot reach {self.base_url}: {_reason(exc)}") from None
         finally:
             conn.close()
         try:
@@ -372,6 +374,10 @@ def _context_length(listed: list[dict], model: str) -> int | None:
         if m["id"] == model and isinstance(m.get("context_length"), int):
             return m["context_length"]
     return None
+
+
+class Unreachable(BackendError):
+    """No answer from the server at all: refused, timed out, the connection broken."""
 
 
 class ContextExceeded(BackendError):
