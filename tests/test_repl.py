@@ -1543,3 +1543,18 @@ def test_stats_of_a_server_gone_away_say_it_cannot_be_reached():
     with pytest.raises(BackendError) as caught:
         backend.stats()
     assert str(caught.value) == f"cannot reach {backend.base_url}: connection refused"
+
+
+def test_https_to_a_plain_http_server_is_one_readable_line():
+    """https:// to a plain-http port: said as such, not as OpenSSL's '[SSL: …] (_ssl.c:N)'."""
+    from mlxserve.chat_backend import BackendError
+
+    server, backend = _serve_events([])
+    try:
+        with pytest.raises(BackendError) as caught:
+            HTTPBackend(backend.base_url.replace("http://", "https://"))
+    finally:
+        server.shutdown()
+    message = str(caught.value)
+    assert message.startswith(f"cannot reach https://127.0.0.1:{server.server_address[1]}/v1: the TLS handshake failed")
+    assert message.endswith("is it an http:// server?") and "_ssl.c" not in message, message

@@ -415,6 +415,10 @@ def _reason(exc: BaseException) -> str:
         return "timed out"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"its certificate cannot be verified ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):  # e.g. https:// to a plain-http port: WRONG_VERSION_NUMBER
+        return f"the TLS handshake failed ({exc.reason or type(exc).__name__}): is it an http:// server?"
     return str(exc) or type(exc).__name__
 
 
