@@ -671,9 +671,9 @@ def test_http_backend_splits_reasoning(tiny):
     assert generation.stats.prompt_tokens > 0 and generation.stats.ttft_s is not None
 
 
-def _serve_events(events: list, done: bool = True):
+def _serve_events(events: list, done: bool = True, kind: str = "text/event-stream"):
     """A server whose every chat answer streams `events` (JSON values), then [DONE] (unless
-    not `done`: then the connection closes); (server, backend)."""
+    not `done`: then the connection closes), as Content-Type `kind`; (server, backend)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -684,7 +684,7 @@ def _serve_events(events: list, done: bool = True):
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
             body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
-            self._send(body + (b"data: [DONE]\n\n" if done else b""), "text/event-stream")
+            self._send(body + (b"data: [DONE]\n\n" if done else b""), kind)
 
         def _send(self, body, kind):
             self.send_response(200)
@@ -1558,3 +1558,18 @@ def test_https_to_a_plain_http_server_is_one_readable_line():
     message = str(caught.value)
     assert message.startswith(f"cannot reach https://127.0.0.1:{server.server_address[1]}/v1: the TLS handshake failed")
     assert message.endswith("is it an http:// server?") and "_ssl.c" not in message, message
+
+
+def test_an_answer_that_is_not_a_stream_of_events_is_said_so():
+    """A server that answers the chat request 200 with a whole JSON object (it does not
+    stream): that, not that the connection broke before the answer was complete."""
+    from mlxserve.chat_backend import BackendError
+
+    server, backend = _serve_events([], done=False, kind="application/json")
+    try:
+        with pytest.raises(BackendError) as caught:
+            list(backend.generate([{"role": "user", "content": "A story?"}], Settings()))
+    finally:
+        server.shutdown()
+    assert str(caught.value) == ("the server sent 'application/json' instead of a stream of events: "
+                                 "is it an OpenAI-compatible server?")

@@ -450,6 +450,12 @@ class HTTPGeneration:
             self._conn.close()
             kind = ContextExceeded if _error_code(raw) == "context_length_exceeded" else BackendError
             raise kind(error_message(self._response.status, raw))
+        kind = self._response.getheader("Content-Type") or ""
+        if kind and not kind.lower().startswith("text/event-stream"):
+            # (e.g. a whole JSON answer from a server that does not stream, or a web page:
+            # read as events it would be nothing, "broken before the answer was complete")
+            self._conn.close()
+            raise _malformed(f"'{kind.split(';')[0].strip()}' instead of a stream of events")
 
     def __iter__(self):
         try:
