@@ -1,11 +1,13 @@
 """Every script in examples/ runs against a live server on a tiny model (and the tool-calling
 one against a server whose model answers with a tool call)."""
 
+import asyncio
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,13 +22,66 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MODEL = "tiny"
 
 
+class Recorder:
+    """An ASGI app in front of another that keeps every HTTP exchange it passes on, as a dict:
+    path, request and response (the bodies' bytes, a stream's events all together), so that a
+    test can hold a client's output against exactly what the server sent it. While `barrier`
+    is set (a threading.Barrier), each chat request waits at it before the app has it: a test
+    can check that a client had that many requests in flight at once."""
+
+    def __init__(self, app):
+        self.app, self.exchanges, self.barrier = app, [], None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        exchange = {"path": scope["path"], "request": b"", "response": b""}
+        self.exchanges.append(exchange)
+        if self.barrier is not None and scope["path"] == "/v1/chat/completions":
+            await asyncio.to_thread(self.barrier.wait)  # (BrokenBarrierError once its timeout passes)
+
+        async def receive_kept():
+            message = await receive()
+            if message["type"] == "http.request":
+                exchange["request"] += message.get("body", b"")
+            return message
+
+        async def send_kept(message):
+            if message["type"] == "http.response.body":
+                exchange["response"] += message.get("body", b"")
+            await send(message)
+
+        await self.app(scope, receive_kept, send_kept)
+
+
 @pytest.fixture(scope="module")
 def live(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
     with Engine(loaded) as engine:
-        server = LiveServer(create_app(engine, MODEL))
+        recorder = Recorder(create_app(engine, MODEL))
+        server = LiveServer(recorder)
+        server.recorder = recorder
         yield server
         server.stop()
+
+
+def chat_exchanges(live, since: int) -> list[dict]:
+    """The chat-completion exchanges the live server has had since `since` (an index into
+    its recorder's exchanges), each with its request parsed."""
+    return [dict(e, body=json.loads(e["request"])) for e in live.recorder.exchanges[since:]
+            if e["path"] == "/v1/chat/completions"]
+
+
+def as_read(text: str) -> str:
+    """Text as run_example's output holds it once printed: read in text mode, a \\r\\n or \\r
+    (which a random model writes) becomes \\n."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def stream_events(response: bytes) -> list:
+    """A server-sent event stream's data, each event's JSON parsed ("[DONE]" as is)."""
+    data = [line[len("data: "):] for line in response.decode().splitlines() if line.startswith("data: ")]
+    return [d if d == "[DONE]" else json.loads(d) for d in data]
 
 
 def run_example(name: str, url: str, model: str | None = MODEL) -> subprocess.CompletedProcess:
@@ -38,9 +93,8 @@ def run_example(name: str, url: str, model: str | None = MODEL) -> subprocess.Co
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
 
 
-@pytest.mark.parametrize("name", ["curl_chat.sh", "curl_stream.sh", "openai_sync.py", "openai_stream.py", "openai_async.py",
-                                  "openai_structured.py", "openai_embeddings.py", "openai_responses.py",
-                                  "openai_background.py"])
+@pytest.mark.parametrize("name", ["curl_chat.sh", "curl_stream.sh", "openai_structured.py", "openai_embeddings.py",
+                                  "openai_responses.py", "openai_background.py"])
 def test_example_runs(live, name):
     r = run_example(name, live.url)
     assert r.returncode == 0, r.stderr
@@ -59,6 +113,58 @@ def test_example_runs(live, name):
     if name == "openai_embeddings.py":
         *ranked, figures = r.stdout.splitlines()
         assert len(ranked) == 3 and figures.endswith("64 dimensions]")  # the tiny model's hidden size
+
+
+def test_sync_example_prints_the_answer_and_its_token_counts(live):
+    since = len(live.recorder.exchanges)
+    r = run_example("openai_sync.py", live.url)
+    assert r.returncode == 0, r.stderr
+    [exchange] = chat_exchanges(live, since)
+    assert [m["role"] for m in exchange["body"]["messages"]] == ["system", "user"]
+    assert exchange["body"]["model"] == MODEL and not exchange["body"].get("stream")
+    reply = json.loads(exchange["response"])
+    answer, usage = reply["choices"][0]["message"]["content"], reply["usage"]
+    assert answer and usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 64  # its max_tokens
+    # The answer as the server sent it, then the server's token counts.
+    counts = f"[{usage['prompt_tokens']} prompt tokens, {usage['completion_tokens']} generated]"
+    assert r.stdout == as_read(f"{answer}\n{counts}\n")
+
+
+def test_stream_example_prints_the_streamed_text_as_one(live):
+    since = len(live.recorder.exchanges)
+    r = run_example("openai_stream.py", live.url)
+    assert r.returncode == 0, r.stderr
+    [exchange] = chat_exchanges(live, since)
+    assert exchange["body"]["stream"] is True
+    events = stream_events(exchange["response"])
+    assert events[-1] == "[DONE]"
+    pieces = [e["choices"][0]["delta"].get("content") for e in events[:-1] if e["choices"]]
+    pieces = [p for p in pieces if p]
+    assert len(pieces) > 1  # it was streamed, in more than one piece
+    # Every piece, in order, on one line.
+    assert r.stdout == as_read("".join(pieces) + "\n")
+
+
+def test_async_example_asks_its_questions_at_once_and_prints_each_answer(live):
+    since = len(live.recorder.exchanges)
+    # The server takes in no question until all four have come: they were asked at once.
+    live.recorder.barrier = threading.Barrier(4, timeout=30)
+    try:
+        r = run_example("openai_async.py", live.url)
+    finally:
+        live.recorder.barrier = None
+    assert r.returncode == 0, r.stderr
+    exchanges = chat_exchanges(live, since)
+    answers = {}
+    for e in exchanges:
+        [message] = e["body"]["messages"]
+        answers[message["content"]] = json.loads(e["response"])["choices"][0]["message"]["content"]
+    assert len(answers) == len(exchanges) == 4
+    # One line a question, each with the server's answer to that question.
+    lines = r.stdout.splitlines()
+    assert len(lines) == 4, r.stdout
+    printed = dict(line.split(" -> ", 1) for line in lines)
+    assert printed == {question: repr(answer) for question, answer in answers.items()}
 
 
 def test_tools_example_runs_the_tool(tiny_model_dir):
