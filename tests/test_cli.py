@@ -589,7 +589,9 @@ def test_help_and_version():
     for command in ("run", "serve", "chat", "bench", "pull", "models", "doctor"):
         assert command in r.stdout
     r = mlxserve("--version")
-    assert r.returncode == 0 and r.stdout.startswith("mlxserve ")
+    from mlxserve import __version__
+
+    assert r.returncode == 0 and r.stdout == f"mlxserve {__version__}\n"
 
 
 def test_models_lists_cache_and_hf_cache(tmp_path, tiny, smollm2_path):
