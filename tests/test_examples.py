@@ -124,7 +124,8 @@ def test_sync_example_prints_the_answer_and_its_token_counts(live):
     assert exchange["body"]["model"] == MODEL and not exchange["body"].get("stream")
     reply = json.loads(exchange["response"])
     answer, usage = reply["choices"][0]["message"]["content"], reply["usage"]
-    assert answer and usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 64  # its max_tokens
+    # (Not that the answer has text: a random model may end it at once.)
+    assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 64  # its max_tokens
     # The answer as the server sent it, then the server's token counts.
     counts = f"[{usage['prompt_tokens']} prompt tokens, {usage['completion_tokens']} generated]"
     assert r.stdout == as_read(f"{answer}\n{counts}\n")
@@ -140,7 +141,8 @@ def test_stream_example_prints_the_streamed_text_as_one(live):
     assert events[-1] == "[DONE]"
     pieces = [e["choices"][0]["delta"].get("content") for e in events[:-1] if e["choices"]]
     pieces = [p for p in pieces if p]
-    assert len(pieces) > 1  # it was streamed, in more than one piece
+    # (Not how many pieces had text: a random model may end its answer at once.)
+    assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
     # Every piece, in order, on one line.
     assert r.stdout == as_read("".join(pieces) + "\n")
 
