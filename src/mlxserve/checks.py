@@ -19,3 +19,13 @@ def is_whole(value: object, minimum: int) -> bool:
     """`value` is a whole number >= `minimum`: an int, not a bool (an int to Python, true to
     JSON) and not a float or a string that reads as one."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def value_kind(value: object) -> str:
+    """What a model file's value is, for an error that says it is the wrong type: "a string",
+    "a list", "true/false", "the number 3" (cut to 40 characters), else the type's name."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r:.40}"
+    return {list: "a list", str: "a string"}.get(type(value), type(value).__name__)

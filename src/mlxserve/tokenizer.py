@@ -28,7 +28,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from .chat_template import TemplateError, render_chat_template
-from .checks import is_whole
+from .checks import is_whole, value_kind
 
 __all__ = ["END_OF_TURN_TOKENS", "SUPPORTED_GGUF_PRE_TOKENIZERS", "TemplateError", "Tokenizer",
            "TokenizerError", "check_token_ids"]
@@ -310,7 +310,7 @@ class Tokenizer:
             if not isinstance(template, str):
                 key = "tokenizer.chat_template" + ("" if name == "default" else f".{name}")
                 raise TokenizerError(f"GGUF metadata {key} must be a string (a Jinja template), "
-                                     f"got {_kind(template)}")
+                                     f"got {value_kind(template)}")
 
         # Without the flag, the family's default applies, where the file names a BOS at all.
         add_bos_token = metadata.get("tokenizer.ggml.add_bos_token",
@@ -495,21 +495,13 @@ def _as_id_list(value: int | list[int] | None) -> list[int]:
     return list(value) if isinstance(value, list) else [value]
 
 
-def _kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, (int, float)):
-        return f"the number {value!r:.40}"
-    return {list: "a list", str: "a string"}.get(type(value), type(value).__name__)
-
-
 def _gguf_strings(metadata: dict[str, Any], key: str) -> list[str]:
     """The GGUF array of strings at `key`, refused in one line where missing or of another type."""
     if key not in metadata:
         raise TokenizerError(f"the GGUF's tokenizer has no {key}")
     value = metadata[key]
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        got = _kind(value) if not isinstance(value, list) else "a list holding " + _kind(
+        got = value_kind(value) if not isinstance(value, list) else "a list holding " + value_kind(
             next(item for item in value if not isinstance(item, str)))
         raise TokenizerError(f"GGUF metadata {key} must be an array of strings, got {got}")
     return value

@@ -21,7 +21,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..checks import is_whole
+from ..checks import is_whole, value_kind
 from . import gguf_qwen35
 from .gguf_convert import (
     GGUF_MODES,
@@ -196,9 +196,8 @@ def _build_config(metadata: dict, tensors: dict[str, GGUFTensor]) -> dict:
     if vocab is None:
         tokens = _meta(metadata, "tokenizer.ggml.tokens")
         if not isinstance(tokens, list):  # (len() of a string counted its characters as tokens)
-            kind = "a string" if isinstance(tokens, str) else "true/false" if isinstance(tokens, bool) \
-                else f"the number {tokens!r:.40}"
-            raise UnsupportedGGUF(f"GGUF metadata tokenizer.ggml.tokens must be an array of strings, got {kind}")
+            raise UnsupportedGGUF("GGUF metadata tokenizer.ggml.tokens must be an array of strings, "
+                                  f"got {value_kind(tokens)}")
         vocab = len(tokens)
     if "token_embd.weight" not in tensors:
         raise UnsupportedGGUF("tensor 'token_embd.weight' (the token embedding) is missing"
