@@ -914,7 +914,7 @@ def render(results: BenchResults, console) -> None:
         rows += [(names, figures, i == len(section) - 1) for i, (names, figures) in enumerate(section)]
     _print_tables(console, title, caption, keys, [f.label for f in CLOSED_LOOP_FIGURES], rows)
     if any(results.long_prompt(e) for e in engines):
-        _long_prompt_table(results, engines, console, per_row)
+        _print_long_prompt_table(results, engines, console, per_row)
     reuse = results.scenario(OURS, "prefix_reuse")
     if reuse:
         _print_tables(console, f"chat second turn after {plural(reuse['history_tokens'], 'token')} of history "
@@ -964,7 +964,7 @@ def _runs_cell(entry: dict, per_row: bool) -> list[str]:
     return [str(len(entry["runs"]))] if per_row else []
 
 
-def _long_prompt_table(results: BenchResults, engines: list[str], console, per_row: bool = False) -> None:
+def _print_long_prompt_table(results: BenchResults, engines: list[str], console, per_row: bool = False) -> None:
     streams = results.config["long_prompt_streams"]
     rows = []
     for engine in engines:
