@@ -558,14 +558,14 @@ class ResponseBuilder:
 
 def usage_json(prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int,
                cache_block: int | None) -> dict:
-    """`reasoning_tokens`: the answer's reasoning text as the tokenizer encodes it again.
+    """`reasoning_tokens`: those of the answer's reasoning (openai_api.reasoning_tokens).
     `cache_block`: the prefix cache's block size (None: no prefix cache); the prompt's whole
     blocks not found there are kept in it (`cache_write_tokens`)."""
     written = max(0, prompt_tokens // cache_block * cache_block - cached_tokens) if cache_block else 0
     return {"input_tokens": prompt_tokens,
             "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": written},
             "output_tokens": completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": min(reasoning_tokens, completion_tokens)},
+            "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": prompt_tokens + completion_tokens}
 
 

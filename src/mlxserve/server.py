@@ -586,7 +586,7 @@ async def _response_events(r: responses_api.ResponseRequest, builder, stream, to
             reasoning = responses_api.reasoning_text(builder.output)
             usage = responses_api.usage_json(
                 step.prompt_tokens, step.completion_tokens, step.cached_tokens,
-                len(tokenizer.encode(reasoning, add_special_tokens=False)) if reasoning else 0, cache_block)
+                wire.reasoning_tokens(tokenizer, reasoning, step.completion_tokens), cache_block)
             events, final = builder.finish(parser.finish_reason(step.finish_reason), usage)
             if store is not None:
                 store.put(responses_api.StoredResponse(final, responses_api.conversation_after(r, builder.output),
