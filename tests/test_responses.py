@@ -374,6 +374,24 @@ def test_bad_requests_are_400s_naming_the_field(server, body, param):
     assert "max_tokens" not in message and "'function': {" not in message and "response_format" not in message
 
 
+def test_a_function_call_output_must_follow_the_calls_it_answers(server, client):
+    """An output with a message between it and its call (which a chat template would render
+    as a result of no call) is refused naming the input item; outputs side by side are fine."""
+    call = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}
+    output = {"type": "function_call_output", "call_id": "c", "output": "x"}
+    req = urllib.request.Request(server.base + "/v1/responses", data=json.dumps({"model": MODEL, "input": [
+        call, {"role": "user", "content": "and?"}, output]}).encode(), method="POST",
+        headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=60)
+    answer = json.loads(err.value.read())
+    assert err.value.code == 400 and answer["error"]["param"] == "input", answer
+    assert answer["error"]["message"].startswith("input[2]: a function_call_output must follow the function_call")
+    r = client.responses.create(model=MODEL, input=[call, {**call, "call_id": "d"}, output,
+                                                           {**output, "call_id": "d"}], max_output_tokens=2)
+    assert r.status in ("completed", "incomplete")  # (2 tokens: cut short, or done)
+
+
 # ---- background responses ------------------------------------------------------------------------
 PIECES = ["Hello", " wor", "ld", "!"]
 

@@ -644,6 +644,7 @@ BAD = [
     ("system without content", dict(body={"messages": [{"role": "system"}, {"role": "user", "content": "x"}]}),
      400, "messages"),
     ("tool content null", dict(body={"messages": [{"role": "user", "content": "x"}, {
+        "role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f"}}]}, {
         "role": "tool", "tool_call_id": "c", "content": None}]}), 400, "messages"),
     ("name a number", dict(body={"messages": [{"role": "user", "content": "x", "name": 5}]}), 400, "messages"),
     ("assistant without content or calls", dict(body={"messages": [{"role": "user", "content": "x"}, {
@@ -822,7 +823,7 @@ def test_bad_chat_requests(server, name, kwargs, status, param):
         assert "the integer at tools[0].function.parameters.properties.n.enum[1] (-1180591620717411303424)" \
             in body["error"]["message"]
     if name == "tool content null":
-        assert body["error"]["message"].startswith("messages[1].content is required (a string or a list of parts) "
+        assert body["error"]["message"].startswith("messages[2].content is required (a string or a list of parts) "
                                                     "in a 'tool' message")
     if name == "logit_bias value a string":
         assert 'got "1" for token 5' in body["error"]["message"]
@@ -835,6 +836,24 @@ def test_an_assistant_turn_with_calls_may_leave_its_content_out(server):
         status, body = raw(url + "/v1/chat/completions", {"messages": [X[0], turn, {
             "role": "tool", "tool_call_id": "c", "content": "sunny"}], "tools": TOOLS, "max_tokens": 2})
         assert status == 200, body
+
+
+def test_a_tool_result_must_answer_an_assistant_turn_with_calls(server):
+    """As OpenAI: a tool's (or function's) result after no call is refused, not rendered."""
+    url, _ = server
+    call = {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    result = {"role": "tool", "tool_call_id": "c", "content": "sunny"}
+    for history, index in (([X[0], result], 1), ([result], 0), ([X[0], {"role": "assistant", "content": "Hm."}, result], 2),
+                           ([X[0], {"role": "assistant", "tool_calls": [call]}, result, X[0], result], 4),
+                           ([X[0], {"role": "function", "name": "get_weather", "content": "sunny"}], 1)):
+        status, body = raw(url + "/v1/chat/completions", {"messages": history, "tools": TOOLS, "max_tokens": 2})
+        assert status == 400 and body["error"]["param"] == "messages", body
+        assert body["error"]["message"].startswith(f"messages[{index}] is a "), body
+        assert "must answer an assistant message's tool_calls" in body["error"]["message"]
+    # Two results of one turn's calls are fine, the second after the first.
+    status, body = raw(url + "/v1/chat/completions", {"messages": [X[0], {"role": "assistant", "tool_calls": [
+        call, {**call, "id": "d"}]}, result, {**result, "tool_call_id": "d"}], "tools": TOOLS, "max_tokens": 2})
+    assert status == 200, body
 
 
 def test_an_assistant_refusal_part_is_its_text_in_the_history(server):

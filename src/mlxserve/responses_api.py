@@ -151,7 +151,7 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
         raise APIError(400, "'instructions' must be a string", param="instructions")
     _check_fields(body)
     # (validates `input`; a call's output answers a call made in it or in the stored conversation)
-    messages = history + _input_messages(body.get("input"), _call_ids(history))
+    messages = history + _input_messages(body.get("input"), history)
     if not messages:
         raise APIError(400, "'input' holds no message, function_call or function_call_output item (reasoning "
                             "items are skipped)", param="input")
@@ -258,10 +258,13 @@ def _call_ids(messages: list[dict]) -> set[str]:
     return {call["id"] for m in messages for call in m.get("tool_calls") or ()}
 
 
-def _input_messages(value: object, calls: set[str]) -> list[dict]:
-    """`input` (a string, or a list of items) as chat messages. `calls`: the ids of the calls
-    made before it, which a function_call_output must answer (as OpenAI checks it: an output
-    of no call is a client's bug, which the template would show the model as if it were one)."""
+def _input_messages(value: object, history: list[dict]) -> list[dict]:
+    """`input` (a string, or a list of items) as chat messages, after `history` (the stored
+    conversation it continues). A function_call_output must answer a call made before it, in
+    the input or the history (as OpenAI checks it: an output of no call is a client's bug,
+    which the template would show the model as if it were one), right after the calls or
+    other outputs (a chat template renders a result after the turn that made the call)."""
+    calls = _call_ids(history)
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
@@ -298,6 +301,10 @@ def _input_messages(value: object, calls: set[str]) -> list[dict]:
                 raise APIError(400, f"No tool call found for function call output with call_id "
                                     f"{json.dumps(call_id)[:80]} (input[{i}]): no earlier function_call item, nor the "
                                     "previous response, made it", param="input")
+            last = (history + messages)[-1]
+            if last["role"] != "tool" and not (last["role"] == "assistant" and last.get("tool_calls")):
+                raise APIError(400, f"input[{i}]: a function_call_output must follow the function_call items "
+                                    "(or other outputs) it answers, with no message between them", param="input")
             messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
         elif kind == "reasoning":
             continue  # chat templates drop earlier turns' reasoning
