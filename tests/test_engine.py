@@ -1,6 +1,8 @@
 """The engine and its step-driven scheduler on a tiny model: batching, chunking, memory,
 cancellation, stop rules and seeds."""
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -480,6 +482,23 @@ def test_stop_strings_and_stop_tokens(loaded):
         assert text == full_text[: full_text.index(stop)]
         events = engine.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=(tokens[3],)))
         assert [t for e in events for t in e.token_ids] == tokens[: tokens.index(tokens[3]) + 1]
+        assert events[-1].finish_reason == "stop"
+
+
+def test_a_stop_string_found_in_the_text_released_at_the_end_stops_the_answer(loaded):
+    """The last token's incomplete character becomes U+FFFD only when the answer ends (here at
+    max_tokens): a stop string it completes cuts the text there, and the answer ends "stop",
+    as wherever else a stop string cuts it (it ended "length", cut all the same)."""
+    tokenizer = loaded.tokenizer
+    lead = next(i for i in range(tokenizer.vocab_size) if tokenizer.token_bytes(i) == b"\xe6")  # a 3-byte character's first
+    prompt = tokenizer.encode("Hello")
+    forced = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logit_bias=((lead, 100.0),))
+    with Engine(loaded) as engine:
+        events = engine.generate(prompt, forced)
+        assert [t for e in events for t in e.token_ids] == [lead]
+        assert "".join(e.text for e in events) == "\ufffd" and events[-1].finish_reason == "length"
+        events = engine.generate(prompt, replace(forced, stop=("\ufffd",)))
+        assert "".join(e.text for e in events) == ""
         assert events[-1].finish_reason == "stop"
 
 

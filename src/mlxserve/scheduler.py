@@ -628,7 +628,7 @@ class Scheduler:
                     # checked at submit, so this is a preempted row grown past the budget:
                     # it ends where it got to.)
                     if row.num_generated:
-                        self._events.append(self._finish(row, "length", text=self._flush_text(row)))
+                        self._events.append(self._finish_flushed(row, "length"))
                     else:
                         self._events.append(self._finish(row, "error", "prompt does not fit in the KV memory budget"))
                     continue
@@ -840,7 +840,7 @@ class Scheduler:
                 else:
                     # Alone, it has grown as far as the budget allows: it ends there, as a
                     # row that reaches the model's context does.
-                    self._events.append(self._finish(victim, "length", text=self._flush_text(victim)))
+                    self._events.append(self._finish_flushed(victim, "length"))
                 plan = [(r, m) for r, m in plan if r is not victim]
 
     def _preempt(self, row: Row) -> None:
@@ -866,22 +866,26 @@ class Scheduler:
         lps = [logprob] if logprob is not None else None
         if token in row.stop_ids:
             # The stop token itself has no text; release whatever text was held back.
-            return self._finish(row, "stop", token_ids=[token], text=self._flush_text(row), logprobs=lps)
+            return self._finish_flushed(row, "stop", token_ids=[token], logprobs=lps)
         text, stopped = row.stops.feed(row.detokenizer.add(token))
         if stopped:
             return self._finish(row, "stop", token_ids=[token], text=text, logprobs=lps)
         if constraint is not None and constraint.finished:
             # The grammar is complete (a JSON value closed): nothing may follow it.
-            return self._finish(row, "stop", token_ids=[token], text=text + self._flush_text(row), logprobs=lps)
+            return self._finish_flushed(row, "stop", text, token_ids=[token], logprobs=lps)
         if row.num_generated >= row.params.max_tokens or len(row.tokens) >= self.config.context_length:
-            return self._finish(row, "length", token_ids=[token], text=text + self._flush_text(row), logprobs=lps)
+            return self._finish_flushed(row, "length", text, token_ids=[token], logprobs=lps)
         return TokenEvent(row.id, [token], text, lps, time=now)
 
-    @staticmethod
-    def _flush_text(row: Row) -> str:
-        """Text held back for UTF-8 completion or a possible stop string, at end of stream."""
-        text, stopped = row.stops.feed(row.detokenizer.flush())
-        return text if stopped else text + row.stops.flush()
+    def _finish_flushed(self, row: Row, reason: str, text: str = "", **fields) -> TokenEvent:
+        """_finish at the end of the answer's text: `text`, then what was held back for UTF-8
+        completion or a possible stop string. The last token's incomplete character becomes
+        U+FFFD only now: where that completes a stop string, the text is cut there and the
+        answer ends "stop", as wherever else a stop string cuts it."""
+        flushed, stopped = row.stops.feed(row.detokenizer.flush())
+        if not stopped:
+            flushed += row.stops.flush()
+        return self._finish(row, "stop" if stopped else reason, text=text + flushed, **fields)
 
     def _finish(self, row: Row, reason: str, error: str | None = None, *, token_ids=(), text: str = "", logprobs=None,
                 embedding: list[float] | None = None) -> TokenEvent:
