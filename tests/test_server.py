@@ -959,6 +959,19 @@ def test_json_that_python_cannot_read_is_not_valid_json(server, data):
                                                  "type": "invalid_request_error", "param": None, "code": None})
 
 
+def test_a_body_that_is_not_utf8_is_a_400_saying_so(server):
+    """JSON is UTF-8: a body in another encoding (Latin-1's "é", one byte 0xe9) is refused
+    with what is wrong and where, not as bad JSON, which sends the client looking for a
+    syntax error that is not there."""
+    url, _ = server
+    data = '{"messages": [{"role": "user", "content": "café"}], "prompt": "café"}'.encode("latin-1")
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"):
+        status, body = raw(url + path, data=data)
+        assert (status, body["error"]) == (400, {
+            "message": f"request body is not valid UTF-8 (byte 0xe9 at offset {data.index(0xe9)}): JSON must be "
+                       "sent as UTF-8", "type": "invalid_request_error", "param": None, "code": None})
+
+
 @pytest.mark.parametrize("name,body,status,param", BAD_COMPLETIONS, ids=[b[0] for b in BAD_COMPLETIONS])
 def test_bad_completion_requests(server, name, body, status, param):
     url, _ = server

@@ -79,6 +79,13 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
     def read_json(body: bytes) -> object:
         try:
             parsed = json.loads(body)
+        except UnicodeDecodeError as exc:
+            # (Text in another encoding, Latin-1's "é" say: its JSON may be fine, so "not valid
+            # JSON" would send the client looking for a syntax error.)
+            if exc.encoding != "utf-8":  # (json reads a body that starts as UTF-16 or -32 as such)
+                raise wire.APIError(400, "request body is not valid JSON") from None
+            raise wire.APIError(400, f"request body is not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset "
+                                     f"{exc.start}): JSON must be sent as UTF-8") from None
         except (ValueError, RecursionError):
             # ValueError: bad JSON or bad UTF-8, or an integer of more digits than Python converts
             # (4300); RecursionError: arrays or objects nested deeper than the parser goes.
