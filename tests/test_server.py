@@ -1853,6 +1853,32 @@ def test_full_queue_answers_429_and_recovers(tiny_model_dir):
             live.stop()
 
 
+def test_a_429_for_several_answers_counts_the_requests_in_progress_without_its_own(tiny_model_dir):
+    """n answers (or embedding inputs) are submitted one by one; the one that finds the server full refuses the
+    request whole (the others are given up): its 429 counts the requests in progress as
+    they are, not with the request's own answers it had submitted (it said 3 of 3 here, with
+    one request in progress)."""
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    with Engine(loaded, EngineConfig(max_running=1, max_waiting=2)) as engine:
+        live = LiveServer(create_app(engine, MODEL))
+        try:
+            body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1500, "stream": True,
+                               "temperature": 0, "ignore_eos": True}).encode()
+            req = urllib.request.Request(live.url + "/completions", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60):  # a long stream holds one place
+                status, answer = raw(live.url + "/completions", {"prompt": "hi", "max_tokens": 2, "n": 3}, key=None)
+                assert status == 429 and answer["error"]["code"] == "server_busy"
+                assert answer["error"]["message"] == ("server busy: 1 requests in progress, and this request's 3 "
+                                                      "answers (prompts × n) need a place each (limit 3)")
+                status, answer = raw(live.url + "/embeddings", {"input": ["a", "b", "c"]}, key=None)
+                assert status == 429 and answer["error"]["message"] == (
+                    "server busy: 1 requests in progress, and this request's 3 inputs need a place each (limit 3)")
+                assert engine.stats()["requests_in_progress"] == 1
+        finally:
+            live.stop()
+
+
 def test_a_speculating_server_streams_the_same_text_and_counts_drafts(server, client, tiny_model_dir):
     """`serve --speculative ngram`: streamed and whole answers are the plain server's, token
     for token, and /metrics counts the drafts checked and accepted."""

@@ -146,14 +146,25 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
                 # Metrics are counted as the engine ends each request, read to its end or not.
                 streams.append(engine.submit(Request(prompt, c.choice_params(index), prompt_logprobs=scoring,
                                                      score_only=c.score_only), loop, on_finish=metrics.record))
-        except Exception as exc:
-            for stream in streams:  # a multi-prompt request is refused whole
-                stream.cancel()
+        except Exception as exc:  # a multi-prompt request is refused whole
+            exc = given_up(exc, streams, f"{len(c.prompts)} answers (prompts × n)")
             return refused(exc, "messages" if kind == "chat" else "prompt")
         if c.stream:
             return StreamingResponse(_stream(c, streams, tokenizer), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return await whole_answer(request, _collect(c, streams, tokenizer), streams)
+
+    def given_up(exc: Exception, streams: list, what: str) -> Exception:
+        """`exc`, raised submitting one of a request's several answers (`what`: how many and
+        of what), once the ones submitted before it are cancelled. A ServerBusy then counts
+        the requests in progress without them (the engine's count held them)."""
+        for stream in streams:
+            stream.cancel()
+        if not (isinstance(exc, ServerBusy) and streams):
+            return exc
+        limit = engine.config.max_running + engine.config.max_waiting
+        return ServerBusy(f"server busy: {engine.stats()['requests_in_progress']} requests in progress, and this "
+                          f"request's {what} need a place each (limit {limit})")
 
     def refused(exc: Exception, param: str) -> JSONResponse:
         """The answer to a request the engine would not take. Only the engine's own refusals
@@ -201,8 +212,7 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
                 streams.append(engine.submit(Request(ids, SamplingParams(max_tokens=1), embed=True), loop,
                                              on_finish=metrics.record))
         except Exception as exc:
-            for stream in streams:
-                stream.cancel()
+            exc = given_up(exc, streams, f"{len(e.inputs)} inputs")
             if isinstance(exc, ValueError):
                 exc = ValueError(f"input {len(streams)}: {exc}")
             return refused(exc, "input")
