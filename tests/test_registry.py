@@ -418,6 +418,17 @@ def test_list_local_models_names_a_hugging_face_cache_that_is_a_file(monkeypatch
         registry.list_local_models()
 
 
+def test_list_local_models_names_a_hugging_face_cache_that_is_a_device(monkeypatch):
+    """HF_HUB_CACHE naming something that is neither a file nor a folder (/dev/null, set to
+    keep the hub's cache out of the way): one line naming it, as for a file; it was
+    huggingface_hub's "[Errno 20] Not a directory: '/dev/null'"."""
+    monkeypatch.setenv("HF_HUB_CACHE", os.devnull)
+    with pytest.raises(ValueError) as err:
+        registry.list_local_models()
+    assert str(err.value) == (f"the Hugging Face cache {os.devnull} is not a folder "
+                              "(set HF_HUB_CACHE or HF_HOME to a folder)")
+
+
 def test_served_names_of_a_gguf_file_are_short_and_the_path_still_names_it(monkeypatch, tmp_path):
     """A server serves a .gguf file given by path as its alias (a file pulled as one, as
     `mlxserve models` lists it) or its file name without .gguf, and still answers to the

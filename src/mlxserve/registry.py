@@ -670,13 +670,17 @@ def _gguf_quant_or_unknown(path: Path) -> str:
 
 
 def _hf_cache_models() -> list[LocalModel]:
+    folder = hf_cache_dir()
+    # Anything there but a folder: a file (the hub's message says to set HF_HUB_CACHE: maybe
+    # what is wrong), or a device such as /dev/null, which the hub takes for a folder and
+    # fails to list ("[Errno 20] Not a directory: '/dev/null'").
+    if folder.exists() and not folder.is_dir():
+        what = "is a file, not a folder" if folder.is_file() else "is not a folder"
+        raise ValueError(f"the Hugging Face cache {folder} {what} (set HF_HUB_CACHE or HF_HOME to a folder)")
     try:
-        info = huggingface_hub.scan_cache_dir(hf_cache_dir())
+        info = huggingface_hub.scan_cache_dir(folder)
     except huggingface_hub.CacheNotFound:
         return []
-    except ValueError:  # a file there (the hub's message says to set HF_HUB_CACHE: maybe what is wrong)
-        raise ValueError(f"the Hugging Face cache {hf_cache_dir()} is a file, not a folder "
-                         "(set HF_HUB_CACHE or HF_HOME to a folder)") from None
     models = []
     for repo in sorted(info.repos, key=lambda r: r.repo_id):
         if repo.repo_type != "model":
