@@ -1404,6 +1404,22 @@ def test_normalize_base_url(url, base):
     assert normalize_base_url(url) == base
 
 
+@pytest.mark.parametrize("url,why", [
+    ("http://127.0.0.1:99999/v1", "Port out of range 0-65535"),
+    ("127.0.0.1:abc", "Port could not be cast to integer value as 'abc'"),
+    ("http://[::1/v1", "Invalid IPv6 URL"),
+])
+def test_normalize_base_url_names_the_flag_of_a_malformed_url(url, why):
+    """A port that is no port, or an unclosed IPv6 bracket: the error names --url and the URL
+    (it was urllib's words alone, "mlxserve: error: Port out of range 0-65535")."""
+    from mlxserve.chat_backend import BackendError
+
+    with pytest.raises(BackendError) as err:
+        normalize_base_url(url)
+    shown = url if "://" in url else "http://" + url
+    assert str(err.value) == f"--url must be an http(s) URL, got {shown!r} ({why})"
+
+
 def test_answer_view_renders_markdown_and_thinking():
     from rich.console import Console
 

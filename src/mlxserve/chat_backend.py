@@ -237,7 +237,11 @@ def normalize_base_url(url: str) -> str:
     """`host:port`, `http://host:port`, `…/v1` or `…/v1/chat/completions` -> `http(s)://host:port/…/v1`."""
     if "://" not in url:
         url = "http://" + url
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is no number or out of range
+    except ValueError as exc:  # urllib's own words ("Port out of range 0-65535") named no flag
+        raise BackendError(f"--url must be an http(s) URL, got {url!r} ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BackendError(f"--url must be an http(s) URL, got {url!r}")
     path = parts.path.rstrip("/")
