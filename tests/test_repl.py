@@ -927,7 +927,7 @@ def test_piped_commands_act_as_typed_and_quit_ends_the_session(monkeypatch, caps
 
     asked = []
     _pipe_to_fake_chat(monkeypatch, asked)
-    for quit in ("/quit", "/exit", "  /EXIT now"):
+    for quit in ("/quit", "/exit", "  /EXIT "):
         assert _piped_chat(monkeypatch, f"{quit}\nWhat is 2+2?\n") == 0
         assert asked == [] and capsys.readouterr().out == ""
     stdin = "What is 2+2?\n/temp 0\nAnd 3+3?\n/reset\nFirst line,\n/* kept */\n//exit\n/quit\n/temp 1\nThe end?\n"
@@ -953,8 +953,14 @@ def test_piped_input_that_quits_first_loads_no_model(monkeypatch):
 
     opened = []
     monkeypatch.setattr(repl_module, "open_backend", lambda args: opened.append(args))
-    for stdin in ("\n\n/quit\nWhat is 2+2?\n", "  /EXIT now\n"):
+    for stdin in ("\n\n/quit\nWhat is 2+2?\n", "  /EXIT  \n"):
         assert _piped_chat(monkeypatch, stdin) == 0
+    # A word after it is the usage error it is anywhere else in the input (it quit, status 0,
+    # as the first line, and failed, status 2, after a question), still without a model.
+    from mlxserve.cli import CLIError
+
+    with pytest.raises(CLIError, match=r"^usage: /EXIT \(nothing after it\)$"):
+        _piped_chat(monkeypatch, "  /EXIT now\nWhat is 2+2?\n")
     assert opened == []
 
 

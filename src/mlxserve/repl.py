@@ -70,8 +70,11 @@ def run_chat(args) -> int:
         first = next((line for line in lines if line.strip()), None)
         if first is None:
             raise CLIError("no question on stdin")
-        command = find_command(_first_word(first))
+        name, *rest = first.split(maxsplit=1)
+        command = find_command(name)
         if command is not None and command.run is _cmd_quit:
+            if rest:  # refused as Repl.command refuses it later in the input (`/exit now`)
+                raise CLIError(f"usage: {name} (nothing after it)")
             return 0  # nothing to do: no model to load for it
         piped = piped_messages(itertools.chain([first], lines))
     settings = Settings(think=not args.no_think)
