@@ -573,6 +573,19 @@ def test_a_listing_whose_reader_goes_away_is_no_error():
     assert "Traceback" not in proc.stderr.read()
 
 
+@pytest.mark.parametrize("command", [("models",), ("models", "--json"), ("doctor",)])
+def test_a_table_whose_reader_goes_away_is_no_error(command, tmp_path):
+    """What rich prints (the models table, doctor's report) meeting a closed pipe ends quietly
+    with status 0, as print()'s listing does: rich's own handling exited with status 1, which
+    for `mlxserve doctor | head -1` said that something was broken."""
+    proc = subprocess.Popen([sys.executable, "-m", "mlxserve", *command], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, MLXSERVE_CACHE=str(tmp_path), HF_HUB_CACHE=str(tmp_path / "hub")))
+    proc.stdout.close()  # like `| head -0`: the first line written meets a closed pipe
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == ""
+
+
 def test_a_reader_that_goes_away_is_no_error(tiny):
     proc = subprocess.Popen([sys.executable, "-m", "mlxserve", "run", "--model", tiny, "Once upon a time",
                              "--max-tokens", "500", "--ignore-eos", "--no-chat"],

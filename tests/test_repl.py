@@ -611,6 +611,23 @@ def test_piped_answer_whose_reader_goes_away_is_no_error(tiny, tmp_path):
     assert proc.returncode == 0 and "Traceback" not in err, err
 
 
+def test_piped_chat_whose_stderr_reader_goes_away_is_no_error(tiny, tmp_path):
+    """What commands say goes to stderr; its reader gone (`2>&1 >answers.txt | head -1`) ends
+    the chat quietly, status 0, as stdout's does: rich exited with status 1, or the command
+    took the BrokenPipeError for its own failure (status 2, its message unwritable)."""
+    proc = subprocess.Popen([sys.executable, "-m", "mlxserve", "chat", "--model", tiny],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, MLXSERVE_HOME=str(tmp_path)))
+    proc.stdin.write("/stats\n")  # the model loads once a line has come
+    proc.stdin.flush()
+    assert proc.stderr.readline().startswith("Loaded ")
+    proc.stderr.close()  # what comes after this meets a closed pipe
+    proc.stdin.write("/stats\nHi\n")
+    proc.stdin.close()
+    assert proc.wait(timeout=120) == 0
+    assert proc.stdout.read() == ""
+
+
 @pytest.mark.parametrize("make_args,needle", [
     (lambda url: ("--url", url, "--api-key", "wrong"), "server answered 401"),
     (lambda url: ("--url", f"http://127.0.0.1:{free_port()}"), "cannot reach"),

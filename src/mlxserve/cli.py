@@ -7,6 +7,8 @@ Errors the user can fix (unknown model, bad flag value, failed download) print o
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import json
 import os
 import re
@@ -779,14 +781,29 @@ def output_console(stderr: bool = False):
     line said stays one line, for grep and for whatever shows it later, which wraps it to its
     own width), and a table gets PIPED_TABLE_WIDTH columns to keep its rows whole; the spaces
     rich pads lines with to that width (Markdown, tables) are dropped."""
-    from rich.console import Console
-
+    Console = _console_class()
     no_color = bool(os.environ.get("NO_COLOR"))
     console = Console(stderr=stderr, no_color=no_color)
     if console.is_terminal:
         return console
     return Console(file=_PaddingDropped(stderr), no_color=no_color, width=max(console.width, PIPED_TABLE_WIDTH),
                    soft_wrap=True)
+
+
+@functools.cache
+def _console_class():
+    """rich's Console, whose reader going away (`mlxserve doctor | head -1`) is the
+    BrokenPipeError that main() ends quietly, with status 0, as for what print() writes:
+    rich's own on_broken_pipe exits with status 1, which for `doctor` says the machine is
+    broken."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True  # nothing more is written to it (a spinner's last line on the way out)
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    return _Console
 
 
 class _PaddingDropped:

@@ -510,6 +510,8 @@ class Repl:
             return None
         try:
             return command.run(self, arg.strip())
+        except BrokenPipeError:  # what it says has no reader any more (`2>&1 | head`): cli.main ends quietly
+            raise
         except UsageError as exc:
             self.error(str(exc))
         except (BackendError, ValueError, OSError) as exc:
