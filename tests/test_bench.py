@@ -417,6 +417,17 @@ def test_compare_refuses_a_model_mlx_lm_builds_differently_in_one_line(tiny_mode
 
 
 # ---- an interrupted bench ------------------------------------------------------------------------
+def test_a_json_file_that_cannot_be_written_after_the_run_is_status_2(tmp_path, capsys):
+    """--json's file checked before the run can still fail when written after it (a full
+    disk, /dev/full): the table is printed, then one line `mlxserve: error: …` and status 2,
+    as for every other error (it was 1)."""
+    status = cli.main(["bench", *TINY, *ONE_RUN, "--prompt-tokens", "8", "--gen-tokens", "2", "--json", "/dev/full"])
+    captured = capsys.readouterr()
+    assert "total tok/s" in captured.out
+    assert captured.err.splitlines()[-1] == "mlxserve: error: --json /dev/full: No space left on device"
+    assert status == 2
+
+
 def _interrupt_after(monkeypatch, measured_calls: int) -> None:
     """Ctrl-C in the closed loop call after `measured_calls` of them (warm-up calls included)."""
     original, calls = OurBackend.closed_loop, []

@@ -1068,7 +1068,9 @@ def main(args) -> int:
             write_json(results, args.json, err)
         raise
     if args.json and not write_json(results, args.json, err):
-        return 1
+        from .cli import EXIT_USAGE
+
+        return EXIT_USAGE  # (its line is `mlxserve: error: …`, whose status is 2 everywhere else)
     return status
 
 
