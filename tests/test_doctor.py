@@ -46,6 +46,17 @@ def test_unwritable_cache_fails_the_report(monkeypatch, tmp_path):
     assert report["ok"] is False
 
 
+def test_a_cache_that_is_a_file_is_named_as_one(monkeypatch, tmp_path):
+    """MLXSERVE_CACHE naming a file: the check says it is no folder; mkdir's reason alone read
+    "cannot write to …/a-file: File exists"."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("MLXSERVE_CACHE", str(blocker))
+    check = next(c for c in doctor.collect()["checks"] if c["name"] == "cache dir writable")
+    assert check == {"name": "cache dir writable", "ok": False,
+                     "detail": f"{blocker} is not a folder (set MLXSERVE_CACHE to a writable folder)"}
+
+
 def test_a_crashing_check_is_reported_not_raised(monkeypatch):
     def broken():
         raise RuntimeError("no device")

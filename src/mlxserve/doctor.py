@@ -141,6 +141,8 @@ def _check_cache_dir() -> str:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path):
             pass
+    except FileExistsError:  # a file there (mkdir's own reason, "File exists", said nothing of what was wrong)
+        raise CheckFailed(f"{path} is not a folder (set MLXSERVE_CACHE to a writable folder)") from None
     except OSError as e:
         raise CheckFailed(f"cannot write to {path}: {e.strerror or e} (set MLXSERVE_CACHE to a "
                           f"writable folder)") from None
