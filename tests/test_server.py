@@ -1809,6 +1809,28 @@ def test_health_is_503_when_the_engine_stopped(tiny_model_dir):
         live.stop()
 
 
+def test_a_request_in_flight_when_the_engine_loop_dies_is_a_503(tiny_model_dir):
+    """The loop ending under a request (here: a step raising what only ends a thread) is the
+    engine stopping, as /health then says: 503, as for every request after it."""
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    engine = Engine(loaded).start()
+    live = LiveServer(create_app(engine, MODEL))
+
+    def step():
+        raise SystemExit
+
+    try:
+        engine._scheduler.step = step  # (read by the loop at its next step: this request's first)
+        status, body = raw(live.url + "/completions", {"prompt": "hi", "max_tokens": 2}, key=None)
+        assert status == 503, body
+        assert body["error"] == {"message": "engine stopped", "type": "server_error",
+                                                   "param": None, "code": None}, body
+        assert raw(live.base + "/health", method="GET", key=None)[0] == 503
+    finally:
+        live.stop()
+        engine.stop()
+
+
 def test_echo_scoring_equals_a_direct_forward_pass(server, client):
     """lm-evaluation-harness style: echo + logprobs + max_tokens 0 scores the prompt."""
     from tiny_models import reference_prompt_logprobs

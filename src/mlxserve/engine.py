@@ -32,6 +32,7 @@ log = logging.getLogger("mlxserve.engine")
 
 STATS_REFRESH_S = 0.5  # how stale the published stats may get while the engine is idle
 SHUTTING_DOWN = "server is shutting down"  # the error of requests that abort_all ends
+ENGINE_STOPPED = "engine stopped"  # the error of requests in flight when the engine loop died
 # What a Ctrl-C does while Engine.stop waits for the step in flight (tens of seconds for a long
 # prompt's chunk on a CPU): None, nothing (the wait goes on: a process that exits normally
 # while the engine thread is inside MLX aborts); the command line sets a function that ends
@@ -208,8 +209,10 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        """True while the engine loop runs (false before start, after stop or a crash)."""
-        return self._worker is not None and not self._done.is_set()
+        """True while the engine loop runs (false before start, after stop or a crash, and
+        already while it ends its streams: a client told its request ended because the
+        engine stopped finds /health saying so)."""
+        return self._worker is not None and not self._done.is_set() and not self._closed
 
     def __enter__(self) -> "Engine":
         return self.start()
@@ -301,7 +304,7 @@ class Engine:
                 if kind == "submit":
                     self._streams[payload.id] = payload
             for stream in list(self._streams.values()):
-                stream._push(TokenEvent(stream.id, [], "", finish_reason="error", error="engine stopped",
+                stream._push(TokenEvent(stream.id, [], "", finish_reason="error", error=ENGINE_STOPPED,
                                         time=time.perf_counter()))
             self._streams.clear()
             release_garbage_collector()

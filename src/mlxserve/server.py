@@ -31,7 +31,7 @@ from . import openai_api as wire
 from . import responses_api
 from .background import BackgroundResponse
 from .chat_output import Parsed, merge_parts, parser_for
-from .engine import SHUTTING_DOWN, Engine, EngineStopped
+from .engine import ENGINE_STOPPED, SHUTTING_DOWN, Engine, EngineStopped
 from .grammar import ANSWER_REFUSED
 from .metrics import Metrics
 from .sampling import SamplingParams
@@ -445,7 +445,7 @@ async def _until_disconnected(request: HTTPRequest) -> None:
 def _engine_error(message: str | None, c: wire.Completion | None = None) -> wire.APIError:
     """What to answer for a request (`c`, for a completion) the engine ended with an error."""
     message = message or "generation failed"
-    if message == SHUTTING_DOWN:
+    if message in (SHUTTING_DOWN, ENGINE_STOPPED):  # (the server cannot answer anything now, as /health says)
         return wire.APIError(503, message, type="server_error")
     if message.startswith(ANSWER_REFUSED):  # its own grammar's doing
         if c is not None and c.calls_constrained:  # the grammar of its tools' calls
