@@ -196,11 +196,12 @@ def test_load_keeps_what_the_file_does_not_carry(tmp_path):
     ('{"messages": [], "settings": "x"}', "'settings' must be an object"),
     ('"just text"', "not a saved chat"),
     ('{"version": 2, "messages": []}', "saved by a newer mlxserve (version 2; this one reads up to 1)"),
-    ('{"version": "1", "messages": []}', "'version' must be a whole number >= 1, not '1'"),
-    ('{"version": true, "messages": []}', "'version' must be a whole number >= 1, not True"),
+    ('{"version": "1", "messages": []}', "'version' must be a whole number >= 1, not \"1\""),
+    ('{"version": true, "messages": []}', "'version' must be a whole number >= 1, not true"),
     ('{"messages": [], "settings": {"temprature": 0.5}}', "settings.temprature: not a setting (the settings are temperature, top_p"),
     # A hand-edited answer marked "cut": "false" loaded as cut (any non-empty string is true).
-    ('{"messages": [{"role": "assistant", "content": "x", "cut": "false"}]}', "messages[0].cut must be true or false"),
+    ('{"messages": [{"role": "assistant", "content": "x", "cut": "false"}]}', "messages[0].cut must be true or false, not \"false\""),
+    ('{"messages": [], "settings": {"max_tokens": true}}', "settings.max_tokens: true is not accepted"),
     ('{"messages": [{"role": "assistant", "content": "x", "reasoning": ["a"]}]}', "messages[0].reasoning must be text"),
 ])
 def test_load_errors_are_one_line_naming_the_file(tmp_path, content, needle):

@@ -208,10 +208,10 @@ class ChatSession:
         if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
             raise ValueError("not a saved chat (expected an object with 'messages')")  # noqa: TRY004 - bad file content
         if data.get("format", SAVE_FORMAT) != SAVE_FORMAT:
-            raise ValueError(f"not a saved chat (format {data.get('format')!r})")
+            raise ValueError(f"not a saved chat (format {_json(data.get('format'))})")
         version = data.get("version", SAVE_VERSION)
         if type(version) is not int or version < 1:
-            raise ValueError(f"'version' must be a whole number >= 1, not {version!r}")
+            raise ValueError(f"'version' must be a whole number >= 1, not {_json(version)}")
         if version > SAVE_VERSION:  # its settings or messages may mean what this one cannot tell
             raise ValueError(f"saved by a newer mlxserve (version {version}; this one reads up to {SAVE_VERSION})")
         system = data["system"] if "system" in data else current.system  # (null in a /save file: it had none)
@@ -230,7 +230,7 @@ class ChatSession:
             if not isinstance(reasoning, (str, type(None))):
                 raise ValueError(f"messages[{i}].reasoning must be text")
             if not isinstance(cut, (bool, type(None))):  # ("false", a string, was true)
-                raise ValueError(f"messages[{i}].cut must be true or false, not {cut!r}")
+                raise ValueError(f"messages[{i}].cut must be true or false, not {_json(cut)}")
             messages.append(Message(role, content, reasoning or "", bool(cut)))
         if system is not None and not isinstance(system, str):
             raise ValueError("'system' must be text")
@@ -244,7 +244,7 @@ class ChatSession:
             try:
                 settings.set(name, _setting_text(name, value))
             except UsageError:
-                raise ValueError(f"settings.{name}: {value!r} is not accepted") from None
+                raise ValueError(f"settings.{name}: {_json(value)} is not accepted") from None
         model = data.get("model")
         return cls(system, settings, messages), model if isinstance(model, str) else None
 
@@ -287,6 +287,13 @@ class ChatSession:
 
     def export(self, path: str | Path, model: str | None = None) -> Path:
         return _write(path, self.to_markdown(model))
+
+
+def _json(value: object) -> str:
+    """A value read from a saved chat as its file spells it (true, null, "1"), for errors; at
+    most 80 characters."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:79] + "…"
 
 
 def _message_text(content: object) -> str | None:
