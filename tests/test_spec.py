@@ -161,6 +161,27 @@ def test_a_draft_never_runs_past_max_tokens_or_a_stop_token(loaded, monkeypatch,
     assert _tokens(stopped) == alone[: alone.index(stop_at) + 1] and stopped[-1].finish_reason == "stop"
 
 
+def test_draft_tokens_after_a_stop_inside_the_draft_count_as_neither_accepted_nor_decoded(loaded, monkeypatch):
+    """A draft the target accepts whole, with a stop token inside it: the tokens after the
+    stop are no part of the answer, so the counters leave them out (they counted them:
+    `mlxserve run` showed more draft tokens accepted than tokens generated)."""
+    prompt = _prompts(loaded.tokenizer)[2]
+    alone = _tokens(_events_alone(loaded, prompt, GREEDY))
+    _script(monkeypatch, [prompt + alone], None)
+    # The first token of alone[2:] not seen before it: the answer stops there, inside the
+    # first draft (alone[1:9]; alone[0] comes with the prompt).
+    stop = next(i for i in range(2, 8) if alone[i] not in alone[:i])
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop_token_ids=(alone[stop],))
+    with Engine(loaded, EngineConfig(block_size=8, speculative="ngram", draft_tokens=8)) as engine:
+        events = _events(engine, prompt, params)
+        stats = engine.stats()
+    assert _tokens(events) == alone[: stop + 1] and events[-1].finish_reason == "stop"
+    assert events[-1].completion_tokens == stop + 1
+    assert stats["drafted_tokens"] == 8
+    assert stats["accepted_tokens"] == stop  # alone[1 : stop + 1]
+    assert stats["decode_tokens"] == stop  # every token but the first
+
+
 def _events_alone(loaded, prompt, params):
     with Engine(loaded, EngineConfig(block_size=8)) as engine:
         return _events(engine, prompt, params)

@@ -572,7 +572,6 @@ class Scheduler:
         accepted = 0
         while accepted < len(draft) and samples[accepted] == draft[accepted]:
             accepted += 1
-        self.stats.record_draft(len(draft), accepted)
         if accepted:
             row.draft_misses = 0
         else:
@@ -592,6 +591,10 @@ class Scheduler:
             events.append(self._commit(row, token, logprob(row, first + i), now))
             if row.finished:
                 break
+        # Counted as they reach the answer: draft tokens after a stop (a stop token or string,
+        # EOS) inside the draft were accepted by the target but are no part of it. (The step
+        # counted its first token as decoded.)
+        self.stats.record_draft(len(draft), min(accepted, len(events)), decoded=len(events) - 1)
         return events
 
     # ---- admission and planning ----------------------------------------------------------
@@ -961,13 +964,14 @@ class SchedulerStats:
         self.busy_seconds += seconds
         self.recent.append((time.perf_counter(), prefill, decode))
 
-    def record_draft(self, drafted: int, accepted: int) -> None:
-        """A verified draft; its accepted tokens count as decoded (the step counted one)."""
+    def record_draft(self, drafted: int, accepted: int, decoded: int) -> None:
+        """A verified draft: `accepted` of its tokens in the answer, and `decoded` tokens the
+        answer got beyond the one the step counted."""
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
-        self.decode_tokens += accepted
-        if accepted:
-            self.recent.append((time.perf_counter(), 0, accepted))
+        self.decode_tokens += decoded
+        if decoded:
+            self.recent.append((time.perf_counter(), 0, decoded))
 
     def rates(self, now: float) -> tuple[float, float]:
         """Prefill and decode tokens per second over the last RATE_WINDOW_S seconds."""
