@@ -174,6 +174,20 @@ def test_result_independent_of_chunking():
         assert feed_all(stops, chunks) == (expected, True)
 
 
+def test_the_text_held_back_is_the_longest_tail_that_may_start_a_stop_string():
+    """Against a plain search over every tail, on a small alphabet (many partial matches)."""
+    rng = random.Random(1)
+    for _ in range(500):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 12)))
+        matcher = StopMatcher(stops)
+        emitted, stopped = matcher.feed(text)
+        if stopped:
+            continue
+        longest = max((n for n in range(len(text) + 1) for s in stops if n < len(s) and text.endswith(s[:n])), default=0)
+        assert emitted == text[:len(text) - longest], (stops, text)
+
+
 def test_empty_stop_rejected():
     with pytest.raises(ValueError):
         StopMatcher([""])

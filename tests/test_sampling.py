@@ -307,7 +307,7 @@ def test_defaults_are_valid():
     SamplingParams().validate()
     SamplingParams(temperature=2).validate()
     SamplingParams(temperature=0, top_p=0.01, top_k=1, min_p=1.0, presence_penalty=-2,
-                   frequency_penalty=2, seed=-3, stop=("x",) * 16, logprobs=True, top_logprobs=20,
+                   frequency_penalty=2, seed=-3, stop=("x",) * 15 + ("y" * 1000,), logprobs=True, top_logprobs=20,
                    logit_bias=((0, -100), (5, 100.0))).validate()
 
 
@@ -330,6 +330,7 @@ def test_defaults_are_valid():
     ("seed", 1.0),
     ("stop", ("s",) * 17),
     ("stop", ("",)),
+    ("stop", ("x", "y" * 1001)),  # (each is checked after every token, for every stream: sampling.MAX_STOP_LENGTH)
     ("stop_token_ids", (-1,)),
     ("top_logprobs", 21),
     ("top_logprobs", -1),

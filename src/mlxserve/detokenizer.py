@@ -112,9 +112,10 @@ class StopMatcher:
     def _held_tail(self, text: str) -> int:
         """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
         held = 0
+        last = text[-1:]
         for stop in self._stops:
             for n in range(min(len(stop) - 1, len(text)), held, -1):
-                if text.endswith(stop[:n]):
+                if stop[n - 1] == last and text.endswith(stop[:n]):  # (the cheap test first: no slice)
                     held = n
                     break
         return held

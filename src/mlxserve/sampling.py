@@ -47,6 +47,9 @@ from .checks import MAX_TEMPERATURE, is_temperature
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+# The engine thread checks every stop string after each token for the text it must hold back
+# (StopMatcher): a request's stop strings of a million characters would slow every stream.
+MAX_STOP_LENGTH = 1000
 
 # Temperatures below this count as greedy: the distribution is already a point mass for any
 # practical logit gap, and dividing by a denormal temperature would overflow float32.
@@ -115,6 +118,8 @@ class SamplingParams:
             fail("stop", f"at most {MAX_STOP_STRINGS} stop strings")
         if not all(isinstance(s, str) and s for s in self.stop):
             fail("stop", "stop strings must be non-empty strings")
+        if any(len(s) > MAX_STOP_LENGTH for s in self.stop):
+            fail("stop", f"a stop string may have at most {MAX_STOP_LENGTH:,} characters")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             fail("stop_token_ids", "must be integers >= 0")
         if not _is_int(self.top_logprobs) or not (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
