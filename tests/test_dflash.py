@@ -548,10 +548,13 @@ def test_the_warm_up_runs_a_draft_and_keeps_no_context(target, monkeypatch):
     drafted = []
     propose = DFlashDrafter.propose
     monkeypatch.setattr(DFlashDrafter, "propose", lambda self, tokens, k: drafted.append(k) or propose(self, tokens, k))
-    scheduler = make_scheduler(loaded, EngineConfig(speculative="dflash", draft_model="x"))
+    # Blocks of 8 tokens: the warm-up's 2 + 2 + 15 tokens fill two, which the prefix cache
+    # would keep (their memory is the requests').
+    scheduler = make_scheduler(loaded, EngineConfig(speculative="dflash", draft_model="x", block_size=8))
     scheduler.warm_up()
     assert drafted[:1] == [15]  # a whole block first, as a single stream's drafts are
     assert not scheduler.draft_contexts.entries and scheduler.stats.drafted_tokens == 0
+    assert scheduler.prefix.cached_blocks == 0 and scheduler.prefix.cached_bytes == 0
 
 
 def test_memory_errors_name_the_budget_given_and_the_drafts_share(target, monkeypatch):

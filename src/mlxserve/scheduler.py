@@ -296,7 +296,8 @@ class Scheduler:
         answer; with speculation on, a step verifying a whole draft too (with a draft model,
         one of its drafts as well). (On the CPU back-end
         that build runs the C++ compiler through system(), which ignores Ctrl-C while it
-        runs.) Too short to leave anything in the prefix cache."""
+        runs.) What it leaves in the prefix cache (a whole block, where blocks are small
+        and drafts long) is dropped: its memory is the requests'."""
         k = self.draft_tokens
         self.add(Request([0, 0], SamplingParams(max_tokens=2 + k, temperature=0.0, ignore_eos=True), id="warm-up"))
         if k and self.draft is None:
@@ -308,6 +309,7 @@ class Scheduler:
             self.step()
         self.stats = SchedulerStats()
         if self.prefix is not None:
+            self.prefix.clear()
             self.prefix.stats = PrefixStats()  # its lookup is not a request anyone made
         if self.draft_contexts is not None:
             self.draft_contexts.clear()  # (nor is its draft context anyone's)
