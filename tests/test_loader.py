@@ -73,6 +73,21 @@ def test_gguf_and_safetensors_forms_generate_the_same_ids(tmp_path, arch):
     assert gguf_model.quantization != "unknown"
 
 
+def test_a_gguf_file_loads_whatever_its_name_ends_with(tmp_path):
+    """A GGUF file is one by its content (registry.resolve checks that it starts as one): a
+    file named Model.GGUF, or with no suffix at all, loads as a .gguf one does. It was
+    refused as "not a model folder or .gguf file", and loaded through a symbolic link by
+    a .gguf name."""
+    import os
+
+    gguf_file, _ = gguf_pair(tmp_path, "llama")
+    for name in ("Tiny.GGUF", "tiny-model"):
+        os.link(gguf_file, tmp_path / name)
+        loaded = load_model(str(tmp_path / name), progress=False)
+        assert loaded.format == "gguf"
+        assert loaded.tokenizer.encode("hello") == load_model(str(gguf_file), progress=False).tokenizer.encode("hello")
+
+
 def test_missing_and_broken_models_fail_in_one_line(tmp_path):
     with pytest.raises(ModelNotFound) as err:
         load_model(str(tmp_path / "nope"), progress=False)

@@ -448,6 +448,14 @@ def test_served_names_of_a_gguf_file_are_short_and_the_path_still_names_it(monke
     copy = tmp_path / "files" / SMOL.filename
     copy.write_bytes(b"GGUF")
     assert registry.served_names(str(copy)) == [copy.stem, str(copy)]
+    # A GGUF file by any other name (the loader reads it all the same): .GGUF dropped in any
+    # case, a name without it whole (not cut at its last dot).
+    upper = tmp_path / "files" / "Upper.Q8_0.GGUF"
+    upper.write_bytes(b"GGUF")
+    assert registry.served_names(str(upper)) == ["Upper.Q8_0", str(upper)]
+    bare = tmp_path / "files" / "Bare.Q4_K_M"
+    bare.write_bytes(b"GGUF")
+    assert registry.served_names(str(bare)) == ["Bare.Q4_K_M", str(bare)]
     folder = tmp_path / "folder"
     folder.mkdir()
     for spec in (SMOL.name, "org/repo", str(folder), str(tmp_path / "missing.gguf")):

@@ -68,7 +68,7 @@ def load_model(spec: str, *, dtype: mx.Dtype | None = None, progress: bool = Tru
     path = registry.resolve(spec, progress=progress)
     start = time.perf_counter()
     try:
-        if path.is_file() and path.suffix == ".gguf":
+        if path.is_file():  # (resolve() took a file only where it starts as GGUF does, whatever its name)
             loaded = _load_gguf(path, dtype, gguf_mode)
         elif path.is_dir():
             loaded = _load_folder(path, dtype)

@@ -646,19 +646,21 @@ def list_local_models() -> list[LocalModel]:
 def served_names(spec: str) -> list[str]:
     """The names a server answers to for the model `spec` names, the id it shows first.
 
-    A .gguf file given by path is served under its alias where it is an alias's pulled file
-    (the name `mlxserve models` lists it by), else under its file name without `.gguf`: a
-    path of the server's machine is long, and no business of its clients. The path as given,
+    A GGUF file given by path is served under its alias where it is an alias's pulled file
+    (the name `mlxserve models` lists it by), else under its file name without `.gguf` (in
+    any case; a name without it, whole): a path of the server's machine is long, and no
+    business of its clients. The path as given,
     the absolute path and that stem still name it, so that clients written for them go on
     working. Any other spec (an alias, a repo id, a folder) is its own one name."""
     path = expand_user(spec)
-    if path.suffix != ".gguf" or not path.is_file():
+    if not path.is_file():  # (a file that loaded is a GGUF file, named .gguf or not: Model.GGUF)
         return [spec]
     absolute = path.resolve()
     alias = next((a for a in ALIASES.values() if a.filename == absolute.name), None)
     registered = alias is not None and absolute.parent == _models_dir().resolve()
     names = [alias.name] if registered else []
-    names += [absolute.stem, spec, str(absolute)]
+    stem = absolute.name[:-len(".gguf")] if absolute.name.lower().endswith(".gguf") else absolute.name
+    names += [stem, spec, str(absolute)]
     return list(dict.fromkeys(names))  # (in order, each once)
 
 
