@@ -386,6 +386,10 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("serve", "--cors", "notanorigin", "--port", "9"), "--cors: 'notanorigin' is not an origin: give it as a browser"),
     (("serve", "--cors", "http://localhost:3000/", "--port", "9"), "--cors: 'http://localhost:3000/' is not an origin"),
     (("serve", "--cors", "*", "--cors", "localhost:3000", "--port", "9"), "--cors: 'localhost:3000' is not an origin"),
+    # a key no HTTP header carries as it is: curl sent its UTF-8 and got 401 for ever (and
+    # see test_an_api_key_that_no_header_carries_is_refused_by_chat_too)
+    (("serve", "--api-key", "clé", "--port", "9"), "--api-key must be printable ASCII (it is sent in an HTTP header"),
+    (("serve", "--api-key", " key", "--port", "9"), "--api-key must not start or end with a space"),
     (("run", "--draft-model", "", "hi"), "argument --draft-model: expected a value, got ''"),
     # With --url the server's engine runs the model: the engine's flags would do nothing.
     (("chat", "--url", "http://127.0.0.1:9", "--dtype", "float32"),
@@ -421,6 +425,19 @@ def test_bad_input_is_one_line_and_exit_2(args, needle):
     assert len(lines) == 1 and lines[0].startswith("mlxserve: error:"), r.stderr
     assert needle in lines[0]
     assert "Traceback" not in r.stderr
+
+
+def test_an_api_key_that_no_header_carries_is_refused_by_chat_too():
+    """`chat --url` failed in a codec's words ("'latin-1' codec can't encode characters in
+    position 7-8") or in http.client's ("Invalid header value b'Bearer a\\nb'")."""
+    r = mlxserve("chat", "--url", "http://127.0.0.1:9", "--api-key", "日本", stdin="hi\n")
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("mlxserve: error: --api-key must be printable ASCII (it is sent in an HTTP "
+                                "header, 'Authorization: Bearer KEY'), but holds '日'")
+    r = mlxserve("chat", "--url", "http://127.0.0.1:9", env={"MLXSERVE_API_KEY": "a\nb"}, stdin="hi\n")
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("mlxserve: error: MLXSERVE_API_KEY must be printable ASCII (it is sent in an HTTP "
+                                "header, 'Authorization: Bearer KEY'), but holds '\\n'")
 
 
 def test_every_flag_and_its_no_flag_together_are_refused(capsys):

@@ -438,6 +438,21 @@ def check_temperature_flag(value: float | None) -> None:
         raise CLIError(f"--temperature must be a number from 0 to {MAX_TEMPERATURE} (0 = greedy), got {value:g}")
 
 
+def check_api_key(key: str | None, source: str = "--api-key") -> None:
+    """An API key (of `serve`, or the one `chat --url` sends, from `source`) that an HTTP header
+    can carry as it is: clients send header values as ASCII (or Latin-1, or UTF-8: no two
+    agree), and the server reads them without leading or trailing spaces, so a key with
+    other characters was refused whatever was sent, or failed in the client in a codec's words."""
+    if key is None:
+        return
+    odd = next((ch for ch in key if not " " <= ch <= "~"), None)
+    if odd is not None:
+        raise CLIError(f"{source} must be printable ASCII (it is sent in an HTTP header, "
+                       f"'Authorization: Bearer KEY'), but holds {odd!r}")
+    if key != key.strip():
+        raise CLIError(f"{source} must not start or end with a space (an HTTP header's value is read without them)")
+
+
 def check_cors_origin(origin: str) -> None:
     """A --cors value: "*", or an origin as a browser sends it (scheme://host[:port], nothing
     after it). The server compares origins as strings, so one written otherwise
@@ -571,6 +586,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_running < 1:
         raise CLIError("--max-running must be >= 1")
+    check_api_key(args.api_key)
     for origin in args.cors:
         check_cors_origin(origin)
     config = engine_config(args, max_running=args.max_running)

@@ -126,7 +126,10 @@ def open_backend(args):
     from .chat_backend import EngineBackend, HTTPBackend
 
     if args.url:
+        from .cli import check_api_key
+
         api_key = args.api_key or os.environ.get("MLXSERVE_API_KEY")
+        check_api_key(api_key, "--api-key" if args.api_key else "MLXSERVE_API_KEY")
         return HTTPBackend(args.url, api_key=api_key, model=args.model)
     from .cli import _load, engine_config
     from .loader import parse_dtype
