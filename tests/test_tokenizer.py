@@ -334,6 +334,18 @@ def test_template_errors():
         render_chat_template("{{ messages.append(1) }}", [])  # the sandbox is immutable
 
 
+def test_a_special_token_the_model_lacks_renders_as_nothing():
+    """A GGUF without a BOS (or EOS) id: a template's `{{ bos_token }}` writes nothing, as in
+    transformers and llama.cpp; it wrote "None" into the prompt."""
+    template = "{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"
+    plain = Tokenizer.from_gguf_metadata(_byte_vocab_metadata("qwen2", **{"tokenizer.chat_template": template}))
+    assert plain.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
+    with_eos = Tokenizer.from_gguf_metadata(_byte_vocab_metadata(
+        "qwen2", ["<eos>"], **{"tokenizer.chat_template": template, "tokenizer.ggml.eos_token_id": 256}))
+    assert with_eos.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi<eos>"
+    assert with_eos.apply_chat_template([{"role": "user", "content": "hi"}], bos_token="<s>") == "<s>hi<eos>"
+
+
 def test_model_without_chat_template_refuses():
     tokenizer = Tokenizer.from_gguf_metadata(_byte_vocab_metadata("qwen2"))
     assert tokenizer.chat_template is None

@@ -399,7 +399,11 @@ class Tokenizer:
         template = self._chat_templates.get(name)
         if template is None:
             raise TokenizerError("this model has no chat template; use plain text completion")
-        variables = {"bos_token": self._bos_token, "eos_token": self._eos_token, **template_kwargs}
+        # A token the model does not have is left undefined, which renders as nothing, as in
+        # transformers and llama.cpp (None rendered as the text "None").
+        variables = {name: token for name, token in (("bos_token", self._bos_token), ("eos_token", self._eos_token))
+                     if token is not None}
+        variables.update(template_kwargs)
         return render_chat_template(template, messages, tools=tools,
                                     add_generation_prompt=add_generation_prompt, **variables)
 
