@@ -386,6 +386,12 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("serve", "--cors", "notanorigin", "--port", "9"), "--cors: 'notanorigin' is not an origin: give it as a browser"),
     (("serve", "--cors", "http://localhost:3000/", "--port", "9"), "--cors: 'http://localhost:3000/' is not an origin"),
     (("serve", "--cors", "*", "--cors", "localhost:3000", "--port", "9"), "--cors: 'localhost:3000' is not an origin"),
+    (("serve", "--cors", "http://localhost:99999", "--port", "9"), "--cors: 'http://localhost:99999' is not an origin"),
+    # written otherwise than a browser writes it: never matched, as above
+    (("serve", "--cors", "HTTP://LocalHost:3000", "--port", "9"),
+     "--cors: a browser sends 'HTTP://LocalHost:3000' as 'http://localhost:3000', and origins are compared as text"),
+    (("serve", "--cors", "https://app.example:443", "--port", "9"), "as 'https://app.example', and origins"),
+    (("serve", "--cors", "http://user@app.example", "--port", "9"), "as 'http://app.example', and origins"),
     # a key no HTTP header carries as it is: curl sent its UTF-8 and got 401 for ever (and
     # see test_an_api_key_that_no_header_carries_is_refused_by_chat_too)
     (("serve", "--api-key", "clé", "--port", "9"), "--api-key must be printable ASCII (it is sent in an HTTP header"),

@@ -460,9 +460,21 @@ def check_cors_origin(origin: str) -> None:
     if origin == "*":
         return
     parts = urlsplit(origin)
-    if not (parts.scheme and parts.netloc) or origin != f"{parts.scheme}://{parts.netloc}":
+    try:
+        port = parts.port
+    except ValueError:  # not a port number (or past 65535)
+        port = -1
+    if not (parts.scheme and parts.hostname) or port == -1 or origin.partition("://")[2] != parts.netloc:
         raise CLIError(f"--cors: {origin!r} is not an origin: give it as a browser sends it, "
                        "scheme://host[:port] (e.g. http://localhost:3000), or * for any")
+    # A browser writes the scheme and host in lower case and leaves a scheme's default port out.
+    scheme, host = parts.scheme.lower(), parts.hostname
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != {"http": 80, "https": 443}.get(scheme):
+        netloc += f":{port}"
+    if origin != f"{scheme}://{netloc}":
+        raise CLIError(f"--cors: a browser sends {origin!r} as '{scheme}://{netloc}', and origins are "
+                       "compared as text: give that")
 
 
 def _shown_while_prompt_is_read(stream, prompt_tokens: int, progress):
