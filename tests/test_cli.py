@@ -223,6 +223,52 @@ def test_bench_reports_on_ctrl_c_and_a_second_ctrl_c_quits_without_waiting(tiny)
     assert proc.returncode == 130
 
 
+def test_serve_stopping_says_what_it_waits_for_and_a_second_ctrl_c_quits_at_once(tiny):
+    """Ctrl-C ends the server's requests (503), then the engine finishes its step in flight:
+    minutes for a long prompt on the CPU, said in one line. A second Ctrl-C went to the handler
+    that takes uvicorn's re-raised signal, which ignores it: the process waited for the step
+    (here it never ends). Now it quits at once."""
+    import urllib.error
+    import urllib.request
+
+    from live_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKING_STEP, "serve", "--model", tiny, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, BLOCK_STEP="1", PYTHONUNBUFFERED="1"))
+    answers = []
+    # (A bound for a failing test, not a wait for anything: such a process waits for ever, and
+    # the lines below wait for its stderr.)
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
+
+    def ask():
+        body = json.dumps({"prompt": "Hello", "max_tokens": 5}).encode()
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body), timeout=120)
+        except urllib.error.HTTPError as exc:
+            answers.append(exc.code)
+
+    try:
+        assert "serving" in proc.stdout.readline()
+        asking = threading.Thread(target=ask)
+        asking.start()
+        _until_line(proc, "[step blocked]")
+        proc.send_signal(signal.SIGINT)
+        asking.join()
+        assert answers == [503]
+        _until_line(proc, "mlxserve: stopping once the engine's step in flight ends (Ctrl-C again quits at once)")
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+    finally:
+        watchdog.cancel()
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130
+    assert "Traceback" not in proc.stderr.read()
+
+
 @pytest.mark.parametrize("command", [("models",), ("models", "--json"), ("doctor",), ("pull", "--list"), ("--help",),
                                      ("run", "--help"), ("--version",), ("run", "hi"), ("run", "--json", "hi"),
                                      ("chat",)])

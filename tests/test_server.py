@@ -1323,6 +1323,7 @@ def test_serve_gives_a_gguf_path_its_short_id_unless_a_name_is_given(monkeypatch
     served = []
     monkeypatch.setattr(cli, "_load", lambda *args: None)  # (what is served is all this test looks at)
     monkeypatch.setattr(cli, "_running_engine", lambda loaded, config: contextlib.nullcontext("engine"))
+    monkeypatch.setattr(cli, "_stop_saying_so", lambda engine: None)
     monkeypatch.setattr(server, "serve", lambda engine, name, sock, **options: served.append(
         (name, options["other_model_names"])))
     for extra in ([], ["--served-model-name", "mine"]):

@@ -611,7 +611,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         names = [args.served_model_name] if args.served_model_name else served_names(args.model)
         with _running_engine(loaded, config) as engine:
             serve(engine, names[0], sock, other_model_names=names[1:], api_key=args.api_key, cors_origins=args.cors)
+            _stop_saying_so(engine)
     return 0
+
+
+STOP_NOTICE_S = 1.0  # how long a stopping engine may take before the user is told what it waits for
+
+
+def _stop_saying_so(engine) -> None:
+    """Stop a server's engine once the server has stopped (its requests have had their 503):
+    the engine finishes its step in flight first, on a CPU tens of seconds for a prompt chunk.
+    Where that takes a while, say so; a further Ctrl-C quits without waiting (see Engine.stop)."""
+    notice = threading.Timer(STOP_NOTICE_S, lambda: print(
+        "mlxserve: stopping once the engine's step in flight ends (Ctrl-C again quits at once)",
+        file=sys.stderr, flush=True))
+    notice.daemon = True
+    notice.start()
+    try:
+        engine.stop()
+    finally:
+        notice.cancel()
 
 
 # ---- chat -----------------------------------------------------------------------------------

@@ -869,4 +869,11 @@ def serve(engine: Engine, served_model: str, sock: socket.socket, **app_options)
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if sock.family == socket.AF_INET6 else host  # as a URL writes it
     print(f"mlxserve: serving {served_model} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        # Stopped (uvicorn has handed the signal to the handler above): a further Ctrl-C or
+        # SIGTERM, while the engine finishes its step in flight, is one again (it went to that
+        # handler, and the process waited for the step: minutes for a long prompt on a CPU).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
