@@ -437,7 +437,7 @@ def _chat_prompt(body: dict, tokenizer, tools: list | None, think: bool = True) 
             raise APIError(400, f"messages[{i}].content is required (a string or a list of parts) in a "
                                 f"{m['role']!r} message; an assistant message may leave it out or null only "
                                 "beside tool_calls", param="messages")
-        if m["role"] in ("tool", "function") and not _answers_a_call(messages, i):
+        if m["role"] in ("tool", "function") and not answers_a_call(messages[:i]):
             # (As OpenAI: a result nobody asked for is a broken history, not something to render.)
             raise APIError(400, f"messages[{i}] is a {m['role']!r} message, which must answer an assistant "
                                 "message's tool_calls (with only other results between them)", param="messages")
@@ -462,10 +462,10 @@ def _chat_prompt(body: dict, tokenizer, tools: list | None, think: bool = True) 
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _answers_a_call(messages: list, i: int) -> bool:
-    """Whether message i (a tool's or function's result) follows an assistant message that
-    made calls, with only other results between them."""
-    for m in reversed(messages[:i]):
+def answers_a_call(earlier: list[dict]) -> bool:
+    """Whether a tool's (or function's) result after the messages `earlier` answers calls: it
+    follows an assistant message that made some, with only other results between them."""
+    for m in reversed(earlier):
         if m["role"] not in ("tool", "function"):
             return m["role"] == "assistant" and bool(m.get("tool_calls") or m.get("function_call"))
     return False

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .openai_api import APIError, Completion, parse_request, part_text
+from .openai_api import APIError, Completion, answers_a_call, parse_request, part_text
 
 if TYPE_CHECKING:
     from .background import BackgroundResponse
@@ -301,8 +301,7 @@ def _input_messages(value: object, history: list[dict]) -> list[dict]:
                 raise APIError(400, f"No tool call found for function call output with call_id "
                                     f"{json.dumps(call_id)[:80]} (input[{i}]): no earlier function_call item, nor the "
                                     "previous response, made it", param="input")
-            last = (history + messages)[-1]
-            if last["role"] != "tool" and not (last["role"] == "assistant" and last.get("tool_calls")):
+            if not answers_a_call(history + messages):
                 raise APIError(400, f"input[{i}]: a function_call_output must follow the function_call items "
                                     "(or other outputs) it answers, with no message between them", param="input")
             messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
