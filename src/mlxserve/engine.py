@@ -236,7 +236,7 @@ class Engine:
             if self._closed:  # the loop has ended, or is ending (stop() while a step ran)
                 raise EngineStopped("engine is not running")
             # Refuse here, in the caller's thread, so that a server can answer 429 at once.
-            limit = self.config.max_running + self.config.max_waiting
+            limit = self.config.request_limit
             if self._outstanding >= limit:
                 raise ServerBusy(f"server busy: {self._outstanding} requests in progress (limit {limit})")
             self._outstanding += 1

@@ -140,6 +140,11 @@ class SchedulerConfig:
     # random draft at the target's shape, for benchmarks).
     draft_model: str | None = None
 
+    @property
+    def request_limit(self) -> int:
+        """Requests held at once, running and waiting: beyond it a new one is "server busy"."""
+        return self.max_running + self.max_waiting
+
 
 class Row:
     """A request inside the scheduler."""
@@ -318,7 +323,7 @@ class Scheduler:
     def add(self, request: Request) -> None:
         check_fits(len(request.prompt_ids), self.config.context_length)
         check_memory(len(request.prompt_ids), self.kv)
-        limit = self.config.max_running + self.config.max_waiting
+        limit = self.config.request_limit
         if len(self.waiting) + len(self.running) >= limit:
             raise ServerBusy(f"server busy: {len(self.waiting) + len(self.running)} requests in progress (limit {limit})")
         grammar = request.params.grammar

@@ -133,7 +133,7 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
         c, answer = await read_request(request, lambda body: parse(body, kind))
         if answer is not None:
             return answer
-        limit = engine.config.max_running + engine.config.max_waiting
+        limit = engine.config.request_limit
         if len(c.prompts) > limit:  # (it could never be admitted whole: not a 429 to retry)
             return error(wire.APIError(400, f"this request asks for {len(c.prompts)} answers (prompts × n); this "
                                             f"server holds at most {limit} requests at once",
@@ -162,7 +162,7 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
             stream.cancel()
         if not (isinstance(exc, ServerBusy) and streams):
             return exc
-        limit = engine.config.max_running + engine.config.max_waiting
+        limit = engine.config.request_limit
         return ServerBusy(f"server busy: {engine.stats()['requests_in_progress']} requests in progress, and this "
                           f"request's {what} need a place each (limit {limit})")
 
@@ -200,7 +200,7 @@ def create_app(engine: Engine, served_model: str, *, api_key: str | None = None,
                 collect.cancel()
 
     async def embeddings(request: HTTPRequest):
-        limit = engine.config.max_running + engine.config.max_waiting
+        limit = engine.config.request_limit
         e, answer = await read_request(request, lambda body: wire.parse_embeddings(
             read_json(body), tokenizer, loaded.context_length, served_model, loaded.model.args.hidden_size, limit))
         if answer is not None:
