@@ -725,6 +725,31 @@ def test_memory_budget_flag(tiny):
     assert r.returncode == 2 and "--memory-budget" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", [("run", "hi"), ("serve",), ("chat",), ("bench",)])
+def test_a_memory_budget_beyond_the_machines_memory_is_a_warning(command, monkeypatch, capsys):
+    """A --memory-budget of more memory than the machine has limits nothing: it was taken
+    without a word. It is said in one line at start, before the model loads (here none
+    does: the model is missing, which is the error that follows); a budget within memory
+    says nothing."""
+    import io
+
+    from live_server import free_port
+    from mlxserve import cli, memory
+
+    if command == ("serve",):
+        command += ("--port", str(free_port()))  # (serve takes its port before it loads the model)
+    monkeypatch.setattr(memory, "device_memory_bytes", lambda: 24 * 2**30)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))  # (chat's question)
+    args = [*command, "--model", "/no/such/model"]
+    assert cli.main([*args, "--memory-budget", "500GiB"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --memory-budget 500GiB is more than this machine's 25.8 GB of device memory: memory runs out "
+        "before the KV cache reaches it",
+        "mlxserve: error: no such file or folder: /no/such/model (check the path)"]
+    assert cli.main([*args, "--memory-budget", "20GiB"]) == 2
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_parse_size():
     from mlxserve.memory import parse_size
 

@@ -370,7 +370,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CLIError("--system needs the chat template: leave out --no-chat")
     if not args.think and args.chat is False:
         raise CLIError("--no-think needs the chat template: leave out --no-chat")
-    engine_config(args)  # reject a bad --memory-budget before loading the model
+    config = engine_config(args)  # a bad --memory-budget fails before the model loads
     loaded = _load(args.model, args.dtype, args.gguf_mode)
     prompt_ids = _prompt_ids(loaded.tokenizer, prompt, args.chat, args.system, args.think,
                              constrained=params.grammar is not None)
@@ -378,7 +378,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .scheduler import Request
 
     text_parts, token_ids, final = [], [], None
-    with _running_engine(loaded, engine_config(args), exit_on_ctrl_c=True) as engine:
+    with _running_engine(loaded, config, exit_on_ctrl_c=True) as engine:
         if params.grammar:
             try:
                 engine.grammars.check(params.grammar)
@@ -799,6 +799,7 @@ def engine_config(args: argparse.Namespace, **overrides):
     budget = getattr(args, "memory_budget", None)
     if budget is not None:
         overrides["memory_budget_bytes"] = parse_size(budget)
+        _warn_if_beyond_memory(budget, overrides["memory_budget_bytes"])
     if getattr(args, "speculative", None):
         overrides["speculative"] = args.speculative
     draft_model = getattr(args, "draft_model", None)
@@ -817,6 +818,22 @@ def engine_config(args: argparse.Namespace, **overrides):
             raise CLIError("--draft-tokens needs --speculative")
         overrides["draft_tokens"] = draft_tokens
     return EngineConfig(**overrides)
+
+
+def _warn_if_beyond_memory(flag: str, budget: int) -> None:
+    """A --memory-budget beyond the device's memory limits nothing: memory runs out before the
+    KV cache reaches it (an allocation failure, or the machine swapping), and the budget's own
+    "raise --memory-budget" never comes. A warning, as for --dtype float16 on the CPU, not an
+    error: the budget is a ceiling, not memory taken at start, and one given on purpose as
+    "no limit" still works."""
+    from rich.filesize import decimal as human_size
+
+    from .memory import device_memory_bytes
+
+    total = device_memory_bytes()
+    if total is not None and budget > total:
+        _status(f"warning: --memory-budget {flag} is more than this machine's {human_size(total)} of device "
+                "memory: memory runs out before the KV cache reaches it")
 
 
 PIPED_TABLE_WIDTH = 220  # a table's width off a terminal (rows of paths and names stay whole)
