@@ -269,6 +269,41 @@ def test_serve_stopping_says_what_it_waits_for_and_a_second_ctrl_c_quits_at_once
     assert "Traceback" not in proc.stderr.read()
 
 
+# `python -c LOADING_FOR_EVER ARGS...` is `mlxserve ARGS...` whose model never finishes loading,
+# as a large one takes minutes: it prints "[loading]" on stderr, then waits (waking as
+# interrupts.wait_for does, so that a signal's handler runs in the main thread).
+LOADING_FOR_EVER = r"""
+import os, sys, threading
+from mlxserve import cli, interrupts, loader
+
+def load_model(*args, **kwargs):
+    os.write(2, b"[loading]\n")
+    interrupts.wait_for(threading.Event())
+
+loader.load_model = load_model
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_serve_loads_the_model_says_so(tiny):
+    """SIGTERM (a service manager stopping the server) while the model loads ended the
+    process without a word: its log showed nothing of why it went. Now one line says so, and
+    the process still ends by the signal, which service managers take for a stop asked for
+    (systemd counts an exit with status 143 as a failure)."""
+    from live_server import free_port
+
+    proc = subprocess.Popen([sys.executable, "-c", LOADING_FOR_EVER, "serve", "--model", tiny,
+                             "--port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _until_line(proc, "[loading]")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)  # a bound for a failing test, not a wait for anything
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGTERM and (out, err) == ("", "mlxserve: stopped by SIGTERM while loading the model\n"), err
+
+
 @pytest.mark.parametrize("command", [("models",), ("models", "--json"), ("doctor",), ("pull", "--list"), ("--help",),
                                      ("run", "--help"), ("--version",), ("run", "hi"), ("run", "--json", "hi"),
                                      ("chat",)])

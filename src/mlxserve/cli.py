@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import re
+import signal
 import sys
 import threading
 from contextlib import contextmanager, nullcontext
@@ -607,12 +608,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     with sock:
-        loaded = _load(args.model, args.dtype, args.gguf_mode)
+        try:
+            with _sigterm_raised():
+                loaded = _load(args.model, args.dtype, args.gguf_mode)
+        except _Terminated:
+            # (A service manager stopping it, `docker stop`, while a large model loads: the
+            # default action ended the process without a word in its log.)
+            _status("mlxserve: stopped by SIGTERM while loading the model")
+            _end_by(signal.SIGTERM)
         names = [args.served_model_name] if args.served_model_name else served_names(args.model)
         with _running_engine(loaded, config) as engine:
             serve(engine, names[0], sock, other_model_names=names[1:], api_key=args.api_key, cors_origins=args.cors)
             _stop_saying_so(engine)
     return 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread (see _sigterm_raised). A BaseException, as
+    KeyboardInterrupt is: an `except Exception` on the way would take it for a failure of
+    the code it interrupts (a model that cannot be read)."""
+
+
+@contextmanager
+def _sigterm_raised():
+    """SIGTERM raises _Terminated in the main thread, as Ctrl-C raises KeyboardInterrupt,
+    for this block; the handler before it is put back after."""
+    def terminated(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _end_by(signum: int) -> NoReturn:
+    """End the process by `signum`'s default action, as the signal would have without a
+    handler: its parent sees a process the signal stopped (a shell's status 143 for SIGTERM),
+    which service managers count as a stop asked for; an exit with status 143 is a failure to
+    systemd. Nothing of the load is to be kept, and the kernel closes the listening socket."""
+    for out in (sys.stdout, sys.stderr):
+        try:
+            out.flush()
+        except (OSError, ValueError):  # a reader that went away, a closed stream
+            pass
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)  # (delivered to this thread before it returns)
+    os._exit(128 + signum)  # (not reached)
 
 
 STOP_NOTICE_S = 1.0  # how long a stopping engine may take before the user is told what it waits for
