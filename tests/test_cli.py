@@ -502,6 +502,8 @@ def test_run_reads_prompt_from_stdin(tiny):
     # a home folder nobody has (pathlib raises RuntimeError: it was a traceback)
     (("run", "--model", "~mlxserve-no-such-user/m.gguf", "hi"),
      "~mlxserve-no-such-user/m.gguf: no home folder is known for ~mlxserve-no-such-user"),
+    # JSON Schema's boolean schemas are JSON, not a file's name (and refused, as by the server)
+    (("run", "--format", "true", "hi"), "--format: a JSON schema must be a JSON object; for the boolean schema true"),
     (("run", "--format", "~mlxserve-no-such-user/s.json", "hi"),
      "--format: cannot read the schema file ~mlxserve-no-such-user/s.json: no home folder is known"),
 ])

@@ -117,6 +117,22 @@ def test_a_schema_file_is_read_as_utf8_with_or_without_a_byte_order_mark(tmp_pat
         assert read_schema(str(path)) == schema
 
 
+def test_boolean_schemas_are_json_not_file_names(tmp_path, monkeypatch):
+    """--format true and /format false: JSON Schema's boolean schemas, which the server
+    refuses in response_format (a schema must be an object), were looked for as files named
+    "true" and "false" ("cannot read the schema file true: No such file or directory"), even
+    beside a file of that name. They are refused as the JSON they are."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "true").write_text('{"type": "object"}')
+    for value, says in [("true", "for the boolean schema true (any JSON value) give {}"),
+                        (" false ", "the boolean schema false admits no answer at all")]:
+        with pytest.raises(GrammarError, match=r"^a JSON schema must be a JSON object; .*") as caught:
+            read_schema(value)
+        assert says in str(caught.value)
+    assert read_schema("{}") == {}  # what true means, as an object
+    json_schema_grammar({})
+
+
 def test_integers_beyond_64_bits_in_a_schema_are_named():
     """llguidance reads a schema's integers as 64-bit (signed or unsigned) and says only "Value
     is not JSON serializable" of others: the error names the integer and where it is."""

@@ -129,7 +129,9 @@ def read_schema(value: str) -> dict:
     if not value.strip():
         raise GrammarError("give 'json', a JSON schema's file, or the schema itself as JSON text")
     text = value
-    if not value.lstrip().startswith(("{", "[")):
+    # JSON text, not a file's name: an object, an array (refused below, in JSON's terms), or
+    # the boolean schemas true and false (they were looked for as files named so).
+    if not (value.lstrip().startswith(("{", "[")) or value.strip() in ("true", "false")):
         try:
             path = expand_user(value)
         except ValueError as exc:  # ~user without a home folder
@@ -147,6 +149,10 @@ def read_schema(value: str) -> dict:
         schema = json.loads(text)
     except (ValueError, RecursionError) as exc:  # (RecursionError: nested deeper than the parser goes)
         raise GrammarError(f"the schema is not valid JSON: {exc}") from None
+    if isinstance(schema, bool):  # JSON Schema allows them; the server refuses them too (response_format_schema)
+        raise GrammarError("a JSON schema must be a JSON object; for the boolean schema true (any JSON value) "
+                           "give {}" if schema else
+                           "a JSON schema must be a JSON object; the boolean schema false admits no answer at all")
     if not isinstance(schema, dict):
         raise GrammarError("a JSON schema must be a JSON object")
     return schema
