@@ -365,6 +365,9 @@ ONE_RUN = ["--concurrency", "1", "--requests", "1", "--runs", "1", "--warmup", "
     (["--runs", "0"], "--runs"),
     ([*TINY, "--prompt-tokens", "4000", "--gen-tokens", "200"], "(4,200) exceed the model's context length (4,096)"),
     ([*TINY, "--chat-history-tokens", "0"], "--chat-history-tokens"),
+    # a block no sequence fills: the prefix cache reuses nothing (it ran, and measured that)
+    ([*TINY, *ONE_RUN, "--prompt-tokens", "8", "--gen-tokens", "2", "--block-size", "5000"],
+     "--block-size (5,000) must be at most the model's context length (4,096)"),
     # The long prompt's streams would reach the context (4,096) before it is admitted.
     ([*TINY, *ONE_RUN, "--prompt-tokens", "4000", "--gen-tokens", "96", "--long-prompt-tokens", "10"],
      "(4,096) leave the --long-prompt-tokens scenario's streams no room"),

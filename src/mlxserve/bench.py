@@ -98,6 +98,11 @@ class BenchConfig:
     def validate_for(self, loaded: LoadedModel) -> None:
         """Checks that need the model: every sequence must fit in its context."""
         limit = loaded.context_length
+        # A block is the prefix cache's unit: one longer than any sequence is never filled, so
+        # nothing is reused (the chat scenario measured nothing), and each slot is a block long.
+        if self.engine.block_size > limit:
+            raise ValueError(f"--block-size ({self.engine.block_size:,}) must be at most the model's context "
+                             f"length ({limit:,})")
         if self.prompt_tokens + self.gen_tokens > limit:
             raise ValueError(f"--prompt-tokens + --gen-tokens ({self.prompt_tokens + self.gen_tokens:,}) "
                              f"exceed the model's context length ({limit:,})")
