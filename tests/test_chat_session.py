@@ -155,6 +155,33 @@ def test_load_accepts_openai_messages_with_text_parts_and_a_developer_message(tm
         ChatSession.load(path)
 
 
+def test_load_reads_content_parts_by_the_server_s_rule(tmp_path, monkeypatch):
+    """An assistant message's content in a loaded file is the text the server makes of it
+    (openai_api.part_text's rule, one copy of it), and what the server refuses is no text."""
+    from mlxserve import openai_api
+
+    contents = [[{"type": "text", "text": "a"}, {"type": "refusal", "refusal": "b"}], [], "plain",
+                [{"type": "text", "text": 1}], [{"type": "image_url", "image_url": {"url": "x"}}],
+                [{"type": "refusal"}], ["text"], [{"text": "no type"}]]
+    seen = []
+    part_text = openai_api.part_text
+    monkeypatch.setattr(openai_api, "part_text", lambda *args, **kw: seen.append(args[0]) or part_text(*args, **kw))
+    path = tmp_path / "messages.json"
+    for content in contents:
+        try:
+            server = openai_api._normalize_message({"role": "assistant", "content": content}, 0)["content"]
+        except openai_api.APIError:
+            server = None
+        path.write_text(json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": content}]))
+        seen.clear()
+        try:
+            loaded = ChatSession.load(path)[0].messages[1].content
+        except ValueError:
+            loaded = None
+        assert loaded == server, content
+        assert bool(seen) == (isinstance(content, list) and bool(content)), content  # (read by it, not a copy)
+
+
 def test_load_reads_a_file_with_a_byte_order_mark(tmp_path):
     """A saved chat (or a list of messages) edited and saved again by an editor on Windows
     starts with a UTF-8 byte order mark: /load said it "is not JSON"."""

@@ -300,18 +300,19 @@ def _message_text(content: object) -> str | None:
     """An OpenAI message's text: a string, or a list of text parts joined, as the server reads
     them (a client's own history often has parts); an assistant's refusal parts are its text,
     as OpenAI returns a refusal. None for anything else (an image part, a number)."""
+    # The server's own rule for a part (openai_api.part_text), imported here only: it brings
+    # numpy, which a terminal chat has no need of until a file is loaded. Refusal parts are
+    # taken whatever the message's role (the server takes them in an assistant's only).
+    from .openai_api import APIError, part_text
+
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         return None
-    texts = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        text = part.get(kind) if kind in ("text", "refusal") else None
-        if not isinstance(text, str):
-            return None
-        texts.append(text)
-    return "".join(texts)
+    try:
+        return "".join(part_text(part, "content", ("text",), True, "messages") for part in content)
+    except APIError:
+        return None
 
 
 def _write(path: str | Path, text: str) -> Path:
