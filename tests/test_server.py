@@ -1599,6 +1599,29 @@ def test_streamed_and_whole_tool_calls_agree(tiny_model_dir, shape):
         live.stop()
 
 
+def test_a_streamed_answer_under_tool_choice_auto_opens_as_the_whole_answer_has_its_content(tiny_model_dir):
+    """tool_choice "auto": an answer that is calls opens with content null, as OpenAI streams
+    one and as the whole answer has it (it opened with "", which the SDK's accumulated message
+    kept); an answer of text opens with "" as before, and so does one that says nothing."""
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    call = ["<tool_call>", '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n', "</tool_call>"]
+    for pieces, content in ((call, None), (["Sunny", " in Paris."], ""), ([""], "")):
+        live = LiveServer(create_app(ScriptedEngine(loaded, pieces), MODEL))
+        try:
+            request = {"model": MODEL, "messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS}
+            chunks = _sse_events(live.url + "/chat/completions", {**request, "stream": True})
+            assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": content}, pieces
+            assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:])
+            whole = raw(live.url + "/chat/completions", request, key=None)[1]["choices"][0]["message"]
+            with openai.OpenAI(base_url=live.url, api_key="x", max_retries=0).chat.completions.stream(
+                    **request) as stream:
+                streamed = stream.get_final_completion().choices[0].message
+            assert streamed.content == whole["content"] == (None if content is None else "".join(pieces)), pieces
+            assert bool(streamed.tool_calls) == bool(whole.get("tool_calls")) == (content is None)
+        finally:
+            live.stop()
+
+
 class TokenStream(ScriptedStream):
     """The engine's events for `text` as the tiny tokenizer splits it (then `stop_token`, if
     given), one token each with a log-prob and, as top alternatives, itself and the tokens in

@@ -710,12 +710,18 @@ async def _stream_pieces(c: wire.Completion, streams, tokenizer):
 async def _choice_pieces(c: wire.Completion, rid: str, index: int, stream, tokenizer, totals: list[int]):
     """(SSE chunk, whether it is an error that ends the response) for one choice's events;
     adds its token counts to `totals` when it finishes."""
-    if c.kind == "chat":
-        # (An answer of calls only has no content, as OpenAI streams it: null, not "", which
-        # the SDK's accumulated message would keep where the whole answer has null.)
-        first = {"role": "assistant", "content": None if c.calls_only else ""}
-        yield _sse(wire.chunk(c, rid, [{"index": index, "delta": first,
-                                        "logprobs": None, "finish_reason": None}])), False
+    def opening(content: str | None) -> str:
+        return _sse(wire.chunk(c, rid, [{"index": index, "delta": {"role": "assistant", "content": content},
+                                         "logprobs": None, "finish_reason": None}]))
+
+    # The first chunk gives the role. An answer of calls has no content, as OpenAI streams it:
+    # null, not "", which the SDK's accumulated message would keep where the whole answer has
+    # null. Calls only: said at once. Under tool_choice "auto" the answer's first piece tells
+    # (the parser holds back what may be a call's tag), so the role waits for it.
+    opened = c.kind != "chat"
+    if c.kind == "chat" and (c.calls_only or not c.tools_enabled):
+        yield opening(None if c.calls_only else ""), False
+        opened = True
     parser = parser_for(tokenizer, tools_enabled=c.tools_enabled, incremental=True,
                         calls_constrained=c.calls_constrained, calls_only=c.calls_only) if c.kind == "chat" else None
     # (text_offset counts from the prompt's end, as OpenAI's; see _collect_choice)
@@ -744,6 +750,11 @@ async def _choice_pieces(c: wire.Completion, rid: str, index: int, stream, token
                 delta, reason = _legacy_message(delta), _legacy_reason(reason)
             piece = {"delta": delta}
         if (piece.get("text") or piece.get("delta")) or reason or lp:
+            if not opened:
+                delta = piece["delta"]
+                calls = (delta.get("tool_calls") or delta.get("function_call")) and not delta.get("content")
+                yield opening(None if calls else ""), False
+                opened = True
             yield _sse(wire.chunk(c, rid, [{"index": index, **piece, "logprobs": lp, "finish_reason": reason}])), False
         if event.finish_reason:
             first = c.counts_prompt(index)
