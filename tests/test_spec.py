@@ -182,6 +182,34 @@ def test_draft_tokens_after_a_stop_inside_the_draft_count_as_neither_accepted_no
     assert stats["decode_tokens"] == stop  # every token but the first
 
 
+def test_metrics_spread_a_step_s_wait_over_the_tokens_of_its_accepted_draft(loaded, monkeypatch):
+    """/metrics' inter-token latency: a step that delivers several tokens (an accepted draft)
+    counts as one gap per token of 1/n of its wait each, as bench's ITL does, so the count is
+    the tokens after the first and the sum the time they took. It recorded the step's real
+    gap once and a gap of 0 s for each other token; and the last step's final event, made a
+    moment later, had a time of its own."""
+    from mlxserve.metrics import Metrics
+
+    prompt = _prompts(loaded.tokenizer)[2]
+    alone = _tokens(_events_alone(loaded, prompt, GREEDY))
+    _script(monkeypatch, [prompt + alone], None)  # every draft right: 4 tokens a step
+    metrics, gaps = Metrics(), []
+    observe = metrics.itl.observe
+    monkeypatch.setattr(metrics.itl, "observe", lambda value: gaps.append(value) or observe(value))
+    with Engine(loaded, EngineConfig(block_size=8, speculative="ngram", draft_tokens=3)) as engine:
+        events = list(engine.submit(Request(prompt, GREEDY), on_finish=metrics.record))
+    assert _tokens(events) == alone and events[-1].finish_reason == "length"
+    steps = {}  # the engine's steps, by time: their tokens
+    for e in events:
+        steps[e.time] = steps.get(e.time, 0) + len(e.token_ids)
+    assert list(steps.values()) == [1] + [4] * ((len(alone) - 1) // 4) + [(len(alone) - 1) % 4] * bool(
+        (len(alone) - 1) % 4)
+    want = [(b - a) / n for (a, _), (b, n) in zip(steps.items(), list(steps.items())[1:]) for _ in range(n)]
+    assert gaps == pytest.approx(want) and all(gap > 0 for gap in gaps)
+    assert metrics.itl.n == len(alone) - 1
+    assert metrics.itl.total == pytest.approx(events[-1].time - events[0].time)
+
+
 def _events_alone(loaded, prompt, params):
     with Engine(loaded, EngineConfig(block_size=8)) as engine:
         return _events(engine, prompt, params)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections import Counter
+from itertools import groupby
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -51,8 +52,14 @@ class Metrics:
             self.completion_tokens += final.completion_tokens
             if final.ttft_s is not None:
                 self.ttft.observe(final.ttft_s)
-            for a, b in zip(token_times, token_times[1:]):
-                self.itl.observe(b - a)
+            # A step's tokens share its time. A step that delivered n of them (an accepted
+            # speculative draft) counts as n gaps of 1/n of its wait each, as bench's ITL does:
+            # the count stays the tokens after the first and the sum the time they took, where
+            # n - 1 gaps of 0 s would make the latency look far better than any client sees.
+            steps = [(when, len(list(tokens))) for when, tokens in groupby(token_times)]
+            for (previous, _), (when, n) in zip(steps, steps[1:]):
+                for _ in range(n):
+                    self.itl.observe((when - previous) / n)
 
     def render(self, engine_stats: dict) -> str:
         with self._lock:

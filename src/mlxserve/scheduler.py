@@ -871,20 +871,22 @@ class Scheduler:
             row.first_token_time = now
         constraint = row.sampling.constraint
         if constraint is not None and constraint.error:  # its grammar refused the token (see consume)
-            return self._finish(row, "error", error=constraint.error)
+            return self._finish(row, "error", error=constraint.error, now=now)
         row.tokens.append(token)
         lps = [logprob] if logprob is not None else None
+        # (A final event has the step's time too: a step's events share one, by which /metrics
+        # tells the tokens an accepted draft delivered at once.)
         if token in row.stop_ids:
             # The stop token itself has no text; release whatever text was held back.
-            return self._finish_flushed(row, "stop", token_ids=[token], logprobs=lps)
+            return self._finish_flushed(row, "stop", token_ids=[token], logprobs=lps, now=now)
         text, stopped = row.stops.feed(row.detokenizer.add(token))
         if stopped:
-            return self._finish(row, "stop", token_ids=[token], text=text, logprobs=lps)
+            return self._finish(row, "stop", token_ids=[token], text=text, logprobs=lps, now=now)
         if constraint is not None and constraint.finished:
             # The grammar is complete (a JSON value closed): nothing may follow it.
-            return self._finish_flushed(row, "stop", text, token_ids=[token], logprobs=lps)
+            return self._finish_flushed(row, "stop", text, token_ids=[token], logprobs=lps, now=now)
         if row.num_generated >= row.params.max_tokens or len(row.tokens) >= self.config.context_length:
-            return self._finish_flushed(row, "length", text, token_ids=[token], logprobs=lps)
+            return self._finish_flushed(row, "length", text, token_ids=[token], logprobs=lps, now=now)
         return TokenEvent(row.id, [token], text, lps, time=now)
 
     def _finish_flushed(self, row: Row, reason: str, text: str = "", **fields) -> TokenEvent:
@@ -898,7 +900,8 @@ class Scheduler:
         return self._finish(row, "stop" if stopped else reason, text=text + flushed, **fields)
 
     def _finish(self, row: Row, reason: str, error: str | None = None, *, token_ids=(), text: str = "", logprobs=None,
-                embedding: list[float] | None = None) -> TokenEvent:
+                embedding: list[float] | None = None, now: float | None = None) -> TokenEvent:
+        """The row's final event; `now`: the time of the step that made its last token, if one did."""
         row.finished = True
         row.draft, row.before_draft = [], None
         if reason != "error":
@@ -915,7 +918,7 @@ class Scheduler:
             if row is self.waiting[0]:
                 self.kv.drop_growths()  # any shelf growing in steps was growing for it
             self.waiting.remove(row)
-        now = time.perf_counter()
+        now = time.perf_counter() if now is None else now
         ttft = row.first_token_time - row.arrival if row.first_token_time else None
         decode_rate = None
         if row.first_token_time and row.num_generated > 1 and now > row.first_token_time:
