@@ -152,6 +152,17 @@ def test_inter_token_latencies_from_timestamps():
     assert inter_token_latencies(deliveries, after=10.5, until=11.5) == [0.5, 0.5]
 
 
+def test_a_request_trace_counts_the_events_of_one_step_as_one_delivery():
+    """The engine's events of one step (an accepted speculative draft's tokens, one event each)
+    share the step's time: one delivery, whose gap its tokens share (ITL had gaps of 0 s)."""
+    trace = RequestTrace(prompt_tokens=10, submit=9.5)
+    for when in (10.0, 10.5, 10.5, 10.5, 11.0):
+        trace.add(when, 1)
+    trace.add(11.5, 0)  # (a final event without a token)
+    assert trace.deliveries == [(10.0, 1), (10.5, 3), (11.0, 1)] and trace.generated == 5
+    assert inter_token_latencies(trace.deliveries) == [0.5 / 3] * 3 + [0.5]
+
+
 def test_request_trace_figures():
     trace = RequestTrace(prompt_tokens=100, submit=9.5, deliveries=[(10.0, 1), (10.5, 1), (11.5, 2), (12.0, 1)])
     assert trace.generated == 5

@@ -188,7 +188,14 @@ class RequestTrace:
     cached_tokens: int = 0
 
     def add(self, when: float, tokens: int) -> None:
-        if tokens:
+        if not tokens:
+            return
+        # The engine sends a token an event, and a step's events share its time: the tokens of
+        # an accepted speculative draft are one delivery (inter_token_latencies spreads its
+        # gap over them), not one gap and then gaps of 0 s.
+        if self.deliveries and self.deliveries[-1][0] == when:
+            self.deliveries[-1] = (when, self.deliveries[-1][1] + tokens)
+        else:
             self.deliveries.append((when, tokens))
 
     @property
