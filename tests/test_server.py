@@ -13,7 +13,7 @@ import pytest
 from mlxserve.engine import Engine, EngineConfig, EngineStopped
 from mlxserve.loader import load_model
 from mlxserve.sampling import SamplingParams
-from live_server import SCRIPT, LiveServer, ScriptedEngine, ScriptedStream, free_port
+from live_server import SCRIPT, LiveServer, ScriptedEngine, ScriptedStream, TokenScriptedEngine, free_port
 from mlxserve.server import create_app
 
 MODEL = "tiny"
@@ -1620,6 +1620,16 @@ def test_a_streamed_answer_under_tool_choice_auto_opens_as_the_whole_answer_has_
             assert bool(streamed.tool_calls) == bool(whole.get("tool_calls")) == (content is None)
         finally:
             live.stop()
+    # With log-probs, token by token: the call's tag tokens have theirs before the parser has
+    # read the call; the role's chunk still comes first, content null.
+    live = LiveServer(create_app(TokenScriptedEngine(loaded, "".join(call)), MODEL))
+    try:
+        chunks = _sse_events(live.url + "/chat/completions", {**request, "stream": True, "logprobs": True})
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": None}
+        assert chunks[1]["choices"][0]["logprobs"]["content"] and all(
+            "content" not in c["choices"][0]["delta"] for c in chunks[1:])
+    finally:
+        live.stop()
 
 
 class TokenStream(ScriptedStream):

@@ -717,8 +717,9 @@ async def _choice_pieces(c: wire.Completion, rid: str, index: int, stream, token
     # The first chunk gives the role. An answer of calls has no content, as OpenAI streams it:
     # null, not "", which the SDK's accumulated message would keep where the whole answer has
     # null. Calls only: said at once. Under tool_choice "auto" the answer's first piece tells
-    # (the parser holds back what may be a call's tag), so the role waits for it.
-    opened = c.kind != "chat"
+    # (the parser holds back what may be a call's tag), so the role waits for it, and so do
+    # chunks of log-probs alone that come before it.
+    opened, held = c.kind != "chat", []  # (held: chunks that came before the answer's first piece)
     if c.kind == "chat" and (c.calls_only or not c.tools_enabled):
         yield opening(None if c.calls_only else ""), False
         opened = True
@@ -750,12 +751,18 @@ async def _choice_pieces(c: wire.Completion, rid: str, index: int, stream, token
                 delta, reason = _legacy_message(delta), _legacy_reason(reason)
             piece = {"delta": delta}
         if (piece.get("text") or piece.get("delta")) or reason or lp:
-            if not opened:
-                delta = piece["delta"]
-                calls = (delta.get("tool_calls") or delta.get("function_call")) and not delta.get("content")
-                yield opening(None if calls else ""), False
-                opened = True
-            yield _sse(wire.chunk(c, rid, [{"index": index, **piece, "logprobs": lp, "finish_reason": reason}])), False
+            sse = _sse(wire.chunk(c, rid, [{"index": index, **piece, "logprobs": lp, "finish_reason": reason}]))
+            if not opened and not piece["delta"] and not reason:
+                held.append(sse)  # log-probs alone (of a call's tag that the parser holds back, say)
+            else:
+                if not opened:
+                    delta = piece["delta"]
+                    calls = (delta.get("tool_calls") or delta.get("function_call")) and not delta.get("content")
+                    yield opening(None if calls else ""), False
+                    opened = True
+                    for earlier in held:
+                        yield earlier, False
+                yield sse, False
         if event.finish_reason:
             first = c.counts_prompt(index)
             totals[0] += event.prompt_tokens if first else 0
