@@ -572,6 +572,30 @@ def test_a_response_with_a_call_the_model_got_wrong_can_be_continued(tiny_model_
         live.stop()
 
 
+def test_a_continuation_answers_every_call_of_the_previous_response(tiny_model_dir):
+    """As OpenAI: continuing a response that made two calls with the output of one, or with
+    a message alone, is a 400 naming the call left without its output."""
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    two = [f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>'
+           for city in ("Paris", "Rome")]
+    live = LiveServer(create_app(ScriptedEngine(loaded, two), MODEL))
+    try:
+        client = openai.OpenAI(base_url=live.base + "/v1", api_key="x", max_retries=0)
+        r = client.responses.create(model=MODEL, input="Weather?", tools=[WEATHER])
+        first, second = [item.call_id for item in r.output if item.type == "function_call"]
+        output = {"type": "function_call_output", "call_id": first, "output": "sunny"}
+        for given, missing in (([output], second), ([{"role": "user", "content": "and?"}], first)):
+            with pytest.raises(openai.BadRequestError) as err:
+                client.responses.create(model=MODEL, previous_response_id=r.id, tools=[WEATHER], input=given)
+            assert err.value.body["param"] == "input" and err.value.body["type"] == "invalid_request_error"
+            assert err.value.body["message"].startswith(f"No tool output found for function call {missing}:")
+        both = client.responses.create(model=MODEL, previous_response_id=r.id, tools=[WEATHER],
+                                       input=[output, {**output, "call_id": second}])
+        assert both.status == "completed"
+    finally:
+        live.stop()
+
+
 @pytest.mark.parametrize("body,words", [
     ({"input": [{"type": "reasoning", "summary": []}]}, "'input' holds no message"),
     ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}],

@@ -310,6 +310,15 @@ def _input_messages(value: object, history: list[dict]) -> list[dict]:
         else:
             raise APIError(400, f"input[{i}]: items of type {json.dumps(kind)[:40]} are not supported (messages, "
                                 "function_call, function_call_output and reasoning are)", param="input")
+    # A continuation answers every call the previous response made (its turn ends the stored
+    # conversation), as OpenAI requires: the template would show the model a call that never
+    # returned. (Its words are OpenAI's; the server made the id, so it needs no quoting.)
+    answered = {m["tool_call_id"] for m in messages if m["role"] == "tool"}
+    for call in history[-1].get("tool_calls") or () if history else ():
+        if call["id"] not in answered:
+            raise APIError(400, f"No tool output found for function call {call['id']}: a request that continues "
+                                "the previous response gives a function_call_output item for each of its calls",
+                           param="input")
     return messages
 
 
