@@ -108,7 +108,7 @@ def test_streamed_events_build_the_same_response(client, server):
 def test_logprobs_of_the_message_text_as_the_chat_completion_gives_them(client, server):
     """include: message.output_text.logprobs (with top_logprobs alternatives) puts the
     message's token log-probs on its output_text part, the chat completion's for the same
-    messages; streamed, each text delta carries its own. Not asked for, there are none."""
+    messages; streamed, each text delta carries its own. Not included, there are none."""
     body = {"model": MODEL, "input": "Hello there", "max_output_tokens": 10, "temperature": 0,
             "include": ["message.output_text.logprobs"], "top_logprobs": 2}
     r = client.responses.create(**body)
@@ -128,6 +128,9 @@ def test_logprobs_of_the_message_text_as_the_chat_completion_gives_them(client, 
     assert [lp["token"] for lp in deltas] == [lp.token for lp in expected]
     plain = client.responses.create(model=MODEL, input="Hello there", max_output_tokens=4)
     assert plain.output[0].content[0].logprobs == []
+    # top_logprobs without the include asks for none either, as OpenAI's (it is echoed).
+    alone = client.responses.create(model=MODEL, input="Hello there", max_output_tokens=4, top_logprobs=2)
+    assert alone.output[0].content[0].logprobs == [] and alone.top_logprobs == 2
 
 
 @pytest.mark.parametrize("answer, message", [
@@ -319,6 +322,10 @@ def test_request_fields_are_echoed(client):
     r = client.responses.create(model=MODEL, input="x", max_output_tokens=2, user="bob", metadata={"k": "v"},
                                 text={"verbosity": "low"})
     assert r.user == "bob" and r.metadata == {"k": "v"} and r.text.format.type == "text"
+    assert r.truncation == "disabled" and (r.reasoning.effort, r.reasoning.summary) == (None, None)  # (OpenAI's defaults)
+    r = client.responses.create(model=MODEL, input="x", max_output_tokens=2, truncation="auto",
+                                reasoning={"effort": "low", "summary": "concise"})
+    assert r.truncation == "auto" and (r.reasoning.effort, r.reasoning.summary) == ("low", "concise")
     most = {f"{i:064d}": "v" * 512 for i in range(16)}  # (OpenAI's limits, reached)
     assert client.responses.create(model=MODEL, input="x", max_output_tokens=2, metadata=most).metadata == most
 
@@ -334,6 +341,10 @@ def test_request_fields_are_echoed(client):
     ({"input": "x", "user": 5}, "user"),
     ({"input": "x", "top_logprobs": 30}, "top_logprobs"),
     ({"input": "x", "top_logprobs": False}, "top_logprobs"),
+    ({"input": "x", "top_logprobs": 30, "include": ["message.output_text.logprobs"]}, "top_logprobs"),
+    ({"input": "x", "truncation": "yes"}, "truncation"),
+    ({"input": "x", "reasoning": "low"}, "reasoning"),
+    ({"input": "x", "reasoning": {"effort": 5}}, "reasoning.effort"),
     ({"input": [{"role": "user", "content": "a", "id": "m"}, {"role": "user", "content": "b", "id": "m"}]}, "input"),
     ({"input": [{"role": "user", "content": "a", "id": 5}]}, "input"),
     ({"input": "x", "include": "message.output_text.logprobs"}, "include"),

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .openai_api import APIError, Completion, answers_a_call, parse_request, part_text
+from .sampling import MAX_TOP_LOGPROBS
 
 if TYPE_CHECKING:
     from .background import BackgroundResponse
@@ -166,10 +167,11 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
             chat[name] = body[name]
     if "max_output_tokens" in body:
         chat["max_tokens"] = body["max_output_tokens"]
-    if LOGPROBS in body.get("include", []) or body.get("top_logprobs"):
+    # As OpenAI: log-probs come only when `include` asks for them; top_logprobs (checked by
+    # _check_fields) says how many alternatives each then has, and alone gives none.
+    if LOGPROBS in body.get("include", []):
         chat["logprobs"] = True
-    if "top_logprobs" in body:
-        chat["top_logprobs"] = body["top_logprobs"]
+        chat["top_logprobs"] = body.get("top_logprobs", 0)
     if "tools" in body:
         chat["tools"] = _tools(body["tools"])
     if "tool_choice" in body:
@@ -199,6 +201,10 @@ def parse(body: object, tokenizer, context_length: int, served_model: str, gramm
         "top_p": body.get("top_p", 1.0),
         "max_output_tokens": body.get("max_output_tokens"),
         "top_logprobs": body.get("top_logprobs", 0),
+        # (Echoed as sent, as OpenAI's are; neither changes the answer here: see the README.)
+        "truncation": body.get("truncation", "disabled"),
+        "reasoning": {"effort": body.get("reasoning", {}).get("effort"),
+                      "summary": body.get("reasoning", {}).get("summary")},
         "previous_response_id": previous,
         "text": {"format": {"type": "text"}, **body.get("text", {})},
         "metadata": body.get("metadata", {}),
@@ -221,9 +227,21 @@ def _check_fields(body: dict) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise APIError(400, f"'max_output_tokens' must be an integer >= 1, got {json.dumps(limit)[:40]}",
                        param="max_output_tokens")
-    for name in ("metadata", "text"):
+    top = body.get("top_logprobs", 0)
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"'top_logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS}, got "
+                            f"{json.dumps(top)[:40]}", param="top_logprobs")
+    if body.get("truncation", "disabled") not in ("auto", "disabled"):
+        raise APIError(400, f"'truncation' must be \"auto\" or \"disabled\", got {json.dumps(body['truncation'])[:40]}",
+                       param="truncation")
+    for name in ("metadata", "text", "reasoning"):
         if name in body and not isinstance(body[name], dict):
             raise APIError(400, f"'{name}' must be an object", param=name)
+    for name in ("effort", "summary"):
+        value = body.get("reasoning", {}).get(name)
+        if value is not None and not isinstance(value, str):
+            raise APIError(400, f"'reasoning.{name}' must be a string, got {json.dumps(value)[:40]}",
+                           param=f"reasoning.{name}")
     _check_metadata(body.get("metadata", {}))
     if "user" in body and not isinstance(body["user"], str):
         raise APIError(400, "'user' must be a string", param="user")
@@ -473,8 +491,7 @@ class ResponseBuilder:
         return {"id": self.r.id, "object": "response", "created_at": self.r.created_at, "status": status,
                 "model": self.model, "output": list(self.output), "error": error,
                 "incomplete_details": {"reason": incomplete} if incomplete else None,
-                "usage": usage, "user": None, "reasoning": {"effort": None, "summary": None},
-                **self.r.echo}
+                "usage": usage, "user": None, **self.r.echo}
 
     def start(self) -> list[dict]:
         """The opening events: created (queued, for a background response), then in progress."""
