@@ -492,7 +492,7 @@ def test_run_reads_prompt_from_stdin(tiny):
     (("run", "--no-chat", "--chat", "hi"), "argument --chat: not allowed with argument --no-chat"),
     (("pull", " "), "no model named"),
     (("pull", "--list", "qwen3-4b"), "--list lists every alias; it takes no model (got 'qwen3-4b')"),
-    (("run", "--stop", "", "hi"), "--stop: stop strings must be non-empty strings, got ['']"),
+    (("run", "--stop", "", "hi"), '--stop: stop strings must be non-empty strings, got [""]'),
     (("run", "--gguf-mode", "bogus", "hi"), "invalid choice: 'bogus'"),
     (("no-such-command",), "invalid choice: 'no-such-command'"),
     # an unknown option points at the command's own help, which lists its options

@@ -100,7 +100,7 @@ def test_response_format_forms():
         ("json", "must be an object"),
         ({"type": "xml"}, "'text', 'json_object' or 'json_schema', got \"xml\""),
         ({}, "got null"),
-        ({"type": "json_schema"}, "needs 'json_schema'"),
+        ({"type": "json_schema"}, 'needs "json_schema"'),
         ({"type": "json_schema", "json_schema": {"name": "p", "schema": True}}, "schema as a JSON object"),
     ]:
         with pytest.raises(GrammarError, match=says):

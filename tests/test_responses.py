@@ -617,6 +617,12 @@ def test_a_continuation_answers_every_call_of_the_previous_response(tiny_model_d
      'input[0].content[0]: only text content parts are supported, got type "refusal"'),
     ({"input": [{"role": "assistant", "content": [{"type": "refusal", "refusal": 1}]}]},
      "input[0].content[0].refusal must be a string"),
+    # Shapes it asks for as JSON writes them (the client wrote JSON), not as Python does.
+    ({"input": "x", "include": "all"}, 'such as ["message.output_text.logprobs"]'),
+    ({"input": "x", "tools": [WEATHER], "tool_choice": {"type": "function"}}, '{"type": "function", "name": …}'),
+    ({"input": "x", "tools": [{"type": "function"}]}, '{"type": "function", "name": …, "parameters": {…}}'),
+    ({"input": "x", "text": {"format": "json"}}, 'such as {"type": "json_object"}'),
+    ({"input": "x", "text": {"format": {"type": "json_schema"}}}, '{"type": "json_schema", "name": …, "schema": {…}}'),
 ])
 def test_errors_name_the_fields_as_this_api_has_them(server, body, words):
     req = urllib.request.Request(server.base + "/v1/responses", data=json.dumps({"model": MODEL, **body}).encode(),
@@ -625,3 +631,4 @@ def test_errors_name_the_fields_as_this_api_has_them(server, body, words):
         urllib.request.urlopen(req, timeout=60)
     message = json.loads(err.value.read())["error"]["message"]
     assert words in message and "messages" not in message and ".function." not in message, message
+    assert "['" not in message and "{'" not in message, message

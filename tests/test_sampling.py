@@ -347,5 +347,16 @@ def test_validate_rejects_with_field_name(field, value):
 
 
 def test_top_logprobs_needs_logprobs():
-    with pytest.raises(ValueError, match="^top_logprobs: "):
+    with pytest.raises(ValueError, match="^top_logprobs: needs logprobs set to true, got 3$"):
         SamplingParams(top_logprobs=3).validate()
+
+
+def test_a_rejected_value_is_shown_as_json_writes_it():
+    """The server's client wrote JSON, and a CLI flag's value reads as well so: ["a", ""],
+    not Python's ['a', '']; a float as a flag takes it (inf)."""
+    for params, says in [(SamplingParams(stop=("a", "")), 'got ["a", ""]'),
+                         (SamplingParams(logit_bias=((1, 100.5),)), "got [[1, 100.5]]"),
+                         (SamplingParams(top_p=math.inf), "got inf")]:
+        with pytest.raises(ValueError) as err:
+            params.validate()
+        assert str(err.value).endswith(says), err.value

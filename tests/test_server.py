@@ -801,6 +801,26 @@ BAD_COMPLETIONS = [
 ]
 
 
+@pytest.mark.parametrize("body,words", [
+    ({"top_logprobs": 3}, "top_logprobs: needs logprobs set to true, got 3"),
+    ({"stop": list("abcdefghijklmnopq")}, 'stop: at most 16 stop strings, got ["a", "b", "c",'),
+    ({"tools": TOOLS, "tool_choice": {"type": "function"}}, '{"type": "function", "function": {"name": …}}'),
+    ({"tools": [{"type": "web_search"}]}, 'tools[0] must be {"type": "function", "function": {"name": …}}'),
+    ({"functions": [5]}, 'functions[0] must be {"name": …, "description": …, "parameters": {…}}'),
+    ({"functions": [{"name": "f"}], "function_call": {"name": "g"}}, 'a function in functions: {"name": …}'),
+    ({"functions": [{"name": "f"}], "function_call": "any"}, 'function_call must be "auto", "none" or {"name": …}'),
+    ({"response_format": {"type": "json_schema"}}, 'needs "json_schema": {"name": …, "schema": {…}}'),
+])
+def test_errors_write_values_as_the_json_the_client_sent(server, body, words):
+    """The client wrote JSON: an error shows its values, and the shapes it asks for, in JSON
+    (true, null, ["a"], {"name": …}), not as Python writes them (True, None, ['a'], {'name': …})."""
+    url, _ = server
+    got, answer = raw(url + "/v1/chat/completions", {"messages": X, **body})
+    message = answer["error"]["message"]
+    assert got == 400 and words in message, message
+    assert not any(python in message for python in ("True", "False", "None", "['", "{'")), message
+
+
 @pytest.mark.parametrize("name,kwargs,status,param", BAD, ids=[b[0] for b in BAD])
 def test_bad_chat_requests(server, name, kwargs, status, param):
     url, _ = server

@@ -97,7 +97,7 @@ def response_format_schema(value: object) -> dict | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise GrammarError("response_format must be an object such as {'type': 'json_object'}")
+        raise GrammarError('response_format must be an object such as {"type": "json_object"}')
     kind = value.get("type")
     if kind == "text":
         return None
@@ -106,7 +106,7 @@ def response_format_schema(value: object) -> dict | None:
     if kind == "json_schema":
         spec = value.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-            raise GrammarError("response_format json_schema needs 'json_schema': {'name': ..., 'schema': {...}} "
+            raise GrammarError('response_format json_schema needs "json_schema": {"name": …, "schema": {…}} '
                                "with the schema as a JSON object")
         return spec["schema"]
     raise GrammarError(f"response_format type must be 'text', 'json_object' or 'json_schema', got "

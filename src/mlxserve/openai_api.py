@@ -345,16 +345,16 @@ def _legacy_functions(body: dict) -> dict:
     functions = body.get("functions", [])
     for i, fn in enumerate(functions):
         if not (isinstance(fn, dict) and isinstance(fn.get("name"), str)):
-            raise APIError(400, f"functions[{i}] must be {{'name': …, 'description': …, 'parameters': {{…}}}}",
+            raise APIError(400, f'functions[{i}] must be {{"name": …, "description": …, "parameters": {{…}}}}',
                            param="functions")
     choice = body.get("function_call", "auto")
     if isinstance(choice, dict):
         # (a name that is no string is none of them: a list or an object would be unhashable in the set)
         if not isinstance(choice.get("name"), str) or choice["name"] not in {fn["name"] for fn in functions}:
-            raise APIError(400, "function_call must name a function in functions: {'name': …}", param="function_call")
+            raise APIError(400, 'function_call must name a function in functions: {"name": …}', param="function_call")
         choice = {"type": "function", "function": {"name": choice["name"]}}
     elif choice not in ("auto", "none"):
-        raise APIError(400, "function_call must be 'auto', 'none' or {'name': …}", param="function_call")
+        raise APIError(400, 'function_call must be "auto", "none" or {"name": …}', param="function_call")
     out = {key: value for key, value in body.items() if key not in legacy}
     return {**out, "tools": [{"type": "function", "function": fn} for fn in functions], "tool_choice": choice,
             "parallel_tool_calls": False}
@@ -372,7 +372,7 @@ def _tools(body: dict, legacy: bool = False) -> tuple[list | None, str]:
         named = fn.get("name") if isinstance(fn, dict) else None
         if choice.get("type") != "function" or not isinstance(named, str):
             raise APIError(400, "tool_choice must be auto, none, required or "
-                                "{'type': 'function', 'function': {'name': …}}", param="tool_choice")
+                                '{"type": "function", "function": {"name": …}}', param="tool_choice")
     elif choice not in ("auto", "none", "required"):
         raise APIError(400, "tool_choice must be auto, none, required or a named function", param="tool_choice")
     if not tools:  # (None, or an empty list)
@@ -383,7 +383,7 @@ def _tools(body: dict, legacy: bool = False) -> tuple[list | None, str]:
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(fn, dict)
                 and isinstance(fn.get("name"), str)):
-            raise APIError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': …}}}}", param="tools")
+            raise APIError(400, f'tools[{i}] must be {{"type": "function", "function": {{"name": …}}}}', param="tools")
         # (null: no parameters; any other value that is not an object, falsy ones such as [], "" or
         # 0 included, is no schema: the grammar of enforced calls reads it as one)
         if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):

@@ -222,7 +222,7 @@ def _check_fields(body: dict) -> None:
     """The fields whose errors the chat parser would word in its own API's terms."""
     include = body.get("include", [])
     if not (isinstance(include, list) and all(isinstance(value, str) for value in include)):
-        raise APIError(400, f"'include' must be a list of strings such as ['{LOGPROBS}']", param="include")
+        raise APIError(400, f"'include' must be a list of strings such as [\"{LOGPROBS}\"]", param="include")
     limit = body.get("max_output_tokens")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise APIError(400, f"'max_output_tokens' must be an integer >= 1, got {json.dumps(limit)[:40]}",
@@ -247,7 +247,7 @@ def _check_fields(body: dict) -> None:
         raise APIError(400, "'user' must be a string", param="user")
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and not (choice.get("type") == "function" and isinstance(choice.get("name"), str)):
-        raise APIError(400, "tool_choice must be auto, none, required or {'type': 'function', 'name': …}",
+        raise APIError(400, 'tool_choice must be auto, none, required or {"type": "function", "name": …}',
                        param="tool_choice")
 
 
@@ -432,7 +432,7 @@ def _tools(tools: object) -> list:
             raise APIError(400, f"tools[{i}]: only function tools are supported, got {json.dumps(kind)[:40]}",
                            param="tools")
         if not isinstance(tool.get("name"), str):
-            raise APIError(400, f"tools[{i}] needs a 'name': {{'type': 'function', 'name': …, 'parameters': {{…}}}}",
+            raise APIError(400, f'tools[{i}] needs a \'name\': {{"type": "function", "name": …, "parameters": {{…}}}}',
                            param="tools")
         function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
         out.append({"type": "function", "function": function})
@@ -453,14 +453,14 @@ def _text_format(text: object) -> dict | None:
     if fmt is None:
         return None
     if not isinstance(fmt, dict):
-        raise APIError(400, "text.format must be an object such as {'type': 'json_object'}", param="text.format")
+        raise APIError(400, 'text.format must be an object such as {"type": "json_object"}', param="text.format")
     if fmt.get("type") not in ("text", "json_object", "json_schema"):
         raise APIError(400, f"text.format type must be 'text', 'json_object' or 'json_schema', got "
                             f"{json.dumps(fmt.get('type'))[:40]}", param="text.format")
     if fmt.get("type") == "json_schema":
         if not isinstance(fmt.get("schema"), dict):
-            raise APIError(400, "text.format json_schema needs 'schema', a JSON Schema object: {'type': "
-                                "'json_schema', 'name': …, 'schema': {…}}", param="text.format")
+            raise APIError(400, "text.format json_schema needs 'schema', a JSON Schema object: {\"type\": "
+                                "\"json_schema\", \"name\": …, \"schema\": {…}}", param="text.format")
         return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "answer"), "schema": fmt["schema"]}}
     return {"type": fmt.get("type")}
 

@@ -34,6 +34,7 @@ penalties, logit bias, a grammar's mask and temperature, as OpenAI-compatible se
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
-    top_logprobs: int = 0  # 0..20, needs logprobs=True
+    top_logprobs: int = 0  # 0..20, needs logprobs
     # (token id, bias) pairs, each bias in [-100, 100] added to that token's logit (OpenAI's
     # logit_bias); ids beyond the model's logits are ignored.
     logit_bias: tuple[tuple[int, float], ...] = ()
@@ -92,8 +93,12 @@ class SamplingParams:
 
         def fail(field: str, reason: str) -> None:
             value = getattr(self, field)
-            value = list(value) if isinstance(value, tuple) else value  # as JSON and the CLI write it
-            shown = repr(value)  # (cut short: 300 stop strings or a 4000-digit number repeated back helps nobody)
+            # As JSON writes it (a server's client sent JSON: ["a", "b"], true, null, not
+            # Python's ['a', 'b'], True, None), which reads as well after a CLI flag. A float
+            # as Python writes it: JSON's but for inf and nan, as a flag takes them.
+            value = list(value) if isinstance(value, tuple) else value
+            shown = repr(value) if isinstance(value, float) else json.dumps(value, ensure_ascii=False, default=repr)
+            # (cut short: 300 stop strings or a 4000-digit number repeated back helps nobody)
             raise ValueError(f"{field}: {reason}, got {shown if len(shown) <= 80 else shown[:80] + '…'}")
 
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -113,7 +118,7 @@ class SamplingParams:
         if not (-2.0 <= self.frequency_penalty <= 2.0):
             fail("frequency_penalty", "must be in [-2, 2]")
         if self.seed is not None and not _is_int(self.seed):
-            fail("seed", "must be an integer or None")
+            fail("seed", "must be an integer or null")
         if len(self.stop) > MAX_STOP_STRINGS:
             fail("stop", f"at most {MAX_STOP_STRINGS} stop strings")
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -125,7 +130,7 @@ class SamplingParams:
         if not _is_int(self.top_logprobs) or not (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
             fail("top_logprobs", f"must be an integer in 0..{MAX_TOP_LOGPROBS}")
         if self.top_logprobs and not self.logprobs:
-            fail("top_logprobs", "needs logprobs=True")
+            fail("top_logprobs", "needs logprobs set to true")
         if not all(isinstance(pair, tuple) and len(pair) == 2 and _is_int(pair[0]) and pair[0] >= 0
                    and isinstance(pair[1], (int, float)) and -100.0 <= pair[1] <= 100.0
                    for pair in self.logit_bias):
