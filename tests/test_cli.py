@@ -730,6 +730,32 @@ def test_models_lists_cache_and_hf_cache(tmp_path, tiny, smollm2_path):
                for line in r.stdout.splitlines()), r.stdout
 
 
+@pytest.mark.parametrize("width", [40, 80])
+def test_models_in_a_narrow_terminal_keeps_names_and_paths_whole(monkeypatch, tmp_path, width):
+    """A terminal narrower than the table (80 columns: a path is some 70 of them) gets each
+    model as lines of its own, the name and the path each whole on one line (the table folded
+    both between box characters, and cut the quantization to 'Q4_…'); a wide one the table."""
+    import io
+
+    from rich.console import Console
+
+    from mlxserve import cli, registry
+
+    path = tmp_path / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    models = [registry.LocalModel("qwen2.5-coder-0.5b", path, 491_400_064, "gguf", "Q4_K_M", "mlxserve")]
+    monkeypatch.setattr(registry, "list_local_models", lambda: models)
+    for columns in (width, 300):
+        out = io.StringIO()
+        monkeypatch.setattr(cli, "output_console", lambda: Console(file=out, width=columns, force_terminal=True,
+                                                                   no_color=True, _environ={}))
+        assert cli.main(["models"]) == 0
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in out.getvalue().splitlines()]
+        if columns == 300:
+            assert any(line.startswith("│ qwen2.5-coder-0.5b ") for line in lines), lines
+            continue
+        assert lines == ["qwen2.5-coder-0.5b", "gguf, Q4_K_M, 491 MB, from mlxserve", str(path)]
+
+
 def test_doctor_json():
     r = mlxserve("doctor", "--json")
     assert r.returncode == 0, r.stderr

@@ -760,7 +760,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             for m in models
         ], indent=2))
         return 0
+    from rich.measure import Measurement
     from rich.table import Table
+    from rich.text import Text
 
     console = output_console()
     if not models:
@@ -770,9 +772,25 @@ def cmd_models(args: argparse.Namespace) -> int:
     for column in (table.columns[0], table.columns[-1]):
         column.overflow = "fold"  # names and paths wrap, never cut short: they are copied from here
     for m in models:
-        table.add_row(m.name, m.format, m.quantization, f"{m.size_bytes / 1e6:,.0f} MB", m.source, str(m.path))
-    console.print(table)
+        table.add_row(m.name, m.format, m.quantization, _megabytes(m.size_bytes), m.source, str(m.path))
+    natural = Measurement.get(console, console.options.update_width(10**6), table).maximum
+    if natural <= console.width or not console.is_terminal:  # (off a terminal: wide, see output_console)
+        console.print(table)
+        return 0
+    # A terminal narrower than the table (a model's path alone is some 70 columns, an 80-column
+    # terminal the common case): the table folded each name and path over several lines between
+    # box characters, so neither could be copied, and cut the narrow columns short ("Q4_…").
+    # Each model as lines of its own instead, every one whole: the terminal wraps a long one.
+    for m in models:
+        console.print(Text(m.name, style="bold"), soft_wrap=True)
+        console.print(Text(f"    {m.format}, {m.quantization}, {_megabytes(m.size_bytes)}, from {m.source}",
+                           style="dim"), soft_wrap=True)
+        console.print(Text("    " + str(m.path)), soft_wrap=True)
     return 0
+
+
+def _megabytes(size_bytes: int) -> str:
+    return f"{size_bytes / 1e6:,.0f} MB"
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
