@@ -568,6 +568,23 @@ def test_a_first_ctrl_c_as_a_finished_run_stops_its_engine_reports_what_was_meas
     assert [len(e["runs"]) for e in result["results"]["mlxserve"]["concurrency"]] == [1]
 
 
+def test_a_model_path_with_brackets_is_printed_as_it_is(tiny_model_dir, tmp_path, capsys):
+    """The model's path and name, and --json's path, are text, not rich markup: "[red]" was
+    taken for a style and dropped from the table's title, and "[/x]" was rich's MarkupError,
+    a traceback once the runs were over."""
+    (tmp_path / "v[red]2[").mkdir()
+    model = tmp_path / "v[red]2[" / "x]"
+    model.symlink_to(tiny_model_dir("qwen3", "float32"), target_is_directory=True)
+    out = tmp_path / "v[red]2[" / "b.json"
+    status = cli.main(["bench", "--model", str(model), "--concurrency", "1", "--requests", "1", "--prompt-tokens",
+                       "8", "--gen-tokens", "2", "--runs", "1", "--warmup", "0", "--json", str(out)])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert f"mlxserve bench: {model} (" in captured.out, captured.out
+    assert f"bench: {model} (float32) ready" in captured.err and f"bench: wrote {out}" in captured.err, captured.err
+    assert json.loads(out.read_text())["config"]["model"] == str(model)
+
+
 def test_the_tables_keep_every_figure_whole_in_an_80_column_terminal():
     """In 80 columns (a terminal's usual width) rich squeezed the tables' 11 columns: both
     engines showed as "mlx…" and figures lost their digits ("3,58…"). Where a table does

@@ -756,6 +756,34 @@ def test_models_in_a_narrow_terminal_keeps_names_and_paths_whole(monkeypatch, tm
         assert lines == ["qwen2.5-coder-0.5b", "gguf, Q4_K_M, 491 MB, from mlxserve", str(path)]
 
 
+def test_models_and_loading_print_names_and_paths_with_brackets_as_they_are(monkeypatch, tmp_path, tiny):
+    """A model's name or path is text, not rich markup: "[red]" was taken for a style and
+    dropped, and "[/x]" was rich's MarkupError, a traceback (`mlxserve models`, and the
+    "Loading PATH …" line of run and chat in a terminal)."""
+    import io
+
+    from rich.console import Console
+
+    from mlxserve import cli, registry
+
+    (tmp_path / "v[red]2[").mkdir()
+    model = tmp_path / "v[red]2[" / "x]"
+    model.symlink_to(tiny, target_is_directory=True)
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "output_console", lambda stderr=False: Console(
+        file=out, width=300, force_terminal=True, no_color=True, _environ={}))
+    assert cli._load(str(model), None).name == str(model)
+    assert f"Loading {model} …" in out.getvalue()
+    listed = [registry.LocalModel("m[red]x[/x]", model, 1_000_000, "mlx", "float32", "mlxserve")]
+    monkeypatch.setattr(registry, "list_local_models", lambda: listed)
+    for width in (300, 40):  # the table, and a model's lines of its own
+        out.seek(0), out.truncate()
+        monkeypatch.setattr(cli, "output_console", lambda: Console(file=out, width=width, force_terminal=True,
+                                                                   no_color=True, _environ={}))
+        assert cli.main(["models"]) == 0
+        assert "m[red]x[/x]" in out.getvalue() and str(model) in out.getvalue(), out.getvalue()
+
+
 def test_doctor_json():
     r = mlxserve("doctor", "--json")
     assert r.returncode == 0, r.stderr

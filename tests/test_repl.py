@@ -1243,6 +1243,33 @@ def test_models_keeps_each_name_whole_in_a_narrow_terminal():
         assert "…" not in out.getvalue() and len(lines) == (2 if width == 120 else 4), lines
 
 
+def test_model_switch_names_a_path_with_brackets_as_it_is():
+    """/model's "Loading NAME …" line is text, not rich markup: a path's "[red]" was taken for
+    a style and dropped, and "[/x]" was rich's MarkupError, so the switch failed
+    ("/model failed: MarkupError") before anything loaded."""
+    from rich.console import Console
+
+    from mlxserve.chat_session import ChatSession
+    from mlxserve.repl import Repl
+
+    name = "/models/v[red]2[/x]/model.gguf"
+
+    class Backend:
+        model = "old"
+        loads_models = True
+        switched = None
+
+        def switch_model(self, spec):
+            Backend.switched = spec
+            return f"Loaded {spec}"
+
+    out = io.StringIO()
+    Repl(Backend(), ChatSession(), Console(file=out, width=200, force_terminal=True), prompt=False).command(
+        f"/model {name}")
+    assert Backend.switched == name, out.getvalue()
+    assert f"Loading {name} …" in out.getvalue() and f"Loaded {name}" in out.getvalue(), out.getvalue()
+
+
 def test_piped_bytes_that_are_not_text_come_as_replacement_characters():
     """Whatever the stream's errors (surrogateescape under a C locale: lone surrogates, which a
     server refused while the engine in the process took them; strict under a UTF-8 one: an

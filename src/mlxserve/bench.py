@@ -887,7 +887,7 @@ def render(results: BenchResults, console) -> None:
     shown += [e for e in [*(results.long_prompt(engine) for engine in engines),
                           results.scenario(OURS, "prefix_reuse")] if e]
     if not shown:  # interrupted before a run was measured (in a warm-up run, say): no empty table
-        console.print(f"{title}: no run was measured", highlight=False)
+        console.print(f"{title}: no run was measured", highlight=False, markup=False)
         return
     # Medians of the runs measured, which an interrupted bench has fewer of than it was asked
     # for, and not necessarily as many in every row: then each row says how many.
@@ -944,9 +944,10 @@ def _print_tables(console, title: str, caption: str | None, keys: list[str], fig
     ("mlx…", "3,58…"): then the figures go into as many tables, one under the other, as it
     takes for each to fit, each with the rows' names."""
     from rich.table import Table
+    from rich.text import Text
 
     def table(columns: list[int], first: bool, last: bool) -> Table:
-        t = Table(title=title if first else None, caption=caption if last else None)
+        t = Table(title=Text(title, style="table.title") if first else None, caption=caption if last else None)
         for header in [*keys, *(figures[i] for i in columns)]:
             t.add_column(header, justify="right", no_wrap=True)
         for names, values, section_ends in rows:
@@ -967,8 +968,6 @@ def _print_tables(console, title: str, caption: str | None, keys: list[str], fig
     for n, columns in enumerate(groups):
         console.print(table(columns, n == 0, False))
     if caption:  # under them all, as wide as the console (the last table may be narrow)
-        from rich.text import Text
-
         console.print(Text(caption, style="table.caption"))
 
 
@@ -1063,7 +1062,10 @@ def main(args) -> int:
     err = output_console(stderr=True)
     loaded = load_for_bench(args)
     cfg.validate_for(loaded)
-    err.print(f"bench: {loaded.name} ({loaded.quantization}) ready in {loaded.load_seconds:.1f}s", highlight=False)
+    # (markup=False wherever a model's name or a path is printed: either may hold "[", which
+    # rich's markup dropped or, as "[/x]", failed on with a traceback)
+    err.print(f"bench: {loaded.name} ({loaded.quantization}) ready in {loaded.load_seconds:.1f}s", highlight=False,
+              markup=False)
     results = BenchResults(describe_run(loaded, cfg, args.random_weights))
     status = 0
     try:
@@ -1094,9 +1096,9 @@ def write_json(results: BenchResults, path: str, err) -> bool:
         with open(path, "w") as f:
             json.dump(results.to_json(), f, indent=2, default=str)
     except OSError as exc:  # the folder went away during the run
-        err.print(f"mlxserve: error: --json {path}: {exc.strerror}", highlight=False)
+        err.print(f"mlxserve: error: --json {path}: {exc.strerror}", highlight=False, markup=False)
         return False
-    err.print(f"bench: wrote {path}", highlight=False)
+    err.print(f"bench: wrote {path}", highlight=False, markup=False)
     return True
 
 

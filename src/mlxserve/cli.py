@@ -578,9 +578,13 @@ def _load(spec: str, dtype_name: str | None, gguf_mode: str = "exact"):
 
     from .loader import load_model, parse_dtype
 
+    from rich.text import Text
+
     dtype = parse_dtype(dtype_name)
     console = output_console(stderr=True)
-    with console.status(f"Loading {spec} …", spinner="dots") if console.is_terminal else nullcontext():
+    # Text, not markup: a path may hold "[" ("models [old]/…" lost its "[old]", and "[/x]"
+    # was rich's MarkupError, a traceback)
+    with console.status(Text(f"Loading {spec} …"), spinner="dots") if console.is_terminal else nullcontext():
         loaded = load_model(spec, dtype=dtype, progress=True, gguf_mode=gguf_mode)
     _status(f"Loaded {loaded.name} ({loaded.format}, {loaded.quantization}) in {loaded.load_seconds:.1f}s")
     # Once loaded: a dtype the model refuses (bfloat16 for GGUF) is then one line, not this and the error.
@@ -771,8 +775,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     table = Table("name", "format", "quantization", "size", "source", "path")
     for column in (table.columns[0], table.columns[-1]):
         column.overflow = "fold"  # names and paths wrap, never cut short: they are copied from here
-    for m in models:
-        table.add_row(m.name, m.format, m.quantization, _megabytes(m.size_bytes), m.source, str(m.path))
+    for m in models:  # (Text, not markup: a name or path may hold "[")
+        table.add_row(*(Text(value) for value in (m.name, m.format, m.quantization, _megabytes(m.size_bytes),
+                                                  m.source, str(m.path))))
     natural = Measurement.get(console, console.options.update_width(10**6), table).maximum
     if natural <= console.width or not console.is_terminal:  # (off a terminal: wide, see output_console)
         console.print(table)

@@ -329,7 +329,8 @@ def _cmd_model(repl: Repl, arg: str) -> None:
     if not arg:
         repl.say(f"Model: {repl.backend.describe()} (switch with /model NAME; /models lists them)")
         return
-    loading = repl.console.status(f"Loading {arg} …", spinner="dots") if repl.backend.loads_models else nullcontext()
+    # (Text, not markup: a path may hold "[", see cli._load)
+    loading = repl.console.status(Text(f"Loading {arg} …"), spinner="dots") if repl.backend.loads_models else nullcontext()
     try:
         with loading:
             message = repl.backend.switch_model(arg)
