@@ -535,6 +535,20 @@ def test_a_history_that_cannot_be_kept_is_said_once_and_the_chat_goes_on(tmp_pat
     assert len(errors) == 1 and errors[0].startswith("history not kept: ") and "Is a directory" in errors[0]
 
 
+def test_a_history_folder_that_is_a_file_is_said_to_be_no_folder(tmp_path, monkeypatch):
+    """MLXSERVE_HOME naming a file: said so, where mkdir's words were "[Errno 17] File exists"."""
+    from prompt_toolkit.history import InMemoryHistory
+
+    from mlxserve.repl import _prompt_session
+
+    (tmp_path / "home").write_text("")
+    monkeypatch.setenv("MLXSERVE_HOME", str(tmp_path / "home"))
+    errors = []
+    session = _prompt_session(types.SimpleNamespace(error=errors.append, screen=None))
+    assert isinstance(session.history, InMemoryHistory)
+    assert errors == [f"history not kept: {tmp_path / 'home'} is not a folder"]
+
+
 def test_piped_question_prints_only_the_answer(tiny, tmp_path):
     # Greedy: a sampled answer of a random model may be all unfinished <think> (no answer text).
     r = mlxserve("chat", "--model", tiny, "--temperature", "0", stdin="What is the capital of France?\n",

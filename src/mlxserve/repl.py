@@ -750,6 +750,10 @@ def _prompt_session(repl: Repl) -> PromptSession:
         with open(path, "a"), open(path, "rb"):
             pass
         history = FileHistory(str(path))
+    except FileExistsError as exc:  # mkdir: a file where the folder would be (MLXSERVE_HOME=a file)
+        # (its own words, "[Errno 17] File exists: '…'", read as if all were well)
+        repl.error(f"history not kept: {exc.filename} is not a folder")
+        history = InMemoryHistory()
     except OSError as exc:
         repl.error(f"history not kept: {exc}")
         history = InMemoryHistory()
