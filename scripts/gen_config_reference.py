@@ -225,8 +225,9 @@ def generate() -> str:
         "",
         "### Read by the examples",
         "",
-        ("The client scripts in `examples/` (all of them but `bench.sh`) find a running "
-         "`mlxserve serve` through these:"),
+        ("The scripts in `examples/` read these: the client scripts (all of them but `bench.sh`, "
+         "`speculative.sh` and `dflash.sh`, which run `mlxserve` themselves) find a running "
+         "`mlxserve serve` through them:"),
         "",
         "| variable | effect | read in |",
         "|---|---|---|",
