@@ -875,8 +875,13 @@ def test_an_engine_that_fails_to_start_is_one_line(tiny, command):
 
 
 def test_mlx_without_a_back_end_library_is_one_line_naming_the_extras(monkeypatch, capsys):
-    """On Linux the mlx wheel alone has no back-end (`pip install mlxserve` without an extra):
-    importing mlx.core fails on libmlx.so, which is said in one line with what to install."""
+    """On Linux the mlx wheel alone has no back-end (mlxserve installed without an extra):
+    importing mlx.core fails on libmlx.so, which is said in one line with what to install:
+    MLX's back-end package for the mlx installed, or mlxserve again from its clone with the
+    extra. Never `pip install mlxserve[...]`: mlxserve is not on PyPI, so that would fetch
+    whatever a package index has under the name."""
+    from importlib.metadata import version
+
     from mlxserve import cli
 
     def no_back_end(args):
@@ -885,7 +890,9 @@ def test_mlx_without_a_back_end_library_is_one_line_naming_the_extras(monkeypatc
     monkeypatch.setattr(cli, "cmd_models", no_back_end)
     assert cli.main(["models"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "mlxserve[cpu]" in err and "libmlx.so" in err
+    assert err.count("\n") == 1 and "libmlx.so" in err
+    assert f"pip install 'mlx[cpu]=={version('mlx')}'" in err and f"'mlx[cuda13]=={version('mlx')}'" in err
+    assert "mlxserve[" not in err and "the extra cpu or cuda" in err
 
 
 def test_run_no_think_reaches_the_chat_template(tiny_model_dir, tmp_path):

@@ -262,8 +262,7 @@ def _main(argv: list[str] | None) -> int:
         return _fail(str(exc))
     except ImportError as exc:
         if "libmlx" in str(exc):  # Linux: the mlx wheel is there, no back-end library with it
-            return _fail(f"MLX has no back-end installed ({exc}): install one, "
-                         f"pip install 'mlxserve[cpu]' or 'mlxserve[cuda]' (NVIDIA), not both")
+            return _fail(_no_mlx_back_end(exc))
         raise
     except OSError as exc:  # e.g. standard output on a full disk (`>/dev/full`): one line
         if _stdout_broken():
@@ -281,6 +280,21 @@ def _main(argv: list[str] | None) -> int:
         if isinstance(exc, RuntimeError) and str(exc).startswith(ENGINE_START_FAILED):
             return _fail(_one_line(str(exc)))  # e.g. a bench's engine (see _running_engine)
         raise
+
+
+def _no_mlx_back_end(exc: ImportError) -> str:
+    """What to do when mlx.core cannot load its library: install the back-end package of the
+    mlx that is installed (mlxserve is not on PyPI: `pip install 'mlxserve[cpu]'` would fetch
+    whatever an index has under that name), or mlxserve again with its extra."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pin = f"=={version('mlx')}"
+    except PackageNotFoundError:
+        pin = ""
+    return (f"MLX has no back-end installed ({exc}): install exactly one, pip install 'mlx[cpu]{pin}' "
+            f"(CPU) or 'mlx[cuda13]{pin}' (NVIDIA GPU), or install mlxserve again from its clone "
+            f"with the extra cpu or cuda (pip install '.[cpu]')")
 
 
 def _fail(message: str) -> int:
