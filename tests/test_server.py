@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+import uvicorn
 
 from mlxserve.engine import Engine, EngineConfig, EngineStopped
 from mlxserve.loader import load_model
@@ -1294,6 +1295,47 @@ def test_abort_all_ends_requests_in_flight_with_503(tiny_model_dir):
             assert raw(live.url + "/completions", {"prompt": "hi", "max_tokens": 2}, key=None)[0] == 200
         finally:
             live.stop()
+
+
+def test_a_request_whose_body_arrives_after_shutdown_began_gets_a_503(tiny_model_dir, monkeypatch):
+    """SIGTERM while a request is still on its way in (its body arriving, or being parsed):
+    it was accepted after abort_all had ended the requests in flight, and ran its whole answer
+    while uvicorn waited for it, holding up the process's exit (or was cut off without a word
+    after the grace period). It is refused with the same 503 instead."""
+    import socket
+
+    from mlxserve.engine import SHUTTING_DOWN
+    from mlxserve.server import _Server
+
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    with Engine(loaded, EngineConfig()) as engine:
+        port = free_port()
+        server = _Server(uvicorn.Config(create_app(engine, MODEL), host="127.0.0.1", port=port,
+                                        log_level="warning", timeout_graceful_shutdown=60), engine)
+        aborted = threading.Event()  # set once shutdown has ended the requests in flight
+        abort_all = engine.abort_all
+        monkeypatch.setattr(engine, "abort_all", lambda *args, **kwargs: (abort_all(*args, **kwargs), aborted.set()))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            _wait_until(lambda: server.started, "the server never started")
+            body = json.dumps({"prompt": "Once upon a time", "max_tokens": 50, "temperature": 0,
+                               "ignore_eos": True}).encode()
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+                server.should_exit = True  # (what uvicorn's SIGTERM handler does)
+                assert aborted.wait(timeout=60), "shutdown never began"
+                sock.sendall(body[10:])
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            head, _, payload = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503"), head
+            assert json.loads(payload)["error"]["message"] == SHUTTING_DOWN
+        finally:
+            server.should_exit = True
+            thread.join()
 
 
 def test_serve_command_runs_and_stops_cleanly(tiny_model_dir):

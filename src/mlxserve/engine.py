@@ -155,6 +155,7 @@ class Engine:
         self._stopping = False
         self._outstanding = 0  # submitted and not finished
         self._closed = False  # the engine loop has ended: submit refuses
+        self._refusal: str | None = None  # set by abort_all(refuse_later=True): why submit refuses
         self._outstanding_lock = threading.Lock()
         self._stats: dict = {}
         self.error: str | None = None
@@ -235,6 +236,8 @@ class Engine:
         with self._outstanding_lock:
             if self._closed:  # the loop has ended, or is ending (stop() while a step ran)
                 raise EngineStopped("engine is not running")
+            if self._refusal is not None:  # (a server shutting down: see abort_all)
+                raise EngineStopped(self._refusal)
             # Refuse here, in the caller's thread, so that a server can answer 429 at once.
             limit = self.config.request_limit
             if self._outstanding >= limit:
@@ -255,10 +258,19 @@ class Engine:
                 stream._counted = False
                 self._outstanding -= 1
 
-    def abort_all(self, message: str) -> None:
+    def abort_all(self, message: str, refuse_later: bool = False) -> None:
         """End every submitted request (running or waiting) with an error event carrying
         `message`: its stream ends now, and the engine frees its row after the step in
-        progress (which on a slow machine can take many seconds); the engine goes on running."""
+        progress (which on a slow machine can take many seconds); the engine goes on running.
+        `refuse_later`: every later submit raises EngineStopped(message) too. A server that
+        shuts down still reads the requests whose bodies were arriving (or being parsed) when
+        it began: without this they were accepted after the abort and ran their whole answers,
+        holding up the exit until uvicorn's grace period cut them off."""
+        if refuse_later:
+            # Set before the abort is queued: a submit that got in first queued its request
+            # ahead of the abort (under this lock), which then ends it too.
+            with self._outstanding_lock:
+                self._refusal = message
         self._commands.put(("abort", message))
         now = time.perf_counter()
         for stream in list(self._streams.values()):

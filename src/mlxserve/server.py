@@ -863,14 +863,15 @@ def listen_socket(host: str, port: int) -> socket.socket:
 class _Server(uvicorn.Server):
     """uvicorn's server, which first ends the requests in flight when it shuts down: they get
     a 503 error (a final error event when streaming) at once, instead of running on for
-    uvicorn's grace period and then being cut off."""
+    uvicorn's grace period and then being cut off. Requests that reach the engine after
+    that (their bodies still arriving when it began) are refused with the same 503."""
 
     def __init__(self, config, engine: Engine):
         super().__init__(config)
         self.engine = engine
 
     async def shutdown(self, sockets=None) -> None:
-        self.engine.abort_all(SHUTTING_DOWN)
+        self.engine.abort_all(SHUTTING_DOWN, refuse_later=True)
         await super().shutdown(sockets=sockets)
 
 
