@@ -1851,6 +1851,41 @@ def test_logprobs_of_an_answer_with_broken_utf8_cut_by_a_stop_string(tiny_model_
         live.stop()
 
 
+def test_logprobs_cover_a_token_of_no_text_that_ends_an_answer_cut_by_max_tokens(tiny_model_dir):
+    """A token of no text (an id beyond the vocabulary, a GGUF's unused one: random weights
+    sample them) has its entry once later text comes. One that ends an answer cut by
+    max_tokens had none (no text comes after it): the answer had one entry fewer than
+    usage.completion_tokens, streamed or not. Its empty text is in the answer, as such a
+    token's in the middle is."""
+    loaded = load_model(str(tiny_model_dir("qwen3", "float32")), progress=False)
+    tokenizer = loaded.tokenizer
+    silent = loaded.model.args.vocab_size - 1  # (the vocabulary is padded to a multiple of 64)
+    assert tokenizer.token_bytes(silent) == b""
+    ids = tokenizer.encode("Hello", add_special_tokens=False) + [silent] + tokenizer.encode(" there", add_special_tokens=False) + [silent]
+    live = _token_server(loaded, None, ids=ids)
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True}
+        status, whole = raw(live.url + "/chat/completions", chat, key=None)
+        assert status == 200 and whole["choices"][0]["finish_reason"] == "length"
+        assert whole["choices"][0]["message"]["content"] == "Hello there"
+        chunks = _sse_events(live.url + "/chat/completions", {**chat, "stream": True})
+        streamed = [e for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                    for e in c["choices"][0]["logprobs"]["content"]]
+        for content in (whole["choices"][0]["logprobs"]["content"], streamed):
+            assert [bytes(e["bytes"]) for e in content] == [tokenizer.token_bytes(t) for t in ids]
+
+        legacy = {"prompt": "x", "logprobs": 1}
+        status, whole = raw(live.url + "/completions", legacy, key=None)
+        lp = whole["choices"][0]["logprobs"]
+        assert len(lp["tokens"]) == len(lp["text_offset"]) == len(ids)
+        assert lp["text_offset"][-1] == len("x") + len("Hello there")
+        chunks = _sse_events(live.url + "/completions", {**legacy, "stream": True})
+        assert [t for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                for t in c["choices"][0]["logprobs"]["tokens"]] == lp["tokens"]
+    finally:
+        live.stop()
+
+
 def test_logprobs_of_a_real_answer_cut_by_a_stop_string_or_ended_by_eos(server):
     url, engine = server
     body = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0, "ignore_eos": True,

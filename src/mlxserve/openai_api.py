@@ -688,6 +688,13 @@ class AnswerLogprobs:
         released = []
         while self._pending and self._pending[0][1] < self._text_chars:
             released.append(self._pending.popleft()[0])
+        if event.finish_reason:
+            # Tokens of no text (ids beyond the vocabulary, a GGUF's unused ones) that the
+            # answer ends with: no later text reaches them, yet their empty text is in the
+            # answer, as such a token's in the middle is (an answer cut by max_tokens had one
+            # entry fewer than its completion_tokens). A token a stop string cut off has text.
+            while self._pending and not self._tokenizer.token_bytes(self._pending[0][0].token_id):
+                released.append(self._pending.popleft()[0])
         return released
 
 
