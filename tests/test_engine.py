@@ -715,6 +715,41 @@ def test_stats_report_rates_and_memory(loaded):
     assert stats["kv_bytes_budget"] > 0
 
 
+@pytest.mark.parametrize("end", ["stop token", "stop string", "cancelled", "budget"])
+def test_decode_tokens_count_only_the_answers_tokens(loaded, end):
+    """Steps are pipelined: a decoding row's next token is fed, and counted as decoded, while
+    the token before it is read back. When that one ends the answer (a stop token or string),
+    the request is cancelled meanwhile, or a lone row's next token finds no room in the budget,
+    the token in flight is no part of the answer; the counter leaves it out, as it leaves out
+    draft tokens after a stop (test_spec.py). It counted it: one more than the answer's
+    tokens but the first."""
+    prompt = loaded.tokenizer.encode("The capital of France is")
+    full = run_alone(loaded, prompt, replace(GREEDY, max_tokens=40), block_size=4)
+    params, budget = replace(GREEDY, max_tokens=40), None
+    if end == "stop token":
+        at = next(i for i in range(3, len(full)) if full[i] not in full[:i])
+        params = replace(params, stop_token_ids=(full[at],))
+    elif end == "stop string":
+        text = loaded.tokenizer.decode(full)
+        params = replace(params, stop=(text[len(text) // 2 : len(text) // 2 + 3],))
+    elif end == "budget":
+        budget = make_scheduler(loaded, EngineConfig(block_size=4)).kv.slot_bytes_for(32)  # one 32-token slot
+    sched = make_scheduler(loaded, EngineConfig(block_size=4, memory_budget_bytes=budget))
+    request = Request(prompt, params)
+    sched.add(request)
+    tokens, final = [], None
+    while sched.has_work():
+        for event in sched.step():
+            tokens += event.token_ids
+            final = event if event.finish_reason else final
+        if end == "cancelled" and len(tokens) == 6 and final is None:
+            assert sched._inflight is not None  # its next token is being computed
+            final = sched.cancel(request.id)
+    assert tokens == full[: len(tokens)] and 3 < len(tokens) < len(full)
+    assert final.finish_reason == {"stop token": "stop", "stop string": "stop"}.get(end, "length" if budget else end)
+    assert sched.stats.decode_tokens == len(tokens) - 1
+
+
 @pytest.mark.parametrize("chunk", [3, 7, 512])
 def test_prompt_scoring_equals_a_direct_forward_pass(loaded, chunk):
     prompt = loaded.tokenizer.encode("The capital of France is Paris. The sky is blue because of Rayleigh scattering.")

@@ -238,6 +238,9 @@ class InFlight:
     rows: list[Row]
     indices: list[int | None]  # per row: the placeholder index in its sampling state (None: verifying a draft)
     offsets: list[int]  # per row: its first sample in `result` (a verifying row has one per draft token, plus one)
+    # per row: whether the step counted its sample as decoded (Scheduler._step_counts: all but
+    # a row's first token); one that reaches no answer is taken back (_read_back)
+    decoded: list[bool] = field(default_factory=list)
 
 
 def check_fits(prompt_tokens: int, context_length: int) -> None:
@@ -510,7 +513,9 @@ class Scheduler:
             return self.kv.arrays() + states, None  # a prefill-only step writes state only
         result = self.sampler.sample(logits, samplers)
         indices: list[int | None] = []
+        decoded: list[bool] = []
         for row, offset in zip(sampling_rows, offsets):
+            decoded.append(bool(row.num_generated + row.pending))  # as _step_counts counted it
             if row.draft:
                 indices.append(None)  # its tokens are recorded as they are accepted
                 continue
@@ -518,7 +523,7 @@ class Scheduler:
             row.pending_index = offset
             indices.append(row.sampling.record_pending())
         outputs = [a for a in (result.tokens, result.logprobs, result.top_ids, result.top_logprobs) if a is not None]
-        return outputs + states, InFlight(result, sampling_rows, indices, offsets)
+        return outputs + states, InFlight(result, sampling_rows, indices, offsets, decoded)
 
     def _score_prompt(self, row: Row, feed: Feed, logits: mx.array) -> None:
         """Log-probs of the prompt tokens that follow each fed position (read back at once:
@@ -558,12 +563,17 @@ class Scheduler:
             top = list(zip(top_ids[i][:k], top_lp[i][:k])) if top_ids is not None else []
             return TokenLogprob(tokens[i], chosen_lp[i], top)
 
-        for row, index, i in zip(step.rows, step.indices, step.offsets):
+        for row, index, i, decoded in zip(step.rows, step.indices, step.offsets, step.decoded):
             if index is None:
                 events += self._accept_draft(row, tokens[i : i + len(row.draft) + 1], i, logprob, now)
                 continue
             row.pending -= 1
             if row.finished:  # cancelled or stopped while this step was in flight
+                if decoded:
+                    # The step counted this token as decoded, but it is no part of the answer
+                    # (the token before it was a stop, or the row ended meanwhile): taken back,
+                    # as draft tokens after a stop are never counted (_accept_draft).
+                    self.stats.take_back_decoded()
                 continue
             row.sampling.fill(index, tokens[i])
             events.append(self._commit(row, tokens[i], logprob(row, i), now))
@@ -982,6 +992,11 @@ class SchedulerStats:
         self.decode_tokens += decoded
         if decoded:
             self.recent.append((time.perf_counter(), 0, decoded))
+
+    def take_back_decoded(self) -> None:
+        """A token a step counted as decoded reached no answer (see Scheduler._read_back)."""
+        self.decode_tokens -= 1
+        self.recent.append((time.perf_counter(), 0, -1))
 
     def rates(self, now: float) -> tuple[float, float]:
         """Prefill and decode tokens per second over the last RATE_WINDOW_S seconds."""
