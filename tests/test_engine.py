@@ -719,10 +719,11 @@ def test_stats_report_rates_and_memory(loaded):
 def test_decode_tokens_count_only_the_answers_tokens(loaded, end):
     """Steps are pipelined: a decoding row's next token is fed, and counted as decoded, while
     the token before it is read back. When that one ends the answer (a stop token or string),
-    the request is cancelled meanwhile, or a lone row's next token finds no room in the budget,
-    the token in flight is no part of the answer; the counter leaves it out, as it leaves out
-    draft tokens after a stop (test_spec.py). It counted it: one more than the answer's
-    tokens but the first."""
+    or the request is cancelled meanwhile, the token in flight is no part of the answer; the
+    counter leaves it out, as it leaves out draft tokens after a stop (test_spec.py). It
+    counted it: one more than the answer's tokens but the first. (Likewise for a lone row that the
+    budget stops with a token in flight: it ends without that token, see
+    test_a_lone_row_that_outgrows_the_budget_ends_with_length_keeping_its_output.)"""
     prompt = loaded.tokenizer.encode("The capital of France is")
     full = run_alone(loaded, prompt, replace(GREEDY, max_tokens=40), block_size=4)
     params, budget = replace(GREEDY, max_tokens=40), None
