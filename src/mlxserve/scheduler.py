@@ -1003,7 +1003,8 @@ class SchedulerStats:
         while self.recent and self.recent[0][0] < now - self.RATE_WINDOW_S:
             self.recent.popleft()
         prefill = sum(p for _, p, _ in self.recent)
-        decode = sum(d for _, _, d in self.recent)
+        # (at least 0: a taken-back token, see take_back_decoded, may outlive its count's entry)
+        decode = max(0, sum(d for _, _, d in self.recent))
         return prefill / self.RATE_WINDOW_S, decode / self.RATE_WINDOW_S
 
     def as_dict(self) -> dict:
