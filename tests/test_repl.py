@@ -1284,6 +1284,23 @@ def test_model_switch_names_a_path_with_brackets_as_it_is():
     assert f"Loading {name} …" in out.getvalue() and f"Loaded {name}" in out.getvalue(), out.getvalue()
 
 
+def test_stats_of_a_server_print_its_names_as_they_are(capsys):
+    """/stats shows what a server (chat --url) sends: a stat's name holding "[/x]" was rich's
+    MarkupError ("/stats failed"), and "[red]" was taken for a style and dropped. The CLI's
+    consoles read no markup at all (cli.output_console)."""
+    from mlxserve.chat_session import ChatSession
+    from mlxserve.cli import output_console
+    from mlxserve.repl import Repl
+
+    class Backend:
+        def stats(self):
+            return {"odd[red]name[/x]": 3}
+
+    Repl(Backend(), ChatSession(), output_console(), prompt=False).command("/stats")
+    out = capsys.readouterr().out
+    assert "odd[red]name[/x]" in out and "3" in out, out
+
+
 def test_piped_bytes_that_are_not_text_come_as_replacement_characters():
     """Whatever the stream's errors (surrogateescape under a C locale: lone surrogates, which a
     server refused while the engine in the process took them; strict under a UTF-8 one: an

@@ -887,7 +887,7 @@ def render(results: BenchResults, console) -> None:
     shown += [e for e in [*(results.long_prompt(engine) for engine in engines),
                           results.scenario(OURS, "prefix_reuse")] if e]
     if not shown:  # interrupted before a run was measured (in a warm-up run, say): no empty table
-        console.print(f"{title}: no run was measured", highlight=False, markup=False)
+        console.print(f"{title}: no run was measured", highlight=False)
         return
     # Medians of the runs measured, which an interrupted bench has fewer of than it was asked
     # for, and not necessarily as many in every row: then each row says how many.
@@ -1062,10 +1062,7 @@ def main(args) -> int:
     err = output_console(stderr=True)
     loaded = load_for_bench(args)
     cfg.validate_for(loaded)
-    # (markup=False wherever a model's name or a path is printed: either may hold "[", which
-    # rich's markup dropped or, as "[/x]", failed on with a traceback)
-    err.print(f"bench: {loaded.name} ({loaded.quantization}) ready in {loaded.load_seconds:.1f}s", highlight=False,
-              markup=False)
+    err.print(f"bench: {loaded.name} ({loaded.quantization}) ready in {loaded.load_seconds:.1f}s", highlight=False)
     results = BenchResults(describe_run(loaded, cfg, args.random_weights))
     status = 0
     try:
@@ -1096,9 +1093,9 @@ def write_json(results: BenchResults, path: str, err) -> bool:
         with open(path, "w") as f:
             json.dump(results.to_json(), f, indent=2, default=str)
     except OSError as exc:  # the folder went away during the run
-        err.print(f"mlxserve: error: --json {path}: {exc.strerror}", highlight=False, markup=False)
+        err.print(f"mlxserve: error: --json {path}: {exc.strerror}", highlight=False)
         return False
-    err.print(f"bench: wrote {path}", highlight=False, markup=False)
+    err.print(f"bench: wrote {path}", highlight=False)
     return True
 
 

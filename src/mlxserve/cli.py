@@ -924,14 +924,18 @@ def output_console(stderr: bool = False):
     width and takes 80 columns, cutting every longer line in two; there it wraps no text (a
     line said stays one line, for grep and for whatever shows it later, which wraps it to its
     own width), and a table gets PIPED_TABLE_WIDTH columns to keep its rows whole; the spaces
-    rich pads lines with to that width (Markdown, tables) are dropped."""
+    rich pads lines with to that width (Markdown, tables) are dropped. Strings are never read
+    as rich markup: nothing here writes any, and the text shown (a model's name or path, a
+    server's stat names, a usage "[on|off]") may hold "[", which markup dropped as a style or,
+    as "[/x]", failed on with a MarkupError traceback. (A spinner's text is read as markup
+    whatever the console says: give it a Text.)"""
     Console = _console_class()
     no_color = bool(os.environ.get("NO_COLOR"))
-    console = Console(stderr=stderr, no_color=no_color)
+    console = Console(stderr=stderr, no_color=no_color, markup=False)
     if console.is_terminal:
         return console
     return Console(file=_PaddingDropped(stderr), no_color=no_color, width=max(console.width, PIPED_TABLE_WIDTH),
-                   soft_wrap=True)
+                   soft_wrap=True, markup=False)
 
 
 @functools.cache

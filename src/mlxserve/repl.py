@@ -109,7 +109,7 @@ def run_chat(args) -> int:
         # there, as piped chat writes it; all else (banner, figures, what commands say, errors,
         # the prompt) goes to the terminal typed in (_terminal_stream), as piped chat's to stderr.
         screen = _terminal_stream()
-        console = (Console(file=screen, no_color=bool(os.environ.get("NO_COLOR"))) if screen.isatty()
+        console = (Console(file=screen, no_color=bool(os.environ.get("NO_COLOR")), markup=False) if screen.isatty()
                    else output_console(stderr=True))  # (no terminal at all: stderr, unwrapped)
         return Repl(backend, session, console, answers=sys.stdout, screen=screen).run()
     except KeyboardInterrupt:
