@@ -53,16 +53,34 @@ def test_next_turn_takes_the_kept_slot_over_without_copying():
     turn1 = list(range(13))
     row = row_with(kv, turn1, cache)
     shelf, slot = row.shelf, row.slot
-    cache.release(row)  # the request finished: its slot is kept, not freed
+    cache.release(row, turn1)  # the request finished: its slot is kept, not freed
     assert row.shelf is None and kv.bytes_in_use == 0
     assert cache.cached_bytes == SLOT * kv.bytes_per_token
     nxt = RowCache(kv)
     m = cache.match(turn1 + [50, 51])
-    assert isinstance(m.holder, KeptSlot) and m.length == 12
+    assert isinstance(m.holder, KeptSlot) and m.length == 13  # 3 blocks, then its 13th token
     cache.adopt(nxt, m)
-    assert (nxt.shelf, nxt.slot, nxt.length) == (shelf, slot, 12)
+    assert (nxt.shelf, nxt.slot, nxt.length) == (shelf, slot, 13)
     assert cache.cached_bytes == 0 and not cache.kept
     assert cache.match(turn1 + [50]).holder is nxt  # its blocks now belong to the new row
+
+
+def test_a_match_in_a_kept_slot_goes_on_to_the_token_where_they_differ():
+    """Past the last full block, the kept slot's own tokens decide, one by one: up to where the
+    request differs, always leaving its last token to feed; a hybrid model's match stays on
+    a block's end (its recurrent state was snapshotted only there)."""
+    kv = store()
+    cache = PrefixCache(kv)
+    kept = list(range(11))  # 2 full blocks + 3 tokens
+    row = row_with(kv, kept, cache)
+    cache.release(row, kept)
+    assert cache.match(kept[:10] + [99, 98]).length == 10  # differs at the 11th token
+    assert cache.match(kept + [5, 6]).length == 11  # all of it
+    assert cache.match(kept).length == 10  # the last token is fed again, for its logits
+    assert cache.match(kept[:9]).length == 8  # a request shorter than the slot
+    assert cache.match(kept + [5], need_state=True).length == 0  # no block has a snapshot
+    cache.kept[next(iter(cache.kept))].states[1] = {}
+    assert cache.match(kept + [5], need_state=True).length == 8
 
 
 def test_copy_from_a_running_row_and_trim_forgets_blocks():
@@ -87,7 +105,7 @@ def test_running_rows_are_never_evicted():
         RowCache(kv).reserve(4)  # both slots are held by running rows
     assert cache.match(list(range(9))).holder is a
     b_slot = b.slot
-    cache.release(b)  # finished: kept, and now evictable
+    cache.release(b, list(range(100, 108)))  # finished: kept, and now evictable
     newcomer = RowCache(kv)
     newcomer.reserve(4)
     assert newcomer.slot == b_slot
@@ -100,7 +118,7 @@ def test_lru_eviction_by_bytes():
     cache = PrefixCache(kv)
     prefixes = {name: [base + i for i in range(8)] for name, base in (("a", 100), ("b", 200), ("c", 300))}
     for name in "abc":
-        cache.release(row_with(kv, prefixes[name], cache))
+        cache.release(row_with(kv, prefixes[name], cache), prefixes[name])
     assert cache.cached_bytes == 3 * SLOT * kv.bytes_per_token
     cache.match(prefixes["a"] + [0])  # touch "a": now "b" is the least recently used
     RowCache(kv).reserve(8)
@@ -119,7 +137,8 @@ def test_kept_slots_are_reused_before_a_shelf_grows_past_its_working_set():
     kv = store()
     cache = PrefixCache(kv)
     for i in range(KEPT_SLOTS_BEFORE_REUSE):
-        cache.release(row_with(kv, [100 * i + j for j in range(8)], cache))
+        tokens = [100 * i + j for j in range(8)]
+        cache.release(row_with(kv, tokens, cache), tokens)
     slots = kv.shelves[SLOT].num_slots
     assert len(cache.kept) == KEPT_SLOTS_BEFORE_REUSE
     RowCache(kv).reserve(8)
@@ -151,7 +170,7 @@ def test_adopted_prefix_gives_the_same_logits(loaded):
     m = cache.match(tokens)
     cache.adopt(copied, m)
     assert mx.allclose(run(kv, copied, tokens[m.length :]), expected, atol=1e-5)
-    cache.release(first)
+    cache.release(first, tokens)
     taken = RowCache(kv)
     m = cache.match(tokens)
     assert isinstance(m.holder, KeptSlot)
@@ -189,7 +208,7 @@ def test_second_request_reuses_prefix_and_output_is_unchanged(loaded):
     a, b = system + questions[0], system + questions[1]
     common = next(i for i in range(min(len(a), len(b))) if a[i] != b[i])
     assert common >= len(system)
-    assert second_final.cached_tokens == (common // 8) * 8
+    assert second_final.cached_tokens == common  # to the token: the first's slot was kept
     assert stats["prefix_hit_tokens"] == second_final.cached_tokens
     assert stats["prefix_queried_tokens"] == len(a) + len(b)
 
@@ -201,8 +220,8 @@ def test_chat_second_turn_reuses_the_first_turn(loaded):
         answer, _ = collect(engine.submit(Request(turn1, GREEDY)))
         turn2 = turn1 + answer + tok.encode("<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n")
         _, final = collect(engine.submit(Request(turn2, GREEDY)))
-    # Everything computed in turn 1 (prompt + all but the last sampled token) is reusable.
-    assert final.cached_tokens == ((len(turn1) + len(answer) - 1) // 8) * 8
+    # Everything computed in turn 1 (prompt + all but the last sampled token) is reused.
+    assert final.cached_tokens == len(turn1) + len(answer) - 1
     assert final.cached_tokens > len(turn1) // 2
 
 
@@ -231,8 +250,8 @@ def test_two_conversations_with_one_system_prompt_keep_each_its_history(loaded):
     with Engine(loaded, EngineConfig(block_size=8)) as engine:
         answers, finals, (shared, a_length) = conversation(engine)
     assert answers == expected
-    assert shared >= len(system) and finals[1].cached_tokens == shared // 8 * 8  # B: what it shares with A
-    assert finals[2].cached_tokens == (a_length - 1) // 8 * 8  # and A all of its first turn
+    assert shared >= len(system) and finals[1].cached_tokens == shared  # B: what it shares with A
+    assert finals[2].cached_tokens == a_length - 1  # and A all of its first turn
 
 
 def test_concurrent_shared_prefix_requests_match_cache_off(loaded):
@@ -283,7 +302,7 @@ def test_kept_slots_on_another_shelf_are_evicted_one_by_one_for_a_bigger_slot():
     cache = PrefixCache(kv)
     prefixes = [[100 * i + j for j in range(8)] for i in range(3)]
     for p in prefixes:
-        cache.release(row_with(kv, p, cache))
+        cache.release(row_with(kv, p, cache), p)
     big = RowCache(kv)
     big.reserve(20)  # a 32-token slot: two of the three kept 16-token slots must go
     assert big.capacity == 32 and kv.bytes_allocated <= kv.max_bytes

@@ -202,8 +202,9 @@ def test_second_turn_reuses_the_prefix_cache(chat):
     first_prompt, second_prompt, cached = figure(first[1]), figure(second[1]), figure(second[2])
     assert first_prompt >= 64
     assert second_prompt > first_prompt + 24  # the first turn is part of the second prompt
-    assert 64 <= cached < second_prompt
-    assert cached % 64 == 0  # reused in whole blocks
+    # All of the first prompt at least, to the token: its whole blocks, then the kept slot's
+    # tokens past them (the first answer's too, as far as its text tokenizes back the same).
+    assert first_prompt <= cached < second_prompt
 
 
 def test_ctrl_c_cuts_the_answer_and_the_chat_goes_on(chat, long_question, tmp_path):

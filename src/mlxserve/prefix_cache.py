@@ -11,6 +11,10 @@ run of its blocks, and starts from there, prefilling only the rest:
   - otherwise (a running row, or a kept slot it shares only a beginning with: another
     conversation with the same system prompt) it copies that many positions into a slot of
     its own, and the holder keeps its blocks.
+A kept slot also remembers the tokens it holds, so a match that ends in it goes on token by
+token past its last full block, as far as the two agree: a chat's next turn then feeds only
+what is new since the last answer (its follow-up, and the answer's last token, whose KV was
+never computed), not up to block_size - 1 tokens of the answer again.
 Each key lists its holders (a reference count: a kept slot is only evicted when no running
 row is in it, which is true by construction as running rows own their slots). When memory is
 needed, kept slots are evicted least recently used first; the bytes they free are counted
@@ -39,6 +43,7 @@ class KeptSlot:
     block_keys: list[int]
     states: dict
     last_used: int
+    tokens: list[int]  # the tokens whose KV the slot holds (its first `length` positions)
 
 
 @dataclass
@@ -78,7 +83,8 @@ class PrefixCache:
 
     # ---- lookup ------------------------------------------------------------------------
     def match(self, tokens: list[int], need_state: bool = False) -> Match:
-        """The holder of the longest cached full-block prefix of `tokens`.
+        """The holder of the longest cached full-block prefix of `tokens` (longer, to the
+        token, where it ends in a kept slot whose tokens go on agreeing).
 
         At least one token is always left uncovered: the request must feed something to get
         logits for its next token. A kept slot the match covers whole is preferred (taking it
@@ -97,6 +103,10 @@ class PrefixCache:
             if candidates:
                 holder = min(candidates, key=lambda h: not _covered_whole(h, i + 1))
                 best = Match(holder, (i + 1) * bs, holder.states.get(i))
+        if isinstance(best.holder, KeptSlot) and not need_state:
+            # On past the full blocks, token by token (a hybrid model's match must end where
+            # a recurrent snapshot was taken: at a block's end).
+            best.length += _common_length(tokens[best.length : len(tokens) - 1], best.holder.tokens[best.length :])
         if isinstance(best.holder, KeptSlot):
             best.holder.last_used = next(self._clock)
         return best
@@ -165,12 +175,14 @@ class PrefixCache:
         if states:
             row.states.update(states)
 
-    def release(self, row: RowCache) -> None:
-        """A row is done with its slot: keep the slot if it holds any full block, else free it."""
+    def release(self, row: RowCache, tokens: list[int]) -> None:
+        """A row is done with its slot: keep the slot if it holds any full block, else free it.
+        `tokens`: the row's tokens, at least those of the positions it computed."""
         if row.shelf is None or not row.block_keys:
             row.release()
             return
-        kept = KeptSlot(row.shelf, row.slot, row.length, row.block_keys, row.states, next(self._clock))
+        kept = KeptSlot(row.shelf, row.slot, row.length, row.block_keys, row.states, next(self._clock),
+                        list(tokens[: row.length]))
         self.kept[id(kept)] = kept
         row.shelf.holders[row.slot] = kept
         for key in kept.block_keys:
@@ -224,6 +236,16 @@ def _covered_whole(holder, blocks: int) -> bool:
     """Whether a match of `blocks` blocks covers all of a kept slot's blocks (so that taking
     it over loses nothing)."""
     return isinstance(holder, KeptSlot) and blocks == len(holder.block_keys)
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    """How many tokens `a` and `b` agree on from their start."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _block_key(parent: int | None, tokens: list[int]) -> int:

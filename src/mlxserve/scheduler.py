@@ -700,7 +700,7 @@ class Scheduler:
     def _release(self, row: Row) -> None:
         """The row gives its slot up: to the prefix cache if it holds reusable blocks."""
         if self.prefix is not None:
-            self.prefix.release(row.cache)
+            self.prefix.release(row.cache, row.tokens)
         else:
             row.cache.release()
 
