@@ -403,6 +403,18 @@ def test_a_function_call_output_must_follow_the_calls_it_answers(server, client)
     assert r.status in ("completed", "incomplete")  # (2 tokens: cut short, or done)
 
 
+def test_a_function_call_in_the_input_needs_its_output(server, client):
+    """As OpenAI: a function_call item with no function_call_output for it (the template would
+    show the model a call that never returned) is a 400 naming the call and its item."""
+    call = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}
+    answered = {"type": "function_call_output", "call_id": "d", "output": "x"}
+    for given, index in (([call], 1), ([{**call, "call_id": "d"}, call, answered], 2)):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model=MODEL, input=[{"role": "user", "content": "hi"}, *given])
+        assert err.value.body["param"] == "input"
+        assert err.value.body["message"].startswith(f'No tool output found for function call "c" (input[{index}])')
+
+
 # ---- background responses ------------------------------------------------------------------------
 PIECES = ["Hello", " wor", "ld", "!"]
 

@@ -288,6 +288,7 @@ def _input_messages(value: object, history: list[dict]) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise APIError(400, "'input' must be a string or a non-empty list of items", param="input")
     messages: list[dict] = []
+    input_calls: list[tuple[int, str]] = []  # (item index, call_id) of the input's function_call items
     for i, item in enumerate(value):
         if not isinstance(item, dict):
             raise APIError(400, f"input[{i}] must be an object", param="input")
@@ -301,6 +302,7 @@ def _input_messages(value: object, history: list[dict]) -> list[dict]:
             call = {"id": _string(item, "call_id", i), "type": "function",
                     "function": {"name": _string(item, "name", i), "arguments": _string(item, "arguments", i)}}
             calls.add(call["id"])
+            input_calls.append((i, call["id"]))
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 # Calls after the assistant's text, or beside each other: one assistant turn,
@@ -337,6 +339,11 @@ def _input_messages(value: object, history: list[dict]) -> list[dict]:
             raise APIError(400, f"No tool output found for function call {call['id']}: a request that continues "
                                 "the previous response gives a function_call_output item for each of its calls",
                            param="input")
+    # So does a call given in the input (OpenAI refuses it in the same words).
+    for i, call_id in input_calls:
+        if call_id not in answered:
+            raise APIError(400, f"No tool output found for function call {json.dumps(call_id)[:80]} (input[{i}]): "
+                                "each function_call item needs a function_call_output item after it", param="input")
     return messages
 
 
