@@ -3,8 +3,9 @@
 Each turn resends the whole conversation. mlxserve keeps a finished request's KV cache, so the
 next turn's prompt, which starts with everything said so far, reuses it instead of recomputing
 it: `usage.prompt_tokens_details.cached_tokens` says how many prompt tokens came from the cache
-(whole 64-token blocks; a conversation shorter than one block has nothing to reuse yet, hence
-the long system prompt).
+(from a turn's whole 64-token blocks on, to the token: everything up to the end of the previous
+answer; a conversation shorter than one block has nothing kept yet, hence the long system
+prompt).
 """
 import os
 
