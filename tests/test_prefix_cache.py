@@ -308,3 +308,49 @@ def test_kept_slots_on_another_shelf_are_evicted_one_by_one_for_a_bigger_slot():
     assert big.capacity == 32 and kv.bytes_allocated <= kv.max_bytes
     assert [cache.match(p + [0]).length for p in prefixes] == [0, 0, 8]  # least recently used first
     assert cache.stats.evicted_blocks == 4
+
+
+def test_cached_tokens_are_those_never_computed_when_a_row_is_preempted_before_its_first_chunk(loaded):
+    """C takes over A's kept slot (9 tokens matched) and is preempted in the same step, before
+    feeding anything, by B outgrowing its slot; its kept slot then goes to make room for B,
+    and C comes back with no match and computes all 12 of its prompt tokens. It reports 0
+    cached tokens, not the 9 of an admission that reused nothing."""
+    A = [127, 15, 316, 231, 97, 362, 64, 381, 336, 179, 43]
+    B = [353, 378, 223, 365, 27, 298, 13, 304, 138, 162, 218]
+    C = A[:9] + [274, 376, 399]
+    layers, heads, dim = loaded.model.kv_shape()
+    token_bytes = 2 * layers * heads * dim * 4
+    sched = make_scheduler(loaded, EngineConfig(block_size=4, memory_budget_bytes=32 * token_bytes))  # two 16-token slots
+    starts = {}
+    forward = sched.runner.forward
+
+    def recording(feeds, previous):
+        for feed in feeds:
+            starts.setdefault(feed.key, []).append(feed.start)
+        return forward(feeds, previous)
+
+    sched.runner.forward = recording
+
+    def greedy(n):
+        return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+    a, b, c = Request(A, greedy(3)), Request(B, greedy(10)), Request(C, greedy(1))
+    finals = {}
+
+    def step():
+        for e in sched.step():
+            if e.finish_reason:
+                finals[e.request_id] = e
+
+    sched.add(a)
+    while sched.has_work():
+        step()
+    sched.add(b)
+    while sched.has_work():
+        if c.id not in finals and all(r.id != c.id for r in list(sched.running) + list(sched.waiting)) \
+                and sched.running and sched.running[0].cache.length >= 16:  # B's slot is full
+            sched.add(c)
+        step()
+    assert sched.stats.preemptions >= 1
+    assert starts[c.id][0] == 0  # C computed its whole prompt
+    assert finals[c.id].cached_tokens == starts[c.id][0] == 0

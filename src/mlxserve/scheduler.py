@@ -661,9 +661,12 @@ class Scheduler:
                 self.draft_contexts.seed(row.drafter, row.tokens)
             if not row.admitted:  # first admission, not a recompute
                 row.admitted = True
-                row.cached_tokens = match.length
                 if self.prefix is not None and row.prompt_scores is None:
                     self.prefix.record(len(row.tokens), match.length)
+            if not row.prompt_counted:
+                # The prompt positions its prefill skips: this admission's match, also for a row
+                # preempted before it fed anything (an earlier admission's match reused nothing).
+                row.cached_tokens = match.length
             self.running.append(row)
 
     def _lookup(self, row: Row) -> Match:
