@@ -292,4 +292,4 @@ def test_a_lone_row_whose_draft_outgrows_the_budget_ends_at_it(tiny_model_dir, m
     assert events[-1].finish_reason == "length" and sched.stats.accepted_tokens > 0
     tokens = _tokens(events)
     # (the last token is never fed, so it needs no place in the slot)
-    assert len(prompt) + len(tokens) <= 32 + 1 and tokens == alone[: len(tokens)]
+    assert len(prompt) + len(tokens) == 32 + 1 and tokens == alone[: len(tokens)]

@@ -179,6 +179,9 @@ class Row:
         # pipelined): at most one per step in flight.
         self.pending = 0
         self.pending_index: int | None = None  # its index in the newest step's samples
+        # Alone, it has grown as far as the memory budget allows, with a token still in flight:
+        # it ends ("length") once that token is read back (Scheduler._reserve).
+        self.out_of_room = False
         # Preempted because, alone, it could not hold its slot and a bigger one at once: it
         # comes back in a fresh slot (no prefix match to take over) and recomputes.
         self.fresh_slot = False
@@ -577,6 +580,8 @@ class Scheduler:
                 continue
             row.sampling.fill(index, tokens[i])
             events.append(self._commit(row, tokens[i], logprob(row, i), now))
+            if row.out_of_room and not row.finished:
+                events.append(self._finish_flushed(row, "length", now=now))
         return events
 
     def _accept_draft(self, row: Row, samples: list[int], first: int, logprob, now: float) -> list[TokenEvent]:
@@ -713,8 +718,8 @@ class Scheduler:
         plan: list[tuple[Row, int]] = []
         # A decoding row stops short of the context (its next token would lie past it); a
         # prompt as long as the context is still prefilled (and gets its one token).
-        active = [r for r in self.running
-                  if r.needs_more and (r.total < self.config.context_length or not r.is_decoding)]
+        active = [r for r in self.running if r.needs_more and not r.out_of_room
+                  and (r.total < self.config.context_length or not r.is_decoding)]
         # Every decoding row feeds its one token. The budget bounds the prefill tokens on top:
         # counting decode tokens in it would cut a budget-sized prompt in two (next to 8
         # decoding rows, a 512-token prompt went in chunks of 256 and 128 and 64...), while
@@ -860,9 +865,13 @@ class Scheduler:
                     # but the bigger one alone fits: it gives its slot up and recomputes.
                     victim.fresh_slot = True
                     self._preempt(victim)
-                else:
+                elif victim.pending:
                     # Alone, it has grown as far as the budget allows: it ends there, as a
-                    # row that reaches the model's context does.
+                    # row that reaches the model's context does, with the token it has in
+                    # flight (sampled where its slot ends; read back step by step, it would
+                    # have been committed already).
+                    victim.out_of_room = True
+                else:
                     self._events.append(self._finish_flushed(victim, "length"))
                 plan = [(r, m) for r, m in plan if r is not victim]
 
