@@ -354,3 +354,6 @@ def test_cached_tokens_are_those_never_computed_when_a_row_is_preempted_before_i
     assert sched.stats.preemptions >= 1
     assert starts[c.id][0] == 0  # C computed its whole prompt
     assert finals[c.id].cached_tokens == starts[c.id][0] == 0
+    # The stats agree: each request's lookup counted once, with the match that counted.
+    assert sched.prefix.stats.queried_tokens == len(A) + len(B) + len(C)
+    assert sched.prefix.stats.hit_tokens == sum(f.cached_tokens for f in finals.values())

@@ -664,14 +664,14 @@ class Scheduler:
                 # The matched prefix is not computed again: its draft context comes from an
                 # earlier row's, if one is kept.
                 self.draft_contexts.seed(row.drafter, row.tokens)
-            if not row.admitted:  # first admission, not a recompute
-                row.admitted = True
-                if self.prefix is not None and row.prompt_scores is None:
-                    self.prefix.record(len(row.tokens), match.length)
             if not row.prompt_counted:
                 # The prompt positions its prefill skips: this admission's match, also for a row
                 # preempted before it fed anything (an earlier admission's match reused nothing).
+                # The stats count the request's lookup once, with the match that counted.
+                if self.prefix is not None and row.prompt_scores is None:
+                    self.prefix.record(0 if row.admitted else len(row.tokens), match.length - row.cached_tokens)
                 row.cached_tokens = match.length
+            row.admitted = True  # from now on, an admission is a recompute
             self.running.append(row)
 
     def _lookup(self, row: Row) -> Match:
