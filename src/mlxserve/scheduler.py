@@ -879,6 +879,7 @@ class Scheduler:
         """Free a row's memory and send it back to the front of the queue; its tokens are
         kept, and recomputed when it is admitted again unless its slot is still cached."""
         row.draft, row.before_draft = [], None
+        row.out_of_room = False  # back in a slot, it may grow again (or end at the budget again)
         if hasattr(row.drafter, "forget"):
             row.drafter.forget()  # a draft context is memory too; the recompute rebuilds it
         self._remember(row)
