@@ -401,7 +401,7 @@ def test_budget_leftovers_smaller_than_a_block_are_not_handed_out(loaded):
     odd-sized sliver: that prompt waits for the next step and then gets a whole chunk."""
     sched = make_scheduler(loaded, EngineConfig(max_batch_tokens=16, block_size=8))
     first = Request(list(range(1, 13)), GREEDY)  # 12 tokens: 4 left of the budget
-    second = Request(list(range(1, 41)), GREEDY)  # 40 tokens
+    second = Request(list(range(101, 141)), GREEDY)  # 40 tokens (none shared: it need not wait for the first's)
     sched.add(first)
     sched.add(second)
     sched.step()

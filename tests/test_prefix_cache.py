@@ -357,3 +357,59 @@ def test_cached_tokens_are_those_never_computed_when_a_row_is_preempted_before_i
     # The stats agree: each request's lookup counted once, with the match that counted.
     assert sched.prefix.stats.queried_tokens == len(A) + len(B) + len(C)
     assert sched.prefix.stats.hit_tokens == sum(f.cached_tokens for f in finals.values())
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_5"])
+def test_the_same_prompt_sent_together_is_computed_once(tiny_model_dir, arch):
+    """n choices send one prompt n times at once: the first row computes it, the others wait
+    for its whole blocks and copy them, computing only what is past them; outputs as alone.
+    (A hybrid model's copy ends at the prompt's last whole block too: its recurrent state is
+    snapshotted there.)"""
+    loaded = load_model(str(tiny_model_dir(arch, "float32")), progress=False)
+    tok = loaded.tokenizer
+    prompt = tok.encode("Once upon a time there was a tiny model that generated text, and then it")
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    alone = run_alone_tokens(loaded, prompt, params)
+    sched = make_scheduler(loaded, EngineConfig(block_size=4, max_batch_tokens=8))
+    fed = record_feeds(sched)
+    requests = [Request(prompt, params) for _ in range(4)]
+    for r in requests:
+        sched.add(r)
+    outputs = run_to_end(sched)
+    assert [outputs[r.id] for r in requests] == [alone] * 4
+    first, *twins = [fed[r.id] for r in requests]
+    assert first == len(prompt) + len(alone) - 1
+    whole = (len(prompt) - 1) // 4 * 4
+    assert twins == [len(prompt) - whole + len(alone) - 1] * 3  # past the blocks they copied
+
+
+def run_alone_tokens(loaded, prompt, params):
+    sched = make_scheduler(loaded, EngineConfig(block_size=4, prefix_cache=False))
+    request = Request(prompt, params)
+    sched.add(request)
+    return run_to_end(sched)[request.id]
+
+
+def record_feeds(sched) -> dict:
+    """request id -> how many tokens its feeds carried (prompt and generated)."""
+    fed = {}
+    forward = sched.runner.forward
+
+    def recording(feeds, previous):
+        for feed in feeds:
+            fed[feed.key] = fed.get(feed.key, 0) + len(feed.tokens)
+        return forward(feeds, previous)
+
+    sched.runner.forward = recording
+    return fed
+
+
+def run_to_end(sched, max_steps=500) -> dict:
+    outputs = {}
+    for _ in range(max_steps):
+        if not sched.has_work():
+            break
+        for e in sched.step():
+            outputs.setdefault(e.request_id, []).extend(e.token_ids)
+    assert not sched.has_work()
+    return outputs

@@ -632,6 +632,8 @@ class Scheduler:
             # Admission by memory: a slot for the whole prompt must fit without preempting
             # anyone. It is reserved now, so the row never moves during its prefill.
             match = self._lookup(row)
+            if self._shares_blocks_in_progress(row, match.length):
+                break
             try:
                 if match.length:
                     self.prefix.adopt(row.cache, match)
@@ -673,6 +675,34 @@ class Scheduler:
                 row.cached_tokens = match.length
             row.admitted = True  # from now on, an admission is a recompute
             self.running.append(row)
+
+    def _shares_blocks_in_progress(self, row: Row, matched: int) -> bool:
+        """Whether a running row is still prefilling whole blocks of `row`'s prompt that the
+        prefix cache does not have yet (it has `matched` tokens): the same prompt sent for n
+        choices, or requests with a long common beginning sent together. `row` then waits
+        until those blocks are computed and copies them, rather than computing them again
+        beside the other row. (Prefill goes to the oldest rows first, so behind a prompt
+        longer than a step's budget the rows would have waited anyway; behind a shorter one
+        they lose a step.)"""
+        if self.prefix is None or row.prompt_scores is not None or row.fresh_slot:
+            return False
+        bs = self.config.block_size
+        reusable = (len(row.tokens) - 1) // bs  # blocks a match may cover (one token stays unfed)
+        for other in self.running:
+            if other.cache.length >= other.prompt_len:
+                continue  # its prompt's blocks are computed: the match has what they share
+            shared = 0
+            while shared < reusable and (row.tokens[shared * bs : (shared + 1) * bs]
+                                         == other.tokens[shared * bs : (shared + 1) * bs]):
+                shared += 1
+            if self.hybrid:
+                # A match must end on a recurrent snapshot, and a prefilling row keeps one at
+                # its prompt's last full block only (_keep_state): worth waiting for if shared.
+                last = (other.prompt_len - 1) // bs
+                shared = last if shared >= last else 0
+            if shared * bs > max(matched, other.cache.length):
+                return True
+        return False
 
     def _lookup(self, row: Row) -> Match:
         if self.prefix is None or row.prompt_scores is not None or row.fresh_slot:
