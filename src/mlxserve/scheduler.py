@@ -683,7 +683,7 @@ class Scheduler:
         until those blocks are computed and copies them, rather than computing them again
         beside the other row. (Prefill goes to the oldest rows first, so behind a prompt
         longer than a step's budget the rows would have waited anyway; behind a shorter one
-        they lose a step.)"""
+        they, and the rows queued after them, lose a step or two.)"""
         if self.prefix is None or row.prompt_scores is not None or row.fresh_slot:
             return False
         bs = self.config.block_size
