@@ -106,7 +106,7 @@ class PrefixCache:
         if isinstance(best.holder, KeptSlot) and not need_state:
             # On past the full blocks, token by token (a hybrid model's match must end where
             # a recurrent snapshot was taken: at a block's end).
-            best.length += _common_length(tokens[best.length : len(tokens) - 1], best.holder.tokens[best.length :])
+            best.length += common_prefix_length(tokens[best.length : len(tokens) - 1], best.holder.tokens[best.length :])
         if isinstance(best.holder, KeptSlot):
             best.holder.last_used = next(self._clock)
         return best
@@ -238,7 +238,7 @@ def _covered_whole(holder, blocks: int) -> bool:
     return isinstance(holder, KeptSlot) and blocks == len(holder.block_keys)
 
 
-def _common_length(a: list[int], b: list[int]) -> int:
+def common_prefix_length(a: list[int], b: list[int]) -> int:
     """How many tokens `a` and `b` agree on from their start."""
     n = 0
     for x, y in zip(a, b):

@@ -39,6 +39,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from ..cache import chunk_attention
 from ..models.compiled import compiled
+from ..prefix_cache import common_prefix_length
 
 
 @dataclass
@@ -541,7 +542,7 @@ class DraftContexts:
         beginning with `tokens`; returns how many positions it got."""
         best, best_len = None, 0
         for key, (kept, _) in self.entries.items():
-            n = _common_prefix(kept, tokens)
+            n = common_prefix_length(kept, tokens)
             if n > best_len:
                 best, best_len = key, n
         if best is None:
@@ -550,14 +551,6 @@ class DraftContexts:
         self.entries.move_to_end(best)
         drafter.adopt(source, best_len)
         return len(drafter.positions)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def load_dflash_draft(path: Path, target: nn.Module, dtype: mx.Dtype) -> DFlashDraft:
