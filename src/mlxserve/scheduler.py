@@ -180,7 +180,9 @@ class Row:
         self.pending = 0
         self.pending_index: int | None = None  # its index in the newest step's samples
         # Alone, it has grown as far as the memory budget allows, with a token still in flight:
-        # it ends ("length") once that token is read back (Scheduler._reserve).
+        # it ends ("length") when the same step reads that token back (Scheduler._reserve
+        # leaves it out of the step's plan; its token is in the step in flight, always read
+        # back before step() returns).
         self.out_of_room = False
         # Preempted because, alone, it could not hold its slot and a bigger one at once: it
         # comes back in a fresh slot (no prefix match to take over) and recomputes.
@@ -684,7 +686,7 @@ class Scheduler:
         beside the other row. (Prefill goes to the oldest rows first, so behind a prompt
         longer than a step's budget the rows would have waited anyway; behind a shorter one
         they, and the rows queued after them, lose a step or two.)"""
-        if self.prefix is None or row.prompt_scores is not None or row.fresh_slot:
+        if not self._may_reuse(row):
             return False
         bs = self.config.block_size
         reusable = (len(row.tokens) - 1) // bs  # blocks a match may cover (one token stays unfed)
@@ -704,9 +706,15 @@ class Scheduler:
                 return True
         return False
 
+    def _may_reuse(self, row: Row) -> bool:
+        """Whether `row` may start from positions computed for other rows: not without a
+        prefix cache, not when scoring its prompt (every position is needed), not in a fresh
+        slot (see Row.fresh_slot)."""
+        return self.prefix is not None and row.prompt_scores is None and not row.fresh_slot
+
     def _lookup(self, row: Row) -> Match:
-        if self.prefix is None or row.prompt_scores is not None or row.fresh_slot:
-            return Match(None, 0)  # scoring needs every position; see Row.fresh_slot
+        if not self._may_reuse(row):
+            return Match(None, 0)
         return self.prefix.match(row.tokens, need_state=self.hybrid)
 
     def _keep_state(self, row: Row) -> list[mx.array]:
@@ -748,8 +756,8 @@ class Scheduler:
         plan: list[tuple[Row, int]] = []
         # A decoding row stops short of the context (its next token would lie past it); a
         # prompt as long as the context is still prefilled (and gets its one token).
-        active = [r for r in self.running if r.needs_more and not r.out_of_room
-                  and (r.total < self.config.context_length or not r.is_decoding)]
+        active = [r for r in self.running
+                  if r.needs_more and (r.total < self.config.context_length or not r.is_decoding)]
         # Every decoding row feeds its one token. The budget bounds the prefill tokens on top:
         # counting decode tokens in it would cut a budget-sized prompt in two (next to 8
         # decoding rows, a 512-token prompt went in chunks of 256 and 128 and 64...), while
@@ -909,7 +917,6 @@ class Scheduler:
         """Free a row's memory and send it back to the front of the queue; its tokens are
         kept, and recomputed when it is admitted again unless its slot is still cached."""
         row.draft, row.before_draft = [], None
-        row.out_of_room = False  # back in a slot, it may grow again (or end at the budget again)
         if hasattr(row.drafter, "forget"):
             row.drafter.forget()  # a draft context is memory too; the recompute rebuilds it
         self._remember(row)
