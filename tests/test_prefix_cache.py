@@ -9,6 +9,7 @@ from mlxserve.loader import load_model
 from mlxserve.prefix_cache import KeptSlot, PrefixCache
 from mlxserve.sampling import SamplingParams
 from mlxserve.scheduler import Request
+from test_engine import run_alone
 
 BS = 4
 SLOT = 4 * BS  # the smallest slot: 16 tokens
@@ -369,7 +370,7 @@ def test_the_same_prompt_sent_together_is_computed_once(tiny_model_dir, arch):
     tok = loaded.tokenizer
     prompt = tok.encode("Once upon a time there was a tiny model that generated text, and then it")
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    alone = run_alone_tokens(loaded, prompt, params)
+    alone = run_alone(loaded, prompt, params, block_size=4, prefix_cache=False)
     sched = make_scheduler(loaded, EngineConfig(block_size=4, max_batch_tokens=8))
     fed = record_feeds(sched)
     requests = [Request(prompt, params) for _ in range(4)]
@@ -381,13 +382,6 @@ def test_the_same_prompt_sent_together_is_computed_once(tiny_model_dir, arch):
     assert first == len(prompt) + len(alone) - 1
     whole = (len(prompt) - 1) // 4 * 4
     assert twins == [len(prompt) - whole + len(alone) - 1] * 3  # past the blocks they copied
-
-
-def run_alone_tokens(loaded, prompt, params):
-    sched = make_scheduler(loaded, EngineConfig(block_size=4, prefix_cache=False))
-    request = Request(prompt, params)
-    sched.add(request)
-    return run_to_end(sched)[request.id]
 
 
 def record_feeds(sched) -> dict:
