@@ -388,6 +388,8 @@ def test_retry_replaces_the_last_answer(chat, tmp_path):
 def test_model_stats_and_models(chat, tiny, tiny_model_dir):
     assert chat.run("/model").startswith(f"Model: {Path(tiny).name}")
     assert re.search(r"^\s*\*\s+" + re.escape(tiny), chat.run("/models"), re.MULTILINE)
+    chat.run("/max_tokens 2")
+    chat.ask("Count this prompt.")  # (run alone, the engine has prefilled nothing yet)
     stats = chat.run("/stats")
     assert re.search(r"prefill_tokens\s+[1-9]", stats) and "kv_bytes_budget" in stats
     other = str(tiny_model_dir("llama", "float32"))
