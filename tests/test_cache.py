@@ -388,6 +388,51 @@ def test_a_short_chunk_beside_decoding_rows_matches_the_fused_path_and_each_row_
         np.testing.assert_allclose(chunked[i], np.array(alone_logits(setup, tokens))[0], atol=1e-4, rtol=0)
 
 
+def test_short_chunks_of_one_length_attend_as_one_group_and_match_each_row_alone(setup, monkeypatch):
+    """Rows of one shelf feeding short chunks in one step (prompts' tails after a cached
+    beginning, `n` choices): chunks of one length form one group, even in slots with a gap
+    between them (a freed slot) and over few keys, and attend through one chunk_attention;
+    another length is a group of its own, and a group whose scores would pass
+    CHUNK_GROUP_MAX_SCORES is cut in two. Logits equal those of the same step with each chunk
+    through MLX's fused attention, and each row's alone."""
+    from mlxserve import batch as batch_module
+
+    prompts = [[(5 * i + 3 * r) % 89 + 2 for i in range(n)] for r, n in enumerate((21, 30, 26, 17))]
+    fed = [16, 25, 21, 14]  # the first three feed 5 tokens, the last 3
+
+    def step_logits(max_tokens, max_scores=batch_module.CHUNK_GROUP_MAX_SCORES):
+        monkeypatch.setattr(batch_module, "CHUNK_ATTENTION_MAX_TOKENS", max_tokens)
+        monkeypatch.setattr(batch_module, "CHUNK_GROUP_MAX_SCORES", max_scores)
+        runner = make_runner(setup, block_size=4)
+        rows = [RowCache(runner.kv) for _ in range(5)]
+        for row in rows:
+            row.reserve(21)  # slots 0-4 of one shelf
+        for row, tokens, n in zip([rows[0]] + rows[2:], prompts, fed):
+            feed(runner, row, tokens[:n], logits="none")
+        rows[1].release()  # a free slot between the first row and the others
+        rows = [rows[0]] + rows[2:]
+        feeds = [Feed(i, tokens[n:], n, row, "last") for i, (row, tokens, n) in enumerate(zip(rows, prompts, fed))]
+        for f in feeds:
+            f.cache.reserve(len(f.tokens))
+        out, batch = runner.forward(feeds)
+        return np.array(out), batch
+
+    chunked, batch = step_logits(128)
+    assert len({row.shelf for row in batch.groups[0].caches + batch.groups[1].caches}) == 1
+    assert sorted((g.n_rows, g.tokens_per_row, g.chunked) for g in batch.groups) == [(1, 3, False), (3, 5, True)]
+    assert next(g for g in batch.groups if g.n_rows == 3).slots is not None  # gathered: not consecutive
+    # Scores capped at two rows of 5 tokens over 30 keys: the three rows (21, 30 and 26 keys)
+    # go in two groups.
+    capped, capped_batch = step_logits(128, max_scores=2 * 5 * 30)
+    assert [(g.n_rows, g.tokens_per_row) for g in capped_batch.groups] == [(1, 3), (2, 5), (1, 5)]
+    fused, batch = step_logits(0)
+    assert len(batch.groups) == 4 and not any(g.chunked for g in batch.groups)
+    np.testing.assert_allclose(chunked, fused, atol=1e-5, rtol=0)  # (the same flat order)
+    np.testing.assert_allclose(capped, fused, atol=1e-5, rtol=0)
+    for key, first, _ in batch.row_logits:
+        np.testing.assert_allclose(chunked[first], np.array(alone_logits(setup, prompts[key]))[0], atol=1e-4, rtol=0)
+
+
 def test_kv_write_lands_at_each_rows_slot_and_position_only():
     """A step's K and V go to [0 or 1, slot, head, position] of the layer's shelf array, for
     rows in scattered slots and prefill chunks alike, and nothing else in the array changes

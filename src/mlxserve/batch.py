@@ -4,8 +4,9 @@ A step feeds several rows at once. Row r contributes `t_r` new tokens (1 for a d
 k+1 for a row verifying k draft tokens, a chunk for a prefilling row). All new tokens are
 concatenated into one flat sequence so that every weight matrix is read once per step.
 Attention is the only part that needs to know about rows: the decoding rows of a shelf (see
-cache.py) form one `AttentionGroup` that runs as one batched attention call, every multi-token
-feed is a group of its own, and each shelf receives the step's new K/V in one `ShelfWrite`.
+cache.py) form one `AttentionGroup` that runs as one batched attention call, so do its short
+multi-token feeds of one length, every longer one is a group of its own, and each shelf
+receives the step's new K/V in one `ShelfWrite`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import numpy as np
 # this one's the scores).
 CHUNK_ATTENTION_MAX_TOKENS = 128
 CHUNK_ATTENTION_MIN_KEYS = 2048
+# Short feeds of one length attend as one group (see build_batch) whose materialised scores,
+# tokens x keys per query head, stay within what one such chunk makes over 16k keys.
+CHUNK_GROUP_MAX_SCORES = CHUNK_ATTENTION_MAX_TOKENS * 16384
 
 # Decoding rows of a shelf in slots with gaps between them attend over the whole run of slots
 # from their first to their last (a view of the shelf, the gaps' rows computed and dropped)
@@ -127,7 +131,7 @@ class AttentionGroup:
     # The step's padding tokens, when they follow this group (a single multi-token feed, the
     # last group) and attend as extra queries of its row; see build_batch.
     extra_queries: int = 0
-    # A short multi-token feed (one row) over many keys: it attends through
+    # Short multi-token feeds (several rows, or one over many keys): they attend through
     # cache.chunk_attention (see CHUNK_ATTENTION_MAX_TOKENS), over fewer padding keys than
     # MLX's fused attention.
     chunked: bool = False
@@ -183,6 +187,22 @@ class StepBatch:
     hidden: mx.array | None = None
 
 
+def split_by_scores(members: list, t: int) -> list[list]:
+    """Short feeds of `t` tokens (in slot order) in runs that attend as one group each, a
+    run's scores (tokens x keys per query head) at most CHUNK_GROUP_MAX_SCORES: chunk_attention
+    materialises them."""
+    runs: list[list] = [[]]
+    keys = 0
+    for row in members:
+        keys_with = max(keys, row.start + t)
+        if runs[-1] and (len(runs[-1]) + 1) * t * keys_with > CHUNK_GROUP_MAX_SCORES:
+            runs.append([])
+            keys_with = row.start + t
+        runs[-1].append(row)
+        keys = keys_with
+    return runs
+
+
 def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int = 64,
                 pad_to: int | None = None, small_step_tokens_per_row: int = 4,
                 fuse_decoding: bool = False) -> StepBatch:
@@ -203,10 +223,14 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
     """
     by_group: dict[tuple, list] = {}
     for row in rows:
-        # Decoding rows of a shelf attend together; each prefill chunk alone (a group of one
-        # row keeps the number of attention shapes small, see below).
+        # Decoding rows of a shelf attend together, and so do its short multi-token feeds of
+        # one length (the tails of prompts that share a cached beginning, `n` choices of one
+        # prompt, rows verifying drafts of one length): one batched cache.chunk_attention
+        # instead of an attention call each, which the host pays for in every layer. A
+        # longer chunk is a group of its own (one row keeps the fused attention's shapes few).
         t = len(row.tokens)
-        by_group.setdefault((row.cache.shelf.capacity, t, 0 if t == 1 else row.cache.slot), []).append(row)
+        alone = t > CHUNK_ATTENTION_MAX_TOKENS
+        by_group.setdefault((row.cache.shelf.capacity, t, row.cache.slot if alone else -1), []).append(row)
 
     tokens: list[int] = []
     positions: list[int] = []
@@ -216,8 +240,14 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
     row_offsets: dict = {}
     groups: list[AttentionGroup] = []
     query_positions: list[np.ndarray] = []  # per group, [n, t]
+    ordered: list[tuple[int, list]] = []
     for (_, t, _), members in sorted(by_group.items(), key=lambda item: item[0]):
         members.sort(key=lambda row: row.cache.slot)
+        if t == 1 or t > CHUNK_ATTENTION_MAX_TOKENS:
+            ordered.append((t, members))
+        else:
+            ordered += [(t, run) for run in split_by_scores(members, t)]
+    for t, members in ordered:
         offset = len(tokens)
         pos = np.empty((len(members), t), dtype=np.int32)
         for i, row in enumerate(members):
@@ -262,9 +292,9 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
             while rounded < key_length:
                 rounded *= 2
             rounded = min(rounded, members[0].cache.capacity)
-            # (A multi-token feed is a group of one row, see above; KVStore.read relies on it.)
-            chunked = (len(members) == 1 and t <= CHUNK_ATTENTION_MAX_TOKENS
-                       and rounded >= CHUNK_ATTENTION_MIN_KEYS)
+            # Several short feeds always go through chunk_attention, which takes them at once;
+            # one over few keys goes through MLX's fused attention (see CHUNK_ATTENTION_MIN_KEYS).
+            chunked = t <= CHUNK_ATTENTION_MAX_TOKENS and (len(members) > 1 or rounded >= CHUNK_ATTENTION_MIN_KEYS)
             if chunked:
                 # chunk_attention is plain matrix products and a softmax, which build nothing
                 # per shape, so it need not read up to twice the keys (its cost follows the

@@ -453,10 +453,13 @@ class KVStore:
             t += g.extra_queries  # the step's padding, attending as this row's extra queries
             if g.chunked:
                 q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d)
-                o = chunk_attention_by_kv_head(q, k, v, g.scores_mask(kv_heads, group), scale)  # [1, kv_heads, t, group, D]
-                # One row (AttentionGroup.chunked). squeeze, not o[0]: MLX indexes an array by
-                # a lone integer with a gather, a copy of the whole output in every layer.
-                outputs.append(o.squeeze(0).transpose(1, 0, 2, 3))  # a view
+                o = chunk_attention_by_kv_head(q, k, v, g.scores_mask(kv_heads, group), scale)  # [n, kv_heads, t, group, D]
+                if n == 1:
+                    # squeeze, not o[0]: MLX indexes an array by a lone integer with a
+                    # gather, a copy of the whole output in every layer.
+                    outputs.append(o.squeeze(0).transpose(1, 0, 2, 3))  # a view
+                else:
+                    outputs.append(o.transpose(0, 2, 1, 3, 4).reshape(n * t, kv_heads, group, d))
                 continue
             q = queries[g.offset : g.offset + n * t].reshape(n, t, q_heads, d).transpose(0, 2, 1, 3)
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask)

@@ -32,7 +32,8 @@ and an 8-stream step in 3.93 ms against 4.33 (medians; `scripts/build_time.py ti
 --layers 24 --streams 1,8 --compare-eager-mixes`).
 
 Otherwise a linear-attention group's recurrence (`when=True`) runs compiled at its exact size: a prefill
-chunk is a group of its own, so its shapes are those of one row and its chunk length, and
+chunk is a group of its own, or of a few rows feeding short chunks of one length
+(batch.build_batch), so its shapes are its rows' number and its chunk length, and
 eagerly its chunked delta rule is well over a hundred operations per layer (Qwen3.5-0.8B
 steps with a ~500-token chunk spent 93 ms of host time building and encoding them on an
 H200, the device idle; 85 ms compiled). A chunk length not seen before costs one trace: its
