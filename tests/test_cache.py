@@ -433,6 +433,36 @@ def test_short_chunks_of_one_length_attend_as_one_group_and_match_each_row_alone
         np.testing.assert_allclose(chunked[first], np.array(alone_logits(setup, prompts[key]))[0], atol=1e-4, rtol=0)
 
 
+def test_copying_a_slots_positions_writes_them_in_place():
+    """A prefix-cache copy (KVStore.copy) writes the positions into the shelf's arrays in
+    place: memory grows by about the positions copied, not by a copy of each layer's whole
+    array (which MLX makes when the written values are a view of the array itself), and
+    the destination holds the source's positions, the rest unchanged."""
+    kv_heads, d, layers = 2, 64, 2
+    store = KVStore(layers, kv_heads, d, mx.float32, block_size=64)
+    rows = [RowCache(store) for _ in range(8)]
+    for row in rows:
+        row.reserve(700)  # one shelf of 1,024-token slots
+    shelf = rows[0].shelf
+    assert all(row.shelf is shelf for row in rows)
+    for layer in range(layers):
+        shelf.kv[layer] = mx.random.normal(shelf.kv[layer].shape)
+    mx.eval(shelf.kv)
+    before = [np.array(a) for a in shelf.kv]
+    array_bytes = shelf.kv[0].nbytes
+    mx.reset_peak_memory()
+    start = mx.get_active_memory()
+    for row in rows[1:]:
+        store.copy(shelf, rows[0].slot, shelf, row.slot, 600)
+    mx.eval(shelf.kv)
+    assert mx.get_peak_memory() - start < array_bytes  # (one copy's positions: 1.2 MB; one layer's array: 8 MB)
+    for layer in range(layers):
+        after, expected = np.array(shelf.kv[layer]), before[layer].copy()
+        for row in rows[1:]:
+            expected[:, row.slot, :, :600] = before[layer][:, rows[0].slot, :, :600]
+        np.testing.assert_array_equal(after, expected)
+
+
 def test_kv_write_lands_at_each_rows_slot_and_position_only():
     """A step's K and V go to [0 or 1, slot, head, position] of the layer's shelf array, for
     rows in scattered slots and prefill chunks alike, and nothing else in the array changes

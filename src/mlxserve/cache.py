@@ -376,9 +376,18 @@ class KVStore:
             shelf.drop_prepared()
 
     def copy(self, src: Shelf, src_slot: int, dst: Shelf, dst_slot: int, n: int) -> None:
-        """Copy the first n positions of a slot into another (lazily, in every layer)."""
-        for layer in range(self.num_layers):
-            dst.kv[layer][:, dst_slot, :, :n] = src.kv[layer][:, src_slot, :, :n]
+        """Copy the first n positions of a slot into another, in every layer.
+
+        The positions are read out into arrays of their own first, and evaluated: MLX
+        updates an array in place only when nothing else holds its buffer, and a slice of a
+        shelf array is a view of that buffer. Written straight from such a view, each copy
+        first copied the whole array of every layer (every slot of the shelf), and requests
+        admitted together each made such copies (README, "Measured": the shared-prefix
+        bench). The wait costs little: a step waits for the one before it anyway."""
+        positions = [mx.contiguous(src.kv[layer][:, src_slot, :, :n]) for layer in range(self.num_layers)]
+        mx.eval(positions)
+        for layer, values in enumerate(positions):
+            dst.kv[layer][:, dst_slot, :, :n] = values
 
     # ---- attention ----------------------------------------------------------------------
     def attend(self, layer: int, projected: tuple, batch: StepBatch, scale: float, written: bool) -> tuple:
