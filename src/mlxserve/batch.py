@@ -243,10 +243,10 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
     ordered: list[tuple[int, list]] = []
     for (_, t, _), members in sorted(by_group.items(), key=lambda item: item[0]):
         members.sort(key=lambda row: row.cache.slot)
-        if t == 1 or t > CHUNK_ATTENTION_MAX_TOKENS:
-            ordered.append((t, members))
-        else:
+        if 1 < t <= CHUNK_ATTENTION_MAX_TOKENS:  # short feeds of one length
             ordered += [(t, run) for run in split_by_scores(members, t)]
+        else:
+            ordered.append((t, members))
     for t, members in ordered:
         offset = len(tokens)
         pos = np.empty((len(members), t), dtype=np.int32)
