@@ -6,7 +6,7 @@ import pytest
 from mlxserve.cache import KVStore, OutOfKVMemory, RowCache
 from mlxserve.engine import Engine, EngineConfig, make_scheduler
 from mlxserve.loader import load_model
-from mlxserve.prefix_cache import KeptSlot, PrefixCache
+from mlxserve.prefix_cache import KeptSlot, PrefixCache, common_prefix_length
 from mlxserve.sampling import SamplingParams
 from mlxserve.scheduler import Request
 from test_engine import run_alone
@@ -82,6 +82,18 @@ def test_a_match_in_a_kept_slot_goes_on_to_the_token_where_they_differ():
     assert cache.match(kept + [5], need_state=True).length == 0  # no block has a snapshot
     cache.kept[next(iter(cache.kept))].states[1] = {}
     assert cache.match(kept + [5], need_state=True).length == 8
+
+
+def test_common_prefix_length_counts_to_the_first_difference():
+    """Within a 64-token block and past several, at either list's end, and for lists of one
+    token and none: the same count as comparing token by token."""
+    base = [(7 * i) % 101 for i in range(300)]
+    for cut in (0, 1, 63, 64, 65, 128, 200, 299):
+        other = base[:cut] + [1000] + base[cut + 1 :]
+        assert common_prefix_length(base, other) == cut
+        assert common_prefix_length(base[:cut], base) == cut == common_prefix_length(base, base[:cut])
+    assert common_prefix_length(base, list(base)) == 300
+    assert common_prefix_length([], base) == 0 and common_prefix_length([5], [5]) == 1
 
 
 def test_copy_from_a_running_row_and_trim_forgets_blocks():

@@ -39,7 +39,7 @@ from .batch import on_cuda
 from .cache import GrowthPending, KVStore, OutOfKVMemory, RowCache, Snapshot, state_arrays
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .grammar import Grammars
-from .prefix_cache import Match, PrefixCache, PrefixStats
+from .prefix_cache import Match, PrefixCache, PrefixStats, common_prefix_length
 from .runner import Feed, Runner
 from .sampling import RowSamplingState, SampleResult, Sampler, SamplingParams
 from .spec import default_draft_tokens, make_drafter, resolve_drafts
@@ -693,10 +693,7 @@ class Scheduler:
         for other in self.running:
             if other.cache.length >= other.prompt_len:
                 continue  # its prompt's blocks are computed: the match has what they share
-            shared = 0
-            while shared < reusable and (row.tokens[shared * bs : (shared + 1) * bs]
-                                         == other.tokens[shared * bs : (shared + 1) * bs]):
-                shared += 1
+            shared = common_prefix_length(row.tokens[: reusable * bs], other.tokens) // bs
             if self.hybrid:
                 # A match must end on a recurrent snapshot, and a prefilling row keeps one at
                 # its prompt's last full block only (_keep_state): worth waiting for if shared.
