@@ -366,25 +366,41 @@ def test_steps_write_the_kv_shelves_in_place(loaded, monkeypatch):
     assert calls == ["wait", "queue"] * 8
 
 
-def test_the_prefill_budget_grows_with_many_decoding_rows(loaded):
-    """Up to `budget_rows` decoding rows a step prefills `max_batch_tokens`; beyond, in
-    proportion to the rows (whole blocks)."""
-    tok = loaded.tokenizer
-    sched = make_scheduler(loaded, EngineConfig(max_batch_tokens=16, budget_rows=2, block_size=8))
+def _long_prompt_beside(loaded, config: EngineConfig, decoding: int):
+    """A scheduler with `decoding` rows decoding, and the row of a long prompt that has
+    just arrived (nothing of it prefilled yet)."""
+    sched = make_scheduler(loaded, config)
     params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
-    for text in ["Hello", "The sky", "Paris", "Once"]:
-        sched.add(Request(tok.encode(text), params))
+    for i in range(decoding):
+        sched.add(Request(loaded.tokenizer.encode(f"Hello {i}"), params))
     while not all(row.is_decoding for row in sched.running) or sched.waiting:
         sched.step()
     long = Request(list(range(1, 200)), params)
     sched.add(long)
+    return sched, long
+
+
+def test_the_prefill_budget_follows_the_decoding_rows(loaded):
+    """Beside up to `budget_rows` decoding rows a step prefills `mixed_batch_tokens`; beyond,
+    in proportion to the rows (whole blocks), up to `max_batch_tokens`; with none decoding,
+    `max_batch_tokens`."""
+    config = EngineConfig(max_batch_tokens=64, mixed_batch_tokens=16, budget_rows=2, block_size=8)
+    sched, long = _long_prompt_beside(loaded, config, decoding=4)
     sched.step()
     row = next(r for r in sched.running if r.id == long.id)
     assert row.cache.length == 16 * 4 // 2  # 4 decoding rows, 2 per budget
     sched.cancel(sched.running[0].id)
     sched.cancel(sched.running[0].id)
     sched.step()
-    assert row.cache.length == 32 + 16  # 2 decoding rows: the plain budget
+    assert row.cache.length == 32 + 16  # 2 decoding rows: the mixed budget
+    sched.cancel(sched.running[0].id)
+    sched.cancel(sched.running[0].id)
+    sched.step()
+    assert row.cache.length == 48 + 64  # alone: the most a step takes
+    # 8 decoding rows would make 16 * 8 // 2 = 64: more than max_batch_tokens allows.
+    sched, long = _long_prompt_beside(loaded, replace(config, max_batch_tokens=32), decoding=8)
+    sched.step()
+    assert next(r for r in sched.running if r.id == long.id).cache.length == 32
 
 
 def test_a_first_token_comes_back_in_the_step_that_samples_it(loaded):

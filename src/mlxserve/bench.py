@@ -89,6 +89,7 @@ class BenchConfig:
             (0 <= self.seed < 2**64, "--seed must be a whole number from 0 to 2**64 - 1"),
             (self.compare in (None, *COMPARE_CHOICES), f"--compare must be one of: {', '.join(COMPARE_CHOICES)}"),
             (self.engine.max_batch_tokens >= 1, "--max-batch-tokens must be >= 1"),
+            (self.engine.mixed_batch_tokens >= 1, "--mixed-batch-tokens must be >= 1"),
             (self.engine.block_size >= 1, "--block-size must be >= 1"),
         ]
         for ok, message in checks:
@@ -116,10 +117,10 @@ class BenchConfig:
                                  f"model's context length ({limit:,})")
             # That scenario's streams decode --gen-tokens steady tokens, then go on decoding
             # while the long prompt is admitted: a step per chunk of it, at least one per
-            # --max-batch-tokens. Their context must hold all of that, or a stream ends first
+            # --mixed-batch-tokens. Their context must hold all of that, or a stream ends first
             # (with --prompt-tokens + --gen-tokens at the context, the bench failed with a
             # traceback; just below it, its admission figures were empty).
-            admission_steps = -(-self.long_prompt_tokens // self.engine.max_batch_tokens)
+            admission_steps = -(-self.long_prompt_tokens // self.engine.decoding_batch_tokens)
             needed = self.prompt_tokens + self.gen_tokens + admission_steps
             if needed >= limit:
                 raise ValueError(
@@ -1031,7 +1032,8 @@ def _engine_config(args) -> EngineConfig:
     """The engine's own defaults, except where a flag was given."""
     from .cli import engine_config
 
-    given = {"max_batch_tokens": args.max_batch_tokens, "block_size": args.block_size}
+    given = {"max_batch_tokens": args.max_batch_tokens, "mixed_batch_tokens": args.mixed_batch_tokens,
+             "block_size": args.block_size}
     return engine_config(args, **{k: v for k, v in given.items() if v is not None})
 
 

@@ -7,8 +7,8 @@ for a prefilling row, everything for a row that was preempted and must recompute
 
 Each step:
   1. every decoding row feeds its one token;
-  2. prefill chunks, oldest row first, take up to `max_batch_tokens` tokens (more beside
-     many decoding rows, see `Scheduler._prefill_budget`);
+  2. prefill chunks, oldest row first, take up to `mixed_batch_tokens` tokens (more beside
+     many decoding rows, `max_batch_tokens` beside none: see `Scheduler._prefill_budget`);
   3. rows whose feed reaches the end of their sequence get logits and sample a token.
 Rows join and leave between steps; nobody is re-prefilled because someone else arrived.
 When KV memory is full, the youngest row is preempted (its slot freed, its tokens kept)
@@ -119,11 +119,18 @@ class TokenEvent:
 
 @dataclass
 class SchedulerConfig:
-    # Prefill tokens of one step (decoding rows add one token each on top). On an H200 with
-    # Qwen3-0.6B (docs/performance-history.md), 2048 instead of 512 raised a 16k-token prompt's stall of
-    # 8 decoding streams from 2.96x to 5.34x their steady ITL and changed throughput at 32 and
-    # 64 streams by -10% and +3% (single runs): kept at 512.
-    max_batch_tokens: int = 512
+    # The most prefill tokens of one step (decoding rows add one token each on top): what a
+    # step in which no row decodes takes. Nobody waits on such a step but the prompts in it,
+    # and its host cost hardly grows with its tokens. H100, Qwen3-0.6B, one prompt alone
+    # (docs/performance-history.md, session 35): 4,096 tokens to the first token in 86.6 ms
+    # with 512-token steps, 36.5 ms with 2,048, 36.6 with 4,096; 16,384 tokens in 423.7,
+    # 201.6 and 195.9 ms (mlx-lm, 2,048 a step: 56.2 and 213.5 ms).
+    max_batch_tokens: int = 2048
+    # Prefill tokens of a step beside decoding rows (at most max_batch_tokens), which wait
+    # for it. On an H200 with Qwen3-0.6B (docs/performance-history.md), 2048 instead of 512
+    # raised a 16k-token prompt's stall of 8 decoding streams from 2.96x to 5.34x their
+    # steady ITL and changed throughput at 32 and 64 streams by -10% and +3% (single runs).
+    mixed_batch_tokens: int = 512
     # ...for a step with up to this many decoding rows; with more, the prefill budget grows in
     # proportion (see Scheduler._prefill_budget).
     budget_rows: int = 32
@@ -139,6 +146,11 @@ class SchedulerConfig:
     # A DFlash draft: its checkpoint (folder, alias or Hugging Face repo id), or "random" (a
     # random draft at the target's shape, for benchmarks).
     draft_model: str | None = None
+
+    @property
+    def decoding_batch_tokens(self) -> int:
+        """Prefill tokens of a step beside up to `budget_rows` decoding rows."""
+        return min(self.mixed_batch_tokens, self.max_batch_tokens)
 
     @property
     def request_limit(self) -> int:
@@ -858,20 +870,23 @@ class Scheduler:
         row.draft_backoff = min(2 ** row.draft_misses - 1, MAX_DRAFT_BACKOFF)
 
     def _prefill_budget(self, decoding_rows: int) -> int:
-        """Prefill tokens for a step with this many decoding rows: `max_batch_tokens`, and
-        beyond `budget_rows` rows in proportion to them (whole blocks). The decode part of a
-        step costs more the more rows it carries (attention over every row's keys, bigger
-        batched products), what a chunk adds does not; so a bigger chunk beside many rows
-        stalls them relatively no more than `max_batch_tokens` beside `budget_rows`, and
+        """Prefill tokens for a step with this many decoding rows: `max_batch_tokens` with
+        none, `mixed_batch_tokens` with up to `budget_rows`, and beyond in proportion to them
+        (whole blocks, at most `max_batch_tokens`). The decode part of a step costs more the
+        more rows it carries (attention over every row's keys, bigger batched products), what
+        a chunk adds does not; so a bigger chunk beside many rows stalls them relatively no
+        more than `mixed_batch_tokens` beside `budget_rows`, and
         admits waiting prompts in fewer of those expensive steps. H200, Qwen3-0.6B, 64
         streams (docs/performance-history.md, the third session): a step with a 1,024-token
         chunk took 17.6 ms against 10.1 ms decoding alone, and 128 requests ran at 5,620
         generated tok/s with chunks of 1,024 tokens against 4,864 with 512."""
-        base, rows = self.config.max_batch_tokens, self.config.budget_rows
+        most, base, rows = self.config.max_batch_tokens, self.config.decoding_batch_tokens, self.config.budget_rows
+        if decoding_rows == 0:
+            return most
         if decoding_rows <= rows:
             return base
         unit = self.config.block_size
-        return max(base, base * decoding_rows // rows // unit * unit)
+        return min(most, max(base, base * decoding_rows // rows // unit * unit))
 
     def _reserve(self, plan: list[tuple[Row, int]]) -> list[tuple[Row, int]]:
         """Make room for the plan, preempting the youngest rows when memory runs out.
