@@ -229,8 +229,11 @@ def test_prompts_are_seeded_and_share_the_prefix():
 
 def test_engines_take_turns_run_by_run_on_the_same_prompts(monkeypatch):
     """The host's speed drifts during a bench: each run of ours is next to one of theirs, on
-    the same prompts, and the medians come from those runs."""
+    the same prompts, and the medians come from those runs. Each turn begins with MLX's
+    buffer cache emptied (not full of the other engine's buffers)."""
     calls = []
+    cleared = []
+    monkeypatch.setattr(bench.mx, "clear_cache", lambda: cleared.append(True))
 
     class Fake:
         last_stats: dict = {}
@@ -239,10 +242,12 @@ def test_engines_take_turns_run_by_run_on_the_same_prompts(monkeypatch):
             pass
 
         def closed_loop(self, prompts, gen_tokens, concurrency, on_done):
+            assert cleared.pop() and not cleared
             calls.append((self.name, "closed", concurrency, prompts))
             return [RequestTrace(len(p), 0.0, [(1.0, 1), (2.0, 1)]) for p in prompts]
 
         def long_prompt(self, streams, long, steady_tokens, stream_tokens):
+            assert cleared.pop() and not cleared
             calls.append((self.name, "long", len(streams), [long]))
             traces = [RequestTrace(8, 0.0, [(0.1 * i, 1) for i in range(30)]) for _ in streams]
             return LongPromptTrace(traces, RequestTrace(len(long), 1.0, [(2.0, 1)]), steady_start=0.5)

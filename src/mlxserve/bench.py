@@ -790,6 +790,7 @@ def run_bench(loaded: LoadedModel, cfg: BenchConfig, results: BenchResults, prog
                                    [cfg.seed, _CLOSED_LOOP, concurrency, run])
             for backend, entry in zip(backends, entries):
                 progress.phase(f"{backend.name} C={concurrency} {_run_label(run, cfg)}", count)
+                _forget_other_engines_buffers(backends)
                 mx.reset_peak_memory()
                 traces = backend.closed_loop(prompts, cfg.gen_tokens, concurrency, progress.advance)
                 if run >= cfg.warmup:
@@ -811,10 +812,21 @@ def run_bench(loaded: LoadedModel, cfg: BenchConfig, results: BenchResults, prog
         for backend, entry in zip(backends, entries):
             progress.phase(f"{backend.name} long prompt {plural(cfg.long_prompt_tokens, 'token')}, "
                            f"{plural(streams, 'stream')}, {_run_label(run, cfg)}", None)
+            _forget_other_engines_buffers(backends)
             mx.reset_peak_memory()
             trace = backend.long_prompt(prompts, long, cfg.gen_tokens, stream_tokens)
             if run >= cfg.warmup:
                 results.add_run(entry, summarize_long_prompt(trace, mx.get_peak_memory()))
+
+
+def _forget_other_engines_buffers(backends: list) -> None:
+    """Before an engine's turn, when engines take turns: MLX's cache of freed buffers emptied,
+    so that each runs as it would alone, not among the other engine's freed buffers (tens of
+    GB after mlx-lm's 64-stream run), which MLX must free as memory runs short. Without it,
+    mlxserve's Qwen3-0.6B made 3,606 total tok/s at 64 streams right after mlx-lm's run and
+    4,657-4,804 alone (H100, docs/performance-history.md, session 34)."""
+    if len(backends) > 1:
+        mx.clear_cache()
 
 
 def run_prefix_reuse(backend: OurBackend, cfg: BenchConfig, vocab: int, results: BenchResults, progress) -> None:
