@@ -403,6 +403,14 @@ def test_the_prefill_budget_follows_the_decoding_rows(loaded):
     assert next(r for r in sched.running if r.id == long.id).cache.length == 32
 
 
+def test_a_step_in_which_no_row_decodes_takes_a_bigger_budget_on_a_gpu_only(monkeypatch):
+    """On the CPU a bigger chunk only computes more masked attention scores."""
+    assert EngineConfig().max_batch_tokens == EngineConfig().mixed_batch_tokens == 512
+    monkeypatch.setattr(scheduler_module.mx, "default_device", lambda: mx.gpu)
+    assert EngineConfig().max_batch_tokens == scheduler_module.GPU_MAX_BATCH_TOKENS == 2048
+    assert EngineConfig(max_batch_tokens=64).max_batch_tokens == 64
+
+
 def test_a_first_token_comes_back_in_the_step_that_samples_it(loaded):
     """With no row decoding there is nothing to overlap with: the step that finishes a
     prompt reads its first token back at once instead of one step later."""

@@ -52,6 +52,13 @@ _request_counter = itertools.count()
 # what a full chunk costs at this depth.
 FULL_CHUNK_KEYS = 4096
 
+# The most prefill tokens of a step in which no row decodes, on a GPU (SchedulerConfig's
+# max_batch_tokens). H100, Qwen3-0.6B, one prompt alone (docs/performance-history.md, session
+# 35): 4,096 tokens to the first token in 86.6 ms with 512-token steps, 36.5 ms with 2,048,
+# 36.6 with 4,096; 16,384 tokens in 423.7, 201.6 and 195.9 ms (mlx-lm, 2,048 a step: 56.2
+# and 213.5 ms).
+GPU_MAX_BATCH_TOKENS = 2048
+
 # The most steps a speculating row decodes without drafting after drafts that failed.
 MAX_DRAFT_BACKOFF = 16
 
@@ -120,12 +127,12 @@ class TokenEvent:
 @dataclass
 class SchedulerConfig:
     # The most prefill tokens of one step (decoding rows add one token each on top): what a
-    # step in which no row decodes takes. Nobody waits on such a step but the prompts in it,
-    # and its host cost hardly grows with its tokens. H100, Qwen3-0.6B, one prompt alone
-    # (docs/performance-history.md, session 35): 4,096 tokens to the first token in 86.6 ms
-    # with 512-token steps, 36.5 ms with 2,048, 36.6 with 4,096; 16,384 tokens in 423.7,
-    # 201.6 and 195.9 ms (mlx-lm, 2,048 a step: 56.2 and 213.5 ms).
-    max_batch_tokens: int = 2048
+    # step in which no row decodes takes. None: GPU_MAX_BATCH_TOKENS on a GPU, where nobody
+    # waits on such a step but the prompts in it and its host cost hardly grows with its
+    # tokens; mixed_batch_tokens on the CPU, where a bigger chunk only computes more of the
+    # attention scores its causal mask then hides (tiny-256, a 2,063-token prompt alone:
+    # 5,366 ms to the first token in 2,048-token steps against 4,170 in 512-token ones).
+    max_batch_tokens: int | None = None
     # Prefill tokens of a step beside decoding rows (at most max_batch_tokens), which wait
     # for it. On an H200 with Qwen3-0.6B (docs/performance-history.md), 2048 instead of 512
     # raised a 16k-token prompt's stall of 8 decoding streams from 2.96x to 5.34x their
@@ -146,6 +153,11 @@ class SchedulerConfig:
     # A DFlash draft: its checkpoint (folder, alias or Hugging Face repo id), or "random" (a
     # random draft at the target's shape, for benchmarks).
     draft_model: str | None = None
+
+    def __post_init__(self):
+        if self.max_batch_tokens is None:
+            on_gpu = mx.default_device() == mx.gpu
+            self.max_batch_tokens = GPU_MAX_BATCH_TOKENS if on_gpu else self.mixed_batch_tokens
 
     @property
     def decoding_batch_tokens(self) -> int:
