@@ -381,8 +381,8 @@ def _long_prompt_beside(loaded, config: EngineConfig, decoding: int):
 
 
 def test_the_prefill_budget_follows_the_decoding_rows(loaded):
-    """Beside up to `budget_rows` decoding rows a step prefills `mixed_batch_tokens`; beyond,
-    in proportion to the rows (whole blocks), up to `max_batch_tokens`; with none decoding,
+    """Beside up to `budget_rows` decoding rows a step prefills `mixed_batch_tokens` (at most
+    `max_batch_tokens`); beyond, in proportion to the rows (whole blocks); with none decoding,
     `max_batch_tokens`."""
     config = EngineConfig(max_batch_tokens=64, mixed_batch_tokens=16, budget_rows=2, block_size=8)
     sched, long = _long_prompt_beside(loaded, config, decoding=4)
@@ -397,10 +397,10 @@ def test_the_prefill_budget_follows_the_decoding_rows(loaded):
     sched.cancel(sched.running[0].id)
     sched.step()
     assert row.cache.length == 48 + 64  # alone: the most a step takes
-    # 8 decoding rows would make 16 * 8 // 2 = 64: more than max_batch_tokens allows.
-    sched, long = _long_prompt_beside(loaded, replace(config, max_batch_tokens=32), decoding=8)
+    # max_batch_tokens below mixed_batch_tokens bounds the mixed budget, which grows from there.
+    sched, long = _long_prompt_beside(loaded, replace(config, max_batch_tokens=8), decoding=4)
     sched.step()
-    assert next(r for r in sched.running if r.id == long.id).cache.length == 32
+    assert next(r for r in sched.running if r.id == long.id).cache.length == 8 * 4 // 2
 
 
 def test_a_step_in_which_no_row_decodes_takes_a_bigger_budget_on_a_gpu_only(monkeypatch):

@@ -52,7 +52,7 @@ _request_counter = itertools.count()
 # what a full chunk costs at this depth.
 FULL_CHUNK_KEYS = 4096
 
-# The most prefill tokens of a step in which no row decodes, on a GPU (SchedulerConfig's
+# Prefill tokens of a step in which no row decodes, on a GPU (SchedulerConfig's
 # max_batch_tokens). H100, Qwen3-0.6B, one prompt alone (docs/performance-history.md, session
 # 35): 4,096 tokens to the first token in 86.6 ms with 512-token steps, 36.5 ms with 2,048,
 # 36.6 with 4,096; 16,384 tokens in 423.7, 201.6 and 195.9 ms (mlx-lm, 2,048 a step: 56.2
@@ -126,15 +126,15 @@ class TokenEvent:
 
 @dataclass
 class SchedulerConfig:
-    # The most prefill tokens of one step (decoding rows add one token each on top): what a
-    # step in which no row decodes takes. None: GPU_MAX_BATCH_TOKENS on a GPU, where nobody
+    # Prefill tokens of a step in which no row decodes (decoding rows add one token each on
+    # top of a step's budget). None: GPU_MAX_BATCH_TOKENS on a GPU, where nobody
     # waits on such a step but the prompts in it and its host cost hardly grows with its
     # tokens; mixed_batch_tokens on the CPU, where a bigger chunk only computes more of the
     # attention scores its causal mask then hides (tiny-256, a 2,063-token prompt alone:
     # 5,366 ms to the first token in 2,048-token steps against 4,170 in 512-token ones).
     max_batch_tokens: int | None = None
-    # Prefill tokens of a step beside decoding rows (at most max_batch_tokens), which wait
-    # for it. On an H200 with Qwen3-0.6B (docs/performance-history.md), 2048 instead of 512
+    # Prefill tokens of a step beside up to budget_rows decoding rows (at most
+    # max_batch_tokens), which wait for it. On an H200 with Qwen3-0.6B (docs/performance-history.md), 2048 instead of 512
     # raised a 16k-token prompt's stall of 8 decoding streams from 2.96x to 5.34x their
     # steady ITL and changed throughput at 32 and 64 streams by -10% and +3% (single runs).
     mixed_batch_tokens: int = 512
@@ -883,8 +883,8 @@ class Scheduler:
 
     def _prefill_budget(self, decoding_rows: int) -> int:
         """Prefill tokens for a step with this many decoding rows: `max_batch_tokens` with
-        none, `mixed_batch_tokens` with up to `budget_rows`, and beyond in proportion to them
-        (whole blocks, at most `max_batch_tokens`). The decode part of a step costs more the
+        none, `mixed_batch_tokens` (at most that) with up to `budget_rows`, and beyond in
+        proportion to them (whole blocks). The decode part of a step costs more the
         more rows it carries (attention over every row's keys, bigger batched products), what
         a chunk adds does not; so a bigger chunk beside many rows stalls them relatively no
         more than `mixed_batch_tokens` beside `budget_rows`, and
@@ -898,7 +898,7 @@ class Scheduler:
         if decoding_rows <= rows:
             return base
         unit = self.config.block_size
-        return min(most, max(base, base * decoding_rows // rows // unit * unit))
+        return max(base, base * decoding_rows // rows // unit * unit)
 
     def _reserve(self, plan: list[tuple[Row, int]]) -> list[tuple[Row, int]]:
         """Make room for the plan, preempting the youngest rows when memory runs out.
