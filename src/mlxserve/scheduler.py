@@ -127,16 +127,18 @@ class TokenEvent:
 @dataclass
 class SchedulerConfig:
     # Prefill tokens of a step in which no row decodes (decoding rows add one token each on
-    # top of a step's budget). None: GPU_MAX_BATCH_TOKENS on a GPU, where nobody
-    # waits on such a step but the prompts in it and its host cost hardly grows with its
-    # tokens; mixed_batch_tokens on the CPU, where a bigger chunk only computes more of the
-    # attention scores its causal mask then hides (tiny-256, a 2,063-token prompt alone:
-    # 5,366 ms to the first token in 2,048-token steps against 4,170 in 512-token ones).
+    # top of a step's budget). None: GPU_MAX_BATCH_TOKENS on a GPU, where nobody waits on
+    # such a step but the prompts in it and its host cost hardly grows with its tokens;
+    # mixed_batch_tokens on the CPU, where bigger steps were slower (tiny-256, a 2,063-token
+    # prompt alone: 5,366 ms to the first token in 2,048-token steps against 4,170 in
+    # 512-token ones; a bigger chunk computes more of the attention scores its causal mask
+    # hides).
     max_batch_tokens: int | None = None
     # Prefill tokens of a step beside up to budget_rows decoding rows (at most
-    # max_batch_tokens), which wait for it. On an H200 with Qwen3-0.6B (docs/performance-history.md), 2048 instead of 512
-    # raised a 16k-token prompt's stall of 8 decoding streams from 2.96x to 5.34x their
-    # steady ITL and changed throughput at 32 and 64 streams by -10% and +3% (single runs).
+    # max_batch_tokens), which wait for it. On an H200 with Qwen3-0.6B
+    # (docs/performance-history.md), 2048 instead of 512 raised a 16k-token prompt's stall of
+    # 8 decoding streams from 2.96x to 5.34x their steady ITL and changed throughput at 32
+    # and 64 streams by -10% and +3% (single runs).
     mixed_batch_tokens: int = 512
     # ...for a step with up to this many decoding rows; with more, the prefill budget grows in
     # proportion (see Scheduler._prefill_budget).
@@ -714,10 +716,11 @@ class Scheduler:
             return False
         bs = self.config.block_size
         reusable = (len(row.tokens) - 1) // bs  # blocks a match may cover (one token stays unfed)
+        candidate = row.tokens[: reusable * bs]
         for other in self.running:
             if other.cache.length >= other.prompt_len:
                 continue  # its prompt's blocks are computed: the match has what they share
-            shared = common_prefix_length(row.tokens[: reusable * bs], other.tokens) // bs
+            shared = common_prefix_length(candidate, other.tokens) // bs
             if self.hybrid:
                 # A match must end on a recurrent snapshot, and a prefilling row keeps one at
                 # its prompt's last full block only (_keep_state): worth waiting for if shared.
@@ -884,17 +887,17 @@ class Scheduler:
     def _prefill_budget(self, decoding_rows: int) -> int:
         """Prefill tokens for a step with this many decoding rows: `max_batch_tokens` with
         none, `mixed_batch_tokens` (at most that) with up to `budget_rows`, and beyond in
-        proportion to them (whole blocks). The decode part of a step costs more the
-        more rows it carries (attention over every row's keys, bigger batched products), what
-        a chunk adds does not; so a bigger chunk beside many rows stalls them relatively no
-        more than `mixed_batch_tokens` beside `budget_rows`, and
-        admits waiting prompts in fewer of those expensive steps. H200, Qwen3-0.6B, 64
+        proportion to them (whole blocks). The decode part of a step costs more the more rows
+        it carries (attention over every row's keys, bigger batched products), what a chunk
+        adds does not; so a bigger chunk beside many rows stalls them relatively no more than
+        `mixed_batch_tokens` beside `budget_rows`, and admits waiting prompts in fewer of
+        those expensive steps. H200, Qwen3-0.6B, 64
         streams (docs/performance-history.md, the third session): a step with a 1,024-token
         chunk took 17.6 ms against 10.1 ms decoding alone, and 128 requests ran at 5,620
         generated tok/s with chunks of 1,024 tokens against 4,864 with 512."""
-        most, base, rows = self.config.max_batch_tokens, self.config.decoding_batch_tokens, self.config.budget_rows
+        base, rows = self.config.decoding_batch_tokens, self.config.budget_rows
         if decoding_rows == 0:
-            return most
+            return self.config.max_batch_tokens
         if decoding_rows <= rows:
             return base
         unit = self.config.block_size
