@@ -18,6 +18,8 @@ the same command with and without the environment variable, on the same warm mac
                       0: they always gather)
     FUSED_DECODE=0|1  batch.FUSED_DECODE (decoding rows attend through MLX's fused attention
                       with their runs of slots padded and keys rounded up; default: batch.fuses_decoding's rule)
+    BUDGET_ROWS=N     SchedulerConfig.budget_rows (beside more decoding rows than this the
+                      mixed prefill budget grows in proportion to them)
     LINEAR_AS_CONV=1  plain linear layers run their products of several rows as width-one
                       convolutions (models/products.py: cuDNN's cached plan instead of
                       cuBLASLt's setup at every call)
@@ -51,6 +53,14 @@ def apply_tunings() -> None:
         batch.DECODE_SPAN_MAX_RATIO = float(os.environ["DECODE_SPAN_MAX_RATIO"])
     if "FUSED_DECODE" in os.environ:
         batch.FUSED_DECODE = os.environ["FUSED_DECODE"] == "1"
+    if "BUDGET_ROWS" in os.environ:
+        resolve = scheduler.SchedulerConfig.__post_init__
+
+        def with_budget_rows(config):
+            config.budget_rows = int(os.environ["BUDGET_ROWS"])
+            resolve(config)
+
+        scheduler.SchedulerConfig.__post_init__ = with_budget_rows
     if os.environ.get("LINEAR_AS_CONV"):
         products.enabled = True
 
