@@ -20,6 +20,8 @@ the same command with and without the environment variable, on the same warm mac
                       with their runs of slots padded and keys rounded up; default: batch.fuses_decoding's rule)
     BUDGET_ROWS=N     SchedulerConfig.budget_rows (beside more decoding rows than this the
                       mixed prefill budget grows in proportion to them)
+    COARSE_PAD_FROM=N padded steps of more than N tokens are padded to a multiple of 4 x
+                      MULTI_TOKEN_BUCKET instead (fewer sizes, so fewer first-time traces)
     LINEAR_AS_CONV=1  plain linear layers run their products of several rows as width-one
                       convolutions (models/products.py: cuDNN's cached plan instead of
                       cuBLASLt's setup at every call)
@@ -61,6 +63,13 @@ def apply_tunings() -> None:
             resolve(config)
 
         scheduler.SchedulerConfig.__post_init__ = with_budget_rows
+    if "COARSE_PAD_FROM" in os.environ:
+        coarse_from, fine = int(os.environ["COARSE_PAD_FROM"]), batch.padding_for
+
+        def coarse_padding(num_tokens, pad_to):
+            return fine(num_tokens, pad_to * 4 if num_tokens > coarse_from else pad_to)
+
+        batch.padding_for = coarse_padding
     if os.environ.get("LINEAR_AS_CONV"):
         products.enabled = True
 

@@ -6,7 +6,7 @@ multiple of 64 tokens and run compiled, so each new padded size is a new trace, 
 pair of chunk length and rounded key length a new cuDNN plan: with steps of up to 2,048 tokens
 where no row decodes, there are up to 32 such sizes where there were 8.)
 
-    PYTHONPATH=src python3 scripts/first_use_cost.py qwen3-0.6b [--lengths 300,700,1100] \\
+    PYTHONPATH=src:scripts python3 scripts/first_use_cost.py qwen3-0.6b [--lengths 300,700,1100] \\
         [--max-batch-tokens N] [--mixed-batch-tokens N]
 """
 
@@ -14,6 +14,7 @@ import argparse
 import time
 
 import numpy as np
+from bench_variant import apply_tunings  # scripts/bench_variant.py: A/B tunings by environment variables
 
 from mlxserve.engine import EngineConfig, make_scheduler
 from mlxserve.random_weights import build_random_model
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int)
     parser.add_argument("--mixed-batch-tokens", type=int)
     args = parser.parse_args()
+    apply_tunings()
     loaded = build_random_model(args.shape)
     given = {"max_batch_tokens": args.max_batch_tokens, "mixed_batch_tokens": args.mixed_batch_tokens}
     # No prefix cache: the second prompt of a length must compute what the first did.

@@ -203,6 +203,12 @@ def split_by_scores(members: list, t: int) -> list[list]:
     return runs
 
 
+def padding_for(num_tokens: int, pad_to: int) -> int:
+    """Padding tokens that make a padded step of `num_tokens` tokens a bucket size: a
+    multiple of `pad_to`. (A function of its own so that A/B runs can try other sizes.)"""
+    return -num_tokens % pad_to
+
+
 def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int = 64,
                 pad_to: int | None = None, small_step_tokens_per_row: int = 4,
                 fuse_decoding: bool = False) -> StepBatch:
@@ -357,7 +363,7 @@ def build_batch(rows: list, mask_dtype: mx.Dtype = mx.float32, block_size: int =
     num_tokens = len(tokens)
     max_per_row = max(g.tokens_per_row for g in groups)
     small = max_per_row <= small_step_tokens_per_row
-    padding = 0 if small or pad_to is None else -num_tokens % pad_to
+    padding = 0 if small or pad_to is None else padding_for(num_tokens, pad_to)
     # Padding tokens: token 0 at position 0. No write covers them, so they touch no cache,
     # and no logits row points at them. When the last group is a single multi-token feed
     # (the usual padded step: a prompt's chunk, perhaps beside decoding rows), they attend as
