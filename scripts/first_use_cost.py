@@ -22,18 +22,26 @@ from mlxserve.sampling import SamplingParams
 from mlxserve.scheduler import Request
 
 
-def first_token_time(scheduler, prompt: list[int]) -> tuple[float, int]:
-    """Seconds from adding the prompt to its first token, and the steps it took."""
+def first_token_time(scheduler, prompt: list[int]) -> tuple[float, list[float]]:
+    """Seconds from adding the prompt to its first token, and the seconds each step took
+    until then (a step's call: it may return before the device has finished it)."""
     start = time.perf_counter()
     scheduler.add(Request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)))
-    steps = 0
-    while scheduler.has_work():
-        steps += 1
-        if any(e.token_ids for e in scheduler.step()):
+    steps = []
+    first = None
+    while first is None:
+        began = time.perf_counter()
+        events = scheduler.step()
+        steps.append(time.perf_counter() - began)
+        if any(e.token_ids for e in events):
             first = time.perf_counter() - start
     while scheduler.has_work():
         scheduler.step()
     return first, steps
+
+
+def milliseconds(seconds: list[float]) -> str:
+    return " ".join(f"{1e3 * s:.0f}" for s in seconds)
 
 
 def main() -> None:
@@ -49,14 +57,17 @@ def main() -> None:
     # No prefix cache: the second prompt of a length must compute what the first did.
     config = EngineConfig(prefix_cache=False, **{k: v for k, v in given.items() if v is not None})
     scheduler = make_scheduler(loaded, config)
+    began = time.perf_counter()
     scheduler.warm_up()
+    print(f"warm-up {time.perf_counter() - began:.2f} s", flush=True)
     rng = np.random.default_rng(0)
     vocab = loaded.config["vocab_size"]
-    print(f"{args.shape}, max_batch_tokens {config.max_batch_tokens}, mixed_batch_tokens {config.mixed_batch_tokens}")
+    print(f"{args.shape}, max_batch_tokens {scheduler.config.max_batch_tokens}, mixed_batch_tokens {config.mixed_batch_tokens}")
     for length in (int(x) for x in args.lengths.split(",")):
-        new, steps = first_token_time(scheduler, rng.integers(0, vocab, length).tolist())
-        known, _ = first_token_time(scheduler, rng.integers(0, vocab, length).tolist())
-        print(f"{length:>6} tokens, {steps} steps: first use {1e3 * new:8.1f} ms, again {1e3 * known:8.1f} ms")
+        new, new_steps = first_token_time(scheduler, rng.integers(0, vocab, length).tolist())
+        known, known_steps = first_token_time(scheduler, rng.integers(0, vocab, length).tolist())
+        print(f"{length:>6} tokens, {len(new_steps)} steps: first use {1e3 * new:8.1f} ms, again {1e3 * known:8.1f} ms"
+              f"  (steps, ms: {milliseconds(new_steps)}; again {milliseconds(known_steps)})", flush=True)
 
 
 if __name__ == "__main__":
