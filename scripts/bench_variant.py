@@ -32,6 +32,7 @@ the same command with and without the environment variable, on the same warm mac
 
 import os
 import sys
+from dataclasses import replace
 
 from mlxserve import batch, scheduler
 from mlxserve.cli import main
@@ -56,13 +57,12 @@ def apply_tunings() -> None:
     if "FUSED_DECODE" in os.environ:
         batch.FUSED_DECODE = os.environ["FUSED_DECODE"] == "1"
     if "BUDGET_ROWS" in os.environ:
-        resolve = scheduler.SchedulerConfig.__post_init__
+        init = scheduler.Scheduler.__init__
 
-        def with_budget_rows(config):
-            config.budget_rows = int(os.environ["BUDGET_ROWS"])
-            resolve(config)
+        def with_budget_rows(self, runner, tokenizer, config, *args, **kwargs):
+            init(self, runner, tokenizer, replace(config, budget_rows=int(os.environ["BUDGET_ROWS"])), *args, **kwargs)
 
-        scheduler.SchedulerConfig.__post_init__ = with_budget_rows
+        scheduler.Scheduler.__init__ = with_budget_rows
     if "COARSE_PAD_FROM" in os.environ:
         coarse_from, fine = int(os.environ["COARSE_PAD_FROM"]), batch.padding_for
 

@@ -53,10 +53,10 @@ _request_counter = itertools.count()
 FULL_CHUNK_KEYS = 4096
 
 # Prefill tokens of a step in which no row decodes, on a GPU, for models without recurrent
-# layers (SchedulerConfig.default_max_batch_tokens). H100, Qwen3-0.6B, one prompt alone (docs/performance-history.md, session
-# 35): 4,096 tokens to the first token in 86.6 ms with 512-token steps, 36.5 ms with 2,048,
-# 36.6 with 4,096; 16,384 tokens in 423.7, 201.6 and 195.9 ms (mlx-lm, 2,048 a step: 56.2
-# and 213.5 ms).
+# layers (SchedulerConfig.default_max_batch_tokens). H100, Qwen3-0.6B, one prompt alone
+# (docs/performance-history.md, session 35): 4,096 tokens to the first token in 86.6 ms with
+# 512-token steps, 36.5 ms with 2,048, 36.6 with 4,096; 16,384 tokens in 423.7, 201.6 and
+# 195.9 ms (mlx-lm, 2,048 a step: 56.2 and 213.5 ms).
 GPU_MAX_BATCH_TOKENS = 2048
 
 # The most steps a speculating row decodes without drafting after drafts that failed.

@@ -20,8 +20,9 @@ padded to a multiple of MULTI_TOKEN_BUCKET (batch.build_batch): steps of at most
 (scheduler.GPU_MAX_BATCH_TOKENS) make at most 32 sizes. (A lone prompt's first use of a size
 cost about 50 ms on an H100, most of it for its attention's new shape, which padding to fewer
 sizes does not avoid: docs/performance-history.md, session 36.) The padding tokens are
-computed and thrown away: at most MULTI_TOKEN_BUCKET - 1 token rows of matrix products, next to a step
-that spent several times that much of its host time building and encoding eager operations.
+computed and thrown away: at most MULTI_TOKEN_BUCKET - 1 token rows of matrix products, next
+to a step that spent several times that much of its host time building and encoding eager
+operations.
 That holds on a GPU; on MLX's CPU back-end the arithmetic is the cost, so there such steps
 run eagerly at their own size instead (`pad_multi_token_steps`).
 
