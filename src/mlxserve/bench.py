@@ -88,7 +88,7 @@ class BenchConfig:
             (self.runs >= 1, "--runs must be >= 1"),
             (0 <= self.seed < 2**64, "--seed must be a whole number from 0 to 2**64 - 1"),
             (self.compare in (None, *COMPARE_CHOICES), f"--compare must be one of: {', '.join(COMPARE_CHOICES)}"),
-            (self.engine.max_batch_tokens is None or self.engine.max_batch_tokens >= 1, "--max-batch-tokens must be >= 1"),
+            (self.engine.max_batch_tokens >= 1, "--max-batch-tokens must be >= 1"),
             (self.engine.mixed_batch_tokens >= 1, "--mixed-batch-tokens must be >= 1"),
             (self.engine.block_size >= 1, "--block-size must be >= 1"),
         ]

@@ -860,7 +860,7 @@ def _add_bench_parser(sub, default_model: str) -> None:
     bench.add_argument("--compare", choices=["mlx-lm"], help="run the same workload through mlx-lm and print speedups")
     bench.add_argument("--json", metavar="FILE", action=_NonEmpty, help="write every figure and the configuration to FILE")
     bench.add_argument("--seed", type=int, default=0, help="seed of the prompts and random weights (default 0)")
-    bench.add_argument("--max-batch-tokens", type=int, help="prefill tokens of a step in which no row decodes; decoding rows add one each (default: the engine's, 2048 on a GPU, 512 on the CPU and for hybrid models such as Qwen3.5)")
+    bench.add_argument("--max-batch-tokens", type=int, help="prefill tokens of a step in which no row decodes; decoding rows add one each (default: the engine's, 2048 on a GPU, 512 on the CPU)")
     bench.add_argument("--mixed-batch-tokens", type=int, help="prefill tokens of a step beside up to 32 decoding rows (at most --max-batch-tokens), growing in proportion beyond (default: the engine's)")
     bench.add_argument("--block-size", type=int, help="KV block size in tokens (default: the engine's)")
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 from rich.filesize import decimal as human_size
@@ -52,11 +52,12 @@ _request_counter = itertools.count()
 # what a full chunk costs at this depth.
 FULL_CHUNK_KEYS = 4096
 
-# Prefill tokens of a step in which no row decodes, on a GPU, for models without recurrent
-# layers (SchedulerConfig.default_max_batch_tokens). H100, Qwen3-0.6B, one prompt alone
-# (docs/performance-history.md, session 35): 4,096 tokens to the first token in 86.6 ms with
-# 512-token steps, 36.5 ms with 2,048, 36.6 with 4,096; 16,384 tokens in 423.7, 201.6 and
-# 195.9 ms (mlx-lm, 2,048 a step: 56.2 and 213.5 ms).
+# Prefill tokens of a step in which no row decodes, on a GPU (SchedulerConfig's
+# max_batch_tokens). H100, Qwen3-0.6B, one prompt alone (docs/performance-history.md, session
+# 35): 4,096 tokens to the first token in 86.6 ms with 512-token steps, 36.5 ms with 2,048,
+# 36.6 with 4,096; 16,384 tokens in 423.7, 201.6 and 195.9 ms (mlx-lm, 2,048 a step: 56.2
+# and 213.5 ms). Qwen3.5-0.8B (session 36), once its kernels were compiled: 4,096 tokens in
+# 110.8 ms with 2,048-token steps against 183.7 with 512.
 GPU_MAX_BATCH_TOKENS = 2048
 
 # The most steps a speculating row decodes without drafting after drafts that failed.
@@ -127,7 +128,12 @@ class TokenEvent:
 @dataclass
 class SchedulerConfig:
     # Prefill tokens of a step in which no row decodes (decoding rows add one token each on
-    # top of a step's budget). None: the scheduler chooses (default_max_batch_tokens).
+    # top of a step's budget). None: GPU_MAX_BATCH_TOKENS on a GPU, where nobody waits on
+    # such a step but the prompts in it and its host cost hardly grows with its tokens;
+    # mixed_batch_tokens on the CPU, where bigger steps were slower (tiny-256, a 2,063-token
+    # prompt alone: 5,366 ms to the first token in 2,048-token steps against 4,170 in
+    # 512-token ones; a bigger chunk computes more of the attention scores its causal mask
+    # hides).
     max_batch_tokens: int | None = None
     # Prefill tokens of a step beside up to budget_rows decoding rows (at most
     # max_batch_tokens), which wait for it. On an H200 with Qwen3-0.6B
@@ -151,25 +157,14 @@ class SchedulerConfig:
     # random draft at the target's shape, for benchmarks).
     draft_model: str | None = None
 
-    def default_max_batch_tokens(self, hybrid: bool) -> int:
-        """max_batch_tokens where none is given: GPU_MAX_BATCH_TOKENS on a GPU, where nobody
-        waits on such a step but the prompts in it and its host cost hardly grows with its
-        tokens; mixed_batch_tokens on the CPU, where bigger steps were slower (tiny-256, a
-        2,063-token prompt alone: 5,366 ms to the first token in 2,048-token steps against
-        4,170 in 512-token ones; a bigger chunk computes more of the attention scores its
-        causal mask hides), and for hybrid models (Qwen3.5) everywhere: on an H100 a
-        Qwen3.5-0.8B bench of one 4,096-token prompt had not finished its warm-up run after
-        60 s in 2,048-token steps, where in 512-token ones the warm-up and three runs took 18 s
-        (docs/performance-history.md, session 36)."""
-        if hybrid or mx.default_device() != mx.gpu:
-            return self.mixed_batch_tokens
-        return GPU_MAX_BATCH_TOKENS
+    def __post_init__(self):
+        if self.max_batch_tokens is None:
+            on_gpu = mx.default_device() == mx.gpu
+            self.max_batch_tokens = GPU_MAX_BATCH_TOKENS if on_gpu else self.mixed_batch_tokens
 
     @property
     def decoding_batch_tokens(self) -> int:
         """Prefill tokens of a step beside up to `budget_rows` decoding rows."""
-        if self.max_batch_tokens is None:
-            return self.mixed_batch_tokens
         return min(self.mixed_batch_tokens, self.max_batch_tokens)
 
     @property
@@ -308,10 +303,6 @@ class Scheduler:
         self.runner = runner
         self.kv: KVStore = runner.kv
         self.tokenizer = tokenizer
-        # A hybrid model (Qwen3.5) keeps per-row recurrent state beside the KV.
-        self.hybrid = self.kv.state_bytes_per_row > 0
-        if config.max_batch_tokens is None:
-            config = replace(config, max_batch_tokens=config.default_max_batch_tokens(self.hybrid))
         self.config = config
         self.sampler = Sampler()
         self.grammars = grammars or Grammars(tokenizer)
@@ -324,6 +315,8 @@ class Scheduler:
         self._inflight: InFlight | None = None
         self._queued = False  # work queued on the device since the last _wait_for_device
         self._queue_without_wait = on_cuda()  # see _copies_are_cheap
+        # A hybrid model (Qwen3.5) keeps per-row recurrent state beside the KV.
+        self.hybrid = self.kv.state_bytes_per_row > 0
         self.draft = draft
         self._lazy_drafts: list[Row] = []  # rows whose draft of this step a draft model computes (_plan)
         # DFlash: finished rows' draft contexts, for later rows that start the same way. They
