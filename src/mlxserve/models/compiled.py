@@ -22,9 +22,8 @@ cost about 50 ms on an H100, most of it for its attention's new shape, which pad
 sizes does not avoid: docs/performance-history.md, session 36.) The padding tokens are
 computed and thrown away: at most MULTI_TOKEN_BUCKET - 1 token rows of matrix products, next
 to a step that spent several times that much of its host time building and encoding eager
-operations.
-That holds on a GPU; on MLX's CPU back-end the arithmetic is the cost, so there such steps
-run eagerly at their own size instead (`pad_multi_token_steps`).
+operations. That holds on a GPU; on MLX's CPU back-end the arithmetic is the cost, so there
+such steps run eagerly at their own size instead (`pad_multi_token_steps`).
 
 In a decoding step a linear-attention layer's recurrence has the same shapes at every step,
 so it runs inside the piece around it, and one piece spans a hybrid model's linear layers up
