@@ -4,7 +4,10 @@ are new (compiled pieces traced, kernels and cuDNN plans built) and again when t
 known. Random weights at a real shape. (On a GPU a step with a prompt chunk is padded to a
 multiple of 64 tokens and run compiled, so each new padded size is a new trace, and each new
 pair of chunk length and rounded key length a new cuDNN plan: with steps of up to 2,048 tokens
-where no row decodes, there are up to 32 such sizes where there were 8.)
+where no row decodes, there are up to 32 such sizes where there were 8.) The warm-up's time
+is printed too: on a machine that has never run the model, MLX's CUDA back-end first builds
+its kernels (a Qwen3.5-0.8B warm-up took 38 s on a fresh H100, 0.24 s in the next process),
+so a first use measured there also includes such builds: run it after another command.
 
     PYTHONPATH=src:scripts python3 scripts/first_use_cost.py qwen3-0.6b [--lengths 300,700,1100] \\
         [--max-batch-tokens N] [--mixed-batch-tokens N]

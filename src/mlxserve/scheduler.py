@@ -887,8 +887,8 @@ class Scheduler:
 
     def _prefill_budget(self, decoding_rows: int) -> int:
         """Prefill tokens for a step with this many decoding rows: `max_batch_tokens` with
-        none, `mixed_batch_tokens` (at most that) with up to `budget_rows`, and beyond in
-        proportion to them (whole blocks). The decode part of a step costs more the more rows
+        none, `mixed_batch_tokens` (at most `max_batch_tokens`) with up to `budget_rows`, and
+        beyond in proportion to them (whole blocks). The decode part of a step costs more the more rows
         it carries (attention over every row's keys, bigger batched products), what a chunk
         adds does not; so a bigger chunk beside many rows stalls them relatively no more than
         `mixed_batch_tokens` beside `budget_rows`, and admits waiting prompts in fewer of
