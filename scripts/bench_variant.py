@@ -25,6 +25,9 @@ the same command with and without the environment variable, on the same warm mac
     LINEAR_AS_CONV=1  plain linear layers run their products of several rows as width-one
                       convolutions (models/products.py: cuDNN's cached plan instead of
                       cuBLASLt's setup at every call)
+    DEQUANTIZE_FROM_ROWS=N  products.DEQUANTIZE_FROM_ROWS (on a CUDA GPU, quantized layers'
+                      products of at least N rows dequantize the weight and multiply it
+                      plainly; 0: never, MLX's quantized kernel for every product)
 
     NO_DEVICE_WAIT=1 PYTHONPATH=src python3 scripts/bench_variant.py bench --random-weights qwen3-4b \\
         --quantize 4 --concurrency 1 --compare mlx-lm
@@ -72,6 +75,8 @@ def apply_tunings() -> None:
         batch.padding_for = coarse_padding
     if os.environ.get("LINEAR_AS_CONV"):
         products.enabled = True
+    if "DEQUANTIZE_FROM_ROWS" in os.environ:
+        products.DEQUANTIZE_FROM_ROWS = int(os.environ["DEQUANTIZE_FROM_ROWS"]) or None
 
 
 if __name__ == "__main__":

@@ -20,11 +20,13 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 from rich.filesize import decimal as human_size
 
+from .batch import on_cuda
 from .cache import KVStore
 from .grammar import Grammars
 from .interrupts import SIGNAL_CHECK_S, wait_for
 from .loader import LoadedModel
 from .memory import default_kv_budget, weight_bytes
+from .models import products
 from .runner import Runner
 from .scheduler import Request, Scheduler, SchedulerConfig, ServerBusy, TokenEvent, check_fits, check_memory
 
@@ -496,6 +498,8 @@ def make_scheduler(loaded: LoadedModel, config: EngineConfig, grammars: Grammars
         raise ValueError(f"{kv.budget_text}, smaller than one {smallest}-token slot of this model "
                          f"({human_size(kv.slot_bytes_for(1))}): raise --memory-budget")
     capture = draft.target_layer_ids if draft is not None else ()
+    if on_cuda():
+        products.use_dequantizing_products(model)  # see products.DEQUANTIZE_FROM_ROWS
     return Scheduler(Runner(model, kv, capture), loaded.tokenizer, replace(config, context_length=loaded.context_length),
                      draft=draft, grammars=grammars)
 
