@@ -104,6 +104,7 @@ def _swapped(child: object) -> ConvLinear | None:
 
 # On a CUDA GPU, products of at least this many rows through a quantized layer dequantize its
 # weight first and multiply it as a plain matrix (None: never). See the module's docstring.
+# Read when a compiled piece is traced (once per shape), so it is set before an engine starts.
 DEQUANTIZE_FROM_ROWS: int | None = 64
 
 
