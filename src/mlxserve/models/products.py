@@ -74,32 +74,21 @@ class ConvLinear(nn.Linear):
 
 
 def use_conv_products(model: nn.Module) -> int:
-    """Replace every plain nn.Linear of `model` (quantized layers and subclasses stay) by a
-    ConvLinear holding the same arrays. Returns how many were replaced."""
-    replaced = 0
+    """Make every plain nn.Linear of `model` (quantized layers and subclasses stay) a
+    ConvLinear. Returns how many changed."""
+    return _change_class(model, nn.Linear, ConvLinear)
+
+
+def _change_class(model: nn.Module, old: type, new: type) -> int:
+    """Give every module of `model` whose class is exactly `old` the class `new`, a subclass
+    that only changes how it computes: the same objects, so their arrays, settings and
+    frozen state stay. Returns how many changed."""
+    changed = 0
     for module in model.modules():
-        for name, child in list(module.items()):
-            swapped = _swapped(child)
-            if swapped is not None:
-                module[name] = swapped
-                replaced += 1
-            elif isinstance(child, list):
-                for i, item in enumerate(child):
-                    swapped = _swapped(item)
-                    if swapped is not None:
-                        child[i] = swapped
-                        replaced += 1
-    return replaced
-
-
-def _swapped(child: object) -> ConvLinear | None:
-    if type(child) is not nn.Linear:
-        return None
-    new = ConvLinear.__new__(ConvLinear)
-    nn.Module.__init__(new)
-    for key, value in child.items():
-        setattr(new, key, value)
-    return new
+        if type(module) is old:
+            module.__class__ = new
+            changed += 1
+    return changed
 
 
 # On a CUDA GPU, products of at least this many rows through a quantized layer dequantize its
@@ -127,11 +116,5 @@ class DequantizingLinear(nn.QuantizedLinear):
 
 
 def use_dequantizing_products(model: nn.Module) -> int:
-    """Make every nn.QuantizedLinear of `model` a DequantizingLinear (the same object, its
-    class changed: its arrays, settings and frozen state stay). Returns how many changed."""
-    changed = 0
-    for module in model.modules():
-        if type(module) is nn.QuantizedLinear:
-            module.__class__ = DequantizingLinear
-            changed += 1
-    return changed
+    """Make every nn.QuantizedLinear of `model` a DequantizingLinear. Returns how many changed."""
+    return _change_class(model, nn.QuantizedLinear, DequantizingLinear)
