@@ -20,6 +20,11 @@ import mlx.core as mx
 from bench_ops import timed  # scripts/bench_ops.py: built and queued REPEAT times, synchronized once
 
 DT = mx.bfloat16
+# A layer's products at Qwen3 shapes (fused qkv and gate_up): (label, in features, out features).
+LAYER_PRODUCTS = (("Qwen3-0.6B qkv", 1024, 4096), ("Qwen3-0.6B o_proj", 2048, 1024),
+                  ("Qwen3-0.6B gate_up", 1024, 6144), ("Qwen3-0.6B down", 3072, 1024),
+                  ("Qwen3-4B qkv", 2560, 6144), ("Qwen3-4B o_proj", 4096, 2560),
+                  ("Qwen3-4B gate_up", 2560, 19456), ("Qwen3-4B down", 9728, 2560))
 
 
 def main() -> None:
@@ -29,12 +34,7 @@ def main() -> None:
     x0 = mx.random.normal((32, 1024)).astype(DT)
     mx.eval(x0)
     timed("add [32,1024] (an elementwise kernel)", lambda: x0 + 1, r)
-    shapes = (("Qwen3-0.6B qkv", 1024, 4096), ("Qwen3-0.6B o_proj", 2048, 1024),
-              ("Qwen3-0.6B gate_up", 1024, 6144), ("Qwen3-0.6B down", 3072, 1024),
-              ("Qwen3-4B qkv", 2560, 6144), ("Qwen3-4B o_proj", 4096, 2560),
-              ("Qwen3-4B gate_up", 2560, 19456), ("Qwen3-4B down", 9728, 2560),
-              ("Qwen3-0.6B lm_head", 1024, 151936))
-    for label, k, n in shapes:
+    for label, k, n in (*LAYER_PRODUCTS, ("Qwen3-0.6B lm_head", 1024, 151936)):
         w = (mx.random.normal((n, k)) * 0.02).astype(DT)
         mx.eval(w)
         for m in (1, 8, 32, 128, 512) if n < 100_000 else (32,):

@@ -18,11 +18,8 @@ run it twice, read the second.
 import argparse
 
 import mlx.core as mx
+from bench_matmul_host import LAYER_PRODUCTS
 from bench_ops import timed  # scripts/bench_ops.py: built and queued REPEAT times, synchronized once
-
-SHAPES = (("Qwen3-0.6B qkv", 1024, 4096), ("Qwen3-0.6B gate_up", 1024, 6144), ("Qwen3-0.6B down", 3072, 1024),
-          ("Qwen3-4B qkv", 2560, 6144), ("Qwen3-4B o_proj", 4096, 2560),
-          ("Qwen3-4B gate_up", 2560, 19456), ("Qwen3-4B down", 9728, 2560))
 
 
 def main() -> None:
@@ -34,7 +31,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,4,16,32,64,128,512,2048")
     args = parser.parse_args()
     bits, group, dt = args.bits, args.group_size, getattr(mx, args.dtype)
-    for label, k, n in SHAPES:
+    for label, k, n in LAYER_PRODUCTS:
         w = (mx.random.normal((n, k)) * 0.02).astype(dt)
         wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
         mx.eval(wq, scales, biases)
