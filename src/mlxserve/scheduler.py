@@ -888,11 +888,11 @@ class Scheduler:
     def _prefill_budget(self, decoding_rows: int) -> int:
         """Prefill tokens for a step with this many decoding rows: `max_batch_tokens` with
         none, `mixed_batch_tokens` (at most `max_batch_tokens`) with up to `budget_rows`, and
-        beyond in proportion to them (whole blocks). The decode part of a step costs more the more rows
-        it carries (attention over every row's keys, bigger batched products), what a chunk
-        adds does not; so a bigger chunk beside many rows stalls them relatively no more than
-        `mixed_batch_tokens` beside `budget_rows`, and admits waiting prompts in fewer of
-        those expensive steps. H200, Qwen3-0.6B, 64
+        beyond in proportion to them (whole blocks). The decode part of a step costs more the
+        more rows it carries (attention over every row's keys, bigger batched products), what
+        a chunk adds does not; so a bigger chunk beside many rows stalls them relatively no
+        more than `mixed_batch_tokens` beside `budget_rows`, and admits waiting prompts in
+        fewer of those expensive steps. H200, Qwen3-0.6B, 64
         streams (docs/performance-history.md, the third session): a step with a 1,024-token
         chunk took 17.6 ms against 10.1 ms decoding alone, and 128 requests ran at 5,620
         generated tok/s with chunks of 1,024 tokens against 4,864 with 512."""
